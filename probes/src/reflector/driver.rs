@@ -1,0 +1,564 @@
+//! Runs the [`Reflector`] core over real sockets.
+//!
+//! Both cores are used by giving every local address several UDP sockets bound with SO_REUSEPORT
+//! (one per worker thread): the kernel spreads clients across them by 4-tuple hash, and each socket
+//! has its own receive task on a multi-threaded tokio runtime. Per request the path allocates
+//! nothing: each task owns its receive and answer buffers, the core writes into them, and the answer
+//! leaves from the socket for the address the core chose (RFC 5780 §6). TCP listeners share the core;
+//! each connection reads frames into a fixed buffer and is closed when idle, oversized or malformed.
+//!
+//! The runtime lives on its own thread, so a [`RunningReflector`] can be started from sync code, from
+//! tests and from the CLI alike, and stopped (or dropped) deterministically.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::link::LinkVerifier;
+use super::rate_limit::{RateLimit, RateLimiter};
+use super::{Action, Reflector, ReflectorConfig, RequestKind, Transport, MAX_RESPONSE};
+use crate::stun::framing::{self, Frame, MAX_FRAME};
+
+/// How long an idle TCP connection is kept.
+pub const TCP_IDLE: Duration = Duration::from_secs(30);
+
+/// Everything needed to run a reflector.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub reflector: ReflectorConfig,
+    pub rate_limit: RateLimit,
+    /// Worker threads, and SO_REUSEPORT sockets per UDP address. 0 = one per core.
+    pub workers: usize,
+    /// Also listen on TCP (STUN over TCP, RFC 8489 §6.2.2).
+    pub tcp: bool,
+    /// Most TCP connections held at once; more are closed on accept.
+    pub max_tcp_connections: usize,
+}
+
+impl DriverConfig {
+    pub fn new(reflector: ReflectorConfig) -> Self {
+        Self {
+            reflector,
+            rate_limit: RateLimit::default(),
+            workers: 0,
+            tcp: true,
+            max_tcp_connections: 1024,
+        }
+    }
+}
+
+/// Live counters, updated with relaxed atomics on the request path.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    responses: AtomicU64,
+    error_responses: AtomicU64,
+    dropped: AtomicU64,
+    rate_limited: AtomicU64,
+    forwarded: AtomicU64,
+    link_accepted: AtomicU64,
+    link_refused: AtomicU64,
+    tcp_connections: AtomicU64,
+    tcp_refused: AtomicU64,
+    kinds: [AtomicU64; 8],
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub requests: u64,
+    pub responses: u64,
+    pub error_responses: u64,
+    pub dropped: u64,
+    pub rate_limited: u64,
+    pub forwarded: u64,
+    pub link_accepted: u64,
+    pub link_refused: u64,
+    pub tcp_connections: u64,
+    pub tcp_refused: u64,
+    pub binding: u64,
+    pub change_ip: u64,
+    pub change_port: u64,
+    pub change_both: u64,
+    pub response_port: u64,
+    pub padding: u64,
+    pub classic: u64,
+    pub other: u64,
+}
+
+fn kind_index(k: RequestKind) -> usize {
+    match k {
+        RequestKind::Binding => 0,
+        RequestKind::ChangeIp => 1,
+        RequestKind::ChangePort => 2,
+        RequestKind::ChangeBoth => 3,
+        RequestKind::ResponsePort => 4,
+        RequestKind::Padding => 5,
+        RequestKind::Classic => 6,
+        RequestKind::Other => 7,
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let k = |i: usize| g(&self.kinds[i]);
+        CounterSnapshot {
+            requests: g(&self.requests),
+            responses: g(&self.responses),
+            error_responses: g(&self.error_responses),
+            dropped: g(&self.dropped),
+            rate_limited: g(&self.rate_limited),
+            forwarded: g(&self.forwarded),
+            link_accepted: g(&self.link_accepted),
+            link_refused: g(&self.link_refused),
+            tcp_connections: g(&self.tcp_connections),
+            tcp_refused: g(&self.tcp_refused),
+            binding: k(0),
+            change_ip: k(1),
+            change_port: k(2),
+            change_both: k(3),
+            response_port: k(4),
+            padding: k(5),
+            classic: k(6),
+            other: k(7),
+        }
+    }
+}
+
+/// A reflector running on its own thread. Stopped by [`RunningReflector::stop`] or on drop.
+#[derive(Debug)]
+pub struct RunningReflector {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    counters: Arc<Counters>,
+    udp: Vec<SocketAddr>,
+    tcp: Vec<SocketAddr>,
+}
+
+struct Shared {
+    core: Reflector,
+    limiter: Mutex<RateLimiter>,
+    counters: Arc<Counters>,
+    /// `udp[address index][worker]`, in the order of `addrs`.
+    udp: Vec<Vec<Arc<UdpSocket>>>,
+    addrs: Vec<SocketAddr>,
+    link: Option<Arc<UdpSocket>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    // Room for bursts without drops while both cores are busy.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn with_addr(e: io::Error, what: &str, addr: SocketAddr) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot bind {what} {addr}: {e}"))
+}
+
+impl RunningReflector {
+    /// Binds every socket (errors are returned here, before anything runs), then serves on a
+    /// background thread.
+    pub fn start(cfg: DriverConfig) -> io::Result<Self> {
+        cfg.reflector
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let workers = if cfg.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            cfg.workers
+        };
+        let addrs = cfg.reflector.local_addresses();
+        let mut std_udp = Vec::new();
+        for &a in &addrs {
+            let mut group = Vec::new();
+            for _ in 0..workers {
+                group.push(bind_udp(a, true).map_err(|e| with_addr(e, "udp", a))?);
+            }
+            std_udp.push(group);
+        }
+        let mut std_tcp = Vec::new();
+        if cfg.tcp {
+            for &a in &addrs {
+                std_tcp.push(bind_tcp(a).map_err(|e| with_addr(e, "tcp", a))?);
+            }
+        }
+        let std_link = match &cfg.reflector.partner {
+            Some(l) => Some(bind_udp(l.listen, false).map_err(|e| with_addr(e, "link", l.listen))?),
+            None => None,
+        };
+        let udp_addrs = addrs.clone();
+        let tcp_addrs = if cfg.tcp { addrs.clone() } else { Vec::new() };
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("natscope-reflect")
+            .enable_all()
+            .build()?;
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        let counters2 = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("natscope-reflector".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let registered = register(cfg, addrs, std_udp, std_tcp, std_link, counters2);
+                    match registered {
+                        Ok(shared) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let _ = rx.await;
+                            drop(shared);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                shutdown: Some(tx),
+                thread: Some(thread),
+                counters,
+                udp: udp_addrs,
+                tcp: tcp_addrs,
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("reflector thread exited during start"))
+            }
+        }
+    }
+
+    /// The UDP addresses served by this process.
+    pub fn udp_addresses(&self) -> &[SocketAddr] {
+        &self.udp
+    }
+
+    /// The TCP addresses served by this process (empty when TCP is off).
+    pub fn tcp_addresses(&self) -> &[SocketAddr] {
+        &self.tcp
+    }
+
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Stops serving, waits for the thread, and returns the final counters.
+    pub fn stop(mut self) -> CounterSnapshot {
+        self.halt();
+        self.counters.snapshot()
+    }
+
+    fn halt(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningReflector {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Registers the sockets with the runtime and spawns every task. Returns what keeps them alive.
+fn register(
+    cfg: DriverConfig,
+    addrs: Vec<SocketAddr>,
+    std_udp: Vec<Vec<std::net::UdpSocket>>,
+    std_tcp: Vec<std::net::TcpListener>,
+    std_link: Option<std::net::UdpSocket>,
+    counters: Arc<Counters>,
+) -> io::Result<Arc<Shared>> {
+    let mut udp = Vec::new();
+    for group in std_udp {
+        let mut g = Vec::new();
+        for s in group {
+            g.push(Arc::new(UdpSocket::from_std(s)?));
+        }
+        udp.push(g);
+    }
+    let link = match std_link {
+        Some(s) => Some(Arc::new(UdpSocket::from_std(s)?)),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        core: Reflector::new(cfg.reflector.clone()),
+        limiter: Mutex::new(RateLimiter::new(cfg.rate_limit, Instant::now())),
+        counters,
+        udp,
+        addrs,
+        link,
+    });
+    for (i, group) in shared.udp.iter().enumerate() {
+        for w in 0..group.len() {
+            tokio::spawn(udp_loop(shared.clone(), i, w));
+        }
+    }
+    let conns = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+    for (i, l) in std_tcp.into_iter().enumerate() {
+        let l = TcpListener::from_std(l)?;
+        tokio::spawn(tcp_accept(
+            shared.clone(),
+            l,
+            shared.addrs[i],
+            conns.clone(),
+        ));
+    }
+    if shared.link.is_some() {
+        if let Some(l) = cfg.reflector.partner.clone() {
+            tokio::spawn(link_loop(shared.clone(), LinkVerifier::new(l)));
+        }
+    }
+    Ok(shared)
+}
+
+impl Shared {
+    fn allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ok = match self.limiter.lock() {
+            Ok(mut l) => l.allow(Instant::now(), ip),
+            Err(poisoned) => poisoned.into_inner().allow(Instant::now(), ip),
+        };
+        if !ok {
+            bump(&self.counters.rate_limited);
+        }
+        ok
+    }
+
+    fn socket_for(&self, addr: SocketAddr, worker: usize) -> Option<&UdpSocket> {
+        let i = self.addrs.iter().position(|a| *a == addr)?;
+        self.udp[i]
+            .get(worker)
+            .or_else(|| self.udp[i].first())
+            .map(|s| &**s)
+    }
+
+    fn count(&self, action: &Action, kind: RequestKind) {
+        match action {
+            Action::Send { error, .. } => {
+                bump(&self.counters.responses);
+                if *error {
+                    bump(&self.counters.error_responses);
+                }
+            }
+            Action::Forward { .. } => bump(&self.counters.forwarded),
+            Action::Drop(_) => bump(&self.counters.dropped),
+        }
+        if !matches!(action, Action::Drop(_)) {
+            bump(&self.counters.kinds[kind_index(kind)]);
+        }
+    }
+
+    async fn send(&self, action: Action, out: &[u8], worker: usize) {
+        match action {
+            Action::Send { from, to, len, .. } => {
+                if let Some(s) = self.socket_for(from, worker) {
+                    if let Err(e) = s.send_to(&out[..len], to).await {
+                        tracing::debug!(%from, %to, error = %e, "send failed");
+                    }
+                }
+            }
+            Action::Forward { len } => {
+                if let (Some(link), Some(p)) = (&self.link, &self.core.config().partner) {
+                    if let Err(e) = link.send_to(&out[..len], p.partner).await {
+                        tracing::debug!(partner = %p.partner, error = %e, "forward failed");
+                    }
+                }
+            }
+            Action::Drop(reason) => tracing::trace!(%reason, "dropped"),
+        }
+    }
+}
+
+async fn udp_loop(shared: Arc<Shared>, index: usize, worker: usize) {
+    let sock = shared.udp[index][worker].clone();
+    let local = shared.addrs[index];
+    let mut inb = [0u8; 2048];
+    let mut out = [0u8; MAX_RESPONSE];
+    loop {
+        let (n, from) = match sock.recv_from(&mut inb).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Linux reports ICMP errors for earlier sends here; they are not fatal.
+                tracing::trace!(error = %e, "recv error");
+                continue;
+            }
+        };
+        bump(&shared.counters.requests);
+        if !shared.allowed(from.ip()) {
+            continue;
+        }
+        let (action, kind) =
+            shared
+                .core
+                .answer(Transport::Udp, from, local, &inb[..n], &mut out, unix_ms());
+        shared.count(&action, kind);
+        if tracing::enabled!(tracing::Level::TRACE) {
+            log_request(from, local, &inb[..n], &action);
+        }
+        shared.send(action, &out, worker).await;
+    }
+}
+
+async fn link_loop(shared: Arc<Shared>, mut verifier: LinkVerifier) {
+    let Some(sock) = shared.link.clone() else {
+        return;
+    };
+    let mut inb = [0u8; 4096];
+    let mut out = [0u8; MAX_RESPONSE];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut inb).await else {
+            continue;
+        };
+        let fwd = match verifier.verify(&inb[..n], unix_ms()) {
+            Ok(f) => f,
+            Err(e) => {
+                bump(&shared.counters.link_refused);
+                tracing::warn!(%from, error = %e, "refused link message");
+                continue;
+            }
+        };
+        bump(&shared.counters.link_accepted);
+        let (action, kind) = shared.core.answer_forwarded(&fwd, &mut out);
+        shared.count(&action, kind);
+        shared.send(action, &out, 0).await;
+    }
+}
+
+async fn tcp_accept(shared: Arc<Shared>, l: TcpListener, local: SocketAddr, conns: Arc<Semaphore>) {
+    loop {
+        let Ok((stream, from)) = l.accept().await else {
+            // EMFILE and friends: back off briefly rather than spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            bump(&shared.counters.tcp_refused);
+            continue;
+        };
+        bump(&shared.counters.tcp_connections);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tcp_conn(&shared, stream, from, local).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_conn(shared: &Shared, mut stream: TcpStream, from: SocketAddr, local: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = [0u8; 2 * MAX_FRAME];
+    let mut filled = 0usize;
+    let mut out = [0u8; MAX_RESPONSE];
+    loop {
+        let n = match tokio::time::timeout(TCP_IDLE, stream.read(&mut buf[filled..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => n,
+        };
+        filled += n;
+        loop {
+            match framing::frame(&buf[..filled]) {
+                Frame::Complete(len) => {
+                    bump(&shared.counters.requests);
+                    if shared.allowed(from.ip()) {
+                        let (action, kind) = shared.core.answer(
+                            Transport::Tcp,
+                            from,
+                            local,
+                            &buf[..len],
+                            &mut out,
+                            unix_ms(),
+                        );
+                        shared.count(&action, kind);
+                        match action {
+                            Action::Send { len: olen, .. } => {
+                                if stream.write_all(&out[..olen]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            // A malformed frame on a stream leaves no way to resynchronise.
+                            Action::Drop(_) | Action::Forward { .. } => return,
+                        }
+                    }
+                    buf.copy_within(len..filled, 0);
+                    filled -= len;
+                }
+                Frame::Partial(_) => break,
+                Frame::Invalid => {
+                    bump(&shared.counters.dropped);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Trace-level request log. SOFTWARE is peer text: control characters are escaped.
+fn log_request(from: SocketAddr, local: SocketAddr, req: &[u8], action: &Action) {
+    let software = crate::stun::Message::parse(req)
+        .ok()
+        .and_then(|m| m.attribute(crate::stun::attr_type::SOFTWARE))
+        .map(|a| escape_peer_text(a.value))
+        .unwrap_or_default();
+    tracing::trace!(%from, %local, software = %software, ?action, "request");
+}
+
+/// Renders untrusted bytes for a log line: printable ASCII as is, everything else escaped.
+pub fn escape_peer_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut s = String::with_capacity(text.len());
+    for c in text.chars().take(256) {
+        if c.is_control() || c == '\u{fffd}' {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for natscope's end-to-end tests.
