@@ -33,11 +33,16 @@ pub const MAX_PADDING: usize = 1500;
 pub const MAX_RESPONSE: usize = 2048;
 /// SOFTWARE attribute value sent in every answer.
 pub const SOFTWARE: &str = concat!("natscope ", env!("CARGO_PKG_VERSION"));
-/// Upper bound on (response bytes − request bytes) for any request the reflector answers: an IPv6
-/// answer with four 24-byte address attributes, SOFTWARE and FINGERPRINT. The request is at least a
-/// 20-byte header, so the worst byte amplification is (20 + 136) / 20 = 7.8×, one answer per request
-/// (docs/reflector.md; checked by a test).
-pub const MAX_AMPLIFICATION_BYTES: usize = 4 * 24 + 4 + 16 + 8 + 12;
+/// Upper bound on (response bytes − request bytes) for any request the reflector answers. The
+/// largest answer is an IPv6 success: XOR-MAPPED, MAPPED, RESPONSE-ORIGIN, OTHER-ADDRESS (24 bytes
+/// each) and SOFTWARE (20); PADDING and FINGERPRINT are only echoed when the request carried the same
+/// bytes. A request is at least its 20-byte header, so the worst byte amplification is
+/// (20 + 116) / 20 = 6.8×, one answer per request (docs/reflector.md; checked by a test).
+pub const MAX_AMPLIFICATION_BYTES: usize = 4 * 24 + 4 + padded_len(SOFTWARE.len());
+
+const fn padded_len(n: usize) -> usize {
+    (n + 3) & !3
+}
 
 /// Which addresses the server answers from, and which of them live in this process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -570,5 +575,380 @@ fn error_response(
             error: true,
         },
         Err(_) => Action::Drop(DropReason::NoRoom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::link::{LinkConfig, LinkVerifier};
+    use super::*;
+    use crate::client::{build_request, BindingResponse, RequestOptions};
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn two_ip() -> Reflector {
+        Reflector::new(ReflectorConfig {
+            primary: sa("192.0.2.1:3478"),
+            alternate: Some(sa("192.0.2.2:3479")),
+            partner: None,
+        })
+    }
+
+    fn request(opts: RequestOptions) -> (TransactionId, Vec<u8>) {
+        let tid = TransactionId::random();
+        let mut buf = [0u8; 2048];
+        let n = build_request(&mut buf, &tid, &opts).unwrap();
+        (tid, buf[..n].to_vec())
+    }
+
+    fn ask(
+        r: &Reflector,
+        t: Transport,
+        to: &str,
+        opts: RequestOptions,
+    ) -> (Action, Option<BindingResponse>) {
+        let client = sa("198.51.100.7:40000");
+        let (tid, req) = request(opts);
+        let mut out = [0u8; MAX_RESPONSE];
+        let (action, _) = r.answer(t, client, sa(to), &req, &mut out, 0);
+        let resp = match action {
+            Action::Send { len, from, .. } => {
+                Some(BindingResponse::parse(&out[..len], &tid, Some(from)).unwrap())
+            }
+            _ => None,
+        };
+        (action, resp)
+    }
+
+    #[test]
+    fn change_request_selects_the_source_rfc5780_section6() {
+        let r = two_ip();
+        // (received on, change, expected source, expected OTHER-ADDRESS)
+        let rows = [
+            (
+                "192.0.2.1:3478",
+                ChangeRequest::NONE,
+                "192.0.2.1:3478",
+                "192.0.2.2:3479",
+            ),
+            (
+                "192.0.2.1:3478",
+                ChangeRequest::PORT,
+                "192.0.2.1:3479",
+                "192.0.2.2:3479",
+            ),
+            (
+                "192.0.2.1:3478",
+                ChangeRequest::IP,
+                "192.0.2.2:3478",
+                "192.0.2.2:3479",
+            ),
+            (
+                "192.0.2.1:3478",
+                ChangeRequest::BOTH,
+                "192.0.2.2:3479",
+                "192.0.2.2:3479",
+            ),
+            (
+                "192.0.2.2:3479",
+                ChangeRequest::BOTH,
+                "192.0.2.1:3478",
+                "192.0.2.1:3478",
+            ),
+            (
+                "192.0.2.2:3478",
+                ChangeRequest::PORT,
+                "192.0.2.2:3479",
+                "192.0.2.1:3479",
+            ),
+        ];
+        for (to, change, want_from, want_other) in rows {
+            let (action, resp) = ask(
+                &r,
+                Transport::Udp,
+                to,
+                RequestOptions {
+                    change,
+                    ..Default::default()
+                },
+            );
+            let resp = resp.unwrap();
+            match action {
+                Action::Send {
+                    from,
+                    to: dest,
+                    error,
+                    ..
+                } => {
+                    assert_eq!(from, sa(want_from), "{to} {change:?}");
+                    assert_eq!(dest, sa("198.51.100.7:40000"));
+                    assert!(!error);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(resp.response_origin, Some(sa(want_from)));
+            assert_eq!(resp.other_address, Some(sa(want_other)));
+            assert_eq!(resp.xor_mapped, Some(sa("198.51.100.7:40000")));
+            assert_eq!(resp.mapped, resp.xor_mapped);
+        }
+    }
+
+    #[test]
+    fn response_port_changes_only_the_port() {
+        let (action, _) = ask(
+            &two_ip(),
+            Transport::Udp,
+            "192.0.2.1:3478",
+            RequestOptions {
+                response_port: Some(5555),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(action, Action::Send { to, .. } if to == sa("198.51.100.7:5555")));
+    }
+
+    #[test]
+    fn refusals_use_the_right_error_codes() {
+        let r = two_ip();
+        let code = |t, opts| {
+            ask(&r, t, "192.0.2.1:3478", opts)
+                .1
+                .and_then(|b| b.error_code)
+        };
+        let rp_pad = RequestOptions {
+            response_port: Some(9),
+            padding: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(code(Transport::Udp, rp_pad), Some(400));
+        let big = RequestOptions {
+            padding: Some(MAX_PADDING + 4),
+            ..Default::default()
+        };
+        assert_eq!(code(Transport::Udp, big), Some(400));
+        let tcp_change = RequestOptions {
+            change: ChangeRequest::IP,
+            ..Default::default()
+        };
+        assert_eq!(code(Transport::Tcp, tcp_change), Some(400));
+        // One-address server: CHANGE-REQUEST is unknown to it (420 naming 0x0003), and no OTHER-ADDRESS.
+        let single = Reflector::new(ReflectorConfig {
+            primary: sa("192.0.2.1:3478"),
+            alternate: None,
+            partner: None,
+        });
+        let (_, resp) = ask(&single, Transport::Udp, "192.0.2.1:3478", tcp_change);
+        let resp = resp.unwrap();
+        assert_eq!(
+            (resp.error_code, resp.unknown_attributes.clone()),
+            (Some(420), vec![0x0003])
+        );
+        let (_, plain) = ask(
+            &single,
+            Transport::Udp,
+            "192.0.2.1:3478",
+            RequestOptions::default(),
+        );
+        assert_eq!(plain.unwrap().other_address, None);
+    }
+
+    #[test]
+    fn unknown_comprehension_required_attribute_gets_420() {
+        let tid = TransactionId::random();
+        let mut buf = [0u8; 128];
+        let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_REQUEST, &tid).unwrap();
+        w.add_raw(0x0042, b"abcd").unwrap();
+        w.add_raw(0x8042, b"ok").unwrap(); // comprehension-optional: ignored
+        let n = w.finish();
+        let mut out = [0u8; MAX_RESPONSE];
+        let (action, _) = two_ip().answer(
+            Transport::Udp,
+            sa("198.51.100.7:1"),
+            sa("192.0.2.1:3478"),
+            &buf[..n],
+            &mut out,
+            0,
+        );
+        let Action::Send {
+            len, error: true, ..
+        } = action
+        else {
+            panic!("{action:?}")
+        };
+        let r = BindingResponse::parse(&out[..len], &tid, None).unwrap();
+        assert_eq!(
+            (r.error_code, r.unknown_attributes),
+            (Some(420), vec![0x0042])
+        );
+    }
+
+    #[test]
+    fn malformed_and_non_requests_are_dropped_silently() {
+        let r = two_ip();
+        let mut out = [0u8; MAX_RESPONSE];
+        let from = sa("198.51.100.7:1");
+        let to = sa("192.0.2.1:3478");
+        assert!(matches!(
+            r.answer(
+                Transport::Udp,
+                from,
+                to,
+                b"hello world, not stun",
+                &mut out,
+                0
+            )
+            .0,
+            Action::Drop(DropReason::Malformed)
+        ));
+        let (tid, mut req) = request(RequestOptions {
+            fingerprint: true,
+            ..Default::default()
+        });
+        let last = req.len() - 1;
+        req[last] ^= 1;
+        assert!(matches!(
+            r.answer(Transport::Udp, from, to, &req, &mut out, 0).0,
+            Action::Drop(DropReason::BadFingerprint)
+        ));
+        let mut resp = [0u8; 64];
+        let n = MessageWriter::new(&mut resp, MessageType::BINDING_RESPONSE, &tid)
+            .unwrap()
+            .finish();
+        assert!(matches!(
+            r.answer(Transport::Udp, from, to, &resp[..n], &mut out, 0)
+                .0,
+            Action::Drop(DropReason::NotRequest)
+        ));
+    }
+
+    #[test]
+    fn cooperating_pair_forwards_change_ip_and_partner_answers() {
+        let secret = b"0123456789abcdef".to_vec();
+        let a = Reflector::new(ReflectorConfig {
+            primary: sa("192.0.2.1:3478"),
+            alternate: Some(sa("192.0.2.2:3479")),
+            partner: Some(LinkConfig {
+                listen: sa("192.0.2.1:3480"),
+                partner: sa("192.0.2.2:3480"),
+                secret: secret.clone(),
+            }),
+        });
+        let b_link = LinkConfig {
+            listen: sa("192.0.2.2:3480"),
+            partner: sa("192.0.2.1:3480"),
+            secret,
+        };
+        let b = Reflector::new(ReflectorConfig {
+            primary: sa("192.0.2.2:3478"),
+            alternate: Some(sa("192.0.2.1:3479")),
+            partner: Some(b_link.clone()),
+        });
+        let client = sa("198.51.100.7:40000");
+        for (change, want_from) in [
+            (ChangeRequest::IP, "192.0.2.2:3478"),
+            (ChangeRequest::BOTH, "192.0.2.2:3479"),
+        ] {
+            let (tid, req) = request(RequestOptions {
+                change,
+                ..Default::default()
+            });
+            let mut link = [0u8; MAX_RESPONSE];
+            let (action, _) = a.answer(
+                Transport::Udp,
+                client,
+                sa("192.0.2.1:3478"),
+                &req,
+                &mut link,
+                1_000,
+            );
+            let Action::Forward { len } = action else {
+                panic!("{action:?}")
+            };
+            let mut v = LinkVerifier::new(b_link.clone());
+            let fwd = v.verify(&link[..len], 1_000).unwrap();
+            let mut out = [0u8; MAX_RESPONSE];
+            let (action, _) = b.answer_forwarded(&fwd, &mut out);
+            let Action::Send { from, to, len, .. } = action else {
+                panic!("{action:?}")
+            };
+            assert_eq!((from, to), (sa(want_from), client));
+            let r = BindingResponse::parse(&out[..len], &tid, Some(from)).unwrap();
+            assert_eq!(r.response_origin, Some(sa(want_from)));
+            assert_eq!(
+                r.other_address,
+                Some(sa("192.0.2.2:3479")),
+                "the pair names the partner as OTHER-ADDRESS"
+            );
+            assert_eq!(r.xor_mapped, Some(client));
+        }
+        // Requests answered from A's own IP never touch the link.
+        let (action, _) = ask(
+            &a,
+            Transport::Udp,
+            "192.0.2.1:3478",
+            RequestOptions {
+                change: ChangeRequest::PORT,
+                ..Default::default()
+            },
+        );
+        assert!(matches!(action, Action::Send { from, .. } if from == sa("192.0.2.1:3479")));
+    }
+
+    #[test]
+    fn amplification_is_bounded_for_every_kind_of_request() {
+        let v6 = Reflector::new(ReflectorConfig {
+            primary: sa("[2001:db8::1]:3478"),
+            alternate: Some(sa("[2001:db8::2]:3479")),
+            partner: None,
+        });
+        let mut worst: f64 = 0.0;
+        for r in [two_ip(), v6] {
+            let to = r.config().primary;
+            let client = if to.is_ipv4() {
+                sa("198.51.100.7:1")
+            } else {
+                sa("[2001:db8::99]:1")
+            };
+            for change in [
+                ChangeRequest::NONE,
+                ChangeRequest::IP,
+                ChangeRequest::PORT,
+                ChangeRequest::BOTH,
+            ] {
+                for fingerprint in [false, true] {
+                    for padding in [None, Some(0), Some(1), Some(MAX_PADDING)] {
+                        for classic in [false, true] {
+                            let tid = if classic {
+                                TransactionId::random_classic()
+                            } else {
+                                TransactionId::random()
+                            };
+                            let mut req = [0u8; 2048];
+                            let opts = RequestOptions {
+                                change,
+                                padding,
+                                fingerprint,
+                                ..Default::default()
+                            };
+                            let n = build_request(&mut req, &tid, &opts).unwrap();
+                            let mut out = [0u8; MAX_RESPONSE];
+                            if let (Action::Send { len, .. }, _) =
+                                r.answer(Transport::Udp, client, to, &req[..n], &mut out, 0)
+                            {
+                                assert!(
+                                    len <= n + MAX_AMPLIFICATION_BYTES,
+                                    "{len} vs {n}: {opts:?}"
+                                );
+                                worst = worst.max(len as f64 / n as f64);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(worst <= 6.8, "worst amplification {worst}");
+        assert!(worst > 6.0, "the documented worst case is reached: {worst}");
     }
 }

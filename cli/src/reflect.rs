@@ -1,0 +1,193 @@
+//! `natscope reflect`: runs the RFC 5780 reflector until Ctrl-C / SIGTERM, logging counters.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig, RunningReflector};
+use natscope_probes::reflector::link::LinkConfig;
+use natscope_probes::reflector::rate_limit::RateLimit;
+use natscope_probes::reflector::ReflectorConfig;
+
+/// Environment variable holding the cooperating link's shared secret.
+pub const SECRET_ENV: &str = "NATSCOPE_LINK_SECRET";
+const MIN_SECRET: usize = 16;
+
+#[derive(Args, Debug)]
+pub struct ReflectArgs {
+    /// Primary address A1:P1 (the address clients use).
+    #[arg(long, value_name = "IP:PORT")]
+    primary: SocketAddr,
+    /// Alternate address A2:P2 (OTHER-ADDRESS). Omit for a one-address server.
+    #[arg(long, value_name = "IP:PORT")]
+    alternate: Option<SocketAddr>,
+    /// The alternate IP is a partner host running its own `natscope reflect` (RFC 5780 §2.3);
+    /// this process serves only the primary IP and forwards change-IP requests to the partner.
+    #[arg(long, requires = "alternate")]
+    cooperate: bool,
+    /// UDP port of the authenticated link between cooperating partners (same on both).
+    #[arg(long, default_value_t = 3480)]
+    link_port: u16,
+    /// File holding the link secret (else the NATSCOPE_LINK_SECRET environment variable).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// Requests per second allowed per source IP (0 = no limit).
+    #[arg(long, default_value_t = RateLimit::default().per_second)]
+    rate_limit: u32,
+    /// Burst allowed per source IP above the rate.
+    #[arg(long, default_value_t = RateLimit::default().burst)]
+    burst: u32,
+    /// Worker threads and SO_REUSEPORT sockets per address (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Serve UDP only.
+    #[arg(long)]
+    no_tcp: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log the counters every SECS seconds (0 = only on exit).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    stats_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn read_secret(file: Option<&PathBuf>) -> Result<Vec<u8>> {
+    let secret = match file {
+        Some(f) => {
+            let mut s = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+            while s.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                s.pop();
+            }
+            s
+        }
+        None => match std::env::var_os(SECRET_ENV) {
+            Some(v) => v.into_encoded_bytes(),
+            None => {
+                bail!("--cooperate needs a shared secret: set {SECRET_ENV} or pass --secret-file")
+            }
+        },
+    };
+    if secret.len() < MIN_SECRET {
+        bail!(
+            "the link secret is {} bytes; use at least {MIN_SECRET} (e.g. `openssl rand -hex 16`)",
+            secret.len()
+        );
+    }
+    Ok(secret)
+}
+
+pub fn config(args: &ReflectArgs) -> Result<DriverConfig> {
+    for a in std::iter::once(args.primary).chain(args.alternate) {
+        if a.ip().is_unspecified() {
+            bail!("{a}: give a concrete ip, not a wildcard (responses must name the address they leave from)");
+        }
+    }
+    let partner = if args.cooperate {
+        let Some(alt) = args.alternate else {
+            bail!("--cooperate needs --alternate PARTNER_IP:P2");
+        };
+        Some(LinkConfig {
+            listen: SocketAddr::new(args.primary.ip(), args.link_port),
+            partner: SocketAddr::new(alt.ip(), args.link_port),
+            secret: read_secret(args.secret_file.as_ref())?,
+        })
+    } else {
+        None
+    };
+    let reflector = ReflectorConfig {
+        primary: args.primary,
+        alternate: args.alternate,
+        partner,
+    };
+    reflector.validate().map_err(anyhow::Error::msg)?;
+    let mut cfg = DriverConfig::new(reflector);
+    cfg.rate_limit = RateLimit {
+        per_second: args.rate_limit,
+        burst: args.burst.max(1),
+    };
+    cfg.workers = args.workers;
+    cfg.tcp = !args.no_tcp;
+    Ok(cfg)
+}
+
+fn log_counters(msg: &str, c: &CounterSnapshot) {
+    tracing::info!(
+        requests = c.requests,
+        responses = c.responses,
+        error_responses = c.error_responses,
+        dropped = c.dropped,
+        rate_limited = c.rate_limited,
+        forwarded = c.forwarded,
+        link_accepted = c.link_accepted,
+        link_refused = c.link_refused,
+        tcp_connections = c.tcp_connections,
+        binding = c.binding,
+        change_ip = c.change_ip,
+        change_port = c.change_port,
+        change_both = c.change_both,
+        response_port = c.response_port,
+        padding = c.padding,
+        classic = c.classic,
+        "{msg}"
+    );
+}
+
+pub fn run(args: ReflectArgs) -> Result<ExitCode> {
+    let cfg = config(&args)?;
+    init_logging(args.log_format);
+    for missing in cfg.reflector.missing_capabilities() {
+        tracing::warn!("one-address server: clients cannot test {missing}");
+    }
+    let server = RunningReflector::start(cfg.clone()).context("cannot start the reflector")?;
+    tracing::info!(
+        udp = ?server.udp_addresses(),
+        tcp = ?server.tcp_addresses(),
+        partner = ?cfg.reflector.partner.as_ref().map(|p| p.partner),
+        rate_limit = cfg.rate_limit.per_second,
+        "serving"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        let period = Duration::from_secs(args.stats_interval.max(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick(), if args.stats_interval > 0 => log_counters("counters", &server.counters()),
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let last = server.stop();
+    log_counters("stopped", &last);
+    Ok(ExitCode::SUCCESS)
+}
