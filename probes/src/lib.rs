@@ -10,5 +10,6 @@
 
 pub mod bench;
 pub mod client;
+pub mod nat;
 pub mod reflector;
 pub mod stun;

@@ -1,0 +1,499 @@
+//! The NAT mapping table: outbound translation with RFC 4787 port allocation, inbound translation
+//! with filtering, lazy expiry. Time is an input; randomness comes from a seeded generator, so every
+//! run with the same seed and inputs makes the same choices (REQ-11, and reproducible tests).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{NatBehavior, Pooling, PortAllocation, Protocol, RemoteKey};
+
+/// Cap on remembered filter permissions per mapping; the oldest is forgotten first.
+const MAX_PERMISSIONS: usize = 64;
+/// Attempts at finding a free random port before scanning linearly.
+const RANDOM_TRIES: usize = 64;
+
+/// Identifies a mapping: protocol, internal endpoint, and the part of the remote the mapping
+/// behavior distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MapKey {
+    proto: Protocol,
+    internal: SocketAddr,
+    remote: RemoteKey,
+}
+
+/// One live mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub proto: Protocol,
+    pub internal: SocketAddr,
+    pub external: SocketAddr,
+    /// When it expires unless refreshed.
+    pub expires: Instant,
+    /// Remotes the filter admits, with their own expiry.
+    permissions: Vec<(RemoteKey, Instant)>,
+}
+
+/// Why an outbound packet could not be translated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NatError {
+    #[error("no free external port in the configured range")]
+    PortsExhausted,
+    #[error("the nat has no external address of the packet's family")]
+    NoExternalAddress,
+}
+
+/// The table of one NAT.
+#[derive(Debug)]
+pub struct NatTable {
+    behavior: NatBehavior,
+    external_ips: Vec<IpAddr>,
+    mappings: HashMap<MapKey, Mapping>,
+    by_external: HashMap<(Protocol, SocketAddr), MapKey>,
+    /// Paired pooling: the external IP each internal IP was given.
+    paired: HashMap<IpAddr, IpAddr>,
+    last_port: Option<u16>,
+    rng: StdRng,
+}
+
+impl NatTable {
+    pub fn new(behavior: NatBehavior, external_ips: Vec<IpAddr>, seed: u64) -> Self {
+        Self {
+            behavior,
+            external_ips,
+            mappings: HashMap::new(),
+            by_external: HashMap::new(),
+            paired: HashMap::new(),
+            last_port: None,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    pub fn behavior(&self) -> &NatBehavior {
+        &self.behavior
+    }
+
+    pub fn external_ips(&self) -> &[IpAddr] {
+        &self.external_ips
+    }
+
+    /// Whether `addr` is one of this NAT's external IPs (hairpin detection).
+    pub fn is_external_ip(&self, ip: IpAddr) -> bool {
+        self.external_ips.contains(&ip)
+    }
+
+    fn timeout(&self, proto: Protocol) -> Duration {
+        match proto {
+            Protocol::Udp => self.behavior.udp_timeout,
+            Protocol::Tcp => self.behavior.tcp_timeout,
+        }
+    }
+
+    /// Translates an outbound packet from `internal` to `remote`: finds or creates the mapping,
+    /// refreshes it (REQ-6), and opens the filter towards `remote`. Returns the external source.
+    pub fn outbound(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        internal: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<SocketAddr, NatError> {
+        let key = MapKey {
+            proto,
+            internal,
+            remote: self.behavior.mapping.key(remote),
+        };
+        self.expire_key(now, &key);
+        let timeout = self.timeout(proto);
+        let filter_key = self.behavior.filtering.key(remote);
+        if !self.mappings.contains_key(&key) {
+            let external = self.allocate(now, proto, internal)?;
+            self.by_external.insert((proto, external), key);
+            self.mappings.insert(
+                key,
+                Mapping {
+                    proto,
+                    internal,
+                    external,
+                    expires: now + timeout,
+                    permissions: Vec::new(),
+                },
+            );
+        }
+        let Some(m) = self.mappings.get_mut(&key) else {
+            return Err(NatError::PortsExhausted);
+        };
+        m.expires = now + timeout;
+        if let Some(p) = m.permissions.iter_mut().find(|(k, _)| *k == filter_key) {
+            p.1 = now + timeout;
+        } else {
+            if m.permissions.len() >= MAX_PERMISSIONS {
+                m.permissions.remove(0);
+            }
+            m.permissions.push((filter_key, now + timeout));
+        }
+        Ok(m.external)
+    }
+
+    /// Translates an inbound packet from `remote` to `external`. Returns the internal destination,
+    /// or `None` when there is no live mapping or the filter refuses the sender.
+    pub fn inbound(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        remote: SocketAddr,
+        external: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = *self.by_external.get(&(proto, external))?;
+        if self.expire_key(now, &key) {
+            return None;
+        }
+        let filter_key = self.behavior.filtering.key(remote);
+        let timeout = self.timeout(proto);
+        let refresh = self.behavior.inbound_refresh;
+        let m = self.mappings.get_mut(&key)?;
+        let admitted = m
+            .permissions
+            .iter()
+            .any(|(k, exp)| *k == filter_key && *exp > now);
+        if !admitted {
+            return None;
+        }
+        if refresh {
+            m.expires = now + timeout;
+            for p in m.permissions.iter_mut().filter(|(k, _)| *k == filter_key) {
+                p.1 = now + timeout;
+            }
+        }
+        Some(m.internal)
+    }
+
+    /// Removes the mapping under `key` if it has expired; returns whether it did.
+    fn expire_key(&mut self, now: Instant, key: &MapKey) -> bool {
+        match self.mappings.get(key) {
+            Some(m) if m.expires <= now => {
+                let ext = (m.proto, m.external);
+                self.mappings.remove(key);
+                self.by_external.remove(&ext);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops every expired mapping (callers may do this periodically to bound memory).
+    pub fn sweep(&mut self, now: Instant) {
+        let dead: Vec<MapKey> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.expires <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in dead {
+            self.expire_key(now, &k);
+        }
+    }
+
+    /// Live mappings, for `lab nat-table` and tests.
+    pub fn mappings(&self, now: Instant) -> impl Iterator<Item = &Mapping> {
+        self.mappings.values().filter(move |m| m.expires > now)
+    }
+
+    fn external_ip_for(&mut self, internal: IpAddr) -> Result<IpAddr, NatError> {
+        let family: Vec<IpAddr> = self
+            .external_ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == internal.is_ipv4())
+            .collect();
+        if family.is_empty() {
+            return Err(NatError::NoExternalAddress);
+        }
+        Ok(match self.behavior.pooling {
+            Pooling::Paired => {
+                if let Some(ip) = self.paired.get(&internal) {
+                    *ip
+                } else {
+                    let ip = family[self.rng.gen_range(0..family.len())];
+                    self.paired.insert(internal, ip);
+                    ip
+                }
+            }
+            Pooling::Arbitrary => family[self.rng.gen_range(0..family.len())],
+        })
+    }
+
+    /// Whether `ip:port` may be handed out now; a port held by an expired mapping is reclaimed.
+    fn port_free(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        ip: IpAddr,
+        port: u16,
+        parity_of: u16,
+    ) -> bool {
+        let (lo, hi) = self.behavior.port_range;
+        if !(lo..=hi).contains(&port) || (self.behavior.port_parity && port % 2 != parity_of % 2) {
+            return false;
+        }
+        match self
+            .by_external
+            .get(&(proto, SocketAddr::new(ip, port)))
+            .copied()
+        {
+            None => true,
+            Some(key) => self.expire_key(now, &key),
+        }
+    }
+
+    fn allocate(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        internal: SocketAddr,
+    ) -> Result<SocketAddr, NatError> {
+        let ip = self.external_ip_for(internal.ip())?;
+        let (lo, hi) = self.behavior.port_range;
+        let want = internal.port();
+        let span = u32::from(hi - lo) + 1;
+        let start = match self.behavior.allocation {
+            PortAllocation::Preserve => {
+                if self.port_free(now, proto, ip, want, want) {
+                    return Ok(SocketAddr::new(ip, want));
+                }
+                want
+            }
+            PortAllocation::Sequential { step } => {
+                let step = u32::from(step.max(1));
+                let next = match self.last_port {
+                    Some(p) => lo as u32 + (u32::from(p - lo) + step) % span,
+                    None => u32::from(want.clamp(lo, hi)),
+                };
+                next as u16
+            }
+            PortAllocation::Random => {
+                for _ in 0..RANDOM_TRIES {
+                    let p = self.rng.gen_range(lo..=hi);
+                    if self.port_free(now, proto, ip, p, want) {
+                        self.last_port = Some(p);
+                        return Ok(SocketAddr::new(ip, p));
+                    }
+                }
+                self.rng.gen_range(lo..=hi)
+            }
+        };
+        // Scan forward from `start` for the first free port (bounded by the range size).
+        let step = match self.behavior.allocation {
+            PortAllocation::Sequential { step } => u32::from(step.max(1)),
+            _ => 1,
+        };
+        let base = u32::from(start.clamp(lo, hi) - lo);
+        for i in 0..span {
+            let p = (lo as u32 + (base + i * step) % span) as u16;
+            if self.port_free(now, proto, ip, p, want) {
+                self.last_port = Some(p);
+                return Ok(SocketAddr::new(ip, p));
+            }
+        }
+        Err(NatError::PortsExhausted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{FilteringBehavior as F, MappingBehavior as M};
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    const INSIDE: &str = "10.0.0.2:5000";
+    const S1: &str = "198.51.100.1:3478";
+    const S1_P2: &str = "198.51.100.1:3479";
+    const S2: &str = "198.51.100.2:3478";
+    const S2_P2: &str = "198.51.100.2:3479";
+
+    fn table(m: M, f: F) -> NatTable {
+        NatTable::new(
+            NatBehavior::new(m, f),
+            vec!["203.0.113.1".parse().unwrap()],
+            7,
+        )
+    }
+
+    #[test]
+    fn mapping_rows_rfc4787_section4_1() {
+        // (behavior, second destination, same external as towards S1?)
+        let rows = [
+            (M::EndpointIndependent, S2_P2, true),
+            (M::AddressDependent, S1_P2, true),
+            (M::AddressDependent, S2, false),
+            (M::AddressAndPortDependent, S1_P2, false),
+            (M::AddressAndPortDependent, S1, true),
+        ];
+        for (m, dst, same) in rows {
+            let t0 = Instant::now();
+            let mut t = table(m, F::AddressAndPortDependent);
+            let e1 = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+            let e2 = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(dst)).unwrap();
+            assert_eq!(e1 == e2, same, "{m:?} towards {dst}");
+            // Return path: each destination's reply reaches the inside host through its mapping.
+            assert_eq!(
+                t.inbound(t0, Protocol::Udp, sa(dst), e2),
+                Some(sa(INSIDE)),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn filtering_rows_rfc4787_section5() {
+        // Inside sent only to S1. (behavior, inbound sender, admitted?)
+        let rows = [
+            (F::EndpointIndependent, S2_P2, true),
+            (F::AddressDependent, S1_P2, true),
+            (F::AddressDependent, S2, false),
+            (F::AddressAndPortDependent, S1, true),
+            (F::AddressAndPortDependent, S1_P2, false),
+        ];
+        for (f, from, admitted) in rows {
+            let t0 = Instant::now();
+            let mut t = table(M::EndpointIndependent, f);
+            let ext = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+            assert_eq!(
+                t.inbound(t0, Protocol::Udp, sa(from), ext).is_some(),
+                admitted,
+                "{f:?} from {from}"
+            );
+        }
+    }
+
+    #[test]
+    fn mappings_expire_and_refresh_on_virtual_clock() {
+        let t0 = Instant::now();
+        let mut b = NatBehavior::new(M::EndpointIndependent, F::EndpointIndependent);
+        b.udp_timeout = Duration::from_secs(30);
+        let mut t = NatTable::new(b.clone(), vec!["203.0.113.1".parse().unwrap()], 1);
+        let ext = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+        // Inbound does not refresh (REQ-6 default), outbound does.
+        let t20 = t0 + Duration::from_secs(20);
+        assert!(t.inbound(t20, Protocol::Udp, sa(S1), ext).is_some());
+        assert!(t
+            .inbound(t0 + Duration::from_secs(31), Protocol::Udp, sa(S1), ext)
+            .is_none());
+        let ext2 = t
+            .outbound(
+                t0 + Duration::from_secs(31),
+                Protocol::Udp,
+                sa(INSIDE),
+                sa(S1),
+            )
+            .unwrap();
+        assert!(t
+            .inbound(t0 + Duration::from_secs(60), Protocol::Udp, sa(S1), ext2)
+            .is_some());
+        // With inbound refresh, inbound traffic alone keeps it alive.
+        b.inbound_refresh = true;
+        let mut t = NatTable::new(b, vec!["203.0.113.1".parse().unwrap()], 1);
+        let ext = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+        for s in [20, 40, 60, 80] {
+            assert!(
+                t.inbound(t0 + Duration::from_secs(s), Protocol::Udp, sa(S1), ext)
+                    .is_some(),
+                "at {s}s"
+            );
+        }
+    }
+
+    #[test]
+    fn port_allocation_patterns() {
+        let t0 = Instant::now();
+        let ext_ip: IpAddr = "203.0.113.1".parse().unwrap();
+        // Preserve: the internal port when free, something else when taken.
+        let mut t = table(M::EndpointIndependent, F::EndpointIndependent);
+        assert_eq!(
+            t.outbound(t0, Protocol::Udp, sa("10.0.0.2:5000"), sa(S1))
+                .unwrap()
+                .port(),
+            5000
+        );
+        assert_ne!(
+            t.outbound(t0, Protocol::Udp, sa("10.0.0.3:5000"), sa(S1))
+                .unwrap()
+                .port(),
+            5000
+        );
+        // Sequential: constant delta between consecutive new mappings.
+        let mut b = NatBehavior::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        b.allocation = PortAllocation::Sequential { step: 3 };
+        let mut t = NatTable::new(b, vec![ext_ip], 1);
+        let ports: Vec<u16> = (0..5)
+            .map(|i| {
+                t.outbound(
+                    t0,
+                    Protocol::Udp,
+                    sa(INSIDE),
+                    SocketAddr::new("198.51.100.1".parse().unwrap(), 4000 + i),
+                )
+                .unwrap()
+                .port()
+            })
+            .collect();
+        assert!(ports.windows(2).all(|w| w[1] == w[0] + 3), "{ports:?}");
+        // Random with parity: all distinct, all the internal port's parity, all in range.
+        let mut b = NatBehavior::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        b.allocation = PortAllocation::Random;
+        b.port_parity = true;
+        b.port_range = (40000, 40999);
+        let mut t = NatTable::new(b, vec![ext_ip], 9);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..200 {
+            let p = t
+                .outbound(
+                    t0,
+                    Protocol::Udp,
+                    sa("10.0.0.2:5001"),
+                    SocketAddr::new("198.51.100.1".parse().unwrap(), 1000 + i),
+                )
+                .unwrap()
+                .port();
+            assert!(
+                (40000..=40999).contains(&p) && p % 2 == 1 && seen.insert(p),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_not_a_reuse() {
+        let t0 = Instant::now();
+        let mut b = NatBehavior::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        b.port_range = (50000, 50003);
+        let mut t = NatTable::new(b, vec!["203.0.113.1".parse().unwrap()], 1);
+        for i in 0..4 {
+            t.outbound(
+                t0,
+                Protocol::Udp,
+                sa(INSIDE),
+                SocketAddr::new("198.51.100.1".parse().unwrap(), 10 + i),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S2)),
+            Err(NatError::PortsExhausted)
+        );
+        // Once they expire the ports come back.
+        let later = t0 + Duration::from_secs(121);
+        assert!(
+            t.outbound(later, Protocol::Udp, sa(INSIDE), sa(S2)).is_ok() || {
+                t.sweep(later);
+                t.outbound(later, Protocol::Udp, sa(INSIDE), sa(S2)).is_ok()
+            }
+        );
+    }
+}
