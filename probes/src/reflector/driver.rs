@@ -27,6 +27,11 @@ use super::rate_limit::{RateLimit, RateLimiter};
 use super::{Action, Reflector, ReflectorConfig, RequestKind, Transport, MAX_RESPONSE};
 use crate::stun::framing::{self, Frame, MAX_FRAME};
 
+/// Largest UDP request answered; anything longer is dropped (PADDING is capped well below it).
+pub const MAX_DATAGRAM: usize = 2048;
+/// Refused link messages are logged at most this often (anyone can send to the link port).
+const LINK_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// How long an idle TCP connection is kept.
 pub const TCP_IDLE: Duration = Duration::from_secs(30);
 
@@ -150,7 +155,8 @@ pub struct RunningReflector {
 
 struct Shared {
     core: Reflector,
-    limiter: Mutex<RateLimiter>,
+    /// `None` when limiting is off, so the request path takes no lock and reads no clock for it.
+    limiter: Option<Mutex<RateLimiter>>,
     counters: Arc<Counters>,
     /// `udp[address index][worker]`, in the order of `addrs`.
     udp: Vec<Vec<Arc<UdpSocket>>>,
@@ -203,14 +209,24 @@ impl RunningReflector {
         } else {
             cfg.workers
         };
-        let addrs = cfg.reflector.local_addresses();
+        let mut cfg = cfg;
         let mut std_udp = Vec::new();
-        for &a in &addrs {
-            let mut group = Vec::new();
-            for _ in 0..workers {
-                group.push(bind_udp(a, true).map_err(|e| with_addr(e, "udp", a))?);
+        if cfg.reflector.primary.port() == 0 {
+            // Only a one-address server may ask for any port (`validate` refuses 0 otherwise): bind
+            // once, then give every other socket, and RESPONSE-ORIGIN, the port the kernel chose.
+            let first = bind_udp(cfg.reflector.primary, true)
+                .map_err(|e| with_addr(e, "udp", cfg.reflector.primary))?;
+            cfg.reflector.primary = first.local_addr()?;
+            std_udp.push(vec![first]);
+        }
+        let addrs = cfg.reflector.local_addresses();
+        for (i, &a) in addrs.iter().enumerate() {
+            if std_udp.len() <= i {
+                std_udp.push(Vec::new());
             }
-            std_udp.push(group);
+            while std_udp[i].len() < workers {
+                std_udp[i].push(bind_udp(a, true).map_err(|e| with_addr(e, "udp", a))?);
+            }
         }
         let mut std_tcp = Vec::new();
         if cfg.tcp {
@@ -330,7 +346,8 @@ fn register(
     };
     let shared = Arc::new(Shared {
         core: Reflector::new(cfg.reflector.clone()),
-        limiter: Mutex::new(RateLimiter::new(cfg.rate_limit, Instant::now())),
+        limiter: (cfg.rate_limit.per_second != 0)
+            .then(|| Mutex::new(RateLimiter::new(cfg.rate_limit, Instant::now()))),
         counters,
         udp,
         addrs,
@@ -361,7 +378,10 @@ fn register(
 
 impl Shared {
     fn allowed(&self, ip: std::net::IpAddr) -> bool {
-        let ok = match self.limiter.lock() {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let ok = match limiter.lock() {
             Ok(mut l) => l.allow(Instant::now(), ip),
             Err(poisoned) => poisoned.into_inner().allow(Instant::now(), ip),
         };
@@ -399,7 +419,15 @@ impl Shared {
         match action {
             Action::Send { from, to, len, .. } => {
                 if let Some(s) = self.socket_for(from, worker) {
-                    if let Err(e) = s.send_to(&out[..len], to).await {
+                    // The send buffer almost always has room: try once without a future, and only
+                    // wait for writability when the kernel says so.
+                    let sent = match s.try_send_to(&out[..len], to) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            s.send_to(&out[..len], to).await
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = sent {
                         tracing::debug!(%from, %to, error = %e, "send failed");
                     }
                 }
@@ -419,7 +447,9 @@ impl Shared {
 async fn udp_loop(shared: Arc<Shared>, index: usize, worker: usize) {
     let sock = shared.udp[index][worker].clone();
     let local = shared.addrs[index];
-    let mut inb = [0u8; 2048];
+    // One byte more than any request we accept: a datagram that fills it was truncated by the
+    // kernel and must not be parsed as if it had ended there.
+    let mut inb = [0u8; MAX_DATAGRAM + 1];
     let mut out = [0u8; MAX_RESPONSE];
     loop {
         let (n, from) = match sock.recv_from(&mut inb).await {
@@ -431,6 +461,10 @@ async fn udp_loop(shared: Arc<Shared>, index: usize, worker: usize) {
             }
         };
         bump(&shared.counters.requests);
+        if n > MAX_DATAGRAM {
+            bump(&shared.counters.dropped);
+            continue;
+        }
         if !shared.allowed(from.ip()) {
             continue;
         }
@@ -452,6 +486,8 @@ async fn link_loop(shared: Arc<Shared>, mut verifier: LinkVerifier) {
     };
     let mut inb = [0u8; 4096];
     let mut out = [0u8; MAX_RESPONSE];
+    let mut last_warn: Option<Instant> = None;
+    let mut refused_since_warn = 0u64;
     loop {
         let Ok((n, from)) = sock.recv_from(&mut inb).await else {
             continue;
@@ -460,7 +496,13 @@ async fn link_loop(shared: Arc<Shared>, mut verifier: LinkVerifier) {
             Ok(f) => f,
             Err(e) => {
                 bump(&shared.counters.link_refused);
-                tracing::warn!(%from, error = %e, "refused link message");
+                refused_since_warn += 1;
+                let now = Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) >= LINK_WARN_EVERY) {
+                    tracing::warn!(%from, error = %e, refused = refused_since_warn, "refused link message(s)");
+                    last_warn = Some(now);
+                    refused_since_warn = 0;
+                }
                 continue;
             }
         };

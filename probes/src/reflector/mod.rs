@@ -225,31 +225,27 @@ impl Reflector {
             Ok(m) => m,
             Err(_) => return (Action::Drop(DropReason::Malformed), RequestKind::Other),
         };
-        let tid = msg.transaction_id();
         let plan = match self.plan(&msg, transport) {
             Ok(p) => p,
             Err(Refusal::Drop(r)) => return (Action::Drop(r), RequestKind::Other),
             Err(Refusal::Error { code, reason }) => {
-                let fp = msg.attribute(attr_type::FINGERPRINT).is_some();
                 return (
-                    error_response(out, from, received_on, &tid, code, reason, &[], fp),
+                    error_response(out, &msg, from, received_on, code, reason, &[]),
                     RequestKind::Other,
                 );
             }
             Err(Refusal::Unknown) => {
                 let mut unknown = [0u16; 8];
                 let n = collect_unknown(&msg, &mut unknown, self.cfg.alternate.is_some());
-                let fp = msg.attribute(attr_type::FINGERPRINT).is_some();
                 return (
                     error_response(
                         out,
+                        &msg,
                         from,
                         received_on,
-                        &tid,
                         420,
                         "Unknown Attribute",
                         &unknown[..n],
-                        fp,
                     ),
                     RequestKind::Other,
                 );
@@ -348,7 +344,7 @@ impl Reflector {
                     seen_padding = true;
                     plan.padding = Some(a.value.len());
                 }
-                attr_type::FINGERPRINT => plan.fingerprint = true,
+                attr_type::FINGERPRINT => plan.fingerprint = !plan.classic,
                 t if is_understood(t) => {}
                 t if attr_type::is_comprehension_required(t) => unknown = true,
                 _ => {}
@@ -455,7 +451,11 @@ impl Reflector {
             if let Some(p) = plan.padding {
                 w.add_padding(p)?;
             }
-            w.add_software(SOFTWARE)?;
+            if !plan.classic {
+                // RFC 3489's SERVER (same type) must be a multiple of 4 long, and old parsers such
+                // as Debian's stun client reject anything else: classic answers go without it.
+                w.add_software(SOFTWARE)?;
+            }
             if plan.fingerprint {
                 w.finish_with_fingerprint()
             } else {
@@ -543,25 +543,30 @@ fn collect_unknown(msg: &Message<'_>, out: &mut [u16; 8], has_alternate: bool) -
     n
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An error response to `req` (RFC 8489 §6.3.4): same method and transaction, sent from the address
+/// the request reached back to its source; CHANGE-REQUEST and RESPONSE-PORT are not honoured.
 fn error_response(
     out: &mut [u8],
+    req: &Message<'_>,
     to: SocketAddr,
     received_on: SocketAddr,
-    tid: &TransactionId,
     code: u16,
     reason: &str,
     unknown: &[u16],
-    fingerprint: bool,
 ) -> Action {
+    let typ = MessageType::new(Class::ErrorResponse, req.message_type().method);
+    let classic = !req.is_rfc8489();
+    let fingerprint = req.attribute(attr_type::FINGERPRINT).is_some();
     let result = (|| {
-        let mut w = MessageWriter::new(out, MessageType::BINDING_ERROR, tid)?;
+        let mut w = MessageWriter::new(out, typ, &req.transaction_id())?;
         w.add_error_code(code, reason)?;
         if !unknown.is_empty() {
             w.add_unknown_attributes(unknown)?;
         }
-        w.add_software(SOFTWARE)?;
-        if fingerprint {
+        if !classic {
+            w.add_software(SOFTWARE)?;
+        }
+        if fingerprint && !classic {
             w.finish_with_fingerprint()
         } else {
             Ok(w.finish())
