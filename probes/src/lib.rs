@@ -11,5 +11,6 @@
 pub mod bench;
 pub mod client;
 pub mod nat;
+pub mod probe;
 pub mod reflector;
 pub mod stun;

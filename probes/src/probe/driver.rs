@@ -1,0 +1,114 @@
+//! Runs a [`Probe`] over real UDP sockets with tokio. Each probe socket is bound on first use to
+//! the local address the OS would use to reach the server (so "mapped address = local address"
+//! really means "no NAT"), and gets a receive task feeding one channel; the loop sleeps until the
+//! probe's next timeout or the next datagram. Bounded by a wall-clock deadline.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::plan::{Probe, ProbeConfig, SocketId};
+use super::report::ProbeReport;
+
+/// Longest a probe may run, whatever its retry budget says.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// The local IP the routing table picks towards `server` (no packet is sent).
+pub fn route_source(server: SocketAddr) -> io::Result<IpAddr> {
+    let any: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    s.connect(server)?;
+    Ok(s.local_addr()?.ip())
+}
+
+/// Runs the probe to completion. `progress` is called after every event with the probe's state.
+pub async fn run(cfg: ProbeConfig, mut progress: impl FnMut(&Probe)) -> io::Result<ProbeReport> {
+    let local_ip = route_source(cfg.server)?;
+    let start = Instant::now();
+    let mut probe = Probe::new(start, cfg);
+    let mut sockets: HashMap<SocketId, Arc<UdpSocket>> = HashMap::new();
+    let (tx, mut rx) = mpsc::channel::<(SocketId, SocketAddr, Vec<u8>)>(256);
+    let mut readers = Vec::new();
+    let result = async {
+        loop {
+            let now = Instant::now();
+            while let Some(t) = probe.poll_transmit(now) {
+                let sock = match sockets.get(&t.socket) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Arc::new(UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?);
+                        probe.socket_bound(t.socket, s.local_addr()?);
+                        readers.push(tokio::spawn(read_loop(t.socket, s.clone(), tx.clone())));
+                        sockets.insert(t.socket, s.clone());
+                        s
+                    }
+                };
+                if let Err(e) = sock.send_to(&t.payload, t.to).await {
+                    // An unreachable destination is an answer the retransmissions will confirm.
+                    if e.kind() != io::ErrorKind::ConnectionRefused {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("cannot send to {}: {e}", t.to),
+                        ));
+                    }
+                }
+            }
+            progress(&probe);
+            if probe.is_done() {
+                return Ok(probe.report());
+            }
+            if now.duration_since(start) > DEADLINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "probe exceeded its deadline",
+                ));
+            }
+            let wake = probe
+                .poll_timeout()
+                .unwrap_or(now + Duration::from_millis(50));
+            tokio::select! {
+                msg = rx.recv() => {
+                    if let Some((id, from, bytes)) = msg {
+                        probe.handle_datagram(Instant::now(), id, from, &bytes);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    probe.handle_timeout(Instant::now());
+                }
+            }
+        }
+    }
+    .await;
+    for r in readers {
+        r.abort();
+    }
+    result
+}
+
+async fn read_loop(
+    id: SocketId,
+    sock: Arc<UdpSocket>,
+    tx: mpsc::Sender<(SocketId, SocketAddr, Vec<u8>)>,
+) {
+    let mut buf = [0u8; 2048];
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                if tx.send((id, from, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            // ICMP errors from earlier sends (Linux reports them on the next recv): not fatal.
+            Err(_) => continue,
+        }
+    }
+}

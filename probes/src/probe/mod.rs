@@ -1,0 +1,13 @@
+//! `natscope probe`: RFC 5780 NAT behavior discovery as a sans-IO state machine.
+//!
+//! [`Probe`] runs the whole plan — reachability, mapping, filtering, hairpinning, port allocation —
+//! without touching a socket or a clock. Its driver (real sockets, or the in-memory simulator in
+//! tests) feeds it `now` and datagrams and sends what [`Probe::poll_transmit`] returns, from the
+//! socket the transmit names. See [`plan`] for the test procedure and [`report`] for the result.
+
+pub mod driver;
+pub mod plan;
+pub mod report;
+
+pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
+pub use report::{AllocationPattern, Behavior, Classic, ProbeReport};

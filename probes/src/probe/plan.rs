@@ -1,0 +1,1141 @@
+//! The probe plan (RFC 5780 §4) and its evidence rules.
+//!
+//! Sockets, each a fresh local port the driver binds on first use:
+//! - `S0` (id 0): reachability (§4.2, several parallel Binding requests for RTT and loss samples),
+//!   then mapping (§4.3): Binding to A2:P1 and A2:P2 from the same socket.
+//! - `SF` (id 1): filtering (§4.4) on a socket that has sent nothing to the alternate address
+//!   (§3.2): change-IP+port and change-port requests to A1:P1, concurrently (both go to A1:P1, so
+//!   neither opens the filter for the other's answer).
+//! - `SY` (id 2): hairpinning (§4.5): a Binding request to S0's mapped address; S0 seeing it arrive
+//!   means the NAT hairpins.
+//! - ids 3..: port allocation: fresh sockets, one after another (so their mappings are allocated
+//!   consecutively), each a Binding to A1:P1; their external ports give the pattern and delta.
+//!
+//! Mapping and filtering run on separate sockets, so no unsolicited inbound ever hits the mapping
+//! under test: a NAT that re-maps a port after unsolicited inbound (Linux conntrack) cannot make a
+//! cone look symmetric, the trap RFC 3489-style tools fall into.
+//!
+//! Evidence: an answer counts only if its transaction ID matches and it came from the address the
+//! test expects — both the real source and RESPONSE-ORIGIN. Anything else is a server problem,
+//! reported, and the verdict that needed the answer becomes `unknown`.
+//!
+//! Timing: the retransmission timeout follows RFC 6298 from measured round trips (floored at
+//! [`Timing::min_rto`]) and backs off to twice that, so a LAN run takes well under a second. A
+//! negative result ("no answer") is concluded only when the chance that every transmission was lost
+//! falls below [`Timing::target_miss`]. That chance is the Beta-posterior predictive of `k`
+//! consecutive losses given the losses and answers seen so far, so high loss automatically widens the
+//! retry budget; if the cap on transmissions is reached first, the verdict is `unknown`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::report::{
+    self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
+    ServerReport, TestReport,
+};
+use crate::client::{build_request, BindingResponse, RequestOptions};
+use crate::stun::{ChangeRequest, Class, Message, TransactionId, MAGIC_COOKIE, METHOD_BINDING};
+
+/// A local socket of the probe; the driver binds a fresh one the first time it sees an id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub u16);
+
+pub const S0: SocketId = SocketId(0);
+pub const SF: SocketId = SocketId(1);
+pub const SY: SocketId = SocketId(2);
+const ALLOC_BASE: u16 = 3;
+
+/// One datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub socket: SocketId,
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Retransmission and confidence parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    /// RTO before any round trip has been measured.
+    pub initial_rto: Duration,
+    /// Floor of the measured RTO (absorbs scheduling jitter on fast paths).
+    pub min_rto: Duration,
+    /// Ceiling of any single wait.
+    pub max_rto: Duration,
+    /// Transmissions of the first request before concluding "UDP blocked" (RFC 8489 Rc).
+    pub reach_transmits: u32,
+    /// Hard cap on transmissions of any later request.
+    pub max_transmits: u32,
+    /// Largest accepted chance that a negative verdict is an artefact of loss.
+    pub target_miss: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            initial_rto: Duration::from_millis(200),
+            min_rto: Duration::from_millis(20),
+            max_rto: Duration::from_secs(3),
+            reach_transmits: 7,
+            max_transmits: 24,
+            target_miss: 1e-6,
+        }
+    }
+}
+
+/// What to probe and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeConfig {
+    /// The RFC 5780 server's primary address A1:P1.
+    pub server: SocketAddr,
+    pub hairpin: bool,
+    /// Fresh sockets sampled for the allocation pattern (at least 3 for a delta).
+    pub allocation_samples: u16,
+    /// Parallel reachability requests (more RTT and loss samples, same cost in time).
+    pub reach_requests: u16,
+    pub timing: Timing,
+    /// Seed for transaction IDs (tests); `None` draws from the OS.
+    pub seed: Option<u64>,
+}
+
+impl ProbeConfig {
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            hairpin: true,
+            allocation_samples: 5,
+            reach_requests: 4,
+            timing: Timing::default(),
+            seed: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Reach,
+    MapII,
+    MapIII,
+    FiltII,
+    FiltIII,
+    Hairpin,
+    Alloc(u16),
+}
+
+#[derive(Clone, Debug)]
+enum TxState {
+    Pending,
+    Answered(Box<BindingResponse>),
+    /// Gave up; `miss` is the chance every transmission was lost although an answer was due.
+    GaveUp {
+        miss: f64,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Tx {
+    step: Step,
+    socket: SocketId,
+    to: SocketAddr,
+    tid: TransactionId,
+    payload: Vec<u8>,
+    /// Where the answer must come from (real source and RESPONSE-ORIGIN).
+    expect_from: SocketAddr,
+    transmits: u32,
+    first_sent: Option<Instant>,
+    last_sent: Option<Instant>,
+    next_at: Option<Instant>,
+    done_at: Option<Instant>,
+    state: TxState,
+}
+
+impl Tx {
+    fn pending(&self) -> bool {
+        matches!(self.state, TxState::Pending)
+    }
+    fn answer(&self) -> Option<&BindingResponse> {
+        match &self.state {
+            TxState::Answered(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Reach,
+    Behavior,
+    Allocation,
+    Done,
+}
+
+/// RFC 6298 round-trip estimator.
+#[derive(Clone, Copy, Debug)]
+struct Rtt {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl Rtt {
+    fn sample(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let diff = s.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+    }
+}
+
+/// The probe state machine. Drive it with `poll_transmit` / `handle_datagram` / `handle_timeout` /
+/// `poll_timeout` until `is_done`, then read `report`.
+#[derive(Debug)]
+pub struct Probe {
+    cfg: ProbeConfig,
+    started: Instant,
+    finished: Option<Instant>,
+    phase: Phase,
+    txs: Vec<Tx>,
+    queue: VecDeque<usize>,
+    local: Vec<(SocketId, SocketAddr)>,
+    rtt: Rtt,
+    /// Transmissions and answers of answered requests, for the loss estimate.
+    pos_sent: u32,
+    pos_answered: u32,
+    other: Option<SocketAddr>,
+    problems: Vec<String>,
+    alg: Option<bool>,
+    rng: StdRng,
+}
+
+impl Probe {
+    pub fn new(now: Instant, cfg: ProbeConfig) -> Self {
+        let rng = match cfg.seed {
+            Some(s) => StdRng::seed_from_u64(s),
+            None => StdRng::from_entropy(),
+        };
+        let mut p = Self {
+            started: now,
+            finished: None,
+            phase: Phase::Reach,
+            txs: Vec::new(),
+            queue: VecDeque::new(),
+            local: Vec::new(),
+            rtt: Rtt {
+                srtt: None,
+                rttvar: Duration::ZERO,
+            },
+            pos_sent: 0,
+            pos_answered: 0,
+            other: None,
+            problems: Vec::new(),
+            alg: None,
+            rng,
+            cfg,
+        };
+        for _ in 0..p.cfg.reach_requests.max(1) {
+            let server = p.cfg.server;
+            p.add_tx(Step::Reach, S0, server, ChangeRequest::NONE, server);
+        }
+        p
+    }
+
+    /// The driver reports the local address of a socket it bound for `id`.
+    pub fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
+        if !self.local.iter().any(|(i, _)| *i == id) {
+            self.local.push((id, local));
+        }
+    }
+
+    fn local_of(&self, id: SocketId) -> Option<SocketAddr> {
+        self.local.iter().find(|(i, _)| *i == id).map(|(_, a)| *a)
+    }
+
+    fn add_tx(
+        &mut self,
+        step: Step,
+        socket: SocketId,
+        to: SocketAddr,
+        change: ChangeRequest,
+        expect_from: SocketAddr,
+    ) {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        self.rng.fill(&mut id[4..]);
+        let tid = TransactionId(id);
+        let mut buf = [0u8; 128];
+        let opts = RequestOptions {
+            change,
+            fingerprint: true,
+            ..Default::default()
+        };
+        // A request this small always fits; an encoding error would be a bug, not an input.
+        let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
+        self.txs.push(Tx {
+            step,
+            socket,
+            to,
+            tid,
+            payload: buf[..len].to_vec(),
+            expect_from,
+            transmits: 0,
+            first_sent: None,
+            last_sent: None,
+            next_at: None,
+            done_at: None,
+            state: TxState::Pending,
+        });
+        self.queue.push_back(self.txs.len() - 1);
+    }
+
+    fn rto(&self) -> Duration {
+        let t = &self.cfg.timing;
+        match self.rtt.srtt {
+            None => t.initial_rto,
+            Some(s) => (s + self.rtt.rttvar * 4).clamp(t.min_rto, t.max_rto),
+        }
+    }
+
+    /// Chance that `k` transmissions in a row were all lost, given the answers seen so far
+    /// (Beta(1,1) prior on the round-trip loss rate; posterior predictive).
+    fn miss(&self, k: u32) -> f64 {
+        let lost = f64::from(self.pos_sent - self.pos_answered);
+        let n = f64::from(self.pos_sent);
+        (0..k).fold(1.0, |acc, i| {
+            acc * (lost + 1.0 + f64::from(i)) / (n + 2.0 + f64::from(i))
+        })
+    }
+
+    /// Point estimate of round-trip loss.
+    fn loss(&self) -> f64 {
+        if self.pos_sent == 0 {
+            0.0
+        } else {
+            f64::from(self.pos_sent - self.pos_answered) / f64::from(self.pos_sent)
+        }
+    }
+
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        while let Some(i) = self.queue.pop_front() {
+            let rto = self.rto();
+            let tx = &mut self.txs[i];
+            if !tx.pending() {
+                continue;
+            }
+            tx.transmits += 1;
+            tx.first_sent.get_or_insert(now);
+            tx.last_sent = Some(now);
+            // RFC 8489 backs off by doubling; on the paths a probe sees, twice the RTO bounds it.
+            let wait = if tx.transmits == 1 { rto } else { rto * 2 };
+            tx.next_at = Some(now + wait.min(self.cfg.timing.max_rto));
+            return Some(Transmit {
+                socket: tx.socket,
+                to: tx.to,
+                payload: tx.payload.clone(),
+            });
+        }
+        None
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::Done {
+            return None;
+        }
+        self.txs
+            .iter()
+            .filter(|t| t.pending())
+            .filter_map(|t| t.next_at)
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.txs.len() {
+            let tx = &self.txs[i];
+            let Some(at) = tx.next_at else { continue };
+            if !tx.pending() || now < at || self.queue.contains(&i) {
+                continue;
+            }
+            let k = tx.transmits;
+            let cap = if tx.step == Step::Reach {
+                self.cfg.timing.reach_transmits
+            } else {
+                self.cfg.timing.max_transmits
+            };
+            let miss = if tx.step == Step::Reach && self.pos_answered == 0 {
+                // Nothing answered yet: no loss estimate; the RFC 8489 budget decides alone.
+                if k >= cap {
+                    0.0
+                } else {
+                    1.0
+                }
+            } else {
+                self.miss(k)
+            };
+            if k >= cap || miss < self.cfg.timing.target_miss {
+                self.txs[i].state = TxState::GaveUp { miss };
+                self.txs[i].done_at = Some(now);
+            } else {
+                self.queue.push_back(i);
+            }
+        }
+        self.advance(now);
+    }
+
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) {
+        let Ok(msg) = Message::parse(bytes) else {
+            return;
+        };
+        let tid = msg.transaction_id();
+        let Some(i) = self.txs.iter().position(|t| t.tid == tid) else {
+            return;
+        };
+        if !self.txs[i].pending() {
+            return;
+        }
+        let mt = msg.message_type();
+        if self.txs[i].step == Step::Hairpin {
+            // The hairpin "answer" is our own request arriving on S0.
+            if socket == S0 && mt.class == Class::Request && mt.method == METHOD_BINDING {
+                let tx = &mut self.txs[i];
+                tx.state = TxState::Answered(Box::new(BindingResponse {
+                    source: Some(from),
+                    ..Default::default()
+                }));
+                tx.done_at = Some(now);
+            }
+            self.advance(now);
+            return;
+        }
+        if socket != self.txs[i].socket {
+            return;
+        }
+        let Ok(resp) = BindingResponse::parse(bytes, &tid, Some(from)) else {
+            return;
+        };
+        let expect = self.txs[i].expect_from;
+        let origin_ok = resp.response_origin.is_none_or(|o| o == expect);
+        if from != expect || !origin_ok {
+            let what = step_name(self.txs[i].step);
+            self.problem(format!(
+                "{what}: answer expected from {expect} came from {from} (RESPONSE-ORIGIN {})",
+                resp.response_origin
+                    .map_or("absent".into(), |o| o.to_string())
+            ));
+            return;
+        }
+        if resp.error_code.is_some() {
+            let what = step_name(self.txs[i].step);
+            self.problem(format!(
+                "{what}: server answered error {} {}",
+                resp.error_code.unwrap_or(0),
+                resp.error_reason.as_deref().map(escape).unwrap_or_default()
+            ));
+            let tx = &mut self.txs[i];
+            tx.state = TxState::GaveUp { miss: 1.0 };
+            tx.done_at = Some(now);
+            self.advance(now);
+            return;
+        }
+        if let Some(alg) = resp.alg_rewrite() {
+            if alg && self.alg != Some(true) {
+                self.problem(format!(
+                    "MAPPED-ADDRESS {} differs from XOR-MAPPED-ADDRESS {}: something on the path rewrites payloads (an ALG); verdicts use XOR-MAPPED-ADDRESS",
+                    resp.mapped.map_or("-".into(), |a| a.to_string()),
+                    resp.xor_mapped.map_or("-".into(), |a| a.to_string())
+                ));
+            }
+            self.alg = Some(self.alg.unwrap_or(false) || alg);
+        }
+        let tx = &mut self.txs[i];
+        // Karn: only unambiguous samples (one transmission) feed the RTT estimate.
+        if tx.transmits == 1 {
+            if let Some(sent) = tx.first_sent {
+                self.rtt.sample(now.saturating_duration_since(sent));
+            }
+        }
+        self.pos_sent += tx.transmits;
+        self.pos_answered += 1;
+        tx.state = TxState::Answered(Box::new(resp));
+        tx.done_at = Some(now);
+        self.advance(now);
+    }
+
+    fn problem(&mut self, p: String) {
+        if !self.problems.contains(&p) {
+            self.problems.push(p);
+        }
+    }
+
+    fn first_answer(&self, step: Step) -> Option<&BindingResponse> {
+        self.txs
+            .iter()
+            .filter(|t| t.step == step)
+            .find_map(|t| t.answer())
+    }
+
+    fn step_pending(&self, step: Step) -> bool {
+        self.txs.iter().any(|t| t.step == step && t.pending())
+    }
+
+    fn mapped_s0(&self) -> Option<SocketAddr> {
+        self.first_answer(Step::Reach)
+            .and_then(|r| r.xor_mapped.or(r.mapped))
+    }
+
+    fn nat_detected(&self) -> Option<bool> {
+        Some(self.mapped_s0()? != self.local_of(S0)?)
+    }
+
+    /// The alternate address if the server is a usable RFC 5780 server.
+    fn usable_other(&self) -> Option<SocketAddr> {
+        let o = self.other?;
+        (o.ip() != self.cfg.server.ip() && o.port() != self.cfg.server.port()).then_some(o)
+    }
+
+    fn advance(&mut self, now: Instant) {
+        loop {
+            let before = self.phase;
+            match self.phase {
+                Phase::Reach => {
+                    if let Some(r) = self.first_answer(Step::Reach).cloned() {
+                        self.start_behavior(&r);
+                    } else if !self.step_pending(Step::Reach) {
+                        self.phase = Phase::Done;
+                    }
+                }
+                Phase::Behavior => {
+                    let busy = [
+                        Step::MapII,
+                        Step::MapIII,
+                        Step::FiltII,
+                        Step::FiltIII,
+                        Step::Hairpin,
+                    ]
+                    .iter()
+                    .any(|s| self.step_pending(*s));
+                    if !busy {
+                        self.phase = Phase::Allocation;
+                        self.next_alloc();
+                    }
+                }
+                Phase::Allocation => {
+                    let pending = self
+                        .txs
+                        .iter()
+                        .any(|t| matches!(t.step, Step::Alloc(_)) && t.pending());
+                    if !pending && !self.next_alloc() {
+                        self.phase = Phase::Done;
+                    }
+                }
+                Phase::Done => {
+                    self.finished.get_or_insert(now);
+                    return;
+                }
+            }
+            if self.phase == before {
+                return;
+            }
+        }
+    }
+
+    fn start_behavior(&mut self, first: &BindingResponse) {
+        self.phase = Phase::Behavior;
+        let a1p1 = self.cfg.server;
+        self.other = first.other_address;
+        match first.other_address {
+            None => self.problem(
+                "no OTHER-ADDRESS: not an RFC 5780 server, so mapping and filtering cannot be tested".into(),
+            ),
+            Some(o) if o.ip() == a1p1.ip() => self.problem(format!(
+                "OTHER-ADDRESS {o} has the primary's IP: the server has no second address, so mapping and filtering cannot be tested"
+            )),
+            Some(o) if o.port() == a1p1.port() => self.problem(format!(
+                "OTHER-ADDRESS {o} has the primary's port: change-port tests are impossible"
+            )),
+            Some(_) => {}
+        }
+        if let Some(o) = self.usable_other() {
+            let (a2p1, a2p2, a1p2) = (
+                SocketAddr::new(o.ip(), a1p1.port()),
+                o,
+                SocketAddr::new(a1p1.ip(), o.port()),
+            );
+            self.add_tx(Step::MapII, S0, a2p1, ChangeRequest::NONE, a2p1);
+            self.add_tx(Step::MapIII, S0, a2p2, ChangeRequest::NONE, a2p2);
+            self.add_tx(Step::FiltII, SF, a1p1, ChangeRequest::BOTH, a2p2);
+            self.add_tx(Step::FiltIII, SF, a1p1, ChangeRequest::PORT, a1p2);
+        }
+        if self.cfg.hairpin && self.nat_detected() == Some(true) {
+            if let Some(m1) = self.mapped_s0() {
+                self.add_tx(Step::Hairpin, SY, m1, ChangeRequest::NONE, m1);
+            }
+        }
+    }
+
+    /// Starts the next allocation sample; false when all have run.
+    fn next_alloc(&mut self) -> bool {
+        let done = self
+            .txs
+            .iter()
+            .filter(|t| matches!(t.step, Step::Alloc(_)))
+            .count() as u16;
+        if done >= self.cfg.allocation_samples {
+            return false;
+        }
+        let server = self.cfg.server;
+        self.add_tx(
+            Step::Alloc(done),
+            SocketId(ALLOC_BASE + done),
+            server,
+            ChangeRequest::NONE,
+            server,
+        );
+        true
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Requests sent so far, all tests together.
+    pub fn requests_sent(&self) -> u32 {
+        self.txs.iter().map(|t| t.transmits).sum()
+    }
+
+    /// The result (complete once `is_done`; partial, with `unknown`s, before).
+    pub fn report(&self) -> ProbeReport {
+        let end = self.finished.unwrap_or(self.started);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let reach_answered = self.first_answer(Step::Reach).is_some();
+        let udp_blocked = !reach_answered && self.phase == Phase::Done;
+        let nat = self.nat_detected();
+        let mut tests = Vec::new();
+        let row = |name: &str, steps: &[Step], verdict: String, evidence: String| {
+            let txs: Vec<&Tx> = self
+                .txs
+                .iter()
+                .filter(|t| steps.contains(&t.step))
+                .collect();
+            let start = txs.iter().filter_map(|t| t.first_sent).min();
+            let stop = txs.iter().filter_map(|t| t.done_at).max();
+            TestReport {
+                name: name.into(),
+                verdict,
+                evidence,
+                requests_sent: txs.iter().map(|t| t.transmits).sum(),
+                duration_ms: match (start, stop) {
+                    (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
+                    _ => 0.0,
+                },
+            }
+        };
+
+        // 1. Reachability and NAT presence.
+        let m1 = self.mapped_s0();
+        let local = self.local_of(S0);
+        tests.push(row(
+            "udp reachability",
+            &[Step::Reach],
+            if reach_answered {
+                "reachable".into()
+            } else if udp_blocked {
+                "blocked".into()
+            } else {
+                "unknown".into()
+            },
+            match self.first_answer(Step::Reach) {
+                Some(r) => format!("answer from {}", show(r.source)),
+                None => format!("no answer from {} within the retry budget", self.cfg.server),
+            },
+        ));
+        tests.push(row(
+            "nat presence",
+            &[],
+            match nat {
+                Some(true) => "nat".into(),
+                Some(false) => "no nat".into(),
+                None => "unknown".into(),
+            },
+            format!("local {} mapped {}", show(local), show(m1)),
+        ));
+
+        // 2. Mapping.
+        let (mapping, mapping_evidence) = self.mapping_verdict(nat, m1);
+        tests.push(row(
+            "mapping",
+            &[Step::Reach, Step::MapII, Step::MapIII],
+            mapping.short().into(),
+            mapping_evidence,
+        ));
+
+        // 3. Filtering.
+        let (filtering, filtering_evidence, filt_miss) = self.filtering_verdict();
+        tests.push(row(
+            "filtering",
+            &[Step::FiltII, Step::FiltIII],
+            filtering.short().into(),
+            filtering_evidence,
+        ));
+
+        // 4. Hairpinning.
+        let (hairpinning, hairpin_evidence, hp_miss) = self.hairpin_verdict(nat, m1);
+        tests.push(row(
+            "hairpinning",
+            &[Step::Hairpin],
+            tri(hairpinning).into(),
+            hairpin_evidence,
+        ));
+
+        // 5. Allocation.
+        let alloc = self.allocation();
+        let alloc_steps: Vec<Step> = (0..self.cfg.allocation_samples).map(Step::Alloc).collect();
+        let preserved = match (m1, local) {
+            (Some(m), Some(l)) if !alloc.samples.is_empty() => {
+                Some(m.port() == l.port() && alloc.samples.iter().all(|(l, e)| l == e))
+            }
+            _ => None,
+        };
+        tests.push(row(
+            "port allocation",
+            &alloc_steps,
+            match alloc.pattern {
+                AllocationPattern::Sequential => {
+                    format!("sequential (delta {})", alloc.delta.unwrap_or(0))
+                }
+                p => serde_plain(p),
+            },
+            format!(
+                "local→external {}; {}",
+                alloc
+                    .samples
+                    .iter()
+                    .map(|(l, e)| format!("{l}→{e}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                alloc.predictability
+            ),
+        ));
+
+        // 6. Server and path checks.
+        tests.push(row(
+            "server checks",
+            &[],
+            if self.problems.is_empty() { "ok".into() } else { format!("{} problem(s)", self.problems.len()) },
+            if self.problems.is_empty() {
+                format!(
+                    "OTHER-ADDRESS {}, every answer from the expected address, RESPONSE-ORIGIN consistent",
+                    show(self.other)
+                )
+            } else {
+                self.problems.join("; ")
+            },
+        ));
+
+        let classic = Classic::derive(udp_blocked, nat, mapping, filtering);
+        let shape = NatShape {
+            mapping,
+            filtering,
+            predictable: matches!(
+                alloc.pattern,
+                AllocationPattern::Sequential | AllocationPattern::Preserving
+            ),
+        };
+        let outlook = report::outlook(shape);
+        let negative_confidence = [filt_miss, hp_miss]
+            .into_iter()
+            .flatten()
+            .fold(None, |acc: Option<f64>, m| {
+                Some(acc.unwrap_or(1.0) * (1.0 - m))
+            });
+        let budget = self
+            .txs
+            .iter()
+            .filter(|t| matches!(t.state, TxState::GaveUp { .. }))
+            .filter_map(|t| Some(t.done_at?.saturating_duration_since(t.first_sent?)))
+            .max()
+            .map_or(0.0, ms);
+        let summary = summarize(
+            classic,
+            mapping,
+            filtering,
+            &alloc,
+            preserved,
+            hairpinning,
+            &outlook,
+        );
+        ProbeReport {
+            schema: report::SCHEMA,
+            local_address: local,
+            public_address: m1,
+            nat_detected: nat,
+            udp_blocked,
+            mapping,
+            filtering,
+            port_preservation: preserved,
+            port_allocation: alloc,
+            hairpinning,
+            binding_lifetime_s: None,
+            tcp_mapping: Behavior::Unknown,
+            alg_detected: self.alg,
+            classic,
+            server: ServerReport {
+                address: self.cfg.server,
+                other_address: self.other,
+                problems: self.problems.clone(),
+            },
+            tests,
+            outlook,
+            loss_estimate: self.loss(),
+            negative_confidence,
+            retry_budget_ms: budget,
+            summary,
+            duration_ms: ms(end.saturating_duration_since(self.started)),
+        }
+    }
+
+    fn gave_up_miss(&self, step: Step) -> Option<f64> {
+        self.txs
+            .iter()
+            .filter(|t| t.step == step)
+            .find_map(|t| match t.state {
+                TxState::GaveUp { miss } => Some(miss),
+                _ => None,
+            })
+    }
+
+    /// A negative is trusted only if its miss chance met the target.
+    fn confident_negative(&self, step: Step) -> Option<f64> {
+        self.gave_up_miss(step)
+            .filter(|m| *m < self.cfg.timing.target_miss)
+    }
+
+    fn server_problem_for(&self, step: Step) -> bool {
+        let name = step_name(step);
+        self.problems.iter().any(|p| p.starts_with(name))
+    }
+
+    fn mapping_verdict(&self, nat: Option<bool>, m1: Option<SocketAddr>) -> (Behavior, String) {
+        let Some(m1) = m1 else {
+            return (Behavior::Unknown, "no mapped address".into());
+        };
+        if self.usable_other().is_none() {
+            return (
+                Behavior::Unknown,
+                "needs an RFC 5780 server with a second address".into(),
+            );
+        }
+        let get = |s| {
+            self.first_answer(s)
+                .and_then(|r: &BindingResponse| r.xor_mapped.or(r.mapped))
+        };
+        let (m2, m3) = (get(Step::MapII), get(Step::MapIII));
+        let ev = format!(
+            "via A1:P1 {m1}, via A2:P1 {}, via A2:P2 {}",
+            show(m2),
+            show(m3)
+        );
+        if nat == Some(false) {
+            // No NAT: the mapping is the identity, which RFC 4787 counts as endpoint-independent.
+            return if m2.is_none_or(|m| m == m1) {
+                (Behavior::EndpointIndependent, format!("no nat: {ev}"))
+            } else {
+                (
+                    Behavior::Unknown,
+                    format!("mapped address changed without a nat: {ev}"),
+                )
+            };
+        }
+        match (m2, m3) {
+            (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ev),
+            (Some(m2), Some(_)) if m2 == m1 => (
+                Behavior::Unknown,
+                format!("inconsistent: same mapping for A2:P1 but not A2:P2: {ev}"),
+            ),
+            (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ev),
+            (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ev),
+            (Some(_), Some(_)) => (Behavior::Unknown, format!("inconsistent: {ev}")),
+            _ => (
+                Behavior::Unknown,
+                format!("the alternate address did not answer: {ev}"),
+            ),
+        }
+    }
+
+    fn filtering_verdict(&self) -> (Behavior, String, Option<f64>) {
+        if self.usable_other().is_none() {
+            return (
+                Behavior::Unknown,
+                "needs an RFC 5780 server with a second address".into(),
+                None,
+            );
+        }
+        if self.server_problem_for(Step::FiltII) || self.server_problem_for(Step::FiltIII) {
+            return (
+                Behavior::Unknown,
+                "the server answered a change request from the wrong address".into(),
+                None,
+            );
+        }
+        // The alternate must be reachable at all, or silence says nothing about the NAT.
+        if self.first_answer(Step::MapII).is_none() && self.first_answer(Step::MapIII).is_none() {
+            return (
+                Behavior::Unknown,
+                "the server's alternate address never answered".into(),
+                None,
+            );
+        }
+        let ii = self.first_answer(Step::FiltII).is_some();
+        let iii = self.first_answer(Step::FiltIII).is_some();
+        let neg_ii = self.confident_negative(Step::FiltII);
+        let neg_iii = self.confident_negative(Step::FiltIII);
+        let o = self.other.map_or("-".into(), |o| o.to_string());
+        let a1p2 = self.other.map_or("-".into(), |o| {
+            SocketAddr::new(self.cfg.server.ip(), o.port()).to_string()
+        });
+        match (ii, iii) {
+            (true, true) => (
+                Behavior::EndpointIndependent,
+                format!("answers from {o} (change ip+port) and {a1p2} (change port) both arrived"),
+                None,
+            ),
+            (true, false) => (
+                Behavior::Unknown,
+                format!("inconsistent: {o} got through but {a1p2} did not"),
+                None,
+            ),
+            (false, true) => match neg_ii {
+                Some(m) => (
+                    Behavior::AddressDependent,
+                    format!(
+                        "answer from {a1p2} (change port) arrived; from {o} (change ip+port) none"
+                    ),
+                    Some(m),
+                ),
+                None => (
+                    Behavior::Unknown,
+                    "too much loss to conclude that the change ip+port answer was filtered".into(),
+                    None,
+                ),
+            },
+            (false, false) => match (neg_ii, neg_iii) {
+                (Some(a), Some(b)) => (
+                    Behavior::AddressAndPortDependent,
+                    format!("no answer from {o} (change ip+port) nor {a1p2} (change port)"),
+                    Some(1.0 - (1.0 - a) * (1.0 - b)),
+                ),
+                _ => (
+                    Behavior::Unknown,
+                    "too much loss to conclude that the change answers were filtered".into(),
+                    None,
+                ),
+            },
+        }
+    }
+
+    fn hairpin_verdict(
+        &self,
+        nat: Option<bool>,
+        m1: Option<SocketAddr>,
+    ) -> (Option<bool>, String, Option<f64>) {
+        if !self.cfg.hairpin {
+            return (None, "not tested (--no-hairpin)".into(), None);
+        }
+        if nat != Some(true) {
+            return (None, "not applicable without a nat".into(), None);
+        }
+        let m1 = show(m1);
+        if let Some(r) = self.first_answer(Step::Hairpin) {
+            return (
+                Some(true),
+                format!(
+                    "a request to {m1} from inside came back from {}",
+                    show(r.source)
+                ),
+                None,
+            );
+        }
+        match self.confident_negative(Step::Hairpin) {
+            Some(m) => (
+                Some(false),
+                format!("a request to {m1} from inside never arrived"),
+                Some(m),
+            ),
+            None => (None, "too much loss to conclude".into(), None),
+        }
+    }
+
+    fn allocation(&self) -> PortAllocationReport {
+        let samples: Vec<(u16, u16)> = (0..self.cfg.allocation_samples)
+            .filter_map(|i| {
+                let tx = self.txs.iter().find(|t| t.step == Step::Alloc(i))?;
+                let ext = tx.answer()?.xor_mapped.or(tx.answer()?.mapped)?;
+                Some((self.local_of(tx.socket)?.port(), ext.port()))
+            })
+            .collect();
+        let unknown = |why: &str| PortAllocationReport {
+            pattern: AllocationPattern::Unknown,
+            delta: None,
+            samples: samples.clone(),
+            predictability: why.into(),
+        };
+        if samples.len() < 3 {
+            return unknown("too few samples");
+        }
+        if samples.iter().all(|(l, e)| l == e) {
+            return PortAllocationReport {
+                pattern: AllocationPattern::Preserving,
+                delta: None,
+                samples,
+                predictability: "the external port equals the local port".into(),
+            };
+        }
+        let deltas: Vec<i32> = samples
+            .windows(2)
+            .map(|w| i32::from(w[1].1) - i32::from(w[0].1))
+            .collect();
+        if deltas.iter().all(|d| *d == deltas[0]) && deltas[0] != 0 {
+            let d = deltas[0];
+            let last = samples.last().map_or(0, |s| s.1);
+            return PortAllocationReport {
+                pattern: AllocationPattern::Sequential,
+                delta: Some(d),
+                predictability: format!(
+                    "predictable: the next new mapping should get port {} (last {last} {} {})",
+                    (i32::from(last) + d).rem_euclid(65536),
+                    if d < 0 { '-' } else { '+' },
+                    d.abs()
+                ),
+                samples,
+            };
+        }
+        PortAllocationReport {
+            pattern: AllocationPattern::Random,
+            delta: None,
+            samples,
+            predictability: "unpredictable: consecutive mappings show no constant delta".into(),
+        }
+    }
+}
+
+fn step_name(s: Step) -> &'static str {
+    match s {
+        Step::Reach => "reachability",
+        Step::MapII => "mapping test II",
+        Step::MapIII => "mapping test III",
+        Step::FiltII => "filtering test II",
+        Step::FiltIII => "filtering test III",
+        Step::Hairpin => "hairpinning",
+        Step::Alloc(_) => "allocation",
+    }
+}
+
+fn show(a: Option<SocketAddr>) -> String {
+    a.map_or("-".into(), |a| a.to_string())
+}
+
+fn tri(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    }
+}
+
+fn serde_plain(p: AllocationPattern) -> String {
+    match p {
+        AllocationPattern::Preserving => "preserving",
+        AllocationPattern::Sequential => "sequential",
+        AllocationPattern::Random => "random",
+        AllocationPattern::Unknown => "unknown",
+    }
+    .into()
+}
+
+/// Peer text for a report line: control characters escaped.
+fn escape(s: &str) -> String {
+    s.chars()
+        .take(128)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn summarize(
+    classic: Classic,
+    mapping: Behavior,
+    filtering: Behavior,
+    alloc: &PortAllocationReport,
+    preserved: Option<bool>,
+    hairpin: Option<bool>,
+    outlook: &[report::OutlookRow],
+) -> String {
+    let abbrev = |b: Behavior, suffix: &str| match b {
+        Behavior::EndpointIndependent => format!("EI{suffix}"),
+        Behavior::AddressDependent => format!("AD{suffix}"),
+        Behavior::AddressAndPortDependent => format!("APD{suffix}"),
+        Behavior::Unknown => format!("?{suffix}"),
+    };
+    let mut parts = vec![format!(
+        "{} ({} + {})",
+        classic.describe(),
+        abbrev(mapping, "M"),
+        abbrev(filtering, "F")
+    )];
+    match (preserved, alloc.pattern) {
+        (Some(true), _) => parts.push("ports preserved".into()),
+        (_, AllocationPattern::Sequential) => parts.push(format!(
+            "sequential ports (delta {})",
+            alloc.delta.unwrap_or(0)
+        )),
+        (_, AllocationPattern::Random) => parts.push("random ports".into()),
+        _ => {}
+    }
+    match hairpin {
+        Some(true) => parts.push("hairpinning".into()),
+        Some(false) => parts.push("no hairpinning".into()),
+        None => {}
+    }
+    let yes: Vec<&str> = outlook
+        .iter()
+        .filter(|r| r.direct_udp == "yes")
+        .map(|r| r.peer)
+        .collect();
+    let no: Vec<&str> = outlook
+        .iter()
+        .filter(|r| r.direct_udp == "no")
+        .map(|r| r.peer)
+        .collect();
+    let tail = if outlook.iter().all(|r| r.direct_udp == "unknown") {
+        "peer-to-peer outlook unknown".to_string()
+    } else if no.is_empty() {
+        "direct connections should work with every common NAT".into()
+    } else if yes.is_empty() {
+        "direct connections are unlikely; expect to need a relay".into()
+    } else {
+        format!(
+            "direct connections work with most peers, not with {}",
+            no.join(" or ")
+        )
+    };
+    format!("{} — {tail}", parts.join(", "))
+}

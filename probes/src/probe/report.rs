@@ -1,0 +1,437 @@
+//! What a probe concludes, as data: the `natscope.probe/v1` document (docs/probe.md), the classic
+//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (RFC 4787 reasoning).
+//! Every verdict is a named value or `unknown` with a reason; nothing is guessed.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::nat::{FilteringBehavior, MappingBehavior};
+
+pub const SCHEMA: &str = "natscope.probe/v1";
+
+/// A mapping or filtering verdict (RFC 4787 terms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Behavior {
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+    Unknown,
+}
+
+impl Behavior {
+    pub fn short(self) -> &'static str {
+        match self {
+            Self::EndpointIndependent => "endpoint-independent",
+            Self::AddressDependent => "address-dependent",
+            Self::AddressAndPortDependent => "address-and-port-dependent",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl From<MappingBehavior> for Behavior {
+    fn from(m: MappingBehavior) -> Self {
+        match m {
+            MappingBehavior::EndpointIndependent => Self::EndpointIndependent,
+            MappingBehavior::AddressDependent => Self::AddressDependent,
+            MappingBehavior::AddressAndPortDependent => Self::AddressAndPortDependent,
+        }
+    }
+}
+
+impl From<FilteringBehavior> for Behavior {
+    fn from(f: FilteringBehavior) -> Self {
+        match f {
+            FilteringBehavior::EndpointIndependent => Self::EndpointIndependent,
+            FilteringBehavior::AddressDependent => Self::AddressDependent,
+            FilteringBehavior::AddressAndPortDependent => Self::AddressAndPortDependent,
+        }
+    }
+}
+
+/// RFC 3489 §10.1 names, plus the cases it has none for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Classic {
+    OpenInternet,
+    FullCone,
+    RestrictedCone,
+    PortRestrictedCone,
+    Symmetric,
+    SymmetricUdpFirewall,
+    UdpBlocked,
+    NoClassicName,
+    Unknown,
+}
+
+impl Classic {
+    /// Derives the classic name. `nat` is `None` when NAT presence is unknown.
+    pub fn derive(
+        udp_blocked: bool,
+        nat: Option<bool>,
+        mapping: Behavior,
+        filtering: Behavior,
+    ) -> Self {
+        use Behavior::*;
+        if udp_blocked {
+            return Self::UdpBlocked;
+        }
+        match (nat, mapping, filtering) {
+            (None, _, _) => Self::Unknown,
+            (Some(false), _, EndpointIndependent) => Self::OpenInternet,
+            (Some(false), _, AddressDependent | AddressAndPortDependent) => {
+                Self::SymmetricUdpFirewall
+            }
+            (Some(false), _, Unknown) => Self::Unknown,
+            (Some(true), EndpointIndependent, EndpointIndependent) => Self::FullCone,
+            (Some(true), EndpointIndependent, AddressDependent) => Self::RestrictedCone,
+            (Some(true), EndpointIndependent, AddressAndPortDependent) => Self::PortRestrictedCone,
+            (Some(true), AddressDependent | AddressAndPortDependent, EndpointIndependent) => {
+                Self::NoClassicName
+            }
+            (
+                Some(true),
+                AddressDependent | AddressAndPortDependent,
+                AddressDependent | AddressAndPortDependent,
+            ) => Self::Symmetric,
+            (Some(true), _, _) => Self::Unknown,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::OpenInternet => "Open internet (no NAT, no filtering)",
+            Self::FullCone => "Full cone NAT",
+            Self::RestrictedCone => "Restricted cone NAT",
+            Self::PortRestrictedCone => "Port-restricted cone NAT",
+            Self::Symmetric => "Symmetric NAT",
+            Self::SymmetricUdpFirewall => "No NAT, behind a stateful UDP firewall",
+            Self::UdpBlocked => "UDP blocked",
+            Self::NoClassicName => "NAT with no classic RFC 3489 name",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// How external ports are chosen (RFC 4787 §4.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllocationPattern {
+    Preserving,
+    Sequential,
+    Random,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortAllocationReport {
+    pub pattern: AllocationPattern,
+    /// The constant difference between consecutive new mappings, for `sequential`.
+    pub delta: Option<i32>,
+    /// (local port, external port) of each sample, in allocation order.
+    pub samples: Vec<(u16, u16)>,
+    /// Plain statement of how predictable the next external port is.
+    pub predictability: String,
+}
+
+/// One test's row: verdict, the evidence behind it, and its cost.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TestReport {
+    pub name: String,
+    pub verdict: String,
+    pub evidence: String,
+    pub requests_sent: u32,
+    pub duration_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServerReport {
+    pub address: SocketAddr,
+    pub other_address: Option<SocketAddr>,
+    /// Problems of the server (or of something rewriting its answers); each one withholds the
+    /// verdicts that depended on it.
+    pub problems: Vec<String>,
+}
+
+/// Whether a direct UDP path should open between us and a peer behind `peer`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlookRow {
+    pub peer: &'static str,
+    /// `yes`, `no`, `with-port-prediction`, or `unknown`.
+    pub direct_udp: &'static str,
+    pub reason: String,
+}
+
+/// The whole probe result (`natscope.probe/v1`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProbeReport {
+    pub schema: &'static str,
+    pub local_address: Option<SocketAddr>,
+    pub public_address: Option<SocketAddr>,
+    pub nat_detected: Option<bool>,
+    pub udp_blocked: bool,
+    pub mapping: Behavior,
+    pub filtering: Behavior,
+    pub port_preservation: Option<bool>,
+    pub port_allocation: PortAllocationReport,
+    pub hairpinning: Option<bool>,
+    pub binding_lifetime_s: Option<f64>,
+    pub tcp_mapping: Behavior,
+    pub alg_detected: Option<bool>,
+    pub classic: Classic,
+    pub server: ServerReport,
+    pub tests: Vec<TestReport>,
+    pub outlook: Vec<OutlookRow>,
+    /// Estimated round-trip loss and the chance a negative verdict is wrong because of it.
+    pub loss_estimate: f64,
+    pub negative_confidence: Option<f64>,
+    /// Time the negative tests waited before concluding, in ms (the retry budget).
+    pub retry_budget_ms: f64,
+    pub summary: String,
+    pub duration_ms: f64,
+}
+
+/// A NAT as the outlook reasons about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatShape {
+    pub mapping: Behavior,
+    pub filtering: Behavior,
+    /// Ports predictable from a known delta (sequential allocation).
+    pub predictable: bool,
+}
+
+/// Common peer NATs the outlook is computed against.
+pub const PEERS: [(&str, NatShape); 6] = [
+    (
+        "open internet",
+        NatShape {
+            mapping: Behavior::EndpointIndependent,
+            filtering: Behavior::EndpointIndependent,
+            predictable: true,
+        },
+    ),
+    (
+        "full cone",
+        NatShape {
+            mapping: Behavior::EndpointIndependent,
+            filtering: Behavior::EndpointIndependent,
+            predictable: true,
+        },
+    ),
+    (
+        "restricted cone",
+        NatShape {
+            mapping: Behavior::EndpointIndependent,
+            filtering: Behavior::AddressDependent,
+            predictable: true,
+        },
+    ),
+    (
+        "port-restricted cone",
+        NatShape {
+            mapping: Behavior::EndpointIndependent,
+            filtering: Behavior::AddressAndPortDependent,
+            predictable: true,
+        },
+    ),
+    (
+        "symmetric (sequential ports)",
+        NatShape {
+            mapping: Behavior::AddressAndPortDependent,
+            filtering: Behavior::AddressAndPortDependent,
+            predictable: true,
+        },
+    ),
+    (
+        "symmetric (random ports)",
+        NatShape {
+            mapping: Behavior::AddressAndPortDependent,
+            filtering: Behavior::AddressAndPortDependent,
+            predictable: false,
+        },
+    ),
+];
+
+/// Whether packets from `x` reach `y` when both aim at each other's server-learned address
+/// (NAT-REFERENCE.md, "Hole punching outcomes"): `y`'s mapping towards `x` must be the learned one
+/// (endpoint-independent), and `y`'s filter must admit `x`'s real source, which is the learned one
+/// only if `x` maps endpoint-independently. `Some(false)` may still open with port prediction.
+fn reaches(x: NatShape, y: NatShape) -> Option<bool> {
+    use Behavior::*;
+    if [x.mapping, y.mapping, y.filtering].contains(&Unknown) {
+        return None;
+    }
+    let aimed = y.mapping == EndpointIndependent;
+    let admitted = match y.filtering {
+        EndpointIndependent | AddressDependent => true,
+        _ => x.mapping == EndpointIndependent,
+    };
+    Some(aimed && admitted)
+}
+
+/// Direct UDP outlook between `us` and each common peer NAT.
+pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
+    PEERS
+        .iter()
+        .map(|&(peer, them)| {
+            let (a, b) = (reaches(them, us), reaches(us, them));
+            let (direct_udp, reason) = match (a, b) {
+                (None, _) | (_, None) => ("unknown", "our mapping or filtering is unknown".to_string()),
+                (Some(true), _) | (_, Some(true)) => (
+                    "yes",
+                    "at least one direction opens; the other side learns the real source from it".into(),
+                ),
+                _ => {
+                    // Prediction helps when the side whose mapping is not endpoint-independent
+                    // allocates predictably and the other side's filter would then admit it.
+                    let predict = |x: NatShape, y: NatShape| {
+                        y.mapping != Behavior::EndpointIndependent
+                            && y.predictable
+                            && reaches(x, NatShape { mapping: Behavior::EndpointIndependent, ..y }) == Some(true)
+                    };
+                    if predict(them, us) || predict(us, them) {
+                        ("with-port-prediction", "a mapping changes per destination but its next port is predictable".into())
+                    } else {
+                        ("no", "each side's packets miss the other's per-destination mapping or are filtered; use a relay".into())
+                    }
+                }
+            };
+            OutlookRow { peer, direct_udp, reason }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Behavior::*;
+
+    #[test]
+    fn classic_names_rfc3489_section10_1() {
+        let rows = [
+            (
+                false,
+                Some(true),
+                EndpointIndependent,
+                EndpointIndependent,
+                Classic::FullCone,
+            ),
+            (
+                false,
+                Some(true),
+                EndpointIndependent,
+                AddressDependent,
+                Classic::RestrictedCone,
+            ),
+            (
+                false,
+                Some(true),
+                EndpointIndependent,
+                AddressAndPortDependent,
+                Classic::PortRestrictedCone,
+            ),
+            (
+                false,
+                Some(true),
+                AddressDependent,
+                AddressDependent,
+                Classic::Symmetric,
+            ),
+            (
+                false,
+                Some(true),
+                AddressAndPortDependent,
+                AddressAndPortDependent,
+                Classic::Symmetric,
+            ),
+            (
+                false,
+                Some(true),
+                AddressAndPortDependent,
+                EndpointIndependent,
+                Classic::NoClassicName,
+            ),
+            (
+                false,
+                Some(true),
+                AddressDependent,
+                EndpointIndependent,
+                Classic::NoClassicName,
+            ),
+            (
+                false,
+                Some(true),
+                AddressAndPortDependent,
+                Unknown,
+                Classic::Unknown,
+            ),
+            (
+                false,
+                Some(false),
+                EndpointIndependent,
+                EndpointIndependent,
+                Classic::OpenInternet,
+            ),
+            (
+                false,
+                Some(false),
+                EndpointIndependent,
+                AddressAndPortDependent,
+                Classic::SymmetricUdpFirewall,
+            ),
+            (true, None, Unknown, Unknown, Classic::UdpBlocked),
+            (false, None, Unknown, Unknown, Classic::Unknown),
+        ];
+        for (blocked, nat, m, f, want) in rows {
+            assert_eq!(
+                Classic::derive(blocked, nat, m, f),
+                want,
+                "{nat:?} {m:?} {f:?}"
+            );
+        }
+    }
+
+    fn shape(m: Behavior, f: Behavior, predictable: bool) -> NatShape {
+        NatShape {
+            mapping: m,
+            filtering: f,
+            predictable,
+        }
+    }
+
+    #[test]
+    fn outlook_follows_rfc4787_reasoning() {
+        let row = |us: NatShape, peer: &str| {
+            outlook(us)
+                .into_iter()
+                .find(|r| r.peer == peer)
+                .unwrap()
+                .direct_udp
+        };
+        let prc = shape(EndpointIndependent, AddressAndPortDependent, true);
+        let sym_random = shape(AddressAndPortDependent, AddressAndPortDependent, false);
+        let sym_seq = shape(AddressAndPortDependent, AddressAndPortDependent, true);
+        let full = shape(EndpointIndependent, EndpointIndependent, true);
+        assert_eq!(row(prc, "port-restricted cone"), "yes");
+        assert_eq!(
+            row(prc, "symmetric (random ports)"),
+            "no",
+            "the cone's filter only admits the port it sent to"
+        );
+        assert_eq!(
+            row(prc, "symmetric (sequential ports)"),
+            "with-port-prediction"
+        );
+        assert_eq!(row(sym_random, "symmetric (random ports)"), "no");
+        assert_eq!(
+            row(sym_random, "restricted cone"),
+            "yes",
+            "the restricted cone admits any port of an ip it sent to"
+        );
+        assert_eq!(row(sym_seq, "port-restricted cone"), "with-port-prediction");
+        assert_eq!(row(full, "symmetric (random ports)"), "yes");
+        assert_eq!(row(shape(Unknown, Unknown, false), "full cone"), "unknown");
+    }
+}
