@@ -113,6 +113,8 @@ impl BindingResponse {
             ..Default::default()
         };
         let bad = |typ: u16| move |err| ResponseError::BadAttribute { typ, err };
+        // RFC 8489 §14: of repeated attributes only the first counts.
+        let mut seen_unknown = false;
         for a in msg.attributes() {
             let slot = match a.typ {
                 attr_type::XOR_MAPPED_ADDRESS => {
@@ -129,21 +131,22 @@ impl BindingResponse {
                 attr_type::OTHER_ADDRESS => &mut r.other_address,
                 attr_type::SOURCE_ADDRESS => &mut r.source_address,
                 attr_type::CHANGED_ADDRESS => &mut r.changed_address,
-                attr_type::SOFTWARE => {
+                attr_type::SOFTWARE if r.software.is_none() => {
                     r.software = Some(String::from_utf8_lossy(a.value).into_owned());
                     continue;
                 }
-                attr_type::ERROR_CODE => {
+                attr_type::ERROR_CODE if r.error_code.is_none() => {
                     let e = attr::ErrorCode::decode(a.value).map_err(bad(a.typ))?;
                     r.error_code = Some(e.code);
                     r.error_reason = Some(String::from_utf8_lossy(e.reason).into_owned());
                     continue;
                 }
-                attr_type::UNKNOWN_ATTRIBUTES => {
+                attr_type::UNKNOWN_ATTRIBUTES if !seen_unknown => {
+                    seen_unknown = true;
                     r.unknown_attributes = attr::decode_unknown_attributes(a.value).collect();
                     continue;
                 }
-                attr_type::PADDING => {
+                attr_type::PADDING if r.padding_len.is_none() => {
                     r.padding_len = Some(a.value.len());
                     continue;
                 }

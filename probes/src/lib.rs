@@ -10,6 +10,9 @@
 
 pub mod bench;
 pub mod client;
+/// Test and fuzz support: runs untrusted bytes through every decoder and asserts invariants.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod nat;
 pub mod probe;
 pub mod reflector;

@@ -17,6 +17,8 @@ pub enum AttrError {
     BadFamily(u8),
     #[error("error code class {0} is outside 3..=6")]
     BadErrorClass(u8),
+    #[error("error code number {0} is outside 0..=99")]
+    BadErrorNumber(u8),
 }
 
 /// RFC 8489 §14.1 MAPPED-ADDRESS layout, shared by every plain address attribute
@@ -169,7 +171,7 @@ impl<'a> ErrorCode<'a> {
         }
         let number = value[3];
         if number > 99 {
-            return Err(AttrError::BadLength(value.len()));
+            return Err(AttrError::BadErrorNumber(number));
         }
         Ok(Self {
             code: u16::from(class) * 100 + u16::from(number),

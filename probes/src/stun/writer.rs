@@ -16,6 +16,8 @@ pub enum EncodeError {
     ValueTooLong(usize),
     #[error("error code {0} is outside 300..=699")]
     BadErrorCode(u16),
+    #[error("message body of {0} bytes exceeds the 65535-byte length field")]
+    MessageTooLong(usize),
 }
 
 /// Builds one message in `buf`. The header's length field is kept current after every call.
@@ -72,7 +74,10 @@ impl<'b> MessageWriter<'b> {
             return Err(EncodeError::ValueTooLong(value_len));
         }
         let need = self.len + 4 + padded(value_len);
-        if need > self.buf.len() || need - HEADER_LEN > u16::MAX as usize {
+        if need - HEADER_LEN > u16::MAX as usize {
+            return Err(EncodeError::MessageTooLong(need - HEADER_LEN));
+        }
+        if need > self.buf.len() {
             return Err(EncodeError::BufferTooSmall {
                 need,
                 have: self.buf.len(),
@@ -151,6 +156,9 @@ impl<'b> MessageWriter<'b> {
     pub fn finish_with_fingerprint(mut self) -> Result<usize, EncodeError> {
         // The CRC covers the header with a length that already counts the FINGERPRINT attribute.
         let need = self.len + 8;
+        if need - HEADER_LEN > u16::MAX as usize {
+            return Err(EncodeError::MessageTooLong(need - HEADER_LEN));
+        }
         if need > self.buf.len() {
             return Err(EncodeError::BufferTooSmall {
                 need,

@@ -1,0 +1,227 @@
+//! The "parse everything" routine shared by the cargo-fuzz target (`fuzz/fuzz_targets/parse_message.rs`)
+//! and the property tests (`probes/tests/codec_props.rs`), so both hammer exactly the same code.
+//!
+//! It feeds untrusted bytes to every entry point a peer can reach — stream framing, message parsing,
+//! attribute iteration, every typed attribute decoder (whatever the attribute's type, so each
+//! decoder also sees values meant for others), FINGERPRINT checking and [`BindingResponse::parse`] —
+//! and then checks the invariants the module documentation promises. Unlike the rest of the crate it
+//! panics on purpose: a panic here is either a codec panic or a broken invariant, and both are bugs
+//! for the fuzzer to report. Not for production paths.
+
+use std::net::SocketAddr;
+
+use crate::client::BindingResponse;
+use crate::stun::framing::{self, Frame, MAX_FRAME};
+use crate::stun::{
+    attr, ChangeRequest, ErrorCode, Message, MessageType, MessageWriter, HEADER_LEN,
+};
+
+/// Runs `bytes` through every parser and decoder; panics if any of them panics or breaks an invariant.
+pub fn exercise(bytes: &[u8]) {
+    check_framing(bytes);
+    let Ok(msg) = Message::parse(bytes) else {
+        return;
+    };
+    check_message(&msg);
+}
+
+fn check_framing(bytes: &[u8]) {
+    match framing::frame(bytes) {
+        Frame::Complete(n) => {
+            assert!(
+                n <= bytes.len(),
+                "frame: Complete({n}) beyond {} bytes",
+                bytes.len()
+            );
+            assert!(
+                (HEADER_LEN..=MAX_FRAME).contains(&n),
+                "frame: Complete({n}) out of range"
+            );
+            // Whatever the frame holds, parsing it must not panic.
+            if let Ok(m) = Message::parse(&bytes[..n]) {
+                check_message(&m);
+            }
+        }
+        Frame::Partial(n) => {
+            assert!(
+                n > bytes.len(),
+                "frame: Partial({n}) with {} bytes at hand",
+                bytes.len()
+            );
+            assert!(n <= MAX_FRAME, "frame: Partial({n}) above MAX_FRAME");
+        }
+        Frame::Invalid => {}
+    }
+}
+
+fn check_message(msg: &Message<'_>) {
+    let bytes = msg.as_bytes();
+    let len = bytes.len();
+    assert!(
+        len >= HEADER_LEN && len % 4 == 0,
+        "parsed a {len}-byte message"
+    );
+    assert_eq!(
+        usize::from(u16::from_be_bytes([bytes[2], bytes[3]])) + HEADER_LEN,
+        len,
+        "header length field disagrees with the parsed size"
+    );
+
+    // The message type must survive decode + encode unchanged (RFC 8489 §5, figure 3).
+    let raw_type = u16::from_be_bytes([bytes[0], bytes[1]]);
+    assert_eq!(
+        msg.message_type().to_u16(),
+        raw_type,
+        "message type round trip"
+    );
+    assert_eq!(MessageType::from_u16(raw_type), msg.message_type());
+    assert_eq!(msg.transaction_id().0[..], bytes[4..HEADER_LEN]);
+
+    if len <= MAX_FRAME {
+        assert_eq!(
+            framing::frame(bytes),
+            Frame::Complete(len),
+            "frame of a whole message"
+        );
+    }
+
+    // Attributes tile the body exactly: aligned, contiguous, in bounds, ending at the end.
+    let tid = msg.transaction_id();
+    let mut expect_offset = HEADER_LEN;
+    let mut count = 0usize;
+    for a in msg.attributes() {
+        assert_eq!(
+            a.offset, expect_offset,
+            "attribute offsets are not contiguous"
+        );
+        assert_eq!(a.offset % 4, 0);
+        let end = a.offset + 4 + a.value.len();
+        assert!(end <= len, "attribute value runs past the message");
+        assert_eq!(a.value, &bytes[a.offset + 4..end]);
+        expect_offset = a.offset + 4 + ((a.value.len() + 3) & !3);
+        count += 1;
+        check_decoders(a.typ, a.value, &tid);
+    }
+    assert_eq!(
+        expect_offset, len,
+        "iteration stopped before the end of the message"
+    );
+    assert_eq!(msg.attributes().count(), count);
+
+    // Rebuilding the message attribute by attribute reproduces it, up to padding bytes (which
+    // RFC 8489 §14 lets a sender fill with anything; our writer uses zeros).
+    let mut rebuilt = vec![0u8; len];
+    let Ok(mut w) = MessageWriter::new(&mut rebuilt, msg.message_type(), &tid) else {
+        panic!("writer refused a {len}-byte buffer");
+    };
+    for a in msg.attributes() {
+        if let Err(e) = w.add_raw(a.typ, a.value) {
+            panic!("writer refused an attribute the parser accepted: {e}");
+        }
+    }
+    assert_eq!(w.finish(), len, "rebuilt message has a different length");
+    let mut zero_padded = bytes.to_vec();
+    for a in msg.attributes() {
+        let pad_start = a.offset + 4 + a.value.len();
+        let pad_end = a.offset + 4 + ((a.value.len() + 3) & !3);
+        zero_padded[pad_start..pad_end].fill(0);
+    }
+    assert_eq!(rebuilt, zero_padded, "parse + write is not the identity");
+
+    // FINGERPRINT: valid implies it is the last attribute and 4 bytes long (RFC 8489 §14.7).
+    let fp = msg.fingerprint_valid();
+    if fp == Some(true) {
+        let last = msg.attributes().last();
+        assert!(
+            matches!(last, Some(a) if a.typ == crate::stun::attr_type::FINGERPRINT && a.value.len() == 4),
+            "a valid FINGERPRINT must be the last attribute"
+        );
+    }
+    assert_eq!(
+        fp.is_some(),
+        msg.attribute(crate::stun::attr_type::FINGERPRINT).is_some()
+    );
+
+    // The client's view must not panic, and must agree with the raw view when it succeeds.
+    if let Ok(r) = BindingResponse::parse(bytes, &tid, None) {
+        assert_eq!(r.fingerprint_ok, fp);
+        assert_eq!(r.classic, !msg.is_rfc8489());
+        let first_xor = msg
+            .attribute(crate::stun::attr_type::XOR_MAPPED_ADDRESS)
+            .and_then(|a| attr::decode_xor_address(a.value, &tid).ok());
+        assert_eq!(r.xor_mapped, first_xor);
+    }
+    // A different transaction ID is never accepted as the answer.
+    let mut other = tid;
+    other.0[15] ^= 1;
+    assert!(BindingResponse::parse(bytes, &other, None).is_err());
+}
+
+/// Runs every typed decoder on one value and checks what each one claims.
+fn check_decoders(typ: u16, value: &[u8], tid: &crate::stun::TransactionId) {
+    if let Ok(addr) = attr::decode_address(value) {
+        assert_eq!(value.len(), if addr.is_ipv4() { 8 } else { 20 });
+        assert_eq!(
+            reencode(typ, addr, false, tid)[1..],
+            value[1..],
+            "address round trip"
+        );
+    }
+    match (
+        attr::decode_xor_address(value, tid),
+        attr::decode_address(value),
+    ) {
+        (Ok(x), Ok(_)) => {
+            assert_eq!(
+                reencode(typ, x, true, tid)[1..],
+                value[1..],
+                "xor address round trip"
+            );
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b, "xor and plain decoders disagree on the error"),
+        (x, p) => panic!("xor decode {x:?} but plain decode {p:?}"),
+    }
+    if let Ok(cr) = ChangeRequest::decode(value) {
+        assert_eq!(value.len(), 4);
+        assert_eq!(cr.to_bytes()[3], value[3] & 0x06);
+    }
+    if let Ok(port) = attr::decode_response_port(value) {
+        assert!(value.len() == 2 || value.len() == 4);
+        assert_eq!(port.to_be_bytes(), value[..2]);
+    }
+    if let Ok(e) = ErrorCode::decode(value) {
+        assert!(
+            (300..700).contains(&e.code),
+            "error code {} out of range",
+            e.code
+        );
+        assert_eq!(e.reason, &value[4..]);
+        assert_eq!(e.code / 100, u16::from(value[2] & 0x07));
+        assert_eq!(e.code % 100, u16::from(value[3]));
+    }
+    let unknown: Vec<u16> = attr::decode_unknown_attributes(value).collect();
+    assert_eq!(unknown.len(), value.len() / 2);
+}
+
+/// Writes `addr` as an attribute with our writer and returns the value bytes.
+fn reencode(typ: u16, addr: SocketAddr, xor: bool, tid: &crate::stun::TransactionId) -> Vec<u8> {
+    let mut buf = [0u8; HEADER_LEN + 4 + 20];
+    let Ok(mut w) = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid) else {
+        panic!("writer refused a header-sized buffer");
+    };
+    let written = if xor {
+        w.add_xor_address(typ, addr)
+    } else {
+        w.add_address(typ, addr)
+    };
+    if let Err(e) = written {
+        panic!("writer refused address {addr}: {e}");
+    }
+    let n = w.finish();
+    let vlen = usize::from(u16::from_be_bytes([
+        buf[HEADER_LEN + 2],
+        buf[HEADER_LEN + 3],
+    ]));
+    assert_eq!(n, HEADER_LEN + 4 + vlen);
+    buf[HEADER_LEN + 4..n].to_vec()
+}
