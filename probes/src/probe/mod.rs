@@ -8,6 +8,7 @@
 pub mod driver;
 pub mod plan;
 pub mod report;
+pub mod sim;
 
 pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
 pub use report::{AllocationPattern, Behavior, Classic, ProbeReport};
