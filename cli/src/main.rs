@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod probe;
 mod reflect;
 
 use std::process::ExitCode;
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Classify the NAT in front of this host against an RFC 5780 STUN server.
+    Probe(probe::ProbeArgs),
     /// Run the RFC 5780 STUN reflector (the server NAT probes talk to).
     Reflect(reflect::ReflectArgs),
     /// Start a reflector on 127.0.0.1 + 127.0.0.2 and check every RFC 5780 answer against it.
@@ -43,6 +46,7 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Probe(a) => probe::run(a),
         Command::Reflect(a) => reflect::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(BenchCommand::Reflect(a)) => bench::run_reflect(a),

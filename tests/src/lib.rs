@@ -919,3 +919,53 @@ mod tests {
         assert!(!alive, "pid {pid} survived the drop");
     }
 }
+
+/// coturn as an RFC 5780 server on 127.0.0.1:P1 + 127.0.0.2:P2 (UDP), killed by PID on drop. `-n`
+/// ignores Debian's /etc/turnserver.conf (which sets `no-rfc5780`); two `-L` give it the alternate
+/// IP that OTHER-ADDRESS needs. Callers check `require_tool("turnserver", "coturn")` first.
+#[derive(Debug)]
+pub struct Coturn {
+    pub child: ChildProcess,
+    pub primary: SocketAddr,
+    pub alternate: SocketAddr,
+    /// Holds coturn's pid, log and user-db files; removed on drop.
+    pub dir: TempDir,
+}
+
+impl Coturn {
+    pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let dir = TempDir::new("coturn");
+            let [p1, p2] = free_ports::<2>(&[A1, A2]);
+            let d = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+            let mut cmd = Command::new("turnserver");
+            cmd.args(["-n", "--stun-only", "--no-auth"])
+                .args(["-L", "127.0.0.1", "-L", "127.0.0.2"])
+                .args(["--listening-port", &p1.to_string()])
+                .args(["--alt-listening-port", &p2.to_string()])
+                .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+                .args(["--userdb", &d("turndb")])
+                .args(["--pidfile", &d("turnserver.pid")])
+                .args(["--log-file", &d("turnserver.log"), "--simple-log"]);
+            let mut child = ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+            child.add_log_file(dir.path().join("turnserver.log"));
+            let (primary, alternate) = (sa(A1, p1), sa(A2, p2));
+            match child.wait_until_answering(&[primary, alternate], A1, Duration::from_secs(10)) {
+                Ok(()) => {
+                    return Self {
+                        child,
+                        primary,
+                        alternate,
+                        dir,
+                    }
+                }
+                Err(e) => {
+                    child.kill();
+                    failures.push(format!("{e}\n{}", child.diagnostics()));
+                }
+            }
+        }
+        panic!("coturn did not start:\n{}", failures.join("\n"));
+    }
+}

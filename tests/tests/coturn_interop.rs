@@ -36,15 +36,14 @@
 //!     Debian's /etc/turnserver.conf sets `no-rfc5780` (and `syslog`), and without two `-L`
 //!     addresses coturn has no alternate IP, hence no OTHER-ADDRESS.
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
 use natscope_probes::client::{transact_udp, RequestOptions};
 use natscope_probes::stun::{ChangeRequest, TransactionId};
 use natscope_tests::{
-    expected_source, free_ports, require_tool, run_tool, sa, udp_client, ChildProcess,
-    ReflectorUnderTest, TempDir, A1, A2, FAST_RTO,
+    expected_source, require_tool, run_tool, sa, udp_client, Coturn, ReflectorUnderTest, A1,
+    FAST_RTO,
 };
 
 #[test]
@@ -100,52 +99,6 @@ fn natdiscovery_finds_endpoint_independent_mapping_and_filtering_on_our_reflecto
     assert!(out.contains(&format!("Response origin: : {alt}")), "{why}");
     if let Some(c) = r.counters() {
         assert!(c.change_both >= 1 && c.binding >= 3, "{c:?}\n{why}");
-    }
-}
-
-/// coturn as an RFC 5780 server on 127.0.0.1:P1 + 127.0.0.2:P2, killed by PID on drop.
-struct Coturn {
-    child: ChildProcess,
-    primary: SocketAddr,
-    alternate: SocketAddr,
-    _dir: TempDir,
-}
-
-impl Coturn {
-    fn start() -> Self {
-        let mut failures = Vec::new();
-        for _ in 0..3 {
-            let dir = TempDir::new("coturn");
-            let [p1, p2] = free_ports::<2>(&[A1, A2]);
-            let d = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
-            let mut cmd = Command::new("turnserver");
-            cmd.args(["-n", "--stun-only", "--no-auth"])
-                .args(["-L", "127.0.0.1", "-L", "127.0.0.2"])
-                .args(["--listening-port", &p1.to_string()])
-                .args(["--alt-listening-port", &p2.to_string()])
-                .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
-                .args(["--userdb", &d("turndb")])
-                .args(["--pidfile", &d("turnserver.pid")])
-                .args(["--log-file", &d("turnserver.log"), "--simple-log"]);
-            let mut child = ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
-            child.add_log_file(dir.path().join("turnserver.log"));
-            let (primary, alternate) = (sa(A1, p1), sa(A2, p2));
-            match child.wait_until_answering(&[primary, alternate], A1, Duration::from_secs(10)) {
-                Ok(()) => {
-                    return Self {
-                        child,
-                        primary,
-                        alternate,
-                        _dir: dir,
-                    }
-                }
-                Err(e) => {
-                    child.kill();
-                    failures.push(format!("{e}\n{}", child.diagnostics()));
-                }
-            }
-        }
-        panic!("coturn did not start:\n{}", failures.join("\n"));
     }
 }
 
@@ -214,7 +167,7 @@ fn coturn_pid_file_names_the_process_we_kill() {
         return;
     }
     let coturn = Coturn::start();
-    let pid_file = coturn._dir.path().join("turnserver.pid");
+    let pid_file = coturn.dir.path().join("turnserver.pid");
     let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {
         panic!(
             "{}: {e}\n{}",

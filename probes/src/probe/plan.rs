@@ -620,7 +620,8 @@ impl Probe {
     /// The result (complete once `is_done`; partial, with `unknown`s, before).
     pub fn report(&self) -> ProbeReport {
         let end = self.finished.unwrap_or(self.started);
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        // Milliseconds with microsecond resolution: finer digits are noise, not evidence.
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let reach_answered = self.first_answer(Step::Reach).is_some();
         let udp_blocked = !reach_answered && self.phase == Phase::Done;
         let nat = self.nat_detected();
@@ -719,24 +720,36 @@ impl Probe {
                 }
                 p => serde_plain(p),
             },
-            format!(
-                "local→external {}; {}",
-                alloc
+            if alloc.samples.is_empty() {
+                format!("no samples; {}", alloc.predictability)
+            } else {
+                let pairs: Vec<String> = alloc
                     .samples
                     .iter()
                     .map(|(l, e)| format!("{l}→{e}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                alloc.predictability
-            ),
+                    .collect();
+                format!(
+                    "local→external {}; {}",
+                    pairs.join(" "),
+                    alloc.predictability
+                )
+            },
         ));
 
         // 6. Server and path checks.
         tests.push(row(
             "server checks",
             &[],
-            if self.problems.is_empty() { "ok".into() } else { format!("{} problem(s)", self.problems.len()) },
-            if self.problems.is_empty() {
+            if !self.problems.is_empty() {
+                format!("{} problem(s)", self.problems.len())
+            } else if reach_answered {
+                "ok".into()
+            } else {
+                "unknown".into()
+            },
+            if !reach_answered && self.problems.is_empty() {
+                "no answers to check".into()
+            } else if self.problems.is_empty() {
                 format!(
                     "OTHER-ADDRESS {}, every answer from the expected address, RESPONSE-ORIGIN consistent",
                     show(self.other)
@@ -804,6 +817,7 @@ impl Probe {
             negative_confidence,
             retry_budget_ms: budget,
             summary,
+            requests_sent: self.requests_sent(),
             duration_ms: ms(end.saturating_duration_since(self.started)),
         }
     }
@@ -955,8 +969,10 @@ impl Probe {
         if !self.cfg.hairpin {
             return (None, "not tested (--no-hairpin)".into(), None);
         }
-        if nat != Some(true) {
-            return (None, "not applicable without a nat".into(), None);
+        match nat {
+            None => return (None, "nat presence unknown".into(), None),
+            Some(false) => return (None, "not applicable without a nat".into(), None),
+            Some(true) => {}
         }
         let m1 = show(m1);
         if let Some(r) = self.first_answer(Step::Hairpin) {

@@ -190,6 +190,8 @@ pub struct ProbeReport {
     /// Time the negative tests waited before concluding, in ms (the retry budget).
     pub retry_budget_ms: f64,
     pub summary: String,
+    /// Every request the probe sent, all tests together (rows may share requests).
+    pub requests_sent: u32,
     pub duration_ms: f64,
 }
 

@@ -1,0 +1,1144 @@
+//! `natscope probe`: classifies the NAT in front of this host against STUN servers and renders the
+//! verdicts with their evidence (DESIGN.md, "Output contracts"; the JSON schema is docs/probe.md).
+//!
+//! The classification itself is the probe engine's ([`natscope_probes::probe`]): this file resolves
+//! the server names, turns the timing flags into [`Timing`], drives the engine with a progress bar,
+//! and renders the report. With several servers the engine classifies the first one, and a Binding
+//! from one socket to every server shows whether the mapping changes with the destination (the
+//! RFC 4787 §4.1 question, answerable without RFC 5780 support on the servers).
+//!
+//! Exit codes: 0 a classification was made, 1 UDP is blocked or the result is unknown, 2 usage or
+//! runtime error (bad address, unresolvable name, no permission, flag not implemented yet).
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangement, Table};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use natscope_probes::client::{
+    BindingResponse, RequestOptions, Rto, Transaction, TransactionEvent,
+};
+use natscope_probes::probe::report::TestReport;
+use natscope_probes::probe::{driver, Classic, ProbeConfig, ProbeReport, Timing};
+use natscope_probes::stun::TransactionId;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+
+/// Public STUN servers `--public` uses. They are contacted only when the user passes `--public`
+/// (DESIGN.md, "Safety"); neither implements RFC 5780, so they give the mapping comparison only.
+pub const PUBLIC_SERVERS: [&str; 2] = ["stun.l.google.com:19302", "stun.cloudflare.com:3478"];
+
+/// Largest `--timeout` accepted, in ms (a single wait longer than this is a typo, not a network).
+const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Largest `--retries` accepted.
+const MAX_RETRIES: u32 = 50;
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// STUN server(s) as HOST:PORT. The first is classified (full RFC 5780 tests if it sends
+    /// OTHER-ADDRESS); with several, one socket's mapped address is compared across all of them.
+    #[arg(value_name = "SERVER")]
+    servers: Vec<String>,
+    /// Print one JSON document (schema natscope.probe/v1) instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Probe the public STUN servers in PUBLIC_SERVERS (they see your address). Never implied.
+    #[arg(long, conflicts_with = "servers")]
+    public: bool,
+    /// Also test TCP mapping (RFC 5382). Not implemented yet.
+    #[arg(long)]
+    tcp: bool,
+    /// Also measure the binding lifetime (RFC 5780 §4.6). Not implemented yet.
+    #[arg(long)]
+    lifetime: bool,
+    /// Skip the hairpinning test (RFC 5780 §4.5).
+    #[arg(long)]
+    no_hairpin: bool,
+    /// Initial retransmission timeout in ms, used until a round trip is measured (default 200).
+    /// The adaptive RTO is then floored at min(20, MS) ms and capped at max(3000, 2×MS) ms.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
+    timeout: Option<u64>,
+    /// Retransmissions per request: each request is sent at most 1+N times (default: 6 for the
+    /// reachability test, up to 23 for later ones while the loss estimate asks for them). A small
+    /// N ends sooner but can leave negative verdicts "unknown": they need the full retry budget.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
+    retries: Option<u32>,
+}
+
+pub fn run(args: ProbeArgs) -> Result<ExitCode> {
+    if args.tcp {
+        bail!("--tcp is not implemented yet: the probe engine has no tcp mapping test (rfc 5382); run without --tcp");
+    }
+    if args.lifetime {
+        bail!("--lifetime is not implemented yet: the probe engine has no binding lifetime test (rfc 5780 §4.6); run without --lifetime");
+    }
+    let names: Vec<String> = if args.public {
+        PUBLIC_SERVERS.iter().map(|s| s.to_string()).collect()
+    } else if args.servers.is_empty() {
+        bail!(
+            "no server given: name one as HOST:PORT (e.g. `natscope reflect` on a host you run), or pass --public to probe {} (public servers: they see your address)",
+            PUBLIC_SERVERS.join(" and ")
+        );
+    } else {
+        args.servers.clone()
+    };
+    let mut servers = Vec::with_capacity(names.len());
+    for n in &names {
+        servers.push(resolve(n)?);
+    }
+    let Some(&first) = servers.first() else {
+        bail!("no server given");
+    };
+    let cfg = probe_config(&args, first);
+    let timing = cfg.timing;
+
+    let bar = progress_bar(format!("probing {first}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let mut requests = 0u32;
+    let result = rt.block_on(driver::run(cfg, |p| {
+        requests = p.requests_sent();
+        bar.set_message(format!("probing {first}: {requests} requests sent"));
+        bar.tick();
+    }));
+    let mut report = match result {
+        Ok(r) => {
+            requests = r.requests_sent;
+            r
+        }
+        Err(e) => {
+            bar.finish_and_clear();
+            bail!("cannot probe {first}: {e}{}", permission_hint(&e));
+        }
+    };
+    let comparison = if servers.len() > 1 {
+        bar.set_message(format!(
+            "comparing the mapping across {} servers",
+            servers.len()
+        ));
+        let c = if report.udp_blocked {
+            MappingComparison::not_run(&servers, "not run: the first server did not answer")
+        } else {
+            match rt.block_on(compare_mappings(&servers, timing)) {
+                Ok(c) => c,
+                Err(e) => {
+                    bar.finish_and_clear();
+                    return Err(e.context(format!(
+                        "cannot compare mappings across {}",
+                        names.join(", ")
+                    )));
+                }
+            }
+        };
+        requests += c.requests_sent;
+        report.requests_sent += c.requests_sent;
+        report.tests.push(c.test_row());
+        Some(c)
+    } else {
+        None
+    };
+    bar.finish_and_clear();
+
+    if args.json {
+        crate::emit(&render_json(&report, comparison.as_ref())?);
+    } else {
+        let wrap = if std::io::stdout().is_terminal() {
+            Wrap::Terminal
+        } else {
+            Wrap::None
+        };
+        crate::emit(&render_text(&report, Some(requests), wrap));
+    }
+    Ok(ExitCode::from(exit_code(&report)))
+}
+
+/// 0 when a classification was made; 1 when UDP is blocked or the classic name is unknown.
+pub fn exit_code(r: &ProbeReport) -> u8 {
+    if r.udp_blocked || r.classic == Classic::Unknown {
+        1
+    } else {
+        0
+    }
+}
+
+/// "Permission denied" on a UDP send means a local firewall rule or sandbox: say so.
+fn permission_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        " (a local firewall rule or sandbox refuses udp here)"
+    } else {
+        ""
+    }
+}
+
+/// The engine configuration for `server` with the flags applied.
+fn probe_config(args: &ProbeArgs, server: SocketAddr) -> ProbeConfig {
+    let mut cfg = ProbeConfig::new(server);
+    cfg.hairpin = !args.no_hairpin;
+    apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    cfg
+}
+
+/// `--timeout MS` and `--retries N` as engine timing (see their `--help`).
+fn apply_timing(t: &mut Timing, timeout_ms: Option<u64>, retries: Option<u32>) {
+    if let Some(ms) = timeout_ms {
+        let rto = Duration::from_millis(ms);
+        t.initial_rto = rto;
+        t.min_rto = t.min_rto.min(rto);
+        t.max_rto = t.max_rto.max(rto * 2);
+    }
+    if let Some(n) = retries {
+        t.reach_transmits = n + 1;
+        t.max_transmits = n + 1;
+    }
+}
+
+/// Resolves `HOST:PORT` to one address, preferring IPv4 (the family most STUN servers serve).
+pub fn resolve(server: &str) -> Result<SocketAddr> {
+    let addr = match server.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let Some((host, port)) = server.rsplit_once(':') else {
+                bail!("{server:?} has no port: give HOST:PORT (the standard stun port is 3478)");
+            };
+            if host.is_empty() {
+                bail!("{server:?} has no host: give HOST:PORT");
+            }
+            if host.contains(':') && !host.starts_with('[') {
+                bail!("{server:?}: write an ipv6 address in brackets, as [ADDRESS]:PORT");
+            }
+            let Ok(port) = port.parse::<u16>() else {
+                bail!("{server:?}: {port:?} is not a port number (1-65535)");
+            };
+            // Digits and dots that did not parse are a mistyped IPv4 address, not a name to look up.
+            if host.parse::<IpAddr>().is_ok()
+                || host.starts_with('[')
+                || host.chars().all(|c| c.is_ascii_digit() || c == '.')
+            {
+                bail!("{server:?} is not a valid ip address and port");
+            }
+            let addrs: Vec<SocketAddr> = (host, port)
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve {host:?}"))?
+                .collect();
+            let Some(a) = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) else {
+                bail!("{host:?} resolves to no address");
+            };
+            *a
+        }
+    };
+    if addr.port() == 0 {
+        bail!("{server:?}: port 0 is not a server port");
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        bail!("{server:?}: {} is not a server address", addr.ip());
+    }
+    Ok(addr)
+}
+
+/// A spinner on stderr while the probe runs; hidden when stderr is not a terminal.
+fn progress_bar(message: String) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several servers: does the mapping depend on the destination?
+// ---------------------------------------------------------------------------------------------
+
+/// One socket's mapped address as seen by each server (RFC 4787 §4.1: with an endpoint-independent
+/// mapping every destination sees the same address and port).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MappingComparison {
+    /// The socket every Binding request was sent from.
+    pub local_address: Option<SocketAddr>,
+    /// `true`: the mapped address differs between destinations (not endpoint-independent);
+    /// `false`: every answering server saw the same one; `null`: fewer than two answers.
+    pub varies_by_destination: Option<bool>,
+    pub servers: Vec<ComparedServer>,
+    #[serde(skip)]
+    pub requests_sent: u32,
+    #[serde(skip)]
+    pub duration_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ComparedServer {
+    pub address: SocketAddr,
+    pub mapped_address: Option<SocketAddr>,
+    /// Why this server gave no usable answer.
+    pub problem: Option<String>,
+}
+
+impl MappingComparison {
+    fn not_run(servers: &[SocketAddr], why: &str) -> Self {
+        Self {
+            local_address: None,
+            varies_by_destination: None,
+            servers: servers
+                .iter()
+                .map(|&address| ComparedServer {
+                    address,
+                    mapped_address: None,
+                    problem: Some(why.to_string()),
+                })
+                .collect(),
+            requests_sent: 0,
+            duration_ms: 0.0,
+        }
+    }
+
+    /// Decides from the answers collected in `servers`.
+    fn conclude(&mut self) {
+        let seen: Vec<SocketAddr> = self
+            .servers
+            .iter()
+            .filter(|s| s.problem.is_none())
+            .filter_map(|s| s.mapped_address)
+            .collect();
+        self.varies_by_destination = match seen.split_first() {
+            Some((first, rest)) if !rest.is_empty() => Some(rest.iter().any(|m| m != first)),
+            _ => None,
+        };
+    }
+
+    /// The row this comparison adds to the report's `tests`.
+    pub fn test_row(&self) -> TestReport {
+        let verdict = match self.varies_by_destination {
+            Some(true) => "varies by destination",
+            Some(false) => "same for every destination",
+            None => "unknown",
+        };
+        let each: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| match (&s.problem, s.mapped_address) {
+                (Some(p), _) => format!("{}: {p}", s.address),
+                (None, Some(m)) => format!("{} saw {m}", s.address),
+                (None, None) => format!("{}: no mapped address", s.address),
+            })
+            .collect();
+        let meaning = match self.varies_by_destination {
+            Some(true) => "the mapping is not endpoint-independent",
+            Some(false) => "endpoint-independent as far as these servers show",
+            None => "needs answers from at least two servers",
+        };
+        let from = self
+            .local_address
+            .map_or_else(String::new, |l| format!("from {l}: "));
+        TestReport {
+            name: "mapping comparison".into(),
+            verdict: verdict.into(),
+            evidence: format!("{from}{}; {meaning}", each.join(", ")),
+            requests_sent: self.requests_sent,
+            duration_ms: self.duration_ms,
+        }
+    }
+}
+
+/// Sends one Binding transaction from a single fresh socket to each server in turn (never two at
+/// once: RFC 5780 §5 paces clients, and one socket keeps one mapping under test).
+async fn compare_mappings(servers: &[SocketAddr], timing: Timing) -> Result<MappingComparison> {
+    let start = Instant::now();
+    let Some(&first) = servers.first() else {
+        bail!("no server to compare");
+    };
+    let family_of = first.is_ipv4();
+    let local_ip = driver::route_source(first).with_context(|| format!("no route to {first}"))?;
+    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
+        .await
+        .with_context(|| format!("cannot bind a udp socket on {local_ip}"))?;
+    let local = socket.local_addr().ok();
+    let rto = Rto {
+        initial: timing.initial_rto,
+        max_transmits: timing.reach_transmits.max(1),
+        last_wait_multiplier: 2,
+        max_rto: (timing.initial_rto * 2).min(timing.max_rto.max(timing.initial_rto)),
+    };
+    let mut out = MappingComparison {
+        local_address: local,
+        varies_by_destination: None,
+        servers: Vec::new(),
+        requests_sent: 0,
+        duration_ms: 0.0,
+    };
+    let mut done: Vec<SocketAddr> = Vec::new();
+    for &server in servers {
+        let mut row = ComparedServer {
+            address: server,
+            mapped_address: None,
+            problem: None,
+        };
+        if done.contains(&server) {
+            row.problem = Some("listed twice".into());
+        } else if server.is_ipv4() != family_of {
+            row.problem = Some("other address family than the first server".into());
+        } else {
+            let (answer, sent) = binding(&socket, server, rto).await?;
+            out.requests_sent += sent;
+            match answer {
+                Err(why) => row.problem = Some(why),
+                Ok(r) => match r.reflexive() {
+                    Some(m) => row.mapped_address = Some(m),
+                    None => row.problem = Some("answer without a mapped address".into()),
+                },
+            }
+            done.push(server);
+        }
+        out.servers.push(row);
+    }
+    out.conclude();
+    out.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(out)
+}
+
+/// One Binding transaction; the answer counts only if it came from `server` itself and names it
+/// as RESPONSE-ORIGIN (when present). Returns the outcome and the transmissions it took.
+async fn binding(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    rto: Rto,
+) -> Result<(std::result::Result<BindingResponse, String>, u32)> {
+    let tid = TransactionId::random();
+    let mut req = [0u8; 256];
+    let opts = RequestOptions {
+        fingerprint: true,
+        ..Default::default()
+    };
+    let len = natscope_probes::client::build_request(&mut req, &tid, &opts)
+        .context("cannot encode a binding request")?;
+    let mut tx = Transaction::new(Instant::now(), tid, rto);
+    let mut wrong_source: Option<SocketAddr> = None;
+    let mut buf = [0u8; 2048];
+    loop {
+        let now = Instant::now();
+        if tx.poll_transmit(now) {
+            if let Err(e) = socket.send_to(&req[..len], server).await {
+                if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                    return Err(e).with_context(|| format!("cannot send to {server}"));
+                }
+            }
+        }
+        tx.handle_timeout(now);
+        match tx.event() {
+            TransactionEvent::Done(r) => {
+                let origin_ok = r.response_origin.is_none_or(|o| o == server);
+                let outcome = if origin_ok {
+                    Ok(*r)
+                } else {
+                    Err(format!(
+                        "RESPONSE-ORIGIN {} is not the server's address",
+                        r.response_origin.map_or("-".into(), |o| o.to_string())
+                    ))
+                };
+                return Ok((outcome, tx.transmits()));
+            }
+            TransactionEvent::TimedOut { transmits } => {
+                let why = match wrong_source {
+                    Some(f) => format!("the answer came from {f}, not from the server"),
+                    None => format!("no answer after {transmits} transmissions"),
+                };
+                return Ok((Err(why), transmits));
+            }
+            TransactionEvent::Pending => {}
+        }
+        let Some(deadline) = tx.poll_timeout() else {
+            continue;
+        };
+        match tokio::time::timeout_at(deadline.into(), socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, from))) if from == server => {
+                tx.handle_datagram(from, &buf[..n]);
+            }
+            Ok(Ok((n, from))) => {
+                if BindingResponse::parse(&buf[..n], &tid, Some(from)).is_ok() {
+                    wrong_source = Some(from);
+                }
+            }
+            // ICMP errors surface on the next receive on Linux: evidence of nothing new.
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+/// The JSON document: the report, plus the mapping comparison when several servers were named.
+#[derive(Serialize)]
+struct Document<'a> {
+    #[serde(flatten)]
+    report: &'a ProbeReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mapping_comparison: Option<&'a MappingComparison>,
+}
+
+/// The `natscope.probe/v1` document (docs/probe.md), pretty-printed.
+pub fn render_json(r: &ProbeReport, comparison: Option<&MappingComparison>) -> Result<String> {
+    let doc = Document {
+        report: r,
+        mapping_comparison: comparison,
+    };
+    serde_json::to_string_pretty(&doc).context("cannot encode the report as json")
+}
+
+/// Narrowest terminal the tables are wrapped to.
+const MIN_WRAP_WIDTH: u16 = 60;
+
+/// How wide tables may get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wrap {
+    /// Wrap to the terminal's width (stdout is a terminal).
+    Terminal,
+    /// Never wrap (pipes, files, tests).
+    None,
+}
+
+fn table(wrap: Wrap) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    match wrap {
+        // A terminal that reports no usable width (a pty without a size) gets unwrapped rows
+        // rather than one-character columns.
+        Wrap::Terminal if t.width().is_some_and(|w| w >= MIN_WRAP_WIDTH) => {
+            t.set_content_arrangement(ContentArrangement::Dynamic);
+        }
+        Wrap::Terminal => {}
+        Wrap::None => {}
+    }
+    t
+}
+
+fn show(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "-".to_string(), |a| a.to_string())
+}
+
+/// A duration for people: milliseconds with one decimal, seconds from 1 s up.
+fn millis(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
+    }
+}
+
+/// The human form: a header line, the tests table, the summary, the outlook table, then server
+/// problems. `requests` is the total the run sent (the report's rows overlap: the mapping row
+/// includes the reachability requests whose answer it reuses).
+pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String {
+    let mut out = String::new();
+    let other = match r.server.other_address {
+        Some(o) => format!("OTHER-ADDRESS {o}"),
+        None => "no OTHER-ADDRESS".to_string(),
+    };
+    let cost = match requests {
+        Some(n) => format!(", {n} requests in {}", millis(r.duration_ms)),
+        None => format!(", {}", millis(r.duration_ms)),
+    };
+    out.push_str(&format!(
+        "probe of {} ({other}) from {}: public address {}{cost}\n",
+        r.server.address,
+        show(r.local_address),
+        show(r.public_address),
+    ));
+
+    let mut tests = table(wrap);
+    tests.set_header(["test", "verdict", "evidence", "requests", "time"]);
+    for t in &r.tests {
+        tests.add_row([
+            t.name.clone(),
+            t.verdict.clone(),
+            t.evidence.clone(),
+            t.requests_sent.to_string(),
+            millis(t.duration_ms),
+        ]);
+    }
+    for c in [3, 4] {
+        if let Some(col) = tests.column_mut(c) {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    out.push_str(&format!("{tests}\n{}\n", r.summary));
+
+    let mut outlook = table(wrap);
+    outlook.set_header(["peer NAT", "direct UDP", "reason"]);
+    for o in &r.outlook {
+        outlook.add_row([o.peer, o.direct_udp, o.reason.as_str()]);
+    }
+    out.push_str(&format!("{outlook}"));
+
+    if let Some(c) = r.negative_confidence {
+        out.push_str(&format!(
+            "\nnegative verdicts: {:.6}% confidence (round-trip loss {:.1}%, waited up to {})",
+            c * 100.0,
+            r.loss_estimate * 100.0,
+            millis(r.retry_budget_ms)
+        ));
+    }
+    for p in &r.server.problems {
+        out.push_str(&format!("\nserver problem: {p}"));
+    }
+    if r.udp_blocked {
+        out.push_str(&format!(
+            "\nhint: nothing answered {}; check that a stun server listens there on udp, else udp is blocked on this path",
+            r.server.address
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natscope_probes::probe::report::{OutlookRow, PortAllocationReport, ServerReport, SCHEMA};
+    use natscope_probes::probe::{AllocationPattern, Behavior};
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn row(name: &str, verdict: &str, evidence: &str, n: u32, ms: f64) -> TestReport {
+        TestReport {
+            name: name.into(),
+            verdict: verdict.into(),
+            evidence: evidence.into(),
+            requests_sent: n,
+            duration_ms: ms,
+        }
+    }
+
+    fn outlook_row(peer: &'static str, direct_udp: &'static str, reason: &str) -> OutlookRow {
+        OutlookRow {
+            peer,
+            direct_udp,
+            reason: reason.into(),
+        }
+    }
+
+    /// What the engine reports against `natscope reflect` on loopback (shape of a real run; the
+    /// rendering is under test here, not the engine, so every value is spelled out).
+    fn open_internet() -> ProbeReport {
+        let local = addr("127.0.0.1:40000");
+        let opens = "at least one direction opens";
+        ProbeReport {
+            schema: SCHEMA,
+            local_address: Some(local),
+            public_address: Some(local),
+            nat_detected: Some(false),
+            udp_blocked: false,
+            mapping: Behavior::EndpointIndependent,
+            filtering: Behavior::EndpointIndependent,
+            port_preservation: Some(true),
+            port_allocation: PortAllocationReport {
+                pattern: AllocationPattern::Preserving,
+                delta: None,
+                samples: vec![(40003, 40003), (40004, 40004), (40005, 40005)],
+                predictability: "the external port equals the local port".into(),
+            },
+            hairpinning: None,
+            binding_lifetime_s: None,
+            tcp_mapping: Behavior::Unknown,
+            alg_detected: Some(false),
+            classic: Classic::OpenInternet,
+            server: ServerReport {
+                address: addr("127.0.0.1:3478"),
+                other_address: Some(addr("127.0.0.2:3479")),
+                problems: vec![],
+            },
+            tests: vec![
+                row("udp reachability", "reachable", "answer from 127.0.0.1:3478", 4, 0.25),
+                row("nat presence", "no nat", "local 127.0.0.1:40000 mapped 127.0.0.1:40000", 0, 0.0),
+                row("mapping", "endpoint-independent", "no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000", 6, 0.5),
+                row("filtering", "endpoint-independent", "answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived", 2, 0.3),
+                row("hairpinning", "unknown", "not applicable without a nat", 0, 0.0),
+                row("port allocation", "preserving", "local→external 40003→40003 40004→40004 40005→40005", 3, 0.9),
+            ],
+            outlook: vec![
+                outlook_row("full cone", "yes", opens),
+                outlook_row("symmetric (random ports)", "yes", opens),
+            ],
+            loss_estimate: 0.0,
+            negative_confidence: None,
+            retry_budget_ms: 0.0,
+            summary: "Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT".into(),
+            requests_sent: 13,
+            duration_ms: 1.75,
+        }
+    }
+
+    /// A port-restricted cone, a wrong-source answer and a mapping comparison: every optional line.
+    fn cone_with_problems() -> ProbeReport {
+        let mut r = open_internet();
+        r.nat_detected = Some(true);
+        r.public_address = Some(addr("198.51.100.7:61000"));
+        r.filtering = Behavior::AddressAndPortDependent;
+        r.classic = Classic::PortRestrictedCone;
+        r.tests = vec![
+            row(
+                "udp reachability",
+                "reachable",
+                "answer from 127.0.0.1:3478",
+                4,
+                12.0,
+            ),
+            row(
+                "filtering",
+                "address-and-port-dependent",
+                "no answer",
+                30,
+                2400.25,
+            ),
+        ];
+        r.tests.push(comparison(Some(true)).test_row());
+        r.outlook = vec![
+            outlook_row(
+                "port-restricted cone",
+                "yes",
+                "at least one direction opens",
+            ),
+            outlook_row("symmetric (random ports)", "no", "use a relay"),
+        ];
+        r.negative_confidence = Some(0.999_999_5);
+        r.loss_estimate = 0.025;
+        r.retry_budget_ms = 2400.0;
+        r.summary = "Port-restricted cone NAT (EIM + APDF)".into();
+        r.server.problems = vec![
+            "filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)".into(),
+        ];
+        r
+    }
+
+    fn comparison(varies: Option<bool>) -> MappingComparison {
+        let m1 = addr("198.51.100.7:61000");
+        let m2 = if varies == Some(true) {
+            addr("198.51.100.7:61001")
+        } else {
+            m1
+        };
+        let mut c = MappingComparison {
+            local_address: Some(addr("10.0.0.2:5000")),
+            varies_by_destination: None,
+            servers: vec![
+                ComparedServer {
+                    address: addr("127.0.0.1:3478"),
+                    mapped_address: Some(m1),
+                    problem: None,
+                },
+                ComparedServer {
+                    address: addr("127.0.0.5:3478"),
+                    mapped_address: varies.map(|_| m2),
+                    problem: varies
+                        .is_none()
+                        .then(|| "no answer after 7 transmissions".into()),
+                },
+            ],
+            requests_sent: 2,
+            duration_ms: 0.5,
+        };
+        c.conclude();
+        c
+    }
+
+    #[test]
+    fn table_of_an_open_internet_report() {
+        let got = render_text(&open_internet(), Some(13), Wrap::None);
+        let want = "\
+probe of 127.0.0.1:3478 (OTHER-ADDRESS 127.0.0.2:3479) from 127.0.0.1:40000: public address 127.0.0.1:40000, 13 requests in 1.8 ms
+┌──────────────────┬──────────────────────┬──────────────────────────────────────────────────────────────┬──────────┬────────┐
+│ test             ┆ verdict              ┆ evidence                                                     ┆ requests ┆   time │
+╞══════════════════╪══════════════════════╪══════════════════════════════════════════════════════════════╪══════════╪════════╡
+│ udp reachability ┆ reachable            ┆ answer from 127.0.0.1:3478                                   ┆        4 ┆ 0.2 ms │
+│ nat presence     ┆ no nat               ┆ local 127.0.0.1:40000 mapped 127.0.0.1:40000                 ┆        0 ┆ 0.0 ms │
+│ mapping          ┆ endpoint-independent ┆ no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000 ┆        6 ┆ 0.5 ms │
+│ filtering        ┆ endpoint-independent ┆ answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived  ┆        2 ┆ 0.3 ms │
+│ hairpinning      ┆ unknown              ┆ not applicable without a nat                                 ┆        0 ┆ 0.0 ms │
+│ port allocation  ┆ preserving           ┆ local→external 40003→40003 40004→40004 40005→40005           ┆        3 ┆ 0.9 ms │
+└──────────────────┴──────────────────────┴──────────────────────────────────────────────────────────────┴──────────┴────────┘
+Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT
+┌──────────────────────────┬────────────┬──────────────────────────────┐
+│ peer NAT                 ┆ direct UDP ┆ reason                       │
+╞══════════════════════════╪════════════╪══════════════════════════════╡
+│ full cone                ┆ yes        ┆ at least one direction opens │
+│ symmetric (random ports) ┆ yes        ┆ at least one direction opens │
+└──────────────────────────┴────────────┴──────────────────────────────┘";
+        assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
+    }
+
+    #[test]
+    fn table_with_comparison_negative_confidence_and_server_problems() {
+        let got = render_text(&cone_with_problems(), None, Wrap::None);
+        let want = "\
+probe of 127.0.0.1:3478 (OTHER-ADDRESS 127.0.0.2:3479) from 127.0.0.1:40000: public address 198.51.100.7:61000, 1.8 ms
+┌────────────────────┬────────────────────────────┬───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┬──────────┬─────────┐
+│ test               ┆ verdict                    ┆ evidence                                                                                                                                  ┆ requests ┆    time │
+╞════════════════════╪════════════════════════════╪═══════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════╪══════════╪═════════╡
+│ udp reachability   ┆ reachable                  ┆ answer from 127.0.0.1:3478                                                                                                                ┆        4 ┆ 12.0 ms │
+│ filtering          ┆ address-and-port-dependent ┆ no answer                                                                                                                                 ┆       30 ┆  2.40 s │
+│ mapping comparison ┆ varies by destination      ┆ from 10.0.0.2:5000: 127.0.0.1:3478 saw 198.51.100.7:61000, 127.0.0.5:3478 saw 198.51.100.7:61001; the mapping is not endpoint-independent ┆        2 ┆  0.5 ms │
+└────────────────────┴────────────────────────────┴───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┴──────────┴─────────┘
+Port-restricted cone NAT (EIM + APDF)
+┌──────────────────────────┬────────────┬──────────────────────────────┐
+│ peer NAT                 ┆ direct UDP ┆ reason                       │
+╞══════════════════════════╪════════════╪══════════════════════════════╡
+│ port-restricted cone     ┆ yes        ┆ at least one direction opens │
+│ symmetric (random ports) ┆ no         ┆ use a relay                  │
+└──────────────────────────┴────────────┴──────────────────────────────┘
+negative verdicts: 99.999950% confidence (round-trip loss 2.5%, waited up to 2.40 s)
+server problem: filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)";
+        assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
+    }
+
+    #[test]
+    fn udp_blocked_ends_with_a_hint() {
+        let mut r = open_internet();
+        r.udp_blocked = true;
+        r.classic = Classic::UdpBlocked;
+        let got = render_text(&r, Some(28), Wrap::None);
+        let last = got.lines().last().unwrap();
+        assert_eq!(
+            last,
+            "hint: nothing answered 127.0.0.1:3478; check that a stun server listens there on udp, else udp is blocked on this path"
+        );
+        assert_eq!(exit_code(&r), 1);
+    }
+
+    #[test]
+    fn json_of_an_open_internet_report() {
+        let got = render_json(&open_internet(), None).unwrap();
+        let want = r#"{
+  "schema": "natscope.probe/v1",
+  "local_address": "127.0.0.1:40000",
+  "public_address": "127.0.0.1:40000",
+  "nat_detected": false,
+  "udp_blocked": false,
+  "mapping": "endpoint-independent",
+  "filtering": "endpoint-independent",
+  "port_preservation": true,
+  "port_allocation": {
+    "pattern": "preserving",
+    "delta": null,
+    "samples": [
+      [
+        40003,
+        40003
+      ],
+      [
+        40004,
+        40004
+      ],
+      [
+        40005,
+        40005
+      ]
+    ],
+    "predictability": "the external port equals the local port"
+  },
+  "hairpinning": null,
+  "binding_lifetime_s": null,
+  "tcp_mapping": "unknown",
+  "alg_detected": false,
+  "classic": "open-internet",
+  "server": {
+    "address": "127.0.0.1:3478",
+    "other_address": "127.0.0.2:3479",
+    "problems": []
+  },
+  "tests": [
+    {
+      "name": "udp reachability",
+      "verdict": "reachable",
+      "evidence": "answer from 127.0.0.1:3478",
+      "requests_sent": 4,
+      "duration_ms": 0.25
+    },
+    {
+      "name": "nat presence",
+      "verdict": "no nat",
+      "evidence": "local 127.0.0.1:40000 mapped 127.0.0.1:40000",
+      "requests_sent": 0,
+      "duration_ms": 0.0
+    },
+    {
+      "name": "mapping",
+      "verdict": "endpoint-independent",
+      "evidence": "no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000",
+      "requests_sent": 6,
+      "duration_ms": 0.5
+    },
+    {
+      "name": "filtering",
+      "verdict": "endpoint-independent",
+      "evidence": "answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived",
+      "requests_sent": 2,
+      "duration_ms": 0.3
+    },
+    {
+      "name": "hairpinning",
+      "verdict": "unknown",
+      "evidence": "not applicable without a nat",
+      "requests_sent": 0,
+      "duration_ms": 0.0
+    },
+    {
+      "name": "port allocation",
+      "verdict": "preserving",
+      "evidence": "local→external 40003→40003 40004→40004 40005→40005",
+      "requests_sent": 3,
+      "duration_ms": 0.9
+    }
+  ],
+  "outlook": [
+    {
+      "peer": "full cone",
+      "direct_udp": "yes",
+      "reason": "at least one direction opens"
+    },
+    {
+      "peer": "symmetric (random ports)",
+      "direct_udp": "yes",
+      "reason": "at least one direction opens"
+    }
+  ],
+  "loss_estimate": 0.0,
+  "negative_confidence": null,
+  "retry_budget_ms": 0.0,
+  "summary": "Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT",
+  "requests_sent": 13,
+  "duration_ms": 1.75
+}"#;
+        assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
+    }
+
+    /// Every field the issue names, with its JSON type; tri-state booleans may be null.
+    #[test]
+    fn json_has_every_documented_field() {
+        use serde_json::Value;
+        let doc: Value =
+            serde_json::from_str(&render_json(&open_internet(), None).unwrap()).unwrap();
+        let is_str = |v: &Value| v.is_string();
+        let is_tri = |v: &Value| v.is_boolean() || v.is_null();
+        let is_num = |v: &Value| v.is_number();
+        let is_num_or_null = |v: &Value| v.is_number() || v.is_null();
+        let is_addr_or_null =
+            |v: &Value| v.is_null() || v.as_str().is_some_and(|s| s.parse::<SocketAddr>().is_ok());
+        let behavior = |v: &Value| {
+            matches!(
+                v.as_str(),
+                Some(
+                    "endpoint-independent"
+                        | "address-dependent"
+                        | "address-and-port-dependent"
+                        | "unknown"
+                )
+            )
+        };
+        type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
+        let checks: [Check; 22] = [
+            ("/schema", &|v| v == "natscope.probe/v1"),
+            ("/local_address", &is_addr_or_null),
+            ("/public_address", &is_addr_or_null),
+            ("/nat_detected", &is_tri),
+            ("/udp_blocked", &|v| v.is_boolean()),
+            ("/mapping", &behavior),
+            ("/filtering", &behavior),
+            ("/port_preservation", &is_tri),
+            ("/port_allocation/pattern", &|v| {
+                matches!(
+                    v.as_str(),
+                    Some("preserving" | "sequential" | "random" | "unknown")
+                )
+            }),
+            ("/port_allocation/delta", &is_num_or_null),
+            ("/hairpinning", &is_tri),
+            ("/binding_lifetime_s", &is_num_or_null),
+            ("/tcp_mapping", &behavior),
+            ("/alg_detected", &is_tri),
+            ("/classic", &is_str),
+            ("/server/address", &is_addr_or_null),
+            ("/server/other_address", &is_addr_or_null),
+            ("/server/problems", &|v| v.is_array()),
+            ("/tests", &|v| v.as_array().is_some_and(|a| !a.is_empty())),
+            ("/outlook", &|v| v.is_array()),
+            ("/summary", &is_str),
+            ("/duration_ms", &is_num),
+        ];
+        for (ptr, ok) in checks {
+            let v = doc
+                .pointer(ptr)
+                .unwrap_or_else(|| panic!("{ptr} missing:\n{doc:#}"));
+            assert!(ok(v), "{ptr} = {v}");
+        }
+        for t in doc["tests"].as_array().unwrap() {
+            assert!(t["name"].is_string() && t["verdict"].is_string(), "{t}");
+            assert!(t["evidence"].is_string(), "{t}");
+            assert!(
+                t["requests_sent"].is_u64() && t["duration_ms"].is_number(),
+                "{t}"
+            );
+        }
+        assert!(
+            doc.get("mapping_comparison").is_none(),
+            "only with several servers"
+        );
+    }
+
+    #[test]
+    fn classic_names_are_kebab_case() {
+        let mut r = open_internet();
+        for (c, want) in [
+            (Classic::PortRestrictedCone, "port-restricted-cone"),
+            (Classic::SymmetricUdpFirewall, "symmetric-udp-firewall"),
+            (Classic::NoClassicName, "no-classic-name"),
+            (Classic::UdpBlocked, "udp-blocked"),
+        ] {
+            r.classic = c;
+            let doc: serde_json::Value =
+                serde_json::from_str(&render_json(&r, None).unwrap()).unwrap();
+            assert_eq!(doc["classic"], want);
+        }
+    }
+
+    #[test]
+    fn json_with_several_servers_carries_the_comparison_last() {
+        let c = comparison(Some(true));
+        let got = render_json(&open_internet(), Some(&c)).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(doc["schema"], "natscope.probe/v1");
+        assert_eq!(
+            doc["mapping_comparison"],
+            serde_json::json!({
+                "local_address": "10.0.0.2:5000",
+                "varies_by_destination": true,
+                "servers": [
+                    {"address": "127.0.0.1:3478", "mapped_address": "198.51.100.7:61000", "problem": null},
+                    {"address": "127.0.0.5:3478", "mapped_address": "198.51.100.7:61001", "problem": null}
+                ]
+            })
+        );
+        assert!(got.trim_end().ends_with("]\n  }\n}"), "{got}");
+        assert!(
+            got.starts_with("{\n  \"schema\": \"natscope.probe/v1\","),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn mapping_comparison_verdicts() {
+        assert_eq!(comparison(Some(true)).varies_by_destination, Some(true));
+        assert_eq!(comparison(Some(false)).varies_by_destination, Some(false));
+        let unknown = comparison(None);
+        assert_eq!(unknown.varies_by_destination, None);
+        let r = unknown.test_row();
+        assert_eq!(r.verdict, "unknown");
+        assert_eq!(
+            r.evidence,
+            "from 10.0.0.2:5000: 127.0.0.1:3478 saw 198.51.100.7:61000, 127.0.0.5:3478: no answer after 7 transmissions; needs answers from at least two servers"
+        );
+        let same = comparison(Some(false)).test_row();
+        assert_eq!(same.verdict, "same for every destination");
+        assert!(same
+            .evidence
+            .ends_with("; endpoint-independent as far as these servers show"));
+        // A server listed twice says nothing new: it must not count as a second destination.
+        let mut twice = comparison(Some(false));
+        twice.servers[1].problem = Some("listed twice".into());
+        twice.conclude();
+        assert_eq!(twice.varies_by_destination, None);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_classification() {
+        let mut r = open_internet();
+        assert_eq!(exit_code(&r), 0);
+        r.classic = Classic::NoClassicName;
+        assert_eq!(exit_code(&r), 0, "a named combination is a classification");
+        r.classic = Classic::Unknown;
+        assert_eq!(exit_code(&r), 1);
+    }
+
+    #[test]
+    fn server_addresses_parse_without_name_lookups() {
+        assert_eq!(resolve("127.0.0.1:3478").unwrap(), addr("127.0.0.1:3478"));
+        assert_eq!(resolve("[::1]:3478").unwrap(), addr("[::1]:3478"));
+        let errors = [
+            (
+                "127.0.0.1",
+                "\"127.0.0.1\" has no port: give HOST:PORT (the standard stun port is 3478)",
+            ),
+            (
+                "127.0.0.1:99999",
+                "\"127.0.0.1:99999\": \"99999\" is not a port number (1-65535)",
+            ),
+            (
+                "127.0.0.1:0",
+                "\"127.0.0.1:0\": port 0 is not a server port",
+            ),
+            (
+                "0.0.0.0:3478",
+                "\"0.0.0.0:3478\": 0.0.0.0 is not a server address",
+            ),
+            (
+                "224.0.0.1:3478",
+                "\"224.0.0.1:3478\": 224.0.0.1 is not a server address",
+            ),
+            (
+                "::1:3478",
+                "\"::1:3478\": write an ipv6 address in brackets, as [ADDRESS]:PORT",
+            ),
+            (
+                "300.1.1.1:3478",
+                "\"300.1.1.1:3478\" is not a valid ip address and port",
+            ),
+            (
+                "[::1:3478",
+                "\"[::1:3478\" is not a valid ip address and port",
+            ),
+            (":3478", "\":3478\" has no host: give HOST:PORT"),
+            (
+                "",
+                "\"\" has no port: give HOST:PORT (the standard stun port is 3478)",
+            ),
+        ];
+        for (input, want) in errors {
+            let got = resolve(input).map_err(|e| e.to_string());
+            assert_eq!(got, Err(want.to_string()), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn timeout_and_retries_set_the_engine_timing() {
+        let default = Timing::default();
+        let mut t = default;
+        apply_timing(&mut t, None, None);
+        assert_eq!(t, default);
+        apply_timing(&mut t, Some(20), Some(2));
+        assert_eq!(t.initial_rto, Duration::from_millis(20));
+        assert_eq!(t.min_rto, Duration::from_millis(20).min(default.min_rto));
+        assert_eq!(t.max_rto, default.max_rto);
+        assert_eq!((t.reach_transmits, t.max_transmits), (3, 3));
+        let mut slow = default;
+        apply_timing(&mut slow, Some(5000), Some(0));
+        assert_eq!(
+            slow.max_rto,
+            Duration::from_secs(10),
+            "room to back off to 2×MS"
+        );
+        assert_eq!((slow.reach_transmits, slow.max_transmits), (1, 1));
+        let mut fast = default;
+        apply_timing(&mut fast, Some(5), None);
+        assert_eq!(fast.min_rto, Duration::from_millis(5));
+    }
+}
