@@ -44,21 +44,22 @@ pub struct RemoteKey {
     pub port: Option<u16>,
 }
 
+impl RemoteKey {
+    /// The remote endpoint with the address and/or port blanked out.
+    fn of(remote: SocketAddr, keep_ip: bool, keep_port: bool) -> Self {
+        Self {
+            ip: keep_ip.then(|| remote.ip()),
+            port: keep_port.then(|| remote.port()),
+        }
+    }
+}
+
 impl MappingBehavior {
     pub fn key(self, remote: SocketAddr) -> RemoteKey {
         match self {
-            Self::EndpointIndependent => RemoteKey {
-                ip: None,
-                port: None,
-            },
-            Self::AddressDependent => RemoteKey {
-                ip: Some(remote.ip()),
-                port: None,
-            },
-            Self::AddressAndPortDependent => RemoteKey {
-                ip: Some(remote.ip()),
-                port: Some(remote.port()),
-            },
+            Self::EndpointIndependent => RemoteKey::of(remote, false, false),
+            Self::AddressDependent => RemoteKey::of(remote, true, false),
+            Self::AddressAndPortDependent => RemoteKey::of(remote, true, true),
         }
     }
 }
@@ -66,18 +67,9 @@ impl MappingBehavior {
 impl FilteringBehavior {
     pub fn key(self, remote: SocketAddr) -> RemoteKey {
         match self {
-            Self::EndpointIndependent => RemoteKey {
-                ip: None,
-                port: None,
-            },
-            Self::AddressDependent => RemoteKey {
-                ip: Some(remote.ip()),
-                port: None,
-            },
-            Self::AddressAndPortDependent => RemoteKey {
-                ip: Some(remote.ip()),
-                port: Some(remote.port()),
-            },
+            Self::EndpointIndependent => RemoteKey::of(remote, false, false),
+            Self::AddressDependent => RemoteKey::of(remote, true, false),
+            Self::AddressAndPortDependent => RemoteKey::of(remote, true, true),
         }
     }
 }

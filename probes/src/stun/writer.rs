@@ -63,6 +63,20 @@ impl<'b> MessageWriter<'b> {
         self.len == HEADER_LEN
     }
 
+    /// Whether the message may grow to `need` bytes: within the 16-bit length field and the buffer.
+    fn check_room(&self, need: usize) -> Result<(), EncodeError> {
+        if need - HEADER_LEN > u16::MAX as usize {
+            return Err(EncodeError::MessageTooLong(need - HEADER_LEN));
+        }
+        if need > self.buf.len() {
+            return Err(EncodeError::BufferTooSmall {
+                need,
+                have: self.buf.len(),
+            });
+        }
+        Ok(())
+    }
+
     /// Appends an attribute of `value_len` bytes whose value `fill` writes; pads with zeros.
     pub fn add_with(
         &mut self,
@@ -74,15 +88,7 @@ impl<'b> MessageWriter<'b> {
             return Err(EncodeError::ValueTooLong(value_len));
         }
         let need = self.len + 4 + padded(value_len);
-        if need - HEADER_LEN > u16::MAX as usize {
-            return Err(EncodeError::MessageTooLong(need - HEADER_LEN));
-        }
-        if need > self.buf.len() {
-            return Err(EncodeError::BufferTooSmall {
-                need,
-                have: self.buf.len(),
-            });
-        }
+        self.check_room(need)?;
         let at = self.len;
         self.buf[at..at + 2].copy_from_slice(&typ.to_be_bytes());
         self.buf[at + 2..at + 4].copy_from_slice(&(value_len as u16).to_be_bytes());
@@ -156,15 +162,7 @@ impl<'b> MessageWriter<'b> {
     pub fn finish_with_fingerprint(mut self) -> Result<usize, EncodeError> {
         // The CRC covers the header with a length that already counts the FINGERPRINT attribute.
         let need = self.len + 8;
-        if need - HEADER_LEN > u16::MAX as usize {
-            return Err(EncodeError::MessageTooLong(need - HEADER_LEN));
-        }
-        if need > self.buf.len() {
-            return Err(EncodeError::BufferTooSmall {
-                need,
-                have: self.buf.len(),
-            });
-        }
+        self.check_room(need)?;
         let body = (need - HEADER_LEN) as u16;
         self.buf[2..4].copy_from_slice(&body.to_be_bytes());
         let crc = fingerprint(&self.buf[..self.len]);
