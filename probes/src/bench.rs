@@ -90,7 +90,7 @@ pub struct LoadReport {
     pub responses: u64,
     /// Requests unanswered after 200 ms, or still unanswered when the drain ended.
     pub lost: u64,
-    /// Valid answers that arrived after their request had been counted lost.
+    /// Valid answers to requests already counted lost or already answered (duplicates).
     pub late: u64,
     /// Datagrams that were not a Binding success response to a request of this run.
     pub invalid: u64,
@@ -220,7 +220,7 @@ struct Tally {
 enum Verdict {
     /// A valid answer to the request outstanding in this slot.
     Answer(usize),
-    /// A valid answer to an earlier request of this socket that was already counted lost.
+    /// A valid answer to a request of this socket already counted lost, or already answered.
     Late,
     Invalid,
 }
@@ -685,33 +685,20 @@ mod tests {
         }
     }
 
-    /// Starts a one-address reflector on a free loopback port. Port 0 cannot be used: every worker
-    /// socket would get its own ephemeral port and the reflector would report port 0.
+    /// A one-address reflector on 127.0.0.1 and a port the kernel picks (UDP only, no limit).
     fn reflector() -> RunningReflector {
-        let mut last = None;
-        for _ in 0..20 {
-            let port = UdpSocket::bind("127.0.0.1:0")
-                .and_then(|s| s.local_addr())
-                .map(|a| a.port())
-                .unwrap();
-            let mut cfg = DriverConfig::new(ReflectorConfig {
-                primary: SocketAddr::from(([127, 0, 0, 1], port)),
-                alternate: None,
-                partner: None,
-            });
-            cfg.tcp = false;
-            cfg.workers = 1;
-            cfg.rate_limit = RateLimit {
-                per_second: 0,
-                burst: 0,
-            };
-            match RunningReflector::start(cfg) {
-                Ok(r) => return r,
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
-                Err(e) => panic!("cannot start reflector: {e}"),
-            }
-        }
-        panic!("no free port: {last:?}");
+        let mut cfg = DriverConfig::new(ReflectorConfig {
+            primary: SocketAddr::from(([127, 0, 0, 1], 0)),
+            alternate: None,
+            partner: None,
+        });
+        cfg.tcp = false;
+        cfg.workers = 2;
+        cfg.rate_limit = RateLimit {
+            per_second: 0,
+            burst: 0,
+        };
+        RunningReflector::start(cfg).unwrap()
     }
 
     #[test]
