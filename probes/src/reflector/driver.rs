@@ -404,6 +404,15 @@ fn register(
 }
 
 impl Shared {
+    /// Wall-clock time for stamping link messages; only a cooperating pair reads the clock.
+    fn link_clock(&self) -> u64 {
+        if self.link.is_some() {
+            unix_ms()
+        } else {
+            0
+        }
+    }
+
     fn allowed(&self, ip: std::net::IpAddr) -> bool {
         let Some(limiter) = &self.limiter else {
             return true;
@@ -495,10 +504,14 @@ async fn udp_loop(shared: Arc<Shared>, index: usize, worker: usize) {
         if !shared.allowed(from.ip()) {
             continue;
         }
-        let (action, kind) =
-            shared
-                .core
-                .answer(Transport::Udp, from, local, &inb[..n], &mut out, unix_ms());
+        let (action, kind) = shared.core.answer(
+            Transport::Udp,
+            from,
+            local,
+            &inb[..n],
+            &mut out,
+            shared.link_clock(),
+        );
         shared.count(&action, kind);
         if tracing::enabled!(tracing::Level::TRACE) {
             log_request(from, local, &inb[..n], &action);
@@ -582,7 +595,7 @@ async fn tcp_conn(shared: &Shared, mut stream: TcpStream, from: SocketAddr, loca
                             local,
                             &buf[..len],
                             &mut out,
-                            unix_ms(),
+                            shared.link_clock(),
                         );
                         shared.count(&action, kind);
                         match action {
