@@ -8,7 +8,7 @@
 //! RFC 4787 §4.1 question, answerable without RFC 5780 support on the servers).
 //!
 //! Exit codes: 0 a classification was made, 1 UDP is blocked or the result is unknown, 2 usage or
-//! runtime error (bad address, unresolvable name, no permission, flag not implemented yet).
+//! runtime error (bad address, unresolvable name, no permission).
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -23,7 +23,9 @@ use natscope_probes::client::{
     BindingResponse, RequestOptions, Rto, Transaction, TransactionEvent,
 };
 use natscope_probes::probe::report::TestReport;
-use natscope_probes::probe::{driver, Classic, ProbeConfig, ProbeReport, Timing};
+use natscope_probes::probe::{
+    driver, Classic, LifetimeConfig, LifetimeReport, ProbeConfig, ProbeReport, Timing,
+};
 use natscope_probes::stun::TransactionId;
 use serde::Serialize;
 use tokio::net::UdpSocket;
@@ -36,6 +38,8 @@ pub const PUBLIC_SERVERS: [&str; 2] = ["stun.l.google.com:19302", "stun.cloudfla
 const MAX_TIMEOUT_MS: u64 = 60_000;
 /// Largest `--retries` accepted.
 const MAX_RETRIES: u32 = 50;
+/// Largest `--lifetime-max` accepted, in seconds (the search takes several times this long).
+const MAX_LIFETIME_S: u64 = 3600;
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
@@ -49,12 +53,18 @@ pub struct ProbeArgs {
     /// Probe the public STUN servers in PUBLIC_SERVERS (they see your address). Never implied.
     #[arg(long, conflicts_with = "servers")]
     public: bool,
-    /// Also test TCP mapping (RFC 5382). Not implemented yet.
+    /// Also test the TCP mapping (RFC 5382 §4.1): after the UDP probe, connections from one local
+    /// port to A1:P1, A2:P1 and A2:P2 of the first server, one Binding each (STUN over TCP).
     #[arg(long)]
     tcp: bool,
-    /// Also measure the binding lifetime (RFC 5780 §4.6). Not implemented yet.
+    /// Also measure how long a UDP binding lives without traffic (RFC 5780 §4.6) and whether
+    /// inbound traffic refreshes it (RFC 4787 REQ-6). Takes minutes: every step waits in real time.
     #[arg(long)]
     lifetime: bool,
+    /// Longest idle time `--lifetime` tries, in seconds; a binding outliving it is reported as
+    /// "≥ SECS" (default 300, RFC 4787 REQ-5's recommendation).
+    #[arg(long, value_name = "SECS", requires = "lifetime", default_value_t = 300, value_parser = clap::value_parser!(u64).range(2..=MAX_LIFETIME_S))]
+    lifetime_max: u64,
     /// Skip the hairpinning test (RFC 5780 §4.5).
     #[arg(long)]
     no_hairpin: bool,
@@ -70,12 +80,6 @@ pub struct ProbeArgs {
 }
 
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
-    if args.tcp {
-        bail!("--tcp is not implemented yet: the probe engine has no tcp mapping test (rfc 5382); run without --tcp");
-    }
-    if args.lifetime {
-        bail!("--lifetime is not implemented yet: the probe engine has no binding lifetime test (rfc 5780 §4.6); run without --lifetime");
-    }
     let names: Vec<String> = if args.public {
         PUBLIC_SERVERS.iter().map(|s| s.to_string()).collect()
     } else if args.servers.is_empty() {
@@ -117,6 +121,22 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
             bail!("cannot probe {first}: {e}{}", permission_hint(&e));
         }
     };
+    if args.tcp {
+        bar.set_message(format!("testing the tcp mapping against {first}"));
+        let local_ip = match driver::route_source(first) {
+            Ok(ip) => ip,
+            Err(e) => {
+                bar.finish_and_clear();
+                bail!("cannot test the tcp mapping: no route to {first}: {e}");
+            }
+        };
+        let step = tcp_step_timeout(args.timeout);
+        let t = rt.block_on(natscope_probes::probe::tcp::tcp_mapping(
+            first, local_ip, step,
+        ));
+        requests += t.requests_sent;
+        t.apply_to(&mut report);
+    }
     let comparison = if servers.len() > 1 {
         bar.set_message(format!(
             "comparing the mapping across {} servers",
@@ -144,6 +164,11 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         None
     };
     bar.finish_and_clear();
+    if args.lifetime {
+        let lt = measure_lifetime(&rt, &args, first, report.udp_blocked)?;
+        requests += lt.requests_sent;
+        apply_lifetime(&mut report, lt);
+    }
 
     if args.json {
         crate::emit(&render_json(&report, comparison.as_ref())?);
@@ -196,6 +221,12 @@ fn apply_timing(t: &mut Timing, timeout_ms: Option<u64>, retries: Option<u32>) {
         t.reach_transmits = n + 1;
         t.max_transmits = n + 1;
     }
+}
+
+/// The bound on each `--tcp` step (connect, then one Binding): 3 s by default, which lets a lost
+/// SYN be retransmitted once (Linux retries after 1 s); with `--timeout MS`, 5×MS within 1–30 s.
+fn tcp_step_timeout(timeout_ms: Option<u64>) -> Duration {
+    Duration::from_millis(timeout_ms.map_or(3000, |ms| ms.saturating_mul(5).clamp(1000, 30_000)))
 }
 
 /// Resolves `HOST:PORT` to one address, preferring IPv4 (the family most STUN servers serve).
@@ -253,6 +284,114 @@ fn progress_bar(message: String) -> ProgressBar {
     bar.set_message(message);
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
+}
+
+// ---------------------------------------------------------------------------------------------
+// --lifetime: binding lifetime (RFC 5780 §4.6) and inbound refresh (RFC 4787 REQ-6)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the lifetime measurement against `server` with a progress bar and ETA on stderr (only when
+/// stderr is a terminal). Not run when the main probe found UDP blocked: its rows then say so.
+fn measure_lifetime(
+    rt: &tokio::runtime::Runtime,
+    args: &ProbeArgs,
+    server: SocketAddr,
+    udp_blocked: bool,
+) -> Result<LifetimeReport> {
+    if udp_blocked {
+        let row = |name: &str| TestReport {
+            name: name.into(),
+            verdict: "unknown".into(),
+            evidence: "not run: the server did not answer".into(),
+            requests_sent: 0,
+            duration_ms: 0.0,
+        };
+        return Ok(LifetimeReport {
+            nat_detected: None,
+            binding_lifetime_s: None,
+            lower_s: None,
+            upper_s: None,
+            inbound_refresh: None,
+            tests: vec![row("binding lifetime"), row("inbound refresh")],
+            problems: Vec::new(),
+            checks: 0,
+            requests_sent: 0,
+            duration_ms: 0.0,
+        });
+    }
+    let mut cfg = LifetimeConfig::new(server);
+    cfg.max = Duration::from_secs(args.lifetime_max);
+    apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    let bar = lifetime_bar();
+    // The driver reports only at events (minutes apart while a binding idles); a ticker moves
+    // the bar in between from the last estimate.
+    let start = Instant::now();
+    let estimate = std::cell::Cell::new(Duration::ZERO);
+    let update = |elapsed: Duration, total: Duration| {
+        bar.set_length(total.as_secs().max(elapsed.as_secs()).max(1));
+        bar.set_position(elapsed.as_secs());
+        let left = total.saturating_sub(elapsed).as_secs();
+        bar.set_message(format!(
+            "binding lifetime against {server}: at most {}m{:02}s left",
+            left / 60,
+            left % 60
+        ));
+    };
+    let result = rt.block_on(async {
+        let run = driver::run_lifetime(cfg, |p| {
+            let now = Instant::now();
+            let total = p.elapsed(now) + p.remaining(now);
+            estimate.set(start.elapsed().saturating_sub(p.elapsed(now)) + total);
+            update(start.elapsed(), estimate.get());
+        });
+        let ticker = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                update(start.elapsed(), estimate.get());
+            }
+        };
+        tokio::select! {
+            r = run => r,
+            never = ticker => never,
+        }
+    });
+    bar.finish_and_clear();
+    result.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot measure the binding lifetime against {server}: {e}{}",
+            permission_hint(&e)
+        )
+    })
+}
+
+/// A bar with an ETA on stderr; hidden when stderr is not a terminal.
+fn lifetime_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(1), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}] {wide_bar} {pos}/{len} s")
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// Adds the lifetime result to the report: `binding_lifetime_s`, the two rows, the requests and
+/// any server problem it found.
+fn apply_lifetime(report: &mut ProbeReport, lt: LifetimeReport) {
+    report.binding_lifetime_s = lt.binding_lifetime_s;
+    report.requests_sent += lt.requests_sent;
+    report.tests.extend(lt.tests);
+    for p in lt.problems {
+        let p = format!("binding lifetime: {p}");
+        if !report.server.problems.contains(&p) {
+            report.server.problems.push(p);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -308,8 +308,8 @@ fn errors_are_one_line_with_exit_2() {
         (&["127.0.0.1"], "natscope: error: \"127.0.0.1\" has no port: give HOST:PORT (the standard stun port is 3478)"),
         (&["127.0.0.1:70000", "--json"], "natscope: error: \"127.0.0.1:70000\": \"70000\" is not a port number (1-65535)"),
         (&["300.1.2.3:3478"], "natscope: error: \"300.1.2.3:3478\" is not a valid ip address and port"),
-        (&["--tcp", "127.0.0.1:3478"], "natscope: error: --tcp is not implemented yet: the probe engine has no tcp mapping test (rfc 5382); run without --tcp"),
-        (&["--lifetime", "127.0.0.1:3478"], "natscope: error: --lifetime is not implemented yet: the probe engine has no binding lifetime test (rfc 5780 §4.6); run without --lifetime"),
+        (&["--tcp", "127.0.0.1"], "natscope: error: \"127.0.0.1\" has no port: give HOST:PORT (the standard stun port is 3478)"),
+        (&["--lifetime", "127.0.0.1"], "natscope: error: \"127.0.0.1\" has no port: give HOST:PORT (the standard stun port is 3478)"),
         (&[], "natscope: error: no server given: name one as HOST:PORT (e.g. `natscope reflect` on a host you run), or pass --public to probe stun.l.google.com:19302 and stun.cloudflare.com:3478 (public servers: they see your address)"),
     ];
     for (args, want) in cases {
@@ -328,6 +328,58 @@ fn timing_flags_are_range_checked() {
         ["127.0.0.1:3478", "--timeout", "60001"],
         ["127.0.0.1:3478", "--retries", "51"],
         ["127.0.0.1:3478", "--retries", "-1"],
+    ] {
+        let run = probe(&args);
+        assert_eq!(run.code(), Some(2), "{}", run.report());
+        assert_eq!(run.stdout(), "", "{}", run.report());
+    }
+}
+
+#[test]
+fn lifetime_on_loopback_is_not_applicable() {
+    let (refl, primary, _) = reflector();
+    let run = probe(&[&primary.to_string(), "--json", "--lifetime"]);
+    let why = run.report();
+    assert_eq!(run.code(), Some(0), "{why}");
+    assert_eq!(
+        run.stderr(),
+        "",
+        "no progress bar when stderr is not a terminal: {why}"
+    );
+    let doc = run.json();
+    assert_eq!(doc["binding_lifetime_s"], Value::Null, "{why}");
+    let tests = doc["tests"].as_array().expect("tests array");
+    let row = |name: &str| {
+        tests
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} row: {why}"))
+    };
+    assert_eq!(
+        row("binding lifetime")["verdict"],
+        "not applicable",
+        "{why}"
+    );
+    assert!(
+        row("binding lifetime")["evidence"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("no nat: no binding to expire")),
+        "{why}"
+    );
+    assert_eq!(row("inbound refresh")["verdict"], "not applicable", "{why}");
+    assert!(
+        run.elapsed < Duration::from_secs(10),
+        "no waiting without a nat: {why}"
+    );
+    drop(refl);
+}
+
+#[test]
+fn lifetime_max_is_range_checked_and_needs_lifetime() {
+    for args in [
+        ["127.0.0.1:3478", "--lifetime-max", "60"],
+        ["127.0.0.1:3478", "--lifetime", "--lifetime-max=1"],
+        ["127.0.0.1:3478", "--lifetime", "--lifetime-max=3601"],
     ] {
         let run = probe(&args);
         assert_eq!(run.code(), Some(2), "{}", run.report());

@@ -920,7 +920,8 @@ mod tests {
     }
 }
 
-/// coturn as an RFC 5780 server on 127.0.0.1:P1 + 127.0.0.2:P2 (UDP), killed by PID on drop. `-n`
+/// coturn as an RFC 5780 server on 127.0.0.1:P1 + 127.0.0.2:P2 (UDP; also TCP with
+/// [`Coturn::start_with_tcp`]), killed by PID on drop. `-n`
 /// ignores Debian's /etc/turnserver.conf (which sets `no-rfc5780`); two `-L` give it the alternate
 /// IP that OTHER-ADDRESS needs. Callers check `require_tool("turnserver", "coturn")` first.
 #[derive(Debug)]
@@ -933,7 +934,18 @@ pub struct Coturn {
 }
 
 impl Coturn {
+    /// UDP only (`--no-tcp`).
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    /// UDP and TCP (STUN over TCP on the same four addresses), for `natscope probe --tcp`. Ready
+    /// once UDP answers and a TCP connect succeeds on the primary and the alternate.
+    pub fn start_with_tcp() -> Self {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(tcp: bool) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let dir = TempDir::new("coturn");
@@ -944,14 +956,24 @@ impl Coturn {
                 .args(["-L", "127.0.0.1", "-L", "127.0.0.2"])
                 .args(["--listening-port", &p1.to_string()])
                 .args(["--alt-listening-port", &p2.to_string()])
-                .args(["--no-cli", "--no-tls", "--no-dtls", "--no-tcp"])
+                .args(["--no-cli", "--no-tls", "--no-dtls"])
+                .args(if tcp { &[][..] } else { &["--no-tcp"][..] })
                 .args(["--userdb", &d("turndb")])
                 .args(["--pidfile", &d("turnserver.pid")])
                 .args(["--log-file", &d("turnserver.log"), "--simple-log"]);
             let mut child = ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
             child.add_log_file(dir.path().join("turnserver.log"));
             let (primary, alternate) = (sa(A1, p1), sa(A2, p2));
-            match child.wait_until_answering(&[primary, alternate], A1, Duration::from_secs(10)) {
+            let ready = child
+                .wait_until_answering(&[primary, alternate], A1, Duration::from_secs(10))
+                .and_then(|()| {
+                    if tcp {
+                        wait_until_tcp_accepts(&[primary, alternate], Duration::from_secs(5))
+                    } else {
+                        Ok(())
+                    }
+                });
+            match ready {
                 Ok(()) => {
                     return Self {
                         child,
@@ -968,4 +990,25 @@ impl Coturn {
         }
         panic!("coturn did not start:\n{}", failures.join("\n"));
     }
+}
+
+/// Polls until a TCP connect to every address in `addrs` succeeds, or `timeout` passes (each
+/// attempt bounded by the time left, at most 300 ms; the connections are closed at once).
+pub fn wait_until_tcp_accepts(addrs: &[SocketAddr], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    for &a in addrs {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("{a} did not accept tcp within {timeout:?}"));
+            }
+            let wait = left.min(Duration::from_millis(300));
+            if std::net::TcpStream::connect_timeout(&a, wait).is_ok() {
+                break;
+            }
+            // Refused at once while the server starts: pause briefly instead of spinning.
+            std::thread::sleep(Duration::from_millis(20).min(left));
+        }
+    }
+    Ok(())
 }

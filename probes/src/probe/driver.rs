@@ -1,7 +1,8 @@
-//! Runs a [`Probe`] over real UDP sockets with tokio. Each probe socket is bound on first use to
-//! the local address the OS would use to reach the server (so "mapped address = local address"
-//! really means "no NAT"), and gets a receive task feeding one channel; the loop sleeps until the
-//! probe's next timeout or the next datagram. Bounded by a wall-clock deadline.
+//! Runs a [`Probe`] (or any [`ProbeMachine`], such as the [`LifetimeProbe`]) over real UDP sockets
+//! with tokio. Each probe socket is bound on first use to the local address the OS would use to
+//! reach the server (so "mapped address = local address" really means "no NAT"), and gets a receive
+//! task feeding one channel; the loop sleeps until the probe's next timeout or the next datagram.
+//! Bounded by a wall-clock deadline.
 
 use std::collections::HashMap;
 use std::io;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use super::lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
+use super::machine::ProbeMachine;
 use super::plan::{Probe, ProbeConfig, SocketId};
 use super::report::ProbeReport;
 
@@ -31,10 +34,40 @@ pub fn route_source(server: SocketAddr) -> io::Result<IpAddr> {
 }
 
 /// Runs the probe to completion. `progress` is called after every event with the probe's state.
-pub async fn run(cfg: ProbeConfig, mut progress: impl FnMut(&Probe)) -> io::Result<ProbeReport> {
-    let local_ip = route_source(cfg.server)?;
+pub async fn run(cfg: ProbeConfig, progress: impl FnMut(&Probe)) -> io::Result<ProbeReport> {
+    let server = cfg.server;
+    drive(server, DEADLINE, |start| Probe::new(start, cfg), progress)
+        .await
+        .map(|p| p.report())
+}
+
+/// Runs the binding-lifetime measurement (RFC 5780 §4.6) to completion. It takes minutes: the
+/// deadline is [`LifetimeProbe::time_bound`]. `progress` is called after every event.
+pub async fn run_lifetime(
+    cfg: LifetimeConfig,
+    progress: impl FnMut(&LifetimeProbe),
+) -> io::Result<LifetimeReport> {
+    let (server, deadline) = (cfg.server, LifetimeProbe::time_bound(&cfg));
+    drive(
+        server,
+        deadline,
+        |start| LifetimeProbe::new(start, cfg),
+        progress,
+    )
+    .await
+    .map(|p| p.report())
+}
+
+/// Drives the machine `make` builds until it is done; returns it for its report.
+pub async fn drive<M: ProbeMachine>(
+    server: SocketAddr,
+    deadline: Duration,
+    make: impl FnOnce(Instant) -> M,
+    mut progress: impl FnMut(&M),
+) -> io::Result<M> {
+    let local_ip = route_source(server)?;
     let start = Instant::now();
-    let mut probe = Probe::new(start, cfg);
+    let mut probe = make(start);
     let mut sockets: HashMap<SocketId, Arc<UdpSocket>> = HashMap::new();
     let (tx, mut rx) = mpsc::channel::<(SocketId, SocketAddr, Vec<u8>)>(256);
     let mut readers = Vec::new();
@@ -64,9 +97,9 @@ pub async fn run(cfg: ProbeConfig, mut progress: impl FnMut(&Probe)) -> io::Resu
             }
             progress(&probe);
             if probe.is_done() {
-                return Ok(probe.report());
+                return Ok(());
             }
-            if now.duration_since(start) > DEADLINE {
+            if now.duration_since(start) > deadline {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "probe exceeded its deadline",
@@ -91,7 +124,7 @@ pub async fn run(cfg: ProbeConfig, mut progress: impl FnMut(&Probe)) -> io::Resu
     for r in readers {
         r.abort();
     }
-    result
+    result.map(|()| probe)
 }
 
 async fn read_loop(

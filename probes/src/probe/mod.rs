@@ -4,11 +4,18 @@
 //! without touching a socket or a clock. Its driver (real sockets, or the in-memory simulator in
 //! tests) feeds it `now` and datagrams and sends what [`Probe::poll_transmit`] returns, from the
 //! socket the transmit names. See [`plan`] for the test procedure and [`report`] for the result.
+//! [`LifetimeProbe`] (RFC 5780 §4.6 binding lifetime, RFC 4787 REQ-6 inbound refresh) is a second
+//! machine behind the same [`ProbeMachine`] interface, so the same drivers run it.
 
 pub mod driver;
+pub mod lifetime;
+pub mod machine;
 pub mod plan;
 pub mod report;
 pub mod sim;
+pub mod tcp;
 
+pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
+pub use machine::ProbeMachine;
 pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
 pub use report::{AllocationPattern, Behavior, Classic, ProbeReport};

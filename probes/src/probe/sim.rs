@@ -20,7 +20,8 @@
 //! source (RFC 4787 REQ-9) and without inbound filtering; see [`SimNet::send`].
 //!
 //! [`SimNet`] is the network alone (any sans-IO client can drive it: bind, send, deliver due
-//! datagrams); [`run_probe`] drives a [`Probe`] through it to completion and returns its report.
+//! datagrams); [`run_probe`] drives a [`Probe`] through it to completion and returns its report;
+//! [`run_machine`] does the same for any [`ProbeMachine`] (e.g. [`run_lifetime`]).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -30,6 +31,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::lifetime::{LifetimeConfig, LifetimeProbe};
+use super::machine::ProbeMachine;
 use super::plan::{Probe, ProbeConfig, SocketId};
 use super::report::ProbeReport;
 use crate::nat::table::{NatError, NatTable};
@@ -825,6 +828,99 @@ pub fn run_probe(cfg: &SimConfig, probe_cfg: ProbeConfig) -> SimRun {
 /// A probe configuration aimed at the simulated server, with a seeded transaction-ID generator.
 pub fn probe_config(seed: u64) -> ProbeConfig {
     let mut c = ProbeConfig::new(SERVER_PRIMARY);
+    c.seed = Some(seed);
+    c
+}
+
+/// The result of driving any [`ProbeMachine`] through the simulator.
+#[derive(Debug)]
+pub struct MachineRun<M> {
+    pub machine: M,
+    /// Whether the machine finished (rather than hitting the step or virtual-time bound).
+    pub completed: bool,
+    /// Virtual time from start to the last event handled.
+    pub virtual_time: Duration,
+    pub steps: u64,
+    pub stats: SimStats,
+    pub sockets: Vec<(SocketId, SocketAddr)>,
+    /// The network at the end, for tests that inspect the NAT table.
+    pub net: SimNet,
+}
+
+/// Runs the machine `make` builds against the world `cfg` on a virtual clock, exactly as
+/// [`run_probe`] runs a [`Probe`]. Bounded by `cfg.max_steps` and `cfg.max_virtual_time`.
+pub fn run_machine<M: ProbeMachine>(
+    cfg: &SimConfig,
+    make: impl FnOnce(Instant) -> M,
+) -> MachineRun<M> {
+    // The one clock read: the origin of virtual time. Only durations added to it follow.
+    let epoch = Instant::now();
+    let mut net = SimNet::new(cfg);
+    let mut machine = make(epoch);
+    let mut sockets: Vec<(SocketId, SocketAddr)> = Vec::new();
+    let mut now = epoch;
+    let mut steps = 0;
+    let mut completed = false;
+    loop {
+        steps += 1;
+        while let Some(t) = machine.poll_transmit(now) {
+            let local = match sockets.iter().find(|(id, _)| *id == t.socket) {
+                Some((_, a)) => *a,
+                None => {
+                    let a = net.bind();
+                    sockets.push((t.socket, a));
+                    machine.socket_bound(t.socket, a);
+                    a
+                }
+            };
+            net.send(now, local, t.to, t.payload);
+        }
+        if machine.is_done() {
+            completed = true;
+            break;
+        }
+        if steps >= cfg.max_steps {
+            break;
+        }
+        let Some(next) = [net.next_event(), machine.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            break;
+        };
+        if next.saturating_duration_since(epoch) > cfg.max_virtual_time {
+            break;
+        }
+        now = now.max(next);
+        for d in net.deliver_due(now) {
+            if let Some((id, _)) = sockets.iter().find(|(_, a)| *a == d.local) {
+                machine.handle_datagram(now, *id, d.from, &d.payload);
+            }
+        }
+        if machine.poll_timeout().is_some_and(|t| t <= now) {
+            machine.handle_timeout(now);
+        }
+    }
+    MachineRun {
+        machine,
+        completed,
+        virtual_time: now.saturating_duration_since(epoch),
+        steps,
+        stats: net.stats(),
+        sockets,
+        net,
+    }
+}
+
+/// Runs a binding-lifetime measurement (RFC 5780 §4.6) against the world `cfg`.
+pub fn run_lifetime(cfg: &SimConfig, lifetime_cfg: LifetimeConfig) -> MachineRun<LifetimeProbe> {
+    run_machine(cfg, |epoch| LifetimeProbe::new(epoch, lifetime_cfg))
+}
+
+/// A lifetime configuration aimed at the simulated server, with a seeded transaction-ID generator.
+pub fn lifetime_config(seed: u64) -> LifetimeConfig {
+    let mut c = LifetimeConfig::new(SERVER_PRIMARY);
     c.seed = Some(seed);
     c
 }

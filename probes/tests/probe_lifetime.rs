@@ -1,0 +1,196 @@
+//! The binding-lifetime probe (RFC 5780 §4.6, RFC 4787 REQ-6) against the simulated network, on a
+//! virtual clock: the measured lifetime must bracket the NAT's configured UDP timeout to the
+//! search resolution, inbound refresh must be reported as configured, a host without a NAT gets
+//! "not applicable", and under loss every verdict is the truth or unknown.
+
+use std::time::Duration;
+
+use natscope_probes::nat::{FilteringBehavior as F, MappingBehavior as M, NatBehavior};
+use natscope_probes::probe::lifetime::resolution;
+use natscope_probes::probe::sim::{self, MachineRun, Path, SimConfig};
+use natscope_probes::probe::{LifetimeProbe, LifetimeReport};
+
+fn nat(timeout_s: u64, inbound_refresh: bool) -> Path {
+    let mut b = NatBehavior::new(M::EndpointIndependent, F::AddressAndPortDependent);
+    b.udp_timeout = Duration::from_secs(timeout_s);
+    b.inbound_refresh = inbound_refresh;
+    Path::Nat(b)
+}
+
+fn world(path: Path, seed: u64) -> SimConfig {
+    let mut c = SimConfig::new(path, seed);
+    c.max_virtual_time = Duration::from_secs(4 * 3600);
+    c
+}
+
+fn run(cfg: &SimConfig, seed: u64) -> (MachineRun<LifetimeProbe>, LifetimeReport) {
+    let run = sim::run_lifetime(cfg, sim::lifetime_config(seed));
+    let report = run.machine.report();
+    eprintln!(
+        "{:?}: completed {} in {:.1} s virtual, {} steps, {} requests, {} checks: {:?} [{:?}, {:?}] inbound {:?}\n  {:?}",
+        cfg.path,
+        run.completed,
+        run.virtual_time.as_secs_f64(),
+        run.steps,
+        report.requests_sent,
+        report.checks,
+        report.binding_lifetime_s,
+        report.lower_s,
+        report.upper_s,
+        report.inbound_refresh,
+        report.tests
+    );
+    (run, report)
+}
+
+/// The configured timeout lies in [lower, upper] and the interval is within the resolution (plus
+/// the retry budget of the last expired check).
+fn assert_brackets(r: &LifetimeReport, timeout_s: u64) {
+    let t = timeout_s as f64;
+    let (Some(lo), Some(hi)) = (r.lower_s, r.upper_s) else {
+        panic!("no bounds: {r:?}");
+    };
+    assert_eq!(
+        r.binding_lifetime_s,
+        Some(lo),
+        "the lower bound is reported"
+    );
+    assert!(lo <= t && t <= hi, "{lo} ≤ {t} ≤ {hi}");
+    let res = resolution(Duration::from_secs_f64(lo)).as_secs_f64();
+    assert!(
+        hi - lo <= res + 0.5,
+        "interval {lo}–{hi} wider than {res} s"
+    );
+    assert!(t - lo <= res, "lower bound {lo} within {res} s of {t}");
+}
+
+#[test]
+fn lifetime_30s_and_120s_with_outbound_refresh_only() {
+    for (timeout, seed) in [(30, 1), (120, 2)] {
+        let (run, r) = run(&world(nat(timeout, false), seed), seed);
+        assert!(run.completed);
+        assert_eq!(r.nat_detected, Some(true));
+        assert_brackets(&r, timeout);
+        assert_eq!(r.inbound_refresh, Some(false), "{:?}", r.tests);
+        assert_eq!(r.tests[0].name, "binding lifetime");
+        assert_eq!(r.tests[1].name, "inbound refresh");
+        assert_eq!(r.tests[1].verdict, "no");
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+}
+
+#[test]
+fn inbound_refresh_is_reported() {
+    for (timeout, seed) in [(30, 3), (120, 4)] {
+        let (run, r) = run(&world(nat(timeout, true), seed), seed);
+        assert!(run.completed);
+        assert_brackets(&r, timeout);
+        assert_eq!(r.inbound_refresh, Some(true), "{:?}", r.tests);
+        assert_eq!(r.tests[1].verdict, "yes");
+    }
+}
+
+#[test]
+fn no_nat_has_no_binding_to_expire() {
+    for path in [Path::Open, Path::Firewall(F::AddressAndPortDependent)] {
+        let (run, r) = run(&world(path, 5), 5);
+        assert!(run.completed);
+        assert_eq!(r.nat_detected, Some(false));
+        assert_eq!(r.binding_lifetime_s, None);
+        assert_eq!(r.inbound_refresh, None);
+        assert_eq!(r.tests[0].verdict, "not applicable");
+        assert!(
+            r.tests[0]
+                .evidence
+                .starts_with("no nat: no binding to expire"),
+            "{}",
+            r.tests[0].evidence
+        );
+        assert!(run.virtual_time < Duration::from_secs(1), "stops at once");
+    }
+}
+
+#[test]
+fn udp_blocked_is_unknown() {
+    let (run, r) = run(&world(Path::UdpBlocked, 6), 6);
+    assert!(run.completed);
+    assert_eq!(r.nat_detected, None);
+    assert_eq!(r.binding_lifetime_s, None);
+    assert_eq!(r.tests[0].verdict, "unknown");
+}
+
+#[test]
+fn lifetime_longer_than_the_maximum_is_a_lower_bound() {
+    let cfg = world(nat(120, false), 7);
+    let mut lc = sim::lifetime_config(7);
+    lc.max = Duration::from_secs(60);
+    let run = sim::run_lifetime(&cfg, lc);
+    let r = run.machine.report();
+    assert!(run.completed);
+    assert!(r.binding_lifetime_s.is_some_and(|l| l >= 60.0), "{r:?}");
+    assert_eq!(r.upper_s, None);
+    assert_eq!(r.inbound_refresh, None);
+    assert!(r.tests[0].verdict.starts_with("≥ 60"), "{:?}", r.tests[0]);
+}
+
+#[test]
+fn under_loss_every_verdict_is_the_truth_or_unknown() {
+    for loss in [0.10, 0.30] {
+        let mut found = 0;
+        for seed in 10..16u64 {
+            for (timeout, refresh) in [(30, false), (30, true), (120, false)] {
+                let mut cfg = world(nat(timeout, refresh), seed);
+                cfg.loss = loss;
+                let (run, r) = run(&cfg, seed);
+                let why = format!("loss {loss} seed {seed} timeout {timeout}: {r:?}");
+                assert!(run.completed, "{why}");
+                assert!(run.stats.lost > 0, "{why}");
+                if let Some(l) = r.binding_lifetime_s {
+                    let hi = r.upper_s.expect("a converged lifetime has an upper bound");
+                    assert!(l <= timeout as f64 && timeout as f64 <= hi, "{why}");
+                    found += 1;
+                } else {
+                    assert_eq!(r.tests[0].verdict, "unknown", "{why}");
+                }
+                assert!(r.inbound_refresh.is_none_or(|b| b == refresh), "{why}");
+            }
+        }
+        if loss <= 0.10 {
+            assert_eq!(found, 18, "10% loss: every run converges");
+        }
+        eprintln!("loss {loss}: {found}/18 converged");
+    }
+}
+
+#[test]
+fn every_mapping_filtering_and_allocation_gives_the_same_lifetime() {
+    use natscope_probes::nat::PortAllocation;
+    let mut seed = 100;
+    for m in [
+        M::EndpointIndependent,
+        M::AddressDependent,
+        M::AddressAndPortDependent,
+    ] {
+        for f in [
+            F::EndpointIndependent,
+            F::AddressDependent,
+            F::AddressAndPortDependent,
+        ] {
+            for a in [
+                PortAllocation::Preserve,
+                PortAllocation::Sequential { step: 1 },
+                PortAllocation::Random,
+            ] {
+                seed += 1;
+                let mut b = NatBehavior::new(m, f);
+                b.allocation = a;
+                b.udp_timeout = Duration::from_secs(45);
+                let run = sim::run_lifetime(&world(Path::Nat(b), seed), sim::lifetime_config(seed));
+                let r = run.machine.report();
+                assert!(run.completed, "{m:?} {f:?} {a:?}");
+                assert_brackets(&r, 45);
+                assert_eq!(r.inbound_refresh, Some(false), "{m:?} {f:?} {a:?}: {r:?}");
+            }
+        }
+    }
+}
