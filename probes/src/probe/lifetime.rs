@@ -24,12 +24,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
+use super::evidence::{binding_request, LossEvidence, RttEstimator};
 use super::plan::{SocketId, Timing, Transmit};
 use super::report::TestReport;
-use crate::client::{build_request, BindingResponse, RequestOptions};
-use crate::stun::{Message, TransactionId, MAGIC_COOKIE};
+use crate::client::{BindingResponse, RequestOptions};
+use crate::stun::{Message, TransactionId};
 
 /// The socket whose binding is measured.
 pub const X: SocketId = SocketId(0);
@@ -160,10 +161,8 @@ pub struct LifetimeProbe {
     queue: VecDeque<usize>,
     local: Vec<(SocketId, SocketAddr)>,
     next_socket: u16,
-    srtt: Option<Duration>,
-    rttvar: Duration,
-    pos_sent: u32,
-    pos_answered: u32,
+    rtt: RttEstimator,
+    evidence: LossEvidence,
     /// When X last sent: the binding's idle time counts from here.
     x_last: Option<Instant>,
     /// X's external address from the latest refresh (Pp is its port).
@@ -207,10 +206,8 @@ impl LifetimeProbe {
             queue: VecDeque::new(),
             local: Vec::new(),
             next_socket: 1,
-            srtt: None,
-            rttvar: Duration::ZERO,
-            pos_sent: 0,
-            pos_answered: 0,
+            rtt: RttEstimator::default(),
+            evidence: LossEvidence::default(),
             x_last: None,
             x_mapped: None,
             first_mapped: None,
@@ -251,24 +248,17 @@ impl LifetimeProbe {
     }
 
     fn add_tx(&mut self, kind: Kind, socket: SocketId, response_port: Option<u16>) {
-        let mut id = [0u8; 16];
-        id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        self.rng.fill(&mut id[4..]);
-        let tid = TransactionId(id);
-        let mut buf = [0u8; 128];
         let opts = RequestOptions {
             response_port,
-            fingerprint: true,
             ..Default::default()
         };
-        // A request this small always fits; an encoding error would be a bug, not an input.
-        let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
+        let (tid, payload) = binding_request(&mut self.rng, opts);
         self.txs.push(Tx {
             kind,
             stage: self.stage,
             socket,
             tid,
-            payload: buf[..len].to_vec(),
+            payload,
             transmits: 0,
             first_sent: None,
             last_sent: None,
@@ -280,34 +270,7 @@ impl LifetimeProbe {
     }
 
     fn rto(&self) -> Duration {
-        let t = &self.cfg.timing;
-        match self.srtt {
-            None => t.initial_rto,
-            Some(s) => (s + self.rttvar * 4).clamp(t.min_rto, t.max_rto),
-        }
-    }
-
-    fn sample_rtt(&mut self, r: Duration) {
-        match self.srtt {
-            None => {
-                self.srtt = Some(r);
-                self.rttvar = r / 2;
-            }
-            Some(s) => {
-                self.rttvar = (self.rttvar * 3 + s.abs_diff(r)) / 4;
-                self.srtt = Some((s * 7 + r) / 8);
-            }
-        }
-    }
-
-    /// Chance that `k` transmissions in a row were all lost (Beta(1,1) prior on round-trip loss,
-    /// posterior predictive), as in the main probe.
-    fn miss(&self, k: u32) -> f64 {
-        let lost = f64::from(self.pos_sent - self.pos_answered);
-        let n = f64::from(self.pos_sent);
-        (0..k).fold(1.0, |acc, i| {
-            acc * (lost + 1.0 + f64::from(i)) / (n + 2.0 + f64::from(i))
-        })
+        self.rtt.rto(&self.cfg.timing)
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
@@ -370,7 +333,7 @@ impl LifetimeProbe {
                 continue;
             }
             let k = tx.transmits;
-            let first_refresh = self.pos_answered == 0;
+            let first_refresh = self.evidence.answered() == 0;
             let cap = if first_refresh {
                 self.cfg.timing.reach_transmits
             } else {
@@ -384,7 +347,7 @@ impl LifetimeProbe {
                     1.0
                 }
             } else {
-                self.miss(k)
+                self.evidence.miss(k)
             };
             if k >= cap || miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::GaveUp { miss };
@@ -431,7 +394,8 @@ impl LifetimeProbe {
             }
             Kind::Check => {
                 let outcome = if miss < self.cfg.timing.target_miss {
-                    let due = tx.last_sent.unwrap_or(now) + self.srtt.unwrap_or(Duration::ZERO);
+                    let due =
+                        tx.last_sent.unwrap_or(now) + self.rtt.srtt().unwrap_or(Duration::ZERO);
                     Outcome::Expired(self.idle_at(due))
                 } else {
                     Outcome::Unsure
@@ -538,11 +502,10 @@ impl LifetimeProbe {
             // Karn: only unambiguous samples (one transmission) feed the RTT estimate.
             if k == 1 {
                 if let Some(sent) = first {
-                    self.sample_rtt(now.saturating_duration_since(sent));
+                    self.rtt.sample(now.saturating_duration_since(sent));
                 }
             }
-            self.pos_sent += k;
-            self.pos_answered += 1;
+            self.evidence.answered_after(k);
         } else {
             tx.state = TxState::GaveUp { miss: 1.0 };
         }

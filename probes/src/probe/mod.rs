@@ -8,6 +8,7 @@
 //! machine behind the same [`ProbeMachine`] interface, so the same drivers run it.
 
 pub mod driver;
+pub mod evidence;
 pub mod lifetime;
 pub mod machine;
 pub mod plan;

@@ -31,14 +31,15 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
+use super::evidence::{binding_request, LossEvidence, RttEstimator};
 use super::report::{
     self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
     ServerReport, TestReport,
 };
-use crate::client::{build_request, BindingResponse, RequestOptions};
-use crate::stun::{ChangeRequest, Class, Message, TransactionId, MAGIC_COOKIE, METHOD_BINDING};
+use crate::client::{BindingResponse, RequestOptions};
+use crate::stun::{ChangeRequest, Class, Message, TransactionId, METHOD_BINDING};
 
 /// A local socket of the probe; the driver binds a fresh one the first time it sees an id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -173,29 +174,6 @@ enum Phase {
     Done,
 }
 
-/// RFC 6298 round-trip estimator.
-#[derive(Clone, Copy, Debug)]
-struct Rtt {
-    srtt: Option<Duration>,
-    rttvar: Duration,
-}
-
-impl Rtt {
-    fn sample(&mut self, r: Duration) {
-        match self.srtt {
-            None => {
-                self.srtt = Some(r);
-                self.rttvar = r / 2;
-            }
-            Some(s) => {
-                let diff = s.abs_diff(r);
-                self.rttvar = (self.rttvar * 3 + diff) / 4;
-                self.srtt = Some((s * 7 + r) / 8);
-            }
-        }
-    }
-}
-
 /// The probe state machine. Drive it with `poll_transmit` / `handle_datagram` / `handle_timeout` /
 /// `poll_timeout` until `is_done`, then read `report`.
 #[derive(Debug)]
@@ -207,10 +185,8 @@ pub struct Probe {
     txs: Vec<Tx>,
     queue: VecDeque<usize>,
     local: Vec<(SocketId, SocketAddr)>,
-    rtt: Rtt,
-    /// Transmissions and answers of answered requests, for the loss estimate.
-    pos_sent: u32,
-    pos_answered: u32,
+    rtt: RttEstimator,
+    evidence: LossEvidence,
     other: Option<SocketAddr>,
     problems: Vec<String>,
     alg: Option<bool>,
@@ -230,12 +206,8 @@ impl Probe {
             txs: Vec::new(),
             queue: VecDeque::new(),
             local: Vec::new(),
-            rtt: Rtt {
-                srtt: None,
-                rttvar: Duration::ZERO,
-            },
-            pos_sent: 0,
-            pos_answered: 0,
+            rtt: RttEstimator::default(),
+            evidence: LossEvidence::default(),
             other: None,
             problems: Vec::new(),
             alg: None,
@@ -268,24 +240,17 @@ impl Probe {
         change: ChangeRequest,
         expect_from: SocketAddr,
     ) {
-        let mut id = [0u8; 16];
-        id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        self.rng.fill(&mut id[4..]);
-        let tid = TransactionId(id);
-        let mut buf = [0u8; 128];
         let opts = RequestOptions {
             change,
-            fingerprint: true,
             ..Default::default()
         };
-        // A request this small always fits; an encoding error would be a bug, not an input.
-        let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
+        let (tid, payload) = binding_request(&mut self.rng, opts);
         self.txs.push(Tx {
             step,
             socket,
             to,
             tid,
-            payload: buf[..len].to_vec(),
+            payload,
             expect_from,
             transmits: 0,
             first_sent: None,
@@ -298,30 +263,7 @@ impl Probe {
     }
 
     fn rto(&self) -> Duration {
-        let t = &self.cfg.timing;
-        match self.rtt.srtt {
-            None => t.initial_rto,
-            Some(s) => (s + self.rtt.rttvar * 4).clamp(t.min_rto, t.max_rto),
-        }
-    }
-
-    /// Chance that `k` transmissions in a row were all lost, given the answers seen so far
-    /// (Beta(1,1) prior on the round-trip loss rate; posterior predictive).
-    fn miss(&self, k: u32) -> f64 {
-        let lost = f64::from(self.pos_sent - self.pos_answered);
-        let n = f64::from(self.pos_sent);
-        (0..k).fold(1.0, |acc, i| {
-            acc * (lost + 1.0 + f64::from(i)) / (n + 2.0 + f64::from(i))
-        })
-    }
-
-    /// Point estimate of round-trip loss.
-    fn loss(&self) -> f64 {
-        if self.pos_sent == 0 {
-            0.0
-        } else {
-            f64::from(self.pos_sent - self.pos_answered) / f64::from(self.pos_sent)
-        }
+        self.rtt.rto(&self.cfg.timing)
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
@@ -370,7 +312,7 @@ impl Probe {
             } else {
                 self.cfg.timing.max_transmits
             };
-            let miss = if tx.step == Step::Reach && self.pos_answered == 0 {
+            let miss = if tx.step == Step::Reach && self.evidence.answered() == 0 {
                 // Nothing answered yet: no loss estimate; the RFC 8489 budget decides alone.
                 if k >= cap {
                     0.0
@@ -378,7 +320,7 @@ impl Probe {
                     1.0
                 }
             } else {
-                self.miss(k)
+                self.evidence.miss(k)
             };
             if k >= cap || miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::GaveUp { miss };
@@ -468,8 +410,7 @@ impl Probe {
                 self.rtt.sample(now.saturating_duration_since(sent));
             }
         }
-        self.pos_sent += tx.transmits;
-        self.pos_answered += 1;
+        self.evidence.answered_after(tx.transmits);
         tx.state = TxState::Answered(Box::new(resp));
         tx.done_at = Some(now);
         self.advance(now);
@@ -813,7 +754,7 @@ impl Probe {
             },
             tests,
             outlook,
-            loss_estimate: self.loss(),
+            loss_estimate: self.evidence.loss(),
             negative_confidence,
             retry_budget_ms: budget,
             summary,

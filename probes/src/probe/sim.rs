@@ -762,66 +762,16 @@ pub struct SimRun {
     pub sockets: Vec<(SocketId, SocketAddr)>,
 }
 
-/// Runs `probe_cfg` against the world `cfg` to completion on a virtual clock: sends what the probe
-/// transmits, lands datagrams at their arrival times, calls `handle_timeout` when due, and jumps
-/// time to the next arrival or timeout. Bounded by `cfg.max_steps` and `cfg.max_virtual_time`.
+/// Runs `probe_cfg` against the world `cfg` on a virtual clock ([`run_machine`] with a [`Probe`]).
 pub fn run_probe(cfg: &SimConfig, probe_cfg: ProbeConfig) -> SimRun {
-    // The one clock read: the origin of virtual time. Only durations added to it follow.
-    let epoch = Instant::now();
-    let mut net = SimNet::new(cfg);
-    let mut probe = Probe::new(epoch, probe_cfg);
-    let mut sockets: Vec<(SocketId, SocketAddr)> = Vec::new();
-    let mut now = epoch;
-    let mut steps = 0;
-    let mut completed = false;
-    loop {
-        steps += 1;
-        while let Some(t) = probe.poll_transmit(now) {
-            let local = match sockets.iter().find(|(id, _)| *id == t.socket) {
-                Some((_, a)) => *a,
-                None => {
-                    let a = net.bind();
-                    sockets.push((t.socket, a));
-                    probe.socket_bound(t.socket, a);
-                    a
-                }
-            };
-            net.send(now, local, t.to, t.payload);
-        }
-        if probe.is_done() {
-            completed = true;
-            break;
-        }
-        if steps >= cfg.max_steps {
-            break;
-        }
-        let Some(next) = [net.next_event(), probe.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
-        else {
-            break;
-        };
-        if next.saturating_duration_since(epoch) > cfg.max_virtual_time {
-            break;
-        }
-        now = now.max(next);
-        for d in net.deliver_due(now) {
-            if let Some((id, _)) = sockets.iter().find(|(_, a)| *a == d.local) {
-                probe.handle_datagram(now, *id, d.from, &d.payload);
-            }
-        }
-        if probe.poll_timeout().is_some_and(|t| t <= now) {
-            probe.handle_timeout(now);
-        }
-    }
+    let run = run_machine(cfg, |epoch| Probe::new(epoch, probe_cfg));
     SimRun {
-        report: probe.report(),
-        completed,
-        virtual_time: now.saturating_duration_since(epoch),
-        steps,
-        stats: net.stats(),
-        sockets,
+        report: run.machine.report(),
+        completed: run.completed,
+        virtual_time: run.virtual_time,
+        steps: run.steps,
+        stats: run.stats,
+        sockets: run.sockets,
     }
 }
 
@@ -847,8 +797,9 @@ pub struct MachineRun<M> {
     pub net: SimNet,
 }
 
-/// Runs the machine `make` builds against the world `cfg` on a virtual clock, exactly as
-/// [`run_probe`] runs a [`Probe`]. Bounded by `cfg.max_steps` and `cfg.max_virtual_time`.
+/// Runs the machine `make` builds against the world `cfg` to completion on a virtual clock: sends
+/// what it transmits, lands datagrams at their arrival times, calls `handle_timeout` when due, and
+/// jumps time to the next arrival or timeout. Bounded by `cfg.max_steps` and `cfg.max_virtual_time`.
 pub fn run_machine<M: ProbeMachine>(
     cfg: &SimConfig,
     make: impl FnOnce(Instant) -> M,

@@ -1,0 +1,101 @@
+//! What every probe machine needs to time its requests and to trust a missing answer: the RFC 6298
+//! round-trip estimator behind the retransmission timeout, and the loss evidence behind the
+//! give-up rule (the Beta(1,1)-posterior predictive chance that `k` transmissions in a row were all
+//! lost), plus fresh Binding requests with seeded transaction IDs.
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::plan::Timing;
+use crate::client::{build_request, RequestOptions};
+use crate::stun::{TransactionId, MAGIC_COOKIE};
+
+/// RFC 6298 smoothed round-trip time and variance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RttEstimator {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl RttEstimator {
+    /// Adds one unambiguous sample (Karn: from a request sent once).
+    pub fn sample(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                self.rttvar = (self.rttvar * 3 + s.abs_diff(r)) / 4;
+                self.srtt = Some((s * 7 + r) / 8);
+            }
+        }
+    }
+
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// SRTT + 4·RTTVAR within the timing's bounds; the initial RTO until a sample exists.
+    pub fn rto(&self, t: &Timing) -> Duration {
+        match self.srtt {
+            None => t.initial_rto,
+            Some(s) => (s + self.rttvar * 4).clamp(t.min_rto, t.max_rto),
+        }
+    }
+}
+
+/// Transmissions and answers of the requests that were answered.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossEvidence {
+    sent: u32,
+    answered: u32,
+}
+
+impl LossEvidence {
+    /// Records a request answered after `transmits` transmissions (all but one were lost).
+    pub fn answered_after(&mut self, transmits: u32) {
+        self.sent += transmits;
+        self.answered += 1;
+    }
+
+    pub fn answered(&self) -> u32 {
+        self.answered
+    }
+
+    /// Chance that `k` transmissions in a row were all lost, given the evidence so far.
+    pub fn miss(&self, k: u32) -> f64 {
+        let lost = f64::from(self.sent - self.answered);
+        let n = f64::from(self.sent);
+        (0..k).fold(1.0, |acc, i| {
+            acc * (lost + 1.0 + f64::from(i)) / (n + 2.0 + f64::from(i))
+        })
+    }
+
+    /// Point estimate of round-trip loss.
+    pub fn loss(&self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            f64::from(self.sent - self.answered) / f64::from(self.sent)
+        }
+    }
+}
+
+/// A Binding request with FINGERPRINT and a transaction ID drawn from `rng`.
+pub fn binding_request(rng: &mut StdRng, opts: RequestOptions) -> (TransactionId, Vec<u8>) {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+    rng.fill(&mut id[4..]);
+    let tid = TransactionId(id);
+    let mut buf = [0u8; 128];
+    let opts = RequestOptions {
+        fingerprint: true,
+        ..opts
+    };
+    // A request this small always fits; an encoding error would be a bug, not an input.
+    let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
+    (tid, buf[..len].to_vec())
+}
