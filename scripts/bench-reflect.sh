@@ -17,6 +17,7 @@
 # Environment: SECONDS_PER_RUN (default 10), REPS (3), SETTINGS ("4x32 16x8 2x64 8x16", sockets x
 # window), PIN=1 to give the servers CPU 1 and the load generator CPU 0 (taskset) instead of letting
 # them share both: then requests/s is bounded by one core of server, which isolates its efficiency.
+# BIN=path runs that prebuilt natscope (for A/B runs of two builds) instead of building the tree.
 # Traffic stays on 127.0.0.0/8. Every process started here is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
 REPS=${REPS:-3}
 SETTINGS=${SETTINGS:-"4x32 16x8 2x64 8x16"}
-BIN=target/release/natscope
+BIN=${BIN:-}
 server_cpus=()
 client_cpus=()
 if [ "${PIN:-0}" = 1 ]; then
@@ -36,7 +37,10 @@ for tool in turnserver jq ss /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "bench-reflect: $tool is required" >&2; exit 2; }
 done
 
-cargo build --release -p natscope
+if [ -z "$BIN" ]; then
+  cargo build --release -p natscope
+  BIN=target/release/natscope
+fi
 
 work=$(mktemp -d /tmp/natscope-bench.XXXXXX)
 pids=()
