@@ -3,7 +3,7 @@
 //! give-up rule (the Beta(1,1)-posterior predictive chance that `k` transmissions in a row were all
 //! lost), plus fresh Binding requests with seeded transaction IDs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -44,6 +44,29 @@ impl RttEstimator {
             None => t.initial_rto,
             Some(s) => (s + self.rttvar * 4).clamp(t.min_rto, t.max_rto),
         }
+    }
+}
+
+/// One request's transmissions: how many, when, and when the next is due.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    pub transmits: u32,
+    pub first_sent: Option<Instant>,
+    pub last_sent: Option<Instant>,
+    pub next_at: Option<Instant>,
+    /// When the request was answered or given up.
+    pub done_at: Option<Instant>,
+}
+
+impl Schedule {
+    /// Records a transmission at `now`. RFC 8489 §6.2.1 backs off by doubling; on the paths a probe
+    /// sees, twice the RTO bounds it, so the next is due after one RTO, later ones after two.
+    pub fn sent(&mut self, now: Instant, rto: Duration, max_rto: Duration) {
+        self.transmits += 1;
+        self.first_sent.get_or_insert(now);
+        self.last_sent = Some(now);
+        let wait = if self.transmits == 1 { rto } else { rto * 2 };
+        self.next_at = Some(now + wait.min(max_rto));
     }
 }
 

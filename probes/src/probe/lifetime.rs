@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::evidence::{binding_request, LossEvidence, RttEstimator};
+use super::evidence::{binding_request, LossEvidence, RttEstimator, Schedule};
 use super::plan::{SocketId, Timing, Transmit};
 use super::report::TestReport;
 use crate::client::{BindingResponse, RequestOptions};
@@ -130,11 +130,7 @@ struct Tx {
     socket: SocketId,
     tid: TransactionId,
     payload: Vec<u8>,
-    transmits: u32,
-    first_sent: Option<Instant>,
-    last_sent: Option<Instant>,
-    next_at: Option<Instant>,
-    done_at: Option<Instant>,
+    sched: Schedule,
     state: TxState,
 }
 
@@ -259,11 +255,7 @@ impl LifetimeProbe {
             socket,
             tid,
             payload,
-            transmits: 0,
-            first_sent: None,
-            last_sent: None,
-            next_at: None,
-            done_at: None,
+            sched: Schedule::default(),
             state: TxState::Pending,
         });
         self.queue.push_back(self.txs.len() - 1);
@@ -281,11 +273,7 @@ impl LifetimeProbe {
             if tx.state != TxState::Pending {
                 continue;
             }
-            tx.transmits += 1;
-            tx.first_sent.get_or_insert(now);
-            tx.last_sent = Some(now);
-            let wait = if tx.transmits == 1 { rto } else { rto * 2 };
-            tx.next_at = Some(now + wait.min(max_rto));
+            tx.sched.sent(now, rto, max_rto);
             let out = Transmit {
                 socket: tx.socket,
                 to: self.cfg.server,
@@ -317,7 +305,7 @@ impl LifetimeProbe {
         self.txs
             .iter()
             .filter(|t| t.state == TxState::Pending)
-            .filter_map(|t| t.next_at)
+            .filter_map(|t| t.sched.next_at)
             .chain(self.wake)
             .min()
     }
@@ -328,11 +316,11 @@ impl LifetimeProbe {
         }
         for i in 0..self.txs.len() {
             let tx = &self.txs[i];
-            let Some(at) = tx.next_at else { continue };
+            let Some(at) = tx.sched.next_at else { continue };
             if tx.state != TxState::Pending || now < at || self.queue.contains(&i) {
                 continue;
             }
-            let k = tx.transmits;
+            let k = tx.sched.transmits;
             let first_refresh = self.evidence.answered() == 0;
             let cap = if first_refresh {
                 self.cfg.timing.reach_transmits
@@ -351,7 +339,7 @@ impl LifetimeProbe {
             };
             if k >= cap || miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::GaveUp { miss };
-                self.txs[i].done_at = Some(now);
+                self.txs[i].sched.done_at = Some(now);
                 self.gave_up(now, i, miss);
             } else {
                 self.queue.push_back(i);
@@ -394,8 +382,8 @@ impl LifetimeProbe {
             }
             Kind::Check => {
                 let outcome = if miss < self.cfg.timing.target_miss {
-                    let due =
-                        tx.last_sent.unwrap_or(now) + self.rtt.srtt().unwrap_or(Duration::ZERO);
+                    let due = tx.sched.last_sent.unwrap_or(now)
+                        + self.rtt.srtt().unwrap_or(Duration::ZERO);
                     Outcome::Expired(self.idle_at(due))
                 } else {
                     Outcome::Unsure
@@ -495,10 +483,10 @@ impl LifetimeProbe {
 
     fn finish_tx(&mut self, now: Instant, i: usize, answered: bool) {
         let tx = &mut self.txs[i];
-        tx.done_at = Some(now);
+        tx.sched.done_at = Some(now);
         if answered {
             tx.state = TxState::Answered;
-            let (k, first) = (tx.transmits, tx.first_sent);
+            let (k, first) = (tx.sched.transmits, tx.sched.first_sent);
             // Karn: only unambiguous samples (one transmission) feed the RTT estimate.
             if k == 1 {
                 if let Some(sent) = first {
@@ -707,7 +695,7 @@ impl LifetimeProbe {
 
     /// Requests sent so far.
     pub fn requests_sent(&self) -> u32 {
-        self.txs.iter().map(|t| t.transmits).sum()
+        self.txs.iter().map(|t| t.sched.transmits).sum()
     }
 
     /// Virtual or real time since the start.
@@ -780,13 +768,13 @@ impl LifetimeProbe {
         };
         let row = |name: &str, stage: Stage, verdict: String, evidence: String| {
             let txs: Vec<&Tx> = self.txs.iter().filter(|t| t.stage == stage).collect();
-            let start = txs.iter().filter_map(|t| t.first_sent).min();
-            let stop = txs.iter().filter_map(|t| t.done_at).max();
+            let start = txs.iter().filter_map(|t| t.sched.first_sent).min();
+            let stop = txs.iter().filter_map(|t| t.sched.done_at).max();
             TestReport {
                 name: name.into(),
                 verdict,
                 evidence,
-                requests_sent: txs.iter().map(|t| t.transmits).sum(),
+                requests_sent: txs.iter().map(|t| t.sched.transmits).sum(),
                 duration_ms: match (start, stop) {
                     (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
                     _ => 0.0,

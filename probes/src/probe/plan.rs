@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::evidence::{binding_request, LossEvidence, RttEstimator};
+use super::evidence::{binding_request, LossEvidence, RttEstimator, Schedule};
 use super::report::{
     self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
     ServerReport, TestReport,
@@ -146,11 +146,7 @@ struct Tx {
     payload: Vec<u8>,
     /// Where the answer must come from (real source and RESPONSE-ORIGIN).
     expect_from: SocketAddr,
-    transmits: u32,
-    first_sent: Option<Instant>,
-    last_sent: Option<Instant>,
-    next_at: Option<Instant>,
-    done_at: Option<Instant>,
+    sched: Schedule,
     state: TxState,
 }
 
@@ -252,11 +248,7 @@ impl Probe {
             tid,
             payload,
             expect_from,
-            transmits: 0,
-            first_sent: None,
-            last_sent: None,
-            next_at: None,
-            done_at: None,
+            sched: Schedule::default(),
             state: TxState::Pending,
         });
         self.queue.push_back(self.txs.len() - 1);
@@ -273,12 +265,7 @@ impl Probe {
             if !tx.pending() {
                 continue;
             }
-            tx.transmits += 1;
-            tx.first_sent.get_or_insert(now);
-            tx.last_sent = Some(now);
-            // RFC 8489 backs off by doubling; on the paths a probe sees, twice the RTO bounds it.
-            let wait = if tx.transmits == 1 { rto } else { rto * 2 };
-            tx.next_at = Some(now + wait.min(self.cfg.timing.max_rto));
+            tx.sched.sent(now, rto, self.cfg.timing.max_rto);
             return Some(Transmit {
                 socket: tx.socket,
                 to: tx.to,
@@ -295,18 +282,18 @@ impl Probe {
         self.txs
             .iter()
             .filter(|t| t.pending())
-            .filter_map(|t| t.next_at)
+            .filter_map(|t| t.sched.next_at)
             .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         for i in 0..self.txs.len() {
             let tx = &self.txs[i];
-            let Some(at) = tx.next_at else { continue };
+            let Some(at) = tx.sched.next_at else { continue };
             if !tx.pending() || now < at || self.queue.contains(&i) {
                 continue;
             }
-            let k = tx.transmits;
+            let k = tx.sched.transmits;
             let cap = if tx.step == Step::Reach {
                 self.cfg.timing.reach_transmits
             } else {
@@ -324,7 +311,7 @@ impl Probe {
             };
             if k >= cap || miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::GaveUp { miss };
-                self.txs[i].done_at = Some(now);
+                self.txs[i].sched.done_at = Some(now);
             } else {
                 self.queue.push_back(i);
             }
@@ -358,7 +345,7 @@ impl Probe {
                     source: Some(from),
                     ..Default::default()
                 }));
-                tx.done_at = Some(now);
+                tx.sched.done_at = Some(now);
             }
             self.advance(now);
             return;
@@ -389,7 +376,7 @@ impl Probe {
             ));
             let tx = &mut self.txs[i];
             tx.state = TxState::GaveUp { miss: 1.0 };
-            tx.done_at = Some(now);
+            tx.sched.done_at = Some(now);
             self.advance(now);
             return;
         }
@@ -405,14 +392,14 @@ impl Probe {
         }
         let tx = &mut self.txs[i];
         // Karn: only unambiguous samples (one transmission) feed the RTT estimate.
-        if tx.transmits == 1 {
-            if let Some(sent) = tx.first_sent {
+        if tx.sched.transmits == 1 {
+            if let Some(sent) = tx.sched.first_sent {
                 self.rtt.sample(now.saturating_duration_since(sent));
             }
         }
-        self.evidence.answered_after(tx.transmits);
+        self.evidence.answered_after(tx.sched.transmits);
         tx.state = TxState::Answered(Box::new(resp));
-        tx.done_at = Some(now);
+        tx.sched.done_at = Some(now);
         self.advance(now);
     }
 
@@ -555,7 +542,7 @@ impl Probe {
 
     /// Requests sent so far, all tests together.
     pub fn requests_sent(&self) -> u32 {
-        self.txs.iter().map(|t| t.transmits).sum()
+        self.txs.iter().map(|t| t.sched.transmits).sum()
     }
 
     /// The result (complete once `is_done`; partial, with `unknown`s, before).
@@ -573,13 +560,13 @@ impl Probe {
                 .iter()
                 .filter(|t| steps.contains(&t.step))
                 .collect();
-            let start = txs.iter().filter_map(|t| t.first_sent).min();
-            let stop = txs.iter().filter_map(|t| t.done_at).max();
+            let start = txs.iter().filter_map(|t| t.sched.first_sent).min();
+            let stop = txs.iter().filter_map(|t| t.sched.done_at).max();
             TestReport {
                 name: name.into(),
                 verdict,
                 evidence,
-                requests_sent: txs.iter().map(|t| t.transmits).sum(),
+                requests_sent: txs.iter().map(|t| t.sched.transmits).sum(),
                 duration_ms: match (start, stop) {
                     (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
                     _ => 0.0,
@@ -720,7 +707,13 @@ impl Probe {
             .txs
             .iter()
             .filter(|t| matches!(t.state, TxState::GaveUp { .. }))
-            .filter_map(|t| Some(t.done_at?.saturating_duration_since(t.first_sent?)))
+            .filter_map(|t| {
+                Some(
+                    t.sched
+                        .done_at?
+                        .saturating_duration_since(t.sched.first_sent?),
+                )
+            })
             .max()
             .map_or(0.0, ms);
         let summary = summarize(
