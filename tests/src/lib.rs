@@ -1012,3 +1012,14 @@ pub fn wait_until_tcp_accepts(addrs: &[SocketAddr], timeout: Duration) -> Result
     }
     Ok(())
 }
+
+/// Runs the probe engine (natscope_probes::probe::driver) against `server` with default settings.
+pub fn probe_engine(server: SocketAddr) -> natscope_probes::probe::ProbeReport {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cfg = natscope_probes::probe::ProbeConfig::new(server);
+    rt.block_on(natscope_probes::probe::driver::run(cfg, |_| {}))
+        .unwrap_or_else(|e| panic!("probe of {server}: {e}"))
+}

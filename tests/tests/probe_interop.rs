@@ -8,20 +8,11 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use natscope_probes::probe::{
-    driver, AllocationPattern, Behavior, Classic, ProbeConfig, ProbeReport,
+use natscope_probes::probe::{AllocationPattern, Behavior, Classic, ProbeReport};
+use natscope_tests::{
+    natscope_bin, probe_engine, require_tool, run_tool, Coturn, ReflectorUnderTest, ToolRun,
 };
-use natscope_tests::{natscope_bin, require_tool, run_tool, Coturn, ReflectorUnderTest, ToolRun};
 use serde_json::Value;
-
-fn engine(server: SocketAddr) -> ProbeReport {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(driver::run(ProbeConfig::new(server), |_| {}))
-        .unwrap_or_else(|e| panic!("probe of {server}: {e}"))
-}
 
 /// The verdicts that must not depend on which RFC 5780 server answered.
 fn verdicts(r: &ProbeReport) -> String {
@@ -96,8 +87,8 @@ fn engine_verdicts_against_coturn_equal_those_against_natscope_reflect() {
     }
     let coturn = Coturn::start();
     let ours = ReflectorUnderTest::start();
-    let theirs = engine(coturn.primary);
-    let mine = engine(ours.primary());
+    let theirs = probe_engine(coturn.primary);
+    let mine = probe_engine(ours.primary());
     let why = format!("{}\n{}", coturn.child.diagnostics(), ours.diagnostics());
     assert_open_internet(&theirs, coturn.alternate, &why);
     assert_open_internet(&mine, ours.alternate(), &why);

@@ -1,20 +1,13 @@
 //! `natscope probe`'s engine over real sockets against `natscope reflect` on 127.0.0.1 + 127.0.0.2:
 //! loopback has no NAT and no filter, so every test must conclude "open internet" with no problem.
 
-use natscope_probes::probe::driver;
-use natscope_probes::probe::{AllocationPattern, Behavior, Classic, ProbeConfig};
-use natscope_tests::TestReflector;
+use natscope_probes::probe::{AllocationPattern, Behavior, Classic};
+use natscope_tests::{probe_engine, TestReflector};
 
 #[test]
 fn loopback_reflector_is_open_internet_with_every_test_passing() {
     let r = TestReflector::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let report = rt
-        .block_on(driver::run(ProbeConfig::new(r.primary), |_| {}))
-        .expect("probe runs");
+    let report = probe_engine(r.primary);
     let json = serde_json::to_string_pretty(&report).unwrap();
     assert!(!report.udp_blocked, "{json}");
     assert_eq!(report.nat_detected, Some(false), "{json}");

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 use super::plan::Timing;
 use crate::client::{build_request, RequestOptions};
@@ -104,6 +104,14 @@ impl LossEvidence {
         } else {
             f64::from(self.sent - self.answered) / f64::from(self.sent)
         }
+    }
+}
+
+/// The generator of transaction IDs: seeded for reproducible tests, from the OS otherwise.
+pub fn transaction_rng(seed: Option<u64>) -> StdRng {
+    match seed {
+        Some(s) => StdRng::seed_from_u64(s),
+        None => StdRng::from_entropy(),
     }
 }
 

@@ -24,9 +24,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 
-use super::evidence::{binding_request, LossEvidence, RttEstimator, Schedule};
+use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule};
+use super::machine::LocalSockets;
 use super::plan::{SocketId, Timing, Transmit};
 use super::report::TestReport;
 use crate::client::{BindingResponse, RequestOptions};
@@ -155,7 +155,7 @@ pub struct LifetimeProbe {
     stage: Stage,
     txs: Vec<Tx>,
     queue: VecDeque<usize>,
-    local: Vec<(SocketId, SocketAddr)>,
+    local: LocalSockets,
     next_socket: u16,
     rtt: RttEstimator,
     evidence: LossEvidence,
@@ -189,10 +189,7 @@ pub struct LifetimeProbe {
 
 impl LifetimeProbe {
     pub fn new(now: Instant, cfg: LifetimeConfig) -> Self {
-        let rng = match cfg.seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_entropy(),
-        };
+        let rng = transaction_rng(cfg.seed);
         let wait = cfg.first_wait.max(Duration::from_millis(100)).min(cfg.max);
         let mut p = Self {
             started: now,
@@ -200,7 +197,7 @@ impl LifetimeProbe {
             stage: Stage::Search,
             txs: Vec::new(),
             queue: VecDeque::new(),
-            local: Vec::new(),
+            local: LocalSockets::default(),
             next_socket: 1,
             rtt: RttEstimator::default(),
             evidence: LossEvidence::default(),
@@ -234,13 +231,11 @@ impl LifetimeProbe {
 
     /// The driver reports the local address of a socket it bound for `id`.
     pub fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
-        if !self.local.iter().any(|(i, _)| *i == id) {
-            self.local.push((id, local));
-        }
+        self.local.bound(id, local);
     }
 
     fn local_of(&self, id: SocketId) -> Option<SocketAddr> {
-        self.local.iter().find(|(i, _)| *i == id).map(|(_, a)| *a)
+        self.local.get(id)
     }
 
     fn add_tx(&mut self, kind: Kind, socket: SocketId, response_port: Option<u16>) {

@@ -9,6 +9,23 @@ use std::time::Instant;
 use super::lifetime::LifetimeProbe;
 use super::plan::{Probe, SocketId, Transmit};
 
+/// The local address the driver bound for each of a machine's sockets.
+#[derive(Clone, Debug, Default)]
+pub struct LocalSockets(Vec<(SocketId, SocketAddr)>);
+
+impl LocalSockets {
+    /// Records the driver's report; the first address for an id wins.
+    pub fn bound(&mut self, id: SocketId, local: SocketAddr) {
+        if self.get(id).is_none() {
+            self.0.push((id, local));
+        }
+    }
+
+    pub fn get(&self, id: SocketId) -> Option<SocketAddr> {
+        self.0.iter().find(|(i, _)| *i == id).map(|(_, a)| *a)
+    }
+}
+
 /// A sans-IO probe: never reads a clock, never touches a socket; every entry point takes `now`.
 pub trait ProbeMachine {
     /// The driver reports the local address of a socket it bound for `id`.

@@ -31,9 +31,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 
-use super::evidence::{binding_request, LossEvidence, RttEstimator, Schedule};
+use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule};
+use super::machine::LocalSockets;
 use super::report::{
     self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
     ServerReport, TestReport,
@@ -180,7 +180,7 @@ pub struct Probe {
     phase: Phase,
     txs: Vec<Tx>,
     queue: VecDeque<usize>,
-    local: Vec<(SocketId, SocketAddr)>,
+    local: LocalSockets,
     rtt: RttEstimator,
     evidence: LossEvidence,
     other: Option<SocketAddr>,
@@ -191,17 +191,14 @@ pub struct Probe {
 
 impl Probe {
     pub fn new(now: Instant, cfg: ProbeConfig) -> Self {
-        let rng = match cfg.seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_entropy(),
-        };
+        let rng = transaction_rng(cfg.seed);
         let mut p = Self {
             started: now,
             finished: None,
             phase: Phase::Reach,
             txs: Vec::new(),
             queue: VecDeque::new(),
-            local: Vec::new(),
+            local: LocalSockets::default(),
             rtt: RttEstimator::default(),
             evidence: LossEvidence::default(),
             other: None,
@@ -219,13 +216,11 @@ impl Probe {
 
     /// The driver reports the local address of a socket it bound for `id`.
     pub fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
-        if !self.local.iter().any(|(i, _)| *i == id) {
-            self.local.push((id, local));
-        }
+        self.local.bound(id, local);
     }
 
     fn local_of(&self, id: SocketId) -> Option<SocketAddr> {
-        self.local.iter().find(|(i, _)| *i == id).map(|(_, a)| *a)
+        self.local.get(id)
     }
 
     fn add_tx(
