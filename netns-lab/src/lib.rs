@@ -1,4 +1,8 @@
-//! natscope-lab: Linux network-namespace labs with a userspace RFC 4787 NAT engine.
-//!
-//! Empty until the lab issue fills it; the crate exists now so the workspace has its final shape
-//! (DESIGN.md, "Workspace") and later work adds modules rather than packages.
+//! natscope's network-namespace labs: real programs behind userspace RFC 4787 NATs (or the
+//! kernel's masquerade), built over netlink inside namespaces the lab creates, never touching
+//! the root namespace (DESIGN.md, "Lab" and "Safety").
+
+pub mod config;
+pub mod engine;
+pub mod presets;
+pub mod topology;

@@ -1,0 +1,265 @@
+//! A lab's topology as plain data: which nodes exist, who sits behind whom, and every NAT's
+//! settings. Presets and TOML files both produce a [`Topology`]; [`Topology::plan`] turns it into
+//! concrete addresses (DESIGN.md address plan) before anything is created, so bad input is rejected
+//! while the root namespace has not been touched yet.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use natscope_probes::nat::NatBehavior;
+use serde::Serialize;
+
+/// An IPv4 prefix, `addr/len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Net {
+    pub fn new(addr: Ipv4Addr, len: u8) -> Self {
+        Self { addr, len }
+    }
+
+    fn mask(self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.len.min(32)))
+        }
+    }
+
+    /// The network address (host bits cleared).
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+
+    pub fn overlaps(self, other: Ipv4Net) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+
+    /// The `n`-th address of the prefix (`n = 1` is the first host address).
+    pub fn host(self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.len.min(32)));
+        (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.network()) + n))
+    }
+}
+
+impl std::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Ipv4Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a prefix like 10.1.0.0/24"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("`{l}` is not a prefix length (0..=32)"))?;
+        Ok(Self { addr, len })
+    }
+}
+
+/// What a NAT router does with an unsolicited inbound TCP SYN (RFC 5382 §5 REQ-4 asks for silence;
+/// some NATs answer with a reset, which defeats TCP simultaneous open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnsolicitedSyn {
+    Drop,
+    Reset,
+}
+
+/// Settings of the userspace NAT engine of one router.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EngineConfig {
+    /// The RFC 4787 knobs (mapping, filtering, allocation, range, parity, hairpinning, timeouts,
+    /// refresh direction, pooling). With `translate == false` only filtering and timeouts apply.
+    pub behavior: NatBehavior,
+    /// `false`: a stateful firewall in front of public hosts (no address translation).
+    pub translate: bool,
+    /// Drop every UDP packet in both directions ("UDP blocked").
+    pub block_udp: bool,
+    pub unsolicited_syn: UnsolicitedSyn,
+    /// Number of external addresses in the pool (RFC 4787 §4.1; pooling is in `behavior`).
+    pub external_addresses: u8,
+    /// Seeded loss probability per forwarded packet, 0.0..=1.0.
+    pub loss: f64,
+    /// Fixed one-way delay added to every forwarded packet.
+    pub delay: Duration,
+    /// Seed for port choice and loss, so a lab run is reproducible (REQ-11).
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    pub fn new(behavior: NatBehavior) -> Self {
+        Self {
+            behavior,
+            translate: true,
+            block_udp: false,
+            unsolicited_syn: UnsolicitedSyn::Drop,
+            external_addresses: 1,
+            loss: 0.0,
+            delay: Duration::ZERO,
+            seed: 1,
+        }
+    }
+}
+
+/// How a router translates.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum RouterKind {
+    /// natscope's userspace RFC 4787 engine.
+    Engine(EngineConfig),
+    /// The kernel's nftables masquerade: what a stock Linux router does.
+    Linux,
+}
+
+/// One node of a topology. `parent` names the NAT router whose LAN the node sits on; `None` puts
+/// it on the internet segment.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "role")]
+pub enum NodeSpec {
+    /// A STUN server with two public addresses running `natscope reflect`.
+    Reflector { name: String },
+    /// A NAT router (or firewall); its LAN subnet is chosen by the planner unless given.
+    Nat {
+        name: String,
+        parent: Option<String>,
+        lan: Option<Ipv4Net>,
+        router: RouterKind,
+    },
+    /// An end host.
+    Host { name: String, parent: Option<String> },
+}
+
+impl NodeSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            NodeSpec::Reflector { name } | NodeSpec::Nat { name, .. } | NodeSpec::Host { name, .. } => {
+                name
+            }
+        }
+    }
+
+    pub fn parent(&self) -> Option<&str> {
+        match self {
+            NodeSpec::Reflector { .. } => None,
+            NodeSpec::Nat { parent, .. } | NodeSpec::Host { parent, .. } => parent.as_deref(),
+        }
+    }
+}
+
+/// A whole lab: nodes in an order where every parent comes before its children.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Topology {
+    /// The preset this topology came from, if any (reported by `lab status`).
+    pub preset: Option<String>,
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// What a node is, as reported by `lab status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Internet,
+    Reflector,
+    Nat,
+    Host,
+}
+
+/// Name of the implicit internet node (a bridge every top-level node attaches to). Reserved.
+pub const INTERNET: &str = "internet";
+/// The internet segments (documentation ranges, DESIGN.md): reflectors live in the first, NAT
+/// external addresses and public hosts in the second. Both are on-link on the internet bridge.
+pub const REFLECTOR_NET: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::new(198, 51, 100, 0),
+    len: 24,
+};
+pub const PUBLIC_NET: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::new(203, 0, 113, 0),
+    len: 24,
+};
+/// Shared address space between carrier and home NATs (RFC 6598).
+pub const CGNAT_NET: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::new(100, 64, 0, 0),
+    len: 10,
+};
+/// Private LAN space.
+pub const PRIVATE_NET: Ipv4Net = Ipv4Net {
+    addr: Ipv4Addr::new(10, 0, 0, 0),
+    len: 8,
+};
+/// STUN ports of every reflector: primary and alternate.
+pub const STUN_PORT: u16 = 3478;
+pub const STUN_ALT_PORT: u16 = 3479;
+
+/// One node with concrete addresses, produced by [`Topology::plan`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedNode {
+    pub name: String,
+    pub role: Role,
+    /// The segment this node's uplink (`eth0`, or `wan0` on a router) attaches to: the parent NAT's
+    /// name or [`INTERNET`]. `None` only for the internet node itself.
+    pub upstream: Option<String>,
+    /// Addresses on the uplink, primary first, each with the prefix length of its segment.
+    /// For an engine NAT these are its external addresses, answered by the engine (the kernel of
+    /// a userspace router holds no addresses). For the internet node: its own bridge addresses.
+    pub uplink: Vec<Ipv4Net>,
+    /// Next hop towards the internet, or `None` when every internet address is on-link (nodes on
+    /// the internet segment).
+    pub gateway: Option<Ipv4Addr>,
+    /// NAT routers: the LAN prefix, with `addr` = the router's own LAN address (first host).
+    pub lan: Option<Ipv4Net>,
+    /// NAT routers: how they translate.
+    pub router: Option<RouterKind>,
+}
+
+/// A validated topology with addresses: what [`crate::Lab`] builds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub preset: Option<String>,
+    /// The internet node first, then the topology's nodes with parents before children.
+    pub nodes: Vec<PlannedNode>,
+}
+
+/// Why a topology cannot be built. Raised before anything is created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("node name `{0}` is used twice")]
+    DuplicateName(String),
+    #[error("node name `{0}` is invalid: use 1-12 characters a-z, 0-9, '-', not `internet`")]
+    BadName(String),
+    #[error("node `{node}` sits behind `{parent}`, which is not a nat node of this lab")]
+    UnknownParent { node: String, parent: String },
+    #[error("subnet {a} of `{a_node}` overlaps {b} of `{b_node}`")]
+    Overlap {
+        a_node: String,
+        a: Ipv4Net,
+        b_node: String,
+        b: Ipv4Net,
+    },
+    #[error("subnet {subnet} of `{node}` is not usable: {why}")]
+    BadSubnet {
+        node: String,
+        subnet: Ipv4Net,
+        why: String,
+    },
+    #[error("nat `{node}`: {why}")]
+    BadNat { node: String, why: String },
+    #[error("the lab has too many {what} for its address plan (at most {max})")]
+    TooMany { what: &'static str, max: usize },
+    #[error("nat nesting under `{0}` forms a cycle")]
+    Cycle(String),
+}
