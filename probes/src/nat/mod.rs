@@ -102,6 +102,8 @@ pub enum Pooling {
 pub enum Protocol {
     Udp,
     Tcp,
+    /// ICMP query (echo): the identifier plays the port's role (RFC 5508).
+    Icmp,
 }
 
 /// Every RFC 4787 knob of one NAT.

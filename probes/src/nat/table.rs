@@ -15,6 +15,8 @@ use super::{NatBehavior, Pooling, PortAllocation, Protocol, RemoteKey};
 const MAX_PERMISSIONS: usize = 64;
 /// Attempts at finding a free random port before scanning linearly.
 const RANDOM_TRIES: usize = 64;
+/// RFC 5508 REQ-1: an ICMP query mapping must not expire in less than 60 s.
+const ICMP_QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Identifies a mapping: protocol, internal endpoint, and the part of the remote the mapping
 /// behavior distinguishes.
@@ -35,6 +37,16 @@ pub struct Mapping {
     pub expires: Instant,
     /// Remotes the filter admits, with their own expiry.
     permissions: Vec<(RemoteKey, Instant)>,
+}
+
+impl Mapping {
+    /// The filter keys this mapping admits at `now` (blank fields match anything).
+    pub fn admits(&self, now: Instant) -> impl Iterator<Item = RemoteKey> + '_ {
+        self.permissions
+            .iter()
+            .filter(move |(_, exp)| *exp > now)
+            .map(|(k, _)| *k)
+    }
 }
 
 /// Why an outbound packet could not be translated.
@@ -89,6 +101,7 @@ impl NatTable {
         match proto {
             Protocol::Udp => self.behavior.udp_timeout,
             Protocol::Tcp => self.behavior.tcp_timeout,
+            Protocol::Icmp => ICMP_QUERY_TIMEOUT,
         }
     }
 
@@ -169,6 +182,39 @@ impl NatTable {
             }
         }
         Some(m.internal)
+    }
+
+    /// The internal endpoint of the live mapping on `external`, filters ignored: hairpinning
+    /// (REQ-9) treats the inside as trusted, and ICMP errors about a mapping's own traffic come
+    /// from routers on the path, not from the filtered remote. Read-only: refreshes nothing.
+    pub fn internal_of(
+        &self,
+        now: Instant,
+        proto: Protocol,
+        external: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = self.by_external.get(&(proto, external))?;
+        let m = self.mappings.get(key).filter(|m| m.expires > now)?;
+        Some(m.internal)
+    }
+
+    /// The external endpoint of the live mapping `internal` uses towards `remote`, without
+    /// creating or refreshing one (translating an ICMP error an inside host sends about a packet
+    /// it received).
+    pub fn external_of(
+        &self,
+        now: Instant,
+        proto: Protocol,
+        internal: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let key = MapKey {
+            proto,
+            internal,
+            remote: self.behavior.mapping.key(remote),
+        };
+        let m = self.mappings.get(&key).filter(|m| m.expires > now)?;
+        Some(m.external)
     }
 
     /// Removes the mapping under `key` if it has expired; returns whether it did.
@@ -466,6 +512,26 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    #[test]
+    fn read_only_lookups_ignore_filters_and_refresh_nothing() {
+        let t0 = Instant::now();
+        let mut t = table(M::AddressDependent, F::AddressAndPortDependent);
+        let ext = t.outbound(t0, Protocol::Icmp, sa(INSIDE), sa(S1)).unwrap();
+        assert_eq!(t.internal_of(t0, Protocol::Icmp, ext), Some(sa(INSIDE)));
+        assert_eq!(t.internal_of(t0, Protocol::Udp, ext), None);
+        assert_eq!(
+            t.external_of(t0, Protocol::Icmp, sa(INSIDE), sa(S1_P2)),
+            Some(ext)
+        );
+        assert_eq!(t.external_of(t0, Protocol::Icmp, sa(INSIDE), sa(S2)), None);
+        let m = t.mappings(t0).next().unwrap();
+        assert_eq!(m.admits(t0).count(), 1);
+        // ICMP query mappings last 60 s (RFC 5508 REQ-1), and lookups did not extend that.
+        let t61 = t0 + Duration::from_secs(61);
+        assert_eq!(t.internal_of(t61, Protocol::Icmp, ext), None);
+        assert_eq!(t.external_of(t61, Protocol::Icmp, sa(INSIDE), sa(S1)), None);
     }
 
     #[test]
