@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod engine;
+mod plan;
 pub mod presets;
 pub mod topology;

@@ -1,1 +1,496 @@
-//! placeholder
+//! Named labs for the common NAT types, so `natscope lab up <preset>` needs no topology file, and
+//! the truth each one should produce in a NAT probe ([`expected`]), so `lab matrix` can check the
+//! probe against a known answer.
+//!
+//! Every preset has one reflector `stun`, a router `nat` directly in front of the hosts, and two
+//! hosts `h1` and `h2` on its LAN (`open`: `h1` and `h2` on the internet, no router). Settings not
+//! named below keep RFC 4787's recommendations ([`NatBehavior::new`]): port preservation, port
+//! range 1024-65535, no parity, UDP timeout 120 s (REQ-5), TCP 7440 s, outbound refresh only,
+//! paired pooling, one external address, no loss or delay, seed 1. Only `full-cone` hairpins.
+
+use natscope_probes::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
+use natscope_probes::probe::AllocationPattern;
+use serde::Serialize;
+
+use crate::topology::{EngineConfig, NodeSpec, RouterKind, Topology};
+
+use FilteringBehavior as F;
+use MappingBehavior as M;
+
+/// One preset's name and a one-line summary (for `lab up --help` and docs/lab.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PresetInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+}
+
+/// Every preset, in the order `lab up --help` lists them.
+pub const PRESETS: &[PresetInfo] = &[
+    PresetInfo {
+        name: "open",
+        summary: "no nat: h1 and h2 on the internet",
+    },
+    PresetInfo {
+        name: "full-cone",
+        summary: "endpoint-independent mapping and filtering, hairpinning",
+    },
+    PresetInfo {
+        name: "restricted-cone",
+        summary: "endpoint-independent mapping, address-dependent filtering",
+    },
+    PresetInfo {
+        name: "port-restricted-cone",
+        summary: "endpoint-independent mapping, address-and-port-dependent filtering",
+    },
+    PresetInfo {
+        name: "symmetric",
+        summary: "address-and-port-dependent mapping and filtering, random ports",
+    },
+    PresetInfo {
+        name: "symmetric-sequential",
+        summary: "address-and-port-dependent mapping and filtering, sequential ports (step 1)",
+    },
+    PresetInfo {
+        name: "address-dependent",
+        summary: "address-dependent mapping and filtering",
+    },
+    PresetInfo {
+        name: "cgnat",
+        summary: "full-cone carrier nat in front of a port-restricted-cone home nat",
+    },
+    PresetInfo {
+        name: "firewall",
+        summary: "no translation: hosts with public addresses behind an \
+                  address-and-port-dependent stateful firewall",
+    },
+    PresetInfo {
+        name: "blocked",
+        summary: "a nat that drops all udp",
+    },
+    PresetInfo {
+        name: "linux",
+        summary: "the kernel's nftables masquerade (a stock linux router)",
+    },
+];
+
+/// The preset names, in listing order.
+pub fn names() -> &'static [&'static str] {
+    const NAMES: &[&str] = &[
+        "open",
+        "full-cone",
+        "restricted-cone",
+        "port-restricted-cone",
+        "symmetric",
+        "symmetric-sequential",
+        "address-dependent",
+        "cgnat",
+        "firewall",
+        "blocked",
+        "linux",
+    ];
+    NAMES
+}
+
+/// Name and summary of every preset.
+pub fn infos() -> &'static [PresetInfo] {
+    PRESETS
+}
+
+fn engine(mapping: M, filtering: F) -> EngineConfig {
+    EngineConfig::new(NatBehavior::new(mapping, filtering))
+}
+
+/// `full-cone`: EIM + EIF, port preservation, hairpinning on (the one preset that hairpins, so
+/// the hairpinning test has a positive case).
+fn full_cone() -> EngineConfig {
+    let mut cfg = engine(M::EndpointIndependent, F::EndpointIndependent);
+    cfg.behavior.hairpinning = true;
+    cfg
+}
+
+/// `restricted-cone`: EIM + ADF, port preservation.
+fn restricted_cone() -> EngineConfig {
+    engine(M::EndpointIndependent, F::AddressDependent)
+}
+
+/// `port-restricted-cone`: EIM + APDF, port preservation.
+fn port_restricted_cone() -> EngineConfig {
+    engine(M::EndpointIndependent, F::AddressAndPortDependent)
+}
+
+/// `symmetric`: APDM + APDF, random port allocation.
+fn symmetric() -> EngineConfig {
+    let mut cfg = engine(M::AddressAndPortDependent, F::AddressAndPortDependent);
+    cfg.behavior.allocation = PortAllocation::Random;
+    cfg
+}
+
+/// `symmetric-sequential`: APDM + APDF, sequential allocation with step 1 (predictable ports).
+fn symmetric_sequential() -> EngineConfig {
+    let mut cfg = engine(M::AddressAndPortDependent, F::AddressAndPortDependent);
+    cfg.behavior.allocation = PortAllocation::Sequential { step: 1 };
+    cfg
+}
+
+/// `address-dependent`: ADM + ADF, port preservation (the first mapping keeps the port).
+fn address_dependent() -> EngineConfig {
+    engine(M::AddressDependent, F::AddressDependent)
+}
+
+/// `cgnat`'s carrier: EIM + EIF, port preservation.
+fn carrier() -> EngineConfig {
+    engine(M::EndpointIndependent, F::EndpointIndependent)
+}
+
+/// `firewall`: no translation (`translate = false`), APDF, hosts have public addresses.
+fn firewall() -> EngineConfig {
+    let mut cfg = engine(M::EndpointIndependent, F::AddressAndPortDependent);
+    cfg.translate = false;
+    cfg
+}
+
+/// `blocked`: drops every UDP packet (`block_udp = true`); EIM + APDF otherwise (TCP passes).
+fn blocked() -> EngineConfig {
+    let mut cfg = engine(M::EndpointIndependent, F::AddressAndPortDependent);
+    cfg.block_udp = true;
+    cfg
+}
+
+/// The router settings of the `nat` node of preset `name` (`linux`: the kernel's masquerade).
+/// Also the meaning of `behavior = "<name>"` in a topology file. `None` for `open`, `cgnat`
+/// (two routers: use `port-restricted-cone` or `full-cone`) and unknown names.
+pub fn router(name: &str) -> Option<RouterKind> {
+    let cfg = match name {
+        "full-cone" => full_cone(),
+        "restricted-cone" => restricted_cone(),
+        "port-restricted-cone" => port_restricted_cone(),
+        "symmetric" => symmetric(),
+        "symmetric-sequential" => symmetric_sequential(),
+        "address-dependent" => address_dependent(),
+        "firewall" => firewall(),
+        "blocked" => blocked(),
+        "linux" => return Some(RouterKind::Linux),
+        _ => return None,
+    };
+    Some(RouterKind::Engine(cfg))
+}
+
+/// Router behaviors accepted by [`router`], in listing order.
+pub const ROUTER_BEHAVIORS: &[&str] = &[
+    "full-cone",
+    "restricted-cone",
+    "port-restricted-cone",
+    "symmetric",
+    "symmetric-sequential",
+    "address-dependent",
+    "firewall",
+    "blocked",
+    "linux",
+];
+
+fn reflector() -> NodeSpec {
+    NodeSpec::Reflector {
+        name: "stun".to_string(),
+    }
+}
+
+fn host(name: &str, parent: Option<&str>) -> NodeSpec {
+    NodeSpec::Host {
+        name: name.to_string(),
+        parent: parent.map(str::to_string),
+    }
+}
+
+fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
+    NodeSpec::Nat {
+        name: name.to_string(),
+        parent: parent.map(str::to_string),
+        lan: None,
+        router,
+    }
+}
+
+/// The topology of preset `name`, or `None` when there is no such preset.
+///
+/// | preset | router `nat` (RFC 4787) |
+/// |---|---|
+/// | `open` | none: `h1`, `h2` on the internet |
+/// | `full-cone` | EIM + EIF, preserve ports, hairpinning |
+/// | `restricted-cone` | EIM + ADF, preserve ports |
+/// | `port-restricted-cone` | EIM + APDF, preserve ports |
+/// | `symmetric` | APDM + APDF, random ports |
+/// | `symmetric-sequential` | APDM + APDF, sequential ports, step 1 |
+/// | `address-dependent` | ADM + ADF, preserve ports |
+/// | `cgnat` | `carrier` EIM + EIF on the internet; `nat` EIM + APDF behind it |
+/// | `firewall` | no translation, APDF; hosts have public addresses |
+/// | `blocked` | drops all UDP; EIM + APDF otherwise |
+/// | `linux` | nftables masquerade |
+pub fn preset(name: &str) -> Option<Topology> {
+    let nodes = match name {
+        // No NAT at all: `h1` and `h2` have public addresses.
+        "open" => vec![reflector(), host("h1", None), host("h2", None)],
+        "cgnat" => vec![
+            reflector(),
+            nat("carrier", None, RouterKind::Engine(carrier())),
+            nat(
+                "nat",
+                Some("carrier"),
+                RouterKind::Engine(port_restricted_cone()),
+            ),
+            host("h1", Some("nat")),
+            host("h2", Some("nat")),
+        ],
+        other => vec![
+            reflector(),
+            nat("nat", None, router(other)?),
+            host("h1", Some("nat")),
+            host("h2", Some("nat")),
+        ],
+    };
+    Some(Topology {
+        preset: Some(name.to_string()),
+        nodes,
+    })
+}
+
+/// What a NAT probe run from `h1` against `stun` should report for a preset: the ground truth
+/// `lab matrix` compares the probe with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Expected {
+    /// End-to-end mapping behavior; `None` when nothing translates (`open`, `firewall`) or when
+    /// nothing can be observed (`blocked`).
+    pub mapping: Option<MappingBehavior>,
+    /// End-to-end filtering behavior; `open` is endpoint-independent (nothing filters, which is
+    /// what the probe reports); `None` for `blocked`.
+    pub filtering: Option<FilteringBehavior>,
+    /// Whether the external port equals the local port (for a fresh socket whose port is free).
+    pub port_preservation: bool,
+    /// The probe's port allocation pattern (`unknown` when UDP is blocked).
+    pub allocation: AllocationPattern,
+    /// Whether the path hairpins; `false` where there is no translation to hairpin through.
+    pub hairpinning: bool,
+    /// The classic RFC 3489 name exactly as the probe prints it.
+    pub classic: &'static str,
+}
+
+/// The truth a probe from `h1` should observe in preset `name`.
+///
+/// `linux`: nftables masquerade is conntrack-based: a socket whose source port is free keeps it
+/// and reuses one mapping for every destination (endpoint-independent in effect), and inbound
+/// packets are only admitted when they match a conntrack entry, i.e. the exact remote address
+/// and port (address-and-port-dependent filtering); no hairpinning without extra rules. So a
+/// port-restricted cone. `cgnat`: the composition of EIM+EIF carrier and EIM+APDF home NAT, both
+/// preserving ports: EIM + APDF, port preserved, port-restricted cone.
+pub fn expected(name: &str) -> Option<Expected> {
+    use AllocationPattern as A;
+    let e = |mapping, filtering, port_preservation, allocation, hairpinning, classic| Expected {
+        mapping,
+        filtering,
+        port_preservation,
+        allocation,
+        hairpinning,
+        classic,
+    };
+    let eim = Some(M::EndpointIndependent);
+    let apdm = Some(M::AddressAndPortDependent);
+    Some(match name {
+        "open" => e(
+            None,
+            Some(F::EndpointIndependent),
+            true,
+            A::Preserving,
+            false,
+            "open-internet",
+        ),
+        "full-cone" => e(
+            eim,
+            Some(F::EndpointIndependent),
+            true,
+            A::Preserving,
+            true,
+            "full-cone",
+        ),
+        "restricted-cone" => e(
+            eim,
+            Some(F::AddressDependent),
+            true,
+            A::Preserving,
+            false,
+            "restricted-cone",
+        ),
+        "port-restricted-cone" | "cgnat" | "linux" => e(
+            eim,
+            Some(F::AddressAndPortDependent),
+            true,
+            A::Preserving,
+            false,
+            "port-restricted-cone",
+        ),
+        "symmetric" => e(
+            apdm,
+            Some(F::AddressAndPortDependent),
+            false,
+            A::Random,
+            false,
+            "symmetric",
+        ),
+        "symmetric-sequential" => e(
+            apdm,
+            Some(F::AddressAndPortDependent),
+            false,
+            A::Sequential,
+            false,
+            "symmetric",
+        ),
+        "address-dependent" => e(
+            Some(M::AddressDependent),
+            Some(F::AddressDependent),
+            true,
+            A::Preserving,
+            false,
+            "symmetric",
+        ),
+        "firewall" => e(
+            None,
+            Some(F::AddressAndPortDependent),
+            true,
+            A::Preserving,
+            false,
+            "symmetric-udp-firewall",
+        ),
+        "blocked" => e(None, None, false, A::Unknown, false, "udp-blocked"),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Role, INTERNET};
+
+    #[test]
+    fn every_name_has_a_preset_info_and_expectation() {
+        assert_eq!(names().len(), PRESETS.len());
+        for (name, info) in names().iter().zip(infos()) {
+            assert_eq!(*name, info.name);
+            let t = preset(name).expect("preset exists");
+            assert_eq!(t.preset.as_deref(), Some(*name));
+            assert!(expected(name).is_some(), "{name}");
+        }
+        assert!(preset("nope").is_none());
+        assert!(expected("nope").is_none());
+    }
+
+    #[test]
+    fn every_preset_plans_with_stun_nat_h1_h2() {
+        for name in names() {
+            let plan = preset(name)
+                .expect("preset")
+                .plan()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let find = |n: &str| plan.nodes.iter().find(|p| p.name == n);
+            let stun = find("stun").expect("stun");
+            assert_eq!(stun.role, Role::Reflector);
+            let reflectors = plan.nodes.iter().filter(|n| n.role == Role::Reflector);
+            assert_eq!(reflectors.count(), 1, "{name}");
+            let h1 = find("h1").expect("h1");
+            let h2 = find("h2").expect("h2");
+            if *name == "open" {
+                assert!(find("nat").is_none());
+                assert_eq!(h1.upstream.as_deref(), Some(INTERNET));
+                assert_eq!(h2.upstream.as_deref(), Some(INTERNET));
+            } else {
+                assert_eq!(find("nat").expect("nat").role, Role::Nat, "{name}");
+                assert_eq!(h1.upstream.as_deref(), Some("nat"), "{name}");
+                assert_eq!(h2.upstream.as_deref(), Some("nat"), "{name}");
+            }
+        }
+    }
+
+    fn nat_config(name: &str) -> EngineConfig {
+        let t = preset(name).expect("preset");
+        let router = t.nodes.into_iter().find_map(|n| match n {
+            NodeSpec::Nat {
+                name,
+                router: RouterKind::Engine(cfg),
+                ..
+            } if name == "nat" => Some(cfg),
+            _ => None,
+        });
+        router.expect("engine nat")
+    }
+
+    #[test]
+    fn preset_settings_match_their_names() {
+        for name in names() {
+            if matches!(*name, "open" | "linux") {
+                continue;
+            }
+            let cfg = nat_config(name);
+            let b = &cfg.behavior;
+            assert_eq!(b.udp_timeout.as_secs(), 120, "{name}");
+            assert_eq!(b.hairpinning, *name == "full-cone", "{name}");
+            assert_eq!(cfg.translate, *name != "firewall", "{name}");
+            assert_eq!(cfg.block_udp, *name == "blocked", "{name}");
+            let want = expected(name).expect("expected");
+            match *name {
+                "firewall" | "blocked" => {}
+                "cgnat" => {
+                    assert_eq!(b.mapping, M::EndpointIndependent);
+                    assert_eq!(b.filtering, F::AddressAndPortDependent);
+                }
+                _ => {
+                    assert_eq!(Some(b.mapping), want.mapping, "{name}");
+                    assert_eq!(Some(b.filtering), want.filtering, "{name}");
+                }
+            }
+            let allocation = match b.allocation {
+                PortAllocation::Preserve => AllocationPattern::Preserving,
+                PortAllocation::Sequential { step } => {
+                    assert_eq!(step, 1);
+                    AllocationPattern::Sequential
+                }
+                PortAllocation::Random => AllocationPattern::Random,
+            };
+            if *name != "blocked" {
+                assert_eq!(allocation, want.allocation, "{name}");
+            }
+        }
+        assert_eq!(router("linux"), Some(RouterKind::Linux));
+        assert_eq!(
+            nat_config("firewall").behavior.filtering,
+            F::AddressAndPortDependent
+        );
+    }
+
+    #[test]
+    fn cgnat_has_a_full_cone_carrier_in_front_of_nat() {
+        let t = preset("cgnat").expect("preset");
+        let carrier = t
+            .nodes
+            .iter()
+            .find(|n| n.name() == "carrier")
+            .expect("carrier");
+        let NodeSpec::Nat {
+            parent: None,
+            router: RouterKind::Engine(cfg),
+            ..
+        } = carrier
+        else {
+            panic!("carrier must be a top-level engine nat: {carrier:?}");
+        };
+        assert_eq!(cfg.behavior.mapping, M::EndpointIndependent);
+        assert_eq!(cfg.behavior.filtering, F::EndpointIndependent);
+        let nat = t.nodes.iter().find(|n| n.name() == "nat").expect("nat");
+        assert_eq!(nat.parent(), Some("carrier"));
+    }
+
+    #[test]
+    fn router_behaviors_are_accepted() {
+        for b in ROUTER_BEHAVIORS {
+            assert!(router(b).is_some(), "{b}");
+        }
+        assert!(router("open").is_none());
+        assert!(router("cgnat").is_none());
+    }
+}
