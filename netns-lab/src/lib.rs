@@ -3,7 +3,16 @@
 //! the root namespace (DESIGN.md, "Lab" and "Safety").
 
 pub mod config;
+pub mod driver;
 pub mod engine;
+mod lab;
+pub mod links;
+pub mod netns;
 mod plan;
 pub mod presets;
+pub mod registry;
 pub mod topology;
+
+pub use lab::{
+    namespace_name, node_status, Lab, LabBuilder, LabError, LabNode, LabOptions, NodeStatus,
+};

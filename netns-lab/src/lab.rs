@@ -1,0 +1,691 @@
+//! A running lab: builds a [`Plan`] into namespaces, veth links, addresses and routes (all from
+//! inside lab namespaces), starts the NAT engines and the reflectors' `natscope reflect`, and tears
+//! everything down on [`Lab::down`] or `Drop` — including during a panic's unwind.
+//!
+//! Segments are bridges: the internet is `br0` in the `internet` node; every router's LAN is the
+//! bridge `lan0` in the router's own namespace, and a node attaches to its segment through a veth
+//! whose upstream end `p-<node>` is a bridge port. A userspace router's kernel holds no address:
+//! its engine reads `wan0` and `lan0` with packet sockets and answers ARP itself.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::Serialize;
+
+use crate::driver::{self, EngineHandle};
+use crate::engine::{MappingRow, Stats};
+use crate::links::{self, LinkError};
+use crate::netns::{self, Netns, NetnsError};
+use crate::registry::{self, Record};
+use crate::topology::{
+    NodeSpec, Plan, PlannedNode, Role, RouterKind, Topology, TopologyError, INTERNET,
+    STUN_ALT_PORT, STUN_PORT,
+};
+
+/// How long a reflector gets to answer its first Binding request after it is started.
+const REFLECTOR_READY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("lab name `{0}` is invalid: use 1-10 characters a-z and 0-9")]
+    BadName(String),
+    #[error("a lab named `{0}` is already running (natscope lab down {0})")]
+    Exists(String),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("node {node}: {step}: {source}")]
+    Link {
+        node: String,
+        step: &'static str,
+        source: LinkError,
+    },
+    #[error("node {node}: nat engine: {source}")]
+    Engine {
+        node: String,
+        source: driver::DriverError,
+    },
+    #[error("node {node}: {what}: {source}")]
+    Process {
+        node: String,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("node {0}: the reflector did not answer within {1:?}")]
+    ReflectorNotReady(String, Duration),
+    #[error("no node named `{0}` in this lab")]
+    NoSuchNode(String),
+    #[error("cannot write the lab record {path}: {source}")]
+    Record {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Options of [`Lab::up`].
+#[derive(Clone, Debug, Default)]
+pub struct LabOptions {
+    /// The `natscope` binary reflector nodes run; by default the current executable when it is
+    /// `natscope`, else a `natscope` next to it (or in its parent directory, as cargo lays out
+    /// test binaries), else `natscope` on PATH.
+    pub natscope_bin: Option<PathBuf>,
+    /// Set by the `natscope lab up` supervisor: the record says SIGTERM tears the lab down.
+    pub supervisor: bool,
+    /// The supervisor's control socket, recorded for `lab status` / `lab nat-table`.
+    pub control: Option<PathBuf>,
+}
+
+/// One node of a running lab.
+pub struct LabNode {
+    plan: PlannedNode,
+    namespace: String,
+    ns: Netns,
+}
+
+impl std::fmt::Debug for LabNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabNode")
+            .field("name", &self.plan.name)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+impl LabNode {
+    pub fn name(&self) -> &str {
+        &self.plan.name
+    }
+    pub fn role(&self) -> Role {
+        self.plan.role
+    }
+    pub fn plan(&self) -> &PlannedNode {
+        &self.plan
+    }
+    /// The namespace name (`nsc-<lab>-<node>`), for `ip netns exec` and friends.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    /// The primary address: a host's or reflector's own, a NAT's first external address.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.plan.uplink.first().map(|n| n.addr)
+    }
+    /// Runs `f` inside the node's namespace (sockets created there belong to the node).
+    pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.ns.run(f)
+    }
+    /// Runs an async task to completion on the node's current-thread runtime.
+    pub fn block_on<T, F, Fut>(&self, f: F) -> Result<T, NetnsError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        self.ns.block_on(f)
+    }
+    /// Starts a program inside the node. The caller owns the child (and must stop it); a lab's
+    /// teardown also kills anything left in its namespaces.
+    pub fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        self.ns
+            .run(move || cmd.spawn())
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+    /// A UDP socket bound inside the node.
+    pub fn udp_bind(&self, addr: SocketAddr) -> std::io::Result<UdpSocket> {
+        self.ns
+            .run(move || UdpSocket::bind(addr))
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+    }
+}
+
+/// A running lab.
+pub struct Lab {
+    name: String,
+    plan: Plan,
+    nodes: Vec<LabNode>,
+    engines: Vec<(String, EngineHandle)>,
+    children: Vec<(String, Child)>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab").field("name", &self.name).finish()
+    }
+}
+
+/// A topology under construction, in the spirit of patchbay's `Lab::new().add_router(..)`.
+#[derive(Debug, Default)]
+pub struct LabBuilder {
+    name: String,
+    topology: Topology,
+    options: LabOptions,
+}
+
+impl LabBuilder {
+    pub fn reflector(mut self, name: &str) -> Self {
+        self.topology
+            .nodes
+            .push(NodeSpec::Reflector { name: name.into() });
+        self
+    }
+    /// A router on the internet (`parent = None`) or behind another router.
+    pub fn router(mut self, name: &str, parent: Option<&str>, router: RouterKind) -> Self {
+        self.topology.nodes.push(NodeSpec::Nat {
+            name: name.into(),
+            parent: parent.map(Into::into),
+            lan: None,
+            router,
+        });
+        self
+    }
+    pub fn host(mut self, name: &str, parent: Option<&str>) -> Self {
+        self.topology.nodes.push(NodeSpec::Host {
+            name: name.into(),
+            parent: parent.map(Into::into),
+        });
+        self
+    }
+    pub fn natscope_bin(mut self, path: PathBuf) -> Self {
+        self.options.natscope_bin = Some(path);
+        self
+    }
+    pub fn up(self) -> Result<Lab, LabError> {
+        let plan = self.topology.plan()?;
+        Lab::up(&self.name, plan, self.options)
+    }
+}
+
+fn valid_lab_name(name: &str) -> bool {
+    (1..=10).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The namespace of `node` in `lab`.
+pub fn namespace_name(lab: &str, node: &str) -> String {
+    format!("{}{lab}-{node}", netns::PREFIX)
+}
+
+fn random_mac() -> [u8; 6] {
+    let mut m: [u8; 6] = rand::thread_rng().gen();
+    m[0] = (m[0] & 0xfe) | 0x02; // unicast, locally administered
+    m
+}
+
+fn default_natscope_bin() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_stem().is_some_and(|s| s == "natscope") {
+            return exe;
+        }
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("natscope");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("natscope")
+}
+
+impl Lab {
+    pub fn builder(name: &str) -> LabBuilder {
+        LabBuilder {
+            name: name.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Brings `plan` up as lab `name`. On any error, whatever was created is removed again.
+    pub fn up(name: &str, plan: Plan, options: LabOptions) -> Result<Self, LabError> {
+        if !valid_lab_name(name) {
+            return Err(LabError::BadName(name.to_string()));
+        }
+        netns::check_privileges()?;
+        registry::cleanup_stale();
+        if registry::read(name).is_some() {
+            return Err(LabError::Exists(name.to_string()));
+        }
+        let me = std::process::id() as i32;
+        let record = Record {
+            name: name.to_string(),
+            preset: plan.preset.clone(),
+            owner_pid: me,
+            owner_start: registry::start_time(me).unwrap_or(0),
+            supervisor: options.supervisor,
+            control: options.control.clone(),
+            nodes: serde_json::to_value(&plan.nodes).unwrap_or_default(),
+        };
+        registry::write(&record).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                LabError::Netns(NetnsError::Permission(format!(
+                    "writing {}: {source}",
+                    registry::DIR
+                )))
+            } else {
+                LabError::Record {
+                    path: registry::path_of(name),
+                    source,
+                }
+            }
+        })?;
+        let mut lab = Lab {
+            name: name.to_string(),
+            plan,
+            nodes: Vec::new(),
+            engines: Vec::new(),
+            children: Vec::new(),
+            finished: false,
+        };
+        // On error `lab` drops here and tears down what exists.
+        lab.build(&options)?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, options: &LabOptions) -> Result<(), LabError> {
+        let plan_nodes = self.plan.nodes.clone();
+        for p in &plan_nodes {
+            let namespace = namespace_name(&self.name, &p.name);
+            let ns = Netns::create(&namespace)?;
+            ns.run(prepare_namespace)?;
+            self.nodes.push(LabNode {
+                plan: p.clone(),
+                namespace,
+                ns,
+            });
+        }
+        for p in &plan_nodes {
+            self.wire(p)?;
+        }
+        for p in &plan_nodes {
+            self.configure(p)?;
+        }
+        let bin = options
+            .natscope_bin
+            .clone()
+            .unwrap_or_else(default_natscope_bin);
+        for p in &plan_nodes {
+            if p.role == Role::Reflector {
+                self.start_reflector(p, &bin)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn node_index(&self, name: &str) -> Result<usize, LabError> {
+        self.nodes
+            .iter()
+            .position(|n| n.plan.name == name)
+            .ok_or_else(|| LabError::NoSuchNode(name.to_string()))
+    }
+
+    /// Creates the node's segment bridge (if it has one) and its uplink veth.
+    fn wire(&self, p: &PlannedNode) -> Result<(), LabError> {
+        let node = &self.nodes[self.node_index(&p.name)?];
+        let link_err = |step| {
+            let n = p.name.clone();
+            move |source| LabError::Link {
+                node: n,
+                step,
+                source,
+            }
+        };
+        let bridge = match p.role {
+            Role::Internet => Some("br0"),
+            Role::Nat => Some(driver::LAN),
+            _ => None,
+        };
+        if let Some(br) = bridge {
+            let mac = random_mac();
+            node.ns
+                .block_on(move || async move {
+                    let h = links::connect()?;
+                    links::add_bridge(&h, br, mac).await.map(|_| ())
+                })?
+                .map_err(link_err("creating the segment bridge"))?;
+        }
+        let Some(upstream) = &p.upstream else {
+            return Ok(());
+        };
+        let up_node = &self.nodes[self.node_index(upstream)?];
+        let up_bridge = if upstream == INTERNET {
+            "br0"
+        } else {
+            driver::LAN
+        };
+        let port = format!("p-{}", p.name);
+        let uplink = if p.role == Role::Nat {
+            driver::WAN
+        } else {
+            "eth0"
+        };
+        let ns_file = File::open(netns::path_of(&node.namespace)).map_err(|source| {
+            LabError::Netns(NetnsError::Io {
+                name: node.namespace.clone(),
+                step: "opening",
+                source,
+            })
+        })?;
+        let fd = ns_file.as_raw_fd();
+        up_node
+            .ns
+            .block_on(move || async move {
+                let h = links::connect()?;
+                links::add_veth(&h, &port, uplink, fd).await?;
+                links::attach(&h, &port, up_bridge).await
+            })?
+            .map_err(link_err("creating the uplink veth"))?;
+        drop(ns_file);
+        Ok(())
+    }
+
+    /// Addresses, routes and translation for one node.
+    fn configure(&mut self, p: &PlannedNode) -> Result<(), LabError> {
+        let idx = self.node_index(&p.name)?;
+        let link_err = |step| {
+            let n = p.name.clone();
+            move |source| LabError::Link {
+                node: n,
+                step,
+                source,
+            }
+        };
+        let kernel_addresses = !matches!(p.router, Some(RouterKind::Engine(_)));
+        let uplink = if p.role == Role::Nat {
+            driver::WAN
+        } else {
+            "eth0"
+        };
+        let plan = p.clone();
+        self.nodes[idx]
+            .ns
+            .block_on(move || async move {
+                let h = links::connect()?;
+                if plan.role == Role::Internet {
+                    for a in &plan.uplink {
+                        links::add_address(&h, "br0", a.addr, a.len).await?;
+                    }
+                    return Ok(());
+                }
+                links::set_up(&h, uplink).await?;
+                if kernel_addresses {
+                    for a in &plan.uplink {
+                        links::add_address(&h, uplink, a.addr, a.len).await?;
+                    }
+                    if let Some(lan) = plan.lan {
+                        links::add_address(&h, driver::LAN, lan.addr, lan.len).await?;
+                    }
+                    links::add_default_route(&h, uplink, plan.gateway).await?;
+                }
+                Ok(())
+            })?
+            .map_err(link_err("addresses and routes"))?;
+        match &p.router {
+            Some(RouterKind::Engine(config)) => {
+                let lan = p.lan.ok_or_else(|| LabError::Engine {
+                    node: p.name.clone(),
+                    source: driver::DriverError::NoInterface(driver::LAN),
+                })?;
+                let external = p.uplink.iter().map(|n| n.addr).collect();
+                let engine = driver::start(
+                    &self.nodes[idx].ns,
+                    config.clone(),
+                    lan,
+                    external,
+                    p.gateway,
+                )
+                .map_err(|source| LabError::Engine {
+                    node: p.name.clone(),
+                    source,
+                })?;
+                self.engines.push((p.name.clone(), engine));
+            }
+            Some(RouterKind::Linux) => self.start_kernel_nat(idx)?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The `linux` preset: forwarding plus nftables masquerade, exactly what a stock Linux router
+    /// runs, inside the router's namespace only.
+    fn start_kernel_nat(&mut self, idx: usize) -> Result<(), LabError> {
+        let node = &self.nodes[idx];
+        let name = node.plan.name.clone();
+        let err = |what: &str, source| LabError::Process {
+            node: name.clone(),
+            what: what.to_string(),
+            source,
+        };
+        node.ns
+            .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+            .map_err(|e| err("enabling forwarding", e))?;
+        let rules = format!(
+            "table ip natscope {{\n\
+             chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{w}\" masquerade; }}\n\
+             chain forward {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{l}\" oifname \"{w}\" accept; }}\n\
+             }}\n",
+            w = driver::WAN,
+            l = driver::LAN
+        );
+        let mut cmd = Command::new("nft");
+        cmd.arg("-f")
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = node
+            .spawn(cmd)
+            .map_err(|e| err("running nft (install nftables)", e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin
+                .write_all(rules.as_bytes())
+                .map_err(|e| err("writing nft rules", e))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| err("running nft", e))?;
+        if !out.status.success() {
+            return Err(err(
+                "nft rejected the masquerade rules",
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn start_reflector(&mut self, p: &PlannedNode, bin: &std::path::Path) -> Result<(), LabError> {
+        let idx = self.node_index(&p.name)?;
+        let (Some(a1), Some(a2)) = (p.uplink.first(), p.uplink.get(1)) else {
+            return Err(LabError::NoSuchNode(format!(
+                "{} (reflector without two addresses)",
+                p.name
+            )));
+        };
+        let primary = SocketAddr::from((a1.addr, STUN_PORT));
+        let alternate = SocketAddr::from((a2.addr, STUN_ALT_PORT));
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "reflect",
+            "--workers",
+            "1",
+            "--rate-limit",
+            "0",
+            "--primary",
+        ])
+        .arg(primary.to_string())
+        .arg("--alternate")
+        .arg(alternate.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let what = format!("starting {} reflect", bin.display());
+        let child = self.nodes[idx]
+            .spawn(cmd)
+            .map_err(|source| LabError::Process {
+                node: p.name.clone(),
+                what,
+                source,
+            })?;
+        self.children.push((p.name.clone(), child));
+        let ready = self.nodes[idx].run(move || wait_for_stun(primary, REFLECTOR_READY))?;
+        if !ready {
+            return Err(LabError::ReflectorNotReady(p.name.clone(), REFLECTOR_READY));
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    pub fn nodes(&self) -> &[LabNode] {
+        &self.nodes
+    }
+    pub fn node(&self, name: &str) -> Result<&LabNode, LabError> {
+        Ok(&self.nodes[self.node_index(name)?])
+    }
+    /// A reflector's primary and alternate STUN addresses.
+    pub fn stun_addresses(&self, reflector: &str) -> Result<(SocketAddr, SocketAddr), LabError> {
+        let n = self.node(reflector)?;
+        match (n.plan.uplink.first(), n.plan.uplink.get(1)) {
+            (Some(a), Some(b)) if n.role() == Role::Reflector => Ok((
+                SocketAddr::from((a.addr, STUN_PORT)),
+                SocketAddr::from((b.addr, STUN_ALT_PORT)),
+            )),
+            _ => Err(LabError::NoSuchNode(format!(
+                "{reflector} (not a reflector)"
+            ))),
+        }
+    }
+    /// A userspace NAT's live mappings; `None` for nodes without an engine.
+    pub fn nat_table(&self, node: &str) -> Option<Vec<MappingRow>> {
+        let (_, e) = self.engines.iter().find(|(n, _)| n == node)?;
+        let now = Instant::now();
+        Some(e.with_router(|r| r.mappings(now)))
+    }
+    /// A userspace NAT's counters.
+    pub fn nat_stats(&self, node: &str) -> Option<Stats> {
+        let (_, e) = self.engines.iter().find(|(n, _)| n == node)?;
+        Some(e.with_router(|r| r.stats()))
+    }
+
+    /// Stops every engine and process and removes every namespace and the record.
+    pub fn down(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for (_, mut e) in self.engines.drain(..) {
+            e.stop();
+        }
+        let pids: Vec<i32> = self.children.iter().map(|(_, c)| c.id() as i32).collect();
+        registry::kill_all(&pids);
+        for (_, mut c) in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let inodes: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| netns::inode_of(&n.namespace))
+            .collect();
+        registry::kill_all(&netns::processes_in(&inodes));
+        for n in self.nodes.drain(..).rev() {
+            let name = n.namespace.clone();
+            if let Err(e) = n.ns.delete() {
+                tracing::warn!(namespace = %name, error = %e, "could not remove namespace");
+            }
+        }
+        registry::remove(&self.name);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Per-namespace settings before any link exists: loopback up, IPv6 off (the lab is IPv4; router
+/// solicitations and DAD would only add noise on the engine's interfaces).
+fn prepare_namespace() {
+    for key in ["default", "all"] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
+    }
+    // `lo` comes up with a plain ioctl-free netlink call on this thread's runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    if let Ok(rt) = rt {
+        let _ = rt.block_on(async {
+            let h = links::connect()?;
+            links::set_up(&h, "lo").await.map(|_| ())
+        });
+    }
+}
+
+/// Sends STUN Binding requests to `server` until one is answered or `limit` passes.
+fn wait_for_stun(server: SocketAddr, limit: Duration) -> bool {
+    let Ok(sock) = UdpSocket::bind(("0.0.0.0", 0)) else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
+    let deadline = Instant::now() + limit;
+    let mut req = [0u8; 20];
+    req[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
+    req[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    rand::thread_rng().fill(&mut req[8..20]);
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let _ = sock.send_to(&req, server);
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 20 && buf[0..2] == [0x01, 0x01] && buf[8..20] == req[8..20] {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// What `lab status --json` reports per node.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub role: Role,
+    pub addresses: Vec<String>,
+}
+
+impl Lab {
+    pub fn status_nodes(&self) -> Vec<NodeStatus> {
+        self.plan.nodes.iter().map(node_status).collect()
+    }
+}
+
+pub fn node_status(p: &PlannedNode) -> NodeStatus {
+    let mut addresses: Vec<String> = p.uplink.iter().map(|n| n.to_string()).collect();
+    if let Some(l) = p.lan {
+        addresses.push(l.to_string());
+    }
+    NodeStatus {
+        name: p.name.clone(),
+        role: p.role,
+        addresses,
+    }
+}

@@ -1,0 +1,185 @@
+//! The on-disk list of labs (`/run/natscope/labs/<name>.json`, tmpfs: gone after a reboot, like
+//! the namespaces themselves). A lab writes its record before it creates its first namespace and
+//! removes it after the last one is gone, so every `nsc-` namespace without a live owner is stale
+//! by definition: `lab down --all` and the next `lab up` remove it, with every process inside.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::netns;
+
+pub const DIR: &str = "/run/natscope/labs";
+
+/// What a lab records about itself for other `natscope` processes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub preset: Option<String>,
+    /// The process that owns the lab (a `natscope lab up` supervisor or an in-process user).
+    pub owner_pid: i32,
+    /// The owner's start time (clock ticks since boot), so a recycled PID is not mistaken for it.
+    pub owner_start: u64,
+    /// Whether the owner is a `natscope lab` supervisor that tears down on SIGTERM.
+    pub supervisor: bool,
+    /// Unix socket of the supervisor's control channel (nat tables, counters), if any.
+    pub control: Option<PathBuf>,
+    /// The planned nodes (serialized [`crate::topology::Plan`] nodes).
+    pub nodes: serde_json::Value,
+}
+
+pub fn path_of(lab: &str) -> PathBuf {
+    PathBuf::from(DIR).join(format!("{lab}.json"))
+}
+
+pub fn write(record: &Record) -> std::io::Result<()> {
+    std::fs::create_dir_all(DIR)?;
+    let tmp = PathBuf::from(DIR).join(format!(".{}.tmp", record.name));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+    std::fs::rename(tmp, path_of(&record.name))
+}
+
+pub fn read(lab: &str) -> Option<Record> {
+    let bytes = std::fs::read(path_of(lab)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn remove(lab: &str) {
+    let _ = std::fs::remove_file(path_of(lab));
+}
+
+/// Every recorded lab, by name.
+pub fn list() -> Vec<Record> {
+    let Ok(dir) = std::fs::read_dir(DIR) else {
+        return Vec::new();
+    };
+    let mut v: Vec<Record> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().into_string().ok()?;
+            read(n.strip_suffix(".json")?)
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn owner_alive(r: &Record) -> bool {
+    start_time(r.owner_pid) == Some(r.owner_start)
+}
+
+/// The lab part of a namespace name `nsc-<lab>-<node>`.
+pub fn lab_of_namespace(ns: &str) -> Option<&str> {
+    ns.strip_prefix(netns::PREFIX)?
+        .split_once('-')
+        .map(|(l, _)| l)
+}
+
+/// Kills every process inside the lab's namespaces, then removes the namespaces and the record.
+/// Returns how many namespaces were removed.
+pub fn force_remove(lab: &str) -> usize {
+    let names: Vec<String> = netns::list_lab_namespaces()
+        .into_iter()
+        .filter(|n| lab_of_namespace(n) == Some(lab))
+        .collect();
+    let inodes: Vec<u64> = names.iter().filter_map(|n| netns::inode_of(n)).collect();
+    kill_all(&netns::processes_in(&inodes));
+    let mut removed = 0;
+    for n in &names {
+        if netns::remove_named(n).is_ok() {
+            removed += 1;
+        }
+    }
+    remove(lab);
+    removed
+}
+
+/// SIGTERM, a short grace period, then SIGKILL; never our own process.
+pub fn kill_all(pids: &[i32]) {
+    let me = std::process::id() as i32;
+    let pids: Vec<i32> = pids.iter().copied().filter(|p| *p != me).collect();
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for p in &pids {
+        if alive(*p) {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); it holds no namespace any more, so count it as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 2..i + 3))
+            .is_none_or(|st| st != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Removes labs whose owner is gone and `nsc-` namespaces no lab claims. Returns their names.
+pub fn cleanup_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let records = list();
+    for r in &records {
+        if !owner_alive(r) {
+            force_remove(&r.name);
+            removed.push(r.name.clone());
+        }
+    }
+    let live: Vec<String> = list().into_iter().map(|r| r.name).collect();
+    let mut orphans: Vec<String> = netns::list_lab_namespaces()
+        .iter()
+        .filter_map(|n| lab_of_namespace(n).map(str::to_string))
+        .filter(|l| !live.contains(l))
+        .collect();
+    orphans.dedup();
+    for l in orphans {
+        force_remove(&l);
+        if !removed.contains(&l) {
+            removed.push(l);
+        }
+    }
+    removed
+}
+
+/// Stops one lab, whoever owns it: a supervisor gets SIGTERM and up to `grace` to tear down
+/// itself; whatever is left is removed by force.
+pub fn down(lab: &str, grace: Duration) -> bool {
+    let record = read(lab);
+    let known = record.is_some()
+        || netns::list_lab_namespaces()
+            .iter()
+            .any(|n| lab_of_namespace(n) == Some(lab));
+    if let Some(r) = &record {
+        if r.supervisor && owner_alive(r) {
+            let _ = kill(Pid::from_raw(r.owner_pid), Signal::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline && owner_alive(r) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if owner_alive(r) {
+                let _ = kill(Pid::from_raw(r.owner_pid), Signal::SIGKILL);
+            }
+        }
+    }
+    force_remove(lab);
+    known
+}

@@ -1,0 +1,175 @@
+//! Helpers for tests that run inside natscope labs: root checks that fail in CI instead of
+//! skipping, unique lab names, and small blocking UDP/TCP probes made of plain sockets (not the
+//! NAT probe), so a lab's behavior is measured independently of the code it is used to test.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use natscope_lab::{presets, Lab, LabOptions};
+use rand::Rng;
+
+use crate::{natscope_bin, require_all, REQUIRE_ALL_ENV};
+
+/// How long a test waits for a datagram that should *not* arrive. Lab paths answer in well under
+/// a millisecond, and every negative check has a positive control on the same path.
+pub const SILENCE: Duration = Duration::from_millis(300);
+/// How long a test waits for a datagram that should arrive.
+pub const ARRIVAL: Duration = Duration::from_secs(2);
+
+/// Whether this process may build labs (root). In CI (`NATSCOPE_REQUIRE_ALL=1`) not being root
+/// fails the test; elsewhere the test is skipped with a message.
+pub fn require_root() -> bool {
+    if nix_is_root() {
+        return true;
+    }
+    let reason = "lab tests need root (network namespaces, veth, packet sockets)";
+    if require_all() {
+        panic!("{reason}; {REQUIRE_ALL_ENV}=1 makes this a failure instead of a skip");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A lab name unique to this test run: `prefix` plus random characters (10 at most).
+pub fn lab_name(prefix: &str) -> String {
+    let mut rng = rand::thread_rng();
+    let keep: String = prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(5)
+        .collect();
+    let tail: String = (0..(10 - keep.len()).min(5))
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)]))
+        .collect();
+    format!("{keep}{tail}").to_ascii_lowercase()
+}
+
+pub fn options() -> LabOptions {
+    LabOptions {
+        natscope_bin: Some(natscope_bin()),
+        ..Default::default()
+    }
+}
+
+/// Brings a preset up under a fresh name.
+pub fn up_preset(preset: &str) -> Lab {
+    let topo = presets::preset(preset).unwrap_or_else(|| panic!("no preset {preset}"));
+    let plan = topo.plan().expect("presets plan");
+    Lab::up(&lab_name(preset), plan, options()).expect("lab up")
+}
+
+/// A UDP socket bound inside `node`.
+pub fn udp(lab: &Lab, node: &str, addr: SocketAddr) -> UdpSocket {
+    let s = lab
+        .node(node)
+        .expect("node")
+        .udp_bind(addr)
+        .unwrap_or_else(|e| panic!("bind {addr} in {node}: {e}"));
+    s.set_read_timeout(Some(ARRIVAL)).expect("timeout");
+    s
+}
+
+/// Receives one datagram within `wait`, or `None`.
+pub fn recv_within(s: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).ok()?;
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => return Some((buf[..n].to_vec(), from)),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None
+            }
+            // ICMP errors surface as ECONNREFUSED on some sockets; keep waiting.
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Sends `payload` from `from` to `to` and returns the source address `to` saw (the mapping).
+pub fn observed_source(from: &UdpSocket, to: &UdpSocket) -> SocketAddr {
+    let dst = to.local_addr().expect("addr");
+    let token: u64 = rand::thread_rng().gen();
+    let msg = token.to_be_bytes();
+    // A few tries: the first packet may wait for ARP at the NAT; nothing here is lossy.
+    for _ in 0..3 {
+        from.send_to(&msg, dst).expect("send");
+        if let Some((got, src)) = recv_within(to, ARRIVAL) {
+            if got == msg {
+                return src;
+            }
+        }
+    }
+    panic!("no datagram from {:?} reached {dst}", from.local_addr());
+}
+
+/// Whether a datagram from `from` to `to_addr` reaches `to` within [`SILENCE`] (for negatives) or
+/// [`ARRIVAL`] (when `expect` is true, so a slow positive is not mistaken for a negative).
+pub fn reaches(from: &UdpSocket, to_addr: SocketAddr, to: &UdpSocket, expect: bool) -> bool {
+    let token: u64 = rand::thread_rng().gen();
+    let msg = token.to_be_bytes();
+    from.send_to(&msg, to_addr).expect("send");
+    let wait = if expect { ARRIVAL } else { SILENCE };
+    let deadline = Instant::now() + wait;
+    while let Some((got, _)) = recv_within(to, deadline.saturating_duration_since(Instant::now())) {
+        if got == msg {
+            return true;
+        }
+    }
+    false
+}
+
+/// A TCP echo listener inside `node`; serves `n` connections on a thread, then stops.
+pub fn tcp_echo(lab: &Lab, node: &str, addr: SocketAddr, n: usize) -> std::thread::JoinHandle<()> {
+    let l: TcpListener = lab
+        .node(node)
+        .expect("node")
+        .run(move || TcpListener::bind(addr))
+        .expect("ns")
+        .expect("listen");
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let Ok((mut c, _)) = l.accept() else { return };
+            let _ = c.set_read_timeout(Some(ARRIVAL));
+            let mut buf = [0u8; 4096];
+            while let Ok(k) = c.read(&mut buf) {
+                if k == 0 || c.write_all(&buf[..k]).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+/// Connects from `node` to `to` (creating the socket in the node), with a timeout.
+pub fn tcp_connect(lab: &Lab, node: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    lab.node(node)
+        .expect("node")
+        .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// The lab's reflector node's two addresses (for plain sockets bound on them).
+pub fn reflector_ips(lab: &Lab) -> (Ipv4Addr, Ipv4Addr) {
+    let (a, b) = lab.stun_addresses("stun").expect("reflector");
+    match (a.ip(), b.ip()) {
+        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => (a, b),
+        _ => panic!("ipv4 reflector"),
+    }
+}
