@@ -11,6 +11,7 @@
 //! Router::new(EngineConfig, RouterAddrs) -> Router
 //! Router::handle(&mut self, now, Port, frame: &[u8], out: &mut Vec<Emit>)
 //! Router::poll(&mut self, now, out: &mut Vec<Emit>)
+//! Router::poll_at(&self) -> Option<Instant>            // next ARP retry / give-up
 //! Router::mappings(&self, now) -> Vec<MappingRow>      // Serialize
 //! Router::stats(&self) -> Stats                          // Serialize
 //! ```
@@ -214,8 +215,12 @@ impl Router {
                 }
                 match Datagram::parse(eth.payload()) {
                     Ok(d) => {
-                        self.cache(port).learn(now, d.src(), src);
-                        self.flush(now, port, d.src(), out);
+                        // Behind a WAN gateway this records the gateway's MAC for remote IPs,
+                        // which is where replies to them go anyway.
+                        if port == Port::Wan || self.addrs.lan.contains(d.src()) {
+                            self.cache(port).learn(now, d.src(), src);
+                            self.flush(now, port, d.src(), out);
+                        }
                         self.route(now, port, d, out);
                     }
                     Err(Reject::Fragment) => self.stats.dropped_fragment += 1,
@@ -233,12 +238,19 @@ impl Router {
             Port::Wan => {
                 self.addrs.external.contains(&ip)
                     // Firewall mode: proxy ARP (RFC 1027) so on-link peers reach the public hosts.
-                    || (!self.config.translate
-                        && self.addrs.lan.contains(ip)
-                        && ip != self.addrs.lan.addr
-                        && ip != self.addrs.lan.network())
+                    || (!self.config.translate && self.lan_host(ip))
             }
         }
+    }
+
+    /// A host address of the LAN prefix other than the router's own.
+    fn lan_host(&self, ip: Ipv4Addr) -> bool {
+        let lan = self.addrs.lan;
+        let host_bits = u32::MAX.checked_shr(u32::from(lan.len)).unwrap_or(0);
+        let broadcast = Ipv4Addr::from(u32::from(lan.network()) | host_bits);
+        // A /31 or /32 has no network or broadcast address (RFC 3021).
+        let special = lan.len < 31 && (ip == lan.network() || ip == broadcast);
+        lan.contains(ip) && ip != lan.addr && !special
     }
 
     fn handle_arp(&mut self, now: Instant, port: Port, payload: &[u8], out: &mut Vec<Emit>) {
@@ -292,6 +304,15 @@ impl Router {
         }
         self.table.sweep(now);
         self.firewall.sweep(now);
+    }
+
+    /// When [`Router::poll`] next has work to do (an ARP retry or give-up); `None` while nothing
+    /// waits for ARP. Mapping expiry is lazy, so the sweep in `poll` is only about memory.
+    pub fn poll_at(&self) -> Option<Instant> {
+        self.waiting
+            .values()
+            .map(|w| (w.last_request + arp::RETRY).min(w.since + arp::GIVE_UP))
+            .min()
     }
 
     fn request(&mut self, now: Instant, port: Port, target: Ipv4Addr, out: &mut Vec<Emit>) {
@@ -414,7 +435,9 @@ impl Router {
             dst == lan.addr || (port == Port::Wan && !self.config.translate && !lan.contains(dst));
         let valid = match port {
             Port::Lan => lan.contains(src) && !to_router && (!lan.contains(dst) || ours(dst)),
-            Port::Wan => !to_router && (ours(dst) || (!self.config.translate && lan.contains(dst))),
+            Port::Wan => {
+                !to_router && (ours(dst) || (!self.config.translate && self.lan_host(dst)))
+            }
         };
         if !valid {
             self.stats.dropped_unroutable += 1;
