@@ -485,6 +485,33 @@ mod tests {
         assert_eq!(nat.parent(), Some("carrier"));
     }
 
+    /// The example in docs/lab.md, "Address plan".
+    #[test]
+    fn cgnat_addresses_match_the_docs() {
+        let plan = preset("cgnat").expect("preset").plan().expect("plans");
+        let show: Vec<String> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let uplink: Vec<String> = n.uplink.iter().map(ToString::to_string).collect();
+                let lan = n.lan.map(|l| format!(" lan {l}")).unwrap_or_default();
+                let via = n.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+                format!("{} {}{via}{lan}", n.name, uplink.join(","))
+            })
+            .collect();
+        assert_eq!(
+            show,
+            [
+                "internet 198.51.100.254/24,203.0.113.254/24",
+                "stun 198.51.100.1/24,198.51.100.2/24",
+                "carrier 203.0.113.1/24 lan 100.64.0.1/24",
+                "nat 100.64.0.2/24 via 100.64.0.1 lan 10.1.0.1/24",
+                "h1 10.1.0.2/24 via 10.1.0.1",
+                "h2 10.1.0.3/24 via 10.1.0.1",
+            ]
+        );
+    }
+
     #[test]
     fn router_behaviors_are_accepted() {
         for b in ROUTER_BEHAVIORS {
