@@ -191,10 +191,6 @@ impl Router {
 
     /// One received frame. Appends frames to send (possibly none) to `out`.
     pub fn handle(&mut self, now: Instant, port: Port, frame: &[u8], out: &mut Vec<Emit>) {
-        if frame.len() > MAX_FRAME {
-            self.stats.dropped_oversize += 1;
-            return;
-        }
         let Some(eth) = EthernetPacket::new(frame) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -203,6 +199,10 @@ impl Router {
         // A packet socket also sees our own transmissions, and promiscuous mode other hosts'
         // unicast: neither is ours to route.
         if src == self.mac(port) || (dst != self.mac(port) && dst[0] & 1 == 0) {
+            return;
+        }
+        if frame.len() > MAX_FRAME {
+            self.stats.dropped_oversize += 1;
             return;
         }
         match eth.get_ethertype() {
@@ -431,14 +431,16 @@ impl Router {
         let (src, dst) = (d.src(), d.dst());
         let lan = self.addrs.lan;
         let ours = |ip| self.config.translate && self.addrs.external.contains(&ip);
-        let to_router =
-            dst == lan.addr || (port == Port::Wan && !self.config.translate && !lan.contains(dst));
-        let valid = match port {
-            Port::Lan => lan.contains(src) && !to_router && (!lan.contains(dst) || ours(dst)),
-            Port::Wan => {
-                !to_router && (ours(dst) || (!self.config.translate && self.lan_host(dst)))
-            }
+        let special = |ip: Ipv4Addr| {
+            ip.is_multicast() || ip.is_broadcast() || ip.is_unspecified() || ip.is_loopback()
         };
+        // Nothing is addressed to the router itself: it has no IP stack to deliver to.
+        let valid = !special(src)
+            && !special(dst)
+            && match port {
+                Port::Lan => self.lan_host(src) && (ours(dst) || !lan.contains(dst)),
+                Port::Wan => ours(dst) || (!self.config.translate && self.lan_host(dst)),
+            };
         if !valid {
             self.stats.dropped_unroutable += 1;
             return;

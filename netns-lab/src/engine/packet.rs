@@ -164,10 +164,9 @@ impl Datagram {
                     IcmpTypes::EchoRequest => Transport::Echo { request: true, id },
                     IcmpTypes::EchoReply => Transport::Echo { request: false, id },
                     IcmpTypes::DestinationUnreachable | IcmpTypes::TimeExceeded => {
-                        match quoted(&l4[ICMP_HEADER..]) {
-                            Some(q) => Transport::Error(q),
-                            None => return Err(Reject::Malformed),
-                        }
+                        // Quoting something we never translate (or too little of it) is not an
+                        // error in the packet, just not ours.
+                        quoted(&l4[ICMP_HEADER..]).map_or(Transport::Other, Transport::Error)
                     }
                     _ => Transport::Other,
                 }

@@ -839,7 +839,8 @@ fn drops_are_counted_not_forwarded() {
     let mut frag = dg.clone();
     frag[6] = 0x20; // more fragments
     type Counter = fn(&Stats) -> u64;
-    let cases: [(Vec<u8>, Counter); 5] = [
+    let unroutable: Counter = |s| s.dropped_unroutable;
+    let cases: [(Vec<u8>, Counter); 8] = [
         (from_host(&ttl1), |s| s.dropped_ttl),
         (from_host(&frag), |s| s.dropped_fragment),
         (eth(LAN_MAC, HOST_MAC, EtherTypes::Ipv6, &[0u8; 60]), |s| {
@@ -848,9 +849,22 @@ fn drops_are_counted_not_forwarded() {
         (from_host(&udp_dg(ep(HOST), ep(S1), &[0u8; 1473])), |s| {
             s.dropped_oversize
         }),
-        (from_host(&udp_dg(ep(HOST), ep("10.0.0.3:1"), b"x")), |s| {
-            s.dropped_unroutable
-        }),
+        (
+            from_host(&udp_dg(ep(HOST), ep("10.0.0.3:1"), b"x")),
+            unroutable,
+        ),
+        (
+            from_host(&udp_dg(ep(HOST), ep("10.0.0.1:53"), b"x")),
+            unroutable,
+        ),
+        (
+            from_host(&udp_dg(ep(HOST), ep("224.0.0.251:5353"), b"x")),
+            unroutable,
+        ),
+        (
+            from_host(&udp_dg(ep("192.0.2.1:5"), ep(S1), b"x")),
+            unroutable,
+        ),
     ];
     for (frame, counter) in cases {
         let before = counter(&r.stats());
