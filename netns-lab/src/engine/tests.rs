@@ -766,6 +766,20 @@ fn firewall_mode_filters_without_translating() {
     )
     .is_empty());
     assert_eq!(r.stats().filtered, 2);
+    // An ICMP error about the host's flow passes unchanged, from any router on the path.
+    let quoted = udp_dg(host, peer, b"");
+    let err = icmp_error_dg(ip("192.0.2.1"), *host.ip(), 11, 0, &quoted);
+    let s = one(&step(
+        &mut r,
+        t0,
+        Port::Wan,
+        &eth(WAN_MAC, peer_mac, EtherTypes::Ipv4, &err),
+    ));
+    assert_eq!(
+        (s.port, *s.src.ip(), *s.dst.ip()),
+        (Port::Lan, ip("192.0.2.1"), *host.ip())
+    );
+    assert_eq!(&s.l4[8..], &quoted[..]);
     let rows = r.mappings(t0);
     assert_eq!(
         (rows[0].internal, rows[0].external),
