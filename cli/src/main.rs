@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod lab;
 mod probe;
 mod reflect;
 
@@ -32,6 +33,9 @@ enum Command {
     Reflect(reflect::ReflectArgs),
     /// Start a reflector on 127.0.0.1 + 127.0.0.2 and check every RFC 5780 answer against it.
     Demo(demo::DemoArgs),
+    /// Network-namespace labs: real programs behind userspace RFC 4787 NATs (Linux, root).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Probe(a) => probe::run(a),
         Command::Reflect(a) => reflect::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Lab(c) => lab::run(c),
         Command::Bench(BenchCommand::Reflect(a)) => bench::run_reflect(a),
     };
     match result {
@@ -69,7 +74,7 @@ pub(crate) fn emit(text: &str) {
 }
 
 /// One line: the error and its causes, joined.
-fn error_line(e: &anyhow::Error) -> String {
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
         let s = cause.to_string();

@@ -61,7 +61,9 @@ impl std::str::FromStr for Ipv4Net {
         let (a, l) = s
             .split_once('/')
             .ok_or_else(|| format!("`{s}` is not a prefix like 10.1.0.0/24"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IPv4 address"))?;
         let len: u8 = l
             .parse()
             .ok()
@@ -141,15 +143,18 @@ pub enum NodeSpec {
         router: RouterKind,
     },
     /// An end host.
-    Host { name: String, parent: Option<String> },
+    Host {
+        name: String,
+        parent: Option<String>,
+    },
 }
 
 impl NodeSpec {
     pub fn name(&self) -> &str {
         match self {
-            NodeSpec::Reflector { name } | NodeSpec::Nat { name, .. } | NodeSpec::Host { name, .. } => {
-                name
-            }
+            NodeSpec::Reflector { name }
+            | NodeSpec::Nat { name, .. }
+            | NodeSpec::Host { name, .. } => name,
         }
     }
 
