@@ -38,11 +38,12 @@ pub enum DriverError {
 
 type Tx = Mutex<Box<dyn DataLinkSender>>;
 
-/// A frame waiting for its delay to pass (min-heap on `at`).
-struct Delayed(Emit);
+/// A frame waiting for its delay to pass: a min-heap on (`at`, arrival order), so frames due at
+/// the same instant leave in the order the engine emitted them.
+struct Delayed(Emit, u64);
 impl PartialEq for Delayed {
     fn eq(&self, o: &Self) -> bool {
-        self.0.at == o.0.at
+        self.0.at == o.0.at && self.1 == o.1
     }
 }
 impl Eq for Delayed {}
@@ -53,7 +54,7 @@ impl PartialOrd for Delayed {
 }
 impl Ord for Delayed {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        o.0.at.cmp(&self.0.at)
+        (o.0.at, o.1).cmp(&(self.0.at, self.1))
     }
 }
 
@@ -61,7 +62,7 @@ struct Shared {
     router: Mutex<Router>,
     wan_tx: Tx,
     lan_tx: Tx,
-    delayed: Mutex<BinaryHeap<Delayed>>,
+    delayed: Mutex<(BinaryHeap<Delayed>, u64)>,
     wake: Condvar,
     stop: AtomicBool,
 }
@@ -88,7 +89,10 @@ impl Shared {
             if e.at <= now {
                 self.send_now(&e);
             } else {
-                lock(&self.delayed).push(Delayed(e));
+                let mut q = lock(&self.delayed);
+                let seq = q.1;
+                q.1 += 1;
+                q.0.push(Delayed(e, seq));
                 later = true;
             }
         }
@@ -184,7 +188,7 @@ pub fn start(
         router: Mutex::new(Router::new(config, addrs)),
         wan_tx: Mutex::new(wan.0),
         lan_tx: Mutex::new(lan_ch.0),
-        delayed: Mutex::new(BinaryHeap::new()),
+        delayed: Mutex::new((BinaryHeap::new(), 0)),
         wake: Condvar::new(),
         stop: AtomicBool::new(false),
     });
@@ -238,17 +242,17 @@ fn timer_loop(s: &Shared) {
             next_poll = now + TICK;
         }
         let mut q = lock(&s.delayed);
-        while q.peek().is_some_and(|d| d.0.at <= Instant::now()) {
-            if let Some(Delayed(e)) = q.pop() {
+        while q.0.peek().is_some_and(|d| d.0.at <= Instant::now()) {
+            if let Some(Delayed(e, _)) = q.0.pop() {
                 s.send_now(&e);
             }
         }
-        let wait = q
-            .peek()
-            .map(|d| d.0.at.saturating_duration_since(Instant::now()))
-            .unwrap_or(TICK)
-            .min(next_poll.saturating_duration_since(Instant::now()))
-            .max(Duration::from_micros(50));
+        let wait =
+            q.0.peek()
+                .map(|d| d.0.at.saturating_duration_since(Instant::now()))
+                .unwrap_or(TICK)
+                .min(next_poll.saturating_duration_since(Instant::now()))
+                .max(Duration::from_micros(50));
         let _ = s.wake.wait_timeout(q, wait);
     }
 }
