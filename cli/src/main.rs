@@ -5,6 +5,7 @@
 //! printed once, as one lowercase line prefixed with the program name.
 
 mod bench;
+mod bench_lab;
 mod demo;
 mod lab;
 mod probe;
@@ -45,6 +46,8 @@ enum Command {
 enum BenchCommand {
     /// Load a STUN server with Binding requests; report requests/s and latency.
     Reflect(bench::BenchReflectArgs),
+    /// Time lab setup and teardown; measure the userspace NAT's throughput and added latency next to the kernel's.
+    Lab(bench_lab::BenchLabArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Lab(c) => lab::run(c),
         Command::Bench(BenchCommand::Reflect(a)) => bench::run_reflect(a),
+        Command::Bench(BenchCommand::Lab(a)) => bench_lab::run(a),
     };
     match result {
         Ok(code) => code,
