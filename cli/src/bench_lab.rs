@@ -31,6 +31,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a receiver keeps reading after the sender stopped (queued packets still count).
 const DRAIN: Duration = Duration::from_millis(300);
 const PINGS: usize = 2000;
+/// Receive buffer of the UDP sink (root may exceed rmem_max only with SO_RCVBUFFORCE; socket2
+/// sets SO_RCVBUF, so this is capped by net.core.rmem_max in the reflector's namespace).
+const SINK_RCVBUF: usize = 16 << 20;
 const WARMUP: usize = 100;
 
 #[derive(Args, Debug)]
@@ -44,6 +47,10 @@ pub struct BenchLabArgs {
     /// How long each throughput test sends, in seconds.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Offered load of the paced UDP test, packets/s (the flood test offers as much as one
+    /// sender thread can).
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
     /// Print one JSON document instead of tables.
     #[arg(long)]
     json: bool,
@@ -67,6 +74,8 @@ struct UpDown {
 #[derive(Serialize)]
 struct Udp {
     path: &'static str,
+    /// Offered packets/s; `None` for the flood.
+    offered_per_second: Option<u64>,
     seconds: f64,
     sent: u64,
     send_errors: u64,
@@ -144,8 +153,11 @@ pub fn run(args: BenchLabArgs) -> Result<ExitCode> {
         let topo = presets::preset(path).with_context(|| format!("no preset {path}"))?;
         let lab = Lab::up(&lab_name('t', doc.udp_rtt.len()), topo.plan()?, options())
             .with_context(|| format!("bringing up preset {path}"))?;
-        doc.udp_64b
-            .push(udp_flood(&lab, path, secs).with_context(|| format!("UDP via {path}"))?);
+        for rate in [None, Some(args.rate)] {
+            doc.udp_64b.push(
+                udp_flood(&lab, path, secs, rate).with_context(|| format!("UDP via {path}"))?,
+            );
+        }
         doc.tcp_bulk
             .push(tcp_bulk(&lab, path, secs).with_context(|| format!("TCP via {path}"))?);
         doc.udp_rtt
@@ -262,10 +274,13 @@ fn join<T>(h: thread::ScopedJoinHandle<'_, T>) -> Result<T> {
 }
 
 /// 64-byte datagrams from `h1` to a counting sink in `stun`, as fast as one thread sends them.
-fn udp_flood(lab: &Lab, path: &'static str, secs: Duration) -> Result<Udp> {
+fn udp_flood(lab: &Lab, path: &'static str, secs: Duration, rate: Option<u64>) -> Result<Udp> {
     let dst = SocketAddr::from((sink_ip(lab)?, UDP_PORT));
     let sink = lab.node("stun")?.udp_bind(dst).context("UDP sink")?;
     sink.set_read_timeout(Some(POLL))?;
+    // A deep queue, so a receiver thread that loses its core for a few ms (2 cores, 3+ busy
+    // threads) does not count as loss on the path.
+    let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(SINK_RCVBUF);
     let tx = lab.node("h1")?.udp_bind(any_port())?;
     tx.connect(dst)?;
     let forwarded = || lab.nat_stats("nat").map(|s| s.forwarded_out);
@@ -287,6 +302,13 @@ fn udp_flood(lab: &Lab, path: &'static str, secs: Duration) -> Result<Udp> {
         let (payload, start) = ([0x5au8; 64], Instant::now());
         let (mut sent, mut errors) = (0u64, 0u64);
         while start.elapsed() < secs {
+            if let Some(r) = rate.filter(|r| *r > 0) {
+                // Paced: bursts of 32 on a schedule of `r` packets/s.
+                let due = start + Duration::from_secs_f64(sent as f64 / r as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+            }
             for _ in 0..32 {
                 match tx.send(&payload) {
                     Ok(_) => sent += 1,
@@ -300,6 +322,7 @@ fn udp_flood(lab: &Lab, path: &'static str, secs: Duration) -> Result<Udp> {
     })?;
     Ok(Udp {
         path,
+        offered_per_second: rate,
         seconds: elapsed,
         sent,
         send_errors: errors,
@@ -455,6 +478,8 @@ fn render(d: &Document) -> String {
     let udp = d.udp_64b.iter().map(|u| {
         vec![
             u.path.to_string(),
+            u.offered_per_second
+                .map_or("flood".into(), |r| r.to_string()),
             format!("{:.0}", u.sent_per_second),
             format!("{:.0}", u.received_per_second),
             format!("{:.1}", u.loss_pct),
@@ -482,10 +507,11 @@ fn render(d: &Document) -> String {
     [
         "\nLab up / down (ms, min / median / max)".to_string(),
         table(&["topology", "runs", "up", "down"], ud.collect()),
-        "\nUDP 64-byte flood, h1 -> stun, one sender thread".into(),
+        "\nUDP 64-byte packets, h1 -> stun, one sender thread (flood, then paced)".into(),
         table(
             &[
                 "path",
+                "offered/s",
                 "sent/s",
                 "received/s",
                 "loss %",
