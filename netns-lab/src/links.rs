@@ -50,11 +50,16 @@ pub async fn set_up(h: &Handle, name: &str) -> Result<u32, LinkError> {
 }
 
 /// A bridge with a fixed MAC (a bridge otherwise takes its lowest port's MAC, which would change
-/// the NAT engine's address as ports come and go). STP stays off, so ports forward at once.
+/// the NAT engine's address as ports come and go). STP stays off, so ports forward at once. Bridged
+/// frames skip netfilter even where br_netfilter is loaded (Docker loads it): a lab's segments are
+/// plain wires, and the hook cost was visible in `natscope bench lab` profiles.
 pub async fn add_bridge(h: &Handle, name: &str, mac: [u8; 6]) -> Result<u32, LinkError> {
     h.link()
         .add(
             LinkBridge::new(name)
+                .nf_call_iptables(false)
+                .nf_call_ip6tables(false)
+                .nf_call_arptables(false)
                 .address(mac.to_vec())
                 .mtu(MTU)
                 .up()
