@@ -9,6 +9,7 @@ mod bench_lab;
 mod demo;
 mod lab;
 mod probe;
+mod punch;
 mod reflect;
 
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Connect two peers through NATs: rendezvous + relay server, listener, connector.
+    #[command(subcommand)]
+    Punch(punch::PunchCommand),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Lab(c) => lab::run(c),
         Command::Bench(BenchCommand::Reflect(a)) => bench::run_reflect(a),
         Command::Bench(BenchCommand::Lab(a)) => bench_lab::run(a),
+        Command::Punch(c) => punch::run(c),
     };
     match result {
         Ok(code) => code,

@@ -15,5 +15,6 @@ pub mod client;
 pub mod fuzzing;
 pub mod nat;
 pub mod probe;
+pub mod punch;
 pub mod reflector;
 pub mod stun;

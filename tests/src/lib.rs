@@ -9,6 +9,7 @@
 //! sleeping. All traffic stays on 127.0.0.0/8 (DESIGN.md, "Safety").
 
 pub mod lab;
+pub mod punch;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

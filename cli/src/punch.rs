@@ -1,0 +1,302 @@
+//! `natscope punch`: rendezvous + relay server, listener and connector (docs/punch.md).
+//! Glue only: argument parsing, the runtime, signals and rendering; the protocol lives in
+//! `natscope_probes::punch`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use natscope_probes::punch::driver::{
+    self, ConnectOptions, ConnectReport, ListenEvent, ListenOptions, PunchError, MAX_BIRTHDAY,
+};
+use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
+
+#[derive(Subcommand, Debug)]
+pub enum PunchCommand {
+    /// Run the rendezvous + relay server (UDP and TCP on each address) until SIGTERM/Ctrl-C.
+    Serve(ServeArgs),
+    /// Register an id and echo every message of the sessions peers open to it.
+    Listen(ListenArgs),
+    /// Connect to a registered peer through NATs, send numbered messages, report the path.
+    Connect(ConnectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to serve on, UDP and TCP (repeat for several).
+    #[arg(long, value_name = "IP:PORT", default_values_t = [SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))])]
+    listen: Vec<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListenArgs {
+    /// The id to register (1-64 characters of A-Z a-z 0-9 . _ -).
+    #[arg(long)]
+    id: String,
+    /// The rendezvous server.
+    #[arg(long, value_name = "SERVER:PORT")]
+    via: SocketAddr,
+    /// Exit 0 after serving this many sessions (default: forever).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Sessions use TCP (simultaneous open; the relay over the server's TCP connections).
+    #[arg(long)]
+    tcp: bool,
+    /// Give up (exit 1) after SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// One JSON object per line for each event (natscope.punch-listen/v1).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// The id of the peer to connect to.
+    id: String,
+    /// The rendezvous server.
+    #[arg(long, value_name = "SERVER:PORT")]
+    via: SocketAddr,
+    /// Use TCP (simultaneous open) instead of UDP.
+    #[arg(long)]
+    tcp: bool,
+    /// Start on the relay at once; move to a direct path when one appears.
+    #[arg(long)]
+    relay_first: bool,
+    /// Port prediction: measure this side's allocation delta and let the peer probe ahead.
+    #[arg(long)]
+    predict: bool,
+    /// Birthday technique: also probe up to N random ports of the peer's address (UDP).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    birthday: usize,
+    /// Numbered messages to send (the listener echoes each).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    messages: u64,
+    /// Pause between messages, in milliseconds (0: as fast as the window allows).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    interval_ms: u64,
+    /// Bound on the whole connect, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    timeout: f64,
+    /// How long direct paths are tried before the relay, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1500)]
+    punch_window_ms: u64,
+    /// Print one JSON document (natscope.punch/v1).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: PunchCommand) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    match cmd {
+        PunchCommand::Serve(a) => rt.block_on(serve(a)),
+        PunchCommand::Listen(a) => rt.block_on(listen(a)),
+        PunchCommand::Connect(a) => rt.block_on(connect(a)),
+    }
+}
+
+async fn shutdown_signal() {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    match term {
+        Ok(mut t) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn seconds(v: f64, what: &str) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        bail!("--{what} must be a number of seconds between 0 and 86400, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn check_id(id: &str) -> Result<()> {
+    if !valid_id(id) {
+        bail!("peer id `{id}` is invalid: use 1-64 characters of A-Z a-z 0-9 . _ -");
+    }
+    Ok(())
+}
+
+fn transport(tcp: bool) -> Transport {
+    if tcp {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<ExitCode> {
+    driver::serve(&a.listen, shutdown_signal(), |bound| {
+        let list: Vec<String> = bound.iter().map(|b| b.to_string()).collect();
+        eprintln!(
+            "natscope: punch server on {} (udp and tcp)",
+            list.join(", ")
+        );
+    })
+    .await
+    .context("cannot start the punch server")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn punch_failure(e: PunchError) -> ExitCode {
+    eprintln!("natscope: punch: {e}");
+    ExitCode::from(e.exit_code())
+}
+
+async fn listen(a: ListenArgs) -> Result<ExitCode> {
+    check_id(&a.id)?;
+    let opts = ListenOptions {
+        id: a.id.clone(),
+        server: a.via,
+        transport: transport(a.tcp),
+        count: a.count,
+        timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
+        punch_window: Duration::from_millis(1500),
+    };
+    let json = a.json;
+    let result = driver::listen(&opts, shutdown_signal(), |ev| {
+        if json {
+            let mut v = serde_json::to_value(&ev).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("schema".into(), "natscope.punch-listen/v1".into());
+            }
+            crate::emit(&v.to_string());
+            return;
+        }
+        let line = match ev {
+            ListenEvent::Registered {
+                id,
+                transport,
+                local,
+                reflexive,
+            } => format!("registered {id} over {transport}: local {local}, reflexive {reflexive}"),
+            ListenEvent::SessionStarted { session, peer } => {
+                format!("session {session}: peer {peer}, punching")
+            }
+            ListenEvent::SessionEnded {
+                session,
+                path,
+                peer,
+                messages_echoed,
+                switched_to_direct,
+                error,
+            } => {
+                let mut s = format!("session {session}: {path}");
+                if let Some(p) = peer {
+                    s += &format!(" via {p}");
+                }
+                if switched_to_direct {
+                    s += " (switched from relay)";
+                }
+                s += &format!(", {messages_echoed} messages echoed");
+                if let Some(e) = error {
+                    s += &format!(", ended: {e}");
+                }
+                s
+            }
+        };
+        crate::emit(&line);
+    })
+    .await;
+    match result {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => Ok(punch_failure(e)),
+    }
+}
+
+async fn connect(a: ConnectArgs) -> Result<ExitCode> {
+    check_id(&a.id)?;
+    if a.birthday > MAX_BIRTHDAY {
+        bail!("--birthday is at most {MAX_BIRTHDAY} ports");
+    }
+    if a.tcp && (a.predict || a.birthday > 0) {
+        bail!("--predict and --birthday apply to udp only");
+    }
+    if a.messages == 0 || a.messages > 1_000_000 {
+        bail!("--messages must be between 1 and 1000000");
+    }
+    let opts = ConnectOptions {
+        id: a.id.clone(),
+        server: a.via,
+        transport: transport(a.tcp),
+        relay_first: a.relay_first,
+        predict: a.predict,
+        birthday: a.birthday,
+        messages: a.messages,
+        interval: Duration::from_millis(a.interval_ms),
+        timeout: seconds(a.timeout, "timeout")?,
+        punch_window: Duration::from_millis(a.punch_window_ms.clamp(50, 60_000)),
+    };
+    let report = match driver::connect(&opts).await {
+        Ok(r) => r,
+        Err(e) => return Ok(punch_failure(e)),
+    };
+    if a.json {
+        crate::emit(&serde_json::to_string_pretty(&report).context("cannot render json")?);
+    } else {
+        crate::emit(&render(&report));
+    }
+    if report.failed() {
+        let why = report
+            .attempts
+            .error
+            .clone()
+            .unwrap_or_else(|| "no path carried the data".into());
+        eprintln!("natscope: punch: session with {} failed: {why}", a.id);
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.1} ms"))
+}
+
+/// The human table of a connect report.
+pub fn render(r: &ConnectReport) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["punch", "value"]);
+    let rows: Vec<(&str, String)> = vec![
+        ("transport", r.transport.to_string()),
+        ("path", r.path.to_string()),
+        ("local", r.local.clone()),
+        ("peer", r.peer.clone().unwrap_or_else(|| "-".into())),
+        ("time to first byte", opt_ms(r.time_to_first_byte_ms)),
+        ("time to direct", opt_ms(r.time_to_direct_ms)),
+        ("rtt", opt_ms(r.rtt_ms)),
+        (
+            "messages echoed",
+            format!("{} of {}", r.messages_echoed, r.messages_sent),
+        ),
+        ("in order", r.in_order.to_string()),
+        ("switched to direct", r.switched_to_direct.to_string()),
+        (
+            "probes",
+            format!(
+                "{} sent, {} answered (bound {})",
+                r.attempts.probes_sent, r.attempts.probes_answered, r.attempts.probe_packet_bound
+            ),
+        ),
+    ];
+    for (k, v) in rows {
+        t.add_row(vec![k.to_string(), v]);
+    }
+    if let Some(e) = &r.attempts.error {
+        t.add_row(vec!["error".to_string(), e.clone()]);
+    }
+    t.to_string()
+}

@@ -1,0 +1,819 @@
+//! One peer's side of a punch session: hole punching, path choice, relay fallback, relay-first
+//! upgrade and the reliable ordered message stream, as a state machine with no I/O.
+//!
+//! Inputs: [`Session::handle_message`] (a message and where it came from) and
+//! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (destination and bytes; the
+//! relay is simply the server's address), [`Session::poll_deliver`] (application messages, in
+//! order, once each) and [`Session::poll_timeout`].
+//!
+//! Punching (UDP): from the agreed start, every `probe_interval` until the punch window closes,
+//! a PROBE goes to every candidate of the peer (its server-reflexive address, its local
+//! addresses, predicted ports). A PROBE is answered to wherever it came from, and that source
+//! joins the candidates (peer-reflexive: what makes a one-directional opening enough, as with a
+//! cone on one side and a symmetric NAT on the other), with an immediate probe back. A PROBE
+//! answered from the address it was sent to proves the path both ways: the first such address
+//! becomes the direct path. Over TCP the driver establishes the direct stream itself and calls
+//! [`Session::set_direct`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::codec::{code, method, PunchMessage};
+use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
+use super::SessionId;
+use crate::stun::TransactionId;
+
+/// Most addresses a session probes (candidates, peer-reflexive sources, predicted ports).
+pub const MAX_TARGETS: usize = 48;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Connector,
+    Listener,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Relay,
+    Direct(SocketAddr),
+}
+
+impl Route {
+    pub fn is_direct(self) -> bool {
+        matches!(self, Route::Direct(_))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SessionConfig {
+    /// How long direct paths are tried before falling back to the relay (and how long probes
+    /// go out in relay-first mode).
+    pub punch_window: Duration,
+    pub probe_interval: Duration,
+    /// Data flows through the relay at once and moves to a direct path when one appears.
+    pub relay_first: bool,
+    /// Send UDP probes (false over TCP: the driver opens the direct stream).
+    pub probe: bool,
+    /// Keepalive on the direct path, and the connector's refresh of its session at the server.
+    pub keepalive: Duration,
+    /// Nothing heard from the peer for this long (after the punch window): the peer is gone.
+    pub peer_idle: Duration,
+    /// The connector's refreshes unanswered for this long: the server is gone.
+    pub server_idle: Duration,
+    pub reliable: ReliableConfig,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            punch_window: Duration::from_millis(1500),
+            probe_interval: Duration::from_millis(50),
+            relay_first: false,
+            probe: true,
+            keepalive: Duration::from_millis(500),
+            peer_idle: Duration::from_secs(3),
+            server_idle: Duration::from_millis(1600),
+            reliable: ReliableConfig::default(),
+        }
+    }
+}
+
+/// Why a session ended without the application closing it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("peer stopped answering for {0:.1?} (it left or its path died)")]
+    PeerGone(Duration),
+    #[error("rendezvous server {0} stopped answering for {1:.1?} (killed or unreachable); the relayed session cannot continue")]
+    ServerGone(SocketAddr, Duration),
+    #[error("rendezvous server {0} no longer knows this session (it restarted or the peer left)")]
+    ServerLostSession(SocketAddr),
+    #[error("peer closed the session before every message was echoed")]
+    PeerClosed,
+    #[error("peer closed its direct connection (it left)")]
+    PeerConnectionClosed,
+}
+
+/// Counters for the report.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    pub data_sent_direct: u64,
+    pub data_sent_relayed: u64,
+    pub data_received_direct: u64,
+    pub data_received_relayed: u64,
+    pub retransmissions: u64,
+    pub duplicates_dropped: u64,
+    /// Clean (never retransmitted) send-to-ack times, by whether they went direct.
+    pub rtt_samples: Vec<(bool, Duration)>,
+    pub probe_rtt: Option<Duration>,
+    /// Our address as the peer saw it on the direct path.
+    pub mapped_by_peer: Option<SocketAddr>,
+    pub server_lost: bool,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    role: Role,
+    config: SessionConfig,
+    server: SocketAddr,
+    start_at: Instant,
+    punch_until: Instant,
+    targets: Vec<SocketAddr>,
+    next_probe: Instant,
+    probes: HashMap<TransactionId, (SocketAddr, Instant)>,
+    direct: Option<SocketAddr>,
+    direct_at: Option<Instant>,
+    route: Option<Route>,
+    switched: bool,
+    tx: ReliableSender,
+    rx: ReliableReceiver,
+    first_route: HashMap<u64, bool>,
+    out: VecDeque<(SocketAddr, Vec<u8>)>,
+    ack_due: bool,
+    last_peer: Instant,
+    next_keepalive: Instant,
+    last_server: Instant,
+    refreshes: Vec<TransactionId>,
+    closed: bool,
+    error: Option<SessionError>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A session told by the server at `now` to start punching `start_in` later toward `targets`.
+    pub fn new(
+        now: Instant,
+        id: SessionId,
+        role: Role,
+        config: SessionConfig,
+        server: SocketAddr,
+        start_in: Duration,
+        targets: Vec<SocketAddr>,
+    ) -> Self {
+        let start_at = now + start_in;
+        let mut s = Self {
+            id,
+            role,
+            config,
+            server,
+            start_at,
+            punch_until: start_at + config.punch_window,
+            targets: Vec::new(),
+            next_probe: start_at,
+            probes: HashMap::new(),
+            direct: None,
+            direct_at: None,
+            route: None,
+            switched: false,
+            tx: ReliableSender::new(config.reliable),
+            rx: ReliableReceiver::new(config.reliable),
+            first_route: HashMap::new(),
+            out: VecDeque::new(),
+            ack_due: false,
+            last_peer: now,
+            next_keepalive: now + config.keepalive,
+            last_server: now,
+            refreshes: Vec::new(),
+            closed: false,
+            error: None,
+            stats: SessionStats::default(),
+        };
+        for t in targets {
+            s.add_target(t);
+        }
+        if config.relay_first {
+            s.route = Some(Route::Relay);
+        }
+        s
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+    pub fn route(&self) -> Option<Route> {
+        self.route
+    }
+    pub fn direct_at(&self) -> Option<Instant> {
+        self.direct_at
+    }
+    pub fn switched_to_direct(&self) -> bool {
+        self.switched
+    }
+    pub fn error(&self) -> Option<&SessionError> {
+        self.error.as_ref()
+    }
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+    /// Every message pushed so far was acknowledged by the peer.
+    pub fn all_acked(&self) -> bool {
+        self.tx.unacked() == 0
+    }
+    pub fn targets(&self) -> &[SocketAddr] {
+        &self.targets
+    }
+    pub fn stats(&self) -> SessionStats {
+        let mut s = self.stats.clone();
+        s.retransmissions = self.tx.retransmissions();
+        s.duplicates_dropped = self.rx.duplicates();
+        s
+    }
+
+    fn add_target(&mut self, a: SocketAddr) {
+        self.add_target_capped(a, MAX_TARGETS);
+    }
+
+    fn add_target_capped(&mut self, a: SocketAddr, cap: usize) {
+        if a.port() != 0 && !self.targets.contains(&a) && self.targets.len() < cap {
+            self.targets.push(a);
+        }
+    }
+
+    /// Adds addresses to probe (predicted ports); bounded by [`MAX_TARGETS`].
+    pub fn add_targets(&mut self, extra: impl IntoIterator<Item = SocketAddr>) {
+        for a in extra {
+            self.add_target(a);
+        }
+    }
+
+    /// Adds addresses to probe beyond [`MAX_TARGETS`] (birthday ports), up to `cap` in total.
+    pub fn add_targets_capped(&mut self, extra: impl IntoIterator<Item = SocketAddr>, cap: usize) {
+        for a in extra {
+            self.add_target_capped(a, cap);
+        }
+    }
+
+    /// Ends the session with `e` (the driver saw the peer's connection close).
+    pub fn abort(&mut self, e: SessionError) {
+        self.fail(e);
+    }
+
+    /// Queues an application message.
+    pub fn push(&mut self, payload: Vec<u8>) -> u64 {
+        self.tx.push(payload)
+    }
+
+    pub fn poll_deliver(&mut self) -> Option<Vec<u8>> {
+        self.rx.poll_deliver()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.out.pop_front()
+    }
+
+    fn send(&mut self, to: SocketAddr, m: &PunchMessage) {
+        if let Ok(b) = m.to_vec() {
+            self.out.push_back((to, b));
+        }
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        if self.error.is_none() && !self.closed {
+            self.error = Some(e);
+        }
+    }
+
+    /// The direct path is up (TCP: the simultaneous open completed; UDP: a probe was answered).
+    pub fn set_direct(&mut self, now: Instant, addr: SocketAddr) {
+        if self.direct.is_some() {
+            return;
+        }
+        self.direct = Some(addr);
+        self.direct_at = Some(now);
+        self.last_peer = now;
+        let upgrade = match self.route {
+            None => true,
+            Some(Route::Relay) => self.config.relay_first,
+            Some(Route::Direct(_)) => false,
+        };
+        if upgrade {
+            if self.route == Some(Route::Relay) {
+                self.switched = true;
+            }
+            self.route = Some(Route::Direct(addr));
+            // Whatever is unacked goes again on the new path; the receiver drops copies.
+            self.tx.path_changed();
+        }
+    }
+
+    /// Ends the session: tells the peer on the current path and through the server.
+    pub fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        let m = PunchMessage::Close {
+            tid: TransactionId::random(),
+            session: self.id,
+        };
+        if let Some(Route::Direct(a)) = self.route {
+            self.send(a, &m);
+        }
+        let server = self.server;
+        self.send(server, &m);
+        self.closed = true;
+    }
+
+    pub fn handle_message(&mut self, now: Instant, from: SocketAddr, msg: PunchMessage) {
+        if self.closed || self.error.is_some() {
+            return;
+        }
+        let from_server = from == self.server;
+        match msg {
+            PunchMessage::Probe { tid, session } if session == self.id && !from_server => {
+                self.last_peer = now;
+                self.send(
+                    from,
+                    &PunchMessage::ProbeOk {
+                        tid,
+                        session,
+                        mapped: from,
+                    },
+                );
+                // Peer-reflexive: the peer's real source toward us joins the candidates.
+                self.add_target(from);
+                // Triggered check (RFC 8445 §7.3.1.4): the peer's probe just came through, so
+                // our side's filter may only now admit its answers; probing back at once finds
+                // the path without waiting for the next round (bounded by the peer's probes).
+                if self.config.probe && self.direct.is_none() && now < self.punch_until {
+                    self.probe(now, from);
+                }
+            }
+            PunchMessage::ProbeOk {
+                tid,
+                session,
+                mapped,
+            } if session == self.id => {
+                // Accepted only from the address the probe went to (DESIGN.md: check the source).
+                let Some(&(to, sent)) = self.probes.get(&tid) else {
+                    return;
+                };
+                if to != from {
+                    return;
+                }
+                self.probes.remove(&tid);
+                self.last_peer = now;
+                self.stats.probes_answered += 1;
+                if self.direct.is_none() && (now < self.punch_until || self.config.relay_first) {
+                    self.stats.probe_rtt = Some(now - sent);
+                    self.stats.mapped_by_peer = Some(mapped);
+                    self.set_direct(now, from);
+                }
+            }
+            PunchMessage::Data {
+                session,
+                seq,
+                ack,
+                payload,
+                ..
+            } if session == self.id => {
+                self.last_peer = now;
+                if from_server && self.route.is_none() {
+                    // The peer started on the relay (relay-first): answer there at once and
+                    // move to the direct path too when one appears.
+                    self.route = Some(Route::Relay);
+                    self.config.relay_first = true;
+                }
+                if from_server {
+                    self.stats.data_received_relayed += u64::from(seq.is_some());
+                } else {
+                    self.stats.data_received_direct += u64::from(seq.is_some());
+                }
+                for a in self.tx.on_ack(ack) {
+                    if let Some(direct) = self.first_route.remove(&a.seq) {
+                        if a.transmissions == 1 {
+                            self.stats.rtt_samples.push((direct, now - a.first_sent));
+                        }
+                    }
+                }
+                if let Some(seq) = seq {
+                    self.rx.on_data(seq, payload);
+                    self.ack_due = true;
+                }
+            }
+            PunchMessage::Close { session, .. } if session == self.id => {
+                self.last_peer = now;
+                self.closed = true;
+                if self.role == Role::Connector && !self.all_acked() {
+                    self.closed = false;
+                    self.fail(SessionError::PeerClosed);
+                }
+            }
+            PunchMessage::RefreshOk { tid } if from_server => {
+                if let Some(i) = self.refreshes.iter().position(|t| *t == tid) {
+                    self.refreshes.drain(..=i);
+                    self.last_server = now;
+                }
+            }
+            PunchMessage::Error {
+                tid,
+                method: method::REFRESH,
+                code: code::UNKNOWN_SESSION,
+                ..
+            } if from_server && self.refreshes.contains(&tid) => {
+                self.stats.server_lost = true;
+                if !self.route.is_some_and(Route::is_direct) {
+                    self.fail(SessionError::ServerLostSession(from));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn probe(&mut self, now: Instant, to: SocketAddr) {
+        let tid = TransactionId::random();
+        // Bounded: old unanswered probes are forgotten.
+        if self.probes.len() >= 4 * MAX_TARGETS {
+            let oldest = self
+                .probes
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.probes.remove(&k);
+            }
+        }
+        self.probes.insert(tid, (to, now));
+        self.stats.probes_sent += 1;
+        let id = self.id;
+        self.send(to, &PunchMessage::Probe { tid, session: id });
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed || self.error.is_some() {
+            return;
+        }
+        // Probe rounds during the punch window.
+        if self.config.probe
+            && now >= self.start_at
+            && now < self.punch_until
+            && self.direct.is_none()
+            && now >= self.next_probe
+        {
+            for t in self.targets.clone() {
+                self.probe(now, t);
+            }
+            self.next_probe = now + self.config.probe_interval;
+        }
+        // Fallback: no direct path when the window closes.
+        if self.route.is_none() && now >= self.punch_until {
+            self.route = Some(Route::Relay);
+        }
+        // Keepalives: the direct path (keeps the NAT mappings), and the connector's session at
+        // the server (which is how a dead or restarted server is noticed).
+        if now >= self.next_keepalive {
+            self.next_keepalive = now + self.config.keepalive;
+            if let (true, Some(d)) = (self.config.probe, self.direct) {
+                self.probe(now, d);
+            }
+            if self.role == Role::Connector {
+                let tid = TransactionId::random();
+                self.refreshes.push(tid);
+                if self.refreshes.len() > 16 {
+                    self.refreshes.remove(0);
+                }
+                let (server, id) = (self.server, self.id);
+                self.send(server, &PunchMessage::Refresh { tid, session: id });
+            }
+        }
+        if self.role == Role::Connector
+            && now.saturating_duration_since(self.last_server) > self.config.server_idle
+        {
+            self.stats.server_lost = true;
+            if !self.route.is_some_and(Route::is_direct) {
+                let idle = now - self.last_server;
+                self.fail(SessionError::ServerGone(self.server, idle));
+                return;
+            }
+        }
+        let quiet_since = self.last_peer.max(self.punch_until);
+        if now.saturating_duration_since(quiet_since) > self.config.peer_idle {
+            self.fail(SessionError::PeerGone(now - quiet_since));
+            return;
+        }
+        self.flush_data(now);
+    }
+
+    fn flush_data(&mut self, now: Instant) {
+        let Some(route) = self.route else { return };
+        let (to, direct) = match route {
+            Route::Relay => (self.server, false),
+            Route::Direct(a) => (a, true),
+        };
+        while let Some((seq, payload)) = self.tx.poll_send(now) {
+            self.first_route.entry(seq).or_insert(direct);
+            if direct {
+                self.stats.data_sent_direct += 1;
+            } else {
+                self.stats.data_sent_relayed += 1;
+            }
+            let m = PunchMessage::Data {
+                tid: TransactionId::random(),
+                session: self.id,
+                seq: Some(seq),
+                ack: self.rx.ack(),
+                payload,
+            };
+            self.send(to, &m);
+            self.ack_due = false;
+        }
+        if self.ack_due {
+            self.ack_due = false;
+            let m = PunchMessage::Data {
+                tid: TransactionId::random(),
+                session: self.id,
+                seq: None,
+                ack: self.rx.ack(),
+                payload: Vec::new(),
+            };
+            self.send(to, &m);
+        }
+    }
+
+    /// When [`Session::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.next_keepalive;
+        if self.config.probe && self.direct.is_none() && self.next_probe < self.punch_until {
+            t = t.min(self.next_probe.max(self.start_at));
+        }
+        if self.route.is_none() {
+            t = t.min(self.punch_until);
+        }
+        if let Some(r) = self.tx.poll_timeout() {
+            t = t.min(r);
+        }
+        t.min(
+            self.last_peer.max(self.punch_until) + self.config.peer_idle + Duration::from_millis(1),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    const SERVER: &str = "198.51.100.1:3490";
+
+    /// Two sessions joined by a virtual network: `a_to_b_direct`/`b_to_a_direct` say whether a
+    /// datagram between them gets through; the relay always works.
+    struct Pair {
+        a: Session,
+        b: Session,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+        direct_ok: bool,
+        now: Instant,
+        delivered_b: Vec<Vec<u8>>,
+        delivered_a: Vec<Vec<u8>>,
+    }
+
+    impl Pair {
+        fn new(relay_first: bool, direct_ok: bool) -> Self {
+            let now = Instant::now();
+            let cfg = SessionConfig {
+                relay_first,
+                ..SessionConfig::default()
+            };
+            let a_addr = sa("203.0.113.1:4000");
+            let b_addr = sa("203.0.113.2:5000");
+            let id = SessionId(5);
+            let a = Session::new(
+                now,
+                id,
+                Role::Connector,
+                cfg,
+                sa(SERVER),
+                Duration::from_millis(20),
+                vec![b_addr],
+            );
+            let b = Session::new(
+                now,
+                id,
+                Role::Listener,
+                cfg,
+                sa(SERVER),
+                Duration::from_millis(20),
+                vec![a_addr],
+            );
+            Self {
+                a,
+                b,
+                a_addr,
+                b_addr,
+                direct_ok,
+                now,
+                delivered_a: vec![],
+                delivered_b: vec![],
+            }
+        }
+
+        /// Steps 1 ms at a time for `ms`; the listener echoes what it receives.
+        fn step(&mut self, ms: u64) {
+            for _ in 0..ms {
+                self.now += Duration::from_millis(1);
+                let now = self.now;
+                self.a.handle_timeout(now);
+                self.b.handle_timeout(now);
+                for _ in 0..4 {
+                    while let Some((to, bytes)) = self.a.poll_transmit() {
+                        let m = PunchMessage::decode(&bytes).expect("decode");
+                        if to == sa(SERVER) {
+                            match m {
+                                PunchMessage::Refresh { tid, .. } => self.a.handle_message(
+                                    now,
+                                    sa(SERVER),
+                                    PunchMessage::RefreshOk { tid },
+                                ),
+                                m @ (PunchMessage::Data { .. } | PunchMessage::Close { .. }) => {
+                                    self.b.handle_message(now, sa(SERVER), m)
+                                }
+                                _ => {}
+                            }
+                        } else if to == self.b_addr && self.direct_ok {
+                            self.b.handle_message(now, self.a_addr, m);
+                        }
+                    }
+                    while let Some((to, bytes)) = self.b.poll_transmit() {
+                        let m = PunchMessage::decode(&bytes).expect("decode");
+                        if to == sa(SERVER) {
+                            if let m @ (PunchMessage::Data { .. } | PunchMessage::Close { .. }) = m
+                            {
+                                self.a.handle_message(now, sa(SERVER), m);
+                            }
+                        } else if to == self.a_addr && self.direct_ok {
+                            self.a.handle_message(now, self.b_addr, m);
+                        }
+                    }
+                    while let Some(m) = self.b.poll_deliver() {
+                        self.delivered_b.push(m.clone());
+                        self.b.push(m);
+                    }
+                    while let Some(m) = self.a.poll_deliver() {
+                        self.delivered_a.push(m);
+                    }
+                    self.a.handle_timeout(now);
+                    self.b.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn msgs(n: u64) -> Vec<Vec<u8>> {
+        (0..n).map(|i| i.to_be_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn direct_path_is_found_and_carries_the_data() {
+        let mut p = Pair::new(false, true);
+        for m in msgs(50) {
+            p.a.push(m);
+        }
+        p.step(200);
+        assert_eq!(p.a.route(), Some(Route::Direct(p.b_addr)));
+        assert_eq!(p.delivered_a, msgs(50));
+        assert!(!p.a.switched_to_direct());
+        assert_eq!(p.a.stats().data_sent_relayed, 0);
+    }
+
+    #[test]
+    fn no_direct_path_falls_back_to_the_relay_after_the_window() {
+        let mut p = Pair::new(false, false);
+        for m in msgs(50) {
+            p.a.push(m);
+        }
+        p.step(1400);
+        assert_eq!(p.a.route(), None, "data waits during the punch window");
+        p.step(300);
+        assert_eq!(p.a.route(), Some(Route::Relay));
+        assert_eq!(p.delivered_a, msgs(50));
+        assert!(p.a.error().is_none());
+    }
+
+    #[test]
+    fn relay_first_moves_to_direct_without_loss_duplication_or_reordering() {
+        let mut p = Pair::new(true, false);
+        let all = msgs(300);
+        for m in &all[..100] {
+            p.a.push(m.clone());
+        }
+        p.step(10);
+        assert_eq!(p.a.route(), Some(Route::Relay));
+        // The direct path opens mid-stream (as when the NATs' filters open).
+        p.direct_ok = true;
+        for m in &all[100..] {
+            p.a.push(m.clone());
+        }
+        p.step(300);
+        assert_eq!(p.a.route(), Some(Route::Direct(p.b_addr)));
+        assert!(p.a.switched_to_direct());
+        assert_eq!(p.delivered_b, all);
+        assert_eq!(p.delivered_a, all);
+    }
+
+    #[test]
+    fn a_silent_peer_is_an_error_within_bounds() {
+        let mut p = Pair::new(false, true);
+        p.step(100);
+        p.a.push(vec![1]);
+        // The listener vanishes: stop stepping it.
+        let start = p.now;
+        let mut now = p.now;
+        while p.a.error().is_none() {
+            now += Duration::from_millis(10);
+            p.a.handle_timeout(now);
+            while let Some((to, b)) = p.a.poll_transmit() {
+                if to == sa(SERVER) {
+                    if let Ok(PunchMessage::Refresh { tid, .. }) = PunchMessage::decode(&b) {
+                        p.a.handle_message(now, to, PunchMessage::RefreshOk { tid });
+                    }
+                }
+            }
+            assert!(now - start < Duration::from_secs(5));
+        }
+        assert!(matches!(p.a.error(), Some(SessionError::PeerGone(_))));
+    }
+
+    #[test]
+    fn a_silent_server_ends_a_relayed_session() {
+        let mut p = Pair::new(true, false);
+        p.step(50);
+        let mut now = p.now;
+        while p.a.error().is_none() {
+            now += Duration::from_millis(10);
+            p.a.handle_timeout(now);
+            while p.a.poll_transmit().is_some() {}
+            assert!(now - p.now < Duration::from_secs(3));
+        }
+        assert!(matches!(p.a.error(), Some(SessionError::ServerGone(..))));
+    }
+
+    #[test]
+    fn probe_answers_are_accepted_only_from_where_the_probe_went() {
+        let now = Instant::now();
+        let mut s = Session::new(
+            now,
+            SessionId(1),
+            Role::Connector,
+            SessionConfig::default(),
+            sa(SERVER),
+            Duration::ZERO,
+            vec![sa("203.0.113.2:5000")],
+        );
+        s.handle_timeout(now);
+        let (to, bytes) = s.poll_transmit().expect("probe");
+        let PunchMessage::Probe { tid, session } = PunchMessage::decode(&bytes).expect("decode")
+        else {
+            panic!("not a probe");
+        };
+        let ok = PunchMessage::ProbeOk {
+            tid,
+            session,
+            mapped: sa("203.0.113.1:4000"),
+        };
+        s.handle_message(now, sa("203.0.113.66:5000"), ok.clone());
+        assert_eq!(s.route(), None);
+        let wrong = PunchMessage::ProbeOk {
+            tid,
+            session: SessionId(2),
+            mapped: sa("203.0.113.1:4000"),
+        };
+        s.handle_message(now, to, wrong);
+        assert_eq!(s.route(), None);
+        s.handle_message(now, to, ok);
+        assert_eq!(s.route(), Some(Route::Direct(to)));
+    }
+
+    #[test]
+    fn a_probe_from_a_new_source_is_answered_and_probed_back() {
+        let now = Instant::now();
+        let mut s = Session::new(
+            now,
+            SessionId(1),
+            Role::Listener,
+            SessionConfig::default(),
+            sa(SERVER),
+            Duration::ZERO,
+            vec![sa("203.0.113.2:5000")],
+        );
+        let prflx = sa("203.0.113.2:31337");
+        s.handle_message(
+            now,
+            prflx,
+            PunchMessage::Probe {
+                tid: TransactionId::random(),
+                session: SessionId(1),
+            },
+        );
+        let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+        assert!(out.iter().any(|(to, b)| *to == prflx && matches!(PunchMessage::decode(b), Ok(PunchMessage::ProbeOk { mapped, .. }) if mapped == prflx)));
+        assert!(out.iter().any(|(to, b)| *to == prflx
+            && matches!(PunchMessage::decode(b), Ok(PunchMessage::Probe { .. }))));
+        assert!(s.targets().contains(&prflx));
+    }
+}

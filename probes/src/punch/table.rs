@@ -1,0 +1,422 @@
+//! The rendezvous table: who is registered under which id, from where, and which sessions the
+//! relay carries. Plain data driven by an injected clock; it never reads time itself.
+//!
+//! A registration lives until its peer unregisters, its TCP connection closes, or
+//! [`TableConfig::peer_ttl`] passes without a refresh (three missed keepalives). A session lives
+//! while either side refreshes it or sends data through the relay, and dies with its listener.
+//! Everything is in memory only; sizes are bounded so a flood of strangers cannot grow it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::codec::PeerInfo;
+use super::{SessionId, Transport};
+
+/// Where a peer is reachable from the server: the transport, the server's own socket address the
+/// peer talks to, and the peer's address as the server sees it (its server-reflexive address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub transport: Transport,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    /// A registration not refreshed for this long is gone (keepalives every 2 s: three missed).
+    pub peer_ttl: Duration,
+    /// A session neither refreshed nor used for this long is gone.
+    pub session_ttl: Duration,
+    pub max_peers: usize,
+    pub max_sessions: usize,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self {
+            peer_ttl: Duration::from_secs(7),
+            session_ttl: Duration::from_secs(10),
+            max_peers: 10_000,
+            max_sessions: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("no peer registered as `{0}`")]
+    UnknownPeer(String),
+    #[error("unknown session {0}")]
+    UnknownSession(SessionId),
+    #[error("table full")]
+    Full,
+}
+
+#[derive(Clone, Debug)]
+struct PeerEntry {
+    endpoint: Endpoint,
+    candidates: Vec<SocketAddr>,
+    expires: Instant,
+}
+
+/// One side of a session, as the server knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionEntry {
+    pub listener: Endpoint,
+    pub connector: Endpoint,
+    pub expires: Instant,
+}
+
+/// What [`RendezvousTable::introduce`] decided: a session and what to tell each side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Introduction {
+    pub session: SessionId,
+    pub listener: Endpoint,
+    /// Told to the connector: the listener's addresses.
+    pub listener_info: PeerInfo,
+    /// Told to the listener: the connector's addresses.
+    pub connector_info: PeerInfo,
+}
+
+#[derive(Debug, Default)]
+pub struct RendezvousTable {
+    config: TableConfig,
+    peers: HashMap<(Transport, String), PeerEntry>,
+    sessions: HashMap<SessionId, (String, SessionEntry)>,
+}
+
+impl RendezvousTable {
+    pub fn new(config: TableConfig) -> Self {
+        Self {
+            config,
+            ..Default::default()
+        }
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Registers or refreshes `id` on `endpoint.transport`. A newer registration of the same id
+    /// replaces the old one (a peer that restarted comes back from a new port).
+    pub fn register(
+        &mut self,
+        now: Instant,
+        id: &str,
+        endpoint: Endpoint,
+        candidates: Vec<SocketAddr>,
+    ) -> Result<(), TableError> {
+        self.expire(now);
+        let key = (endpoint.transport, id.to_string());
+        if !self.peers.contains_key(&key) && self.peers.len() >= self.config.max_peers {
+            return Err(TableError::Full);
+        }
+        self.peers.insert(
+            key,
+            PeerEntry {
+                endpoint,
+                candidates,
+                expires: now + self.config.peer_ttl,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes `id` if `from` is the endpoint it registered from (strangers cannot evict it).
+    pub fn unregister(&mut self, id: &str, from: Endpoint) -> bool {
+        let key = (from.transport, id.to_string());
+        if self.peers.get(&key).is_some_and(|p| p.endpoint == from) {
+            self.peers.remove(&key);
+            self.sessions.retain(|_, (l, _)| l != id);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets everything registered from `endpoint` (its TCP connection closed).
+    pub fn drop_endpoint(&mut self, endpoint: Endpoint) {
+        let gone: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.endpoint == endpoint)
+            .map(|((_, id), _)| id.clone())
+            .collect();
+        for id in gone {
+            self.unregister(&id, endpoint);
+        }
+        self.sessions
+            .retain(|_, (_, s)| s.connector != endpoint && s.listener != endpoint);
+    }
+
+    /// Whether `id` is registered on `transport` (for tests and status).
+    pub fn registered(&self, now: Instant, transport: Transport, id: &str) -> Option<Endpoint> {
+        self.peers
+            .get(&(transport, id.to_string()))
+            .filter(|p| p.expires > now)
+            .map(|p| p.endpoint)
+    }
+
+    /// Creates a session between the connector at `from` and the peer registered as `target` on
+    /// the same transport. `session` is the new id (the caller draws it at random).
+    pub fn introduce(
+        &mut self,
+        now: Instant,
+        target: &str,
+        from: Endpoint,
+        connector: PeerInfo,
+        session: SessionId,
+    ) -> Result<Introduction, TableError> {
+        self.expire(now);
+        let key = (from.transport, target.to_string());
+        let peer = self
+            .peers
+            .get(&key)
+            .ok_or_else(|| TableError::UnknownPeer(target.to_string()))?;
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(TableError::Full);
+        }
+        let entry = SessionEntry {
+            listener: peer.endpoint,
+            connector: from,
+            expires: now + self.config.session_ttl,
+        };
+        let intro = Introduction {
+            session,
+            listener: peer.endpoint,
+            listener_info: PeerInfo {
+                reflexive: peer.endpoint.remote,
+                candidates: peer.candidates.clone(),
+                port_delta: None,
+            },
+            connector_info: connector,
+        };
+        self.sessions.insert(session, (target.to_string(), entry));
+        Ok(intro)
+    }
+
+    /// Keeps a session alive; only its two sides may.
+    pub fn refresh_session(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        from: Endpoint,
+    ) -> Result<(), TableError> {
+        self.expire(now);
+        let ttl = self.config.session_ttl;
+        match self.sessions.get_mut(&session) {
+            Some((_, s)) if s.listener == from || s.connector == from => {
+                s.expires = now + ttl;
+                Ok(())
+            }
+            _ => Err(TableError::UnknownSession(session)),
+        }
+    }
+
+    /// Where the relay forwards data that `from` sent in `session`: the other side, if `from` is
+    /// one of the two. Using the relay keeps the session alive.
+    pub fn relay_target(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        from: Endpoint,
+    ) -> Result<Endpoint, TableError> {
+        self.refresh_session(now, session, from)?;
+        match self.sessions.get(&session) {
+            Some((_, s)) if s.listener == from => Ok(s.connector),
+            Some((_, s)) => Ok(s.listener),
+            None => Err(TableError::UnknownSession(session)),
+        }
+    }
+
+    /// Removes a session if `from` is one of its sides.
+    pub fn close_session(&mut self, session: SessionId, from: Endpoint) -> bool {
+        if self
+            .sessions
+            .get(&session)
+            .is_some_and(|(_, s)| s.listener == from || s.connector == from)
+        {
+            self.sessions.remove(&session);
+            return true;
+        }
+        false
+    }
+
+    /// Drops expired registrations, and sessions whose time ran out or whose listener is gone.
+    pub fn expire(&mut self, now: Instant) {
+        self.peers.retain(|_, p| p.expires > now);
+        let peers = &self.peers;
+        self.sessions.retain(|_, (id, s)| {
+            s.expires > now && peers.contains_key(&(s.listener.transport, id.clone()))
+        });
+    }
+
+    /// The earliest instant something expires, for a driver's timer.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let p = self.peers.values().map(|p| p.expires);
+        let s = self.sessions.values().map(|(_, s)| s.expires);
+        p.chain(s).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(t: Transport, remote: &str) -> Endpoint {
+        Endpoint {
+            transport: t,
+            local: "198.51.100.1:3490".parse().expect("addr"),
+            remote: remote.parse().expect("addr"),
+        }
+    }
+
+    fn info(r: &str) -> PeerInfo {
+        PeerInfo {
+            reflexive: r.parse().expect("addr"),
+            candidates: vec![],
+            port_delta: None,
+        }
+    }
+
+    #[test]
+    fn register_then_introduce_tells_each_side_the_other() {
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        let l = ep(Transport::Udp, "203.0.113.1:4000");
+        let local: SocketAddr = "10.1.0.2:4000".parse().expect("addr");
+        t.register(t0, "alice", l, vec![local]).expect("register");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        let intro = t
+            .introduce(t0, "alice", c, info("203.0.113.2:5000"), SessionId(7))
+            .expect("introduce");
+        assert_eq!(intro.listener, l);
+        assert_eq!(intro.listener_info.reflexive, l.remote);
+        assert_eq!(intro.listener_info.candidates, vec![local]);
+        assert_eq!(intro.connector_info.reflexive, c.remote);
+        assert_eq!(t.relay_target(t0, SessionId(7), c), Ok(l));
+        assert_eq!(t.relay_target(t0, SessionId(7), l), Ok(c));
+        let stranger = ep(Transport::Udp, "203.0.113.3:1");
+        assert_eq!(
+            t.relay_target(t0, SessionId(7), stranger),
+            Err(TableError::UnknownSession(SessionId(7)))
+        );
+    }
+
+    #[test]
+    fn unknown_peer_and_transport_are_separate() {
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        t.register(t0, "alice", ep(Transport::Tcp, "203.0.113.1:4000"), vec![])
+            .expect("register");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        assert_eq!(
+            t.introduce(t0, "alice", c, info("203.0.113.2:5000"), SessionId(1)),
+            Err(TableError::UnknownPeer("alice".into()))
+        );
+    }
+
+    #[test]
+    fn registrations_expire_without_keepalives_and_take_sessions_along() {
+        let t0 = Instant::now();
+        let cfg = TableConfig::default();
+        let mut t = RendezvousTable::new(cfg);
+        let l = ep(Transport::Udp, "203.0.113.1:4000");
+        t.register(t0, "alice", l, vec![]).expect("register");
+        // Keepalives every 2 s keep it.
+        for k in 1..=5 {
+            t.register(t0 + Duration::from_secs(2 * k), "alice", l, vec![])
+                .expect("refresh");
+        }
+        let last = t0 + Duration::from_secs(10);
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        t.introduce(last, "alice", c, info("203.0.113.2:5000"), SessionId(3))
+            .expect("introduce");
+        assert!(t
+            .registered(
+                last + cfg.peer_ttl - Duration::from_millis(1),
+                Transport::Udp,
+                "alice"
+            )
+            .is_some());
+        // The connector keeps the session fresh, but the listener stops: both go.
+        t.refresh_session(last + Duration::from_secs(5), SessionId(3), c)
+            .expect("fresh");
+        t.expire(last + cfg.peer_ttl);
+        assert_eq!(t.peer_count(), 0);
+        assert_eq!(t.session_count(), 0);
+        assert_eq!(t.next_expiry(), None);
+    }
+
+    #[test]
+    fn sessions_expire_unless_refreshed() {
+        let t0 = Instant::now();
+        let cfg = TableConfig {
+            peer_ttl: Duration::from_secs(100),
+            ..TableConfig::default()
+        };
+        let mut t = RendezvousTable::new(cfg);
+        let l = ep(Transport::Udp, "203.0.113.1:4000");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        t.register(t0, "a", l, vec![]).expect("register");
+        t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(1))
+            .expect("introduce");
+        t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(2))
+            .expect("introduce");
+        let mid = t0 + cfg.session_ttl - Duration::from_secs(1);
+        t.relay_target(mid, SessionId(1), c)
+            .expect("relay refreshes");
+        t.expire(t0 + cfg.session_ttl);
+        assert!(t
+            .relay_target(t0 + cfg.session_ttl, SessionId(1), l)
+            .is_ok());
+        assert_eq!(
+            t.refresh_session(t0 + cfg.session_ttl, SessionId(2), c),
+            Err(TableError::UnknownSession(SessionId(2)))
+        );
+    }
+
+    #[test]
+    fn only_the_owner_unregisters_and_tcp_close_drops_everything() {
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        let l = ep(Transport::Tcp, "203.0.113.1:4000");
+        t.register(t0, "a", l, vec![]).expect("register");
+        assert!(!t.unregister("a", ep(Transport::Tcp, "203.0.113.9:4000")));
+        assert!(t.registered(t0, Transport::Tcp, "a").is_some());
+        let c = ep(Transport::Tcp, "203.0.113.2:5000");
+        t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(1))
+            .expect("introduce");
+        t.drop_endpoint(c);
+        assert_eq!(t.session_count(), 0);
+        t.drop_endpoint(l);
+        assert_eq!(t.peer_count(), 0);
+        t.register(t0, "a", l, vec![]).expect("register");
+        assert!(t.unregister("a", l));
+        assert_eq!(t.peer_count(), 0);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig {
+            max_peers: 2,
+            ..TableConfig::default()
+        });
+        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![])
+            .expect("a");
+        t.register(t0, "b", ep(Transport::Udp, "203.0.113.1:2"), vec![])
+            .expect("b");
+        assert_eq!(
+            t.register(t0, "c", ep(Transport::Udp, "203.0.113.1:3"), vec![]),
+            Err(TableError::Full)
+        );
+        // Refreshing an existing id is always allowed.
+        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![])
+            .expect("a again");
+    }
+}

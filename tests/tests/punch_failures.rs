@@ -1,0 +1,131 @@
+//! A rendezvous server killed mid-session, or a listener killed mid-session, ends the connect
+//! with one clear error line and exit 1 within bounded time — never a hang (issue 5,
+//! must-show 4).
+
+use std::time::{Duration, Instant};
+
+use natscope_tests::lab::require_root;
+use natscope_tests::punch::{router, wait_for, PunchLab};
+
+/// Generous bound on how long after the kill the connector must have exited.
+const BOUND: Duration = Duration::from_secs(15);
+
+/// A long, paced stream (100 messages/s for up to 60 s) so the kill lands mid-session.
+const LONG: &[&str] = &[
+    "--messages",
+    "6000",
+    "--interval-ms",
+    "10",
+    "--timeout",
+    "60",
+];
+
+#[test]
+fn rendezvous_server_killed_mid_relayed_session() {
+    if !require_root() {
+        return;
+    }
+    // Symmetric <-> port-restricted cone: the session runs on the relay, so it needs the server.
+    let mut lab = PunchLab::up("pkls", router("symmetric"), router("port-restricted-cone"));
+    let _l = lab.listener("bob", &[]);
+    let mut c = lab.connector("bob", LONG);
+    // Past the punch window: data is flowing through the relay.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
+    let killed = Instant::now();
+    lab.server.kill();
+    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
+        panic!(
+            "connect still running {BOUND:?} after the kill\n{}",
+            c.diagnostics()
+        )
+    });
+    let took = killed.elapsed();
+    let d = c.diagnostics();
+    assert_eq!(status.code(), Some(1), "{d}");
+    let err = c.stderr();
+    assert!(
+        err.contains("rendezvous server 198.51.100.1:3490 stopped answering"),
+        "{d}"
+    );
+    assert_eq!(err.lines().count(), 1, "one clear line\n{d}");
+    let r: serde_json::Value = serde_json::from_str(&c.stdout()).expect("json report");
+    assert_eq!(r["path"], "failed", "{d}");
+    assert!(
+        r["messages_echoed"].as_u64().unwrap_or(0) > 0,
+        "data flowed before\n{d}"
+    );
+    eprintln!(
+        "server killed: connect exited 1 after {took:?}: {}",
+        err.trim()
+    );
+    lab.down();
+}
+
+#[test]
+fn listener_killed_mid_direct_session() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up(
+        "pkll",
+        router("port-restricted-cone"),
+        router("port-restricted-cone"),
+    );
+    let mut l = lab.listener("bob", &[]);
+    let mut c = lab.connector("bob", LONG);
+    wait_for(&mut l, |l| l.stdout().contains("punching"), "in a session");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
+    let killed = Instant::now();
+    l.kill();
+    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
+        panic!(
+            "connect still running {BOUND:?} after the kill\n{}",
+            c.diagnostics()
+        )
+    });
+    let took = killed.elapsed();
+    let d = c.diagnostics();
+    assert_eq!(status.code(), Some(1), "{d}");
+    let err = c.stderr();
+    assert!(err.contains("peer stopped answering"), "{d}");
+    assert_eq!(err.lines().count(), 1, "one clear line\n{d}");
+    eprintln!(
+        "listener killed: connect exited 1 after {took:?}: {}",
+        err.trim()
+    );
+    lab.down();
+}
+
+#[test]
+fn tcp_listener_killed_mid_session() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up("pklt", router("full-cone"), router("full-cone"));
+    let mut l = lab.listener("bob", &["--tcp"]);
+    let mut args = vec!["--tcp"];
+    args.extend_from_slice(LONG);
+    let mut c = lab.connector("bob", &args);
+    wait_for(&mut l, |l| l.stdout().contains("punching"), "in a session");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
+    let killed = Instant::now();
+    l.kill();
+    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
+        panic!(
+            "connect still running {BOUND:?} after the kill\n{}",
+            c.diagnostics()
+        )
+    });
+    let d = c.diagnostics();
+    assert_eq!(status.code(), Some(1), "{d}");
+    assert!(c.stderr().contains("peer"), "{d}");
+    eprintln!(
+        "tcp listener killed: connect exited 1 after {:?}: {}",
+        killed.elapsed(),
+        c.stderr().trim()
+    );
+    lab.down();
+}

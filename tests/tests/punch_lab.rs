@@ -1,0 +1,130 @@
+//! `natscope punch` end to end in labs: each peer behind its own userspace NAT, the rendezvous +
+//! relay server on the reflector node. Outcomes follow NAT-REFERENCE.md "Hole punching outcomes".
+
+use natscope_tests::lab::require_root;
+use natscope_tests::punch::{router, PunchLab};
+use natscope_tests::ChildProcess;
+use serde_json::Value;
+
+fn report(c: &ChildProcess) -> Value {
+    serde_json::from_str(&c.stdout())
+        .unwrap_or_else(|e| panic!("connect printed no json ({e})\n{}", c.diagnostics()))
+}
+
+fn assert_all_echoed(r: &Value, c: &ChildProcess) {
+    assert_eq!(r["schema"], "natscope.punch/v1");
+    assert!(
+        r["messages_sent"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        c.diagnostics()
+    );
+    assert_eq!(
+        r["messages_echoed"],
+        r["messages_sent"],
+        "{}",
+        c.diagnostics()
+    );
+    assert_eq!(r["in_order"], true, "{}", c.diagnostics());
+}
+
+/// EIM on both sides: each side's probes to the other's server-reflexive address open its own
+/// filter for the other's probes, so a direct path appears within a few probe rounds.
+#[test]
+fn udp_direct_through_two_port_restricted_cones() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up(
+        "pudp",
+        router("port-restricted-cone"),
+        router("port-restricted-cone"),
+    );
+    let mut l = lab.listener("bob", &["--count", "1"]);
+    let (code, c) = lab.connect("bob", &["--messages", "50"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+    assert_eq!(r["transport"], "udp");
+    assert_all_echoed(&r, &c);
+    assert!(r["time_to_direct_ms"].as_f64().is_some());
+    assert!(r["rtt_ms"].as_f64().is_some());
+    // The direct peer is b's NAT's external address (203.0.113.x), not the relay.
+    let peer = r["peer"].as_str().unwrap_or_default();
+    assert!(peer.starts_with("203.0.113."), "peer {peer}");
+    eprintln!(
+        "udp prc<->prc: time to direct {} ms, first byte {} ms, rtt {} ms",
+        r["time_to_direct_ms"], r["time_to_first_byte_ms"], r["rtt_ms"]
+    );
+    assert!(
+        l.wait_timeout(std::time::Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "listener serves one session and exits 0\n{}",
+        l.diagnostics()
+    );
+    lab.down();
+}
+
+/// A symmetric NAT gives the cone a different port than the server saw, and the port-restricted
+/// cone's filter only admits the port it sent to: no direct path, so the relay carries the data.
+#[test]
+fn udp_symmetric_to_port_restricted_cone_is_relayed() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up("psym", router("symmetric"), router("port-restricted-cone"));
+    let _l = lab.listener("bob", &["--count", "1"]);
+    let (code, c) = lab.connect("bob", &["--messages", "50"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["path"], "relayed", "{}", c.diagnostics());
+    assert_eq!(r["time_to_direct_ms"], Value::Null);
+    assert_all_echoed(&r, &c);
+    eprintln!(
+        "udp sym<->prc relayed: first byte {} ms, rtt {} ms",
+        r["time_to_first_byte_ms"], r["rtt_ms"]
+    );
+    lab.down();
+}
+
+/// RFC 5382 simultaneous open: both sides connect from the port the server saw to each other's
+/// server-reflexive address; EIM makes those the right addresses.
+#[test]
+fn tcp_simultaneous_open_through_two_eim_nats() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up(
+        "ptcp",
+        router("port-restricted-cone"),
+        router("port-restricted-cone"),
+    );
+    let _l = lab.listener("bob", &["--count", "1", "--tcp"]);
+    let (code, c) = lab.connect("bob", &["--tcp", "--messages", "50"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["transport"], "tcp");
+    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+    assert_all_echoed(&r, &c);
+    eprintln!(
+        "tcp prc<->prc: time to direct {} ms, rtt {} ms",
+        r["time_to_direct_ms"], r["rtt_ms"]
+    );
+    lab.down();
+}
+
+/// An unknown id is a failed session (exit 1) with one clear line, not a hang.
+#[test]
+fn unknown_peer_is_a_clear_failure() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up("punk", router("full-cone"), router("full-cone"));
+    let (code, c) = lab.connect("nobody", &[]);
+    assert_eq!(code, 1, "{}", c.diagnostics());
+    assert!(
+        c.stderr().contains("no peer registered as `nobody`"),
+        "{}",
+        c.diagnostics()
+    );
+    lab.down();
+}

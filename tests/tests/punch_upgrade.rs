@@ -1,0 +1,63 @@
+//! Relay-first upgrade: a stream of numbered messages that starts on the relay and moves to the
+//! direct path when one appears arrives complete, once each, in order (issue 5, must-show 3).
+
+use natscope_tests::lab::require_root;
+use natscope_tests::punch::{router, PunchLab};
+
+#[test]
+fn relay_first_stream_survives_the_switch_to_direct() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up("pup", router("full-cone"), router("port-restricted-cone"));
+    let _l = lab.listener("bob", &["--count", "1"]);
+    // 400 messages 4 ms apart: the stream is well under way on the relay when the direct path
+    // appears, and goes on for more than a second after the switch.
+    let (code, c) = lab.connect(
+        "bob",
+        &[
+            "--relay-first",
+            "--messages",
+            "400",
+            "--interval-ms",
+            "4",
+            "--timeout",
+            "20",
+        ],
+    );
+    let r: serde_json::Value = serde_json::from_str(&c.stdout())
+        .unwrap_or_else(|e| panic!("no json ({e})\n{}", c.diagnostics()));
+    let d = c.diagnostics();
+    assert_eq!(code, 0, "{d}");
+    assert_eq!(r["path"], "direct", "{d}");
+    assert_eq!(r["switched_to_direct"], true, "{d}");
+    assert_eq!(r["messages_sent"], 400, "{d}");
+    assert_eq!(r["messages_echoed"], r["messages_sent"], "{d}");
+    // Computed by the connector from the numbers inside the echoed payloads, in the order the
+    // listener echoed them: any loss, duplicate or reordering across the switch makes it false.
+    assert_eq!(r["in_order"], true, "{d}");
+    let a = &r["attempts"];
+    assert!(
+        a["data_sent_relayed"].as_u64().unwrap_or(0) > 0,
+        "some messages went through the relay\n{d}"
+    );
+    assert!(
+        a["data_sent_direct"].as_u64().unwrap_or(0) > 0,
+        "and later ones went direct\n{d}"
+    );
+    assert!(
+        a["echoes_received_relayed"].as_u64().unwrap_or(0) > 0,
+        "echoes came back through the relay before the switch\n{d}"
+    );
+    eprintln!(
+        "relay-first: first byte {} ms, direct after {} ms, sent relayed {} / direct {}, \
+         retransmissions {}, duplicates dropped {}",
+        r["time_to_first_byte_ms"],
+        r["time_to_direct_ms"],
+        a["data_sent_relayed"],
+        a["data_sent_direct"],
+        a["retransmissions"],
+        a["duplicates_dropped"]
+    );
+    lab.down();
+}
