@@ -32,6 +32,9 @@ pub enum LabCommand {
     Exec(ExecArgs),
     /// Tear a lab down (or every lab, stale ones included, with --all).
     Down(DownArgs),
+    /// For every preset, run `natscope probe` behind its NAT and compare each verdict with the
+    /// preset's configured behavior.
+    Matrix(crate::matrix::MatrixArgs),
     /// The supervisor `lab up` starts (internal).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -108,6 +111,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::NatTable(a) => nat_table(a),
         LabCommand::Exec(a) => exec(a),
         LabCommand::Down(a) => down(a),
+        LabCommand::Matrix(a) => crate::matrix::run(a),
         LabCommand::Serve(a) => serve(a),
     }
 }

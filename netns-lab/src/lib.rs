@@ -7,6 +7,7 @@ pub mod driver;
 pub mod engine;
 mod lab;
 pub mod links;
+pub mod matrix;
 pub mod netns;
 mod plan;
 pub mod presets;

@@ -136,19 +136,22 @@ fn alive(pid: i32) -> bool {
 
 /// Removes labs whose owner is gone and `nsc-` namespaces no lab claims. Returns their names.
 pub fn cleanup_stale() -> Vec<String> {
-    let mut removed = Vec::new();
+    // Namespaces first, records second: a lab writes its record before its first namespace, so
+    // every namespace seen here belongs to a record the later listing sees, unless it is stale.
+    // (The other order races with a lab coming up between the two listings.)
+    let namespaces = netns::list_lab_namespaces();
     let records = list();
+    let mut removed = Vec::new();
     for r in &records {
         if !owner_alive(r) {
             force_remove(&r.name);
             removed.push(r.name.clone());
         }
     }
-    let live: Vec<String> = list().into_iter().map(|r| r.name).collect();
-    let mut orphans: Vec<String> = netns::list_lab_namespaces()
+    let mut orphans: Vec<String> = namespaces
         .iter()
         .filter_map(|n| lab_of_namespace(n).map(str::to_string))
-        .filter(|l| !live.contains(l))
+        .filter(|l| !records.iter().any(|r| &r.name == l))
         .collect();
     orphans.dedup();
     for l in orphans {
