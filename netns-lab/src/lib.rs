@@ -5,6 +5,7 @@
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod grid;
 mod lab;
 pub mod links;
 pub mod matrix;
