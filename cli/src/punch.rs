@@ -48,6 +48,9 @@ pub struct ListenArgs {
     /// Give up (exit 1) after SECS seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// Port prediction: measure this side's allocation delta and register it.
+    #[arg(long)]
+    predict: bool,
     /// One JSON object per line for each event (natscope.punch-listen/v1).
     #[arg(long)]
     json: bool,
@@ -165,7 +168,11 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         count: a.count,
         timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
         punch_window: Duration::from_millis(1500),
+        predict: a.predict,
     };
+    if a.tcp && a.predict {
+        bail!("--predict applies to udp only");
+    }
     let json = a.json;
     let result = driver::listen(&opts, shutdown_signal(), |ev| {
         if json {
@@ -177,6 +184,13 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
             return;
         }
         let line = match ev {
+            ListenEvent::Predicted {
+                measured_ports,
+                delta,
+            } => match delta {
+                Some(d) => format!("port allocation delta {d} (ports {measured_ports:?})"),
+                None => format!("no predictable port allocation (ports {measured_ports:?})"),
+            },
             ListenEvent::Registered {
                 id,
                 transport,

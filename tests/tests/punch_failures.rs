@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use natscope_tests::lab::require_root;
-use natscope_tests::punch::{router, wait_for, PunchLab};
+use natscope_tests::punch::{router, spawn_in, wait_for, PunchLab, SERVER};
 
 /// Generous bound on how long after the kill the connector must have exited.
 const BOUND: Duration = Duration::from_secs(15);
@@ -126,6 +126,47 @@ fn tcp_listener_killed_mid_session() {
         "tcp listener killed: connect exited 1 after {:?}: {}",
         killed.elapsed(),
         c.stderr().trim()
+    );
+    lab.down();
+}
+
+#[test]
+fn rendezvous_server_restarted_mid_relayed_session() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = PunchLab::up("pkrs", router("symmetric"), router("port-restricted-cone"));
+    let _l = lab.listener("bob", &[]);
+    let mut c = lab.connector("bob", LONG);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
+    let killed = Instant::now();
+    lab.server.kill();
+    // A fresh server on the same address: it knows neither the registration nor the session.
+    let mut fresh = spawn_in(&lab.lab, "stun", &["punch", "serve", "--listen", SERVER]);
+    wait_for(
+        &mut fresh,
+        |p| p.stderr().contains("punch server on"),
+        "serving",
+    );
+    lab.server = fresh;
+    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
+        panic!(
+            "connect still running {BOUND:?} after the restart\n{}",
+            c.diagnostics()
+        )
+    });
+    let d = c.diagnostics();
+    assert_eq!(status.code(), Some(1), "{d}");
+    let err = c.stderr();
+    assert!(
+        err.contains("no longer knows this session (it restarted"),
+        "{d}"
+    );
+    eprintln!(
+        "server restarted: connect exited 1 after {:?}: {}",
+        killed.elapsed(),
+        err.trim()
     );
     lab.down();
 }

@@ -128,3 +128,63 @@ fn unknown_peer_is_a_clear_failure() {
     );
     lab.down();
 }
+
+/// Port prediction: the sequential symmetric NAT gives the next mapping the next port, so the
+/// cone side probes the measured delta ahead of the server-reflexive port and hits the mapping
+/// the symmetric side opened toward it. Without `--predict` the same pair is relayed.
+#[test]
+fn udp_port_prediction_through_a_sequential_symmetric_nat() {
+    if !require_root() {
+        return;
+    }
+    // Connector behind the sequential symmetric NAT predicts its own ports.
+    let lab = PunchLab::up(
+        "ppra",
+        router("symmetric-sequential"),
+        router("port-restricted-cone"),
+    );
+    let _l = lab.listener("bob", &["--count", "2"]);
+    let (code, c) = lab.connect("bob", &["--messages", "20"]);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(report(&c)["path"], "relayed", "{}", c.diagnostics());
+    let (code, c) = lab.connect("bob", &["--messages", "20", "--predict"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+    assert_eq!(r["attempts"]["predict"]["delta"], 1, "{}", c.diagnostics());
+    assert_all_echoed(&r, &c);
+    lab.down();
+
+    // Listener behind it: it registers its delta and the connector probes ahead of its port.
+    let lab = PunchLab::up(
+        "pprb",
+        router("port-restricted-cone"),
+        router("symmetric-sequential"),
+    );
+    let _l = lab.listener("bob", &["--count", "1", "--predict"]);
+    let (code, c) = lab.connect("bob", &["--messages", "20"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+    assert_eq!(r["attempts"]["peer_port_delta"], 1, "{}", c.diagnostics());
+    lab.down();
+}
+
+/// TCP through a symmetric NAT: the direct SYN leaves from a new external port that the cone's
+/// filter never saw, so simultaneous open fails and the relay (over the server's TCP
+/// connections) carries the data.
+#[test]
+fn tcp_symmetric_to_port_restricted_cone_is_relayed() {
+    if !require_root() {
+        return;
+    }
+    let lab = PunchLab::up("ptcr", router("symmetric"), router("port-restricted-cone"));
+    let _l = lab.listener("bob", &["--count", "1", "--tcp"]);
+    let (code, c) = lab.connect("bob", &["--tcp", "--messages", "50"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r["transport"], "tcp");
+    assert_eq!(r["path"], "relayed", "{}", c.diagnostics());
+    assert_all_echoed(&r, &c);
+    lab.down();
+}

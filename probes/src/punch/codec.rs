@@ -56,6 +56,8 @@ pub mod attr {
     pub const PEER_REFLEXIVE: u16 = 0xC008;
     /// The allocation delta the peer measured (port prediction), i32.
     pub const PORT_DELTA: u16 = 0xC009;
+    /// The connector's punch window in milliseconds, u32, so both sides punch equally long.
+    pub const PUNCH_WINDOW: u16 = 0xC00A;
 }
 
 /// Why bytes are not a punch message.
@@ -90,6 +92,8 @@ pub struct PeerInfo {
     pub candidates: Vec<SocketAddr>,
     /// Port allocation delta the peer measured, if it did (port prediction).
     pub port_delta: Option<i32>,
+    /// How long the connector punches (told to the listener so both use the same window).
+    pub punch_window_ms: Option<u32>,
 }
 
 /// One protocol message.
@@ -99,6 +103,7 @@ pub enum PunchMessage {
         tid: TransactionId,
         id: String,
         candidates: Vec<SocketAddr>,
+        port_delta: Option<i32>,
     },
     RegisterOk {
         tid: TransactionId,
@@ -113,6 +118,7 @@ pub enum PunchMessage {
         target: String,
         candidates: Vec<SocketAddr>,
         port_delta: Option<i32>,
+        punch_window_ms: Option<u32>,
     },
     ConnectOk {
         tid: TransactionId,
@@ -243,9 +249,17 @@ impl PunchMessage {
         let tid = self.tid();
         let mut w = MessageWriter::new(buf, MessageType::new(class, m), &tid)?;
         match self {
-            M::Register { id, candidates, .. } => {
+            M::Register {
+                id,
+                candidates,
+                port_delta,
+                ..
+            } => {
                 w.add_raw(attr::PEER_ID, id.as_bytes())?;
                 add_candidates(&mut w, candidates)?;
+                if let Some(d) = port_delta {
+                    w.add_raw(attr::PORT_DELTA, &d.to_be_bytes())?;
+                }
             }
             M::RegisterOk { mapped, .. } => {
                 w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, *mapped)?;
@@ -255,12 +269,16 @@ impl PunchMessage {
                 target,
                 candidates,
                 port_delta,
+                punch_window_ms,
                 ..
             } => {
                 w.add_raw(attr::PEER_ID, target.as_bytes())?;
                 add_candidates(&mut w, candidates)?;
                 if let Some(d) = port_delta {
                     w.add_raw(attr::PORT_DELTA, &d.to_be_bytes())?;
+                }
+                if let Some(ms) = punch_window_ms {
+                    w.add_raw(attr::PUNCH_WINDOW, &ms.to_be_bytes())?;
                 }
             }
             M::ConnectOk {
@@ -334,6 +352,7 @@ impl PunchMessage {
                 tid,
                 id: id(&msg)?,
                 candidates: candidates(&msg)?,
+                port_delta: port_delta(&msg)?,
             },
             (Class::SuccessResponse, method::REGISTER) => M::RegisterOk {
                 tid,
@@ -345,6 +364,7 @@ impl PunchMessage {
                 target: id(&msg)?,
                 candidates: candidates(&msg)?,
                 port_delta: port_delta(&msg)?,
+                punch_window_ms: punch_window(&msg)?,
             },
             (Class::SuccessResponse, method::CONNECT) => M::ConnectOk {
                 tid,
@@ -441,6 +461,9 @@ fn add_peer(w: &mut MessageWriter<'_>, p: &PeerInfo) -> Result<(), EncodeError> 
     if let Some(d) = p.port_delta {
         w.add_raw(attr::PORT_DELTA, &d.to_be_bytes())?;
     }
+    if let Some(ms) = p.punch_window_ms {
+        w.add_raw(attr::PUNCH_WINDOW, &ms.to_be_bytes())?;
+    }
     Ok(())
 }
 
@@ -475,7 +498,15 @@ fn peer(m: &Message<'_>) -> Result<PeerInfo, DecodeError> {
             .map_err(|_| DecodeError::Malformed(attr::PEER_REFLEXIVE))?,
         candidates: candidates(m)?,
         port_delta: port_delta(m)?,
+        punch_window_ms: punch_window(m)?,
     })
+}
+
+fn punch_window(m: &Message<'_>) -> Result<Option<u32>, DecodeError> {
+    match m.attribute(attr::PUNCH_WINDOW) {
+        None => Ok(None),
+        Some(_) => u32_attr(m, attr::PUNCH_WINDOW).map(Some),
+    }
 }
 
 fn port_delta(m: &Message<'_>) -> Result<Option<i32>, DecodeError> {
@@ -529,6 +560,7 @@ mod tests {
             reflexive: sa("203.0.113.1:4000"),
             candidates: vec![sa("10.1.0.2:4000"), sa("[fd00::1]:9")],
             port_delta: Some(-2),
+            punch_window_ms: Some(1500),
         };
         use PunchMessage as M;
         vec![
@@ -536,6 +568,7 @@ mod tests {
                 tid,
                 id: "alice".into(),
                 candidates: vec![sa("10.1.0.2:5000")],
+                port_delta: Some(2),
             },
             M::RegisterOk {
                 tid,
@@ -550,6 +583,7 @@ mod tests {
                 target: "alice".into(),
                 candidates: vec![],
                 port_delta: Some(1),
+                punch_window_ms: None,
             },
             M::ConnectOk {
                 tid,
@@ -563,6 +597,7 @@ mod tests {
                 session: s,
                 peer: PeerInfo {
                     port_delta: None,
+                    punch_window_ms: None,
                     ..peer
                 },
                 start_in_ms: 0,
@@ -620,6 +655,7 @@ mod tests {
             attr::PAYLOAD,
             attr::PEER_REFLEXIVE,
             attr::PORT_DELTA,
+            attr::PUNCH_WINDOW,
         ] {
             assert!(!attr_type::is_comprehension_required(t), "{t:#x}");
         }

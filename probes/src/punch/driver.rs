@@ -691,6 +691,8 @@ pub struct Attempts {
     pub probe_packet_bound: u64,
     pub tcp_connect_attempts: u32,
     pub predict: Option<Prediction>,
+    /// The allocation delta the listener registered (we probe ahead of its port).
+    pub peer_port_delta: Option<i32>,
     pub birthday_ports: usize,
     pub data_sent_direct: u64,
     pub data_sent_relayed: u64,
@@ -795,6 +797,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
         target: opts.id.clone(),
         candidates: vec![net.local],
         port_delta,
+        punch_window_ms: Some(opts.punch_window.as_millis().min(60_000) as u32),
     };
     let wait = deadline
         .saturating_duration_since(Instant::now())
@@ -856,8 +859,14 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
         );
     }
     if let Some(p) = attempts.predict.as_mut() {
-        p.predicted_ports = predicted(&peer).len();
+        // The peer probes this many ports ahead of our server-reflexive port.
+        p.predicted_ports = if p.delta.is_some() {
+            PREDICT_STEPS as usize
+        } else {
+            0
+        };
     }
+    attempts.peer_port_delta = peer.port_delta;
 
     let n = opts.messages;
     let mut pushed = 0u64;
@@ -1019,12 +1028,19 @@ pub struct ListenOptions {
     /// Give up after this long (`None`: no limit).
     pub timeout: Option<Duration>,
     pub punch_window: Duration,
+    /// Port prediction: measure our allocation delta and register it, so connectors probe
+    /// ahead of our server-reflexive port.
+    pub predict: bool,
 }
 
 /// What the listener reports as it runs.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum ListenEvent {
+    Predicted {
+        measured_ports: Vec<u16>,
+        delta: Option<i32>,
+    },
     Registered {
         id: String,
         transport: Transport,
@@ -1057,10 +1073,20 @@ pub async fn listen(
 ) -> Result<u64, PunchError> {
     let t0 = Instant::now();
     let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
+    let mut port_delta = None;
+    if opts.predict && opts.transport == Transport::Udp {
+        let (delta, ports) = measure_delta(opts.server).await;
+        port_delta = delta;
+        on_event(ListenEvent::Predicted {
+            measured_ports: ports,
+            delta,
+        });
+    }
     let register = |net: &Net| PunchMessage::Register {
         tid: TransactionId::random(),
         id: opts.id.clone(),
         candidates: vec![net.local],
+        port_delta,
     };
     let reg = register(&net);
     match net.transact(&reg, Duration::from_secs(2)).await? {
@@ -1191,11 +1217,15 @@ pub async fn listen(
                                 continue;
                             }
                             let start_in = Duration::from_millis(u64::from(*start_in_ms).min(2000));
+                            // Punch as long as the connector does (bounded), else our default.
+                            let window = peer.punch_window_ms.map_or(opts.punch_window, |w| {
+                                Duration::from_millis(u64::from(w).clamp(50, 60_000))
+                            });
                             let s = Session::new(
                                 now,
                                 *session,
                                 Role::Listener,
-                                session_config(opts.transport, false, opts.punch_window),
+                                session_config(opts.transport, false, window),
                                 opts.server,
                                 start_in,
                                 targets(peer),
@@ -1205,7 +1235,7 @@ pub async fn listen(
                                     *session,
                                     peer.reflexive,
                                     now + start_in,
-                                    now + start_in + opts.punch_window,
+                                    now + start_in + window,
                                 );
                             }
                             on_event(ListenEvent::SessionStarted {

@@ -120,7 +120,8 @@ impl RendezvousServer {
                 tid,
                 id,
                 candidates,
-            } => match self.table.register(now, &id, from, candidates) {
+                port_delta,
+            } => match self.table.register(now, &id, from, candidates, port_delta) {
                 Ok(()) => self.send(
                     from,
                     &PunchMessage::RegisterOk {
@@ -138,7 +139,16 @@ impl RendezvousServer {
                 target,
                 candidates,
                 port_delta,
-            } => self.connect(now, from, tid, &target, candidates, port_delta, random),
+                punch_window_ms,
+            } => {
+                let info = PeerInfo {
+                    reflexive: from.remote,
+                    candidates,
+                    port_delta,
+                    punch_window_ms,
+                };
+                self.connect(now, from, tid, &target, info, random)
+            }
             PunchMessage::IntroduceOk { session, .. } => {
                 self.intros
                     .retain(|p| !(p.session == session && p.to == from));
@@ -208,15 +218,13 @@ impl RendezvousServer {
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn connect(
         &mut self,
         now: Instant,
         from: Endpoint,
         tid: TransactionId,
         target: &str,
-        candidates: Vec<std::net::SocketAddr>,
-        port_delta: Option<i32>,
+        info: PeerInfo,
         random: u64,
     ) {
         if let Some((_, _, resp)) = self.recent.iter().find(|(t, e, _)| *t == tid && *e == from) {
@@ -224,11 +232,6 @@ impl RendezvousServer {
             self.out.push_back(Transmit { to: from, bytes });
             return;
         }
-        let info = PeerInfo {
-            reflexive: from.remote,
-            candidates,
-            port_delta,
-        };
         let session = SessionId(random);
         match self.table.introduce(now, target, from, info, session) {
             Ok(intro) => {
@@ -336,6 +339,7 @@ mod tests {
             tid: TransactionId::random(),
             id: "alice".into(),
             candidates: vec!["10.1.0.2:4000".parse().expect("addr")],
+            port_delta: None,
         };
         s.handle(t0, l, &reg.to_vec().expect("enc"), 0);
         let out = drain(&mut s);
@@ -347,6 +351,7 @@ mod tests {
             target: "alice".into(),
             candidates: vec![],
             port_delta: None,
+            punch_window_ms: None,
         };
         let conn_bytes = conn.to_vec().expect("enc");
         s.handle(t0, c, &conn_bytes, 42);
@@ -420,6 +425,7 @@ mod tests {
             target: "nobody".into(),
             candidates: vec![],
             port_delta: None,
+            punch_window_ms: None,
         };
         s.handle(t0, c, &conn.to_vec().expect("enc"), 1);
         assert!(matches!(

@@ -57,6 +57,7 @@ pub enum TableError {
 struct PeerEntry {
     endpoint: Endpoint,
     candidates: Vec<SocketAddr>,
+    port_delta: Option<i32>,
     expires: Instant,
 }
 
@@ -110,6 +111,7 @@ impl RendezvousTable {
         id: &str,
         endpoint: Endpoint,
         candidates: Vec<SocketAddr>,
+        port_delta: Option<i32>,
     ) -> Result<(), TableError> {
         self.expire(now);
         let key = (endpoint.transport, id.to_string());
@@ -121,6 +123,7 @@ impl RendezvousTable {
             PeerEntry {
                 endpoint,
                 candidates,
+                port_delta,
                 expires: now + self.config.peer_ttl,
             },
         );
@@ -191,7 +194,8 @@ impl RendezvousTable {
             listener_info: PeerInfo {
                 reflexive: peer.endpoint.remote,
                 candidates: peer.candidates.clone(),
-                port_delta: None,
+                port_delta: peer.port_delta,
+                punch_window_ms: None,
             },
             connector_info: connector,
         };
@@ -280,6 +284,7 @@ mod tests {
             reflexive: r.parse().expect("addr"),
             candidates: vec![],
             port_delta: None,
+            punch_window_ms: None,
         }
     }
 
@@ -289,7 +294,8 @@ mod tests {
         let mut t = RendezvousTable::new(TableConfig::default());
         let l = ep(Transport::Udp, "203.0.113.1:4000");
         let local: SocketAddr = "10.1.0.2:4000".parse().expect("addr");
-        t.register(t0, "alice", l, vec![local]).expect("register");
+        t.register(t0, "alice", l, vec![local], None)
+            .expect("register");
         let c = ep(Transport::Udp, "203.0.113.2:5000");
         let intro = t
             .introduce(t0, "alice", c, info("203.0.113.2:5000"), SessionId(7))
@@ -311,8 +317,14 @@ mod tests {
     fn unknown_peer_and_transport_are_separate() {
         let t0 = Instant::now();
         let mut t = RendezvousTable::new(TableConfig::default());
-        t.register(t0, "alice", ep(Transport::Tcp, "203.0.113.1:4000"), vec![])
-            .expect("register");
+        t.register(
+            t0,
+            "alice",
+            ep(Transport::Tcp, "203.0.113.1:4000"),
+            vec![],
+            None,
+        )
+        .expect("register");
         let c = ep(Transport::Udp, "203.0.113.2:5000");
         assert_eq!(
             t.introduce(t0, "alice", c, info("203.0.113.2:5000"), SessionId(1)),
@@ -326,10 +338,10 @@ mod tests {
         let cfg = TableConfig::default();
         let mut t = RendezvousTable::new(cfg);
         let l = ep(Transport::Udp, "203.0.113.1:4000");
-        t.register(t0, "alice", l, vec![]).expect("register");
+        t.register(t0, "alice", l, vec![], None).expect("register");
         // Keepalives every 2 s keep it.
         for k in 1..=5 {
-            t.register(t0 + Duration::from_secs(2 * k), "alice", l, vec![])
+            t.register(t0 + Duration::from_secs(2 * k), "alice", l, vec![], None)
                 .expect("refresh");
         }
         let last = t0 + Duration::from_secs(10);
@@ -362,7 +374,7 @@ mod tests {
         let mut t = RendezvousTable::new(cfg);
         let l = ep(Transport::Udp, "203.0.113.1:4000");
         let c = ep(Transport::Udp, "203.0.113.2:5000");
-        t.register(t0, "a", l, vec![]).expect("register");
+        t.register(t0, "a", l, vec![], None).expect("register");
         t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(1))
             .expect("introduce");
         t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(2))
@@ -385,7 +397,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RendezvousTable::new(TableConfig::default());
         let l = ep(Transport::Tcp, "203.0.113.1:4000");
-        t.register(t0, "a", l, vec![]).expect("register");
+        t.register(t0, "a", l, vec![], None).expect("register");
         assert!(!t.unregister("a", ep(Transport::Tcp, "203.0.113.9:4000")));
         assert!(t.registered(t0, Transport::Tcp, "a").is_some());
         let c = ep(Transport::Tcp, "203.0.113.2:5000");
@@ -395,7 +407,7 @@ mod tests {
         assert_eq!(t.session_count(), 0);
         t.drop_endpoint(l);
         assert_eq!(t.peer_count(), 0);
-        t.register(t0, "a", l, vec![]).expect("register");
+        t.register(t0, "a", l, vec![], None).expect("register");
         assert!(t.unregister("a", l));
         assert_eq!(t.peer_count(), 0);
     }
@@ -407,16 +419,16 @@ mod tests {
             max_peers: 2,
             ..TableConfig::default()
         });
-        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![])
+        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![], None)
             .expect("a");
-        t.register(t0, "b", ep(Transport::Udp, "203.0.113.1:2"), vec![])
+        t.register(t0, "b", ep(Transport::Udp, "203.0.113.1:2"), vec![], None)
             .expect("b");
         assert_eq!(
-            t.register(t0, "c", ep(Transport::Udp, "203.0.113.1:3"), vec![]),
+            t.register(t0, "c", ep(Transport::Udp, "203.0.113.1:3"), vec![], None),
             Err(TableError::Full)
         );
         // Refreshing an existing id is always allowed.
-        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![])
+        t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![], None)
             .expect("a again");
     }
 }
