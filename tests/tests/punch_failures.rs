@@ -28,8 +28,11 @@ fn rendezvous_server_killed_mid_relayed_session() {
     // Symmetric <-> port-restricted cone: the session runs on the relay, so it needs the server.
     let mut lab = PunchLab::up("pkls", router("symmetric"), router("port-restricted-cone"));
     let _l = lab.listener("bob", &[]);
-    let mut c = lab.connector("bob", LONG);
-    // Past the punch window: data is flowing through the relay.
+    // Relay-first: data flows through the relay from the start (and stays there: no direct path
+    // exists between these two NATs).
+    let mut args = vec!["--relay-first"];
+    args.extend_from_slice(LONG);
+    let mut c = lab.connector("bob", &args);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
     let killed = Instant::now();
@@ -137,7 +140,9 @@ fn rendezvous_server_restarted_mid_relayed_session() {
     }
     let mut lab = PunchLab::up("pkrs", router("symmetric"), router("port-restricted-cone"));
     let _l = lab.listener("bob", &[]);
-    let mut c = lab.connector("bob", LONG);
+    let mut args = vec!["--relay-first"];
+    args.extend_from_slice(LONG);
+    let mut c = lab.connector("bob", &args);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
     let killed = Instant::now();

@@ -847,7 +847,11 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
         attempts.birthday_ports = bday.len();
         // Birthday ports go past MAX_TARGETS on purpose, but stay bounded by MAX_BIRTHDAY.
         s.add_targets_capped(bday, MAX_TARGETS + MAX_BIRTHDAY);
-        let rounds = (opts.punch_window.as_millis() / 50).max(1) as u64;
+        // Rounds every 50 ms in the window; relay-first keeps probing every 250 ms after it.
+        let mut rounds = (opts.punch_window.as_millis() / 50).max(1) as u64;
+        if opts.relay_first {
+            rounds += (opts.timeout.saturating_sub(opts.punch_window).as_millis() / 250) as u64;
+        }
         attempts.probe_packet_bound =
             (MAX_TARGETS + opts.birthday.min(MAX_BIRTHDAY)) as u64 * rounds;
     } else {

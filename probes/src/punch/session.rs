@@ -26,6 +26,8 @@ use crate::stun::TransactionId;
 
 /// Most addresses a session probes (candidates, peer-reflexive sources, predicted ports).
 pub const MAX_TARGETS: usize = 48;
+/// After the punch window, a relay-first session probes this many times less often.
+pub const RELAY_FIRST_SLOWDOWN: u32 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -337,7 +339,7 @@ impl Session {
                 // Triggered check (RFC 8445 §7.3.1.4): the peer's probe just came through, so
                 // our side's filter may only now admit its answers; probing back at once finds
                 // the path without waiting for the next round (bounded by the peer's probes).
-                if self.config.probe && self.direct.is_none() && now < self.punch_until {
+                if self.config.probe && self.direct.is_none() && self.probing(now) {
                     self.probe(now, from);
                 }
             }
@@ -370,9 +372,9 @@ impl Session {
                 ..
             } if session == self.id => {
                 self.last_peer = now;
-                if from_server && self.route.is_none() {
-                    // The peer started on the relay (relay-first): answer there at once and
-                    // move to the direct path too when one appears.
+                if from_server && self.route.is_none() && now < self.punch_until {
+                    // Relay data before the window closed: the peer is relay-first. Answer there
+                    // at once and move to the direct path too when one appears.
                     self.route = Some(Route::Relay);
                     self.config.relay_first = true;
                 }
@@ -422,6 +424,12 @@ impl Session {
         }
     }
 
+    /// Whether probes go out at `now`: during the punch window, and after it while a
+    /// relay-first session has not found its direct path.
+    fn probing(&self, now: Instant) -> bool {
+        now < self.punch_until || self.config.relay_first
+    }
+
     fn probe(&mut self, now: Instant, to: SocketAddr) {
         let tid = TransactionId::random();
         // Bounded: old unanswered probes are forgotten.
@@ -448,14 +456,20 @@ impl Session {
         // Probe rounds during the punch window.
         if self.config.probe
             && now >= self.start_at
-            && now < self.punch_until
+            && self.probing(now)
             && self.direct.is_none()
             && now >= self.next_probe
         {
             for t in self.targets.clone() {
                 self.probe(now, t);
             }
-            self.next_probe = now + self.config.probe_interval;
+            // After the window a relay-first session keeps looking, five times slower.
+            let interval = if now < self.punch_until {
+                self.config.probe_interval
+            } else {
+                self.config.probe_interval * RELAY_FIRST_SLOWDOWN
+            };
+            self.next_probe = now + interval;
         }
         // Fallback: no direct path when the window closes.
         if self.route.is_none() && now >= self.punch_until {
@@ -535,7 +549,7 @@ impl Session {
     /// When [`Session::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_keepalive;
-        if self.config.probe && self.direct.is_none() && self.next_probe < self.punch_until {
+        if self.config.probe && self.direct.is_none() && self.probing(self.next_probe) {
             t = t.min(self.next_probe.max(self.start_at));
         }
         if self.route.is_none() {
@@ -714,6 +728,42 @@ mod tests {
         assert!(p.a.switched_to_direct());
         assert_eq!(p.delivered_b, all);
         assert_eq!(p.delivered_a, all);
+    }
+
+    #[test]
+    fn relay_first_keeps_looking_after_the_window_and_switches_late() {
+        let mut p = Pair::new(true, false);
+        let all = msgs(100);
+        for m in &all[..50] {
+            p.a.push(m.clone());
+        }
+        p.step(2500);
+        assert_eq!(p.a.route(), Some(Route::Relay));
+        p.direct_ok = true;
+        for m in &all[50..] {
+            p.a.push(m.clone());
+        }
+        p.step(600);
+        assert!(p.a.switched_to_direct(), "found after the window");
+        assert_eq!(p.delivered_a, all);
+    }
+
+    #[test]
+    fn without_relay_first_the_relay_is_final_after_the_window() {
+        let mut p = Pair::new(false, false);
+        p.a.push(vec![1]);
+        p.step(1600);
+        assert_eq!(p.a.route(), Some(Route::Relay));
+        p.direct_ok = true;
+        let sent = p.a.stats().probes_sent;
+        p.step(600);
+        assert_eq!(p.a.route(), Some(Route::Relay));
+        assert_eq!(p.a.stats().probes_sent, sent, "no probes after the window");
+        assert_eq!(
+            p.b.route(),
+            Some(Route::Relay),
+            "the listener stays on the relay too"
+        );
     }
 
     #[test]
