@@ -35,6 +35,9 @@ pub enum LabCommand {
     /// For every preset, run `natscope probe` behind its NAT and compare each verdict with the
     /// preset's configured behavior.
     Matrix(crate::matrix::MatrixArgs),
+    /// Every pair of presets, each peer behind its own NAT: does `natscope punch` connect them
+    /// directly, through the relay, or not at all — and is that what RFC 4787 predicts?
+    Grid(crate::grid::GridArgs),
     /// The supervisor `lab up` starts (internal).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -112,6 +115,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Exec(a) => exec(a),
         LabCommand::Down(a) => down(a),
         LabCommand::Matrix(a) => crate::matrix::run(a),
+        LabCommand::Grid(a) => crate::grid::run(a),
         LabCommand::Serve(a) => serve(a),
     }
 }

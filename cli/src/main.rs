@@ -7,6 +7,7 @@
 mod bench;
 mod bench_lab;
 mod demo;
+mod grid;
 mod lab;
 mod matrix;
 mod probe;
