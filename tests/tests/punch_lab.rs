@@ -1,6 +1,7 @@
 //! `natscope punch` end to end in labs: each peer behind its own userspace NAT, the rendezvous +
 //! relay server on the reflector node. Outcomes follow NAT-REFERENCE.md "Hole punching outcomes".
 
+use natscope_lab::topology::{RouterKind, UnsolicitedSyn};
 use natscope_tests::lab::require_root;
 use natscope_tests::punch::{router, PunchLab};
 use natscope_tests::ChildProcess;
@@ -186,5 +187,40 @@ fn tcp_symmetric_to_port_restricted_cone_is_relayed() {
     assert_eq!(r["transport"], "tcp");
     assert_eq!(r["path"], "relayed", "{}", c.diagnostics());
     assert_all_echoed(&r, &c);
+    lab.down();
+}
+
+/// A NAT that answers unsolicited SYNs with RST (against RFC 5382 REQ-4) kills the first
+/// simultaneous-open attempt that reaches it early; the peer's SYN that follows is accepted on
+/// the registered port (the listening socket beside the attempts), so the pair still goes direct.
+#[test]
+fn tcp_direct_when_both_nats_reset_unsolicited_syns() {
+    if !require_root() {
+        return;
+    }
+    let resetting = || match router("port-restricted-cone") {
+        RouterKind::Engine(mut cfg) => {
+            cfg.unsolicited_syn = UnsolicitedSyn::Reset;
+            RouterKind::Engine(cfg)
+        }
+        other => other,
+    };
+    let lab = PunchLab::up("ptrs", resetting(), resetting());
+    let _l = lab.listener("bob", &["--count", "3", "--tcp"]);
+    for _ in 0..3 {
+        let (code, c) = lab.connect("bob", &["--tcp", "--messages", "20"]);
+        let r = report(&c);
+        assert_eq!(code, 0, "{}", c.diagnostics());
+        assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+        assert_all_echoed(&r, &c);
+        eprintln!(
+            "tcp with resetting nats: direct after {} ms, accepted {}, connect attempts {}",
+            r["time_to_direct_ms"],
+            r["attempts"]["tcp_accepted"],
+            r["attempts"]["tcp_connect_attempts"]
+        );
+    }
+    let resets = |n: &str| lab.lab.nat_stats(n).map_or(0, |s| s.tcp_resets);
+    eprintln!("resets sent by na {} nb {}", resets("na"), resets("nb"));
     lab.down();
 }

@@ -259,6 +259,12 @@ enum NetEvent {
     StreamDown {
         addr: SocketAddr,
     },
+    /// Our listening socket on the registered port accepted a connection (the peer's SYN
+    /// arrived while we had no attempt of our own in flight).
+    Accepted {
+        peer: SocketAddr,
+        stream: TcpStream,
+    },
 }
 
 struct Net {
@@ -270,11 +276,17 @@ struct Net {
     tx: mpsc::Sender<NetEvent>,
     rx: mpsc::Receiver<NetEvent>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    direct_tasks: HashMap<SessionId, tokio::task::AbortHandle>,
+    /// Each session's direct-open target and window end, to retry after an unconfirmed stream.
+    direct_until: HashMap<SessionId, (SocketAddr, Instant)>,
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
         for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.direct_tasks.values() {
             t.abort();
         }
     }
@@ -402,6 +414,8 @@ impl Net {
                     tx,
                     rx,
                     tasks: vec![task],
+                    direct_tasks: HashMap::new(),
+                    direct_until: HashMap::new(),
                 })
             }
             Transport::Tcp => {
@@ -418,6 +432,25 @@ impl Net {
                 let (w, task) = spawn_stream(stream, server, tx.clone());
                 let mut writers = HashMap::new();
                 writers.insert(server, w);
+                let mut tasks = vec![task];
+                // Also listen on the registered port: where nothing drops an early SYN silently
+                // (no NAT, or a NAT that answers RST), the peer's SYN can arrive while no attempt
+                // of ours is in flight, and is accepted instead of refused.
+                let any = SocketAddr::new(unspecified(server).ip(), local.port());
+                if let Ok(listener) = reusable_tcp(any).and_then(|s| s.listen(16)) {
+                    let events = tx.clone();
+                    tasks.push(tokio::spawn(async move {
+                        while let Ok((stream, peer)) = listener.accept().await {
+                            if events
+                                .send(NetEvent::Accepted { peer, stream })
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }));
+                }
                 Ok(Self {
                     transport,
                     server,
@@ -426,7 +459,9 @@ impl Net {
                     writers,
                     tx,
                     rx,
-                    tasks: vec![task],
+                    tasks,
+                    direct_tasks: HashMap::new(),
+                    direct_until: HashMap::new(),
                 })
             }
         }
@@ -454,6 +489,7 @@ impl Net {
         start: Instant,
         until: Instant,
     ) {
+        self.direct_until.insert(session, (peer, until));
         let local = SocketAddr::new(unspecified(peer).ip(), self.local.port());
         let events = self.tx.clone();
         let task = tokio::spawn(async move {
@@ -490,7 +526,50 @@ impl Net {
             }
             let _ = events.send(NetEvent::StreamFailed { attempts }).await;
         });
-        self.tasks.push(task);
+        self.direct_tasks.insert(session, task.abort_handle());
+    }
+
+    /// Stops the simultaneous-open attempts of `session` (it has its direct stream).
+    fn stop_direct(&mut self, session: SessionId) {
+        if let Some(t) = self.direct_tasks.remove(&session) {
+            t.abort();
+        }
+        self.direct_until.remove(&session);
+    }
+
+    /// A stream to `peer` closed before it carried anything of its session (the peer's kernel
+    /// completed the handshake on its listening socket, then the peer refused the stream because
+    /// it came from an unexpected address): try again while the window lasts.
+    fn retry_direct(&mut self, peer: SocketAddr) {
+        let found = self
+            .direct_until
+            .iter()
+            .find(|(_, (p, _))| *p == peer)
+            .map(|(id, (_, until))| (*id, *until));
+        if let Some((session, until)) = found {
+            let start = Instant::now() + Duration::from_millis(40);
+            if start < until {
+                self.open_direct(session, peer, start, until);
+            }
+        }
+    }
+
+    /// Takes an accepted stream from the expected peer into use; says hello on it with a PROBE
+    /// so the other side, whose connect completed, knows the stream carries this session.
+    fn adopt_stream(&mut self, session: SessionId, peer: SocketAddr, stream: TcpStream) {
+        let (writer, task) = spawn_stream(stream, peer, self.tx.clone());
+        drop(task);
+        self.writers.insert(peer, writer);
+        self.stop_direct(session);
+    }
+
+    /// A hello on a new direct stream: the peer's session takes the stream as its direct path.
+    fn hello(&self, session: SessionId, peer: SocketAddr) {
+        let m = PunchMessage::Probe {
+            tid: TransactionId::random(),
+            session,
+        };
+        self.send_msg(peer, &m);
     }
 
     /// One request to the server, retransmitted (UDP: 250 ms doubling) until an answer with the
@@ -690,6 +769,8 @@ pub struct Attempts {
     /// Upper bound on probe packets this connect could send (targets × rounds).
     pub probe_packet_bound: u64,
     pub tcp_connect_attempts: u32,
+    /// The direct TCP stream was the peer's connection, accepted on our registered port.
+    pub tcp_accepted: bool,
     pub predict: Option<Prediction>,
     /// The allocation delta the listener registered (we probe ahead of its port).
     pub peer_port_delta: Option<i32>,
@@ -939,11 +1020,20 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
                 attempts: a,
                 ..
             })) => {
-                attempts.tcp_connect_attempts = a;
+                attempts.tcp_connect_attempts += a;
                 net.writers.insert(peer, writer);
-                s.set_direct(now, peer);
+                // Direct once the peer answers on it (the session sees its first message).
+                net.hello(session_id, peer);
             }
-            Ok(Some(NetEvent::StreamFailed { attempts: a })) => attempts.tcp_connect_attempts = a,
+            Ok(Some(NetEvent::Accepted { peer: from, stream })) => {
+                // Only from the address the server saw the peer at: the same rule as a
+                // connected socket (see docs/punch.md), so outcomes do not depend on timing.
+                if from == peer.reflexive && !s.route().is_some_and(Route::is_direct) {
+                    attempts.tcp_accepted = true;
+                    net.adopt_stream(session_id, from, stream);
+                }
+            }
+            Ok(Some(NetEvent::StreamFailed { attempts: a })) => attempts.tcp_connect_attempts += a,
             Ok(Some(NetEvent::StreamDown { addr })) => {
                 net.writers.remove(&addr);
                 if addr == opts.server {
@@ -951,10 +1041,12 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
                         error = Some(PunchError::ServerClosed(opts.server).to_string());
                         break;
                     }
-                } else if echoed.len() as u64 != n {
+                } else if s.route() == Some(Route::Direct(addr)) && echoed.len() as u64 != n {
                     s.abort(SessionError::PeerConnectionClosed);
                     error = s.error().map(|e| e.to_string());
                     break;
+                } else if s.direct_at().is_none() {
+                    net.retry_direct(addr);
                 }
             }
             Ok(None) | Err(_) => {}
@@ -1265,8 +1357,19 @@ pub async fn listen(
                 ..
             })) => {
                 net.writers.insert(peer, writer);
-                if let Some((s, _)) = sessions.get_mut(&session) {
-                    s.set_direct(now, peer);
+                // Direct once the peer answers on it (the session sees its first message).
+                net.hello(session, peer);
+            }
+            Ok(Some(NetEvent::Accepted { peer, stream })) => {
+                let owner = sessions
+                    .iter()
+                    .find(|(_, (s, _))| {
+                        s.targets().first() == Some(&peer)
+                            && !s.route().is_some_and(Route::is_direct)
+                    })
+                    .map(|(id, _)| *id);
+                if let Some(id) = owner {
+                    net.adopt_stream(id, peer, stream);
                 }
             }
             Ok(Some(NetEvent::StreamDown { addr })) => {
@@ -1274,10 +1377,19 @@ pub async fn listen(
                 if addr == opts.server {
                     break Err(PunchError::ServerClosed(opts.server));
                 }
+                let unconfirmed = sessions
+                    .values()
+                    .any(|(s, _)| s.targets().first() == Some(&addr) && s.direct_at().is_none());
+                if unconfirmed {
+                    net.retry_direct(addr);
+                }
             }
             Ok(Some(NetEvent::StreamFailed { .. })) | Ok(None) | Err(_) => {}
         }
     };
+    for id in sessions.keys().copied().collect::<Vec<_>>() {
+        net.stop_direct(id);
+    }
     let bye = PunchMessage::Unregister {
         tid: TransactionId::random(),
         id: opts.id.clone(),

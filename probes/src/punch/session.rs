@@ -323,6 +323,22 @@ impl Session {
             return;
         }
         let from_server = from == self.server;
+        // Over TCP every message not from the server arrives on a direct stream: the first one
+        // of this session (the hello PROBE, its answer, or data) makes that stream the direct
+        // path — a stream the peer refused closes before carrying anything and never counts.
+        if !self.config.probe
+            && !from_server
+            && self.direct.is_none()
+            && msg.session() == Some(self.id)
+            && matches!(
+                msg,
+                PunchMessage::Probe { .. }
+                    | PunchMessage::ProbeOk { .. }
+                    | PunchMessage::Data { .. }
+            )
+        {
+            self.set_direct(now, from);
+        }
         match msg {
             PunchMessage::Probe { tid, session } if session == self.id && !from_server => {
                 self.last_peer = now;
@@ -764,6 +780,48 @@ mod tests {
             Some(Route::Relay),
             "the listener stays on the relay too"
         );
+    }
+
+    #[test]
+    fn over_tcp_the_first_session_message_on_a_stream_makes_it_direct() {
+        let now = Instant::now();
+        let cfg = SessionConfig {
+            probe: false,
+            ..SessionConfig::default()
+        };
+        let peer = sa("203.0.113.2:5000");
+        let mut s = Session::new(
+            now,
+            SessionId(1),
+            Role::Listener,
+            cfg,
+            sa(SERVER),
+            Duration::ZERO,
+            vec![peer],
+        );
+        s.handle_timeout(now);
+        assert!(s.poll_transmit().is_none(), "no probes over tcp");
+        // Another session's message, or one from the server, does not count.
+        let other = PunchMessage::Probe {
+            tid: TransactionId::random(),
+            session: SessionId(2),
+        };
+        s.handle_message(now, peer, other);
+        let relayed = PunchMessage::Data {
+            tid: TransactionId::random(),
+            session: SessionId(1),
+            seq: None,
+            ack: 0,
+            payload: vec![],
+        };
+        s.handle_message(now, sa(SERVER), relayed);
+        assert_eq!(s.direct_at(), None);
+        let hello = PunchMessage::Probe {
+            tid: TransactionId::random(),
+            session: SessionId(1),
+        };
+        s.handle_message(now, peer, hello);
+        assert_eq!(s.route(), Some(Route::Direct(peer)));
     }
 
     #[test]
