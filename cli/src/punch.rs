@@ -314,3 +314,50 @@ pub fn render(r: &ConnectReport) -> String {
     }
     t.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natscope_probes::punch::driver::Attempts;
+
+    #[test]
+    fn the_human_table_is_exact() {
+        let r = ConnectReport {
+            schema: "natscope.punch/v1",
+            transport: Transport::Udp,
+            path: "relayed",
+            local: "10.1.0.2:4000".into(),
+            peer: Some("203.0.113.2:5000".into()),
+            time_to_first_byte_ms: Some(1532.25),
+            time_to_direct_ms: None,
+            rtt_ms: Some(2.04),
+            messages_sent: 20,
+            messages_echoed: 20,
+            in_order: true,
+            switched_to_direct: false,
+            attempts: Attempts {
+                probes_sent: 60,
+                probes_answered: 0,
+                probe_packet_bound: 1440,
+                ..Attempts::default()
+            },
+        };
+        let want = "\
+┌────────────────────┬──────────────────────────────────┐
+│ punch              ┆ value                            │
+╞════════════════════╪══════════════════════════════════╡
+│ transport          ┆ udp                              │
+│ path               ┆ relayed                          │
+│ local              ┆ 10.1.0.2:4000                    │
+│ peer               ┆ 203.0.113.2:5000                 │
+│ time to first byte ┆ 1532.2 ms                        │
+│ time to direct     ┆ -                                │
+│ rtt                ┆ 2.0 ms                           │
+│ messages echoed    ┆ 20 of 20                         │
+│ in order           ┆ true                             │
+│ switched to direct ┆ false                            │
+│ probes             ┆ 60 sent, 0 answered (bound 1440) │
+└────────────────────┴──────────────────────────────────┘";
+        assert_eq!(render(&r), want);
+    }
+}

@@ -33,6 +33,8 @@ use crate::stun::{attr_type, MessageType, MessageWriter, TransactionId};
 pub enum PunchError {
     #[error("rendezvous server {0} is unreachable over {1} (no answer within {2:?}); is `natscope punch serve` running there?")]
     Unreachable(SocketAddr, Transport, Duration),
+    #[error("rendezvous server {0} is unreachable over tcp (connection refused); is `natscope punch serve` running there?")]
+    ConnectionRefused(SocketAddr),
     #[error("rendezvous server {0} refused: {1}")]
     Refused(SocketAddr, String),
     #[error("no peer registered as `{0}` at {1} over {2}")]
@@ -51,7 +53,10 @@ impl PunchError {
     /// 1: the check ran and the session failed; 2: could not run (server unreachable, I/O).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PunchError::Unreachable(..) | PunchError::Refused(..) | PunchError::Io(_) => 2,
+            PunchError::Unreachable(..)
+            | PunchError::ConnectionRefused(_)
+            | PunchError::Refused(..)
+            | PunchError::Io(_) => 2,
             _ => 1,
         }
     }
@@ -423,7 +428,7 @@ impl Net {
                 let stream = match tokio::time::timeout(wait, sock.connect(server)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        return Err(PunchError::Unreachable(server, transport, Duration::ZERO))
+                        return Err(PunchError::ConnectionRefused(server))
                     }
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => return Err(PunchError::Unreachable(server, transport, wait)),

@@ -1,0 +1,163 @@
+//! `natscope punch` on loopback (no root, no lab): the contract's exit codes and error lines,
+//! the JSON document, and a listener that outlives its server.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use natscope_tests::{free_port, natscope_bin, ChildProcess};
+
+fn natscope(args: &[&str]) -> ChildProcess {
+    let mut cmd = Command::new(natscope_bin());
+    cmd.args(args);
+    ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn finish(p: &mut ChildProcess, within: Duration) -> i32 {
+    let s = p
+        .wait_timeout(within)
+        .unwrap_or_else(|| panic!("still running after {within:?}\n{}", p.diagnostics()));
+    s.code().unwrap_or(-1)
+}
+
+fn wait_for(p: &mut ChildProcess, ready: impl Fn(&ChildProcess) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready(p) {
+        assert!(
+            p.exited().is_none() && Instant::now() < deadline,
+            "not ready\n{}",
+            p.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A server on a fresh loopback port.
+fn server() -> (ChildProcess, String) {
+    let port = free_port(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+    let mut s = natscope(&["punch", "serve", "--listen", &addr]);
+    wait_for(&mut s, |p| p.stderr().contains("punch server on"));
+    (s, addr)
+}
+
+#[test]
+fn bad_arguments_and_an_unreachable_server_exit_2_with_one_line() {
+    let mut p = natscope(&["punch", "connect", "bad id", "--via", "127.0.0.1:9"]);
+    assert_eq!(
+        finish(&mut p, Duration::from_secs(5)),
+        2,
+        "{}",
+        p.diagnostics()
+    );
+    assert!(
+        p.stderr().contains("peer id `bad id` is invalid"),
+        "{}",
+        p.diagnostics()
+    );
+
+    let port = free_port(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let nobody = format!("127.0.0.1:{port}");
+    for tcp in [false, true] {
+        let mut args = vec!["punch", "connect", "bob", "--via", &nobody];
+        if tcp {
+            args.push("--tcp");
+        }
+        let t = Instant::now();
+        let mut p = natscope(&args);
+        assert_eq!(
+            finish(&mut p, Duration::from_secs(10)),
+            2,
+            "{}",
+            p.diagnostics()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "bounded");
+        let err = p.stderr();
+        assert!(err.contains("is unreachable"), "{}", p.diagnostics());
+        assert_eq!(err.lines().count(), 1, "{}", p.diagnostics());
+    }
+}
+
+#[test]
+fn loopback_sessions_report_the_contract_json() {
+    let (_server, addr) = server();
+    for tcp in [false, true] {
+        let mut largs = vec![
+            "punch", "listen", "--id", "bob", "--via", &addr, "--count", "2",
+        ];
+        if tcp {
+            largs.push("--tcp");
+        }
+        let mut l = natscope(&largs);
+        wait_for(&mut l, |p| p.stdout().contains("registered"));
+        for relay_first in [false, true] {
+            let mut args = vec!["punch", "connect", "bob", "--via", &addr, "--json"];
+            if tcp {
+                args.push("--tcp");
+            }
+            if relay_first {
+                args.extend_from_slice(&[
+                    "--relay-first",
+                    "--messages",
+                    "200",
+                    "--interval-ms",
+                    "2",
+                ]);
+            }
+            let mut c = natscope(&args);
+            assert_eq!(
+                finish(&mut c, Duration::from_secs(15)),
+                0,
+                "{}",
+                c.diagnostics()
+            );
+            let r: serde_json::Value = serde_json::from_str(&c.stdout())
+                .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+            let d = c.diagnostics();
+            assert_eq!(r["schema"], "natscope.punch/v1", "{d}");
+            assert_eq!(r["transport"], if tcp { "tcp" } else { "udp" }, "{d}");
+            assert_eq!(r["path"], "direct", "{d}");
+            assert_eq!(r["messages_echoed"], r["messages_sent"], "{d}");
+            assert_eq!(r["in_order"], true, "{d}");
+            assert_eq!(r["switched_to_direct"], relay_first, "{d}");
+            for k in ["time_to_first_byte_ms", "time_to_direct_ms", "rtt_ms"] {
+                assert!(r[k].as_f64().is_some(), "{k}\n{d}");
+            }
+            for k in ["local", "peer"] {
+                assert!(
+                    r[k].as_str()
+                        .is_some_and(|s| s.parse::<SocketAddr>().is_ok()),
+                    "{k}\n{d}"
+                );
+            }
+            assert!(r["attempts"].is_object(), "{d}");
+        }
+        assert_eq!(
+            finish(&mut l, Duration::from_secs(10)),
+            0,
+            "{}",
+            l.diagnostics()
+        );
+    }
+}
+
+#[test]
+fn a_listener_whose_server_dies_exits_1_in_bounded_time() {
+    let (mut server, addr) = server();
+    let mut l = natscope(&["punch", "listen", "--id", "bob", "--via", &addr]);
+    wait_for(&mut l, |p| p.stdout().contains("registered"));
+    server.kill();
+    let t = Instant::now();
+    assert_eq!(
+        finish(&mut l, Duration::from_secs(15)),
+        1,
+        "{}",
+        l.diagnostics()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(
+        l.stderr().contains("stopped answering"),
+        "{}",
+        l.diagnostics()
+    );
+}
