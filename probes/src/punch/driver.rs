@@ -1162,6 +1162,11 @@ pub enum ListenEvent {
     },
 }
 
+/// Sessions a listener serves at once (bounded memory); introductions beyond it are ignored and
+/// their connectors fail with "peer stopped answering".
+pub const MAX_LISTEN_SESSIONS: usize = 64;
+const RECENT_ENDED: usize = 1024;
+
 /// Keepalive (re-REGISTER) period; the server forgets a peer after about three missed ones.
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 
@@ -1203,7 +1208,8 @@ pub async fn listen(
         _ => return Err(PunchError::Refused(opts.server, "unexpected answer".into())),
     }
     let mut sessions: HashMap<SessionId, (Session, u64)> = HashMap::new();
-    let mut ended: HashSet<SessionId> = HashSet::new();
+    // Recently ended sessions, so a late INTRODUCE retransmission does not restart one (bounded).
+    let mut ended: std::collections::VecDeque<SessionId> = std::collections::VecDeque::new();
     let mut served = 0u64;
     let mut next_keepalive = Instant::now() + KEEPALIVE;
     let mut last_server = Instant::now();
@@ -1245,7 +1251,10 @@ pub async fn listen(
                     switched_to_direct: s.switched_to_direct(),
                     error: s.error().map(|e| e.to_string()),
                 });
-                ended.insert(id);
+                if ended.len() == RECENT_ENDED {
+                    ended.pop_front();
+                }
+                ended.push_back(id);
                 served += 1;
             }
         }
@@ -1314,7 +1323,10 @@ pub async fn listen(
                                     session: *session,
                                 },
                             );
-                            if sessions.contains_key(session) || ended.contains(session) {
+                            if sessions.contains_key(session)
+                                || ended.contains(session)
+                                || sessions.len() >= MAX_LISTEN_SESSIONS
+                            {
                                 continue;
                             }
                             let start_in = Duration::from_millis(u64::from(*start_in_ms).min(2000));
