@@ -252,12 +252,70 @@ fn punch_in_lab(
         &["punch", "serve", "--listen", SERVER],
         Stdio::null(),
     )?;
+    // The listener's first registration must not race the server's bind: a SYN that arrives first
+    // is answered with RST ("connection refused"), which is what the grid saw in about one run in
+    // three before this wait. Ready once the server accepts TCP on its address.
+    let server: std::net::SocketAddr = SERVER.parse()?;
+    let ready = lab.node("stun")?.run(move || {
+        let deadline = Instant::now() + READY;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&server, Duration::from_millis(100)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })?;
+    if !ready {
+        bail!("punch serve did not accept connections within {READY:?}");
+    }
     let mut listen_args = vec!["punch", "listen", "--id", "b", "--via", SERVER, "--json"];
     listen_args.extend(["--count", "1", "--timeout", "30"]);
     listen_args.extend(tcp);
     let mut listener = spawn("b", &listen_args, Stdio::piped())?;
     if let Err(e) = wait_registered(&mut listener.0) {
-        return Err(e.context(stderr_of(listener)));
+        let mut server = _server;
+        let state = match server.0.try_wait() {
+            Ok(Some(st)) => format!("the server had exited ({st})"),
+            Ok(None) => "the server was running".to_string(),
+            Err(e) => format!("server state unknown: {e}"),
+        };
+        let nats: Vec<String> = lab
+            .nodes()
+            .iter()
+            .filter_map(|n| {
+                let st = lab.nat_stats(n.name())?;
+                Some(format!(
+                    "{}: {}",
+                    n.name(),
+                    serde_json::to_string(&st).ok()?
+                ))
+            })
+            .collect();
+        let snmp = lab.node("stun")?.run(|| {
+            let s = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+            let n = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default();
+            let tcp: Vec<&str> = s.lines().filter(|l| l.starts_with("Tcp:")).collect();
+            let ext: Vec<&str> = n.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+            let pair = |v: &[&str]| -> String {
+                if v.len() < 2 {
+                    return String::new();
+                }
+                v[0].split_whitespace()
+                    .zip(v[1].split_whitespace())
+                    .filter(|(_, val)| *val != "0")
+                    .map(|(k, val)| format!("{k}={val}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            format!("{} {}", pair(&tcp), pair(&ext))
+        })?;
+        return Err(e.context(format!(
+            "{}; {state}; server: {}; nat counters: {}; stun tcp: {snmp}",
+            stderr_of(listener),
+            stderr_of(server),
+            nats.join(" ")
+        )));
     }
     let mut connect_args = vec![
         "punch",
