@@ -297,7 +297,16 @@ impl Lab {
         for p in &plan_nodes {
             let namespace = namespace_name(&self.name, &p.name);
             let ns = Netns::create(&namespace)?;
-            ns.run(prepare_namespace)?;
+            ns.run(disable_ipv6)?;
+            ns.block_on(|| async {
+                let h = links::connect()?;
+                links::set_up(&h, "lo").await.map(|_| ())
+            })?
+            .map_err(|source| LabError::Link {
+                node: p.name.clone(),
+                step: "bringing up lo",
+                source,
+            })?;
             self.nodes.push(LabNode {
                 plan: p.clone(),
                 namespace,
@@ -623,21 +632,12 @@ impl Drop for Lab {
     }
 }
 
-/// Per-namespace settings before any link exists: loopback up, IPv6 off (the lab is IPv4; router
-/// solicitations and DAD would only add noise on the engine's interfaces).
-fn prepare_namespace() {
+/// Per-namespace settings before any link exists: IPv6 off (the lab is IPv4; router
+/// solicitations and DAD would only add noise on the engine's interfaces). Runs on the namespace's
+/// thread, where /proc/sys/net is the namespace's own.
+fn disable_ipv6() {
     for key in ["default", "all"] {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
-    }
-    // `lo` comes up with a plain ioctl-free netlink call on this thread's runtime.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    if let Ok(rt) = rt {
-        let _ = rt.block_on(async {
-            let h = links::connect()?;
-            links::set_up(&h, "lo").await.map(|_| ())
-        });
     }
 }
 
