@@ -7,6 +7,11 @@
 //! from one socket to every server shows whether the mapping changes with the destination (the
 //! RFC 4787 §4.1 question, answerable without RFC 5780 support on the servers).
 //!
+//! Every test of one run — the engine's, `--tcp`, the comparison, `--lifetime`, in that order —
+//! starts its transactions through one [`Pacer`], handed from test to test, so the whole run keeps
+//! to RFC 5780 §5 (at most ten new transactions per second) when pacing is on ([`Pacing::decide`]:
+//! on when any server may be public, `--pace` / `--no-pace` override).
+//!
 //! Exit codes: 0 a classification was made, 1 UDP is blocked or the result is unknown, 2 usage or
 //! runtime error (bad address, unresolvable name, no permission).
 
@@ -24,7 +29,8 @@ use natscope_probes::client::{
 };
 use natscope_probes::probe::report::TestReport;
 use natscope_probes::probe::{
-    driver, Classic, LifetimeConfig, LifetimeReport, ProbeConfig, ProbeReport, Timing,
+    driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
+    Probe, ProbeConfig, ProbeReport, Timing,
 };
 use natscope_probes::stun::TransactionId;
 use serde::Serialize;
@@ -68,6 +74,14 @@ pub struct ProbeArgs {
     /// Skip the hairpinning test (RFC 5780 §4.5).
     #[arg(long)]
     no_hairpin: bool,
+    /// Start at most 10 new STUN transactions per second (RFC 5780 §5), whatever the servers.
+    /// The default paces when any server may be public (not loopback, private, CGNAT, link-local
+    /// or a documentation range).
+    #[arg(long, conflicts_with = "no_pace")]
+    pace: bool,
+    /// Never pace: start transactions as fast as the tests allow, even towards public servers.
+    #[arg(long)]
+    no_pace: bool,
     /// Initial retransmission timeout in ms, used until a round trip is measured (default 200).
     /// The adaptive RTO is then floored at min(20, MS) ms and capped at max(3000, 2×MS) ms.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
@@ -97,7 +111,14 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let Some(&first) = servers.first() else {
         bail!("no server given");
     };
-    let cfg = probe_config(&args, first);
+    let choice = match (args.pace, args.no_pace) {
+        (true, _) => PaceChoice::On,
+        (_, true) => PaceChoice::Off,
+        _ => PaceChoice::Default,
+    };
+    let pacing = Pacing::decide(&servers, choice);
+    let mut cfg = probe_config(&args, first);
+    cfg.pacing = pacing.clone();
     let timing = cfg.timing;
 
     let bar = progress_bar(format!("probing {first}"));
@@ -106,15 +127,22 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the runtime")?;
     let mut requests = 0u32;
-    let result = rt.block_on(driver::run(cfg, |p| {
-        requests = p.requests_sent();
-        bar.set_message(format!("probing {first}: {requests} requests sent"));
-        bar.tick();
-    }));
-    let mut report = match result {
-        Ok(r) => {
+    let result = rt.block_on(driver::drive(
+        first,
+        driver::DEADLINE,
+        |start| Probe::new(start, cfg),
+        |p| {
+            requests = p.requests_sent();
+            bar.set_message(format!("probing {first}: {requests} requests sent"));
+            bar.tick();
+        },
+    ));
+    // One pacer for the whole run: each later test continues the engine's.
+    let (mut report, mut pacer) = match result {
+        Ok(p) => {
+            let r = p.report();
             requests = r.requests_sent;
-            r
+            (r, p.pacer().clone())
         }
         Err(e) => {
             bar.finish_and_clear();
@@ -131,8 +159,8 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
             }
         };
         let step = tcp_step_timeout(args.timeout);
-        let t = rt.block_on(natscope_probes::probe::tcp::tcp_mapping(
-            first, local_ip, step,
+        let t = rt.block_on(natscope_probes::probe::tcp::tcp_mapping_paced(
+            first, local_ip, step, &mut pacer,
         ));
         requests += t.requests_sent;
         t.apply_to(&mut report);
@@ -145,7 +173,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         let c = if report.udp_blocked {
             MappingComparison::not_run(&servers, "not run: the first server did not answer")
         } else {
-            match rt.block_on(compare_mappings(&servers, timing)) {
+            match rt.block_on(compare_mappings(&servers, timing, &mut pacer)) {
                 Ok(c) => c,
                 Err(e) => {
                     bar.finish_and_clear();
@@ -165,7 +193,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     };
     bar.finish_and_clear();
     if args.lifetime {
-        let lt = measure_lifetime(&rt, &args, first, report.udp_blocked)?;
+        let lt = measure_lifetime(&rt, &args, first, report.udp_blocked, &pacing, pacer)?;
         requests += lt.requests_sent;
         apply_lifetime(&mut report, lt);
     }
@@ -297,6 +325,8 @@ fn measure_lifetime(
     args: &ProbeArgs,
     server: SocketAddr,
     udp_blocked: bool,
+    pacing: &Pacing,
+    pacer: Pacer,
 ) -> Result<LifetimeReport> {
     if udp_blocked {
         let row = |name: &str| TestReport {
@@ -321,7 +351,9 @@ fn measure_lifetime(
     }
     let mut cfg = LifetimeConfig::new(server);
     cfg.max = Duration::from_secs(args.lifetime_max);
+    cfg.pacing = pacing.clone();
     apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    let deadline = LifetimeProbe::time_bound(&cfg);
     let bar = lifetime_bar();
     // The driver reports only at events (minutes apart while a binding idles); a ticker moves
     // the bar in between from the last estimate.
@@ -338,12 +370,17 @@ fn measure_lifetime(
         ));
     };
     let result = rt.block_on(async {
-        let run = driver::run_lifetime(cfg, |p| {
-            let now = Instant::now();
-            let total = p.elapsed(now) + p.remaining(now);
-            estimate.set(start.elapsed().saturating_sub(p.elapsed(now)) + total);
-            update(start.elapsed(), estimate.get());
-        });
+        let run = driver::drive(
+            server,
+            deadline,
+            |at| LifetimeProbe::new(at, cfg).with_pacer(pacer),
+            |p| {
+                let now = Instant::now();
+                let total = p.elapsed(now) + p.remaining(now);
+                estimate.set(start.elapsed().saturating_sub(p.elapsed(now)) + total);
+                update(start.elapsed(), estimate.get());
+            },
+        );
         let ticker = async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -352,7 +389,7 @@ fn measure_lifetime(
             }
         };
         tokio::select! {
-            r = run => r,
+            r = run => r.map(|p| p.report()),
             never = ticker => never,
         }
     });
@@ -489,8 +526,12 @@ impl MappingComparison {
 }
 
 /// Sends one Binding transaction from a single fresh socket to each server in turn (never two at
-/// once: RFC 5780 §5 paces clients, and one socket keeps one mapping under test).
-async fn compare_mappings(servers: &[SocketAddr], timing: Timing) -> Result<MappingComparison> {
+/// once: one socket keeps one mapping under test), each started when `pacer` has a slot.
+async fn compare_mappings(
+    servers: &[SocketAddr],
+    timing: Timing,
+    pacer: &mut Pacer,
+) -> Result<MappingComparison> {
     let start = Instant::now();
     let Some(&first) = servers.first() else {
         bail!("no server to compare");
@@ -526,6 +567,11 @@ async fn compare_mappings(servers: &[SocketAddr], timing: Timing) -> Result<Mapp
         } else if server.is_ipv4() != family_of {
             row.problem = Some("other address family than the first server".into());
         } else {
+            if let Some(slot) = pacer.next_start() {
+                tokio::time::sleep_until(slot.into()).await;
+            }
+            // `binding` transmits at once: its transaction starts now.
+            pacer.started(Instant::now());
             let (answer, sent) = binding(&socket, server, rto).await?;
             out.requests_sent += sent;
             match answer {
@@ -718,6 +764,7 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
         outlook.add_row([o.peer, o.direct_udp, o.reason.as_str()]);
     }
     out.push_str(&format!("{outlook}"));
+    out.push_str(&format!("\npacing: {}", r.pacing.reason));
 
     if let Some(c) = r.negative_confidence {
         out.push_str(&format!(
@@ -815,6 +862,7 @@ mod tests {
             summary: "Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT".into(),
             requests_sent: 13,
             duration_ms: 1.75,
+            pacing: Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::Default),
         }
     }
 
@@ -857,6 +905,7 @@ mod tests {
         r.server.problems = vec![
             "filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)".into(),
         ];
+        r.pacing = Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::On);
         r
     }
 
@@ -912,7 +961,8 @@ Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct con
 ╞══════════════════════════╪════════════╪══════════════════════════════╡
 │ full cone                ┆ yes        ┆ at least one direction opens │
 │ symmetric (random ports) ┆ yes        ┆ at least one direction opens │
-└──────────────────────────┴────────────┴──────────────────────────────┘";
+└──────────────────────────┴────────────┴──────────────────────────────┘
+pacing: server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace";
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
 
@@ -935,6 +985,7 @@ Port-restricted cone NAT (EIM + APDF)
 │ port-restricted cone     ┆ yes        ┆ at least one direction opens │
 │ symmetric (random ports) ┆ no         ┆ use a relay                  │
 └──────────────────────────┴────────────┴──────────────────────────────┘
+pacing: --pace: at most 10 new transactions per second (RFC 5780 §5)
 negative verdicts: 99.999950% confidence (round-trip loss 2.5%, waited up to 2.40 s)
 server problem: filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)";
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
@@ -1056,7 +1107,12 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
   "retry_budget_ms": 0.0,
   "summary": "Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT",
   "requests_sent": 13,
-  "duration_ms": 1.75
+  "duration_ms": 1.75,
+  "pacing": {
+    "enabled": false,
+    "max_new_per_second": null,
+    "reason": "server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"
+  }
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
@@ -1085,7 +1141,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             )
         };
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 22] = [
+        let checks: [Check; 25] = [
             ("/schema", &|v| v == "natscope.probe/v1"),
             ("/local_address", &is_addr_or_null),
             ("/public_address", &is_addr_or_null),
@@ -1113,6 +1169,9 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             ("/outlook", &|v| v.is_array()),
             ("/summary", &is_str),
             ("/duration_ms", &is_num),
+            ("/pacing/enabled", &|v| v.is_boolean()),
+            ("/pacing/max_new_per_second", &is_num_or_null),
+            ("/pacing/reason", &is_str),
         ];
         for (ptr, ok) in checks {
             let v = doc
@@ -1168,6 +1227,14 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             })
         );
         assert!(got.trim_end().ends_with("]\n  }\n}"), "{got}");
+        let at = |key: &str| {
+            got.find(&format!("\n  \"{key}\": "))
+                .unwrap_or_else(|| panic!("no top-level {key}: {got}"))
+        };
+        assert!(
+            at("duration_ms") < at("pacing") && at("pacing") < at("mapping_comparison"),
+            "pacing is added after duration_ms, the comparison stays last: {got}"
+        );
         assert!(
             got.starts_with("{\n  \"schema\": \"natscope.probe/v1\","),
             "{got}"

@@ -386,3 +386,85 @@ fn lifetime_max_is_range_checked_and_needs_lifetime() {
         assert_eq!(run.stdout(), "", "{}", run.report());
     }
 }
+
+#[test]
+fn pace_and_no_pace_conflict() {
+    for args in [
+        ["127.0.0.1:3478", "--pace", "--no-pace"],
+        ["--no-pace", "127.0.0.1:3478", "--pace"],
+    ] {
+        let run = probe(&args);
+        let why = run.report();
+        assert_eq!(run.code(), Some(2), "{why}");
+        assert_eq!(run.stdout(), "", "{why}");
+        assert!(
+            run.stderr()
+                .starts_with("error: the argument '--pace' cannot be used with '--no-pace'")
+                || run
+                    .stderr()
+                    .starts_with("error: the argument '--no-pace' cannot be used with '--pace'"),
+            "{why}"
+        );
+    }
+}
+
+/// Loopback is a server the user runs: not paced by default, and the table says so in one line.
+#[test]
+fn loopback_is_not_paced_by_default() {
+    let (_refl, primary, _) = reflector();
+    let run = probe(&[&primary.to_string(), "--json"]);
+    let why = run.report();
+    assert_eq!(run.code(), Some(0), "{why}");
+    let doc = run.json();
+    assert_eq!(
+        doc["pacing"],
+        serde_json::json!({
+            "enabled": false,
+            "max_new_per_second": null,
+            "reason": "server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"
+        }),
+        "{why}"
+    );
+    let table = probe(&[&primary.to_string()]);
+    let lines: Vec<String> = table
+        .stdout()
+        .lines()
+        .filter(|l| l.starts_with("pacing: "))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        lines,
+        ["pacing: server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"],
+        "{}",
+        table.report()
+    );
+}
+
+/// `--pace` on loopback: 13 transactions (no NAT, so no hairpin test) cannot all start within one
+/// second, so the run takes at least a second, and the reflector still sees every request.
+#[test]
+fn pace_limits_new_transactions_on_a_real_socket() {
+    let (refl, primary, _) = reflector();
+    let before = refl.counters().requests;
+    let run = probe(&[&primary.to_string(), "--json", "--pace"]);
+    let received = refl.counters().requests - before;
+    let why = run.report();
+    assert_eq!(run.code(), Some(0), "{why}");
+    let doc = run.json();
+    assert_eq!(doc["pacing"]["enabled"], true, "{why}");
+    assert_eq!(doc["pacing"]["max_new_per_second"], 10, "{why}");
+    assert_eq!(
+        doc["pacing"]["reason"], "--pace: at most 10 new transactions per second (RFC 5780 §5)",
+        "{why}"
+    );
+    assert_eq!(doc["classic"], "open-internet", "{why}");
+    let sent = doc["requests_sent"].as_u64().expect("requests_sent");
+    assert_eq!(sent, received, "{why}");
+    assert!(sent > 10, "more than one second's worth: {why}");
+    let ms = doc["duration_ms"].as_f64().expect("duration_ms");
+    assert!(
+        ms >= 1000.0,
+        "the 11th transaction waits for the window: {why}"
+    );
+    assert!(ms < 5000.0, "{why}");
+}

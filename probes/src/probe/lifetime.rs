@@ -18,6 +18,10 @@
 //! while answers are aimed into it via RESPONSE-PORT every half lower bound. An answer still
 //! arriving later than the upper bound after the last outbound packet means inbound traffic
 //! refreshes the binding; an expiry despite the answers means it does not.
+//!
+//! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]. Idle
+//! times are measured from X's real last transmission to a check's real answer (or its last real
+//! transmission), so a wait for a slot lengthens a round but never skews its bounds.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -27,6 +31,7 @@ use rand::rngs::StdRng;
 
 use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule};
 use super::machine::LocalSockets;
+use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::plan::{SocketId, Timing, Transmit};
 use super::report::TestReport;
 use crate::client::{BindingResponse, RequestOptions};
@@ -58,6 +63,8 @@ pub struct LifetimeConfig {
     pub timing: Timing,
     /// Seed for transaction IDs (tests); `None` draws from the OS.
     pub seed: Option<u64>,
+    /// RFC 5780 §5 pacing of new transactions; by default [`Pacing::decide`] for `server`.
+    pub pacing: Pacing,
 }
 
 impl LifetimeConfig {
@@ -69,6 +76,7 @@ impl LifetimeConfig {
             inbound_refresh: true,
             timing: Timing::default(),
             seed: None,
+            pacing: Pacing::decide(&[server], PaceChoice::Default),
         }
     }
 }
@@ -185,12 +193,14 @@ pub struct LifetimeProbe {
     inbound_note: String,
     problems: Vec<String>,
     rng: StdRng,
+    pacer: Pacer,
 }
 
 impl LifetimeProbe {
     pub fn new(now: Instant, cfg: LifetimeConfig) -> Self {
         let rng = transaction_rng(cfg.seed);
         let wait = cfg.first_wait.max(Duration::from_millis(100)).min(cfg.max);
+        let pacer = cfg.pacing.pacer();
         let mut p = Self {
             started: now,
             finished: None,
@@ -221,12 +231,25 @@ impl LifetimeProbe {
             inbound_note: String::new(),
             problems: Vec::new(),
             rng,
+            pacer,
             cfg,
         };
         for _ in 0..CALIBRATION {
             p.add_tx(Kind::Refresh, X, None);
         }
         p
+    }
+
+    /// Continues `pacer` (its limit and the starts it has seen) instead of a fresh one from the
+    /// configuration, so the machines of one run share one RFC 5780 §5 budget.
+    pub fn with_pacer(mut self, pacer: Pacer) -> Self {
+        self.pacer = pacer;
+        self
+    }
+
+    /// The pacer, with every transaction this measurement started.
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
     }
 
     /// The driver reports the local address of a socket it bound for `id`.
@@ -261,12 +284,23 @@ impl LifetimeProbe {
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        while let Some(i) = self.queue.pop_front() {
+        // Retransmissions go out at once; a first transmission only when the pacer has a slot.
+        let may_start = self.pacer.may_start(now);
+        while let Some(pos) = self.queue.iter().position(|&i| {
+            let t = &self.txs[i];
+            t.state != TxState::Pending || t.sched.transmits > 0 || may_start
+        }) {
+            let Some(i) = self.queue.remove(pos) else {
+                break;
+            };
             let rto = self.rto();
             let max_rto = self.cfg.timing.max_rto;
             let tx = &mut self.txs[i];
             if tx.state != TxState::Pending {
                 continue;
+            }
+            if tx.sched.transmits == 0 {
+                self.pacer.started(now);
             }
             tx.sched.sent(now, rto, max_rto);
             let out = Transmit {
@@ -297,11 +331,17 @@ impl LifetimeProbe {
         if self.stage == Stage::Done {
             return None;
         }
+        let waiting_to_start = self.queue.iter().any(|&i| {
+            let t = &self.txs[i];
+            t.state == TxState::Pending && t.sched.transmits == 0
+        });
+        let slot = waiting_to_start.then(|| self.pacer.next_start()).flatten();
         self.txs
             .iter()
             .filter(|t| t.state == TxState::Pending)
             .filter_map(|t| t.sched.next_at)
             .chain(self.wake)
+            .chain(slot)
             .min()
     }
 

@@ -25,6 +25,10 @@
 //! falls below [`Timing::target_miss`]. That chance is the Beta-posterior predictive of `k`
 //! consecutive losses given the losses and answers seen so far, so high loss automatically widens the
 //! retry budget; if the cap on transmissions is reached first, the verdict is `unknown`.
+//!
+//! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]
+//! (retransmissions never do); its schedule starts when it really leaves, so a slot's wait is never
+//! taken for a round trip or for silence.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -34,6 +38,7 @@ use rand::rngs::StdRng;
 
 use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule};
 use super::machine::LocalSockets;
+use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
     self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
     ServerReport, TestReport,
@@ -101,6 +106,8 @@ pub struct ProbeConfig {
     pub timing: Timing,
     /// Seed for transaction IDs (tests); `None` draws from the OS.
     pub seed: Option<u64>,
+    /// RFC 5780 §5 pacing of new transactions; by default [`Pacing::decide`] for `server`.
+    pub pacing: Pacing,
 }
 
 impl ProbeConfig {
@@ -112,6 +119,7 @@ impl ProbeConfig {
             reach_requests: 4,
             timing: Timing::default(),
             seed: None,
+            pacing: Pacing::decide(&[server], PaceChoice::Default),
         }
     }
 }
@@ -187,11 +195,13 @@ pub struct Probe {
     problems: Vec<String>,
     alg: Option<bool>,
     rng: StdRng,
+    pacer: Pacer,
 }
 
 impl Probe {
     pub fn new(now: Instant, cfg: ProbeConfig) -> Self {
         let rng = transaction_rng(cfg.seed);
+        let pacer = cfg.pacing.pacer();
         let mut p = Self {
             started: now,
             finished: None,
@@ -205,6 +215,7 @@ impl Probe {
             problems: Vec::new(),
             alg: None,
             rng,
+            pacer,
             cfg,
         };
         for _ in 0..p.cfg.reach_requests.max(1) {
@@ -212,6 +223,18 @@ impl Probe {
             p.add_tx(Step::Reach, S0, server, ChangeRequest::NONE, server);
         }
         p
+    }
+
+    /// Continues `pacer` (its limit and the starts it has seen) instead of a fresh one from the
+    /// configuration, so the machines of one run share one RFC 5780 §5 budget.
+    pub fn with_pacer(mut self, pacer: Pacer) -> Self {
+        self.pacer = pacer;
+        self
+    }
+
+    /// The pacer, with every transaction this probe started: hand it to the run's next machine.
+    pub fn pacer(&self) -> &Pacer {
+        &self.pacer
     }
 
     /// The driver reports the local address of a socket it bound for `id`.
@@ -254,11 +277,23 @@ impl Probe {
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        while let Some(i) = self.queue.pop_front() {
+        // Retransmissions go out at once; a first transmission only when the pacer has a slot
+        // (it then holds back every later first transmission too, so their order is kept).
+        let may_start = self.pacer.may_start(now);
+        while let Some(pos) = self.queue.iter().position(|&i| {
+            let t = &self.txs[i];
+            !t.pending() || t.sched.transmits > 0 || may_start
+        }) {
+            let Some(i) = self.queue.remove(pos) else {
+                break;
+            };
             let rto = self.rto();
             let tx = &mut self.txs[i];
             if !tx.pending() {
                 continue;
+            }
+            if tx.sched.transmits == 0 {
+                self.pacer.started(now);
             }
             tx.sched.sent(now, rto, self.cfg.timing.max_rto);
             return Some(Transmit {
@@ -270,14 +305,27 @@ impl Probe {
         None
     }
 
+    /// Whether a request waits for its first transmission (queued, never sent).
+    fn waiting_to_start(&self) -> bool {
+        self.queue.iter().any(|&i| {
+            let t = &self.txs[i];
+            t.pending() && t.sched.transmits == 0
+        })
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.phase == Phase::Done {
             return None;
         }
+        let slot = self
+            .waiting_to_start()
+            .then(|| self.pacer.next_start())
+            .flatten();
         self.txs
             .iter()
             .filter(|t| t.pending())
             .filter_map(|t| t.sched.next_at)
+            .chain(slot)
             .min()
     }
 
@@ -748,6 +796,7 @@ impl Probe {
             summary,
             requests_sent: self.requests_sent(),
             duration_ms: ms(end.saturating_duration_since(self.started)),
+            pacing: self.cfg.pacing.clone(),
         }
     }
 

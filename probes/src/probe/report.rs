@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
@@ -193,6 +194,9 @@ pub struct ProbeReport {
     /// Every request the probe sent, all tests together (rows may share requests).
     pub requests_sent: u32,
     pub duration_ms: f64,
+    /// RFC 5780 §5 pacing of new transactions during the run (added to v1 last, after
+    /// `duration_ms`, so documents keep their field order).
+    pub pacing: Pacing,
 }
 
 /// A NAT as the outlook reasons about it.

@@ -760,6 +760,18 @@ pub struct SimRun {
     pub stats: SimStats,
     /// Each probe socket and the local address the simulator bound for it.
     pub sockets: Vec<(SocketId, SocketAddr)>,
+    /// Every datagram the probe sent, in order.
+    pub sent: Vec<SentDatagram>,
+}
+
+/// One datagram a machine handed to the simulator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentDatagram {
+    /// Virtual time since the start.
+    pub at: Duration,
+    pub socket: SocketId,
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
 }
 
 /// Runs `probe_cfg` against the world `cfg` on a virtual clock ([`run_machine`] with a [`Probe`]).
@@ -772,6 +784,7 @@ pub fn run_probe(cfg: &SimConfig, probe_cfg: ProbeConfig) -> SimRun {
         steps: run.steps,
         stats: run.stats,
         sockets: run.sockets,
+        sent: run.sent,
     }
 }
 
@@ -793,6 +806,8 @@ pub struct MachineRun<M> {
     pub steps: u64,
     pub stats: SimStats,
     pub sockets: Vec<(SocketId, SocketAddr)>,
+    /// Every datagram the machine sent, in order.
+    pub sent: Vec<SentDatagram>,
     /// The network at the end, for tests that inspect the NAT table.
     pub net: SimNet,
 }
@@ -809,6 +824,7 @@ pub fn run_machine<M: ProbeMachine>(
     let mut net = SimNet::new(cfg);
     let mut machine = make(epoch);
     let mut sockets: Vec<(SocketId, SocketAddr)> = Vec::new();
+    let mut sent = Vec::new();
     let mut now = epoch;
     let mut steps = 0;
     let mut completed = false;
@@ -824,6 +840,12 @@ pub fn run_machine<M: ProbeMachine>(
                     a
                 }
             };
+            sent.push(SentDatagram {
+                at: now.saturating_duration_since(epoch),
+                socket: t.socket,
+                to: t.to,
+                payload: t.payload.clone(),
+            });
             net.send(now, local, t.to, t.payload);
         }
         if machine.is_done() {
@@ -860,6 +882,7 @@ pub fn run_machine<M: ProbeMachine>(
         steps,
         stats: net.stats(),
         sockets,
+        sent,
         net,
     }
 }

@@ -7,7 +7,9 @@
 //! compares them ([`classify`], pure and table-tested); [`tcp_mapping`] is the thin tokio driver.
 //! Every connection stays open until the last answer — a NAT may drop a TCP mapping once its
 //! connection closes (RFC 5382 §5), which would make an endpoint-independent NAT look dependent —
-//! and is closed before the driver returns. Each step is bounded by the caller's timeout.
+//! and is closed before the driver returns. Each step is bounded by the caller's timeout. Each
+//! Binding is a new STUN transaction and waits for a slot of the run's [`Pacer`] (RFC 5780 §5)
+//! before its connection is opened.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::pacing::Pacer;
 use super::report::{Behavior, ProbeReport, TestReport};
 use crate::client::{transact_tcp, BindingResponse, RequestOptions};
 use crate::stun::TransactionId;
@@ -191,10 +194,14 @@ async fn step(
     to: SocketAddr,
     timeout: Duration,
     sent: &mut u32,
+    pacer: &mut Pacer,
 ) -> (
     Option<TcpStream>,
     Result<(SocketAddr, BindingResponse), String>,
 ) {
+    if let Some(slot) = pacer.next_start() {
+        tokio::time::sleep_until(slot.into()).await;
+    }
     let sock = match bind_shared(local) {
         Ok(s) => s,
         Err(e) => return (None, Err(format!("cannot bind tcp {local}: {e}"))),
@@ -222,6 +229,8 @@ async fn step(
         ..Default::default()
     };
     *sent += 1;
+    // Recorded when the request leaves, not when the slot was granted: never earlier than allowed.
+    pacer.started(Instant::now());
     let answer = transact_tcp(&mut stream, TransactionId::random(), &opts, timeout).await;
     let outcome = match answer {
         Err(e) => Err(format!("{to}: {e}")),
@@ -251,7 +260,7 @@ fn check_answer(to: SocketAddr, r: BindingResponse) -> Result<BindingResponse, S
     Ok(r)
 }
 
-/// Runs the TCP mapping test against `server` (A1:P1) from `local_ip`. At most three
+/// Runs the TCP mapping test against `server` (A1:P1) from `local_ip`, not paced. At most three
 /// connections, each step (connect, then the Binding) bounded by `timeout`; every connection is
 /// closed before this returns. Never fails: problems end up in `reason` with `unknown`.
 pub async fn tcp_mapping(
@@ -259,11 +268,22 @@ pub async fn tcp_mapping(
     local_ip: IpAddr,
     timeout: Duration,
 ) -> TcpMappingResult {
+    tcp_mapping_paced(server, local_ip, timeout, &mut Pacer::unpaced()).await
+}
+
+/// [`tcp_mapping`] with each Binding started only when `pacer` has a slot (the wait is not part
+/// of any step's `timeout`); the starts are recorded in `pacer` for the run's next test.
+pub async fn tcp_mapping_paced(
+    server: SocketAddr,
+    local_ip: IpAddr,
+    timeout: Duration,
+    pacer: &mut Pacer,
+) -> TcpMappingResult {
     let start = Instant::now();
     let mut out = TcpMappingResult::new(server);
     let mut streams: Vec<TcpStream> = Vec::with_capacity(3);
     let mut sent = 0u32;
-    let failure = run_steps(&mut out, &mut streams, local_ip, timeout, &mut sent).await;
+    let failure = run_steps(&mut out, &mut streams, local_ip, timeout, &mut sent, pacer).await;
     for s in &mut streams {
         // A FIN each; a peer that does not take it within the bound is cut off by the drop.
         let _ = tokio::time::timeout(timeout, s.shutdown()).await;
@@ -299,10 +319,11 @@ async fn run_steps(
     local_ip: IpAddr,
     timeout: Duration,
     sent: &mut u32,
+    pacer: &mut Pacer,
 ) -> Option<String> {
     let server = out.server;
     // Test I from an ephemeral port: that port becomes X for the other two.
-    let (s, r) = step(SocketAddr::new(local_ip, 0), server, timeout, sent).await;
+    let (s, r) = step(SocketAddr::new(local_ip, 0), server, timeout, sent, pacer).await;
     streams.extend(s);
     let (local, first) = match r {
         Ok(v) => v,
@@ -316,13 +337,13 @@ async fn run_steps(
         Err(why) => return Some(why),
     };
     let a2p1 = SocketAddr::new(other.ip(), server.port());
-    let (s, r) = step(local, a2p1, timeout, sent).await;
+    let (s, r) = step(local, a2p1, timeout, sent, pacer).await;
     streams.extend(s);
     match r {
         Ok((_, a)) => out.m2 = a.reflexive(),
         Err(why) => return Some(why),
     }
-    let (s, r) = step(local, other, timeout, sent).await;
+    let (s, r) = step(local, other, timeout, sent, pacer).await;
     streams.extend(s);
     match r {
         Ok((_, a)) => {
