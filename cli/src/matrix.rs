@@ -43,6 +43,8 @@ struct Row {
     checks: Vec<Check>,
     /// Set when the lab or the probe could not run at all.
     error: Option<String>,
+    /// The probe's whole `natscope.probe/v1` document, kept for rows that did not pass.
+    probe: Option<Value>,
     duration_ms: f64,
 }
 
@@ -119,13 +121,14 @@ fn run_preset(index: usize, preset: &str, exe: &std::path::Path) -> Row {
     let t0 = Instant::now();
     let expected = matrix::expected_probe(preset).unwrap_or(Value::Null);
     let outcome = probe_in_lab(index, preset, exe);
-    let (observed, checks, error) = match outcome {
+    let (observed, checks, error, probe) = match outcome {
         Ok(doc) => {
             let observed = matrix::observed_probe(&doc);
             let checks = matrix::compare(&expected, &observed);
-            (observed, checks, None)
+            let keep = checks.iter().any(|c| !c.pass).then_some(doc);
+            (observed, checks, None, keep)
         }
-        Err(e) => (Value::Null, Vec::new(), Some(crate::error_line(&e))),
+        Err(e) => (Value::Null, Vec::new(), Some(crate::error_line(&e)), None),
     };
     Row {
         preset: preset.to_string(),
@@ -134,6 +137,7 @@ fn run_preset(index: usize, preset: &str, exe: &std::path::Path) -> Row {
         observed,
         checks,
         error,
+        probe,
         duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
     }
 }

@@ -70,27 +70,41 @@ impl Schedule {
     }
 }
 
-/// Transmissions and answers of the requests that were answered.
+/// Transmissions and answers of the requests that were answered. An answer that arrives after
+/// its request was retransmitted is *late*, not a loss: the server answers every transmission, so
+/// each further answer to an already answered request marks one more transmission that arrived.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LossEvidence {
+    /// Transmissions of answered requests.
     sent: u32,
+    /// Answers received to them (first answers and late ones).
+    received: u32,
+    /// Requests answered.
     answered: u32,
 }
 
 impl LossEvidence {
-    /// Records a request answered after `transmits` transmissions (all but one were lost).
+    /// Records a request answered after `transmits` transmissions.
     pub fn answered_after(&mut self, transmits: u32) {
         self.sent += transmits;
+        self.received += 1;
         self.answered += 1;
     }
 
+    /// Records one more answer to a request already answered (the caller bounds these by the
+    /// request's transmissions minus one).
+    pub fn late_answer(&mut self) {
+        self.received = (self.received + 1).min(self.sent);
+    }
+
+    /// Requests answered.
     pub fn answered(&self) -> u32 {
         self.answered
     }
 
     /// Chance that `k` transmissions in a row were all lost, given the evidence so far.
     pub fn miss(&self, k: u32) -> f64 {
-        let lost = f64::from(self.sent - self.answered);
+        let lost = f64::from(self.sent - self.received);
         let n = f64::from(self.sent);
         (0..k).fold(1.0, |acc, i| {
             acc * (lost + 1.0 + f64::from(i)) / (n + 2.0 + f64::from(i))
@@ -102,8 +116,38 @@ impl LossEvidence {
         if self.sent == 0 {
             0.0
         } else {
-            f64::from(self.sent - self.answered) / f64::from(self.sent)
+            f64::from(self.sent - self.received) / f64::from(self.sent)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossEvidence;
+
+    #[test]
+    fn late_answers_are_not_counted_as_loss() {
+        let mut e = LossEvidence::default();
+        e.answered_after(2);
+        assert_eq!(
+            e.loss(),
+            0.5,
+            "without the late answer: one of two looks lost"
+        );
+        e.late_answer();
+        assert_eq!(e.loss(), 0.0);
+        e.late_answer(); // a third answer to two transmissions cannot add evidence
+        assert_eq!(e.loss(), 0.0);
+        assert_eq!(e.answered(), 1);
+        assert!(
+            e.miss(3)
+                < LossEvidence {
+                    sent: 2,
+                    received: 1,
+                    answered: 1
+                }
+                .miss(3)
+        );
     }
 }
 

@@ -156,6 +156,8 @@ struct Tx {
     expect_from: SocketAddr,
     sched: Schedule,
     state: TxState,
+    /// Answers received after the first one (late answers to earlier transmissions).
+    late_answers: u32,
 }
 
 impl Tx {
@@ -268,6 +270,7 @@ impl Probe {
             expect_from,
             sched: Schedule::default(),
             state: TxState::Pending,
+            late_answers: 0,
         });
         self.queue.push_back(self.txs.len() - 1);
     }
@@ -377,6 +380,7 @@ impl Probe {
             return;
         };
         if !self.txs[i].pending() {
+            self.count_late_answer(i, socket, from, bytes);
             return;
         }
         let mt = msg.message_type();
@@ -444,6 +448,26 @@ impl Probe {
         tx.state = TxState::Answered(Box::new(resp));
         tx.sched.done_at = Some(now);
         self.advance(now);
+    }
+
+    /// A further answer to an answered request, from where its first answer came: one more of its
+    /// transmissions arrived, so it was late rather than lost.
+    fn count_late_answer(&mut self, i: usize, socket: SocketId, from: SocketAddr, bytes: &[u8]) {
+        let tx = &mut self.txs[i];
+        if tx.step == Step::Hairpin
+            || socket != tx.socket
+            || from != tx.expect_from
+            || tx.answer().is_none()
+            || tx.late_answers + 1 >= tx.sched.transmits
+        {
+            return;
+        }
+        let ok = BindingResponse::parse(bytes, &tx.tid, Some(from))
+            .is_ok_and(|r| r.error_code.is_none());
+        if ok {
+            tx.late_answers += 1;
+            self.evidence.late_answer();
+        }
     }
 
     fn problem(&mut self, p: String) {
