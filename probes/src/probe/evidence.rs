@@ -121,6 +121,30 @@ impl LossEvidence {
     }
 }
 
+/// The generator of transaction IDs: seeded for reproducible tests, from the OS otherwise.
+pub fn transaction_rng(seed: Option<u64>) -> StdRng {
+    match seed {
+        Some(s) => StdRng::seed_from_u64(s),
+        None => StdRng::from_entropy(),
+    }
+}
+
+/// A Binding request with FINGERPRINT and a transaction ID drawn from `rng`.
+pub fn binding_request(rng: &mut StdRng, opts: RequestOptions) -> (TransactionId, Vec<u8>) {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+    rng.fill(&mut id[4..]);
+    let tid = TransactionId(id);
+    let mut buf = [0u8; 128];
+    let opts = RequestOptions {
+        fingerprint: true,
+        ..opts
+    };
+    // A request this small always fits; an encoding error would be a bug, not an input.
+    let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
+    (tid, buf[..len].to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::LossEvidence;
@@ -149,28 +173,4 @@ mod tests {
                 .miss(3)
         );
     }
-}
-
-/// The generator of transaction IDs: seeded for reproducible tests, from the OS otherwise.
-pub fn transaction_rng(seed: Option<u64>) -> StdRng {
-    match seed {
-        Some(s) => StdRng::seed_from_u64(s),
-        None => StdRng::from_entropy(),
-    }
-}
-
-/// A Binding request with FINGERPRINT and a transaction ID drawn from `rng`.
-pub fn binding_request(rng: &mut StdRng, opts: RequestOptions) -> (TransactionId, Vec<u8>) {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    rng.fill(&mut id[4..]);
-    let tid = TransactionId(id);
-    let mut buf = [0u8; 128];
-    let opts = RequestOptions {
-        fingerprint: true,
-        ..opts
-    };
-    // A request this small always fits; an encoding error would be a bug, not an input.
-    let len = build_request(&mut buf, &tid, &opts).unwrap_or(0);
-    (tid, buf[..len].to_vec())
 }
