@@ -7,13 +7,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use natscope_lab::registry::{control_path, log_path};
 use natscope_lab::topology::{Plan, Topology};
 use natscope_lab::{config, netns, presets, registry, Lab, LabOptions};
 use serde_json::{json, Value};
@@ -134,14 +135,6 @@ fn load_plan(source: &str) -> Result<Plan> {
     topology.plan().map_err(|e| anyhow!("{source}: {e}"))
 }
 
-fn control_path(name: &str) -> PathBuf {
-    PathBuf::from(registry::DIR).join(format!("{name}.sock"))
-}
-
-fn log_path(name: &str) -> PathBuf {
-    PathBuf::from(registry::DIR).join(format!("{name}.log"))
-}
-
 fn up(a: UpArgs) -> Result<ExitCode> {
     if a.list {
         let mut t = Table::new();
@@ -248,8 +241,8 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     }
     drop(listener);
     let _ = std::fs::remove_file(&control);
+    // Also removes the control socket and this supervisor's log.
     lab.down();
-    let _ = std::fs::remove_file(log_path(&a.name));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -601,8 +594,6 @@ fn down(a: DownArgs) -> Result<ExitCode> {
         }
         for n in &names {
             registry::down(n, grace);
-            let _ = std::fs::remove_file(control_path(n));
-            let _ = std::fs::remove_file(log_path(n));
         }
         emit(&if names.is_empty() {
             "no labs to remove".to_string()
@@ -615,8 +606,6 @@ fn down(a: DownArgs) -> Result<ExitCode> {
     if !registry::down(&name, grace) {
         bail!("no lab named `{name}` (see natscope lab status)");
     }
-    let _ = std::fs::remove_file(control_path(&name));
-    let _ = std::fs::remove_file(log_path(&name));
     emit(&format!("lab {name} is down"));
     Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,16 @@ pub fn path_of(lab: &str) -> PathBuf {
     PathBuf::from(DIR).join(format!("{lab}.json"))
 }
 
+/// The control socket of a `natscope lab up` supervisor.
+pub fn control_path(lab: &str) -> PathBuf {
+    PathBuf::from(DIR).join(format!("{lab}.sock"))
+}
+
+/// Where a `natscope lab up` supervisor writes its stderr.
+pub fn log_path(lab: &str) -> PathBuf {
+    PathBuf::from(DIR).join(format!("{lab}.log"))
+}
+
 pub fn write(record: &Record) -> std::io::Result<()> {
     std::fs::create_dir_all(DIR)?;
     let tmp = PathBuf::from(DIR).join(format!(".{}.tmp", record.name));
@@ -47,8 +57,11 @@ pub fn read(lab: &str) -> Option<Record> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Removes the lab's record and, if a supervisor left them, its control socket and log.
 pub fn remove(lab: &str) {
-    let _ = std::fs::remove_file(path_of(lab));
+    for p in [path_of(lab), control_path(lab), log_path(lab)] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Every recorded lab, by name.
