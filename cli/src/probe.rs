@@ -83,7 +83,8 @@ pub struct ProbeArgs {
     #[arg(long)]
     no_pace: bool,
     /// Initial retransmission timeout in ms, used until a round trip is measured (default 200).
-    /// The adaptive RTO is then floored at min(20, MS) ms and capped at max(3000, 2×MS) ms.
+    /// The adaptive RTO is then floored at min(5, MS) ms (min(20, MS) for --lifetime) and capped
+    /// at max(3000, 2×MS) ms.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     timeout: Option<u64>,
     /// Retransmissions per request: each request is sent at most 1+N times (default: 6 for the

@@ -747,3 +747,80 @@ fn late_answers_are_not_loss() {
         &unknown[..unknown.len().min(5)]
     );
 }
+
+/// A stalled receive path (CPU contention: the task reading a socket is not scheduled while the
+/// timers run on): from just after the first request of the test under stall, for 300 ms, every
+/// datagram to the stalled socket queues and is handed over in order at the end. The evidence
+/// window of a negative verdict is far shorter than that at a 5 ms RTO floor, so without the
+/// liveness control a NAT whose answers do come (EIF, hairpinning) would be reported as filtering
+/// (APDF) or not hairpinning: wrong. With it the negative waits for the control's answer, which
+/// queues behind the late positives, so the verdicts stay true; an APDF NAT and one that does not
+/// hairpin must still be reported as such. Stalling every socket may cost verdicts (`unknown`),
+/// never make one wrong.
+#[test]
+fn a_stalled_receive_path_delays_negative_verdicts_but_cannot_fake_them() {
+    use natscope_probes::probe::plan::{S0, SF};
+    use natscope_probes::probe::sim::Stall;
+    use natscope_probes::probe::SocketId;
+    let cases: [(F, bool, Option<SocketId>); 8] = [
+        (F::EndpointIndependent, false, Some(SF)),
+        (F::AddressAndPortDependent, false, Some(SF)),
+        (F::AddressDependent, false, Some(SF)),
+        (F::EndpointIndependent, true, Some(S0)),
+        (F::AddressAndPortDependent, false, Some(S0)),
+        (F::EndpointIndependent, true, None),
+        (F::AddressAndPortDependent, false, None),
+        (F::AddressDependent, true, None),
+    ];
+    for seed in 0..4 {
+        for (f, hairpin, socket) in cases {
+            let path = Path::Nat(nat(
+                M::EndpointIndependent,
+                f,
+                PortAllocation::Preserve,
+                hairpin,
+            ));
+            let mut cfg = SimConfig::new(path.clone(), 7000 + seed);
+            cfg.one_way_delay = Duration::from_millis(1);
+            // The stall starts 1 ms after the first request of the test whose answers (or
+            // hairpinned request) arrive on the stalled socket, before any of them can arrive.
+            let first_send = run(&cfg)
+                .sent
+                .iter()
+                .find(|d| d.socket == if socket == Some(S0) { SocketId(2) } else { SF })
+                .map(|d| d.at)
+                .expect("the test was sent");
+            cfg.stall = Some(Stall {
+                at: first_send + Duration::from_millis(1),
+                len: Duration::from_millis(300),
+                socket,
+            });
+            let r = run(&cfg);
+            let (got, want) = (observed(&r.report), truth(&path));
+            eprintln!(
+                "stall {socket:?} {} seed {seed}: filtering {:?} hairpinning {:?} in {:?}",
+                label(&path),
+                got.filtering,
+                got.hairpinning,
+                r.virtual_time
+            );
+            for (i, g) in grades(&got, &want).iter().enumerate() {
+                assert_ne!(
+                    *g,
+                    Grade::Wrong,
+                    "stall on {socket:?}, {} seed {seed}: {} wrong\n{}",
+                    label(&path),
+                    FIELDS[i],
+                    dump(&r.report)
+                );
+            }
+            match socket {
+                Some(s) if s == SF => {
+                    assert_eq!(got.filtering, want.filtering, "{}", dump(&r.report))
+                }
+                Some(_) => assert_eq!(got.hairpinning, want.hairpinning, "{}", dump(&r.report)),
+                None => {}
+            }
+        }
+    }
+}

@@ -68,6 +68,17 @@ impl Schedule {
         let wait = if self.transmits == 1 { rto } else { rto * 2 };
         self.next_at = Some(now + wait.min(max_rto));
     }
+
+    /// Records a transmission at `now` with RFC 8489 §6.2.1's full doubling: the `n`th waits
+    /// `rto · 2^(n-1)`. For requests whose silence is no evidence, only a liveness failure, so
+    /// waiting longer costs time only when something is wrong.
+    pub fn sent_doubling(&mut self, now: Instant, rto: Duration, max_rto: Duration) {
+        self.transmits += 1;
+        self.first_sent.get_or_insert(now);
+        self.last_sent = Some(now);
+        let wait = rto.saturating_mul(1 << (self.transmits - 1).min(16));
+        self.next_at = Some(now + wait.min(max_rto));
+    }
 }
 
 /// Transmissions and answers of the requests that were answered. An answer that arrives after

@@ -74,7 +74,14 @@ impl LifetimeConfig {
             max: Duration::from_secs(300),
             first_wait: Duration::from_secs(1),
             inbound_refresh: true,
-            timing: Timing::default(),
+            // An "expired" check is concluded from silence without a liveness control, so it
+            // keeps the 20 ms RTO floor the main probe had before it got one (a stalled host must
+            // not turn a late answer into an expiry). The checks are seconds apart: it costs
+            // nothing.
+            timing: Timing {
+                min_rto: Duration::from_millis(20),
+                ..Timing::default()
+            },
             seed: None,
             pacing: Pacing::decide(&[server], PaceChoice::Default),
         }

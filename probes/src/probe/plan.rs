@@ -24,7 +24,10 @@
 //! negative result ("no answer") is concluded only when the chance that every transmission was lost
 //! falls below [`Timing::target_miss`]. That chance is the Beta-posterior predictive of `k`
 //! consecutive losses given the losses and answers seen so far, so high loss automatically widens the
-//! retry budget; if the cap on transmissions is reached first, the verdict is `unknown`.
+//! retry budget; if the cap on transmissions is reached first, the verdict is `unknown`. A negative
+//! also needs a liveness control answered: a plain Binding request to A1:P1 on the socket the
+//! missing answers would arrive on, sent after the test's last transmission (`TxState::Held`), so a
+//! stalled host can delay a negative verdict but not fake one; unanswered, the verdict is `unknown`.
 //!
 //! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]
 //! (retransmissions never do); its schedule starts when it really leaves, so a slot's wait is never
@@ -68,7 +71,12 @@ pub struct Transmit {
 pub struct Timing {
     /// RTO before any round trip has been measured.
     pub initial_rto: Duration,
-    /// Floor of the measured RTO (absorbs scheduling jitter on fast paths).
+    /// Floor of the measured RTO (absorbs scheduling jitter on fast paths). 5 ms: well above a
+    /// LAN round trip and a timer's usual lateness, so answers on a fast path are rarely taken for
+    /// losses; and since a negative verdict also needs its liveness control answered (the
+    /// plan's `TxState::Held`), a host stalled for longer than the evidence window no longer turns a
+    /// late positive into a wrong negative, which is what held the floor at 20 ms before. Lower
+    /// floors gain little: the window is then bounded by the round trips themselves.
     pub min_rto: Duration,
     /// Ceiling of any single wait.
     pub max_rto: Duration,
@@ -84,7 +92,7 @@ impl Default for Timing {
     fn default() -> Self {
         Self {
             initial_rto: Duration::from_millis(200),
-            min_rto: Duration::from_millis(20),
+            min_rto: Duration::from_millis(5),
             max_rto: Duration::from_secs(3),
             reach_transmits: 7,
             max_transmits: 24,
@@ -140,13 +148,33 @@ enum Step {
     FiltII,
     FiltIII,
     Hairpin,
+    /// Liveness controls: a plain Binding request to A1:P1 on the socket a negative test's answers
+    /// would arrive on (SF for filtering, S0 for hairpinning), sent after that test's last
+    /// transmission. See [`TxState::Held`].
+    FiltCtrl,
+    HairpinCtrl,
     Alloc(u16),
 }
+
+/// The tests whose silence is a verdict, each with its liveness control and that control's socket.
+const NEGATIVE_GROUPS: [(&[Step], Step, SocketId); 2] = [
+    (&[Step::FiltII, Step::FiltIII], Step::FiltCtrl, SF),
+    (&[Step::Hairpin], Step::HairpinCtrl, S0),
+];
 
 #[derive(Clone, Debug)]
 enum TxState {
     Pending,
     Answered(Box<BindingResponse>),
+    /// Silent long enough (`miss` met the target), no more transmissions, but not yet given up: the
+    /// liveness control must be answered first. The kernel hands a socket's datagrams over in order
+    /// and the server answers in order, so once the control's answer is processed, every answer to
+    /// this request that the server sent before it has been processed too: a stalled host (or a
+    /// starved receive path) can delay the verdict but not fake it. An answer that still arrives
+    /// while held wins, as one to a pending request would.
+    Held {
+        miss: f64,
+    },
     /// Gave up; `miss` is the chance every transmission was lost although an answer was due.
     GaveUp {
         miss: f64,
@@ -171,6 +199,10 @@ struct Tx {
 impl Tx {
     fn pending(&self) -> bool {
         matches!(self.state, TxState::Pending)
+    }
+    /// Still takes an answer: pending or held for its liveness control.
+    fn open(&self) -> bool {
+        matches!(self.state, TxState::Pending | TxState::Held { .. })
     }
     fn answer(&self) -> Option<&BindingResponse> {
         match &self.state {
@@ -311,7 +343,11 @@ impl Probe {
             if tx.sched.transmits == 0 {
                 self.pacer.started(now);
             }
-            tx.sched.sent(now, rto, self.cfg.timing.max_rto);
+            if matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl) {
+                tx.sched.sent_doubling(now, rto, self.cfg.timing.max_rto);
+            } else {
+                tx.sched.sent(now, rto, self.cfg.timing.max_rto);
+            }
             return Some(Transmit {
                 socket: tx.socket,
                 to: tx.to,
@@ -353,13 +389,16 @@ impl Probe {
                 continue;
             }
             let k = tx.sched.transmits;
-            let cap = if tx.step == Step::Reach {
+            let control = matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl);
+            let cap = if tx.step == Step::Reach || control {
                 self.cfg.timing.reach_transmits
             } else {
                 self.cfg.timing.max_transmits
             };
-            let miss = if tx.step == Step::Reach && self.evidence.answered() == 0 {
-                // Nothing answered yet: no loss estimate; the RFC 8489 budget decides alone.
+            let miss = if control || (tx.step == Step::Reach && self.evidence.answered() == 0) {
+                // Reachability with nothing answered yet: no loss estimate; the RFC 8489 budget
+                // decides alone. A liveness control likewise: its silence is no evidence about the
+                // nat, only a liveness failure, so it backs off by doubling for that budget.
                 if k >= cap {
                     0.0
                 } else {
@@ -368,7 +407,11 @@ impl Probe {
             } else {
                 self.evidence.miss(k)
             };
-            if k >= cap || miss < self.cfg.timing.target_miss {
+            let negative = matches!(tx.step, Step::FiltII | Step::FiltIII | Step::Hairpin);
+            if negative && miss < self.cfg.timing.target_miss {
+                self.txs[i].state = TxState::Held { miss };
+                self.txs[i].sched.next_at = None;
+            } else if k >= cap || miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::GaveUp { miss };
                 self.txs[i].sched.done_at = Some(now);
             } else {
@@ -392,7 +435,7 @@ impl Probe {
         let Some(i) = self.txs.iter().position(|t| t.tid == tid) else {
             return;
         };
-        if !self.txs[i].pending() {
+        if !self.txs[i].open() {
             self.count_late_answer(i, socket, from, bytes);
             return;
         }
@@ -500,6 +543,47 @@ impl Probe {
         self.txs.iter().any(|t| t.step == step && t.pending())
     }
 
+    /// Pending or held: the step's verdict is not final yet.
+    fn step_open(&self, step: Step) -> bool {
+        self.txs.iter().any(|t| t.step == step && t.open())
+    }
+
+    /// Sends each negative group's liveness control once all its requests have stopped
+    /// transmitting and one of them is held; gives the held ones up once the control is done
+    /// (answered or given up itself — then the verdict is `unknown`, see `control_answered`).
+    fn liveness(&mut self, now: Instant) {
+        for (steps, ctrl, socket) in NEGATIVE_GROUPS {
+            let mine = |t: &Tx| steps.contains(&t.step);
+            let held = self
+                .txs
+                .iter()
+                .any(|t| mine(t) && matches!(t.state, TxState::Held { .. }));
+            if !held || self.txs.iter().any(|t| mine(t) && t.pending()) {
+                continue;
+            }
+            match self.txs.iter().find(|t| t.step == ctrl) {
+                None => {
+                    let server = self.cfg.server;
+                    self.add_tx(ctrl, socket, server, ChangeRequest::NONE, server);
+                }
+                Some(c) if !c.pending() => {
+                    for t in self.txs.iter_mut().filter(|t| mine(t)) {
+                        if let TxState::Held { miss } = t.state {
+                            t.state = TxState::GaveUp { miss };
+                            t.sched.done_at = Some(now);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Whether the liveness control `ctrl` was answered (the condition of a negative verdict).
+    fn control_answered(&self, ctrl: Step) -> bool {
+        self.first_answer(ctrl).is_some()
+    }
+
     fn mapped_s0(&self) -> Option<SocketAddr> {
         self.first_answer(Step::Reach)
             .and_then(|r| r.xor_mapped.or(r.mapped))
@@ -527,15 +611,18 @@ impl Probe {
                     }
                 }
                 Phase::Behavior => {
+                    self.liveness(now);
                     let busy = [
                         Step::MapII,
                         Step::MapIII,
                         Step::FiltII,
                         Step::FiltIII,
                         Step::Hairpin,
+                        Step::FiltCtrl,
+                        Step::HairpinCtrl,
                     ]
                     .iter()
-                    .any(|s| self.step_pending(*s));
+                    .any(|s| self.step_open(*s));
                     if !busy {
                         self.phase = Phase::Allocation;
                         self.next_alloc();
@@ -696,7 +783,7 @@ impl Probe {
         let (filtering, filtering_evidence, filt_miss) = self.filtering_verdict();
         tests.push(row(
             "filtering",
-            &[Step::FiltII, Step::FiltIII],
+            &[Step::FiltII, Step::FiltIII, Step::FiltCtrl],
             filtering.short().into(),
             filtering_evidence,
         ));
@@ -705,7 +792,7 @@ impl Probe {
         let (hairpinning, hairpin_evidence, hp_miss) = self.hairpin_verdict(nat, m1);
         tests.push(row(
             "hairpinning",
-            &[Step::Hairpin],
+            &[Step::Hairpin, Step::HairpinCtrl],
             tri(hairpinning).into(),
             hairpin_evidence,
         ));
@@ -847,10 +934,24 @@ impl Probe {
             })
     }
 
-    /// A negative is trusted only if its miss chance met the target.
+    /// A negative is trusted only if its miss chance met the target and its group's liveness
+    /// control was answered after it.
     fn confident_negative(&self, step: Step) -> Option<f64> {
+        let ctrl = if step == Step::Hairpin {
+            Step::HairpinCtrl
+        } else {
+            Step::FiltCtrl
+        };
         self.gave_up_miss(step)
             .filter(|m| *m < self.cfg.timing.target_miss)
+            .filter(|_| self.control_answered(ctrl))
+    }
+
+    /// The silence of `step` met the miss target but its liveness control went unanswered.
+    fn liveness_failed(&self, step: Step, ctrl: Step) -> bool {
+        self.gave_up_miss(step)
+            .is_some_and(|m| m < self.cfg.timing.target_miss)
+            && !self.control_answered(ctrl)
     }
 
     fn server_problem_for(&self, step: Step) -> bool {
@@ -955,6 +1056,9 @@ impl Probe {
                     ),
                     Some(m),
                 ),
+                None if self.liveness_failed(Step::FiltII, Step::FiltCtrl) => {
+                    (Behavior::Unknown, LIVENESS_UNANSWERED.into(), None)
+                }
                 None => (
                     Behavior::Unknown,
                     "too much loss to conclude that the change ip+port answer was filtered".into(),
@@ -967,6 +1071,11 @@ impl Probe {
                     format!("no answer from {o} (change ip+port) nor {a1p2} (change port)"),
                     Some(1.0 - (1.0 - a) * (1.0 - b)),
                 ),
+                _ if self.liveness_failed(Step::FiltII, Step::FiltCtrl)
+                    || self.liveness_failed(Step::FiltIII, Step::FiltCtrl) =>
+                {
+                    (Behavior::Unknown, LIVENESS_UNANSWERED.into(), None)
+                }
                 _ => (
                     Behavior::Unknown,
                     "too much loss to conclude that the change answers were filtered".into(),
@@ -1006,6 +1115,9 @@ impl Probe {
                 format!("a request to {m1} from inside never arrived"),
                 Some(m),
             ),
+            None if self.liveness_failed(Step::Hairpin, Step::HairpinCtrl) => {
+                (None, LIVENESS_UNANSWERED.into(), None)
+            }
             None => (None, "too much loss to conclude".into(), None),
         }
     }
@@ -1063,6 +1175,9 @@ impl Probe {
     }
 }
 
+/// Why a silence that met the miss target is still no verdict.
+const LIVENESS_UNANSWERED: &str = "silent long enough, but the liveness control (a plain Binding request to the primary address on the same socket, sent after the last request) was never answered, so the silence may be a stalled host rather than the nat";
+
 fn step_name(s: Step) -> &'static str {
     match s {
         Step::Reach => "reachability",
@@ -1071,6 +1186,8 @@ fn step_name(s: Step) -> &'static str {
         Step::FiltII => "filtering test II",
         Step::FiltIII => "filtering test III",
         Step::Hairpin => "hairpinning",
+        Step::FiltCtrl => "filtering liveness control",
+        Step::HairpinCtrl => "hairpinning liveness control",
         Step::Alloc(_) => "allocation",
     }
 }

@@ -101,6 +101,19 @@ pub enum ServerMode {
     ChangeFromWrongSource,
 }
 
+/// A stall of the client host's receive path, as under CPU contention when the task that reads a
+/// socket is not scheduled while the one that runs the timers is (the real driver reads each
+/// socket in its own task): from `at` (virtual time since the start) for `len`, the datagrams that
+/// reach the stalled sockets queue up, in order, as in a kernel socket buffer, and are handed to
+/// the machine in that order when the stall ends. Timers and sends go on meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub at: Duration,
+    pub len: Duration,
+    /// The stalled socket; `None` stalls every socket.
+    pub socket: Option<SocketId>,
+}
+
 /// One simulated world.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
@@ -121,6 +134,8 @@ pub struct SimConfig {
     pub jitter: Duration,
     /// Chance that any one datagram is dropped, each direction independently.
     pub loss: f64,
+    /// A stalled receive path on the client host (see [`Stall`]).
+    pub stall: Option<Stall>,
     pub seed: u64,
     /// Bounds on a [`run_probe`] loop: events processed and virtual time.
     pub max_steps: u64,
@@ -138,6 +153,7 @@ impl SimConfig {
             one_way_delay: Duration::from_millis(5),
             jitter: Duration::ZERO,
             loss: 0.0,
+            stall: None,
             seed,
             max_steps: 200_000,
             max_virtual_time: Duration::from_secs(600),
@@ -828,6 +844,11 @@ pub fn run_machine<M: ProbeMachine>(
     let mut now = epoch;
     let mut steps = 0;
     let mut completed = false;
+    let stall = cfg
+        .stall
+        .map(|s| (epoch + s.at, epoch + s.at + s.len, s.socket));
+    // Datagrams that reached a stalled socket, in arrival order.
+    let mut backlog: Vec<(SocketId, Delivery)> = Vec::new();
     loop {
         steps += 1;
         while let Some(t) = machine.poll_transmit(now) {
@@ -855,7 +876,8 @@ pub fn run_machine<M: ProbeMachine>(
         if steps >= cfg.max_steps {
             break;
         }
-        let Some(next) = [net.next_event(), machine.poll_timeout()]
+        let stall_end = stall.map(|(_, end, _)| end).filter(|_| !backlog.is_empty());
+        let Some(next) = [net.next_event(), machine.poll_timeout(), stall_end]
             .into_iter()
             .flatten()
             .min()
@@ -866,9 +888,21 @@ pub fn run_machine<M: ProbeMachine>(
             break;
         }
         now = now.max(next);
+        let stalled = |id: SocketId, now: Instant| {
+            stall.is_some_and(|(from, to, s)| now >= from && now < to && s.is_none_or(|s| s == id))
+        };
+        if stall.is_some_and(|(_, to, _)| now >= to) {
+            for (id, d) in std::mem::take(&mut backlog) {
+                machine.handle_datagram(now, id, d.from, &d.payload);
+            }
+        }
         for d in net.deliver_due(now) {
             if let Some((id, _)) = sockets.iter().find(|(_, a)| *a == d.local) {
-                machine.handle_datagram(now, *id, d.from, &d.payload);
+                if stalled(*id, now) {
+                    backlog.push((*id, d));
+                } else {
+                    machine.handle_datagram(now, *id, d.from, &d.payload);
+                }
             }
         }
         if machine.poll_timeout().is_some_and(|t| t <= now) {
