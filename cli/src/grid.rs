@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,7 +16,7 @@ use natscope_lab::{netns, presets, Lab, LabOptions};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::emit;
+use crate::{emit, jobs};
 
 /// The rendezvous server's address: the reflector's primary address, natscope punch's port.
 const SERVER: &str = "198.51.100.1:3490";
@@ -104,32 +104,12 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     for t in &transports {
         for (i, x) in names.iter().enumerate() {
             for y in &names[i..] {
-                work.push((work.len(), x.clone(), y.clone(), *t));
+                work.push((x.clone(), y.clone(), *t));
             }
         }
     }
     let start = Instant::now();
-    let total = work.len();
-    let queue = Mutex::new(work);
-    let done = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..a.jobs.min(total) {
-            s.spawn(|| loop {
-                let Some((i, x, y, t)) = queue.lock().ok().and_then(|mut q| q.pop()) else {
-                    return;
-                };
-                let cell = run_cell(i, &x, &y, t, &exe);
-                if let Ok(mut d) = done.lock() {
-                    d.push((i, cell));
-                }
-            });
-        }
-    });
-    let mut cells = done
-        .into_inner()
-        .map_err(|_| anyhow!("a grid worker panicked"))?;
-    cells.sort_by_key(|(i, _)| *i);
-    let cells: Vec<Cell> = cells.into_iter().map(|(_, c)| c).collect();
+    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| run_cell(i, x, y, *t, &exe))?;
     let errors = cells.iter().filter(|c| c.error.is_some()).count();
     let doc = Document {
         schema: "natscope.grid/v1",
@@ -329,24 +309,10 @@ fn punch_in_lab(
     ];
     connect_args.extend(tcp);
     let mut connector = spawn("a", &connect_args, Stdio::piped())?;
-    let mut out = connector.0.stdout.take().context("connector stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + CONNECT_LIMIT;
-    loop {
-        if connector.0.try_wait()?.is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let why = format!("connector: {}", stderr_of(connector));
-            bail!("punch connect did not finish within {CONNECT_LIMIT:?} ({why})");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let stdout = reader.join().map_err(|_| anyhow!("reader panicked"))?;
+    let Some((_, stdout)) = jobs::output_within(&mut connector.0, CONNECT_LIMIT)? else {
+        let why = format!("connector: {}", stderr_of(connector));
+        bail!("punch connect did not finish within {CONNECT_LIMIT:?} ({why})");
+    };
     let diagnostics = format!(
         "connector: {}; listener: {}",
         stderr_of(connector),
@@ -388,7 +354,7 @@ fn wait_registered(child: &mut Child) -> Result<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { return };
-            if line.contains("\"registered\"") || line.contains("registered") {
+            if line.contains("registered") {
                 let _ = tx.send(());
             }
         }

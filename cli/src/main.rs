@@ -8,6 +8,7 @@ mod bench;
 mod bench_lab;
 mod demo;
 mod grid;
+mod jobs;
 mod lab;
 mod matrix;
 mod probe;

@@ -3,9 +3,7 @@
 //! truth (`natscope_lab::matrix`). Labs run in parallel, a few at a time; each is torn down when
 //! its probe is done.
 
-use std::io::Read;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,7 +14,7 @@ use natscope_lab::{netns, presets, Lab, LabOptions};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::emit;
+use crate::{emit, jobs};
 
 /// A probe that has not finished after this long is killed and its preset fails.
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
@@ -76,26 +74,7 @@ pub fn run(a: MatrixArgs) -> Result<ExitCode> {
     netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
     let exe = std::env::current_exe().context("cannot find the natscope executable")?;
     let start = Instant::now();
-    let queue = Mutex::new(names.iter().enumerate().collect::<Vec<_>>());
-    let rows = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..a.jobs.min(names.len()) {
-            s.spawn(|| loop {
-                let Some((i, name)) = queue.lock().ok().and_then(|mut q| q.pop()) else {
-                    return;
-                };
-                let row = run_preset(i, name, &exe);
-                if let Ok(mut r) = rows.lock() {
-                    r.push((i, row));
-                }
-            });
-        }
-    });
-    let mut rows = rows
-        .into_inner()
-        .map_err(|_| anyhow!("a matrix worker panicked"))?;
-    rows.sort_by_key(|(i, _)| *i);
-    let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+    let rows = jobs::run_parallel(&names, a.jobs, |i, name| run_preset(i, name, &exe))?;
     let errors = rows.iter().filter(|r| r.error.is_some()).count();
     let doc = Document {
         schema: "natscope.matrix/v1",
@@ -163,28 +142,11 @@ fn probe_in_lab(index: usize, preset: &str, exe: &std::path::Path) -> Result<Val
         .node("h1")?
         .spawn(cmd)
         .context("starting the probe in h1")?;
-    let mut out = child.stdout.take().context("probe stdout")?;
-    // Read on a thread so the wait below can enforce the time limit.
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + PROBE_LIMIT;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the probe did not finish within {PROBE_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some((status, stdout)) = jobs::output_within(&mut child, PROBE_LIMIT)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the probe did not finish within {PROBE_LIMIT:?}");
     };
-    let stdout = reader
-        .join()
-        .map_err(|_| anyhow!("probe output reader panicked"))?;
     lab.down();
     // Exit 1 is a finding (UDP blocked, unknown result), not an error.
     if status.code().is_none_or(|c| c > 1) {

@@ -267,13 +267,13 @@ fn receive_loop(s: &Shared, port: Port) {
         Port::Lan => &s.lan_tx,
     };
     let mut out = Vec::new();
-    let mut slots = vec![[0u8; SLOT]; BATCH];
+    // Fixed-size, so each call's iovec array lives on the stack: nothing is allocated per batch.
+    let mut slots: Box<[[u8; SLOT]; BATCH]> = Box::new([[0u8; SLOT]; BATCH]);
     let mut lens = [0usize; BATCH];
     let mut headers = MultiHeaders::<()>::preallocate(BATCH, None);
     while !s.stop.load(Ordering::Relaxed) {
         let received = {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
-                slots.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+            let mut iovs = slots.each_mut().map(|b| [IoSliceMut::new(b)]);
             // MSG_WAITFORONE: block (up to the receive timeout) for the first frame, then take
             // whatever else is already queued.
             match recvmmsg(

@@ -99,13 +99,18 @@ pub fn lab_of_namespace(ns: &str) -> Option<&str> {
         .map(|(l, _)| l)
 }
 
+/// The `nsc-` namespaces that exist for `lab`, whoever created them.
+pub fn namespaces_of(lab: &str) -> Vec<String> {
+    netns::list_lab_namespaces()
+        .into_iter()
+        .filter(|n| lab_of_namespace(n) == Some(lab))
+        .collect()
+}
+
 /// Kills every process inside the lab's namespaces, then removes the namespaces and the record.
 /// Returns how many namespaces were removed.
 pub fn force_remove(lab: &str) -> usize {
-    let names: Vec<String> = netns::list_lab_namespaces()
-        .into_iter()
-        .filter(|n| lab_of_namespace(n) == Some(lab))
-        .collect();
+    let names = namespaces_of(lab);
     let inodes: Vec<u64> = names.iter().filter_map(|n| netns::inode_of(n)).collect();
     kill_all(&netns::processes_in(&inodes));
     let mut removed = 0;
@@ -180,10 +185,7 @@ pub fn cleanup_stale() -> Vec<String> {
 /// itself; whatever is left is removed by force.
 pub fn down(lab: &str, grace: Duration) -> bool {
     let record = read(lab);
-    let known = record.is_some()
-        || netns::list_lab_namespaces()
-            .iter()
-            .any(|n| lab_of_namespace(n) == Some(lab));
+    let known = record.is_some() || !namespaces_of(lab).is_empty();
     if let Some(r) = &record {
         if r.supervisor && owner_alive(r) {
             let _ = kill(Pid::from_raw(r.owner_pid), Signal::SIGTERM);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use natscope_lab::{netns, registry, Lab};
+use natscope_lab::{registry, Lab};
 use natscope_tests::lab::*;
 use natscope_tests::{natscope_bin, require_tool, ChildProcess, TempDir};
 use serde_json::Value;
@@ -26,13 +26,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn lab_namespaces(lab: &str) -> Vec<String> {
-    netns::list_lab_namespaces()
-        .into_iter()
-        .filter(|n| registry::lab_of_namespace(n) == Some(lab))
-        .collect()
 }
 
 /// coturn (RFC 5780 mode) on the reflector node's two addresses, on ports of its own.
@@ -251,7 +244,7 @@ fn lab_up_status_nat_table_down() {
 
     let out = natscope(&["lab", "down", &name]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(lab_namespaces(&name).is_empty());
+    assert!(registry::namespaces_of(&name).is_empty());
     let out = natscope(&["lab", "status", &name]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -264,7 +257,10 @@ fn rejected_before_anything_exists(file: &Path, name: &str, want: &[&str]) {
     for w in want {
         assert!(err.contains(w), "`{w}` missing from: {err}");
     }
-    assert!(lab_namespaces(name).is_empty(), "nothing was created");
+    assert!(
+        registry::namespaces_of(name).is_empty(),
+        "nothing was created"
+    );
     assert!(registry::read(name).is_none());
 }
 
@@ -329,5 +325,5 @@ fn without_cap_net_admin_lab_up_says_so_in_one_line() {
         err.starts_with("natscope: error: ") && err.contains("needs root"),
         "{err}"
     );
-    assert!(lab_namespaces(&name).is_empty());
+    assert!(registry::namespaces_of(&name).is_empty());
 }

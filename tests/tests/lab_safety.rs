@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use natscope_lab::{netns, presets, registry, Lab};
+use natscope_lab::{presets, registry, Lab};
 use natscope_tests::lab::*;
 use natscope_tests::natscope_bin;
 
@@ -101,13 +101,6 @@ fn snapshot() -> RootState {
     }
 }
 
-fn namespaces_of(lab: &str) -> Vec<String> {
-    netns::list_lab_namespaces()
-        .into_iter()
-        .filter(|n| registry::lab_of_namespace(n) == Some(lab))
-        .collect()
-}
-
 fn reflector_pids() -> Vec<i32> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
@@ -159,7 +152,10 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
         let s = udp(&lab, "h1", ([0, 0, 0, 0], 45_001).into());
         observed_source(&s, &r);
         lab.down();
-        assert!(namespaces_of(&name).is_empty(), "{preset}: namespaces left");
+        assert!(
+            registry::namespaces_of(&name).is_empty(),
+            "{preset}: namespaces left"
+        );
         assert!(registry::read(&name).is_none(), "{preset}: record left");
     }
     assert!(
@@ -173,12 +169,12 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
     let plan = presets::preset("symmetric").unwrap().plan().unwrap();
     let caught = std::panic::catch_unwind(move || {
         let _lab = Lab::up(&n2, plan, options()).expect("lab up");
-        assert!(!namespaces_of(&n2).is_empty());
+        assert!(!registry::namespaces_of(&n2).is_empty());
         panic!("a test panics while its lab is up");
     });
     assert!(caught.is_err());
     assert!(
-        namespaces_of(&name).is_empty(),
+        registry::namespaces_of(&name).is_empty(),
         "namespaces left after a panic"
     );
     assert!(reflector_pids().is_empty(), "reflector left after a panic");
@@ -205,7 +201,7 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
             !registry::owner_alive(&rec)
         });
         assert!(
-            !namespaces_of(&stale).is_empty(),
+            !registry::namespaces_of(&stale).is_empty(),
             "a killed supervisor leaves its namespaces"
         );
         assert_eq!(reflector_pids().len(), 1, "…and its reflector");
@@ -225,7 +221,7 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(
-                namespaces_of(&stale).is_empty(),
+                registry::namespaces_of(&stale).is_empty(),
                 "lab up removed the stale lab"
             );
             let out = natscope(&["lab", "down", &next]);
@@ -234,10 +230,10 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            assert!(namespaces_of(&next).is_empty());
+            assert!(registry::namespaces_of(&next).is_empty());
         }
         assert!(
-            namespaces_of(&stale).is_empty(),
+            registry::namespaces_of(&stale).is_empty(),
             "{cleaner}: namespaces left"
         );
         assert!(registry::read(&stale).is_none(), "{cleaner}: record left");
