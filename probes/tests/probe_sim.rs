@@ -704,6 +704,62 @@ fn port_restricted_cone_classification_time_at_1ms() {
     );
 }
 
+/// A negative test (here filtering on SF) spaces its transmissions by about one round trip
+/// (SRTT + RTTVAR), not by the RFC 8489 backoff of 2·RTO, and only then waits out the tail: its
+/// liveness control goes out no sooner than 2·RTO after the last transmission. At 4 ms one way
+/// (RTT 8 ms, no jitter) the gaps must stay under 1.5 RTT — the backoff would give 2·RTO ≥ 16 ms —
+/// and the control must trail the last transmission by at least 2 RTT.
+#[test]
+fn negative_transmissions_are_spaced_by_a_round_trip_and_the_control_waits_the_tail() {
+    use natscope_probes::probe::plan::SF;
+    use natscope_probes::probe::sim::SentDatagram;
+    let path = Path::Nat(nat(
+        M::EndpointIndependent,
+        F::AddressAndPortDependent,
+        PortAllocation::Preserve,
+        false,
+    ));
+    let rtt = Duration::from_millis(8);
+    let mut cfg = SimConfig::new(path.clone(), 11);
+    cfg.one_way_delay = rtt / 2;
+    let r = run(&cfg);
+    assert_eq!(observed(&r.report), truth(&path));
+    let on_sf: Vec<&SentDatagram> = r.sent.iter().filter(|d| d.socket == SF).collect();
+    // STUN message length 16: a Binding with CHANGE-REQUEST (+ FINGERPRINT); 8: a plain one.
+    let change = |d: &&&SentDatagram| d.payload[2..4] == [0, 16];
+    let first_tid = on_sf
+        .iter()
+        .find(change)
+        .expect("a filtering request")
+        .payload[8..20]
+        .to_vec();
+    let times: Vec<Duration> = on_sf
+        .iter()
+        .filter(|d| d.payload[8..20] == first_tid[..])
+        .map(|d| d.at)
+        .collect();
+    assert!(times.len() >= 3, "{times:?}");
+    for w in times.windows(2) {
+        assert!(
+            w[1] - w[0] < rtt * 3 / 2,
+            "gap {:?} in {times:?}",
+            w[1] - w[0]
+        );
+    }
+    let last_change = on_sf.iter().filter(change).map(|d| d.at).max().unwrap();
+    let control = on_sf
+        .iter()
+        .filter(|d| d.payload[2..4] == [0, 8] && d.at > last_change)
+        .map(|d| d.at)
+        .next()
+        .expect("the liveness control follows the filtering requests");
+    assert!(
+        control - last_change >= rtt * 2,
+        "control {:?} after the last filtering request",
+        control - last_change
+    );
+}
+
 /// A lossless path whose delay spikes past the RTO (CPU contention on a busy host, a queue
 /// somewhere): an answer that arrives after its request was retransmitted is late, not lost, and
 /// must not count as loss evidence — otherwise the negative tests ask for ever more

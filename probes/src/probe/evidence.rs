@@ -45,6 +45,17 @@ impl RttEstimator {
             Some(s) => (s + self.rttvar * 4).clamp(t.min_rto, t.max_rto),
         }
     }
+
+    /// SRTT + RTTVAR within the timing's bounds: when an answer is usually back, not when the
+    /// slowest one is. It spaces the transmissions of a request whose silence is the result (a
+    /// negative test), so that they are not sent back to back; the tail of the delay is covered
+    /// once, by waiting a full [`Self::rto`] after the last one (see [`Schedule::sent_spaced`]).
+    pub fn spacing(&self, t: &Timing) -> Duration {
+        match self.srtt {
+            None => t.initial_rto,
+            Some(s) => (s + self.rttvar).clamp(t.min_rto, t.max_rto),
+        }
+    }
 }
 
 /// One request's transmissions: how many, when, and when the next is due.
@@ -67,6 +78,17 @@ impl Schedule {
         self.last_sent = Some(now);
         let wait = if self.transmits == 1 { rto } else { rto * 2 };
         self.next_at = Some(now + wait.min(max_rto));
+    }
+
+    /// Records a transmission at `now` of a request whose silence is evidence (a negative test):
+    /// the next is due after `spacing`. Whether silence is concluded is decided by the caller,
+    /// which must also wait until [`Self::last_sent`] is a full RTO old (see
+    /// [`RttEstimator::spacing`]): answers to earlier transmissions have had longer than that.
+    pub fn sent_spaced(&mut self, now: Instant, spacing: Duration, max_rto: Duration) {
+        self.transmits += 1;
+        self.first_sent.get_or_insert(now);
+        self.last_sent = Some(now);
+        self.next_at = Some(now + spacing.min(max_rto));
     }
 
     /// Records a transmission at `now` with RFC 8489 §6.2.1's full doubling: the `n`th waits

@@ -20,7 +20,10 @@
 //! reported, and the verdict that needed the answer becomes `unknown`.
 //!
 //! Timing: the retransmission timeout follows RFC 6298 from measured round trips (floored at
-//! [`Timing::min_rto`]) and backs off to twice that, so a LAN run takes well under a second. A
+//! [`Timing::min_rto`]) and backs off to twice that, so a LAN run takes well under a second. The
+//! transmissions of a negative test are spaced by about one round trip instead (SRTT + RTTVAR,
+//! [`RttEstimator::spacing`]), and its silence counts only once the last of them is 2·RTO old: the
+//! tail of the delay is waited out once, not after every transmission. A
 //! negative result ("no answer") is concluded only when the chance that every transmission was lost
 //! falls below [`Timing::target_miss`]. That chance is the Beta-posterior predictive of `k`
 //! consecutive losses given the losses and answers seen so far, so high loss automatically widens the
@@ -154,6 +157,13 @@ enum Step {
     FiltCtrl,
     HairpinCtrl,
     Alloc(u16),
+}
+
+impl Step {
+    /// A test whose silence is its verdict (filtering, hairpinning).
+    fn is_negative(self) -> bool {
+        matches!(self, Step::FiltII | Step::FiltIII | Step::Hairpin)
+    }
 }
 
 /// The tests whose silence is a verdict, each with its liveness control and that control's socket.
@@ -324,6 +334,12 @@ impl Probe {
         self.rtt.rto(&self.cfg.timing)
     }
 
+    /// How old a negative test's last transmission must be before its silence counts: twice the
+    /// RTO, what RFC 8489's backoff gives any retransmission after the first.
+    fn final_wait(&self) -> Duration {
+        (self.rto() * 2).min(self.cfg.timing.max_rto)
+    }
+
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         // Retransmissions go out at once; a first transmission only when the pacer has a slot
         // (it then holds back every later first transmission too, so their order is kept).
@@ -336,6 +352,7 @@ impl Probe {
                 break;
             };
             let rto = self.rto();
+            let spacing = self.rtt.spacing(&self.cfg.timing);
             let tx = &mut self.txs[i];
             if !tx.pending() {
                 continue;
@@ -345,6 +362,8 @@ impl Probe {
             }
             if matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl) {
                 tx.sched.sent_doubling(now, rto, self.cfg.timing.max_rto);
+            } else if tx.step.is_negative() {
+                tx.sched.sent_spaced(now, spacing, self.cfg.timing.max_rto);
             } else {
                 tx.sched.sent(now, rto, self.cfg.timing.max_rto);
             }
@@ -407,8 +426,13 @@ impl Probe {
             } else {
                 self.evidence.miss(k)
             };
-            let negative = matches!(tx.step, Step::FiltII | Step::FiltIII | Step::Hairpin);
-            if negative && miss < self.cfg.timing.target_miss {
+            let negative = tx.step.is_negative();
+            // Enough silence, but the last transmission's answer may still be on its way: wait
+            // until it is a full RTO old (the earlier ones are older still) before holding.
+            let settled = tx.sched.last_sent.map_or(now, |t| t + self.final_wait());
+            if negative && miss < self.cfg.timing.target_miss && now < settled {
+                self.txs[i].sched.next_at = Some(settled);
+            } else if negative && miss < self.cfg.timing.target_miss {
                 self.txs[i].state = TxState::Held { miss };
                 self.txs[i].sched.next_at = None;
             } else if k >= cap || miss < self.cfg.timing.target_miss {
