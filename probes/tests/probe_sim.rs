@@ -760,6 +760,75 @@ fn negative_transmissions_are_spaced_by_a_round_trip_and_the_control_waits_the_t
     );
 }
 
+/// A cold start: every answer of the first 30 ms waits until then (the lab on a busy host: the
+/// NAT engine and the reflector woken from sleep; a real NAT's slow path for new mappings), then
+/// the path answers in 0.5 ms. The first flight's round trips (~30 ms, a dozen copies of one
+/// event) must not set the pace of the whole run: once a later request has been answered, a
+/// negative test's transmissions are spaced by the warm round trip (under 10 ms apart after the
+/// first gap), while its silence still waits twice the first flight's delay (≥ 60 ms) after its
+/// first transmission before the liveness control goes out.
+#[test]
+fn a_cold_first_flight_does_not_set_the_pace_but_is_still_allowed_for() {
+    use natscope_probes::probe::plan::SF;
+    use natscope_probes::probe::sim::{SentDatagram, Stall};
+    for f in [F::EndpointIndependent, F::AddressAndPortDependent] {
+        let path = Path::Nat(nat(
+            M::EndpointIndependent,
+            f,
+            PortAllocation::Preserve,
+            false,
+        ));
+        let mut cfg = SimConfig::new(path.clone(), 12);
+        cfg.one_way_delay = Duration::from_micros(250);
+        cfg.stall = Some(Stall {
+            at: Duration::ZERO,
+            len: Duration::from_millis(30),
+            socket: None,
+        });
+        let r = run(&cfg);
+        assert_eq!(observed(&r.report), truth(&path), "{}", dump(&r.report));
+        if f == F::EndpointIndependent {
+            continue; // answered at once: nothing to space
+        }
+        let on_sf: Vec<&SentDatagram> = r.sent.iter().filter(|d| d.socket == SF).collect();
+        let change = |d: &&&SentDatagram| d.payload[2..4] == [0, 16];
+        let tid = on_sf
+            .iter()
+            .find(change)
+            .expect("a filtering request")
+            .payload[8..20]
+            .to_vec();
+        let times: Vec<Duration> = on_sf
+            .iter()
+            .filter(|d| d.payload[8..20] == tid[..])
+            .map(|d| d.at)
+            .collect();
+        assert!(times.len() >= 4, "{times:?}");
+        for w in times[1..].windows(2) {
+            assert!(
+                w[1] - w[0] < Duration::from_millis(10),
+                "gap {:?} in {times:?}",
+                w[1] - w[0]
+            );
+        }
+        let control = on_sf
+            .iter()
+            .filter(|d| d.payload[2..4] == [0, 8] && d.at > times[0])
+            .map(|d| d.at)
+            .next()
+            .expect("the liveness control follows the filtering requests");
+        assert!(
+            control - times[0] >= Duration::from_millis(60),
+            "control {:?} after the first filtering request",
+            control - times[0]
+        );
+        eprintln!(
+            "cold first flight: filtering transmissions at {times:?}, control at {control:?}, done in {:?}",
+            r.virtual_time
+        );
+    }
+}
+
 /// A lossless path whose delay spikes past the RTO (CPU contention on a busy host, a queue
 /// somewhere): an answer that arrives after its request was retransmitted is late, not lost, and
 /// must not count as loss evidence — otherwise the negative tests ask for ever more

@@ -241,7 +241,14 @@ pub struct Probe {
     txs: Vec<Tx>,
     queue: VecDeque<usize>,
     local: LocalSockets,
+    /// Round trips of requests sent once the path had answered (see [`Probe::estimator`]).
     rtt: RttEstimator,
+    /// Round trips of the first flight: requests sent before the run's first answer arrived.
+    first_flight: RttEstimator,
+    /// The slowest first-flight round trip.
+    first_flight_max: Duration,
+    /// When the run's first answer arrived.
+    first_answer: Option<Instant>,
     evidence: LossEvidence,
     other: Option<SocketAddr>,
     problems: Vec<String>,
@@ -262,6 +269,9 @@ impl Probe {
             queue: VecDeque::new(),
             local: LocalSockets::default(),
             rtt: RttEstimator::default(),
+            first_flight: RttEstimator::default(),
+            first_flight_max: Duration::ZERO,
+            first_answer: None,
             evidence: LossEvidence::default(),
             other: None,
             problems: Vec::new(),
@@ -330,14 +340,41 @@ impl Probe {
         self.queue.push_back(self.txs.len() - 1);
     }
 
+    /// The estimator behind every timer: the first flight's until a later request has been
+    /// answered, then only the later ones'. The first requests of a run meet a cold path — ARP, a
+    /// NAT creating the mapping in its slow path, processes on either side woken from sleep, on a
+    /// busy host a scheduler's delay — and all of them wait for the same event, so their round
+    /// trips are one observation of how long the *first* answer takes, counted a dozen times.
+    /// Fed into RFC 6298 with the rest they dominate SRTT and RTTVAR for the whole run (seen in
+    /// the lab: a 33 ms first flight, 0.5 ms afterwards, and every negative test spaced for
+    /// 33 ms). A negative test still allows for the first flight's delay: see [`Probe::settled`].
+    fn estimator(&self) -> &RttEstimator {
+        if self.rtt.srtt().is_some() {
+            &self.rtt
+        } else {
+            &self.first_flight
+        }
+    }
+
     fn rto(&self) -> Duration {
-        self.rtt.rto(&self.cfg.timing)
+        self.estimator().rto(&self.cfg.timing)
     }
 
     /// How old a negative test's last transmission must be before its silence counts: twice the
     /// RTO, what RFC 8489's backoff gives any retransmission after the first.
     fn final_wait(&self) -> Duration {
         (self.rto() * 2).min(self.cfg.timing.max_rto)
+    }
+
+    /// When a negative test's silence may count: its last transmission is [`Self::final_wait`]
+    /// old, and its first is twice the slowest first-flight round trip old — its first
+    /// transmissions may have met the same cold path (a fresh socket is a new mapping), and an
+    /// answer that slow could otherwise be overtaken by the liveness control's on a path that
+    /// reorders (a NAT's slow path beside its fast path).
+    fn settled(&self, sched: &Schedule) -> Option<Instant> {
+        let last = sched.last_sent? + self.final_wait();
+        let first = sched.first_sent? + (self.first_flight_max * 2).min(self.cfg.timing.max_rto);
+        Some(last.max(first))
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
@@ -352,7 +389,7 @@ impl Probe {
                 break;
             };
             let rto = self.rto();
-            let spacing = self.rtt.spacing(&self.cfg.timing);
+            let spacing = self.estimator().spacing(&self.cfg.timing);
             let tx = &mut self.txs[i];
             if !tx.pending() {
                 continue;
@@ -429,7 +466,7 @@ impl Probe {
             let negative = tx.step.is_negative();
             // Enough silence, but the last transmission's answer may still be on its way: wait
             // until it is a full RTO old (the earlier ones are older still) before holding.
-            let settled = tx.sched.last_sent.map_or(now, |t| t + self.final_wait());
+            let settled = self.settled(&tx.sched).unwrap_or(now);
             if negative && miss < self.cfg.timing.target_miss && now < settled {
                 self.txs[i].sched.next_at = Some(settled);
             } else if negative && miss < self.cfg.timing.target_miss {
@@ -521,9 +558,16 @@ impl Probe {
         // Karn: only unambiguous samples (one transmission) feed the RTT estimate.
         if tx.sched.transmits == 1 {
             if let Some(sent) = tx.sched.first_sent {
-                self.rtt.sample(now.saturating_duration_since(sent));
+                let r = now.saturating_duration_since(sent);
+                if self.first_answer.is_none_or(|a| sent < a) {
+                    self.first_flight.sample(r);
+                    self.first_flight_max = self.first_flight_max.max(r);
+                } else {
+                    self.rtt.sample(r);
+                }
             }
         }
+        self.first_answer.get_or_insert(now);
         self.evidence.answered_after(tx.sched.transmits);
         tx.state = TxState::Answered(Box::new(resp));
         tx.sched.done_at = Some(now);
