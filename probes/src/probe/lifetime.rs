@@ -44,9 +44,10 @@
 //! retransmitted check can no longer arrive.
 //!
 //! Inbound refresh (REQ-6 MAY): with the lifetime known, one X is refreshed once and then kept
-//! idle while answers are aimed into it via RESPONSE-PORT every half lower bound. An answer still
-//! arriving later than the upper bound after the last outbound packet means inbound traffic
-//! refreshes the binding; an expiry despite the answers means it does not.
+//! idle while answers are aimed into it via RESPONSE-PORT at [`keepalive_interval`] (at most ¾ of
+//! the lower bound, the last one due right after the upper bound plus the resolution). An answer
+//! still arriving later than the upper bound (plus the resolution) after the last outbound packet
+//! means inbound traffic refreshes the binding; an expiry despite the answers means it does not.
 //!
 //! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]. Idle
 //! times are measured from X's real last transmission to a check's real answer (or its last real
@@ -163,6 +164,21 @@ impl LifetimeConfig {
 /// The search resolution at idle time `d`: max(1 s, 5 % of `d`).
 pub fn resolution(d: Duration) -> Duration {
     (d / 20).max(Duration::from_secs(1))
+}
+
+/// The inbound test's keepalive interval for a lifetime in `(lo, hi]`: the time the test must
+/// reach, `hi + resolution(hi)`, split into the fewest (≥ 2) equal parts of at most ¾ of `lo`,
+/// so an inbound-refreshed binding never idles near its lifetime between two keepalives and the
+/// last one lands right after `hi + resolution(hi)` (half the lower bound reached it only at
+/// 1.5 × `lo`).
+pub fn keepalive_interval(lo: Duration, hi: Duration) -> Duration {
+    let reach = hi + resolution(hi);
+    let most = lo.mul_f64(0.75);
+    let mut n = 2u32;
+    while reach / n > most && n < MAX_KEEPALIVES {
+        n += 1;
+    }
+    reach / n
 }
 
 /// What the lifetime probe concluded.
@@ -1062,7 +1078,7 @@ impl LifetimeProbe {
             return;
         }
         self.stage = Stage::Inbound;
-        self.interval = self.lo / 2;
+        self.interval = keepalive_interval(self.lo, hi);
         self.refresh(0);
     }
 
@@ -1478,6 +1494,25 @@ mod tests {
         let r = p.report();
         assert_eq!((r.lower_s, r.upper_s), (None, None));
         assert!(p.problems.is_empty(), "{:?}", p.problems);
+    }
+
+    #[test]
+    fn keepalives_reach_past_the_upper_bound_without_idling_near_the_lifetime() {
+        let s = Duration::from_secs;
+        for (lo, hi) in [
+            (2.0, 3.0),
+            (2.0, 6.0),
+            (29.4, 30.8),
+            (119.4, 123.0),
+            (100.0, 120.0),
+        ] {
+            let (lo, hi) = (Duration::from_secs_f64(lo), Duration::from_secs_f64(hi));
+            let i = keepalive_interval(lo, hi);
+            assert!(i <= lo.mul_f64(0.75), "{lo:?} {hi:?}: {i:?}");
+            let n = (hi + resolution(hi)).as_secs_f64() / i.as_secs_f64();
+            assert!((n - n.round()).abs() < 1e-6 && n >= 2.0, "{n}");
+        }
+        assert_eq!(keepalive_interval(s(120), s(120)), s(63));
     }
 
     #[test]
