@@ -61,6 +61,17 @@ fn print_lifetime_numbers() {
                     cfg.loss = loss;
                     let run = sim::run_lifetime(&cfg, sim::lifetime_config(seed));
                     let r = run.machine.report();
+                    if std::env::var("VERBOSE").is_ok() {
+                        println!(
+                            "  loss {loss} timeout {timeout} seed {seed} refresh {refresh}: {:.1} s, {} requests, {} checks, {:?}–{:?}, inbound {:?}",
+                            r.tests[0].duration_ms / 1e3,
+                            r.requests_sent,
+                            r.checks,
+                            r.lower_s,
+                            r.upper_s,
+                            r.inbound_refresh
+                        );
+                    }
                     vt = vt.max(r.tests[0].duration_ms / 1e3);
                     req = req.max(r.requests_sent);
                     xs = xs.max(x_sockets(&run.sent).len());

@@ -31,9 +31,13 @@
 //! that grid point (1.0–1.5 × the lifetime in the simulator, against 5.8 × for the old sequential
 //! doubling and binary search). The search ends when `hi − lo ≤ max(1 s, 5 % of lo)` (as before),
 //! when a binding outlives the maximum, or at a hard bound ([`MAX_CHECKS`], [`MAX_TRANSACTIONS`],
-//! [`MAX_REQUESTS`], [`LifetimeConfig::search_limit`], too many verdicts that narrow nothing); a
-//! check too lossy to conclude is no evidence and its point is planned again, [`MAX_UNSURE`] of
-//! them in a row end the search as unknown.
+//! [`MAX_REQUESTS`], [`LifetimeConfig::search_limit`], too many verdicts that narrow nothing).
+//!
+//! Loss: a check too lossy to conclude alone is no verdict and its point is planned again, but its
+//! silence is kept: were the binding alive at `B`, every silent check due by `B` would have been
+//! answered, so their transmissions together may make an expiry by `B` as unlikely an artefact of
+//! loss as the single-check rule demands (with the target divided by the number of `B` tried).
+//! [`MAX_UNSURE`] inconclusive checks in a row end the search as unknown.
 //!
 //! Bounds are measured, not nominal, counted from that X's real last transmission: "alive" gives
 //! the idle time at the answer's arrival (a lower bound), "expired" the idle time by which the
@@ -279,8 +283,9 @@ enum Outcome {
     Alive(Duration),
     /// Expired no later than this idle time.
     Expired(Duration),
-    /// Too much loss to tell.
-    Unsure,
+    /// Too much loss to tell: the idle time by which its last answer was due, and how many
+    /// transmissions went unanswered.
+    Unsure { by: Duration, transmits: u32 },
 }
 
 /// The binding-lifetime state machine. Drive it like [`super::Probe`]: `poll_transmit` /
@@ -317,6 +322,9 @@ pub struct LifetimeProbe {
     expired_seen: u32,
     /// Most X sockets with a refreshed, not yet concluded binding at once.
     peak_clocks: usize,
+    /// Checks of the search too lossy to conclude alone: (idle their last answer was due by,
+    /// transmissions).
+    silent: Vec<(Duration, u32)>,
     /// A hard bound on transactions or requests was reached.
     budget_spent: bool,
     /// Why the search ended without a result.
@@ -374,6 +382,7 @@ impl LifetimeProbe {
             alive_seen: 0,
             expired_seen: 0,
             peak_clocks: 0,
+            silent: Vec::new(),
             budget_spent: false,
             search_failed: None,
             base: None,
@@ -650,12 +659,16 @@ impl LifetimeProbe {
             (Kind::Check, stage) => {
                 self.clocks[c].quiet_until = self.quiet_after(&tx.sched);
                 let tx = &self.txs[i];
+                let due =
+                    tx.sched.last_sent.unwrap_or(now) + self.rtt.srtt().unwrap_or(Duration::ZERO);
+                let by = self.idle_at(c, due);
                 let outcome = if miss < self.cfg.timing.target_miss {
-                    let due = tx.sched.last_sent.unwrap_or(now)
-                        + self.rtt.srtt().unwrap_or(Duration::ZERO);
-                    Outcome::Expired(self.idle_at(c, due))
+                    Outcome::Expired(by)
                 } else {
-                    Outcome::Unsure
+                    Outcome::Unsure {
+                        by,
+                        transmits: tx.sched.transmits,
+                    }
                 };
                 self.check_done(now, stage, c, outcome);
             }
@@ -892,22 +905,31 @@ impl LifetimeProbe {
                 self.hi = Some(self.hi.map_or(by, |h| h.min(by)));
                 narrowed
             }
-            Outcome::Unsure => {
-                // No verdict is no evidence either way; the interval's points are planned again,
-                // now with a better loss estimate.
-                self.unsure += 1;
-                if self.unsure >= MAX_UNSURE {
-                    let t = tested.unwrap_or(self.lo);
-                    self.fail(
-                        now,
-                        format!(
-                            "too much loss to tell whether the binding outlived {:.1} s",
-                            t.as_secs_f64()
-                        ),
-                    );
-                    return;
+            Outcome::Unsure { by, transmits } => {
+                self.silent.push((by, transmits));
+                if let Some(by) = self.pooled_expiry() {
+                    self.expired_seen += 1;
+                    self.unsure = 0;
+                    let narrowed = self.hi.is_none_or(|h| by < h);
+                    self.hi = Some(self.hi.map_or(by, |h| h.min(by)));
+                    narrowed
+                } else {
+                    // No verdict is no evidence either way; the interval's points are planned again,
+                    // now with a better loss estimate.
+                    self.unsure += 1;
+                    if self.unsure >= MAX_UNSURE {
+                        let t = tested.unwrap_or(self.lo);
+                        self.fail(
+                            now,
+                            format!(
+                                "too much loss to tell whether the binding outlived {:.1} s",
+                                t.as_secs_f64()
+                            ),
+                        );
+                        return;
+                    }
+                    false
                 }
-                false
             }
         };
         if let Some(hi) = self.hi {
@@ -925,10 +947,35 @@ impl LifetimeProbe {
         }
         if narrowed {
             self.stale = 0;
-        } else if outcome != Outcome::Unsure {
+        } else if !matches!(outcome, Outcome::Unsure { .. }) {
             self.stale += 1;
         }
         self.plan(now);
+    }
+
+    /// Silent checks pooled (monotonicity): were the binding alive at `B`, every silent check
+    /// whose answer was due by idle `B` would have been answered, so all their transmissions
+    /// were lost. The smallest `B` for which that is unlikely enough is an upper bound. Several
+    /// `B` are tried, so each must clear the target divided by [`POOL`] (more than the
+    /// candidates any one decision sees): the rule never adds more than the target to the
+    /// chance of a wrong expiry. Checks due by `lo` are left out: they were alive.
+    fn pooled_expiry(&self) -> Option<Duration> {
+        let mut silent: Vec<(Duration, u32)> = self
+            .silent
+            .iter()
+            .copied()
+            .filter(|&(by, _)| by > self.lo)
+            .collect();
+        silent.sort();
+        let target = self.cfg.timing.target_miss / POOL as f64;
+        let mut transmits = 0;
+        for (by, k) in silent.into_iter().take(POOL) {
+            transmits += k;
+            if self.evidence.miss(transmits) < target {
+                return Some(by);
+            }
+        }
+        None
     }
 
     /// Whether the search has its answer (or cannot improve it within its bounds).
@@ -1125,7 +1172,7 @@ impl LifetimeProbe {
                 );
                 self.finish(now);
             }
-            Outcome::Unsure => self.fail(now, "too much loss to conclude".into()),
+            Outcome::Unsure { .. } => self.fail(now, "too much loss to conclude".into()),
         }
     }
 
