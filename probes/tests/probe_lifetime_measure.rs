@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use natscope_probes::nat::{FilteringBehavior as F, MappingBehavior as M, NatBehavior};
 use natscope_probes::probe::sim::{self, Path, SentDatagram, SimConfig};
-use natscope_probes::probe::SocketId;
+use natscope_probes::probe::{PaceChoice, Pacing, SocketId};
 use natscope_probes::stun::{attr_type, Message};
 
 fn nat(timeout_s: u64, inbound_refresh: bool) -> Path {
@@ -41,6 +41,25 @@ fn print_lifetime_numbers() {
         let r = run.machine.report();
         println!(
             "| {timeout} s | 0 | {seed} | {:.1} / {:.1} | {} | {} | {} | {:?}–{:?} |",
+            r.tests[0].duration_ms / 1e3,
+            run.virtual_time.as_secs_f64(),
+            r.requests_sent,
+            r.checks,
+            x_sockets(&run.sent).len(),
+            r.lower_s,
+            r.upper_s
+        );
+    }
+    for timeout in [30u64, 120] {
+        let seed = if timeout == 30 { 1 } else { 2 };
+        let mut cfg = SimConfig::new(nat(timeout, false), seed);
+        cfg.max_virtual_time = Duration::from_secs(4 * 3600);
+        let mut lt = sim::lifetime_config(seed);
+        lt.pacing = Pacing::decide(&[lt.server], PaceChoice::On);
+        let run = sim::run_lifetime(&cfg, lt);
+        let r = run.machine.report();
+        println!(
+            "| {timeout} s paced | 0 | {seed} | {:.1} / {:.1} | {} | {} | {} | {:?}–{:?} |",
             r.tests[0].duration_ms / 1e3,
             run.virtual_time.as_secs_f64(),
             r.requests_sent,
