@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use natscope_probes::nat::{FilteringBehavior as F, MappingBehavior as M, NatBehavior};
-use natscope_probes::probe::lifetime::resolution;
+use natscope_probes::probe::lifetime::{resolution, MAX_REQUESTS, POOL};
 use natscope_probes::probe::sim::{self, MachineRun, Path, SimConfig};
 use natscope_probes::probe::{LifetimeProbe, LifetimeReport};
 
@@ -153,6 +153,8 @@ fn under_loss_every_verdict_is_the_truth_or_unknown() {
                     assert_eq!(r.tests[0].verdict, "unknown", "{why}");
                 }
                 assert!(r.inbound_refresh.is_none_or(|b| b == refresh), "{why}");
+                assert!(r.requests_sent <= MAX_REQUESTS, "{why}");
+                assert!(x_sockets(&run.sent).len() <= POOL, "{why}");
             }
         }
         if loss <= 0.10 {
@@ -191,6 +193,166 @@ fn every_mapping_filtering_and_allocation_gives_the_same_lifetime() {
                 assert_brackets(&r, 45);
                 assert_eq!(r.inbound_refresh, Some(false), "{m:?} {f:?} {a:?}: {r:?}");
             }
+        }
+    }
+}
+
+/// Sockets that sent a plain Binding (no RESPONSE-PORT): the X sockets whose bindings are measured.
+fn x_sockets(sent: &[sim::SentDatagram]) -> std::collections::BTreeSet<u16> {
+    use natscope_probes::stun::{attr_type, Message};
+    sent.iter()
+        .filter(|d| {
+            Message::parse(&d.payload)
+                .is_ok_and(|m| !m.attributes().any(|a| a.typ == attr_type::RESPONSE_PORT))
+        })
+        .map(|d| d.socket.0)
+        .collect()
+}
+
+/// The first grid point at or above `timeout_s` for the default configuration (1 s … 300 s in at
+/// most `POOL` points): where the parallel search first sees the binding expire.
+fn first_grid_point_above(timeout_s: f64) -> f64 {
+    let ratio = 300f64.powf(1.0 / (POOL - 1) as f64);
+    let mut g = 1.0;
+    while g < timeout_s {
+        g *= ratio;
+    }
+    g.min(300.0)
+}
+
+#[test]
+fn parallel_search_brackets_every_timeout_fast_within_the_pool() {
+    for timeout in [3u64, 7, 30, 65, 120, 250] {
+        for seed in [21u64, 22, 23] {
+            let mut cfg = world(nat(timeout, false), seed);
+            // Seeded jitter (up to 3 ms each way): every seed a different run.
+            cfg.jitter = Duration::from_millis(3);
+            let (run, r) = run(&cfg, seed);
+            let why = format!("timeout {timeout} seed {seed}: {r:?}");
+            assert!(run.completed, "{why}");
+            assert_brackets(&r, timeout);
+            // The first grid point above the timeout expires at about that point; its bracket is
+            // refined by the clocks already running plus at most one more round of at most the
+            // upper bound: the search is over by twice that point (plus retry budgets).
+            let search = r.tests[0].duration_ms / 1e3;
+            let bound = 2.0 * first_grid_point_above(timeout as f64) + 3.0;
+            assert!(
+                search <= bound,
+                "search {search:.1} s > {bound:.1} s: {why}"
+            );
+            assert!(search <= 3.0 * timeout as f64 + 3.0, "{why}");
+            let xs = x_sockets(&run.sent);
+            assert!(xs.len() <= POOL, "{} X sockets: {why}", xs.len());
+            assert!(xs.iter().all(|&s| (s as usize) < POOL), "{xs:?}");
+            assert!(run.machine.peak_clocks() <= POOL, "{why}");
+            assert!(r.requests_sent <= MAX_REQUESTS, "{why}");
+            eprintln!("timeout {timeout} seed {seed}: search {search:.1} s (bound {bound:.1} s), total {:.1} s, {} requests", run.virtual_time.as_secs_f64(), r.requests_sent);
+        }
+    }
+}
+
+#[test]
+fn a_120s_nat_costs_a_fraction_of_the_sequential_search() {
+    // The sequential search took 700 s for the lifetime and 875 s in all.
+    let (run, r) = run(&world(nat(120, false), 2), 2);
+    assert!(run.completed);
+    assert_brackets(&r, 120);
+    let search = r.tests[0].duration_ms / 1e3;
+    assert!(
+        search <= 2.0 * first_grid_point_above(120.0) + 3.0,
+        "{search}"
+    );
+    // Then the inbound test: idle up to the upper bound (plus the resolution) and one interval.
+    let hi = r.upper_s.unwrap();
+    let lo = r.lower_s.unwrap();
+    let inbound = hi + resolution(Duration::from_secs_f64(hi)).as_secs_f64() + lo / 2.0 + 3.0;
+    assert!(
+        run.virtual_time.as_secs_f64() <= search + inbound,
+        "{:?} > {search} + {inbound}",
+        run.virtual_time
+    );
+    assert!(
+        run.virtual_time < Duration::from_secs(400),
+        "{:?}",
+        run.virtual_time
+    );
+}
+
+/// Wraps the machine to record, at every event, when it promised to be done at the latest.
+struct Watched {
+    p: LifetimeProbe,
+    promises: Vec<(std::time::Instant, std::time::Instant)>,
+}
+
+impl Watched {
+    fn note(&mut self, now: std::time::Instant) {
+        self.promises.push((now, now + self.p.remaining(now)));
+    }
+}
+
+impl natscope_probes::probe::ProbeMachine for Watched {
+    fn socket_bound(&mut self, id: natscope_probes::probe::SocketId, local: std::net::SocketAddr) {
+        self.p.socket_bound(id, local);
+    }
+    fn poll_transmit(
+        &mut self,
+        now: std::time::Instant,
+    ) -> Option<natscope_probes::probe::Transmit> {
+        self.note(now);
+        self.p.poll_transmit(now)
+    }
+    fn handle_datagram(
+        &mut self,
+        now: std::time::Instant,
+        socket: natscope_probes::probe::SocketId,
+        from: std::net::SocketAddr,
+        bytes: &[u8],
+    ) {
+        self.p.handle_datagram(now, socket, from, bytes);
+        self.note(now);
+    }
+    fn handle_timeout(&mut self, now: std::time::Instant) {
+        self.p.handle_timeout(now);
+        self.note(now);
+    }
+    fn poll_timeout(&self) -> Option<std::time::Instant> {
+        self.p.poll_timeout()
+    }
+    fn is_done(&self) -> bool {
+        self.p.is_done()
+    }
+}
+
+#[test]
+fn remaining_and_time_bound_are_upper_bounds() {
+    for (timeout, refresh, seed) in [
+        (3u64, false, 31u64),
+        (30, true, 32),
+        (120, false, 33),
+        (250, true, 34),
+    ] {
+        let cfg = world(nat(timeout, refresh), seed);
+        let lc = sim::lifetime_config(seed);
+        let bound = LifetimeProbe::time_bound(&lc);
+        let run = sim::run_machine(&cfg, |epoch| Watched {
+            p: LifetimeProbe::new(epoch, lc),
+            promises: Vec::new(),
+        });
+        assert!(run.completed);
+        assert!(
+            run.virtual_time <= bound,
+            "{:?} > {bound:?}",
+            run.virtual_time
+        );
+        let end = run.machine.promises.last().unwrap().0;
+        for &(at, done_by) in &run.machine.promises {
+            assert!(
+                done_by >= end,
+                "timeout {timeout}: at {:?} promised {:?}, done at {:?}",
+                at - run.machine.promises[0].0,
+                done_by - run.machine.promises[0].0,
+                end - run.machine.promises[0].0
+            );
         }
     }
 }

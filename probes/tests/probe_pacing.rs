@@ -231,6 +231,31 @@ fn paced_lifetime_measurement_brackets_the_same_timeout() {
 }
 
 #[test]
+fn paced_parallel_lifetime_search_keeps_the_rate_with_every_clock_busy() {
+    // 16 X sockets refreshed together and a burst of checks once the bracket is known: the
+    // pacer spreads them, the bounds stay measured, and the search stays fast.
+    for (timeout, seed) in [(7u64, 8u64), (120, 9)] {
+        let mut b = NatBehavior::new(M::EndpointIndependent, F::AddressAndPortDependent);
+        b.udp_timeout = Duration::from_secs(timeout);
+        let mut cfg = SimConfig::new(Path::Nat(b), seed);
+        cfg.max_virtual_time = Duration::from_secs(4 * 3600);
+        let mut lt = sim::lifetime_config(seed);
+        lt.pacing = Pacing::decide(&[lt.server], PaceChoice::On);
+        let run = sim::run_lifetime(&cfg, lt);
+        assert!(run.completed);
+        let r = run.machine.report();
+        let (Some(lo), Some(hi)) = (r.lower_s, r.upper_s) else {
+            panic!("no bounds: {r:?}");
+        };
+        let t = timeout as f64;
+        assert!(lo <= t && t <= hi, "{lo} ≤ {t} ≤ {hi}: {r:?}");
+        assert!(r.tests[0].duration_ms / 1e3 <= 3.0 * t + 5.0, "{r:?}");
+        let starts = first_transmissions(&run.sent);
+        assert!(busiest_window(&starts) <= MAX_NEW_PER_SECOND as usize);
+    }
+}
+
+#[test]
 fn retransmissions_pass_a_full_pacer_new_transactions_wait_for_their_slot() {
     use natscope_probes::probe::{Pacer, Probe};
     use std::time::Instant;

@@ -1,27 +1,61 @@
 //! Binding lifetime discovery (RFC 5780 §4.6) and the inbound-refresh question (RFC 4787 REQ-6),
 //! as a sans-IO state machine with the same driver interface as [`super::Probe`].
 //!
-//! Sockets: `X` (id 0) holds the binding under test; every check uses a fresh socket `Y` (ids 1..).
-//! One round: a Binding from X to A1:P1 refreshes the binding (outbound always refreshes, REQ-6)
-//! and reports its external port Pp; X then stays silent for T; at last-X-send + T, Y sends a
-//! Binding to A1:P1 with RESPONSE-PORT = Pp, so the server answers to the NAT's external IP, port
-//! Pp. The answer arriving on X proves the binding outlived T; no answer (concluded with the same
-//! Beta-posterior rule as the main probe, so loss cannot fake an expiry) or an answer on Y (the NAT
-//! handed the freed port to Y) means it expired. T grows exponentially from
-//! [`LifetimeConfig::first_wait`] until a binding expires or [`LifetimeConfig::max`] is reached,
-//! then a binary search narrows the interval to max(1 s, 5 % of the lower bound).
+//! One measurement: a Binding from a socket X to A1:P1 refreshes X's binding (outbound always
+//! refreshes, REQ-6) and reports its external port Pp; X then stays silent; after an idle time T a
+//! fresh socket Y sends a Binding to A1:P1 with RESPONSE-PORT = Pp, so the server answers to the
+//! NAT's external IP, port Pp. The answer arriving on X proves the binding outlived T; no answer
+//! (concluded with the same Beta-posterior rule as the main probe, so loss cannot fake an expiry)
+//! or an answer on Y (the NAT handed the freed port to Y) means it expired.
 //!
-//! Bounds are measured, not nominal: "alive" gives the idle time at the answer's arrival (a lower
-//! bound), "expired" the idle time by which the last check's answer was due (an upper bound).
+//! Parallel search (RFC 5780 §4.6 allows several X sockets and values of T at once). Every X is a
+//! *clock*: once refreshed it can test any idle time it has not yet passed, and which one is
+//! chosen only when its check is sent. At most [`POOL`] clocks exist (socket ids `0..POOL`; checks
+//! use ids above); a clock whose check has ended is refreshed and runs again. Monotonicity (alive
+//! at T ⇒ alive below T, expired at T ⇒ expired above) keeps one interval `(lo, hi]`, and whenever
+//! it changes (and every resolution step) the free clocks are re-planned:
+//! - `hi` unknown: the targets are a geometric grid from [`LifetimeConfig::first_wait`] to
+//!   [`LifetimeConfig::max`] (at most [`POOL`] points, ratio ≥ 1.25: 1.46 for 1–300 s), one per
+//!   clock, all clocks starting together ([`CALIBRATION`] of them first, the rest with the first
+//!   answer). The first expiry brackets the lifetime with the alive point below it, at about the
+//!   lifetime times that ratio.
+//! - `hi` known: the clocks refreshed after their own grid checks are then at ages spread over the
+//!   bracket (densest towards `hi`); each free clock already well inside `(lo, hi)` is checked at
+//!   once. The rest of the interval is cut by evenly spaced targets (as many as the resolution
+//!   needs, at most [`POOL`]), each given to the oldest free clock that has not passed it, so the
+//!   slowest of them finishes as early as possible. Clocks past `hi` can no longer help and are
+//!   refreshed; points already being tested are not planned twice.
 //!
-//! Inbound refresh (REQ-6 MAY): with the lifetime known, X is refreshed once and then kept idle
-//! while answers are aimed into it via RESPONSE-PORT every half lower bound. An answer still
-//! arriving later than the upper bound after the last outbound packet means inbound traffic
-//! refreshes the binding; an expiry despite the answers means it does not.
+//! Without loss the bracket is known by the first grid point above the lifetime, and refined by
+//! the clocks already running, or by one more round of at most `hi`: the search takes under twice
+//! that grid point (1.0–1.5 × the lifetime in the simulator, against 5.8 × for the old sequential
+//! doubling and binary search). The search ends when `hi − lo ≤ max(1 s, 5 % of lo)` (as before),
+//! when a binding outlives the maximum, or at a hard bound ([`MAX_CHECKS`], [`MAX_TRANSACTIONS`],
+//! [`MAX_REQUESTS`], [`LifetimeConfig::search_limit`], too many verdicts that narrow nothing).
+//!
+//! Loss: a check too lossy to conclude alone is no verdict and its point is planned again, but its
+//! silence is kept: were the binding alive at `B`, every silent check due by `B` would have been
+//! answered, so their transmissions together may make an expiry by `B` as unlikely an artefact of
+//! loss as the single-check rule demands (with the target divided by the number of `B` tried).
+//! [`MAX_UNSURE`] inconclusive checks in a row end the search as unknown.
+//!
+//! Bounds are measured, not nominal, counted from that X's real last transmission: "alive" gives
+//! the idle time at the answer's arrival (a lower bound), "expired" the idle time by which the
+//! last check's answer was due (an upper bound). A check answered only after a retransmission
+//! proves less: an earlier answer may have crossed the NAT and been lost behind it, and on a NAT
+//! that inbound traffic refreshes that restarted the timer, so its lower bound is the idle time at
+//! its first transmission. For the same reason a clock is not refreshed until late answers to its
+//! retransmitted check can no longer arrive.
+//!
+//! Inbound refresh (REQ-6 MAY): with the lifetime known, one X is refreshed once and then kept
+//! idle while answers are aimed into it via RESPONSE-PORT at [`keepalive_interval`] (at most ¾ of
+//! the lower bound, the last one due right after the upper bound plus the resolution). An answer
+//! still arriving later than the upper bound (plus the resolution) after the last outbound packet
+//! means inbound traffic refreshes the binding; an expiry despite the answers means it does not.
 //!
 //! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]. Idle
 //! times are measured from X's real last transmission to a check's real answer (or its last real
-//! transmission), so a wait for a slot lengthens a round but never skews its bounds.
+//! transmission), so a wait for a slot lengthens a measurement but never skews its bounds.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -37,15 +71,29 @@ use super::report::TestReport;
 use crate::client::{BindingResponse, RequestOptions};
 use crate::stun::{Message, TransactionId};
 
-/// The socket whose binding is measured.
+/// The first socket whose binding is measured (and the one the inbound-refresh test uses).
 pub const X: SocketId = SocketId(0);
 
-/// Parallel first refreshes: several answers at once give the loss estimate its first samples.
-const CALIBRATION: usize = 4;
-/// Hard bound on search rounds (each is one refresh and one check).
-const MAX_ROUNDS: u32 = 64;
-/// Repetitions of a round whose check was lost too often to conclude.
-const MAX_UNSURE_RETRIES: u32 = 2;
+/// Clocks started before the first answer (the rest wait for it: no NAT, no server, no point).
+pub const CALIBRATION: usize = 4;
+/// Hard bound on X sockets (clocks) of the search; they are ids `0..POOL`, checks use ids above.
+pub const POOL: usize = 16;
+/// Hard bound on checks of the search.
+pub const MAX_CHECKS: u32 = 160;
+/// Hard bound on transactions (refreshes, checks, keepalives) of the whole measurement; each is
+/// sent at most [`Timing::max_transmits`] times.
+pub const MAX_TRANSACTIONS: usize = 480;
+/// Hard bound on requests (transmissions, retransmissions included) of the whole measurement.
+pub const MAX_REQUESTS: u32 = 1000;
+/// Verdicts in a row that did not narrow the interval before the search stops where it is.
+const MAX_STALE: u32 = 3 * POOL as u32;
+/// Checks in a row too lossy to conclude before the search gives up.
+pub const MAX_UNSURE: u32 = 16;
+/// Unanswered refreshes in a row before a clock is retired.
+const MAX_REFRESH_FAILURES: u32 = 3;
+/// Bounds of the ratio of the first geometric grid.
+const MIN_RATIO: f64 = 1.25;
+const MAX_RATIO: f64 = 2.0;
 /// Hard bound on inbound-refresh keepalives.
 const MAX_KEEPALIVES: u32 = 64;
 
@@ -56,7 +104,7 @@ pub struct LifetimeConfig {
     pub server: SocketAddr,
     /// Longest idle time tried (`--lifetime-max`); a binding outliving it is reported as ≥ max.
     pub max: Duration,
-    /// The first idle time tried; each round doubles it until a binding expires.
+    /// The first idle time tried: the smallest point of the first grid.
     pub first_wait: Duration,
     /// Also test whether inbound traffic refreshes the binding (RFC 4787 REQ-6).
     pub inbound_refresh: bool,
@@ -86,11 +134,55 @@ impl LifetimeConfig {
             pacing: Pacing::decide(&[server], PaceChoice::Default),
         }
     }
+
+    fn first(&self) -> Duration {
+        self.first_wait
+            .max(Duration::from_millis(100))
+            .min(self.max)
+    }
+
+    /// The first grid: `first · rⁱ` below `max`, then `max`; at most [`POOL`] points.
+    fn grid(&self) -> (Vec<Duration>, f64) {
+        let (first, max) = (self.first(), self.max);
+        let span = max.as_secs_f64() / first.as_secs_f64();
+        let ratio = span
+            .powf(1.0 / (POOL - 1) as f64)
+            .clamp(MIN_RATIO, MAX_RATIO);
+        let mut grid = Vec::new();
+        let mut t = first.as_secs_f64();
+        while t < max.as_secs_f64() * 0.999 && grid.len() < POOL - 1 {
+            grid.push(Duration::from_secs_f64(t));
+            t *= ratio;
+        }
+        grid.push(max);
+        (grid, ratio)
+    }
+
+    /// The longest the search may take: the first grid's longest wait, then refinement rounds.
+    /// Enforced by the machine (it stops the search there with the interval it has).
+    pub fn search_limit(&self) -> Duration {
+        self.max * 4 + Duration::from_secs(60)
+    }
 }
 
 /// The search resolution at idle time `d`: max(1 s, 5 % of `d`).
 pub fn resolution(d: Duration) -> Duration {
     (d / 20).max(Duration::from_secs(1))
+}
+
+/// The inbound test's keepalive interval for a lifetime in `(lo, hi]`: the time the test must
+/// reach, `hi + resolution(hi)`, split into the fewest (≥ 2) equal parts of at most ¾ of `lo`,
+/// so an inbound-refreshed binding never idles near its lifetime between two keepalives and the
+/// last one lands right after `hi + resolution(hi)` (half the lower bound reached it only at
+/// 1.5 × `lo`).
+pub fn keepalive_interval(lo: Duration, hi: Duration) -> Duration {
+    let reach = hi + resolution(hi);
+    let most = lo.mul_f64(0.75);
+    let mut n = 2u32;
+    while reach / n > most && n < MAX_KEEPALIVES {
+        n += 1;
+    }
+    reach / n
 }
 
 /// What the lifetime probe concluded.
@@ -143,10 +235,45 @@ struct Tx {
     kind: Kind,
     stage: Stage,
     socket: SocketId,
+    /// The clock (X) the transaction refreshes or checks.
+    clock: usize,
     tid: TransactionId,
     payload: Vec<u8>,
     sched: Schedule,
     state: TxState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClockState {
+    /// Needs a refresh before it measures anything.
+    Idle,
+    /// A refresh is pending.
+    Refreshing,
+    /// Refreshed and silent since `last_sent`: its age is the idle time a check would test.
+    Running,
+    /// A check aimed at it is pending.
+    Checking,
+    /// Given up (its refreshes went unanswered).
+    Retired,
+}
+
+/// One X socket and its binding.
+#[derive(Clone, Debug)]
+struct Clock {
+    socket: SocketId,
+    state: ClockState,
+    /// When X last sent: the binding's idle time counts from here.
+    last_sent: Option<Instant>,
+    /// X's external address from its latest refresh (Pp is its port).
+    mapped: Option<SocketAddr>,
+    /// When its check is planned (re-planned at every change; not a commitment).
+    due: Option<Instant>,
+    /// The idle time its pending check tests (nominal, for planning only).
+    testing: Option<Duration>,
+    refresh_failures: u32,
+    /// Not refreshed before this: late answers to a retransmitted check may still arrive, and
+    /// on a NAT that inbound traffic refreshes they would restart the next idle period unseen.
+    quiet_until: Option<Instant>,
 }
 
 /// How one check ended.
@@ -156,8 +283,9 @@ enum Outcome {
     Alive(Duration),
     /// Expired no later than this idle time.
     Expired(Duration),
-    /// Too much loss to tell.
-    Unsure,
+    /// Too much loss to tell: the idle time by which its last answer was due, and how many
+    /// transmissions went unanswered.
+    Unsure { by: Duration, transmits: u32 },
 }
 
 /// The binding-lifetime state machine. Drive it like [`super::Probe`]: `poll_transmit` /
@@ -174,22 +302,31 @@ pub struct LifetimeProbe {
     next_socket: u16,
     rtt: RttEstimator,
     evidence: LossEvidence,
-    /// When X last sent: the binding's idle time counts from here.
-    x_last: Option<Instant>,
-    /// X's external address from the latest refresh (Pp is its port).
-    x_mapped: Option<SocketAddr>,
+    clocks: Vec<Clock>,
     first_mapped: Option<SocketAddr>,
-    /// When the next check starts.
+    /// The first grid (ascending) and its ratio.
+    grid: Vec<Duration>,
+    ratio: f64,
+    /// When the search re-plans even without news (clocks age into the interval).
+    replan_at: Option<Instant>,
+    /// The search's hard time bound.
+    search_deadline: Instant,
+    /// Inbound stage: when the next keepalive check starts.
     wake: Option<Instant>,
-    /// The idle time the current round tests.
-    wait: Duration,
     lo: Duration,
     hi: Option<Duration>,
-    rounds: u32,
     checks: u32,
-    unsure_retries: u32,
+    stale: u32,
+    unsure: u32,
     alive_seen: u32,
     expired_seen: u32,
+    /// Most X sockets with a refreshed, not yet concluded binding at once.
+    peak_clocks: usize,
+    /// Checks of the search too lossy to conclude alone: (idle their last answer was due by,
+    /// transmissions).
+    silent: Vec<(Duration, u32)>,
+    /// A hard bound on transactions or requests was reached.
+    budget_spent: bool,
     /// Why the search ended without a result.
     search_failed: Option<String>,
     /// Inbound stage: the refresh it starts from, the keepalive interval, keepalives answered.
@@ -206,8 +343,20 @@ pub struct LifetimeProbe {
 impl LifetimeProbe {
     pub fn new(now: Instant, cfg: LifetimeConfig) -> Self {
         let rng = transaction_rng(cfg.seed);
-        let wait = cfg.first_wait.max(Duration::from_millis(100)).min(cfg.max);
         let pacer = cfg.pacing.pacer();
+        let (grid, ratio) = cfg.grid();
+        let clocks = (0..grid.len())
+            .map(|i| Clock {
+                socket: SocketId(i as u16),
+                state: ClockState::Idle,
+                last_sent: None,
+                mapped: None,
+                due: None,
+                testing: None,
+                refresh_failures: 0,
+                quiet_until: None,
+            })
+            .collect::<Vec<_>>();
         let mut p = Self {
             started: now,
             finished: None,
@@ -215,21 +364,26 @@ impl LifetimeProbe {
             txs: Vec::new(),
             queue: VecDeque::new(),
             local: LocalSockets::default(),
-            next_socket: 1,
+            next_socket: POOL as u16,
             rtt: RttEstimator::default(),
             evidence: LossEvidence::default(),
-            x_last: None,
-            x_mapped: None,
+            clocks,
             first_mapped: None,
+            grid,
+            ratio,
+            replan_at: None,
+            search_deadline: now + cfg.search_limit(),
             wake: None,
-            wait,
             lo: Duration::ZERO,
             hi: None,
-            rounds: 0,
             checks: 0,
-            unsure_retries: 0,
+            stale: 0,
+            unsure: 0,
             alive_seen: 0,
             expired_seen: 0,
+            peak_clocks: 0,
+            silent: Vec::new(),
+            budget_spent: false,
             search_failed: None,
             base: None,
             interval: Duration::ZERO,
@@ -241,8 +395,10 @@ impl LifetimeProbe {
             pacer,
             cfg,
         };
-        for _ in 0..CALIBRATION {
-            p.add_tx(Kind::Refresh, X, None);
+        // A few clocks first: their answers give the loss estimate its first samples and show
+        // whether there is a NAT at all; the others start with the first answer.
+        for c in 0..p.clocks.len().min(CALIBRATION) {
+            p.refresh(c);
         }
         p
     }
@@ -259,6 +415,11 @@ impl LifetimeProbe {
         &self.pacer
     }
 
+    /// Most X sockets whose bindings were measured at once (never above [`POOL`]).
+    pub fn peak_clocks(&self) -> usize {
+        self.peak_clocks
+    }
+
     /// The driver reports the local address of a socket it bound for `id`.
     pub fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
         self.local.bound(id, local);
@@ -268,7 +429,7 @@ impl LifetimeProbe {
         self.local.get(id)
     }
 
-    fn add_tx(&mut self, kind: Kind, socket: SocketId, response_port: Option<u16>) {
+    fn add_tx(&mut self, kind: Kind, socket: SocketId, clock: usize, response_port: Option<u16>) {
         let opts = RequestOptions {
             response_port,
             ..Default::default()
@@ -278,6 +439,7 @@ impl LifetimeProbe {
             kind,
             stage: self.stage,
             socket,
+            clock,
             tid,
             payload,
             sched: Schedule::default(),
@@ -286,11 +448,53 @@ impl LifetimeProbe {
         self.queue.push_back(self.txs.len() - 1);
     }
 
+    fn out_of_budget(&mut self, now: Instant) -> bool {
+        if self.txs.len() < MAX_TRANSACTIONS && self.requests_sent() < MAX_REQUESTS {
+            return false;
+        }
+        self.budget_spent = true;
+        match self.stage {
+            Stage::Search => self.search_done(now),
+            _ => self.fail(now, "too many requests without a conclusion".into()),
+        }
+        true
+    }
+
+    /// Starts a refresh from clock `c`: its binding's timer restarts with the first transmission.
+    fn refresh(&mut self, c: usize) {
+        let clock = &mut self.clocks[c];
+        clock.state = ClockState::Refreshing;
+        clock.quiet_until = None;
+        clock.due = None;
+        clock.testing = None;
+        let socket = clock.socket;
+        self.add_tx(Kind::Refresh, socket, c, None);
+    }
+
+    /// Starts the check of clock `c` now (its idle time is measured from the real transmissions).
+    fn check(&mut self, now: Instant, c: usize) {
+        let y = SocketId(self.next_socket);
+        self.next_socket = self.next_socket.saturating_add(1);
+        let clock = &mut self.clocks[c];
+        clock.state = ClockState::Checking;
+        clock.due = None;
+        clock.testing = clock.last_sent.map(|l| now.saturating_duration_since(l));
+        let port = clock.mapped.map(|m| m.port());
+        if self.stage == Stage::Search {
+            self.checks += 1;
+        }
+        self.add_tx(Kind::Check, y, c, port);
+    }
+
     fn rto(&self) -> Duration {
         self.rtt.rto(&self.cfg.timing)
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if self.stage != Stage::Done && self.requests_sent() >= MAX_REQUESTS {
+            self.out_of_budget(now);
+            return None;
+        }
         // Retransmissions go out at once; a first transmission only when the pacer has a slot.
         let may_start = self.pacer.may_start(now);
         while let Some(pos) = self.queue.iter().position(|&i| {
@@ -315,18 +519,13 @@ impl LifetimeProbe {
                 to: self.cfg.server,
                 payload: tx.payload.clone(),
             };
-            if out.socket == X {
+            if tx.kind == Kind::Refresh {
                 // Any packet from X restarts the binding's timer: so does the idle period.
-                self.x_last = Some(now);
-                if self.wake.is_some() {
-                    match self.stage {
-                        Stage::Search => self.wake = Some(now + self.wait),
-                        Stage::Inbound => {
-                            self.base = Some(now);
-                            self.wake = Some(now + self.interval);
-                        }
-                        Stage::Done => {}
-                    }
+                let c = tx.clock;
+                self.clocks[c].last_sent = Some(now);
+                if self.stage == Stage::Inbound && c == 0 && self.wake.is_some() {
+                    self.base = Some(now);
+                    self.wake = Some(now + self.interval);
                 }
             }
             return Some(out);
@@ -343,12 +542,21 @@ impl LifetimeProbe {
             t.state == TxState::Pending && t.sched.transmits == 0
         });
         let slot = waiting_to_start.then(|| self.pacer.next_start()).flatten();
+        let search = (self.stage == Stage::Search).then(|| {
+            self.clocks
+                .iter()
+                .filter_map(|c| c.due)
+                .chain(self.replan_at)
+                .chain([self.search_deadline])
+                .min()
+        });
         self.txs
             .iter()
             .filter(|t| t.state == TxState::Pending)
             .filter_map(|t| t.sched.next_at)
             .chain(self.wake)
             .chain(slot)
+            .chain(search.flatten())
             .min()
     }
 
@@ -383,60 +591,99 @@ impl LifetimeProbe {
                 self.txs[i].state = TxState::GaveUp { miss };
                 self.txs[i].sched.done_at = Some(now);
                 self.gave_up(now, i, miss);
+                if self.stage == Stage::Done {
+                    return;
+                }
             } else {
                 self.queue.push_back(i);
             }
         }
-        if self.wake.is_some_and(|w| w <= now) && self.stage != Stage::Done {
-            self.wake = None;
-            let y = SocketId(self.next_socket);
-            self.next_socket = self.next_socket.saturating_add(1);
-            let port = self.x_mapped.map(|m| m.port());
-            if self.stage == Stage::Search {
-                self.checks += 1;
+        match self.stage {
+            Stage::Search => {
+                if now >= self.search_deadline {
+                    self.search_done(now);
+                } else if self.replan_at.is_some_and(|r| r <= now) {
+                    self.plan(now);
+                } else {
+                    self.start_due(now);
+                }
             }
-            self.add_tx(Kind::Check, y, port);
+            Stage::Inbound if self.wake.is_some_and(|w| w <= now) => {
+                self.wake = None;
+                if !self.out_of_budget(now) {
+                    self.check(now, 0);
+                }
+            }
+            _ => {}
         }
     }
 
     fn gave_up(&mut self, now: Instant, i: usize, miss: f64) {
         let tx = &self.txs[i];
-        match tx.kind {
-            Kind::Refresh => {
-                let progressing = self.wake.is_some()
-                    || self
-                        .txs
-                        .iter()
-                        .any(|t| t.kind == Kind::Check && t.state == TxState::Pending);
-                if progressing {
-                    // Another refresh of this round was answered: this one was only evidence.
-                    return;
+        let c = tx.clock;
+        match (tx.kind, tx.stage) {
+            (Kind::Refresh, Stage::Search) => {
+                self.clocks[c].refresh_failures += 1;
+                self.clocks[c].state = ClockState::Idle;
+                if self.first_mapped.is_none()
+                    || self.clocks[c].refresh_failures >= MAX_REFRESH_FAILURES
+                {
+                    self.clocks[c].state = ClockState::Retired;
                 }
-                let why = if self.first_mapped.is_none() {
-                    format!("no answer from {} within the retry budget", self.cfg.server)
-                } else {
-                    format!(
-                        "{} stopped answering refreshes from the socket under test",
-                        self.cfg.server
-                    )
-                };
+                let starting = self.first_mapped.is_none()
+                    && !self
+                        .clocks
+                        .iter()
+                        .any(|c| c.state == ClockState::Refreshing);
+                if starting || self.clocks.iter().all(|c| c.state == ClockState::Retired) {
+                    let why = if self.first_mapped.is_none() {
+                        format!("no answer from {} within the retry budget", self.cfg.server)
+                    } else {
+                        format!(
+                            "{} stopped answering refreshes from the sockets under test",
+                            self.cfg.server
+                        )
+                    };
+                    self.fail(now, why);
+                } else if self.first_mapped.is_some() {
+                    self.plan(now);
+                }
+            }
+            (Kind::Refresh, _) => {
+                let why = format!(
+                    "{} stopped answering refreshes from the socket under test",
+                    self.cfg.server
+                );
                 self.fail(now, why);
             }
-            Kind::Check => {
+            (Kind::Check, stage) => {
+                self.clocks[c].quiet_until = self.quiet_after(&tx.sched);
+                let tx = &self.txs[i];
+                let due =
+                    tx.sched.last_sent.unwrap_or(now) + self.rtt.srtt().unwrap_or(Duration::ZERO);
+                let by = self.idle_at(c, due);
                 let outcome = if miss < self.cfg.timing.target_miss {
-                    let due = tx.sched.last_sent.unwrap_or(now)
-                        + self.rtt.srtt().unwrap_or(Duration::ZERO);
-                    Outcome::Expired(self.idle_at(due))
+                    Outcome::Expired(by)
                 } else {
-                    Outcome::Unsure
+                    Outcome::Unsure {
+                        by,
+                        transmits: tx.sched.transmits,
+                    }
                 };
-                self.check_done(now, outcome);
+                self.check_done(now, stage, c, outcome);
             }
         }
     }
 
-    fn idle_at(&self, t: Instant) -> Duration {
-        t.saturating_duration_since(self.x_last.unwrap_or(self.started))
+    /// When the last answer to a request sent as `sched` can still arrive: two RTOs after its
+    /// last transmission (`None` for a request sent once and answered: nothing is left).
+    fn quiet_after(&self, sched: &Schedule) -> Option<Instant> {
+        let last = sched.last_sent?;
+        (sched.transmits > 1 || sched.done_at.is_none()).then(|| last + self.rto() * 2)
+    }
+
+    fn idle_at(&self, c: usize, t: Instant) -> Duration {
+        t.saturating_duration_since(self.clocks[c].last_sent.unwrap_or(self.started))
     }
 
     pub fn handle_datagram(
@@ -463,9 +710,12 @@ impl LifetimeProbe {
             return;
         };
         let server = self.cfg.server;
-        let kind = self.txs[i].kind;
+        let (kind, stage, c) = (self.txs[i].kind, self.txs[i].stage, self.txs[i].clock);
         let tx_socket = self.txs[i].socket;
-        if socket != X && socket != tx_socket {
+        let x = self.clocks[c].socket;
+        // Only X itself and the requesting socket count: an answer aimed at Pp that lands on
+        // another socket means Pp changed hands, which the check's silence will conclude.
+        if socket != x && socket != tx_socket {
             return;
         }
         if from != server || resp.response_origin.is_some_and(|o| o != server) {
@@ -487,30 +737,40 @@ impl LifetimeProbe {
             self.fail(now, format!("the server refused {what} (error {code})"));
             return;
         }
-        match (kind, socket == X) {
+        match (kind, socket == x) {
             (Kind::Refresh, true) => {
                 let Some(mapped) = resp.reflexive() else {
                     self.problem("answer without a mapped address".into());
                     return;
                 };
                 self.finish_tx(now, i, true);
-                self.refreshed(now, mapped);
+                self.refreshed(now, c, mapped);
             }
             (Kind::Refresh, false) => {}
             (Kind::Check, true) => {
+                // After a retransmission, an earlier answer may have passed the NAT and been lost
+                // behind it; on a NAT that inbound traffic refreshes, that restarted the timer.
+                // The binding was then alive when that answer passed, which was after the first
+                // transmission: only that much idle time is proven.
+                let sched = self.txs[i].sched;
+                let proven = match (sched.transmits, sched.first_sent) {
+                    (k, Some(first)) if k > 1 => first,
+                    _ => now,
+                };
                 self.finish_tx(now, i, true);
-                let idle = self.idle_at(now);
-                self.check_done(now, Outcome::Alive(idle));
+                let idle = self.idle_at(c, proven);
+                self.clocks[c].quiet_until = self.quiet_after(&sched);
+                self.check_done(now, stage, c, Outcome::Alive(idle));
             }
             (Kind::Check, false) => {
                 // The answer came back to Y. Aimed at Pp, it reaches Y only if the NAT gave X's
                 // freed port to Y's new mapping; otherwise the server ignored RESPONSE-PORT.
-                let pp = self.x_mapped;
+                let pp = self.clocks[c].mapped;
                 let ym = resp.reflexive();
                 self.finish_tx(now, i, false);
                 if ym.is_some() && ym == pp {
-                    let idle = self.idle_at(now);
-                    self.check_done(now, Outcome::Expired(idle));
+                    let idle = self.idle_at(c, now);
+                    self.check_done(now, stage, c, Outcome::Expired(idle));
                 } else {
                     self.problem(format!(
                         "the server ignored RESPONSE-PORT: the answer aimed at port {} came back to the requesting socket ({})",
@@ -556,73 +816,122 @@ impl LifetimeProbe {
         self.finish(now);
     }
 
+    /// Ends every pending transaction: their answers are no longer evidence of anything.
+    fn abandon_pending(&mut self, now: Instant) {
+        self.queue.clear();
+        for tx in &mut self.txs {
+            if tx.state == TxState::Pending {
+                tx.state = TxState::GaveUp { miss: 1.0 };
+                if tx.sched.transmits > 0 {
+                    tx.sched.done_at = Some(now);
+                }
+            }
+        }
+        for c in &mut self.clocks {
+            c.due = None;
+            if c.state != ClockState::Retired {
+                c.state = ClockState::Idle;
+            }
+        }
+        self.replan_at = None;
+    }
+
     fn finish(&mut self, now: Instant) {
         self.stage = Stage::Done;
         self.wake = None;
-        self.queue.clear();
+        self.abandon_pending(now);
         self.finished.get_or_insert(now);
     }
 
-    /// A refresh was answered: X's binding was just refreshed and has external address `mapped`.
-    fn refreshed(&mut self, now: Instant, mapped: SocketAddr) {
+    /// A refresh of clock `c` was answered: its binding was just refreshed and has external
+    /// address `mapped`.
+    fn refreshed(&mut self, now: Instant, c: usize, mapped: SocketAddr) {
         if self.first_mapped.is_none() {
             self.first_mapped = Some(mapped);
-            if self.local_of(X) == Some(mapped) {
+            if self.local_of(self.clocks[c].socket) == Some(mapped) {
                 self.finish(now);
                 return;
             }
         }
-        self.x_mapped = Some(mapped);
-        let x_last = self.x_last.unwrap_or(now);
+        let clock = &mut self.clocks[c];
+        clock.mapped = Some(mapped);
+        clock.refresh_failures = 0;
+        clock.state = ClockState::Running;
+        let last = clock.last_sent.unwrap_or(now);
         match self.stage {
-            Stage::Search => self.wake = Some(x_last + self.wait),
+            Stage::Search => {
+                let live = self
+                    .clocks
+                    .iter()
+                    .filter(|c| matches!(c.state, ClockState::Running | ClockState::Checking))
+                    .count();
+                self.peak_clocks = self.peak_clocks.max(live);
+                self.plan(now);
+            }
             Stage::Inbound => {
-                self.base = Some(x_last);
-                self.wake = Some(x_last + self.interval);
+                self.base = Some(last);
+                self.wake = Some(last + self.interval);
             }
             Stage::Done => {}
         }
     }
 
-    fn check_done(&mut self, now: Instant, outcome: Outcome) {
+    fn check_done(&mut self, now: Instant, stage: Stage, c: usize, outcome: Outcome) {
+        if stage != self.stage {
+            return;
+        }
         match self.stage {
-            Stage::Search => self.search_step(now, outcome),
+            Stage::Search => self.search_step(now, c, outcome),
             Stage::Inbound => self.inbound_step(now, outcome),
             Stage::Done => {}
         }
     }
 
-    fn search_step(&mut self, now: Instant, outcome: Outcome) {
-        let before = (self.lo, self.hi);
-        match outcome {
+    fn search_step(&mut self, now: Instant, c: usize, outcome: Outcome) {
+        let tested = self.clocks[c].testing.take();
+        self.clocks[c].state = ClockState::Idle;
+        let narrowed = match outcome {
             Outcome::Alive(idle) => {
                 self.alive_seen += 1;
+                self.unsure = 0;
+                let narrowed = idle > self.lo;
                 self.lo = self.lo.max(idle);
+                narrowed
             }
             Outcome::Expired(by) => {
                 self.expired_seen += 1;
+                self.unsure = 0;
+                let narrowed = self.hi.is_none_or(|h| by < h);
                 self.hi = Some(self.hi.map_or(by, |h| h.min(by)));
+                narrowed
             }
-            Outcome::Unsure if self.unsure_retries < MAX_UNSURE_RETRIES => {
-                // No verdict is no evidence either way: measure the same idle time again, now
-                // with a better loss estimate.
-                self.unsure_retries += 1;
-                self.add_tx(Kind::Refresh, X, None);
-                return;
+            Outcome::Unsure { by, transmits } => {
+                self.silent.push((by, transmits));
+                if let Some(by) = self.pooled_expiry() {
+                    self.expired_seen += 1;
+                    self.unsure = 0;
+                    let narrowed = self.hi.is_none_or(|h| by < h);
+                    self.hi = Some(self.hi.map_or(by, |h| h.min(by)));
+                    narrowed
+                } else {
+                    // No verdict is no evidence either way; the interval's points are planned again,
+                    // now with a better loss estimate.
+                    self.unsure += 1;
+                    if self.unsure >= MAX_UNSURE {
+                        let t = tested.unwrap_or(self.lo);
+                        self.fail(
+                            now,
+                            format!(
+                                "too much loss to tell whether the binding outlived {:.1} s",
+                                t.as_secs_f64()
+                            ),
+                        );
+                        return;
+                    }
+                    false
+                }
             }
-            Outcome::Unsure => {
-                self.fail(
-                    now,
-                    format!(
-                        "too much loss to tell whether the binding outlived {:.1} s",
-                        self.wait.as_secs_f64()
-                    ),
-                );
-                return;
-            }
-        }
-        self.rounds += 1;
-        self.unsure_retries = 0;
+        };
         if let Some(hi) = self.hi {
             if hi < self.lo {
                 self.fail(
@@ -635,26 +944,157 @@ impl LifetimeProbe {
                 );
                 return;
             }
-            let converged = hi - self.lo <= resolution(self.lo);
-            // A check's retry budget can keep `hi` from shrinking further: stop rather than loop.
-            let stuck = (self.lo, self.hi) == before;
-            if converged || stuck || self.rounds >= MAX_ROUNDS {
-                self.search_done(now);
-                return;
-            }
-            self.wait = (self.lo + hi) / 2;
-        } else {
-            if self.lo >= self.cfg.max || self.rounds >= MAX_ROUNDS {
-                self.search_done(now);
-                return;
-            }
-            self.wait = (self.wait * 2).min(self.cfg.max);
         }
-        // Refresh X before each new idle period: outbound traffic restarts the binding's timer.
-        self.add_tx(Kind::Refresh, X, None);
+        if narrowed {
+            self.stale = 0;
+        } else if !matches!(outcome, Outcome::Unsure { .. }) {
+            self.stale += 1;
+        }
+        self.plan(now);
+    }
+
+    /// Silent checks pooled (monotonicity): were the binding alive at `B`, every silent check
+    /// whose answer was due by idle `B` would have been answered, so all their transmissions
+    /// were lost. The smallest `B` for which that is unlikely enough is an upper bound. Several
+    /// `B` are tried, so each must clear the target divided by [`POOL`] (more than the
+    /// candidates any one decision sees): the rule never adds more than the target to the
+    /// chance of a wrong expiry. Checks due by `lo` are left out: they were alive.
+    fn pooled_expiry(&self) -> Option<Duration> {
+        let mut silent: Vec<(Duration, u32)> = self
+            .silent
+            .iter()
+            .copied()
+            .filter(|&(by, _)| by > self.lo)
+            .collect();
+        silent.sort();
+        let target = self.cfg.timing.target_miss / POOL as f64;
+        let mut transmits = 0;
+        for (by, k) in silent.into_iter().take(POOL) {
+            transmits += k;
+            if self.evidence.miss(transmits) < target {
+                return Some(by);
+            }
+        }
+        None
+    }
+
+    /// Whether the search has its answer (or cannot improve it within its bounds).
+    fn search_over(&self) -> bool {
+        let converged = self
+            .hi
+            .is_some_and(|hi| hi.saturating_sub(self.lo) <= resolution(self.lo));
+        converged || self.lo >= self.cfg.max || self.checks >= MAX_CHECKS || self.stale >= MAX_STALE
+    }
+
+    /// Re-plans every free clock for the interval `(lo, hi]` (see the module comment).
+    fn plan(&mut self, now: Instant) {
+        if self.stage != Stage::Search {
+            return;
+        }
+        if self.search_over() {
+            self.search_done(now);
+            return;
+        }
+        let lo = self.lo;
+        let age = |c: &Clock| now.saturating_duration_since(c.last_sent.unwrap_or(now));
+        // Idle times already being tested.
+        let testing: Vec<Duration> = self.clocks.iter().filter_map(|c| c.testing).collect();
+        let mut free: Vec<(usize, Duration)> = self
+            .clocks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.state == ClockState::Running)
+            .map(|(i, c)| (i, age(c)))
+            .collect();
+        // Oldest first.
+        free.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        for &(i, _) in &free {
+            self.clocks[i].due = None;
+        }
+        let mut now_reads: Vec<usize> = Vec::new();
+        let (targets, near, top) = match self.hi {
+            None => {
+                // The first grid: each point once, apart from a point already being tested.
+                let near = |p: Duration| p.mul_f64((self.ratio - 1.0) / 2.0);
+                let targets: Vec<Duration> = self
+                    .grid
+                    .iter()
+                    .copied()
+                    .filter(|&p| p > lo)
+                    .filter(|&p| !testing.iter().any(|&q| q.abs_diff(p) <= near(p)))
+                    .collect();
+                (targets, Duration::ZERO, self.cfg.max)
+            }
+            Some(hi) => {
+                let width = hi.saturating_sub(lo);
+                let res = resolution(lo);
+                let needed = (width.as_secs_f64() / res.as_secs_f64()).ceil() as usize;
+                let n = needed.saturating_sub(1).clamp(1, POOL);
+                let step = width / (n as u32 + 1);
+                let near = step / 2;
+                // A free clock already inside the interval is a point for free: check it now
+                // (not one that has only just aged past `lo`: it is worth more at a target).
+                let mut taken = testing.clone();
+                for &(i, a) in free.iter().rev() {
+                    let inside = a > lo + near && a + near < hi;
+                    if inside && !taken.iter().any(|&q| q.abs_diff(a) < near) {
+                        taken.push(a);
+                        now_reads.push(i);
+                    }
+                }
+                let targets: Vec<Duration> = (1..=n as u32)
+                    .map(|k| lo + step * k)
+                    .filter(|&p| !taken.iter().any(|&q| q.abs_diff(p) < near))
+                    .collect();
+                (targets, near, hi)
+            }
+        };
+        free.retain(|(i, _)| !now_reads.contains(i));
+        // Largest target first, each to the oldest free clock that has not passed it.
+        for &p in targets.iter().rev() {
+            if let Some(pos) = free.iter().position(|&(_, a)| a <= p + near / 2) {
+                let (i, _) = free.remove(pos);
+                let c = &mut self.clocks[i];
+                c.due = c.last_sent.map(|l| (l + p).max(now));
+            }
+        }
+        // Clocks past the interval can no longer tell anything: they start again.
+        for (i, a) in free {
+            if a >= top {
+                self.refresh(i);
+            }
+        }
+        let mut replan = now + resolution(lo);
+        for i in 0..self.clocks.len() {
+            if self.clocks[i].state == ClockState::Idle {
+                match self.clocks[i].quiet_until {
+                    Some(q) if q > now => replan = replan.min(q),
+                    _ => self.refresh(i),
+                }
+            }
+        }
+        for i in now_reads {
+            self.clocks[i].due = Some(now);
+        }
+        self.replan_at = Some(replan);
+        self.start_due(now);
+    }
+
+    /// Sends the checks whose time has come.
+    fn start_due(&mut self, now: Instant) {
+        for i in 0..self.clocks.len() {
+            let c = &self.clocks[i];
+            if c.state == ClockState::Running && c.due.is_some_and(|d| d <= now) {
+                if self.out_of_budget(now) {
+                    return;
+                }
+                self.check(now, i);
+            }
+        }
     }
 
     fn search_done(&mut self, now: Instant) {
+        self.abandon_pending(now);
         let Some(hi) = self.hi else {
             self.inbound_note = format!(
                 "not tested: the binding outlived --lifetime-max ({} s)",
@@ -663,6 +1103,11 @@ impl LifetimeProbe {
             self.finish(now);
             return;
         };
+        if self.budget_spent {
+            self.inbound_note = "not tested: the request budget is spent".into();
+            self.finish(now);
+            return;
+        }
         if !self.cfg.inbound_refresh {
             self.inbound_note = "not tested".into();
             self.finish(now);
@@ -680,8 +1125,8 @@ impl LifetimeProbe {
             return;
         }
         self.stage = Stage::Inbound;
-        self.interval = self.lo / 2;
-        self.add_tx(Kind::Refresh, X, None);
+        self.interval = keepalive_interval(self.lo, hi);
+        self.refresh(0);
     }
 
     fn inbound_step(&mut self, now: Instant, outcome: Outcome) {
@@ -727,7 +1172,7 @@ impl LifetimeProbe {
                 );
                 self.finish(now);
             }
-            Outcome::Unsure => self.fail(now, "too much loss to conclude".into()),
+            Outcome::Unsure { .. } => self.fail(now, "too much loss to conclude".into()),
         }
     }
 
@@ -747,16 +1192,15 @@ impl LifetimeProbe {
             .saturating_duration_since(self.started)
     }
 
-    /// A pessimistic estimate of the time still needed (for a progress bar): assumes every
-    /// remaining question takes its longest plausible path.
+    /// A pessimistic estimate of the time still needed (for a progress bar): the longest path
+    /// the search can take without loss (every grid point alive up to `max`, then two full
+    /// refinement rounds), then the inbound test; never more than what the hard bounds allow.
     pub fn remaining(&self, now: Instant) -> Duration {
         if self.stage == Stage::Done {
             return Duration::ZERO;
         }
-        let pending = self
-            .wake
-            .map_or(self.wait, |w| w.saturating_duration_since(now));
         let max = self.cfg.max;
+        let inbound = |lo: Duration, hi: Duration| hi + resolution(hi) + lo / 2;
         if self.stage == Stage::Inbound {
             let hi = self.hi.unwrap_or(max);
             let since = self
@@ -764,39 +1208,34 @@ impl LifetimeProbe {
                 .map_or(Duration::ZERO, |b| now.saturating_duration_since(b));
             return (hi + resolution(hi)).saturating_sub(since) + self.interval;
         }
-        let mut total = pending;
-        let (lo, hi) = match self.hi {
-            Some(h) => (self.lo, h),
+        let hard = self.search_deadline.saturating_duration_since(now);
+        let planned = self
+            .clocks
+            .iter()
+            .filter_map(|c| c.due)
+            .max()
+            .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+        let (search, lo, hi) = match self.hi {
+            // The grid may run to `max`; its bracket is then refined in up to two rounds.
             None => {
-                let mut t = self.wait;
-                while t < max {
-                    t = (t * 2).min(max);
-                    total += t;
-                }
-                (max / 2, max)
+                let grid = max.saturating_sub(self.elapsed(now)).max(planned);
+                (grid + max * 2, max / 2, max)
             }
+            Some(hi) => (planned + hi * 2, self.lo, hi),
         };
-        let mut width = hi.saturating_sub(lo);
-        let mut mid = (lo + hi) / 2;
-        let mut n = 0;
-        while width > resolution(lo) && n < MAX_ROUNDS {
-            total += mid;
-            width /= 2;
-            mid = lo + width / 2;
-            n += 1;
-        }
+        let mut total = search.min(hard);
         if self.cfg.inbound_refresh {
-            total += hi + resolution(hi) + lo / 2;
+            total += inbound(lo, hi);
         }
         total
     }
 
-    /// The longest the whole measurement can take with this configuration (a driver's deadline).
+    /// The longest the whole measurement can take with this configuration (a driver's deadline):
+    /// the search's hard time bound, then the inbound test (one refresh, idle up to the upper
+    /// bound, one keepalive interval, each request within its retry budget).
     pub fn time_bound(cfg: &LifetimeConfig) -> Duration {
-        let max = cfg.max;
-        let rounds = max.as_secs().max(1).ilog2() + 2;
         let retry = cfg.timing.max_rto * cfg.timing.max_transmits;
-        max * 2 + max * rounds + max * 2 + retry * (rounds * 2 + 8) + Duration::from_secs(60)
+        cfg.search_limit() + (cfg.max + retry) * 2 + retry * 4 + Duration::from_secs(60)
     }
 
     /// The result (complete once `is_done`).
@@ -851,8 +1290,8 @@ impl LifetimeProbe {
                     format!("expired by {u:.1} s idle")
                 });
                 let seen = format!(
-                    "{alive}, {expired} ({} checks, outbound refresh before each)",
-                    self.checks
+                    "{alive}, {expired} ({} checks on up to {} sockets at once, outbound refresh before each)",
+                    self.checks, self.peak_clocks
                 );
                 match (&self.search_failed, self.hi) {
                     (Some(why), _) => (None, "unknown".into(), format!("{why}; {seen}")),
@@ -940,48 +1379,105 @@ mod tests {
         out[..len].to_vec()
     }
 
-    /// A probe whose refreshes were answered (X's binding is PP) and whose first check is out,
-    /// sent from socket Y; returns the probe, the check and the time.
-    fn at_first_check() -> (LifetimeProbe, Transmit, Instant) {
+    /// X socket `i`'s local address and its binding (external port 40000 + i).
+    fn x_local(i: u16) -> SocketAddr {
+        SocketAddr::new(addr(X_LOCAL).ip(), 40000 + i)
+    }
+    fn x_mapped(i: u16) -> SocketAddr {
+        SocketAddr::new(addr(PP).ip(), 40000 + i)
+    }
+
+    /// A probe whose refreshes were answered (X socket `i` has binding `x_mapped(i)`) and whose
+    /// first check is out, sent from socket Y; returns the probe, the check, the socket it checks
+    /// and the time.
+    fn at_first_check() -> (LifetimeProbe, Transmit, SocketId, Instant) {
         let t0 = Instant::now();
         let mut cfg = LifetimeConfig::new(addr(SERVER));
         cfg.seed = Some(1);
         let mut p = LifetimeProbe::new(t0, cfg);
-        p.socket_bound(X, addr(X_LOCAL));
-        let mut now = t0;
-        let sent: Vec<Transmit> = std::iter::from_fn(|| p.poll_transmit(t0)).collect();
-        assert_eq!(sent.len(), CALIBRATION);
-        for t in &sent {
-            assert_eq!((t.socket, t.to), (X, addr(SERVER)));
-            now += Duration::from_millis(10);
-            p.handle_datagram(now, X, addr(SERVER), &answer(&t.payload, addr(PP)));
-        }
+        let ms10 = Duration::from_millis(10);
+        let first: Vec<Transmit> = std::iter::from_fn(|| p.poll_transmit(t0)).collect();
+        assert_eq!(
+            first.len(),
+            CALIBRATION,
+            "a few X sockets until the first answer"
+        );
+        let answer_all = |p: &mut LifetimeProbe, sent: &[Transmit], now: Instant| {
+            for t in sent {
+                assert_eq!(t.to, addr(SERVER));
+                assert!((t.socket.0 as usize) < POOL);
+                p.socket_bound(t.socket, x_local(t.socket.0));
+            }
+            for t in sent {
+                let bytes = answer(&t.payload, x_mapped(t.socket.0));
+                p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            }
+        };
+        let mut now = t0 + ms10;
+        answer_all(&mut p, &first, now);
+        let rest: Vec<Transmit> = std::iter::from_fn(|| p.poll_transmit(now)).collect();
+        assert_eq!(
+            rest.len(),
+            POOL - CALIBRATION,
+            "the others start with the first answer"
+        );
+        let started = now;
+        now += ms10;
+        answer_all(&mut p, &rest, now);
         assert!(p.poll_transmit(now).is_none(), "X stays idle");
         let wake = p.poll_timeout().expect("the first check is scheduled");
-        assert_eq!(wake, t0 + Duration::from_secs(1), "T after X's last packet");
+        // The youngest clocks take the shortest grid points.
+        assert_eq!(
+            wake,
+            started + Duration::from_secs(1),
+            "T after X's last packet"
+        );
         p.handle_timeout(wake);
         let check = p.poll_transmit(wake).expect("the check");
-        assert_ne!(check.socket, X);
+        assert!(check.socket.0 as usize >= POOL, "checks use fresh sockets");
+        assert!(p.poll_transmit(wake).is_none(), "one grid point is due");
         p.socket_bound(check.socket, addr("10.0.0.2:41000"));
-        (p, check, wake)
+        let port = response_port(&check.payload).expect("RESPONSE-PORT");
+        (p, check, SocketId(port - 40000), wake)
     }
 
-    #[test]
-    fn the_check_asks_for_xs_external_port() {
-        let (_, check, _) = at_first_check();
-        let msg = Message::parse(&check.payload).unwrap();
+    fn response_port(payload: &[u8]) -> Option<u16> {
+        let msg = Message::parse(payload).unwrap();
         let port = msg
             .attributes()
             .find(|a| a.typ == crate::stun::attr_type::RESPONSE_PORT)
             .map(|a| crate::stun::attr::decode_response_port(a.value).unwrap());
-        assert_eq!(port, Some(40000));
+        port
+    }
+
+    #[test]
+    fn the_check_asks_for_xs_external_port() {
+        let (p, check, x, _) = at_first_check();
+        assert!((x.0 as usize) < POOL);
+        assert_eq!(
+            response_port(&check.payload),
+            p.clocks[x.0 as usize].mapped.map(|m| m.port())
+        );
+    }
+
+    #[test]
+    fn the_first_grid_spans_first_wait_to_max_within_the_pool() {
+        let cfg = LifetimeConfig::new(addr(SERVER));
+        let (grid, ratio) = cfg.grid();
+        assert!(grid.len() <= POOL);
+        assert_eq!(grid[0], Duration::from_secs(1));
+        assert_eq!(grid.last(), Some(&Duration::from_secs(300)));
+        assert!((MIN_RATIO..=MAX_RATIO).contains(&ratio));
+        assert!(grid
+            .windows(2)
+            .all(|w| w[1] > w[0] && w[1] <= w[0].mul_f64(ratio * 1.001)));
     }
 
     #[test]
     fn an_answer_on_y_at_xs_old_port_means_expired() {
-        let (mut p, check, now) = at_first_check();
-        // The NAT gave the freed port to Y: the answer aimed at PP lands on Y.
-        let bytes = answer(&check.payload, addr(PP));
+        let (mut p, check, x, now) = at_first_check();
+        // The NAT gave the freed port to Y: the answer aimed at X's port lands on Y.
+        let bytes = answer(&check.payload, x_mapped(x.0));
         p.handle_datagram(
             now + Duration::from_millis(10),
             check.socket,
@@ -989,17 +1485,22 @@ mod tests {
             &bytes,
         );
         let r = p.report();
-        assert_eq!(r.upper_s, Some(1.01));
+        assert_eq!(
+            r.upper_s,
+            Some(1.01),
+            "idle from X's refresh to the answer on Y"
+        );
         assert_eq!(r.lower_s, None);
         assert!(p.problems.is_empty(), "{:?}", p.problems);
-        // Binary search below the first wait continues with a refresh from X.
+        // The search continues below the first wait: the clocks, all past it, start again.
         let next = p.poll_transmit(now + Duration::from_millis(10)).unwrap();
-        assert_eq!(next.socket, X);
+        assert!((next.socket.0 as usize) < POOL);
+        assert_eq!(response_port(&next.payload), None, "a refresh");
     }
 
     #[test]
     fn a_server_ignoring_response_port_is_a_server_problem() {
-        let (mut p, check, now) = at_first_check();
+        let (mut p, check, _, now) = at_first_check();
         // Y's own mapping is another port; the answer still came back to Y.
         let bytes = answer(&check.payload, addr("203.0.113.1:41000"));
         p.handle_datagram(
@@ -1021,12 +1522,44 @@ mod tests {
 
     #[test]
     fn an_answer_on_x_from_elsewhere_is_not_evidence() {
-        let (mut p, check, now) = at_first_check();
+        let (mut p, check, x, now) = at_first_check();
         let bytes = answer(&check.payload, addr("203.0.113.1:41000"));
-        p.handle_datagram(now, X, addr("198.51.100.9:3478"), &bytes);
+        p.handle_datagram(now, x, addr("198.51.100.9:3478"), &bytes);
         assert!(!p.is_done());
         assert_eq!(p.report().lower_s, None);
         assert_eq!(p.problems.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_on_another_x_is_not_evidence() {
+        // The port changed hands: the answer aimed at X's old port reached another X socket.
+        let (mut p, check, x, now) = at_first_check();
+        let other = SocketId((x.0 + 1) % POOL as u16);
+        let bytes = answer(&check.payload, x_mapped(x.0));
+        p.handle_datagram(now + Duration::from_millis(10), other, addr(SERVER), &bytes);
+        assert!(!p.is_done());
+        let r = p.report();
+        assert_eq!((r.lower_s, r.upper_s), (None, None));
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+    }
+
+    #[test]
+    fn keepalives_reach_past_the_upper_bound_without_idling_near_the_lifetime() {
+        let s = Duration::from_secs;
+        for (lo, hi) in [
+            (2.0, 3.0),
+            (2.0, 6.0),
+            (29.4, 30.8),
+            (119.4, 123.0),
+            (100.0, 120.0),
+        ] {
+            let (lo, hi) = (Duration::from_secs_f64(lo), Duration::from_secs_f64(hi));
+            let i = keepalive_interval(lo, hi);
+            assert!(i <= lo.mul_f64(0.75), "{lo:?} {hi:?}: {i:?}");
+            let n = (hi + resolution(hi)).as_secs_f64() / i.as_secs_f64();
+            assert!((n - n.round()).abs() < 1e-6 && n >= 2.0, "{n}");
+        }
+        assert_eq!(keepalive_interval(s(120), s(120)), s(63));
     }
 
     #[test]
