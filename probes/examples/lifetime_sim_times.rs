@@ -1,6 +1,7 @@
-//! Numbers of the binding-lifetime search in the simulator (virtual time, deterministic): run with
-//! `cargo test -p natscope-probes --release --test probe_lifetime_measure -- --ignored --nocapture`
-//! to print the table quoted in docs/probe.md. Ignored by default: it only measures.
+//! Benchmark harness: numbers of the binding-lifetime search in the simulator (virtual time,
+//! deterministic), the table quoted in docs/probe.md. Run with
+//! `cargo run --release -p natscope-probes --example lifetime_sim_times` (`VERBOSE=1` for one line
+//! per run).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -29,9 +30,7 @@ fn x_sockets(sent: &[SentDatagram]) -> HashSet<SocketId> {
         .collect()
 }
 
-#[test]
-#[ignore]
-fn print_lifetime_numbers() {
+fn main() {
     println!("| NAT | loss | seeds | virtual s (lifetime row / total) | requests | checks | X sockets | bracket / converged-unknown-wrong |");
     for timeout in [30u64, 120] {
         let seed = if timeout == 30 { 1 } else { 2 };
@@ -115,25 +114,4 @@ fn print_lifetime_numbers() {
             );
         }
     }
-}
-
-#[test]
-#[ignore]
-fn trace_lifetime() {
-    let timeout: u64 = std::env::var("NAT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
-    let mut cfg = SimConfig::new(nat(timeout, false), 2);
-    cfg.max_virtual_time = Duration::from_secs(4 * 3600);
-    let run = sim::run_lifetime(&cfg, sim::lifetime_config(2));
-    for d in &run.sent {
-        let rp = Message::parse(&d.payload).ok().and_then(|m| {
-            m.attributes()
-                .find(|a| a.typ == attr_type::RESPONSE_PORT)
-                .map(|a| u16::from_be_bytes([a.value[0], a.value[1]]))
-        });
-        println!("{:8.3} {:?} {:?}", d.at.as_secs_f64(), d.socket, rp);
-    }
-    println!("{:?}", run.machine.report());
 }
