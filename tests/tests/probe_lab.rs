@@ -279,14 +279,35 @@ fn bounds(verdict: &str) -> Option<(f64, f64)> {
     Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
 }
 
-/// An engine NAT with a short UDP timeout; runs `probe --lifetime --lifetime-max 20` in `h1` and
-/// checks the JSON against the configuration (the lifetime, inbound refresh, and that the usual
-/// verdicts still hold in the same run).
-fn lifetime_through(prefix: &str, cfg: EngineConfig) {
-    let b = cfg.behavior.clone();
-    let timeout = b.udp_timeout.as_secs_f64();
+/// What `--lifetime` must report behind a NAT.
+struct LifetimeTruth {
+    mapping: MappingBehavior,
+    filtering: FilteringBehavior,
+    port_preservation: bool,
+    udp_timeout: Duration,
+    inbound_refresh: bool,
+}
+
+impl LifetimeTruth {
+    fn of_engine(cfg: &EngineConfig) -> Self {
+        let b = &cfg.behavior;
+        Self {
+            mapping: b.mapping,
+            filtering: b.filtering,
+            port_preservation: b.allocation == PortAllocation::Preserve,
+            udp_timeout: b.udp_timeout,
+            inbound_refresh: b.inbound_refresh,
+        }
+    }
+}
+
+/// Brings a lab up with `up` (h1 behind a NAT, reflector `stun`), runs `probe --lifetime
+/// --lifetime-max 20` in `h1` and checks the JSON against `truth`: the lifetime, inbound refresh,
+/// and that the usual verdicts still hold in the same run.
+fn lifetime_through(name: &str, up: impl FnOnce() -> Lab, truth: LifetimeTruth) {
+    let timeout = truth.udp_timeout.as_secs_f64();
     let _shared = LAB_LOAD.read().unwrap_or_else(|p| p.into_inner());
-    let lab = up_engine_lab(prefix, cfg);
+    let lab = up();
     let started = Instant::now();
     let (doc, code, p) = probe_in_h1(
         &lab,
@@ -298,18 +319,23 @@ fn lifetime_through(prefix: &str, cfg: EngineConfig) {
     let why = || format!("{doc:#}\n{}", p.diagnostics());
     assert_eq!(code, Some(0), "{}", why());
 
-    // The UDP verdicts of the same run still describe the configured NAT.
+    // The UDP verdicts of the same run still describe the NAT.
     assert_eq!(doc["nat_detected"], true, "{}", why());
-    assert_eq!(doc["mapping"], mapping_name(b.mapping), "{}", why());
-    assert_eq!(doc["filtering"], filtering_name(b.filtering), "{}", why());
+    assert_eq!(doc["mapping"], mapping_name(truth.mapping), "{}", why());
+    assert_eq!(
+        doc["filtering"],
+        filtering_name(truth.filtering),
+        "{}",
+        why()
+    );
     assert_eq!(
         doc["port_preservation"],
-        b.allocation == PortAllocation::Preserve,
+        truth.port_preservation,
         "{}",
         why()
     );
 
-    // The binding lifetime: the bounds contain the configured timeout, tightly.
+    // The binding lifetime: the bounds contain the configured timeout.
     let life = row(&doc, "binding lifetime");
     let verdict = life["verdict"].as_str().unwrap_or_default();
     let (lo, hi) = bounds(verdict)
@@ -333,12 +359,12 @@ fn lifetime_through(prefix: &str, cfg: EngineConfig) {
         why()
     );
 
-    // RFC 4787 REQ-6: the inbound refresh verdict is the configured one.
+    // RFC 4787 REQ-6: the inbound refresh verdict is the NAT's.
     let inbound = row(&doc, "inbound refresh");
-    let want = if b.inbound_refresh { "yes" } else { "no" };
+    let want = if truth.inbound_refresh { "yes" } else { "no" };
     assert_eq!(inbound["verdict"], want, "{}", why());
     eprintln!(
-        "{prefix}: timeout {timeout} s measured {verdict}, inbound refresh {}, probe took {:.1} s; {}; {}",
+        "{name}: timeout {timeout} s measured {verdict}, inbound refresh {}, probe took {:.1} s; {}; {}",
         inbound["verdict"],
         took.as_secs_f64(),
         life["evidence"],
@@ -359,7 +385,8 @@ fn lifetime_through_an_engine_without_inbound_refresh() {
     ));
     cfg.behavior.udp_timeout = Duration::from_millis(3200);
     cfg.behavior.inbound_refresh = false;
-    lifetime_through("ltno", cfg);
+    let truth = LifetimeTruth::of_engine(&cfg);
+    lifetime_through("ltno", || up_engine_lab("ltno", cfg), truth);
 }
 
 /// A symmetric NAT (random ports) whose UDP mappings live 3.5 s and are also refreshed by
@@ -377,5 +404,55 @@ fn lifetime_through_an_engine_with_inbound_refresh() {
     cfg.behavior.allocation = PortAllocation::Random;
     cfg.behavior.udp_timeout = Duration::from_millis(3500);
     cfg.behavior.inbound_refresh = true;
-    lifetime_through("ltyes", cfg);
+    let truth = LifetimeTruth::of_engine(&cfg);
+    lifetime_through("ltyes", || up_engine_lab("ltyes", cfg), truth);
+}
+
+/// The `linux` preset (nftables masquerade) with conntrack's UDP timeouts set to 4 s in the
+/// router's namespace: both `nf_conntrack_udp_timeout` (an entry that has not yet been
+/// "assured") and `nf_conntrack_udp_timeout_stream` (one that saw replies for over 2 s, as the
+/// probe's socket X does), so the truth is 4 s whatever state the entry is in. These sysctls are
+/// per network namespace; the host's are untouched. Conntrack refreshes an entry's timeout on
+/// every packet of the flow in either direction (`nf_ct_refresh_acct` in the UDP handler), so
+/// inbound traffic does refresh: `yes`. Expiry is in jiffies and checked on lookup
+/// (`nf_ct_is_expired`) as well as by the GC worker, so [`LIFETIME_SLACK`] holds here too.
+/// Mapping, filtering and port preservation are `presets::expected("linux")`.
+#[test]
+fn lifetime_through_the_kernel_masquerade() {
+    if !require_root() {
+        return;
+    }
+    const TIMEOUT_S: u64 = 4;
+    let expected = presets::expected("linux").expect("linux truth");
+    let truth = LifetimeTruth {
+        mapping: expected.mapping.expect("linux maps"),
+        filtering: expected.filtering.expect("linux filters"),
+        port_preservation: expected.port_preservation,
+        udp_timeout: Duration::from_secs(TIMEOUT_S),
+        inbound_refresh: true,
+    };
+    let up = || {
+        let lab = up_preset("linux");
+        let set = lab
+            .node("nat")
+            .expect("nat")
+            .run(|| -> std::io::Result<()> {
+                for knob in [
+                    "nf_conntrack_udp_timeout",
+                    "nf_conntrack_udp_timeout_stream",
+                ] {
+                    let path = format!("/proc/sys/net/netfilter/{knob}");
+                    std::fs::write(&path, format!("{TIMEOUT_S}\n"))?;
+                    let now = std::fs::read_to_string(&path)?;
+                    if now.trim() != TIMEOUT_S.to_string() {
+                        return Err(std::io::Error::other(format!("{path} reads {now}")));
+                    }
+                }
+                Ok(())
+            })
+            .expect("namespace");
+        set.expect("set conntrack's udp timeouts in the router's namespace");
+        lab
+    };
+    lifetime_through("ltkernel", up, truth);
 }
