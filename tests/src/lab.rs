@@ -173,3 +173,21 @@ pub fn reflector_ips(lab: &Lab) -> (Ipv4Addr, Ipv4Addr) {
         _ => panic!("ipv4 reflector"),
     }
 }
+
+/// A lab with one reflector `stun`, one userspace NAT `nat` configured by `config`, and `h1`,
+/// `h2` behind it: for tests that need engine settings no preset has (short timeouts, inbound
+/// refresh).
+pub fn up_engine_lab(prefix: &str, config: natscope_lab::topology::EngineConfig) -> Lab {
+    Lab::builder(&lab_name(prefix))
+        .natscope_bin(natscope_bin())
+        .reflector("stun")
+        .router(
+            "nat",
+            None,
+            natscope_lab::topology::RouterKind::Engine(config),
+        )
+        .host("h1", Some("nat"))
+        .host("h2", Some("nat"))
+        .up()
+        .expect("lab up")
+}
