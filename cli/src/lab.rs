@@ -147,13 +147,26 @@ fn up(a: UpArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let source = a.source.unwrap_or_default();
-    // Validate here so a bad file or preset is reported by this process, before anything exists.
+    // Validate here so a bad name, file or preset is reported by this process, before anything
+    // exists (the supervisor's log below would otherwise be left behind, or, for a lab already
+    // running, truncated under it).
+    natscope_lab::check_lab_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     load_plan(&source)?;
     netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
+    if registry::read(&a.name).is_some_and(|r| registry::owner_alive(&r)) {
+        bail!(
+            "a lab named `{0}` is already running (natscope lab down {0})",
+            a.name
+        );
+    }
     let exe = std::env::current_exe().context("cannot find the natscope executable")?;
     std::fs::create_dir_all(registry::DIR)
         .with_context(|| format!("cannot create {} (run natscope lab as root)", registry::DIR))?;
-    let log = std::fs::File::create(log_path(&a.name))
+    // Appended to, never truncated: a lab of this name that came up meanwhile keeps its log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(&a.name))
         .with_context(|| format!("cannot create {}", log_path(&a.name).display()))?;
     let mut child = Command::new(&exe)
         .args(["lab", "serve", &source, "--name", &a.name])
@@ -180,6 +193,10 @@ fn up(a: UpArgs) -> Result<ExitCode> {
                 "the lab supervisor exited without a word; see {}",
                 log_path(&a.name).display()
             );
+        }
+        // The error is in `msg`; no lab, so no log to keep.
+        if registry::read(&a.name).is_none() {
+            let _ = std::fs::remove_file(log_path(&a.name));
         }
         bail!("{msg}");
     }

@@ -205,11 +205,17 @@ impl LabBuilder {
     }
 }
 
-fn valid_lab_name(name: &str) -> bool {
-    (1..=10).contains(&name.len())
+/// Checks `name` as a lab name (1-10 characters a-z, 0-9: namespaces are `nsc-NAME-NODE`).
+pub fn check_lab_name(name: &str) -> Result<(), LabError> {
+    let ok = (1..=10).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::BadName(name.to_string()))
+    }
 }
 
 /// The namespace of `node` in `lab`.
@@ -248,9 +254,7 @@ impl Lab {
 
     /// Brings `plan` up as lab `name`. On any error, whatever was created is removed again.
     pub fn up(name: &str, plan: Plan, options: LabOptions) -> Result<Self, LabError> {
-        if !valid_lab_name(name) {
-            return Err(LabError::BadName(name.to_string()));
-        }
+        check_lab_name(name)?;
         netns::check_privileges()?;
         registry::cleanup_stale();
         if registry::read(name).is_some() {

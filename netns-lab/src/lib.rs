@@ -16,5 +16,6 @@ pub mod registry;
 pub mod topology;
 
 pub use lab::{
-    namespace_name, node_status, Lab, LabBuilder, LabError, LabNode, LabOptions, NodeStatus,
+    check_lab_name, namespace_name, node_status, Lab, LabBuilder, LabError, LabNode, LabOptions,
+    NodeStatus,
 };

@@ -159,12 +159,24 @@ fn lab_exec_passes_stdio_and_exit_status_through() {
     lab.down();
 }
 
+/// Takes a lab started through the CLI down when dropped, so a failing assertion leaves nothing.
+struct DownOnDrop(String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if registry::read(&self.0).is_some() {
+            let _ = natscope(&["lab", "down", &self.0]);
+        }
+    }
+}
+
 #[test]
 fn lab_up_status_nat_table_down() {
     if !require_root() {
         return;
     }
     let name = lab_name("cli");
+    let _down = DownOnDrop(name.clone());
     let out = natscope(&[
         "lab",
         "up",
@@ -193,6 +205,13 @@ fn lab_up_status_nat_table_down() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let probe: Value = serde_json::from_slice(&out.stdout).expect("probe json");
     assert_eq!(probe["classic"], "port-restricted-cone");
+
+    // A second `lab up` under the same name is refused in one line and leaves the first alone.
+    let out = natscope(&["lab", "up", "open", "--name", &name]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("already running"), "{err}");
 
     let out = natscope(&["lab", "status", &name, "--json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -262,6 +281,10 @@ fn rejected_before_anything_exists(file: &Path, name: &str, want: &[&str]) {
         "nothing was created"
     );
     assert!(registry::read(name).is_none());
+    assert!(
+        !registry::log_path(name).exists() && !registry::control_path(name).exists(),
+        "no supervisor log or socket left behind"
+    );
 }
 
 #[test]
@@ -290,6 +313,9 @@ fn bad_topology_files_are_rejected_with_file_line_and_problem() {
         "[[nat]]\nname = \"a\"\n\n[[host]]\nname = \"h\"\nparent = \"nowhere\"\n",
     );
     rejected_before_anything_exists(&f, &name, &["parent.toml:6:", "`nowhere`"]);
+    let open = Path::new("open");
+    rejected_before_anything_exists(open, "toolongname", &["`toolongname`", "1-10 characters"]);
+    rejected_before_anything_exists(open, "Caps", &["`Caps`", "is invalid"]);
     let out = natscope(&["lab", "up", "no-such-preset", "--name", &name]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset `no-such-preset`"));
