@@ -11,8 +11,8 @@
 //! (Linux conntrack), a payload-rewriting ALG, and misconfigured servers ([`ServerMode`]).
 //!
 //! Topology (documentation address ranges only; nothing here touches a socket):
-//! - client: [`PRIVATE_IP`] behind a NAT whose external address is [`NAT_EXTERNAL_IP`], or
-//!   [`PUBLIC_CLIENT_IP`] with no NAT;
+//! - client: [`PRIVATE_IP`] behind a NAT whose external address is [`NAT_EXTERNAL_IP`] (and the
+//!   addresses after it, [`SimConfig::nat_external_ips`]), or [`PUBLIC_CLIENT_IP`] with no NAT;
 //! - server: [`SERVER_PRIMARY`] (A1:P1) and [`SERVER_ALTERNATE`] (A2:P2), listening on
 //!   {A1, A2} × {P1, P2}.
 //!
@@ -128,6 +128,9 @@ pub struct SimConfig {
     /// from the external endpoint to the internal one (RFC 5780 §3.6). It is blind: FINGERPRINT is
     /// left as it was, now wrong.
     pub alg: bool,
+    /// External addresses of the NAT (`NAT_EXTERNAL_IP` and the ones after it), at least 1; with
+    /// more than one, the NAT's [`crate::nat::Pooling`] decides which a mapping gets.
+    pub nat_external_ips: u8,
     /// Fixed one-way delay of every datagram (client ↔ server, and a hairpin through the NAT).
     pub one_way_delay: Duration,
     /// Extra delay drawn uniformly from `[0, jitter]` per datagram (may reorder).
@@ -150,6 +153,7 @@ impl SimConfig {
             server: ServerMode::Rfc5780,
             conntrack_remap: false,
             alg: false,
+            nat_external_ips: 1,
             one_way_delay: Duration::from_millis(5),
             jitter: Duration::ZERO,
             loss: 0.0,
@@ -531,7 +535,12 @@ impl SimNet {
                 Edge::Nat(Box::new(SimNat::new(
                     NatTable::new(
                         b.clone(),
-                        vec![IpAddr::V4(NAT_EXTERNAL_IP)],
+                        (0..cfg.nat_external_ips.max(1))
+                            .map(|i| {
+                                let [a, b, c, d] = NAT_EXTERNAL_IP.octets();
+                                IpAddr::V4(Ipv4Addr::new(a, b, c, d + i))
+                            })
+                            .collect(),
                         cfg.seed ^ 0x4e41_5400,
                     ),
                     cfg.conntrack_remap,
@@ -626,7 +635,7 @@ impl SimNet {
                     self.stats.undeliverable += 1;
                     return;
                 };
-                if to.ip() == IpAddr::V4(NAT_EXTERNAL_IP) {
+                if nat.table().is_external_ip(to.ip()) {
                     let target = nat
                         .behavior()
                         .hairpinning
@@ -722,7 +731,7 @@ impl SimNet {
                     return;
                 }
             }
-            Edge::Nat(nat) if dst.ip() == IpAddr::V4(NAT_EXTERNAL_IP) => {
+            Edge::Nat(nat) if nat.table().is_external_ip(dst.ip()) => {
                 match nat.inbound(now, src, dst) {
                     Inbound::Delivered(internal) => {
                         if self.alg && alg_rewrite(&mut payload, dst, internal) {
