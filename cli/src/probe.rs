@@ -864,6 +864,7 @@ mod tests {
             requests_sent: 13,
             duration_ms: 1.75,
             pacing: Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::Default),
+            address_pooling: None,
         }
     }
 
@@ -1113,7 +1114,8 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
     "enabled": false,
     "max_new_per_second": null,
     "reason": "server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"
-  }
+  },
+  "address_pooling": null
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
@@ -1142,7 +1144,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             )
         };
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 25] = [
+        let checks: [Check; 26] = [
             ("/schema", &|v| v == "natscope.probe/v1"),
             ("/local_address", &is_addr_or_null),
             ("/public_address", &is_addr_or_null),
@@ -1173,6 +1175,9 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             ("/pacing/enabled", &|v| v.is_boolean()),
             ("/pacing/max_new_per_second", &is_num_or_null),
             ("/pacing/reason", &is_str),
+            ("/address_pooling", &|v| {
+                v.is_null() || matches!(v.as_str(), Some("paired" | "arbitrary"))
+            }),
         ];
         for (ptr, ok) in checks {
             let v = doc
@@ -1233,8 +1238,10 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
                 .unwrap_or_else(|| panic!("no top-level {key}: {got}"))
         };
         assert!(
-            at("duration_ms") < at("pacing") && at("pacing") < at("mapping_comparison"),
-            "pacing is added after duration_ms, the comparison stays last: {got}"
+            at("duration_ms") < at("pacing")
+                && at("pacing") < at("address_pooling")
+                && at("address_pooling") < at("mapping_comparison"),
+            "pacing, then address_pooling, are added after duration_ms, the comparison stays last: {got}"
         );
         assert!(
             got.starts_with("{\n  \"schema\": \"natscope.probe/v1\","),

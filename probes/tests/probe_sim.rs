@@ -829,6 +829,83 @@ fn a_cold_first_flight_does_not_set_the_pace_but_is_still_allowed_for() {
     }
 }
 
+/// RFC 4787 REQ-2: a NAT with several external addresses that pools them arbitrarily gives this
+/// host's fresh sockets different addresses. The probe reports `arbitrary` (and says so in the
+/// port allocation row and the summary), stops calling the ports predictable, and every other
+/// verdict stays the truth. Paired pooling, or a single address, is `paired`; no NAT, `None`.
+#[test]
+fn address_pooling_is_reported() {
+    use natscope_probes::nat::Pooling;
+    use natscope_probes::probe::AddressPooling;
+    for seed in 0..8 {
+        for (ips, pooling, want) in [
+            (1, Pooling::Paired, AddressPooling::Paired),
+            (4, Pooling::Paired, AddressPooling::Paired),
+            (3, Pooling::Arbitrary, AddressPooling::Arbitrary),
+            (4, Pooling::Arbitrary, AddressPooling::Arbitrary),
+        ] {
+            let mut b = nat(
+                M::EndpointIndependent,
+                F::AddressAndPortDependent,
+                PortAllocation::Preserve,
+                false,
+            );
+            b.pooling = pooling;
+            let path = Path::Nat(b);
+            let mut cfg = SimConfig::new(path.clone(), 9000 + seed);
+            cfg.nat_external_ips = ips;
+            let r = run(&cfg);
+            let what = format!("{ips} address(es), {pooling:?}, seed {seed}");
+            assert_eq!(observed(&r.report), truth(&path), "{what}");
+            assert_eq!(
+                r.report.address_pooling,
+                Some(want),
+                "{what}\n{}",
+                dump(&r.report)
+            );
+            let alloc_row = r
+                .report
+                .tests
+                .iter()
+                .find(|t| t.name == "port allocation")
+                .unwrap();
+            let arbitrary = want == AddressPooling::Arbitrary;
+            assert_eq!(
+                alloc_row.evidence.contains("pooling is arbitrary"),
+                arbitrary,
+                "{what}"
+            );
+            assert_eq!(
+                r.report.summary.contains("pooled arbitrarily"),
+                arbitrary,
+                "{what}"
+            );
+        }
+    }
+    let r = run(&SimConfig::new(Path::Open, 1));
+    assert_eq!(r.report.address_pooling, None);
+
+    // A sequential symmetric NAT's next port is predictable — unless its address is a guess too.
+    for (pooling, predicted) in [(Pooling::Paired, true), (Pooling::Arbitrary, false)] {
+        let mut b = nat(
+            M::AddressAndPortDependent,
+            F::AddressAndPortDependent,
+            PortAllocation::Sequential { step: 1 },
+            false,
+        );
+        b.pooling = pooling;
+        let mut cfg = SimConfig::new(Path::Nat(b), 9100);
+        cfg.nat_external_ips = 4;
+        let r = run(&cfg);
+        let prediction = r
+            .report
+            .outlook
+            .iter()
+            .any(|o| o.direct_udp == "with-port-prediction");
+        assert_eq!(prediction, predicted, "{pooling:?}\n{}", dump(&r.report));
+    }
+}
+
 /// A lossless path whose delay spikes past the RTO (CPU contention on a busy host, a queue
 /// somewhere): an answer that arrives after its request was retransmitted is late, not lost, and
 /// must not count as loss evidence — otherwise the negative tests ask for ever more

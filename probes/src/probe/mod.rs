@@ -22,4 +22,4 @@ pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 pub use machine::ProbeMachine;
 pub use pacing::{PaceChoice, Pacer, Pacing};
 pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
-pub use report::{AllocationPattern, Behavior, Classic, ProbeReport};
+pub use report::{AddressPooling, AllocationPattern, Behavior, Classic, ProbeReport};

@@ -37,7 +37,7 @@
 //! taken for a round trip or for silence.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -46,8 +46,8 @@ use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimat
 use super::machine::LocalSockets;
 use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
-    self, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport, ProbeReport,
-    ServerReport, TestReport,
+    self, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
+    ProbeReport, ServerReport, TestReport,
 };
 use crate::client::{BindingResponse, RequestOptions};
 use crate::stun::{ChangeRequest, Class, Message, TransactionId, METHOD_BINDING};
@@ -865,8 +865,14 @@ impl Probe {
             hairpin_evidence,
         ));
 
-        // 5. Allocation.
+        // 5. Allocation, and the addresses the mappings got.
         let alloc = self.allocation();
+        let addresses = self.mapped_addresses();
+        let pooling = match (nat, addresses.len()) {
+            (Some(true), 1) if self.mapped_answers() >= 2 => Some(AddressPooling::Paired),
+            (Some(true), n) if n >= 2 => Some(AddressPooling::Arbitrary),
+            _ => None,
+        };
         let alloc_steps: Vec<Step> = (0..self.cfg.allocation_samples).map(Step::Alloc).collect();
         let preserved = match (m1, local) {
             (Some(m), Some(l)) if !alloc.samples.is_empty() => {
@@ -891,8 +897,17 @@ impl Probe {
                     .iter()
                     .map(|(l, e)| format!("{l}→{e}"))
                     .collect();
+                let pooled = if pooling == Some(AddressPooling::Arbitrary) {
+                    let ips: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+                    format!(
+                        "; mappings of this host got different external addresses ({}): pooling is arbitrary, not paired (RFC 4787 REQ-2), so a peer must guess the address as well as the port",
+                        ips.join(", ")
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "local→external {}; {}",
+                    "local→external {}; {}{pooled}",
                     pairs.join(" "),
                     alloc.predictability
                 )
@@ -926,10 +941,11 @@ impl Probe {
         let shape = NatShape {
             mapping,
             filtering,
+            // A predicted port is of little use when the address it will be on is a guess too.
             predictable: matches!(
                 alloc.pattern,
                 AllocationPattern::Sequential | AllocationPattern::Preserving
-            ),
+            ) && pooling != Some(AddressPooling::Arbitrary),
         };
         let outlook = report::outlook(shape);
         let negative_confidence = [filt_miss, hp_miss]
@@ -955,8 +971,7 @@ impl Probe {
             classic,
             mapping,
             filtering,
-            &alloc,
-            preserved,
+            port_phrases(&alloc, preserved, pooling),
             hairpinning,
             &outlook,
         );
@@ -989,6 +1004,7 @@ impl Probe {
             requests_sent: self.requests_sent(),
             duration_ms: ms(end.saturating_duration_since(self.started)),
             pacing: self.cfg.pacing.clone(),
+            address_pooling: pooling,
         }
     }
 
@@ -1190,6 +1206,29 @@ impl Probe {
         }
     }
 
+    /// Answers that reported a mapped address.
+    fn mapped_answers(&self) -> usize {
+        self.txs
+            .iter()
+            .filter_map(|t| t.answer()?.xor_mapped.or(t.answer()?.mapped))
+            .count()
+    }
+
+    /// The distinct external addresses this host's mappings got, in the order first seen (every
+    /// answered request counts: each shows its socket's mapping towards that server address).
+    fn mapped_addresses(&self) -> Vec<IpAddr> {
+        let mut seen = Vec::new();
+        for t in &self.txs {
+            let Some(a) = t.answer().and_then(|a| a.xor_mapped.or(a.mapped)) else {
+                continue;
+            };
+            if !seen.contains(&a.ip()) {
+                seen.push(a.ip());
+            }
+        }
+        seen
+    }
+
     fn allocation(&self) -> PortAllocationReport {
         let samples: Vec<(u16, u16)> = (0..self.cfg.allocation_samples)
             .filter_map(|i| {
@@ -1296,12 +1335,33 @@ fn escape(s: &str) -> String {
         .collect()
 }
 
+/// The summary's words on ports and addresses.
+fn port_phrases(
+    alloc: &PortAllocationReport,
+    preserved: Option<bool>,
+    pooling: Option<AddressPooling>,
+) -> Vec<String> {
+    let mut parts = Vec::new();
+    match (preserved, alloc.pattern) {
+        (Some(true), _) => parts.push("ports preserved".into()),
+        (_, AllocationPattern::Sequential) => parts.push(format!(
+            "sequential ports (delta {})",
+            alloc.delta.unwrap_or(0)
+        )),
+        (_, AllocationPattern::Random) => parts.push("random ports".into()),
+        _ => {}
+    }
+    if pooling == Some(AddressPooling::Arbitrary) {
+        parts.push("external addresses pooled arbitrarily".into());
+    }
+    parts
+}
+
 fn summarize(
     classic: Classic,
     mapping: Behavior,
     filtering: Behavior,
-    alloc: &PortAllocationReport,
-    preserved: Option<bool>,
+    ports: Vec<String>,
     hairpin: Option<bool>,
     outlook: &[report::OutlookRow],
 ) -> String {
@@ -1317,15 +1377,7 @@ fn summarize(
         abbrev(mapping, "M"),
         abbrev(filtering, "F")
     )];
-    match (preserved, alloc.pattern) {
-        (Some(true), _) => parts.push("ports preserved".into()),
-        (_, AllocationPattern::Sequential) => parts.push(format!(
-            "sequential ports (delta {})",
-            alloc.delta.unwrap_or(0)
-        )),
-        (_, AllocationPattern::Random) => parts.push("random ports".into()),
-        _ => {}
-    }
+    parts.extend(ports);
     match hairpin {
         Some(true) => parts.push("hairpinning".into()),
         Some(false) => parts.push("no hairpinning".into()),

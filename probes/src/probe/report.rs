@@ -126,6 +126,18 @@ pub enum AllocationPattern {
     Unknown,
 }
 
+/// RFC 4787 §4.1 / REQ-2 IP address pooling as seen from one host: whether its mappings all got
+/// the same external address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddressPooling {
+    /// Every mapping of this host got the same external address (REQ-2's "paired", which a NAT
+    /// with a single external address meets trivially).
+    Paired,
+    /// Fresh sockets of this host were mapped to different external addresses.
+    Arbitrary,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PortAllocationReport {
     pub pattern: AllocationPattern,
@@ -197,6 +209,9 @@ pub struct ProbeReport {
     /// RFC 5780 §5 pacing of new transactions during the run (added to v1 last, after
     /// `duration_ms`, so documents keep their field order).
     pub pacing: Pacing,
+    /// External address pooling seen across this host's mappings; `None` without a NAT or
+    /// with fewer than two mapped addresses to compare (added to v1 after `pacing`).
+    pub address_pooling: Option<AddressPooling>,
 }
 
 /// A NAT as the outlook reasons about it.
