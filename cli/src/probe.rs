@@ -865,6 +865,7 @@ mod tests {
             duration_ms: 1.75,
             pacing: Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::Default),
             address_pooling: None,
+            tcp_port_preservation: None,
         }
     }
 
@@ -1115,7 +1116,8 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
     "max_new_per_second": null,
     "reason": "server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"
   },
-  "address_pooling": null
+  "address_pooling": null,
+  "tcp_port_preservation": null
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
@@ -1144,7 +1146,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             )
         };
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 26] = [
+        let checks: [Check; 27] = [
             ("/schema", &|v| v == "natscope.probe/v1"),
             ("/local_address", &is_addr_or_null),
             ("/public_address", &is_addr_or_null),
@@ -1178,6 +1180,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             ("/address_pooling", &|v| {
                 v.is_null() || matches!(v.as_str(), Some("paired" | "arbitrary"))
             }),
+            ("/tcp_port_preservation", &is_tri),
         ];
         for (ptr, ok) in checks {
             let v = doc
@@ -1240,8 +1243,9 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
         assert!(
             at("duration_ms") < at("pacing")
                 && at("pacing") < at("address_pooling")
-                && at("address_pooling") < at("mapping_comparison"),
-            "pacing, then address_pooling, are added after duration_ms, the comparison stays last: {got}"
+                && at("address_pooling") < at("tcp_port_preservation")
+                && at("tcp_port_preservation") < at("mapping_comparison"),
+            "pacing, address_pooling, tcp_port_preservation are added after duration_ms, the comparison stays last: {got}"
         );
         assert!(
             got.starts_with("{\n  \"schema\": \"natscope.probe/v1\","),

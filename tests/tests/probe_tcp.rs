@@ -91,6 +91,7 @@ fn binary_probe_tcp_json_reports_endpoint_independent() {
     let doc: Value = serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("stdout is not one json document: {e}\n{why}"));
     assert_eq!(doc["tcp_mapping"], "endpoint-independent", "{why}");
+    assert_eq!(doc["tcp_port_preservation"], true, "{why}");
     assert_eq!(doc["mapping"], "endpoint-independent", "{why}");
     let row = doc["tests"]
         .as_array()

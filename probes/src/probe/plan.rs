@@ -1005,6 +1005,7 @@ impl Probe {
             duration_ms: ms(end.saturating_duration_since(self.started)),
             pacing: self.cfg.pacing.clone(),
             address_pooling: pooling,
+            tcp_port_preservation: None,
         }
     }
 

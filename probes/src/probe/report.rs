@@ -212,6 +212,9 @@ pub struct ProbeReport {
     /// External address pooling seen across this host's mappings; `None` without a NAT or
     /// with fewer than two mapped addresses to compare (added to v1 after `pacing`).
     pub address_pooling: Option<AddressPooling>,
+    /// `--tcp`: whether every TCP mapping kept the local port (`None` without `--tcp` or an
+    /// answer; added to v1 after `address_pooling`).
+    pub tcp_port_preservation: Option<bool>,
 }
 
 /// A NAT as the outlook reasons about it.

@@ -107,6 +107,7 @@ impl TcpMappingResult {
     /// Records this result in `report`: `tcp_mapping`, a `tcp mapping` row and the request total.
     pub fn apply_to(&self, report: &mut ProbeReport) {
         report.tcp_mapping = self.behavior;
+        report.tcp_port_preservation = self.port_preserved;
         report.tests.push(self.test_row());
         report.requests_sent += self.requests_sent;
     }
