@@ -20,6 +20,7 @@ pub const FIELDS: &[&str] = &[
     "port_allocation",
     "allocation_delta",
     "hairpinning",
+    "address_pooling",
     "classic",
 ];
 
@@ -34,7 +35,8 @@ pub struct Check {
 
 /// What `natscope probe --json` run from `h1` should print for `preset`, in the probe's own terms:
 /// with no NAT the mapping is the identity (`endpoint-independent`) and hairpinning is not tested
-/// (`null`); with UDP blocked every behavior is `unknown` and every tri-state is `null`.
+/// (`null`); with UDP blocked every behavior is `unknown` and every tri-state is `null`. Every
+/// preset's NATs have one external address each, so the pooling a host sees is `paired`.
 pub fn expected_probe(preset: &str) -> Option<Value> {
     let e: Expected = presets::expected(preset)?;
     let blocked = e.classic == "udp-blocked";
@@ -60,6 +62,7 @@ pub fn expected_probe(preset: &str) -> Option<Value> {
         "port_allocation": serde_json::to_value(e.allocation).ok()?,
         "allocation_delta": delta,
         "hairpinning": if blocked || e.mapping.is_none() { Value::Null } else { json!(e.hairpinning) },
+        "address_pooling": if blocked || e.mapping.is_none() { Value::Null } else { json!("paired") },
         "classic": e.classic,
     }))
 }
@@ -75,6 +78,7 @@ pub fn observed_probe(doc: &Value) -> Value {
         "port_allocation": doc["port_allocation"]["pattern"],
         "allocation_delta": doc["port_allocation"]["delta"],
         "hairpinning": doc["hairpinning"],
+        "address_pooling": doc["address_pooling"],
         "classic": doc["classic"],
     })
 }
@@ -103,7 +107,7 @@ mod tests {
             "schema": "natscope.probe/v1", "udp_blocked": false, "nat_detected": true,
             "mapping": mapping, "filtering": filtering, "port_preservation": true,
             "port_allocation": {"pattern": "preserving", "delta": null},
-            "hairpinning": hairpin, "classic": classic,
+            "hairpinning": hairpin, "address_pooling": "paired", "classic": classic,
         })
     }
 
@@ -164,6 +168,11 @@ mod tests {
         assert_eq!(open["mapping"], "endpoint-independent");
         assert_eq!(open["nat_detected"], false);
         assert_eq!(open["hairpinning"], Value::Null);
+        assert_eq!(open["address_pooling"], Value::Null);
+        assert_eq!(
+            expected_probe("cgnat").unwrap()["address_pooling"],
+            "paired"
+        );
         let blocked = expected_probe("blocked").unwrap();
         assert_eq!(blocked["udp_blocked"], true);
         assert_eq!(blocked["mapping"], "unknown");

@@ -38,7 +38,7 @@ fn matrix_over_every_preset_passes() {
     assert_eq!(out.status.code(), Some(0));
     // Every row compared every field it could (nothing silently skipped).
     for r in rows {
-        assert!(r["checks"].as_array().is_some_and(|c| c.len() >= 8), "{r}");
+        assert!(r["checks"].as_array().is_some_and(|c| c.len() >= 9), "{r}");
     }
 }
 
