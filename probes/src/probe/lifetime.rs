@@ -123,8 +123,7 @@ const MAX_KEEPALIVES: u32 = 64;
 pub const MAX_SCOUTS: u32 = 24;
 /// Most Ys kept as spares (sockets whose mapping's external address was last seen).
 const MAX_SPARES: usize = 64;
-/// Checks in a row that ended without a verdict for want of such a socket (or because the answer
-/// showed a socket mapped elsewhere) before the search gives up.
+/// Checks in a row that found no such socket before the search gives up.
 const MAX_VOID: u32 = 8;
 
 /// What to measure and how.
@@ -372,7 +371,7 @@ pub struct LifetimeProbe {
     /// those sent from a spare Y.
     scouts: u32,
     discarded: u32,
-    /// Checks in a row without a verdict (`Outcome::Void`).
+    /// Checks in a row that spent their scouts without finding a Y on X's address.
     void: u32,
     /// Ys with a live mapping on a known address: (socket, address, last transmission).
     spares: Vec<(SocketId, IpAddr, Instant)>,
@@ -1146,11 +1145,14 @@ impl LifetimeProbe {
         let tested = self.clocks[c].testing.take();
         self.clocks[c].state = ClockState::Idle;
         if outcome == Outcome::Void {
-            // No evidence: the point is planned again.
-            self.void += 1;
+            // No evidence: the point is planned again. Only checks that spent their scouts count
+            // towards giving up (not the unscouted ones voided together when pooling is seen).
+            if self.clocks[c].scouts >= MAX_SCOUTS {
+                self.void += 1;
+            }
             if self.void >= MAX_VOID {
                 let why = format!(
-                    "external addresses pooled arbitrarily ({}): {} checks in a row ended without evidence (no fresh socket mapped to their X's address in {MAX_SCOUTS} tries, or a check left from another address)",
+                    "external addresses pooled arbitrarily ({}): {} checks in a row found no socket mapped to their X's address in {MAX_SCOUTS} tries",
                     self.ips_text(),
                     self.void
                 );
@@ -1901,6 +1903,89 @@ mod tests {
             r.tests[0].evidence
         );
         assert!(p.problems.is_empty(), "{:?}", p.problems);
+    }
+
+    #[test]
+    fn no_socket_on_xs_address_ends_unknown_with_the_reason() {
+        // Every scout lands on a third address: no check can be made, none may conclude.
+        let (mut p, first, mut now) = at_first_request(x_mapped_two);
+        let mut out = vec![first];
+        for _ in 0..10_000 {
+            for t in out.drain(..) {
+                let bytes = if (t.socket.0 as usize) < POOL {
+                    answer(&t.payload, x_mapped_two(t.socket.0))
+                } else {
+                    assert_eq!(response_port(&t.payload), None, "never a check");
+                    p.socket_bound(t.socket, SocketAddr::new(addr(X_LOCAL).ip(), t.socket.0));
+                    answer(
+                        &t.payload,
+                        SocketAddr::new("203.0.113.3".parse().unwrap(), t.socket.0),
+                    )
+                };
+                p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            }
+            if p.is_done() {
+                break;
+            }
+            out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            if out.is_empty() {
+                now = p.poll_timeout().expect("a deadline").max(now);
+                p.handle_timeout(now);
+                out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            }
+        }
+        assert!(p.is_done());
+        let r = p.report();
+        assert_eq!((r.lower_s, r.upper_s), (None, None), "{r:?}");
+        assert_eq!(r.tests[0].verdict, "unknown");
+        assert!(
+            r.tests[0].evidence.starts_with(
+                "external addresses pooled arbitrarily (203.0.113.1, 203.0.113.2, 203.0.113.3 seen): 8 checks in a row found no socket mapped to their X's address in 24 tries"
+            ),
+            "{}",
+            r.tests[0].evidence
+        );
+    }
+
+    #[test]
+    fn expiries_counted_before_a_second_address_is_seen_are_dropped() {
+        // Unanswered checks from sockets that, unknown to the probe, left from another address.
+        let (mut p, check, _, mut now) = at_first_check();
+        let mut out = vec![check];
+        let mut refreshes = Vec::new();
+        for _ in 0..10_000 {
+            if p.report().upper_s.is_some() {
+                break;
+            }
+            for t in out.drain(..) {
+                if (t.socket.0 as usize) < POOL {
+                    refreshes.push(t);
+                }
+            }
+            for t in refreshes.drain(..) {
+                let bytes = answer(&t.payload, x_mapped(t.socket.0));
+                p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            }
+            out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            if out.is_empty() {
+                now = p.poll_timeout().expect("a deadline").max(now);
+                p.handle_timeout(now);
+                out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            }
+        }
+        assert!(p.report().upper_s.is_some(), "an expiry was counted");
+        assert!(!p.arbitrary());
+        // The next refresh answer shows a second address: that expiry no longer stands.
+        let refresh = std::iter::from_fn(|| p.poll_transmit(now))
+            .chain(out)
+            .find(|t| (t.socket.0 as usize) < POOL)
+            .expect("clocks past the upper bound are refreshed");
+        let other = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + refresh.socket.0);
+        let bytes = answer(&refresh.payload, other);
+        p.handle_datagram(now, refresh.socket, addr(SERVER), &bytes);
+        assert!(p.arbitrary());
+        assert!(!p.is_done());
+        assert_eq!(p.report().upper_s, None);
     }
 
     #[test]
