@@ -356,3 +356,175 @@ fn remaining_and_time_bound_are_upper_bounds() {
         }
     }
 }
+
+fn pooled(timeout_s: u64, pooling: natscope_probes::nat::Pooling, ips: u8, seed: u64) -> SimConfig {
+    let mut b = NatBehavior::new(M::EndpointIndependent, F::AddressAndPortDependent);
+    b.udp_timeout = Duration::from_secs(timeout_s);
+    b.pooling = pooling;
+    let mut c = world(Path::Nat(b), seed);
+    c.nat_external_ips = ips;
+    c
+}
+
+#[test]
+fn arbitrary_pooling_brackets_the_lifetime_with_sockets_on_xs_address() {
+    use natscope_probes::nat::Pooling;
+    let mut measured = 0;
+    for ips in [2u8, 4] {
+        for (timeout, seed) in [
+            (3u64, 41u64),
+            (7, 42),
+            (30, 43),
+            (120, 44),
+            (45, 45),
+            (3, 46),
+        ] {
+            let cfg = pooled(timeout, Pooling::Arbitrary, ips, seed);
+            let (run, r) = run(&cfg, seed);
+            let why = format!("{ips} addresses, timeout {timeout}, seed {seed}: {r:?}");
+            assert!(run.completed, "{why}");
+            assert_eq!(r.nat_detected, Some(true), "{why}");
+            if r.binding_lifetime_s.is_none() {
+                // Unknown is allowed, with its reason; a wrong bracket never.
+                assert_eq!(r.tests[0].verdict, "unknown", "{why}");
+                assert!(r.tests[0].evidence.contains("pooled arbitrarily"), "{why}");
+                continue;
+            }
+            measured += 1;
+            assert_brackets(&r, timeout);
+            assert!(
+                r.tests[0].evidence.contains("pooled arbitrarily"),
+                "the report says what was found: {why}"
+            );
+            assert_eq!(r.inbound_refresh, Some(false), "{why}");
+            assert!(r.requests_sent <= MAX_REQUESTS, "{why}");
+            assert!(
+                x_sockets(&run.sent)
+                    .iter()
+                    .filter(|&&s| (s as usize) < POOL)
+                    .count()
+                    <= POOL
+            );
+        }
+    }
+    assert_eq!(measured, 12, "without loss every run measures the lifetime");
+}
+
+#[test]
+fn paired_pooling_with_several_addresses_costs_no_extra_requests() {
+    use natscope_probes::nat::Pooling;
+    for (timeout, seed) in [(30u64, 51u64), (120, 52)] {
+        let (one_run, one) = run(&pooled(timeout, Pooling::Paired, 1, seed), seed);
+        for ips in [2u8, 4] {
+            let (run_n, r) = run(&pooled(timeout, Pooling::Paired, ips, seed), seed);
+            assert!(run_n.completed);
+            assert_brackets(&r, timeout);
+            assert_eq!(r.requests_sent, one.requests_sent, "{ips} addresses: {r:?}");
+            assert_eq!(r.checks, one.checks);
+            assert_eq!(run_n.virtual_time, one_run.virtual_time);
+            assert!(!r.tests[0].evidence.contains("pooled arbitrarily"), "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn arbitrary_pooling_under_loss_every_verdict_is_the_truth_or_unknown() {
+    use natscope_probes::nat::Pooling;
+    let mut found = 0;
+    let mut runs = 0;
+    for loss in [0.10, 0.30] {
+        for ips in [2u8, 4] {
+            for seed in 60..64u64 {
+                for (timeout, refresh) in [(7u64, true), (30, false), (120, true)] {
+                    let mut cfg = pooled(timeout, Pooling::Arbitrary, ips, seed);
+                    if let Path::Nat(b) = &mut cfg.path {
+                        b.inbound_refresh = refresh;
+                    }
+                    cfg.loss = loss;
+                    let (run, r) = run(&cfg, seed);
+                    runs += 1;
+                    let why =
+                        format!("loss {loss} {ips} addresses seed {seed} timeout {timeout}: {r:?}");
+                    assert!(run.completed, "{why}");
+                    if let Some(l) = r.binding_lifetime_s {
+                        let hi = r.upper_s.expect("a converged lifetime has an upper bound");
+                        assert!(l <= timeout as f64 && timeout as f64 <= hi, "{why}");
+                        found += 1;
+                    } else {
+                        assert_eq!(r.tests[0].verdict, "unknown", "{why}");
+                    }
+                    assert!(r.inbound_refresh.is_none_or(|b| b == refresh), "{why}");
+                    assert!(r.requests_sent <= MAX_REQUESTS, "{why}");
+                }
+            }
+        }
+    }
+    eprintln!("arbitrary pooling under loss: {found}/{runs} converged");
+    assert!(found * 2 >= runs, "{found}/{runs} converged");
+}
+
+#[test]
+fn arbitrary_pooling_keeps_remaining_and_time_bound_upper_bounds() {
+    use natscope_probes::nat::Pooling;
+    for (timeout, ips, seed) in [(3u64, 4u8, 71u64), (30, 2, 72), (120, 4, 73)] {
+        let cfg = pooled(timeout, Pooling::Arbitrary, ips, seed);
+        let lc = sim::lifetime_config(seed);
+        let bound = LifetimeProbe::time_bound(&lc);
+        let run = sim::run_machine(&cfg, |epoch| Watched {
+            p: LifetimeProbe::new(epoch, lc),
+            promises: Vec::new(),
+        });
+        assert!(run.completed);
+        assert!(
+            run.virtual_time <= bound,
+            "{:?} > {bound:?}",
+            run.virtual_time
+        );
+        let end = run.machine.promises.last().unwrap().0;
+        let t0 = run.machine.promises[0].0;
+        for &(at, done_by) in &run.machine.promises {
+            assert!(
+                done_by >= end,
+                "timeout {timeout}: at {:?} promised {:?}, done at {:?}",
+                at - t0,
+                done_by - t0,
+                end - t0
+            );
+        }
+    }
+}
+
+#[test]
+fn paced_arbitrary_pooling_keeps_the_rfc5780_rate_and_the_bracket() {
+    use natscope_probes::nat::Pooling;
+    use natscope_probes::probe::pacing::{PaceChoice, Pacing, MAX_NEW_PER_SECOND, WINDOW};
+    for (timeout, ips, seed) in [(4u64, 4u8, 81u64), (7, 2, 82), (120, 4, 83)] {
+        let cfg = pooled(timeout, Pooling::Arbitrary, ips, seed);
+        let mut lc = sim::lifetime_config(seed);
+        lc.pacing = Pacing::decide(&[lc.server], PaceChoice::On);
+        let run = sim::run_lifetime(&cfg, lc);
+        assert!(run.completed);
+        let r = run.machine.report();
+        assert_brackets(&r, timeout);
+        // First transmissions (a retransmission repeats its transaction ID) in any 1 s window.
+        let mut seen = std::collections::HashSet::new();
+        let starts: Vec<Duration> = run
+            .sent
+            .iter()
+            .filter(|d| seen.insert(d.payload[8..20].to_vec()))
+            .map(|d| d.at)
+            .collect();
+        let busiest = starts
+            .iter()
+            .map(|&t| starts.iter().filter(|&&s| s >= t && s < t + WINDOW).count())
+            .max()
+            .unwrap_or(0);
+        assert!(busiest <= MAX_NEW_PER_SECOND as usize, "{busiest}: {r:?}");
+        eprintln!(
+            "paced, {ips} addresses, timeout {timeout}: {} requests, search {:.1} s, total {:.1} s",
+            r.requests_sent,
+            r.tests[0].duration_ms / 1e3,
+            run.virtual_time.as_secs_f64()
+        );
+    }
+}

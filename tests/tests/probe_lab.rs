@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use natscope_lab::presets;
 use natscope_lab::topology::{EngineConfig, NodeSpec, RouterKind};
 use natscope_lab::Lab;
-use natscope_probes::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
+use natscope_probes::nat::{
+    FilteringBehavior, MappingBehavior, NatBehavior, Pooling, PortAllocation,
+};
 use natscope_tests::lab::{require_root, up_engine_lab, up_preset};
 use natscope_tests::punch::spawn_in;
 use natscope_tests::ChildProcess;
@@ -443,4 +445,26 @@ fn lifetime_through_the_kernel_masquerade() {
         lab
     };
     lifetime_through("ltkernel", up, truth);
+}
+
+/// A port-restricted cone with two external addresses pooled arbitrarily (RFC 4787 REQ-2 not
+/// met: each mapping takes either address) whose UDP mappings live 3.2 s. A check from a fresh
+/// socket leaves from either address, and the server aims its answer at X's port on that
+/// address: the probe must check X only from a socket mapped to X's address (it reported
+/// 0.8–1.6 s here before it did).
+#[test]
+fn lifetime_through_an_engine_pooling_two_addresses_arbitrarily() {
+    if !require_root() {
+        return;
+    }
+    let mut cfg = EngineConfig::new(NatBehavior::new(
+        MappingBehavior::EndpointIndependent,
+        FilteringBehavior::AddressAndPortDependent,
+    ));
+    cfg.behavior.udp_timeout = Duration::from_millis(3200);
+    cfg.behavior.inbound_refresh = false;
+    cfg.behavior.pooling = Pooling::Arbitrary;
+    cfg.external_addresses = 2;
+    let truth = LifetimeTruth::of_engine(&cfg);
+    lifetime_through("ltarb", || up_engine_lab("ltarb", cfg), truth);
 }

@@ -53,12 +53,34 @@
 //! still arriving later than the upper bound (plus the resolution) after the last outbound packet
 //! means inbound traffic refreshes the binding; an expiry despite the answers means it does not.
 //!
+//! Address pooling (RFC 4787 REQ-2): the server sends a check's answer to Y's external IP, port
+//! Pp, which is X's binding only if Y's mapping uses X's external address: always with one
+//! address or "paired" pooling, by chance with "arbitrary" pooling over several addresses, where
+//! a silent check would fake an expiry. Every refresh answer tells X's mapped address; while all
+//! are on one address (16 clocks on 2 addresses all land on one with probability 3·10⁻⁵) nothing
+//! changes, not one extra request. Once a second address is seen (on a refresh, a scout, or a
+//! check's answer, which carries Y's mapped address), each check first *scouts*: a plain Binding
+//! from Y tells the address Y's mapping has right then; only a Y on X's address then sends the
+//! RESPONSE-PORT request (from the same socket: the same mapping, an RTT later). A Y mapped
+//! elsewhere is kept as a spare and another Y tried, at most [`MAX_SCOUTS`] per check; then the
+//! check ends without a verdict and is planned again ([`MAX_VOID`] such in a row end the search as
+//! unknown, saying why). The scout's Y is the spare last seen on X's address if there is one (a
+//! discarded scout or an earlier check's Y), else a fresh socket: with spares a check costs one
+//! extra request, not one per address. A spare is scouted again, never trusted: its mapping may
+//! have expired and come back on another address (mappings need not share X's timeout: conntrack
+//! gives a flow that saw replies for 2 s a longer one). Expiries counted before the
+//! second address was seen no longer stand (the upper bound is dropped, unscouted checks still out
+//! end without a verdict; seen only in the inbound stage, the lifetime is reported unknown). An
+//! answer reaching Y at port Pp of another address than X's says nothing of X (on X's address it
+//! still means the NAT gave X's freed port to Y: expired), nor does one reaching a third socket
+//! from a Y on another address. A scout only delays a check: idle times count from real packets.
+//!
 //! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]. Idle
 //! times are measured from X's real last transmission to a check's real answer (or its last real
 //! transmission), so a wait for a slot lengthens a measurement but never skews its bounds.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -96,6 +118,13 @@ const MIN_RATIO: f64 = 1.25;
 const MAX_RATIO: f64 = 2.0;
 /// Hard bound on inbound-refresh keepalives.
 const MAX_KEEPALIVES: u32 = 64;
+/// Under arbitrary pooling: fresh sockets tried per check for one mapped to X's address (with
+/// 2 addresses all miss with probability 6·10⁻⁸, with 4 about 0.1 %).
+pub const MAX_SCOUTS: u32 = 24;
+/// Most Ys kept as spares (sockets whose mapping's external address was last seen).
+const MAX_SPARES: usize = 64;
+/// Checks in a row that found no such socket before the search gives up.
+const MAX_VOID: u32 = 8;
 
 /// What to measure and how.
 #[derive(Clone, Debug, PartialEq)]
@@ -214,6 +243,9 @@ enum Kind {
     Refresh,
     /// A Binding from a fresh Y with RESPONSE-PORT = X's external port.
     Check,
+    /// Under arbitrary pooling, before a check: a plain Binding from a fresh Y, to learn the
+    /// external address its mapping got (only a Y on X's address may check X).
+    Scout,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,6 +273,8 @@ struct Tx {
     payload: Vec<u8>,
     sched: Schedule,
     state: TxState,
+    /// A check from a Y whose mapping is known to use X's external address (scouted).
+    verified: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,6 +305,8 @@ struct Clock {
     /// The idle time its pending check tests (nominal, for planning only).
     testing: Option<Duration>,
     refresh_failures: u32,
+    /// Scouts sent for its pending check.
+    scouts: u32,
     /// Not refreshed before this: late answers to a retransmitted check may still arrive, and
     /// on a NAT that inbound traffic refreshes they would restart the next idle period unseen.
     quiet_until: Option<Instant>,
@@ -286,6 +322,9 @@ enum Outcome {
     /// Too much loss to tell: the idle time by which its last answer was due, and how many
     /// transmissions went unanswered.
     Unsure { by: Duration, transmits: u32 },
+    /// No evidence about X: no fresh socket on X's address was found, or the check turned out to
+    /// have left from another address.
+    Void,
 }
 
 /// The binding-lifetime state machine. Drive it like [`super::Probe`]: `poll_transmit` /
@@ -325,6 +364,18 @@ pub struct LifetimeProbe {
     /// Checks of the search too lossy to conclude alone: (idle their last answer was due by,
     /// transmissions).
     silent: Vec<(Duration, u32)>,
+    /// External addresses seen on our mappings, in order: more than one means the NAT pools
+    /// its addresses arbitrarily (RFC 4787 REQ-2 not met), and checks are then scouted.
+    ips: Vec<IpAddr>,
+    /// Scouts the search sent, those discarded (mapped to another address than their X's), and
+    /// those sent from a spare Y.
+    scouts: u32,
+    discarded: u32,
+    /// Checks in a row that spent their scouts without finding a Y on X's address.
+    void: u32,
+    /// Ys with a live mapping on a known address: (socket, address, last transmission).
+    spares: Vec<(SocketId, IpAddr, Instant)>,
+    reused: u32,
     /// A hard bound on transactions or requests was reached.
     budget_spent: bool,
     /// Why the search ended without a result.
@@ -354,6 +405,7 @@ impl LifetimeProbe {
                 due: None,
                 testing: None,
                 refresh_failures: 0,
+                scouts: 0,
                 quiet_until: None,
             })
             .collect::<Vec<_>>();
@@ -383,6 +435,12 @@ impl LifetimeProbe {
             expired_seen: 0,
             peak_clocks: 0,
             silent: Vec::new(),
+            ips: Vec::new(),
+            scouts: 0,
+            discarded: 0,
+            void: 0,
+            spares: Vec::new(),
+            reused: 0,
             budget_spent: false,
             search_failed: None,
             base: None,
@@ -444,6 +502,7 @@ impl LifetimeProbe {
             payload,
             sched: Schedule::default(),
             state: TxState::Pending,
+            verified: false,
         });
         self.queue.push_back(self.txs.len() - 1);
     }
@@ -471,19 +530,138 @@ impl LifetimeProbe {
         self.add_tx(Kind::Refresh, socket, c, None);
     }
 
-    /// Starts the check of clock `c` now (its idle time is measured from the real transmissions).
+    /// Starts the check of clock `c` now (its idle time is measured from the real transmissions):
+    /// at once from a fresh Y while one external address is seen, else after a scout.
     fn check(&mut self, now: Instant, c: usize) {
-        let y = SocketId(self.next_socket);
-        self.next_socket = self.next_socket.saturating_add(1);
         let clock = &mut self.clocks[c];
         clock.state = ClockState::Checking;
         clock.due = None;
         clock.testing = clock.last_sent.map(|l| now.saturating_duration_since(l));
-        let port = clock.mapped.map(|m| m.port());
+        clock.scouts = 0;
         if self.stage == Stage::Search {
             self.checks += 1;
         }
+        if self.arbitrary() {
+            self.next_y(c);
+        } else {
+            let y = self.fresh_socket();
+            self.send_check(c, y, false);
+        }
+    }
+
+    fn fresh_socket(&mut self) -> SocketId {
+        let y = SocketId(self.next_socket);
+        self.next_socket = self.next_socket.saturating_add(1);
+        y
+    }
+
+    /// The RESPONSE-PORT request of clock `c`'s check, from `y`; `verified` when `y`'s mapping
+    /// is known to use X's external address.
+    fn send_check(&mut self, c: usize, y: SocketId, verified: bool) {
+        let port = self.clocks[c].mapped.map(|m| m.port());
         self.add_tx(Kind::Check, y, c, port);
+        if let Some(tx) = self.txs.last_mut() {
+            tx.verified = verified;
+        }
+    }
+
+    /// Under arbitrary pooling, the scout of clock `c`'s check: from the spare Y last seen on X's
+    /// address (its mapping is most likely still there, which the scout checks), else from a
+    /// fresh Y.
+    fn next_y(&mut self, c: usize) {
+        let ip = self.clocks[c].mapped.map(|m| m.ip());
+        let spare = self
+            .spares
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, i, _))| Some(i) == ip)
+            .max_by_key(|(_, &(_, _, last))| last)
+            .map(|(pos, _)| pos);
+        let y = match spare {
+            Some(pos) => {
+                if self.stage == Stage::Search {
+                    self.reused += 1;
+                }
+                self.spares.remove(pos).0
+            }
+            None => self.fresh_socket(),
+        };
+        self.scout(c, y);
+    }
+
+    /// Keeps transaction `i`'s socket as a spare Y, last seen mapped on address `ip`.
+    fn keep_spare(&mut self, i: usize, ip: IpAddr) {
+        let tx = &self.txs[i];
+        if let Some(last) = tx.sched.last_sent {
+            if self.spares.len() >= MAX_SPARES {
+                self.spares.remove(0);
+            }
+            self.spares.push((tx.socket, ip, last));
+        }
+    }
+
+    /// A plain Binding from Y for clock `c`'s check (arbitrary pooling): its answer tells the
+    /// external address Y's mapping has now.
+    fn scout(&mut self, c: usize, y: SocketId) {
+        self.clocks[c].scouts += 1;
+        if self.stage == Stage::Search {
+            self.scouts += 1;
+        }
+        self.add_tx(Kind::Scout, y, c, None);
+    }
+
+    /// A scout of clock `c`'s check found nothing usable: another fresh Y, within the bound.
+    fn scout_missed(&mut self, now: Instant, stage: Stage, c: usize) {
+        if stage != self.stage || self.clocks[c].state != ClockState::Checking {
+            return;
+        }
+        if self.clocks[c].scouts >= MAX_SCOUTS {
+            self.check_done(now, stage, c, Outcome::Void);
+        } else if !self.out_of_budget(now) {
+            self.next_y(c);
+        }
+    }
+
+    /// Whether the NAT was seen to map our sockets to more than one external address.
+    fn arbitrary(&self) -> bool {
+        self.ips.len() > 1
+    }
+
+    /// One of our mappings uses external address `ip`. A second address means arbitrary
+    /// pooling: from then on checks are scouted, and the expiries counted so far, all from
+    /// unscouted checks (whose Y may have left from another address), no longer stand.
+    fn saw_ip(&mut self, now: Instant, ip: IpAddr) {
+        if self.ips.contains(&ip) {
+            return;
+        }
+        self.ips.push(ip);
+        if self.ips.len() != 2 {
+            return;
+        }
+        self.silent.clear();
+        if self.hi.is_none() {
+            return;
+        }
+        match self.stage {
+            Stage::Search => {
+                self.hi = None;
+                self.expired_seen = 0;
+                self.stale = 0;
+            }
+            Stage::Inbound => {
+                self.search_failed = Some(format!(
+                    "external addresses pooled arbitrarily ({}), found only after the search: its expiries may have come from sockets mapped to another address",
+                    self.ips_text()
+                ));
+                self.finish(now);
+            }
+            Stage::Done => {}
+        }
+    }
+
+    fn ips_text(&self) -> String {
+        let ips: Vec<String> = self.ips.iter().map(|ip| ip.to_string()).collect();
+        format!("{} seen", ips.join(", "))
     }
 
     fn rto(&self) -> Duration {
@@ -656,13 +834,21 @@ impl LifetimeProbe {
                 );
                 self.fail(now, why);
             }
+            (Kind::Scout, stage) => self.scout_missed(now, stage, c),
             (Kind::Check, stage) => {
                 self.clocks[c].quiet_until = self.quiet_after(&tx.sched);
+                if let (true, Some(m)) = (tx.verified, self.clocks[c].mapped) {
+                    self.keep_spare(i, m.ip());
+                }
                 let tx = &self.txs[i];
                 let due =
                     tx.sched.last_sent.unwrap_or(now) + self.rtt.srtt().unwrap_or(Duration::ZERO);
                 let by = self.idle_at(c, due);
-                let outcome = if miss < self.cfg.timing.target_miss {
+                let outcome = if !tx.verified && self.arbitrary() {
+                    // Sent before arbitrary pooling was seen: its Y may have left from another
+                    // address, where X's port means nothing. Its silence proves nothing.
+                    Outcome::Void
+                } else if miss < self.cfg.timing.target_miss {
                     Outcome::Expired(by)
                 } else {
                     Outcome::Unsure {
@@ -713,9 +899,25 @@ impl LifetimeProbe {
         let (kind, stage, c) = (self.txs[i].kind, self.txs[i].stage, self.txs[i].clock);
         let tx_socket = self.txs[i].socket;
         let x = self.clocks[c].socket;
+        let xm = self.clocks[c].mapped;
         // Only X itself and the requesting socket count: an answer aimed at Pp that lands on
-        // another socket means Pp changed hands, which the check's silence will conclude.
+        // another socket means Pp changed hands, which the check's silence will conclude;
+        // unless the answer (it carries Y's mapped address) shows that Y left from another
+        // address than X's: then it was aimed at Pp on that address and says nothing of X.
         if socket != x && socket != tx_socket {
+            let ym = resp.reflexive();
+            if kind == Kind::Check && from == server {
+                if let (Some(ym), Some(xm)) = (ym, xm) {
+                    if ym.ip() != xm.ip() {
+                        self.saw_ip(now, ym.ip());
+                        if self.txs[i].state == TxState::Pending && stage == self.stage {
+                            self.finish_tx(now, i, true);
+                            self.clocks[c].quiet_until = self.quiet_after(&self.txs[i].sched);
+                            self.check_done(now, stage, c, Outcome::Void);
+                        }
+                    }
+                }
+            }
             return;
         }
         if from != server || resp.response_origin.is_some_and(|o| o != server) {
@@ -744,9 +946,45 @@ impl LifetimeProbe {
                     return;
                 };
                 self.finish_tx(now, i, true);
+                self.saw_ip(now, mapped.ip());
+                if self.stage == Stage::Done {
+                    return;
+                }
                 self.refreshed(now, c, mapped);
             }
             (Kind::Refresh, false) => {}
+            (Kind::Scout, _) if socket == tx_socket => {
+                let Some(ym) = resp.reflexive() else {
+                    self.problem("answer without a mapped address".into());
+                    return;
+                };
+                self.finish_tx(now, i, true);
+                self.saw_ip(now, ym.ip());
+                if stage != self.stage || self.clocks[c].state != ClockState::Checking {
+                    return;
+                }
+                match xm {
+                    // The NAT gave X's external address to Y's new mapping: X's binding is gone.
+                    Some(xm) if ym == xm => {
+                        let idle = self.idle_at(c, now);
+                        self.check_done(now, stage, c, Outcome::Expired(idle));
+                    }
+                    Some(xm) if ym.ip() == xm.ip() => {
+                        if !self.out_of_budget(now) {
+                            self.send_check(c, tx_socket, true);
+                        }
+                    }
+                    _ => {
+                        // Mapped elsewhere: no use to this X, perhaps to another on its address.
+                        if stage == Stage::Search {
+                            self.discarded += 1;
+                        }
+                        self.keep_spare(i, ym.ip());
+                        self.scout_missed(now, stage, c);
+                    }
+                }
+            }
+            (Kind::Scout, _) => {}
             (Kind::Check, true) => {
                 // After a retransmission, an earlier answer may have passed the NAT and been lost
                 // behind it; on a NAT that inbound traffic refreshes, that restarted the timer.
@@ -758,20 +996,36 @@ impl LifetimeProbe {
                     _ => now,
                 };
                 self.finish_tx(now, i, true);
+                if let (true, Some(m)) = (self.txs[i].verified, xm) {
+                    self.keep_spare(i, m.ip());
+                }
                 let idle = self.idle_at(c, proven);
                 self.clocks[c].quiet_until = self.quiet_after(&sched);
                 self.check_done(now, stage, c, Outcome::Alive(idle));
             }
             (Kind::Check, false) => {
-                // The answer came back to Y. Aimed at Pp, it reaches Y only if the NAT gave X's
-                // freed port to Y's new mapping; otherwise the server ignored RESPONSE-PORT.
+                // The answer came back to Y. Aimed at Pp on Y's address, it reaches Y only if
+                // Y's mapping is that port: on X's address, the NAT gave X's freed port to Y
+                // (expired); on another (arbitrary pooling), Y merely holds the same port there
+                // and nothing is known of X. Otherwise the server ignored RESPONSE-PORT.
                 let pp = self.clocks[c].mapped;
                 let ym = resp.reflexive();
-                self.finish_tx(now, i, false);
+                if let Some(ym) = ym {
+                    self.saw_ip(now, ym.ip());
+                }
+                if self.stage == Stage::Done {
+                    return;
+                }
+                let same_port = ym.is_some() && ym.map(|m| m.port()) == pp.map(|p| p.port());
                 if ym.is_some() && ym == pp {
+                    self.finish_tx(now, i, false);
                     let idle = self.idle_at(c, now);
                     self.check_done(now, stage, c, Outcome::Expired(idle));
+                } else if same_port {
+                    self.finish_tx(now, i, true);
+                    self.check_done(now, stage, c, Outcome::Void);
                 } else {
+                    self.finish_tx(now, i, false);
                     self.problem(format!(
                         "the server ignored RESPONSE-PORT: the answer aimed at port {} came back to the requesting socket ({})",
                         pp.map_or("-".into(), |p| p.port().to_string()),
@@ -890,6 +1144,25 @@ impl LifetimeProbe {
     fn search_step(&mut self, now: Instant, c: usize, outcome: Outcome) {
         let tested = self.clocks[c].testing.take();
         self.clocks[c].state = ClockState::Idle;
+        if outcome == Outcome::Void {
+            // No evidence: the point is planned again. Only checks that spent their scouts count
+            // towards giving up (not the unscouted ones voided together when pooling is seen).
+            if self.clocks[c].scouts >= MAX_SCOUTS {
+                self.void += 1;
+            }
+            if self.void >= MAX_VOID {
+                let why = format!(
+                    "external addresses pooled arbitrarily ({}): {} checks in a row found no socket mapped to their X's address in {MAX_SCOUTS} tries",
+                    self.ips_text(),
+                    self.void
+                );
+                self.fail(now, why);
+            } else {
+                self.plan(now);
+            }
+            return;
+        }
+        self.void = 0;
         let narrowed = match outcome {
             Outcome::Alive(idle) => {
                 self.alive_seen += 1;
@@ -905,6 +1178,7 @@ impl LifetimeProbe {
                 self.hi = Some(self.hi.map_or(by, |h| h.min(by)));
                 narrowed
             }
+            Outcome::Void => false,
             Outcome::Unsure { by, transmits } => {
                 self.silent.push((by, transmits));
                 if let Some(by) = self.pooled_expiry() {
@@ -1173,6 +1447,13 @@ impl LifetimeProbe {
                 self.finish(now);
             }
             Outcome::Unsure { .. } => self.fail(now, "too much loss to conclude".into()),
+            Outcome::Void => self.fail(
+                now,
+                format!(
+                    "not tested: external addresses pooled arbitrarily ({}) and a keepalive found no fresh socket mapped to the tested socket's address in {MAX_SCOUTS} tries (or left from another address)",
+                    self.ips_text()
+                ),
+            ),
         }
     }
 
@@ -1238,6 +1519,20 @@ impl LifetimeProbe {
         cfg.search_limit() + (cfg.max + retry) * 2 + retry * 4 + Duration::from_secs(60)
     }
 
+    /// What the search found about address pooling, for the evidence ("" with one address).
+    fn pooling_note(&self) -> String {
+        if !self.arbitrary() {
+            return String::new();
+        }
+        format!(
+            "; external addresses pooled arbitrarily ({}): each check used a socket mapped to its X's address ({} scouts, {} of them reused sockets, {} mapped elsewhere)",
+            self.ips_text(),
+            self.scouts,
+            self.reused,
+            self.discarded
+        )
+    }
+
     /// The result (complete once `is_done`).
     pub fn report(&self) -> LifetimeReport {
         let end = self.finished.unwrap_or(self.started);
@@ -1289,19 +1584,21 @@ impl LifetimeProbe {
                 let expired = upper.map_or("never seen expired".into(), |u| {
                     format!("expired by {u:.1} s idle")
                 });
-                let seen = format!(
+                let mut seen = format!(
                     "{alive}, {expired} ({} checks on up to {} sockets at once, outbound refresh before each)",
                     self.checks, self.peak_clocks
                 );
+                seen.push_str(&self.pooling_note());
                 match (&self.search_failed, self.hi) {
                     (Some(why), _) => (None, "unknown".into(), format!("{why}; {seen}")),
                     (None, None) if self.lo >= self.cfg.max => (
                         Some(s(self.lo)),
                         format!("≥ {:.0} s", self.lo.as_secs_f64().floor()),
                         format!(
-                            "alive after {:.1} s idle, the --lifetime-max bound ({} checks)",
+                            "alive after {:.1} s idle, the --lifetime-max bound ({} checks){}",
                             self.lo.as_secs_f64(),
-                            self.checks
+                            self.checks,
+                            self.pooling_note()
                         ),
                     ),
                     (None, Some(hi)) if self.alive_seen == 0 => (
@@ -1323,6 +1620,10 @@ impl LifetimeProbe {
             Some(false) => "no nat: no binding to refresh".to_string(),
             None => "no answer".into(),
             Some(true) if self.inbound_note.is_empty() => "not tested".into(),
+            Some(true) if self.arbitrary() && self.inbound.is_some() => format!(
+                "{} (each from a socket mapped to the tested socket's address)",
+                self.inbound_note
+            ),
             Some(true) => self.inbound_note.clone(),
         };
         let inbound_row = row(
@@ -1391,6 +1692,24 @@ mod tests {
     /// first check is out, sent from socket Y; returns the probe, the check, the socket it checks
     /// and the time.
     fn at_first_check() -> (LifetimeProbe, Transmit, SocketId, Instant) {
+        let (p, check, now) = at_first_request(x_mapped);
+        let port = response_port(&check.payload).expect("RESPONSE-PORT");
+        (p, check, SocketId(port - 40000), now)
+    }
+
+    /// X socket `i` on one of two external addresses (arbitrary pooling).
+    fn x_mapped_two(i: u16) -> SocketAddr {
+        let ip = if i % 2 == 0 {
+            "203.0.113.1"
+        } else {
+            "203.0.113.2"
+        };
+        SocketAddr::new(ip.parse().unwrap(), 40000 + i)
+    }
+
+    /// As [`at_first_check`] with X socket `i` mapped to `mapped(i)`: the first request from a
+    /// fresh socket (a check, or a scout) and the time.
+    fn at_first_request(mapped: fn(u16) -> SocketAddr) -> (LifetimeProbe, Transmit, Instant) {
         let t0 = Instant::now();
         let mut cfg = LifetimeConfig::new(addr(SERVER));
         cfg.seed = Some(1);
@@ -1409,7 +1728,7 @@ mod tests {
                 p.socket_bound(t.socket, x_local(t.socket.0));
             }
             for t in sent {
-                let bytes = answer(&t.payload, x_mapped(t.socket.0));
+                let bytes = answer(&t.payload, mapped(t.socket.0));
                 p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
             }
         };
@@ -1437,8 +1756,7 @@ mod tests {
         assert!(check.socket.0 as usize >= POOL, "checks use fresh sockets");
         assert!(p.poll_transmit(wake).is_none(), "one grid point is due");
         p.socket_bound(check.socket, addr("10.0.0.2:41000"));
-        let port = response_port(&check.payload).expect("RESPONSE-PORT");
-        (p, check, SocketId(port - 40000), wake)
+        (p, check, wake)
     }
 
     fn response_port(payload: &[u8]) -> Option<u16> {
@@ -1541,6 +1859,174 @@ mod tests {
         let r = p.report();
         assert_eq!((r.lower_s, r.upper_s), (None, None));
         assert!(p.problems.is_empty(), "{:?}", p.problems);
+    }
+
+    #[test]
+    fn with_a_second_address_only_a_socket_on_xs_address_checks_it() {
+        let (mut p, scout, mut now) = at_first_request(x_mapped_two);
+        assert!(p.arbitrary());
+        assert_eq!(response_port(&scout.payload), None, "a scout first");
+        let c = p.txs.last().unwrap().clock;
+        let xm = x_mapped_two(c as u16);
+        let other = if xm.ip() == addr(PP).ip() {
+            "203.0.113.2"
+        } else {
+            "203.0.113.1"
+        };
+        // Mapped elsewhere: discarded, another fresh socket tried.
+        now += Duration::from_millis(10);
+        let bytes = answer(
+            &scout.payload,
+            SocketAddr::new(other.parse().unwrap(), 41000),
+        );
+        p.handle_datagram(now, scout.socket, addr(SERVER), &bytes);
+        let scout2 = p.poll_transmit(now).expect("another scout");
+        assert_eq!(response_port(&scout2.payload), None);
+        assert!(scout2.socket.0 > scout.socket.0, "a fresh socket");
+        // Mapped to X's address: the check goes out from that very socket.
+        now += Duration::from_millis(10);
+        let bytes = answer(&scout2.payload, SocketAddr::new(xm.ip(), 41001));
+        p.handle_datagram(now, scout2.socket, addr(SERVER), &bytes);
+        let check = p.poll_transmit(now).expect("the check");
+        assert_eq!(check.socket, scout2.socket);
+        assert_eq!(response_port(&check.payload), Some(xm.port()));
+        now += Duration::from_millis(10);
+        let bytes = answer(&check.payload, SocketAddr::new(xm.ip(), 41001));
+        p.handle_datagram(now, SocketId(c as u16), addr(SERVER), &bytes);
+        let r = p.report();
+        assert!(r.lower_s.is_some_and(|l| l > 1.0), "{r:?}");
+        assert!(
+            r.tests[0]
+                .evidence
+                .contains("pooled arbitrarily (203.0.113.1, 203.0.113.2 seen)"),
+            "{}",
+            r.tests[0].evidence
+        );
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+    }
+
+    #[test]
+    fn no_socket_on_xs_address_ends_unknown_with_the_reason() {
+        // Every scout lands on a third address: no check can be made, none may conclude.
+        let (mut p, first, mut now) = at_first_request(x_mapped_two);
+        let mut out = vec![first];
+        for _ in 0..10_000 {
+            for t in out.drain(..) {
+                let bytes = if (t.socket.0 as usize) < POOL {
+                    answer(&t.payload, x_mapped_two(t.socket.0))
+                } else {
+                    assert_eq!(response_port(&t.payload), None, "never a check");
+                    p.socket_bound(t.socket, SocketAddr::new(addr(X_LOCAL).ip(), t.socket.0));
+                    answer(
+                        &t.payload,
+                        SocketAddr::new("203.0.113.3".parse().unwrap(), t.socket.0),
+                    )
+                };
+                p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            }
+            if p.is_done() {
+                break;
+            }
+            out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            if out.is_empty() {
+                now = p.poll_timeout().expect("a deadline").max(now);
+                p.handle_timeout(now);
+                out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            }
+        }
+        assert!(p.is_done());
+        let r = p.report();
+        assert_eq!((r.lower_s, r.upper_s), (None, None), "{r:?}");
+        assert_eq!(r.tests[0].verdict, "unknown");
+        assert!(
+            r.tests[0].evidence.starts_with(
+                "external addresses pooled arbitrarily (203.0.113.1, 203.0.113.2, 203.0.113.3 seen): 8 checks in a row found no socket mapped to their X's address in 24 tries"
+            ),
+            "{}",
+            r.tests[0].evidence
+        );
+    }
+
+    #[test]
+    fn expiries_counted_before_a_second_address_is_seen_are_dropped() {
+        // Unanswered checks from sockets that, unknown to the probe, left from another address.
+        let (mut p, check, _, mut now) = at_first_check();
+        let mut out = vec![check];
+        let mut refreshes = Vec::new();
+        for _ in 0..10_000 {
+            if p.report().upper_s.is_some() {
+                break;
+            }
+            for t in out.drain(..) {
+                if (t.socket.0 as usize) < POOL {
+                    refreshes.push(t);
+                }
+            }
+            for t in refreshes.drain(..) {
+                let bytes = answer(&t.payload, x_mapped(t.socket.0));
+                p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            }
+            out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            if out.is_empty() {
+                now = p.poll_timeout().expect("a deadline").max(now);
+                p.handle_timeout(now);
+                out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
+            }
+        }
+        assert!(p.report().upper_s.is_some(), "an expiry was counted");
+        assert!(!p.arbitrary());
+        // The next refresh answer shows a second address: that expiry no longer stands.
+        let refresh = std::iter::from_fn(|| p.poll_transmit(now))
+            .chain(out)
+            .find(|t| (t.socket.0 as usize) < POOL)
+            .expect("clocks past the upper bound are refreshed");
+        let other = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + refresh.socket.0);
+        let bytes = answer(&refresh.payload, other);
+        p.handle_datagram(now, refresh.socket, addr(SERVER), &bytes);
+        assert!(p.arbitrary());
+        assert!(!p.is_done());
+        assert_eq!(p.report().upper_s, None);
+    }
+
+    #[test]
+    fn an_answer_on_y_at_xs_port_of_another_address_is_no_expiry() {
+        // Arbitrary pooling unseen so far: Y left from another address, where it holds Pp.
+        let (mut p, check, x, now) = at_first_check();
+        let ym = SocketAddr::new("203.0.113.2".parse().unwrap(), x_mapped(x.0).port());
+        let bytes = answer(&check.payload, ym);
+        p.handle_datagram(
+            now + Duration::from_millis(10),
+            check.socket,
+            addr(SERVER),
+            &bytes,
+        );
+        assert!(!p.is_done());
+        let r = p.report();
+        assert_eq!((r.lower_s, r.upper_s), (None, None), "no verdict");
+        assert!(
+            p.problems.is_empty(),
+            "not a server problem: {:?}",
+            p.problems
+        );
+        assert!(p.arbitrary(), "the second address was seen");
+    }
+
+    #[test]
+    fn an_answer_on_a_third_socket_from_another_address_voids_the_check() {
+        let (mut p, check, x, now) = at_first_check();
+        let other = SocketId((x.0 + 1) % POOL as u16);
+        let bytes = answer(&check.payload, addr("203.0.113.2:41000"));
+        p.handle_datagram(now + Duration::from_millis(10), other, addr(SERVER), &bytes);
+        assert!(!p.is_done());
+        assert!(p.arbitrary());
+        assert_ne!(p.clocks[x.0 as usize].state, ClockState::Checking);
+        let r = p.report();
+        assert_eq!((r.lower_s, r.upper_s), (None, None));
+        // Its silence will not be counted either: the transaction is over.
+        assert!(p
+            .txs
+            .iter()
+            .all(|t| t.kind != Kind::Check || t.state != TxState::Pending));
     }
 
     #[test]
