@@ -181,6 +181,12 @@ fn check_tcp(preset: &str) -> Vec<String> {
             "{preset}: evidence should end `{kept}`: {evidence}"
         ));
     }
+    if doc["tcp_port_preservation"] != truth.port_kept {
+        bad.push(format!(
+            "{preset}: tcp_port_preservation {} but the router keeps the port: {}",
+            doc["tcp_port_preservation"], truth.port_kept
+        ));
+    }
     // `--tcp` never changes the exit status: that of the UDP classification (1 for UDP blocked,
     // even though TCP got through and was classified).
     let want_code = if expected.classic == "udp-blocked" {
@@ -277,6 +283,9 @@ struct LifetimeTruth {
     port_preservation: bool,
     udp_timeout: Duration,
     inbound_refresh: bool,
+    /// `address_pooling` as the probe must report it: `arbitrary` only for a NAT with several
+    /// external addresses pooled arbitrarily.
+    address_pooling: &'static str,
 }
 
 impl LifetimeTruth {
@@ -288,6 +297,11 @@ impl LifetimeTruth {
             port_preservation: b.allocation == PortAllocation::Preserve,
             udp_timeout: b.udp_timeout,
             inbound_refresh: b.inbound_refresh,
+            address_pooling: if cfg.external_addresses > 1 && b.pooling == Pooling::Arbitrary {
+                "arbitrary"
+            } else {
+                "paired"
+            },
         }
     }
 }
@@ -324,6 +338,7 @@ fn lifetime_through(name: &str, up: impl FnOnce() -> Lab, truth: LifetimeTruth) 
         "{}",
         why()
     );
+    assert_eq!(doc["address_pooling"], truth.address_pooling, "{}", why());
 
     // The binding lifetime: the bounds contain the configured timeout.
     let life = row(&doc, "binding lifetime");
@@ -420,6 +435,7 @@ fn lifetime_through_the_kernel_masquerade() {
         port_preservation: expected.port_preservation,
         udp_timeout: Duration::from_secs(TIMEOUT_S),
         inbound_refresh: true,
+        address_pooling: "paired",
     };
     let up = || {
         let lab = up_preset("linux");
