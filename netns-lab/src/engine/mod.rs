@@ -484,16 +484,15 @@ impl Router {
     }
 
     fn outbound(&mut self, now: Instant, mut d: Datagram, t: Transport) -> Verdict {
-        let (src, dst) = (d.src(), d.dst());
-        let (proto, sp, dp) = match t {
-            Transport::Udp { src, dst } => (Protocol::Udp, src, dst),
-            Transport::Tcp { src, dst, .. } => (Protocol::Tcp, src, dst),
-            Transport::Echo { request: true, id } => (Protocol::Icmp, id, 0),
-            Transport::Error(q) => return self.error_out(now, d, q),
-            _ => return self.unsupported(),
+        if let Transport::Error(q) = t {
+            return self.error_out(now, d, q);
+        }
+        let Some((proto, sp, dp)) = flow(t, true) else {
+            return self.unsupported();
         };
-        let internal = sa(src, sp);
-        let Ok(SocketAddr::V4(ext)) = self.table.outbound(now, proto, internal, sa(dst, dp)) else {
+        let (src, dst) = (d.src(), d.dst());
+        let Ok(SocketAddr::V4(ext)) = self.table.outbound(now, proto, sa(src, sp), sa(dst, dp))
+        else {
             return self.exhausted();
         };
         d.set_src(*ext.ip());
@@ -527,14 +526,13 @@ impl Router {
         t: Transport,
         out: &mut Vec<Emit>,
     ) -> Verdict {
-        let (src, dst) = (d.src(), d.dst());
-        let (proto, sp, dp) = match t {
-            Transport::Udp { src, dst } => (Protocol::Udp, src, dst),
-            Transport::Tcp { src, dst, .. } => (Protocol::Tcp, src, dst),
-            Transport::Echo { request: false, id } => (Protocol::Icmp, 0, id),
-            Transport::Error(q) => return self.error_in(now, d, q),
-            _ => return self.unsupported(),
+        if let Transport::Error(q) = t {
+            return self.error_in(now, d, q);
+        }
+        let Some((proto, sp, dp)) = flow(t, false) else {
+            return self.unsupported();
         };
+        let (src, dst) = (d.src(), d.dst());
         let external = sa(dst, dp);
         match self.table.inbound(now, proto, sa(src, sp), external) {
             Some(SocketAddr::V4(internal)) => {
@@ -620,12 +618,10 @@ impl Router {
             self.stats.hairpin_refused += 1;
             return Verdict::Drop;
         }
-        let (src, dst) = (d.src(), d.dst());
-        let (proto, sp, dp) = match t {
-            Transport::Udp { src, dst } => (Protocol::Udp, src, dst),
-            Transport::Tcp { src, dst, .. } => (Protocol::Tcp, src, dst),
-            _ => return self.unsupported(),
+        let Some((proto, sp, dp)) = flow(t, true).filter(|(p, ..)| *p != Protocol::Icmp) else {
+            return self.unsupported();
         };
+        let (src, dst) = (d.src(), d.dst());
         let Ok(SocketAddr::V4(from)) = self.table.outbound(now, proto, sa(src, sp), sa(dst, dp))
         else {
             return self.exhausted();
@@ -642,23 +638,13 @@ impl Router {
     }
 
     fn firewall_out(&mut self, now: Instant, d: Datagram, t: Transport) -> Verdict {
-        let (src, dst) = (d.src(), d.dst());
-        match t {
-            Transport::Udp { src: sp, dst: dp } => {
+        match flow(t, true) {
+            Some((proto, sp, dp)) => {
                 self.firewall
-                    .outbound(now, Protocol::Udp, sa(src, sp), sa(dst, dp))
+                    .outbound(now, proto, sa(d.src(), sp), sa(d.dst(), dp))
             }
-            Transport::Tcp {
-                src: sp, dst: dp, ..
-            } => self
-                .firewall
-                .outbound(now, Protocol::Tcp, sa(src, sp), sa(dst, dp)),
-            Transport::Echo { request: true, id } => {
-                self.firewall
-                    .outbound(now, Protocol::Icmp, sa(src, id), sa(dst, 0))
-            }
-            Transport::Error(_) => {}
-            _ => return self.unsupported(),
+            None if matches!(t, Transport::Error(_)) => {}
+            None => return self.unsupported(),
         }
         Verdict::Forward(Port::Wan, d)
     }
@@ -671,21 +657,11 @@ impl Router {
         out: &mut Vec<Emit>,
     ) -> Verdict {
         let (src, dst) = (d.src(), d.dst());
-        let admitted = match t {
-            Transport::Udp { src: sp, dst: dp } => {
-                self.firewall
-                    .inbound(now, Protocol::Udp, sa(src, sp), sa(dst, dp))
+        let admitted = match (t, flow(t, false)) {
+            (_, Some((proto, sp, dp))) => {
+                self.firewall.inbound(now, proto, sa(src, sp), sa(dst, dp))
             }
-            Transport::Tcp {
-                src: sp, dst: dp, ..
-            } => self
-                .firewall
-                .inbound(now, Protocol::Tcp, sa(src, sp), sa(dst, dp)),
-            Transport::Echo { request: false, id } => {
-                self.firewall
-                    .inbound(now, Protocol::Icmp, sa(src, 0), sa(dst, id))
-            }
-            Transport::Error(q) => match l4_protocol(q.proto) {
+            (Transport::Error(q), _) => match l4_protocol(q.proto) {
                 Some(p) => self.firewall.has_internal(now, p, SocketAddr::V4(q.src)),
                 None => return self.unsupported(),
             },
@@ -727,6 +703,23 @@ impl Router {
         };
         rows.sort_by_key(|r| (r.internal, r.external, proto_rank(r.proto)));
         rows
+    }
+}
+
+/// The flow a UDP, TCP or echo packet belongs to: protocol, source and destination port. Echo
+/// requests travel outbound and replies inbound (`outbound` says which one is expected); the
+/// identifier stands in for the inside host's port, the remote side's is 0. ICMP errors and
+/// untranslated packets have none.
+fn flow(t: Transport, outbound: bool) -> Option<(Protocol, u16, u16)> {
+    match t {
+        Transport::Udp { src, dst } => Some((Protocol::Udp, src, dst)),
+        Transport::Tcp { src, dst, .. } => Some((Protocol::Tcp, src, dst)),
+        Transport::Echo { request, id } if request == outbound => Some(if outbound {
+            (Protocol::Icmp, id, 0)
+        } else {
+            (Protocol::Icmp, 0, id)
+        }),
+        _ => None,
     }
 }
 
