@@ -34,6 +34,11 @@ impl Ipv4Net {
         Ipv4Addr::from(u32::from(self.addr) & self.mask())
     }
 
+    /// The last address of the prefix (host bits set).
+    pub fn broadcast(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+
     pub fn contains(self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
     }

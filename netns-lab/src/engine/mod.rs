@@ -246,10 +246,8 @@ impl Router {
     /// A host address of the LAN prefix other than the router's own.
     fn lan_host(&self, ip: Ipv4Addr) -> bool {
         let lan = self.addrs.lan;
-        let host_bits = u32::MAX.checked_shr(u32::from(lan.len)).unwrap_or(0);
-        let broadcast = Ipv4Addr::from(u32::from(lan.network()) | host_bits);
         // A /31 or /32 has no network or broadcast address (RFC 3021).
-        let special = lan.len < 31 && (ip == lan.network() || ip == broadcast);
+        let special = lan.len < 31 && (ip == lan.network() || ip == lan.broadcast());
         lan.contains(ip) && ip != lan.addr && !special
     }
 
