@@ -82,62 +82,49 @@ impl Netns {
             .create_new(true)
             .open(&path)
             .map_err(|e| io_err(name, "creating the namespace file", e))?;
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
-        let (jobs, job_rx) = mpsc::channel::<Job>();
-        let thread_name = name.to_string();
         let mount_path = path.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ns-{name}"))
-            .spawn(move || {
-                let setup = (|| {
-                    unshare(CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| io_err(&thread_name, "unshare(CLONE_NEWNET)", e))?;
-                    mount(
-                        Some("/proc/thread-self/ns/net"),
-                        &mount_path,
-                        None::<&str>,
-                        MsFlags::MS_BIND,
-                        None::<&str>,
-                    )
-                    .map_err(|e| io_err(&thread_name, "bind-mounting the namespace", e))
-                })();
-                let ok = setup.is_ok();
-                let _ = ready_tx.send(setup);
-                if ok {
-                    worker_loop(&thread_name, job_rx);
-                }
-            })
-            .map_err(|e| io_err(name, "spawning the worker thread", e))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                name: name.to_string(),
-                jobs: Some(jobs),
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&path);
-                Err(NetnsError::WorkerGone(name.to_string()))
-            }
-        }
+        let thread_name = name.to_string();
+        Self::spawn(name, move || {
+            unshare(CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io_err(&thread_name, "unshare(CLONE_NEWNET)", e))?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &mount_path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| io_err(&thread_name, "bind-mounting the namespace", e))
+        })
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })
     }
 
     /// Attaches a worker thread to an existing named namespace (for `lab exec`-like helpers and
     /// tests that inspect a running lab).
     pub fn open(name: &str) -> Result<Self, NetnsError> {
         let file = File::open(path_of(name)).map_err(|e| io_err(name, "opening", e))?;
+        let thread_name = name.to_string();
+        Self::spawn(name, move || {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io_err(&thread_name, "setns", e))
+        })
+    }
+
+    /// Starts the worker thread: it runs `enter` (which moves it into the namespace), reports how
+    /// that went, and then serves jobs. On an error the thread has ended.
+    fn spawn(
+        name: &str,
+        enter: impl FnOnce() -> Result<(), NetnsError> + Send + 'static,
+    ) -> Result<Self, NetnsError> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NetnsError>>();
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let thread_name = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("ns-{name}"))
             .spawn(move || {
-                let r = setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| io_err(&thread_name, "setns", e));
+                let r = enter();
                 let ok = r.is_ok();
                 let _ = ready_tx.send(r);
                 if ok {
@@ -151,7 +138,10 @@ impl Netns {
                 jobs: Some(jobs),
                 thread: Some(thread),
             }),
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
             Err(_) => Err(NetnsError::WorkerGone(name.to_string())),
         }
     }
