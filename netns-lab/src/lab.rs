@@ -223,6 +223,12 @@ pub fn namespace_name(lab: &str, node: &str) -> String {
     format!("{}{lab}-{node}", netns::PREFIX)
 }
 
+/// The error of link step `step` on node `node`, for `map_err`.
+fn link_err(node: &str, step: &'static str) -> impl FnOnce(LinkError) -> LabError {
+    let node = node.to_string();
+    move |source| LabError::Link { node, step, source }
+}
+
 fn random_mac() -> [u8; 6] {
     let mut m: [u8; 6] = rand::thread_rng().gen();
     m[0] = (m[0] & 0xfe) | 0x02; // unicast, locally administered
@@ -306,11 +312,7 @@ impl Lab {
                 let h = links::connect()?;
                 links::set_up(&h, "lo").await.map(|_| ())
             })?
-            .map_err(|source| LabError::Link {
-                node: p.name.clone(),
-                step: "bringing up lo",
-                source,
-            })?;
+            .map_err(link_err(&p.name, "bringing up lo"))?;
             self.nodes.push(LabNode {
                 plan: p.clone(),
                 namespace,
@@ -345,14 +347,6 @@ impl Lab {
     /// Creates the node's segment bridge (if it has one) and its uplink veth.
     fn wire(&self, p: &PlannedNode) -> Result<(), LabError> {
         let node = &self.nodes[self.node_index(&p.name)?];
-        let link_err = |step| {
-            let n = p.name.clone();
-            move |source| LabError::Link {
-                node: n,
-                step,
-                source,
-            }
-        };
         let bridge = match p.role {
             Role::Internet => Some("br0"),
             Role::Nat => Some(driver::LAN),
@@ -365,7 +359,7 @@ impl Lab {
                     let h = links::connect()?;
                     links::add_bridge(&h, br, mac).await.map(|_| ())
                 })?
-                .map_err(link_err("creating the segment bridge"))?;
+                .map_err(link_err(&p.name, "creating the segment bridge"))?;
         }
         let Some(upstream) = &p.upstream else {
             return Ok(());
@@ -397,7 +391,7 @@ impl Lab {
                 links::add_veth(&h, &port, uplink, fd).await?;
                 links::attach(&h, &port, up_bridge).await
             })?
-            .map_err(link_err("creating the uplink veth"))?;
+            .map_err(link_err(&p.name, "creating the uplink veth"))?;
         drop(ns_file);
         Ok(())
     }
@@ -405,14 +399,6 @@ impl Lab {
     /// Addresses, routes and translation for one node.
     fn configure(&mut self, p: &PlannedNode) -> Result<(), LabError> {
         let idx = self.node_index(&p.name)?;
-        let link_err = |step| {
-            let n = p.name.clone();
-            move |source| LabError::Link {
-                node: n,
-                step,
-                source,
-            }
-        };
         let kernel_addresses = !matches!(p.router, Some(RouterKind::Engine(_)));
         let uplink = if p.role == Role::Nat {
             driver::WAN
@@ -442,7 +428,7 @@ impl Lab {
                 }
                 Ok(())
             })?
-            .map_err(link_err("addresses and routes"))?;
+            .map_err(link_err(&p.name, "addresses and routes"))?;
         match &p.router {
             Some(RouterKind::Engine(config)) => {
                 let lan = p.lan.ok_or_else(|| LabError::Engine {
