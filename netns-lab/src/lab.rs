@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use natscope_probes::client::{build_request, RequestOptions};
+use natscope_probes::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
 use serde::Serialize;
 
@@ -638,15 +640,18 @@ fn wait_for_stun(server: SocketAddr, limit: Duration) -> bool {
     };
     let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
     let deadline = Instant::now() + limit;
+    let tid = TransactionId::random();
     let mut req = [0u8; 20];
-    req[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
-    req[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
-    rand::thread_rng().fill(&mut req[8..20]);
+    let Ok(len) = build_request(&mut req, &tid, &RequestOptions::default()) else {
+        return false;
+    };
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
-        let _ = sock.send_to(&req, server);
+        let _ = sock.send_to(&req[..len], server);
         if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if n >= 20 && buf[0..2] == [0x01, 0x01] && buf[8..20] == req[8..20] {
+            if Message::parse(&buf[..n]).is_ok_and(|m| {
+                m.message_type() == MessageType::BINDING_RESPONSE && m.transaction_id() == tid
+            }) {
                 return true;
             }
         }
