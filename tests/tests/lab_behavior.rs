@@ -276,17 +276,6 @@ fn cgnat_nests_two_nats() {
     lab.down();
 }
 
-fn one_nat_lab(prefix: &str, config: EngineConfig) -> Lab {
-    Lab::builder(&lab_name(prefix))
-        .natscope_bin(natscope_tests::natscope_bin())
-        .reflector("stun")
-        .router("nat", None, RouterKind::Engine(config))
-        .host("h1", Some("nat"))
-        .host("h2", Some("nat"))
-        .up()
-        .expect("lab up")
-}
-
 /// REQ-5/REQ-6: a mapping dies after its timeout unless outbound traffic refreshes it.
 #[test]
 fn mapping_expires_after_its_timeout_unless_refreshed() {
@@ -298,7 +287,7 @@ fn mapping_expires_after_its_timeout_unless_refreshed() {
         FilteringBehavior::EndpointIndependent,
     ));
     cfg.behavior.udp_timeout = Duration::from_millis(800);
-    let lab = one_nat_lab("expiry", cfg);
+    let lab = up_engine_lab("expiry", cfg);
     let (a1, _) = reflector_ips(&lab);
     let r = udp(&lab, "stun", sa(a1, random_port()));
     let idle = udp(&lab, "h1", sa(Ipv4Addr::UNSPECIFIED, random_port()));
@@ -394,7 +383,7 @@ fn unsolicited_syn_is_dropped_or_reset_as_configured() {
             FilteringBehavior::AddressAndPortDependent,
         ));
         cfg.unsolicited_syn = policy;
-        let lab = one_nat_lab("syn", cfg);
+        let lab = up_engine_lab("syn", cfg);
         let ext = lab.node("nat").unwrap().address().unwrap();
         let target = sa(ext, random_port());
         let r = lab
