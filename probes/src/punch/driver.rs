@@ -25,8 +25,9 @@ use super::server::{RendezvousServer, ServerConfig, Transmit};
 use super::session::{Role, Route, Session, SessionConfig, SessionError, MAX_TARGETS};
 use super::table::Endpoint;
 use super::{SessionId, Transport};
+use crate::client::{transact_udp, RequestOptions, Rto};
 use crate::stun::framing::{frame, Frame, MAX_FRAME};
-use crate::stun::{attr_type, MessageType, MessageWriter, TransactionId};
+use crate::stun::TransactionId;
 
 /// Errors of the punch drivers. `exit_code` maps them onto natscope's 1/2 convention.
 #[derive(Debug, thiserror::Error)]
@@ -627,38 +628,29 @@ impl Net {
 /// How many predicted ports (peer_port + k·delta, k = 1..=PREDICT_STEPS) a peer probes.
 pub const PREDICT_STEPS: i32 = 16;
 
-fn binding_request(tid: &TransactionId) -> Vec<u8> {
-    let mut buf = [0u8; 20];
-    match MessageWriter::new(&mut buf, MessageType::BINDING_REQUEST, tid) {
-        Ok(w) => {
-            let n = w.finish();
-            buf[..n].to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
-}
-
+/// This socket's mapping as the server sees it: one Binding transaction, three tries 300 ms
+/// apart ([`crate::client::transact_udp`]); only an answer from the server itself counts.
 async fn mapped_from(sock: &UdpSocket, server: SocketAddr) -> Option<SocketAddr> {
-    let tid = TransactionId::random();
-    let req = binding_request(&tid);
-    let mut buf = [0u8; 512];
-    for _ in 0..3 {
-        sock.send_to(&req, server).await.ok()?;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Ok((n, from))) =
-            tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await
-        {
-            let Ok(m) = crate::stun::Message::parse(&buf[..n]) else {
-                continue;
-            };
-            if from != server || m.transaction_id() != tid {
-                continue;
-            }
-            let a = m.attribute(attr_type::XOR_MAPPED_ADDRESS)?;
-            return crate::stun::attr::decode_xor_address(a.value, &tid).ok();
-        }
+    let wait = Duration::from_millis(300);
+    let rto = Rto {
+        initial: wait,
+        max_transmits: 3,
+        last_wait_multiplier: 1,
+        max_rto: wait,
+    };
+    let r = transact_udp(
+        sock,
+        server,
+        TransactionId::random(),
+        &RequestOptions::default(),
+        rto,
+    )
+    .await
+    .ok()?;
+    if r.source != Some(server) {
+        return None;
     }
-    None
+    r.xor_mapped
 }
 
 /// Measures this host's port allocation delta: three fresh sockets ask the server for their
