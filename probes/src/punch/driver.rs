@@ -952,9 +952,6 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
             s.push(app_message(pushed));
             pushed += 1;
             next_push += opts.interval;
-            if opts.interval.is_zero() {
-                continue;
-            }
         }
         s.handle_timeout(now);
         while let Some((to, b)) = s.poll_transmit() {
