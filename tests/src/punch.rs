@@ -37,12 +37,7 @@ impl PunchLab {
             .host("b", Some("nb"))
             .up()
             .expect("lab up");
-        let mut server = spawn_in(&lab, "stun", &["punch", "serve", "--listen", SERVER]);
-        wait_for(
-            &mut server,
-            |p| p.stderr().contains("punch server on"),
-            "serving",
-        );
+        let server = serve(&lab);
         Self { lab, server }
     }
 
@@ -77,6 +72,17 @@ impl PunchLab {
         drop(server);
         lab.down();
     }
+}
+
+/// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it is serving.
+pub fn serve(lab: &Lab) -> ChildProcess {
+    let mut server = spawn_in(lab, "stun", &["punch", "serve", "--listen", SERVER]);
+    wait_for(
+        &mut server,
+        |p| p.stderr().contains("punch server on"),
+        "serving",
+    );
+    server
 }
 
 /// Starts `natscope ARGS` inside `node` with output captured.

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use natscope_tests::punch::wait_for;
 use natscope_tests::{free_port, natscope_bin, ChildProcess};
 
 fn natscope(args: &[&str]) -> ChildProcess {
@@ -20,24 +21,16 @@ fn finish(p: &mut ChildProcess, within: Duration) -> i32 {
     s.code().unwrap_or(-1)
 }
 
-fn wait_for(p: &mut ChildProcess, ready: impl Fn(&ChildProcess) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready(p) {
-        assert!(
-            p.exited().is_none() && Instant::now() < deadline,
-            "not ready\n{}",
-            p.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A server on a fresh loopback port.
 fn server() -> (ChildProcess, String) {
     let port = free_port(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     let addr = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
     let mut s = natscope(&["punch", "serve", "--listen", &addr]);
-    wait_for(&mut s, |p| p.stderr().contains("punch server on"));
+    wait_for(
+        &mut s,
+        |p| p.stderr().contains("punch server on"),
+        "serving",
+    );
     (s, addr)
 }
 
@@ -89,7 +82,7 @@ fn loopback_sessions_report_the_contract_json() {
             largs.push("--tcp");
         }
         let mut l = natscope(&largs);
-        wait_for(&mut l, |p| p.stdout().contains("registered"));
+        wait_for(&mut l, |p| p.stdout().contains("registered"), "registered");
         for relay_first in [false, true] {
             let mut args = vec!["punch", "connect", "bob", "--via", &addr, "--json"];
             if tcp {
@@ -145,7 +138,7 @@ fn loopback_sessions_report_the_contract_json() {
 fn a_listener_whose_server_dies_exits_1_in_bounded_time() {
     let (mut server, addr) = server();
     let mut l = natscope(&["punch", "listen", "--id", "bob", "--via", &addr]);
-    wait_for(&mut l, |p| p.stdout().contains("registered"));
+    wait_for(&mut l, |p| p.stdout().contains("registered"), "registered");
     server.kill();
     let t = Instant::now();
     assert_eq!(

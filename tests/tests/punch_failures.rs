@@ -2,10 +2,12 @@
 //! with one clear error line and exit 1 within bounded time — never a hang (issue 5,
 //! must-show 4).
 
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use natscope_tests::lab::require_root;
-use natscope_tests::punch::{router, spawn_in, wait_for, PunchLab, SERVER};
+use natscope_tests::punch::{router, serve, wait_for, PunchLab};
+use natscope_tests::ChildProcess;
 
 /// Generous bound on how long after the kill the connector must have exited.
 const BOUND: Duration = Duration::from_secs(15);
@@ -19,6 +21,16 @@ const LONG: &[&str] = &[
     "--timeout",
     "60",
 ];
+
+/// Waits for the connector to exit; panics if it still runs [`BOUND`] after `what`.
+fn exit_within_bound(c: &mut ChildProcess, what: &str) -> ExitStatus {
+    c.wait_timeout(BOUND).unwrap_or_else(|| {
+        panic!(
+            "connect still running {BOUND:?} after the {what}\n{}",
+            c.diagnostics()
+        )
+    })
+}
 
 #[test]
 fn rendezvous_server_killed_mid_relayed_session() {
@@ -37,12 +49,7 @@ fn rendezvous_server_killed_mid_relayed_session() {
     assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
     let killed = Instant::now();
     lab.server.kill();
-    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
-        panic!(
-            "connect still running {BOUND:?} after the kill\n{}",
-            c.diagnostics()
-        )
-    });
+    let status = exit_within_bound(&mut c, "kill");
     let took = killed.elapsed();
     let d = c.diagnostics();
     assert_eq!(status.code(), Some(1), "{d}");
@@ -82,12 +89,7 @@ fn listener_killed_mid_direct_session() {
     assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
     let killed = Instant::now();
     l.kill();
-    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
-        panic!(
-            "connect still running {BOUND:?} after the kill\n{}",
-            c.diagnostics()
-        )
-    });
+    let status = exit_within_bound(&mut c, "kill");
     let took = killed.elapsed();
     let d = c.diagnostics();
     assert_eq!(status.code(), Some(1), "{d}");
@@ -116,12 +118,7 @@ fn tcp_listener_killed_mid_session() {
     assert!(c.exited().is_none(), "still running\n{}", c.diagnostics());
     let killed = Instant::now();
     l.kill();
-    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
-        panic!(
-            "connect still running {BOUND:?} after the kill\n{}",
-            c.diagnostics()
-        )
-    });
+    let status = exit_within_bound(&mut c, "kill");
     let d = c.diagnostics();
     assert_eq!(status.code(), Some(1), "{d}");
     assert!(c.stderr().contains("peer"), "{d}");
@@ -148,19 +145,8 @@ fn rendezvous_server_restarted_mid_relayed_session() {
     let killed = Instant::now();
     lab.server.kill();
     // A fresh server on the same address: it knows neither the registration nor the session.
-    let mut fresh = spawn_in(&lab.lab, "stun", &["punch", "serve", "--listen", SERVER]);
-    wait_for(
-        &mut fresh,
-        |p| p.stderr().contains("punch server on"),
-        "serving",
-    );
-    lab.server = fresh;
-    let status = c.wait_timeout(BOUND).unwrap_or_else(|| {
-        panic!(
-            "connect still running {BOUND:?} after the restart\n{}",
-            c.diagnostics()
-        )
-    });
+    lab.server = serve(&lab.lab);
+    let status = exit_within_bound(&mut c, "restart");
     let d = c.diagnostics();
     assert_eq!(status.code(), Some(1), "{d}");
     let err = c.stderr();

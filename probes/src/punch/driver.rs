@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -25,8 +26,9 @@ use super::server::{RendezvousServer, ServerConfig, Transmit};
 use super::session::{Role, Route, Session, SessionConfig, SessionError, MAX_TARGETS};
 use super::table::Endpoint;
 use super::{SessionId, Transport};
+use crate::client::{transact_udp, RequestOptions, Rto};
 use crate::stun::framing::{frame, Frame, MAX_FRAME};
-use crate::stun::{attr_type, MessageType, MessageWriter, TransactionId};
+use crate::stun::TransactionId;
 
 /// Errors of the punch drivers. `exit_code` maps them onto natscope's 1/2 convention.
 #[derive(Debug, thiserror::Error)]
@@ -203,36 +205,15 @@ impl ServerCtx {
             remote,
         };
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, writer) = spawn_writer(wr);
         self.tcp
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(remote, tx);
-        let writer = tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
-        });
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        let mut chunk = [0u8; 4096];
-        'conn: while let Ok(n) = rd.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            loop {
-                match frame(&buf) {
-                    Frame::Complete(len) => {
-                        let msg: Vec<u8> = buf.drain(..len).collect();
-                        self.handle(ep, &msg).await;
-                    }
-                    Frame::Partial(_) => break,
-                    Frame::Invalid => break 'conn,
-                }
-            }
+        while let Some(msg) = next_frame(&mut rd, &mut buf).await {
+            self.handle(ep, &msg).await;
         }
         self.tcp
             .lock()
@@ -240,6 +221,36 @@ impl ServerCtx {
             .remove(&remote);
         writer.abort();
         self.lock().connection_closed(ep);
+    }
+}
+
+/// Spawns the task that writes every buffer sent on the returned channel to `wr`, in order,
+/// until a write fails or the channel closes.
+fn spawn_writer(mut wr: OwnedWriteHalf) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+    let task = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    (tx, task)
+}
+
+/// The next STUN message on a stream (RFC 8489 §6.2.2, [`frame`]), read through `buf`, which
+/// keeps what follows it. `None` at the end of the stream, on a read error, or when the bytes
+/// cannot be STUN (the connection is then closed: `buf` never grows past one frame and a read).
+async fn next_frame(rd: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match frame(buf) {
+            Frame::Complete(len) => return Some(buf.drain(..len).collect()),
+            Frame::Partial(_) => {}
+            Frame::Invalid => return None,
+        }
+        let n = rd.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -331,39 +342,17 @@ fn spawn_stream(
 ) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
     // Small messages, each one awaited by the peer: Nagle would hold them back.
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+    let (mut rd, wr) = stream.into_split();
+    let (tx, writer) = spawn_writer(wr);
     let task = tokio::spawn(async move {
-        let writer = tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
-        });
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        let mut chunk = [0u8; 4096];
-        'conn: loop {
-            let n = match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            loop {
-                match frame(&buf) {
-                    Frame::Complete(len) => {
-                        let bytes: Vec<u8> = buf.drain(..len).collect();
-                        if events
-                            .send(NetEvent::Message { from: peer, bytes })
-                            .await
-                            .is_err()
-                        {
-                            break 'conn;
-                        }
-                    }
-                    Frame::Partial(_) => break,
-                    Frame::Invalid => break 'conn,
-                }
+        while let Some(bytes) = next_frame(&mut rd, &mut buf).await {
+            if events
+                .send(NetEvent::Message { from: peer, bytes })
+                .await
+                .is_err()
+            {
+                break;
             }
         }
         writer.abort();
@@ -627,38 +616,29 @@ impl Net {
 /// How many predicted ports (peer_port + k·delta, k = 1..=PREDICT_STEPS) a peer probes.
 pub const PREDICT_STEPS: i32 = 16;
 
-fn binding_request(tid: &TransactionId) -> Vec<u8> {
-    let mut buf = [0u8; 20];
-    match MessageWriter::new(&mut buf, MessageType::BINDING_REQUEST, tid) {
-        Ok(w) => {
-            let n = w.finish();
-            buf[..n].to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
-}
-
+/// This socket's mapping as the server sees it: one Binding transaction, three tries 300 ms
+/// apart ([`crate::client::transact_udp`]); only an answer from the server itself counts.
 async fn mapped_from(sock: &UdpSocket, server: SocketAddr) -> Option<SocketAddr> {
-    let tid = TransactionId::random();
-    let req = binding_request(&tid);
-    let mut buf = [0u8; 512];
-    for _ in 0..3 {
-        sock.send_to(&req, server).await.ok()?;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Ok((n, from))) =
-            tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await
-        {
-            let Ok(m) = crate::stun::Message::parse(&buf[..n]) else {
-                continue;
-            };
-            if from != server || m.transaction_id() != tid {
-                continue;
-            }
-            let a = m.attribute(attr_type::XOR_MAPPED_ADDRESS)?;
-            return crate::stun::attr::decode_xor_address(a.value, &tid).ok();
-        }
+    let wait = Duration::from_millis(300);
+    let rto = Rto {
+        initial: wait,
+        max_transmits: 3,
+        last_wait_multiplier: 1,
+        max_rto: wait,
+    };
+    let r = transact_udp(
+        sock,
+        server,
+        TransactionId::random(),
+        &RequestOptions::default(),
+        rto,
+    )
+    .await
+    .ok()?;
+    if r.source != Some(server) {
+        return None;
     }
-    None
+    r.xor_mapped
 }
 
 /// Measures this host's port allocation delta: three fresh sockets ask the server for their
@@ -972,9 +952,6 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
             s.push(app_message(pushed));
             pushed += 1;
             next_push += opts.interval;
-            if opts.interval.is_zero() {
-                continue;
-            }
         }
         s.handle_timeout(now);
         while let Some((to, b)) = s.poll_transmit() {

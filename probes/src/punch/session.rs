@@ -234,13 +234,6 @@ impl Session {
         }
     }
 
-    /// Adds addresses to probe (predicted ports); bounded by [`MAX_TARGETS`].
-    pub fn add_targets(&mut self, extra: impl IntoIterator<Item = SocketAddr>) {
-        for a in extra {
-            self.add_target(a);
-        }
-    }
-
     /// Adds addresses to probe beyond [`MAX_TARGETS`] (birthday ports), up to `cap` in total.
     pub fn add_targets_capped(&mut self, extra: impl IntoIterator<Item = SocketAddr>, cap: usize) {
         for a in extra {
