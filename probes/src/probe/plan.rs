@@ -46,7 +46,7 @@ use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimat
 use super::machine::LocalSockets;
 use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
-    self, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
+    self, ms, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
     ProbeReport, ServerReport, TestReport,
 };
 use crate::client::{BindingResponse, RequestOptions};
@@ -783,30 +783,13 @@ impl Probe {
     /// The result (complete once `is_done`; partial, with `unknown`s, before).
     pub fn report(&self) -> ProbeReport {
         let end = self.finished.unwrap_or(self.started);
-        // Milliseconds with microsecond resolution: finer digits are noise, not evidence.
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let reach_answered = self.first_answer(Step::Reach).is_some();
         let udp_blocked = !reach_answered && self.phase == Phase::Done;
         let nat = self.nat_detected();
         let mut tests = Vec::new();
         let row = |name: &str, steps: &[Step], verdict: String, evidence: String| {
-            let txs: Vec<&Tx> = self
-                .txs
-                .iter()
-                .filter(|t| steps.contains(&t.step))
-                .collect();
-            let start = txs.iter().filter_map(|t| t.sched.first_sent).min();
-            let stop = txs.iter().filter_map(|t| t.sched.done_at).max();
-            TestReport {
-                name: name.into(),
-                verdict,
-                evidence,
-                requests_sent: txs.iter().map(|t| t.sched.transmits).sum(),
-                duration_ms: match (start, stop) {
-                    (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
-                    _ => 0.0,
-                },
-            }
+            let txs = self.txs.iter().filter(|t| steps.contains(&t.step));
+            TestReport::over(name, verdict, evidence, txs.map(|t| &t.sched))
         };
 
         // 1. Reachability and NAT presence.
