@@ -654,7 +654,7 @@ impl Probe {
 
     fn mapped_s0(&self) -> Option<SocketAddr> {
         self.first_answer(Step::Reach)
-            .and_then(|r| r.xor_mapped.or(r.mapped))
+            .and_then(BindingResponse::reflexive)
     }
 
     fn nat_detected(&self) -> Option<bool> {
@@ -1037,10 +1037,7 @@ impl Probe {
                 "needs an RFC 5780 server with a second address".into(),
             );
         }
-        let get = |s| {
-            self.first_answer(s)
-                .and_then(|r: &BindingResponse| r.xor_mapped.or(r.mapped))
-        };
+        let get = |s| self.first_answer(s).and_then(BindingResponse::reflexive);
         let (m2, m3) = (get(Step::MapII), get(Step::MapIII));
         let ev = format!(
             "via A1:P1 {m1}, via A2:P1 {}, via A2:P2 {}",
@@ -1194,7 +1191,7 @@ impl Probe {
     fn mapped_answers(&self) -> usize {
         self.txs
             .iter()
-            .filter_map(|t| t.answer()?.xor_mapped.or(t.answer()?.mapped))
+            .filter_map(|t| t.answer()?.reflexive())
             .count()
     }
 
@@ -1202,10 +1199,7 @@ impl Probe {
     /// answered request counts: each shows its socket's mapping towards that server address).
     fn mapped_addresses(&self) -> Vec<IpAddr> {
         let mut seen = Vec::new();
-        for t in &self.txs {
-            let Some(a) = t.answer().and_then(|a| a.xor_mapped.or(a.mapped)) else {
-                continue;
-            };
+        for a in self.txs.iter().filter_map(|t| t.answer()?.reflexive()) {
             if !seen.contains(&a.ip()) {
                 seen.push(a.ip());
             }
@@ -1217,7 +1211,7 @@ impl Probe {
         let samples: Vec<(u16, u16)> = (0..self.cfg.allocation_samples)
             .filter_map(|i| {
                 let tx = self.txs.iter().find(|t| t.step == Step::Alloc(i))?;
-                let ext = tx.answer()?.xor_mapped.or(tx.answer()?.mapped)?;
+                let ext = tx.answer()?.reflexive()?;
                 Some((self.local_of(tx.socket)?.port(), ext.port()))
             })
             .collect();
