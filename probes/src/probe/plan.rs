@@ -1055,19 +1055,9 @@ impl Probe {
                 )
             };
         }
-        match (m2, m3) {
-            (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ev),
-            (Some(m2), Some(_)) if m2 == m1 => (
-                Behavior::Unknown,
-                format!("inconsistent: same mapping for A2:P1 but not A2:P2: {ev}"),
-            ),
-            (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ev),
-            (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ev),
-            (Some(_), Some(_)) => (Behavior::Unknown, format!("inconsistent: {ev}")),
-            _ => (
-                Behavior::Unknown,
-                format!("the alternate address did not answer: {ev}"),
-            ),
+        match compare_mappings(m1, m2, m3) {
+            (b, "") => (b, ev),
+            (b, why) => (b, format!("{why}: {ev}")),
         }
     }
 
@@ -1257,6 +1247,28 @@ impl Probe {
             samples,
             predictability: "unpredictable: consecutive mappings show no constant delta".into(),
         }
+    }
+}
+
+/// RFC 5780 §4.3 behind a NAT, from the mapped addresses seen via A1:P1, A2:P1 and A2:P2: M2 == M1
+/// → endpoint-independent; else M3 == M2 → address-dependent; else address-and-port-dependent.
+/// Missing or self-contradicting answers give `unknown`; the string says why (empty for a clean
+/// verdict). The TCP test compares its mappings with it too ([`super::tcp::classify`]).
+pub(crate) fn compare_mappings(
+    m1: SocketAddr,
+    m2: Option<SocketAddr>,
+    m3: Option<SocketAddr>,
+) -> (Behavior, &'static str) {
+    match (m2, m3) {
+        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
+        (Some(m2), Some(_)) if m2 == m1 => (
+            Behavior::Unknown,
+            "inconsistent: same mapping for A2:P1 but not A2:P2",
+        ),
+        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
+        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
+        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
+        _ => (Behavior::Unknown, "the alternate address did not answer"),
     }
 }
 
