@@ -32,41 +32,29 @@ fn x_sockets(sent: &[SentDatagram]) -> HashSet<SocketId> {
 
 fn main() {
     println!("| NAT | loss | seeds | virtual s (lifetime row / total) | requests | checks | X sockets | bracket / converged-unknown-wrong |");
-    for timeout in [30u64, 120] {
-        let seed = if timeout == 30 { 1 } else { 2 };
-        let mut cfg = SimConfig::new(nat(timeout, false), seed);
-        cfg.max_virtual_time = Duration::from_secs(4 * 3600);
-        let run = sim::run_lifetime(&cfg, sim::lifetime_config(seed));
-        let r = run.machine.report();
-        println!(
-            "| {timeout} s | 0 | {seed} | {:.1} / {:.1} | {} | {} | {} | {:?}–{:?} |",
-            r.tests[0].duration_ms / 1e3,
-            run.virtual_time.as_secs_f64(),
-            r.requests_sent,
-            r.checks,
-            x_sockets(&run.sent).len(),
-            r.lower_s,
-            r.upper_s
-        );
-    }
-    for timeout in [30u64, 120] {
-        let seed = if timeout == 30 { 1 } else { 2 };
-        let mut cfg = SimConfig::new(nat(timeout, false), seed);
-        cfg.max_virtual_time = Duration::from_secs(4 * 3600);
-        let mut lt = sim::lifetime_config(seed);
-        lt.pacing = Pacing::decide(&[lt.server], PaceChoice::On);
-        let run = sim::run_lifetime(&cfg, lt);
-        let r = run.machine.report();
-        println!(
-            "| {timeout} s paced | 0 | {seed} | {:.1} / {:.1} | {} | {} | {} | {:?}–{:?} |",
-            r.tests[0].duration_ms / 1e3,
-            run.virtual_time.as_secs_f64(),
-            r.requests_sent,
-            r.checks,
-            x_sockets(&run.sent).len(),
-            r.lower_s,
-            r.upper_s
-        );
+    for paced in [false, true] {
+        for timeout in [30u64, 120] {
+            let seed = if timeout == 30 { 1 } else { 2 };
+            let mut cfg = SimConfig::new(nat(timeout, false), seed);
+            cfg.max_virtual_time = Duration::from_secs(4 * 3600);
+            let mut lt = sim::lifetime_config(seed);
+            if paced {
+                lt.pacing = Pacing::decide(&[lt.server], PaceChoice::On);
+            }
+            let run = sim::run_lifetime(&cfg, lt);
+            let r = run.machine.report();
+            println!(
+                "| {timeout} s{} | 0 | {seed} | {:.1} / {:.1} | {} | {} | {} | {:?}–{:?} |",
+                if paced { " paced" } else { "" },
+                r.tests[0].duration_ms / 1e3,
+                run.virtual_time.as_secs_f64(),
+                r.requests_sent,
+                r.checks,
+                x_sockets(&run.sent).len(),
+                r.lower_s,
+                r.upper_s
+            );
+        }
     }
     for loss in [0.10, 0.30] {
         for timeout in [30u64, 120] {

@@ -73,11 +73,8 @@ impl Schedule {
     /// Records a transmission at `now`. RFC 8489 §6.2.1 backs off by doubling; on the paths a probe
     /// sees, twice the RTO bounds it, so the next is due after one RTO, later ones after two.
     pub fn sent(&mut self, now: Instant, rto: Duration, max_rto: Duration) {
-        self.transmits += 1;
-        self.first_sent.get_or_insert(now);
-        self.last_sent = Some(now);
-        let wait = if self.transmits == 1 { rto } else { rto * 2 };
-        self.next_at = Some(now + wait.min(max_rto));
+        let wait = if self.transmits == 0 { rto } else { rto * 2 };
+        self.record(now, wait.min(max_rto));
     }
 
     /// Records a transmission at `now` of a request whose silence is evidence (a negative test):
@@ -85,21 +82,23 @@ impl Schedule {
     /// which must also wait until [`Self::last_sent`] is a full RTO old (see
     /// [`RttEstimator::spacing`]): answers to earlier transmissions have had longer than that.
     pub fn sent_spaced(&mut self, now: Instant, spacing: Duration, max_rto: Duration) {
-        self.transmits += 1;
-        self.first_sent.get_or_insert(now);
-        self.last_sent = Some(now);
-        self.next_at = Some(now + spacing.min(max_rto));
+        self.record(now, spacing.min(max_rto));
     }
 
     /// Records a transmission at `now` with RFC 8489 §6.2.1's full doubling: the `n`th waits
     /// `rto · 2^(n-1)`. For requests whose silence is no evidence, only a liveness failure, so
     /// waiting longer costs time only when something is wrong.
     pub fn sent_doubling(&mut self, now: Instant, rto: Duration, max_rto: Duration) {
+        let wait = rto.saturating_mul(1 << self.transmits.min(16));
+        self.record(now, wait.min(max_rto));
+    }
+
+    /// Records a transmission at `now`, the next due after `wait`.
+    fn record(&mut self, now: Instant, wait: Duration) {
         self.transmits += 1;
         self.first_sent.get_or_insert(now);
         self.last_sent = Some(now);
-        let wait = rto.saturating_mul(1 << (self.transmits - 1).min(16));
-        self.next_at = Some(now + wait.min(max_rto));
+        self.next_at = Some(now + wait);
     }
 }
 

@@ -46,7 +46,7 @@ use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimat
 use super::machine::LocalSockets;
 use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
-    self, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
+    self, ms, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
     ProbeReport, ServerReport, TestReport,
 };
 use crate::client::{BindingResponse, RequestOptions};
@@ -654,7 +654,7 @@ impl Probe {
 
     fn mapped_s0(&self) -> Option<SocketAddr> {
         self.first_answer(Step::Reach)
-            .and_then(|r| r.xor_mapped.or(r.mapped))
+            .and_then(BindingResponse::reflexive)
     }
 
     fn nat_detected(&self) -> Option<bool> {
@@ -783,30 +783,13 @@ impl Probe {
     /// The result (complete once `is_done`; partial, with `unknown`s, before).
     pub fn report(&self) -> ProbeReport {
         let end = self.finished.unwrap_or(self.started);
-        // Milliseconds with microsecond resolution: finer digits are noise, not evidence.
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let reach_answered = self.first_answer(Step::Reach).is_some();
         let udp_blocked = !reach_answered && self.phase == Phase::Done;
         let nat = self.nat_detected();
         let mut tests = Vec::new();
         let row = |name: &str, steps: &[Step], verdict: String, evidence: String| {
-            let txs: Vec<&Tx> = self
-                .txs
-                .iter()
-                .filter(|t| steps.contains(&t.step))
-                .collect();
-            let start = txs.iter().filter_map(|t| t.sched.first_sent).min();
-            let stop = txs.iter().filter_map(|t| t.sched.done_at).max();
-            TestReport {
-                name: name.into(),
-                verdict,
-                evidence,
-                requests_sent: txs.iter().map(|t| t.sched.transmits).sum(),
-                duration_ms: match (start, stop) {
-                    (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
-                    _ => 0.0,
-                },
-            }
+            let txs = self.txs.iter().filter(|t| steps.contains(&t.step));
+            TestReport::over(name, verdict, evidence, txs.map(|t| &t.sched))
         };
 
         // 1. Reachability and NAT presence.
@@ -1054,10 +1037,7 @@ impl Probe {
                 "needs an RFC 5780 server with a second address".into(),
             );
         }
-        let get = |s| {
-            self.first_answer(s)
-                .and_then(|r: &BindingResponse| r.xor_mapped.or(r.mapped))
-        };
+        let get = |s| self.first_answer(s).and_then(BindingResponse::reflexive);
         let (m2, m3) = (get(Step::MapII), get(Step::MapIII));
         let ev = format!(
             "via A1:P1 {m1}, via A2:P1 {}, via A2:P2 {}",
@@ -1075,19 +1055,9 @@ impl Probe {
                 )
             };
         }
-        match (m2, m3) {
-            (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ev),
-            (Some(m2), Some(_)) if m2 == m1 => (
-                Behavior::Unknown,
-                format!("inconsistent: same mapping for A2:P1 but not A2:P2: {ev}"),
-            ),
-            (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ev),
-            (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ev),
-            (Some(_), Some(_)) => (Behavior::Unknown, format!("inconsistent: {ev}")),
-            _ => (
-                Behavior::Unknown,
-                format!("the alternate address did not answer: {ev}"),
-            ),
+        match compare_mappings(m1, m2, m3) {
+            (b, "") => (b, ev),
+            (b, why) => (b, format!("{why}: {ev}")),
         }
     }
 
@@ -1211,7 +1181,7 @@ impl Probe {
     fn mapped_answers(&self) -> usize {
         self.txs
             .iter()
-            .filter_map(|t| t.answer()?.xor_mapped.or(t.answer()?.mapped))
+            .filter_map(|t| t.answer()?.reflexive())
             .count()
     }
 
@@ -1219,10 +1189,7 @@ impl Probe {
     /// answered request counts: each shows its socket's mapping towards that server address).
     fn mapped_addresses(&self) -> Vec<IpAddr> {
         let mut seen = Vec::new();
-        for t in &self.txs {
-            let Some(a) = t.answer().and_then(|a| a.xor_mapped.or(a.mapped)) else {
-                continue;
-            };
+        for a in self.txs.iter().filter_map(|t| t.answer()?.reflexive()) {
             if !seen.contains(&a.ip()) {
                 seen.push(a.ip());
             }
@@ -1234,7 +1201,7 @@ impl Probe {
         let samples: Vec<(u16, u16)> = (0..self.cfg.allocation_samples)
             .filter_map(|i| {
                 let tx = self.txs.iter().find(|t| t.step == Step::Alloc(i))?;
-                let ext = tx.answer()?.xor_mapped.or(tx.answer()?.mapped)?;
+                let ext = tx.answer()?.reflexive()?;
                 Some((self.local_of(tx.socket)?.port(), ext.port()))
             })
             .collect();
@@ -1280,6 +1247,28 @@ impl Probe {
             samples,
             predictability: "unpredictable: consecutive mappings show no constant delta".into(),
         }
+    }
+}
+
+/// RFC 5780 §4.3 behind a NAT, from the mapped addresses seen via A1:P1, A2:P1 and A2:P2: M2 == M1
+/// → endpoint-independent; else M3 == M2 → address-dependent; else address-and-port-dependent.
+/// Missing or self-contradicting answers give `unknown`; the string says why (empty for a clean
+/// verdict). The TCP test compares its mappings with it too ([`super::tcp::classify`]).
+pub(crate) fn compare_mappings(
+    m1: SocketAddr,
+    m2: Option<SocketAddr>,
+    m3: Option<SocketAddr>,
+) -> (Behavior, &'static str) {
+    match (m2, m3) {
+        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
+        (Some(m2), Some(_)) if m2 == m1 => (
+            Behavior::Unknown,
+            "inconsistent: same mapping for A2:P1 but not A2:P2",
+        ),
+        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
+        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
+        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
+        _ => (Behavior::Unknown, "the alternate address did not answer"),
     }
 }
 

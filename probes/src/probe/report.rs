@@ -3,9 +3,11 @@
 //! Every verdict is a named value or `unknown` with a reason; nothing is guessed.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Serialize;
 
+use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
 
@@ -157,6 +159,36 @@ pub struct TestReport {
     pub evidence: String,
     pub requests_sent: u32,
     pub duration_ms: f64,
+}
+
+impl TestReport {
+    /// The row of a test made of the transactions scheduled as `scheds`: their transmissions, and
+    /// the time from the first transmission of any of them to the end of the last.
+    pub(crate) fn over<'a>(
+        name: &str,
+        verdict: String,
+        evidence: String,
+        scheds: impl Iterator<Item = &'a Schedule>,
+    ) -> Self {
+        let scheds: Vec<&Schedule> = scheds.collect();
+        let start = scheds.iter().filter_map(|s| s.first_sent).min();
+        let stop = scheds.iter().filter_map(|s| s.done_at).max();
+        Self {
+            name: name.into(),
+            verdict,
+            evidence,
+            requests_sent: scheds.iter().map(|s| s.transmits).sum(),
+            duration_ms: match (start, stop) {
+                (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
+                _ => 0.0,
+            },
+        }
+    }
+}
+
+/// Milliseconds with microsecond resolution: finer digits are noise, not evidence.
+pub(crate) fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::pacing::Pacer;
+use super::plan::compare_mappings;
 use super::report::{Behavior, ProbeReport, TestReport};
 use crate::client::{transact_tcp, BindingResponse, RequestOptions};
 use crate::stun::TransactionId;
@@ -113,8 +114,8 @@ impl TcpMappingResult {
     }
 }
 
-/// Classifies from the three mapped addresses exactly as the UDP engine does (RFC 5780 §4.3):
-/// M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
+/// Classifies from the three mapped addresses exactly as the UDP engine does (RFC 5780 §4.3,
+/// [`compare_mappings`]): M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
 /// address-and-port-dependent. Without a NAT (M1 == `local`) the identity mapping counts as
 /// endpoint-independent (RFC 4787) once A2:P1 confirmed it. Unlike over UDP, a missing M2 is never
 /// read as "no NAT, so identity": over TCP it is a refused or timed-out connection, a failure to
@@ -136,17 +137,7 @@ pub fn classify(
             None => (Behavior::Unknown, "the alternate address did not answer"),
         };
     }
-    match (m2, m3) {
-        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
-        (Some(m2), Some(_)) if m2 == m1 => (
-            Behavior::Unknown,
-            "inconsistent: same mapping for A2:P1 but not A2:P2",
-        ),
-        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
-        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
-        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
-        _ => (Behavior::Unknown, "the alternate address did not answer"),
-    }
+    compare_mappings(m1, m2, m3)
 }
 
 /// Checks OTHER-ADDRESS is a usable alternate for `server` (RFC 5780 §4.3 needs a different IP

@@ -389,7 +389,7 @@ impl LifetimeProbe {
                 self.evidence.miss(k)
             };
             if k >= cap || miss < self.cfg.timing.target_miss {
-                self.txs[i].state = TxState::GaveUp { miss };
+                self.txs[i].state = TxState::GaveUp;
                 self.txs[i].sched.done_at = Some(now);
                 self.gave_up(now, i, miss);
                 if self.stage == Stage::Done {

@@ -4,9 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::transaction::Tx;
 use super::{LifetimeProbe, Stage, X};
-use crate::probe::report::TestReport;
+use crate::probe::report::{ms, TestReport};
 
 /// What the lifetime probe concluded.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,26 +34,14 @@ impl LifetimeProbe {
     /// The result (complete once `is_done`).
     pub fn report(&self) -> LifetimeReport {
         let end = self.finished.unwrap_or(self.started);
-        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let s = |d: Duration| (d.as_secs_f64() * 1e3).round() / 1e3;
         let nat = match (self.first_mapped, self.local_of(X)) {
             (Some(m), Some(l)) => Some(m != l),
             _ => None,
         };
         let row = |name: &str, stage: Stage, verdict: String, evidence: String| {
-            let txs: Vec<&Tx> = self.txs.iter().filter(|t| t.stage == stage).collect();
-            let start = txs.iter().filter_map(|t| t.sched.first_sent).min();
-            let stop = txs.iter().filter_map(|t| t.sched.done_at).max();
-            TestReport {
-                name: name.into(),
-                verdict,
-                evidence,
-                requests_sent: txs.iter().map(|t| t.sched.transmits).sum(),
-                duration_ms: match (start, stop) {
-                    (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
-                    _ => 0.0,
-                },
-            }
+            let txs = self.txs.iter().filter(|t| t.stage == stage);
+            TestReport::over(name, verdict, evidence, txs.map(|t| &t.sched))
         };
         let lower = (self.alive_seen > 0).then(|| s(self.lo));
         let upper = self.hi.map(s);

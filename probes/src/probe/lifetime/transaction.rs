@@ -25,11 +25,12 @@ pub(super) enum Kind {
     Scout,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum TxState {
     Pending,
     Answered,
-    GaveUp { miss: f64 },
+    /// Given up or abandoned; what its silence means was decided when it ended (`gave_up`).
+    GaveUp,
 }
 
 #[derive(Clone, Debug)]
@@ -111,7 +112,7 @@ impl LifetimeProbe {
             }
             self.evidence.answered_after(k);
         } else {
-            tx.state = TxState::GaveUp { miss: 1.0 };
+            tx.state = TxState::GaveUp;
         }
     }
 
@@ -120,7 +121,7 @@ impl LifetimeProbe {
         self.queue.clear();
         for tx in &mut self.txs {
             if tx.state == TxState::Pending {
-                tx.state = TxState::GaveUp { miss: 1.0 };
+                tx.state = TxState::GaveUp;
                 if tx.sched.transmits > 0 {
                     tx.sched.done_at = Some(now);
                 }
