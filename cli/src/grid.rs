@@ -174,7 +174,6 @@ fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &std::path::Path)
                 cell.report = Some(report.clone());
             }
             if !delivered {
-                cell.error = None;
                 cell.reason = format!(
                     "{} (data: {}/{} echoed, in order: {})",
                     cell.reason, cell.messages_echoed, cell.messages_sent, report["in_order"]
