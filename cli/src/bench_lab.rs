@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -203,13 +203,9 @@ fn options() -> LabOptions {
     }
 }
 
-/// A lab name unique to this process and run: "bl", a kind letter, the index, a random suffix.
+/// A lab name unique to this run: "bl", a kind letter, the index, a random suffix.
 fn lab_name(kind: char, index: usize) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let salt = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) & 0xffff;
-    format!("bl{kind}{}{salt:04x}", index % 1000)
+    crate::jobs::lab_name(&format!("bl{kind}"), index)
 }
 
 fn big_lab(name: &str) -> Result<Lab> {

@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::grid::{self, Outcome, Transport};
-use natscope_lab::{netns, presets, Lab, LabOptions};
+use natscope_lab::{presets, Lab, LabOptions};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -95,11 +95,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
             other => bail!("unknown transport `{other}` (udp, tcp)"),
         });
     }
-    if !(1..=32).contains(&a.jobs) {
-        bail!("--jobs must be between 1 and 32");
-    }
-    netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
-    let exe = std::env::current_exe().context("cannot find the natscope executable")?;
+    let exe = jobs::prepare(a.jobs)?;
     let mut work = Vec::new();
     for t in &transports {
         for (i, x) in names.iter().enumerate() {
@@ -110,7 +106,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     }
     let start = Instant::now();
     let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| run_cell(i, x, y, *t, &exe))?;
-    let errors = cells.iter().filter(|c| c.error.is_some()).count();
+    let errors = cells.iter().any(|c| c.error.is_some());
     let doc = Document {
         schema: "natscope.grid/v1",
         pass: cells.iter().all(|c| c.pass),
@@ -122,13 +118,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     } else {
         emit(&render(&doc, &names, &transports));
     }
-    Ok(if errors > 0 {
-        ExitCode::from(2)
-    } else if doc.pass {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(jobs::exit_code(errors, doc.pass))
 }
 
 fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &std::path::Path) -> Cell {
@@ -174,7 +164,6 @@ fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &std::path::Path)
                 cell.report = Some(report.clone());
             }
             if !delivered {
-                cell.error = None;
                 cell.reason = format!(
                     "{} (data: {}/{} echoed, in order: {})",
                     cell.reason, cell.messages_echoed, cell.messages_sent, report["in_order"]
@@ -204,7 +193,7 @@ fn punch_in_lab(
     exe: &std::path::Path,
 ) -> Result<Value> {
     let topo = grid::pair_topology(a, b).ok_or_else(|| anyhow!("no pair topology"))?;
-    let name = format!("gd{index}{:03x}", std::process::id() as u16 & 0xfff);
+    let name = jobs::lab_name("gd", index);
     let lab = Lab::up(
         &name,
         topo.plan()?,

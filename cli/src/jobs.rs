@@ -1,13 +1,45 @@
-//! What `lab matrix` and `lab grid` both need to run many labs at once: a bounded pool of worker
-//! threads over a list of jobs (results back in job order), and a child process whose stdout is
-//! collected while its run is held to a deadline.
+//! What `lab matrix` and `lab grid` both need to run many labs at once: the checks before any lab
+//! comes up, unique lab names, a bounded pool of worker threads over a list of jobs (results back
+//! in job order), a child process whose stdout is collected while its run is held to a deadline,
+//! and the exit code of the whole run.
 
 use std::io::Read;
-use std::process::{Child, ExitStatus};
+use std::path::PathBuf;
+use std::process::{Child, ExitCode, ExitStatus};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use natscope_lab::netns;
+
+/// Checked before any lab comes up: `--jobs` within 1..=32 and the privileges labs need. Returns
+/// the natscope executable that the labs' nodes run.
+pub fn prepare(jobs: usize) -> Result<PathBuf> {
+    if !(1..=32).contains(&jobs) {
+        bail!("--jobs must be between 1 and 32");
+    }
+    netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
+    std::env::current_exe().context("cannot find the natscope executable")
+}
+
+/// A lab name unique to this run: `prefix`, the job's index, four random hex digits.
+pub fn lab_name(prefix: &str, index: usize) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    format!("{prefix}{index}{:04x}", h.finish() as u16)
+}
+
+/// 2 when some job could not run at all, 1 when some outcome was not the expected one, else 0.
+pub fn exit_code(any_error: bool, pass: bool) -> ExitCode {
+    if any_error {
+        ExitCode::from(2)
+    } else if pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
 
 /// Runs `work` over `items` on at most `jobs` threads; the results come back in `items`' order.
 pub fn run_parallel<T: Sync, R: Send>(

@@ -515,25 +515,28 @@ fn pick_lab(name: Option<String>) -> Result<registry::Record> {
     }
 }
 
-fn node_names(rec: &registry::Record) -> Vec<String> {
-    rec.nodes
+/// The lab a command means (as [`pick_lab`]), checked to have a node named `node`.
+fn pick_node(lab: Option<String>, node: &str) -> Result<registry::Record> {
+    let rec = pick_lab(lab)?;
+    let names: Vec<&str> = rec
+        .nodes
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|n| n["name"].as_str().map(str::to_string))
-        .collect()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    if !names.contains(&node) {
+        bail!(
+            "lab {} has no node `{node}` (nodes: {})",
+            rec.name,
+            names.join(", ")
+        );
+    }
+    Ok(rec)
 }
 
 fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
-    let rec = pick_lab(a.lab)?;
-    if !node_names(&rec).contains(&a.node) {
-        bail!(
-            "lab {} has no node `{}` (nodes: {})",
-            rec.name,
-            a.node,
-            node_names(&rec).join(", ")
-        );
-    }
+    let rec = pick_node(a.lab, &a.node)?;
     if rec.control.is_none() {
         bail!(
             "lab {} is run by another program (pid {}), which does not serve nat tables",
@@ -578,15 +581,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
 }
 
 fn exec(a: ExecArgs) -> Result<ExitCode> {
-    let rec = pick_lab(a.lab)?;
-    if !node_names(&rec).contains(&a.node) {
-        bail!(
-            "lab {} has no node `{}` (nodes: {})",
-            rec.name,
-            a.node,
-            node_names(&rec).join(", ")
-        );
-    }
+    let rec = pick_node(a.lab, &a.node)?;
     let ns = natscope_lab::namespace_name(&rec.name, &a.node);
     netns::enter(&ns).map_err(|e| anyhow!("{e}"))?;
     let (program, args) = a

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::matrix::{self, Check};
-use natscope_lab::{netns, presets, Lab, LabOptions};
+use natscope_lab::{presets, Lab, LabOptions};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -68,14 +68,10 @@ pub fn run(a: MatrixArgs) -> Result<ExitCode> {
             );
         }
     }
-    if !(1..=32).contains(&a.jobs) {
-        bail!("--jobs must be between 1 and 32");
-    }
-    netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
-    let exe = std::env::current_exe().context("cannot find the natscope executable")?;
+    let exe = jobs::prepare(a.jobs)?;
     let start = Instant::now();
     let rows = jobs::run_parallel(&names, a.jobs, |i, name| run_preset(i, name, &exe))?;
-    let errors = rows.iter().filter(|r| r.error.is_some()).count();
+    let errors = rows.iter().any(|r| r.error.is_some());
     let doc = Document {
         schema: "natscope.matrix/v1",
         pass: rows.iter().all(|r| r.pass),
@@ -87,13 +83,7 @@ pub fn run(a: MatrixArgs) -> Result<ExitCode> {
     } else {
         emit(&render(&doc));
     }
-    Ok(if errors > 0 {
-        ExitCode::from(2)
-    } else if doc.pass {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(jobs::exit_code(errors, doc.pass))
 }
 
 fn run_preset(index: usize, preset: &str, exe: &std::path::Path) -> Row {
@@ -123,7 +113,7 @@ fn run_preset(index: usize, preset: &str, exe: &std::path::Path) -> Row {
 
 /// Brings the preset up, runs the probe in `h1`, returns its JSON document.
 fn probe_in_lab(index: usize, preset: &str, exe: &std::path::Path) -> Result<Value> {
-    let name = format!("mx{index}{:04x}", rand_suffix());
+    let name = jobs::lab_name("mx", index);
     let plan = presets::preset(preset)
         .ok_or_else(|| anyhow!("no preset {preset}"))?
         .plan()?;
@@ -153,13 +143,6 @@ fn probe_in_lab(index: usize, preset: &str, exe: &std::path::Path) -> Result<Val
         bail!("the probe failed ({status})");
     }
     serde_json::from_slice(&stdout).context("the probe's JSON")
-}
-
-fn rand_suffix() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u16
 }
 
 fn short(v: &Value) -> String {
