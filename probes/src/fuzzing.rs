@@ -3,7 +3,7 @@
 //!
 //! It feeds untrusted bytes to every entry point a peer can reach — stream framing, message parsing,
 //! attribute iteration, every typed attribute decoder (whatever the attribute's type, so each
-//! decoder also sees values meant for others), FINGERPRINT checking and [`BindingResponse::parse`] —
+//! decoder also sees values meant for others), FINGERPRINT checking and [`BindingResponse::parse`](crate::client::BindingResponse::parse) —
 //! and then checks the invariants the module documentation promises. Unlike the rest of the crate it
 //! panics on purpose: a panic here is either a codec panic or a broken invariant, and both are bugs
 //! for the fuzzer to report. Not for production paths.

@@ -1,5 +1,5 @@
-//! Runs a [`Probe`] (or any [`ProbeMachine`], such as the [`LifetimeProbe`]) over real UDP sockets
-//! with tokio. Each probe socket is bound on first use to the local address the OS would use to
+//! Runs a [`Probe`] (or any [`ProbeMachine`], such as the
+//! [`LifetimeProbe`](super::lifetime::LifetimeProbe)) over real UDP sockets with tokio. Each probe socket is bound on first use to the local address the OS would use to
 //! reach the server (so "mapped address = local address" really means "no NAT"), and gets a receive
 //! task feeding one channel; the loop sleeps until the probe's next timeout or the next datagram.
 //! Bounded by a wall-clock deadline.
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 use super::machine::ProbeMachine;
 use super::plan::{Probe, ProbeConfig, SocketId};
 use super::report::ProbeReport;
@@ -39,23 +38,6 @@ pub async fn run(cfg: ProbeConfig, progress: impl FnMut(&Probe)) -> io::Result<P
     drive(server, DEADLINE, |start| Probe::new(start, cfg), progress)
         .await
         .map(|p| p.report())
-}
-
-/// Runs the binding-lifetime measurement (RFC 5780 §4.6) to completion. It takes minutes: the
-/// deadline is [`LifetimeProbe::time_bound`]. `progress` is called after every event.
-pub async fn run_lifetime(
-    cfg: LifetimeConfig,
-    progress: impl FnMut(&LifetimeProbe),
-) -> io::Result<LifetimeReport> {
-    let (server, deadline) = (cfg.server, LifetimeProbe::time_bound(&cfg));
-    drive(
-        server,
-        deadline,
-        |start| LifetimeProbe::new(start, cfg),
-        progress,
-    )
-    .await
-    .map(|p| p.report())
 }
 
 /// Drives the machine `make` builds until it is done; returns it for its report.

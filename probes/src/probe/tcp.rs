@@ -115,7 +115,7 @@ impl TcpMappingResult {
 }
 
 /// Classifies from the three mapped addresses exactly as the UDP engine does (RFC 5780 §4.3,
-/// [`compare_mappings`]): M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
+/// `plan::compare_mappings`): M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
 /// address-and-port-dependent. Without a NAT (M1 == `local`) the identity mapping counts as
 /// endpoint-independent (RFC 4787) once A2:P1 confirmed it. Unlike over UDP, a missing M2 is never
 /// read as "no NAT, so identity": over TCP it is a refused or timed-out connection, a failure to
