@@ -5,15 +5,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use natscope_probes::nat::{NatBehavior, Protocol, RemoteKey};
 
 /// Cap on open (internal, remote key) pairs; at the cap, expired ones are swept first and then new
 /// flows are forwarded but not remembered (their replies are filtered).
 const CAP: usize = 65536;
-/// RFC 5508 REQ-1, as for a NAT's ICMP query mappings.
-const ICMP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub(crate) struct Firewall {
@@ -37,14 +35,6 @@ impl Firewall {
         }
     }
 
-    fn timeout(&self, proto: Protocol) -> Duration {
-        match proto {
-            Protocol::Udp => self.behavior.udp_timeout,
-            Protocol::Tcp => self.behavior.tcp_timeout,
-            Protocol::Icmp => ICMP_TIMEOUT,
-        }
-    }
-
     /// An outbound packet opens (or refreshes, REQ-6) the pinhole towards `remote`.
     pub fn outbound(
         &mut self,
@@ -60,7 +50,7 @@ impl Firewall {
                 return;
             }
         }
-        self.open.insert(key, now + self.timeout(proto));
+        self.open.insert(key, now + self.behavior.timeout(proto));
     }
 
     /// Whether an inbound packet from `remote` to `internal` is admitted.
@@ -72,7 +62,7 @@ impl Firewall {
         internal: SocketAddr,
     ) -> bool {
         let key = (proto, internal, self.behavior.filtering.key(remote));
-        let timeout = self.timeout(proto);
+        let timeout = self.behavior.timeout(proto);
         let refresh = self.behavior.inbound_refresh;
         match self.open.get_mut(&key) {
             Some(exp) if *exp > now => {

@@ -143,4 +143,17 @@ impl NatBehavior {
             pooling: Pooling::Paired,
         }
     }
+
+    /// Idle time after which a `proto` mapping (or a firewall's pinhole) is removed: the UDP and
+    /// TCP knobs, and RFC 5508 REQ-1's 60 s floor for ICMP query mappings.
+    pub fn timeout(&self, proto: Protocol) -> Duration {
+        match proto {
+            Protocol::Udp => self.udp_timeout,
+            Protocol::Tcp => self.tcp_timeout,
+            Protocol::Icmp => ICMP_QUERY_TIMEOUT,
+        }
+    }
 }
+
+/// RFC 5508 REQ-1: an ICMP query mapping must not expire in less than 60 s.
+const ICMP_QUERY_TIMEOUT: Duration = Duration::from_secs(60);

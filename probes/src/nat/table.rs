@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,8 +15,6 @@ use super::{NatBehavior, Pooling, PortAllocation, Protocol, RemoteKey};
 const MAX_PERMISSIONS: usize = 64;
 /// Attempts at finding a free random port before scanning linearly.
 const RANDOM_TRIES: usize = 64;
-/// RFC 5508 REQ-1: an ICMP query mapping must not expire in less than 60 s.
-const ICMP_QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Identifies a mapping: protocol, internal endpoint, and the part of the remote the mapping
 /// behavior distinguishes.
@@ -97,14 +95,6 @@ impl NatTable {
         self.external_ips.contains(&ip)
     }
 
-    fn timeout(&self, proto: Protocol) -> Duration {
-        match proto {
-            Protocol::Udp => self.behavior.udp_timeout,
-            Protocol::Tcp => self.behavior.tcp_timeout,
-            Protocol::Icmp => ICMP_QUERY_TIMEOUT,
-        }
-    }
-
     /// Translates an outbound packet from `internal` to `remote`: finds or creates the mapping,
     /// refreshes it (REQ-6), and opens the filter towards `remote`. Returns the external source.
     pub fn outbound(
@@ -120,7 +110,7 @@ impl NatTable {
             remote: self.behavior.mapping.key(remote),
         };
         self.expire_key(now, &key);
-        let timeout = self.timeout(proto);
+        let timeout = self.behavior.timeout(proto);
         let filter_key = self.behavior.filtering.key(remote);
         if !self.mappings.contains_key(&key) {
             let external = self.allocate(now, proto, internal)?;
@@ -165,7 +155,7 @@ impl NatTable {
             return None;
         }
         let filter_key = self.behavior.filtering.key(remote);
-        let timeout = self.timeout(proto);
+        let timeout = self.behavior.timeout(proto);
         let refresh = self.behavior.inbound_refresh;
         let m = self.mappings.get_mut(&key)?;
         let admitted = m
@@ -352,6 +342,7 @@ impl NatTable {
 mod tests {
     use super::super::{FilteringBehavior as F, MappingBehavior as M};
     use super::*;
+    use std::time::Duration;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
