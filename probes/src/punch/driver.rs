@@ -1275,11 +1275,8 @@ pub async fn listen(
                 };
                 if from == opts.server {
                     match &m {
-                        PunchMessage::RegisterOk { .. } => {
-                            last_server = now;
-                            continue;
-                        }
-                        PunchMessage::Error {
+                        PunchMessage::RegisterOk { .. }
+                        | PunchMessage::Error {
                             method: method::REGISTER,
                             ..
                         } => {

@@ -129,7 +129,13 @@ impl RendezvousServer {
                         mapped: from.remote,
                     },
                 ),
-                Err(e) => self.error(from, tid, method::REGISTER, 400, e.to_string()),
+                Err(e) => self.error(
+                    from,
+                    tid,
+                    method::REGISTER,
+                    code::BAD_REQUEST,
+                    e.to_string(),
+                ),
             },
             PunchMessage::Unregister { id, .. } => {
                 self.table.unregister(&id, from);

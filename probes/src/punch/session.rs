@@ -110,8 +110,6 @@ pub struct SessionStats {
     /// Clean (never retransmitted) send-to-ack times, by whether they went direct.
     pub rtt_samples: Vec<(bool, Duration)>,
     pub probe_rtt: Option<Duration>,
-    /// Our address as the peer saw it on the direct path.
-    pub mapped_by_peer: Option<SocketAddr>,
     pub server_lost: bool,
 }
 
@@ -352,11 +350,7 @@ impl Session {
                     self.probe(now, from);
                 }
             }
-            PunchMessage::ProbeOk {
-                tid,
-                session,
-                mapped,
-            } if session == self.id => {
+            PunchMessage::ProbeOk { tid, session, .. } if session == self.id => {
                 // Accepted only from the address the probe went to (DESIGN.md: check the source).
                 let Some(&(to, sent)) = self.probes.get(&tid) else {
                     return;
@@ -369,7 +363,6 @@ impl Session {
                 self.stats.probes_answered += 1;
                 if self.direct.is_none() && (now < self.punch_until || self.config.relay_first) {
                     self.stats.probe_rtt = Some(now - sent);
-                    self.stats.mapped_by_peer = Some(mapped);
                     self.set_direct(now, from);
                 }
             }
