@@ -196,7 +196,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     if args.lifetime {
         let lt = measure_lifetime(&rt, &args, first, report.udp_blocked, &pacing, pacer)?;
         requests += lt.requests_sent;
-        apply_lifetime(&mut report, lt);
+        lt.apply_to(&mut report);
     }
 
     if args.json {
@@ -330,25 +330,9 @@ fn measure_lifetime(
     pacer: Pacer,
 ) -> Result<LifetimeReport> {
     if udp_blocked {
-        let row = |name: &str| TestReport {
-            name: name.into(),
-            verdict: "unknown".into(),
-            evidence: "not run: the server did not answer".into(),
-            requests_sent: 0,
-            duration_ms: 0.0,
-        };
-        return Ok(LifetimeReport {
-            nat_detected: None,
-            binding_lifetime_s: None,
-            lower_s: None,
-            upper_s: None,
-            inbound_refresh: None,
-            tests: vec![row("binding lifetime"), row("inbound refresh")],
-            problems: Vec::new(),
-            checks: 0,
-            requests_sent: 0,
-            duration_ms: 0.0,
-        });
+        return Ok(LifetimeReport::not_run(
+            "not run: the server did not answer",
+        ));
     }
     let mut cfg = LifetimeConfig::new(server);
     cfg.max = Duration::from_secs(args.lifetime_max);
@@ -416,20 +400,6 @@ fn lifetime_bar() -> ProgressBar {
     }
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
-}
-
-/// Adds the lifetime result to the report: `binding_lifetime_s`, the two rows, the requests and
-/// any server problem it found.
-fn apply_lifetime(report: &mut ProbeReport, lt: LifetimeReport) {
-    report.binding_lifetime_s = lt.binding_lifetime_s;
-    report.requests_sent += lt.requests_sent;
-    report.tests.extend(lt.tests);
-    for p in lt.problems {
-        let p = format!("binding lifetime: {p}");
-        if !report.server.problems.contains(&p) {
-            report.server.problems.push(p);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

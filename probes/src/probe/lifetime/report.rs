@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{LifetimeProbe, Stage, X};
-use crate::probe::report::{ms, TestReport};
+use crate::probe::report::{ms, ProbeReport, TestReport};
 
 /// What the lifetime probe concluded.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +28,45 @@ pub struct LifetimeReport {
     pub checks: u32,
     pub requests_sent: u32,
     pub duration_ms: f64,
+}
+
+impl LifetimeReport {
+    /// The result of a measurement that did not run, both rows `unknown` for `why`.
+    pub fn not_run(why: &str) -> Self {
+        let row = |name: &str| TestReport {
+            name: name.into(),
+            verdict: "unknown".into(),
+            evidence: why.into(),
+            requests_sent: 0,
+            duration_ms: 0.0,
+        };
+        Self {
+            nat_detected: None,
+            binding_lifetime_s: None,
+            lower_s: None,
+            upper_s: None,
+            inbound_refresh: None,
+            tests: vec![row("binding lifetime"), row("inbound refresh")],
+            problems: Vec::new(),
+            checks: 0,
+            requests_sent: 0,
+            duration_ms: 0.0,
+        }
+    }
+
+    /// Adds the result to the probe's report: `binding_lifetime_s`, the two rows, the requests
+    /// and any server problem it found (as the TCP test's `apply_to` does).
+    pub fn apply_to(self, report: &mut ProbeReport) {
+        report.binding_lifetime_s = self.binding_lifetime_s;
+        report.requests_sent += self.requests_sent;
+        report.tests.extend(self.tests);
+        for p in self.problems {
+            let p = format!("binding lifetime: {p}");
+            if !report.server.problems.contains(&p) {
+                report.server.problems.push(p);
+            }
+        }
+    }
 }
 
 impl LifetimeProbe {
