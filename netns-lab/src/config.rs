@@ -158,8 +158,8 @@ struct NatDoc {
     parent: Option<Spanned<String>>,
     lan: Option<Spanned<LanDoc>>,
     behavior: Option<Spanned<BehaviorDoc>>,
-    mapping: Option<MappingDoc>,
-    filtering: Option<FilteringDoc>,
+    mapping: Option<MappingBehavior>,
+    filtering: Option<FilteringBehavior>,
     allocation: Option<AllocationDoc>,
     step: Option<Spanned<u16>>,
     port_range: Option<Spanned<Vec<u16>>>,
@@ -168,7 +168,7 @@ struct NatDoc {
     udp_timeout_s: Option<u64>,
     tcp_timeout_s: Option<u64>,
     inbound_refresh: Option<bool>,
-    pooling: Option<PoolingDoc>,
+    pooling: Option<Pooling>,
     translate: Option<bool>,
     block_udp: Option<bool>,
     external_addresses: Option<u8>,
@@ -248,55 +248,12 @@ impl BehaviorDoc {
     }
 }
 
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum MappingDoc {
-    EndpointIndependent,
-    AddressDependent,
-    AddressAndPortDependent,
-}
-
-impl From<MappingDoc> for MappingBehavior {
-    fn from(m: MappingDoc) -> Self {
-        match m {
-            MappingDoc::EndpointIndependent => Self::EndpointIndependent,
-            MappingDoc::AddressDependent => Self::AddressDependent,
-            MappingDoc::AddressAndPortDependent => Self::AddressAndPortDependent,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum FilteringDoc {
-    EndpointIndependent,
-    AddressDependent,
-    AddressAndPortDependent,
-}
-
-impl From<FilteringDoc> for FilteringBehavior {
-    fn from(f: FilteringDoc) -> Self {
-        match f {
-            FilteringDoc::EndpointIndependent => Self::EndpointIndependent,
-            FilteringDoc::AddressDependent => Self::AddressDependent,
-            FilteringDoc::AddressAndPortDependent => Self::AddressAndPortDependent,
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum AllocationDoc {
     Preserve,
     Sequential,
     Random,
-}
-
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum PoolingDoc {
-    Paired,
-    Arbitrary,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -463,10 +420,10 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
     };
     let b = &mut cfg.behavior;
     if let Some(m) = n.mapping {
-        b.mapping = m.into();
+        b.mapping = m;
     }
     if let Some(f) = n.filtering {
-        b.filtering = f.into();
+        b.filtering = f;
     }
     if let Some(a) = n.allocation {
         b.allocation = match a {
@@ -511,10 +468,7 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
         b.inbound_refresh = v;
     }
     if let Some(p) = n.pooling {
-        b.pooling = match p {
-            PoolingDoc::Paired => Pooling::Paired,
-            PoolingDoc::Arbitrary => Pooling::Arbitrary,
-        };
+        b.pooling = p;
     }
     if let Some(v) = n.translate {
         cfg.translate = v;

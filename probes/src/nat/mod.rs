@@ -11,10 +11,10 @@ pub mod table;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// RFC 4787 §4.1 mapping behavior: what makes two outbound flows share an external address:port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MappingBehavior {
     /// One mapping per internal address:port, whatever the destination (REQ-1).
@@ -26,7 +26,7 @@ pub enum MappingBehavior {
 }
 
 /// RFC 4787 §5 filtering behavior: which inbound senders a mapping admits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FilteringBehavior {
     /// Anyone, once the mapping exists ("full cone").
@@ -87,7 +87,7 @@ pub enum PortAllocation {
 }
 
 /// RFC 4787 §4.1 / REQ-2 IP address pooling when the NAT has several external addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pooling {
     /// All mappings of one internal IP use the same external IP (recommended).
