@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use natscope_probes::nat::{FilteringBehavior, MappingBehavior, Pooling, PortAllocation};
+use natscope_core::nat::{FilteringBehavior, MappingBehavior, Pooling, PortAllocation};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -499,7 +499,7 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
 
 #[cfg(test)]
 mod tests {
-    use natscope_probes::nat::NatBehavior;
+    use natscope_core::nat::NatBehavior;
 
     use super::*;
     use crate::topology::EngineConfig;

@@ -14,7 +14,7 @@
 //! segments from the exact address it connected to, so both mappings must be endpoint-independent.
 //! Port prediction and the birthday technique are not assumed (they are off by default).
 
-use natscope_probes::nat::{FilteringBehavior as F, MappingBehavior as M};
+use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
 use serde::Serialize;
 
 use crate::presets;
@@ -29,13 +29,8 @@ pub enum Outcome {
     Failed,
 }
 
-/// Transport of a grid cell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
+/// Transport of a grid cell: the core's one [`Transport`].
+pub use natscope_core::net::Transport;
 
 /// The default grid (issue 5 must-show 2).
 pub const DEFAULT_PRESETS: &[&str] = &[

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use natscope_probes::client::{build_request, RequestOptions};
-use natscope_probes::stun::{Message, MessageType, TransactionId};
+use natscope_core::client::{build_request, RequestOptions};
+use natscope_core::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
 use serde::Serialize;
 

@@ -3,7 +3,7 @@
 //! print (docs/probe.md's schema), and compares them field by field with what the probe printed.
 //! Pure data in and out, so the comparison itself is unit-tested without a lab.
 
-use natscope_probes::nat::PortAllocation;
+use natscope_core::nat::PortAllocation;
 use serde::Serialize;
 use serde_json::{json, Value};
 

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use natscope_probes::nat::PortAllocation;
+use natscope_core::nat::PortAllocation;
 
 use crate::topology::{
     EngineConfig, Ipv4Net, NodeSpec, Plan, PlannedNode, Role, RouterKind, Topology, TopologyError,
@@ -454,7 +454,7 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
 
 #[cfg(test)]
 mod tests {
-    use natscope_probes::nat::{FilteringBehavior, MappingBehavior, NatBehavior};
+    use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior};
 
     use super::*;
 

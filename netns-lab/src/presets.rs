@@ -8,8 +8,8 @@
 //! range 1024-65535, no parity, UDP timeout 120 s (REQ-5), TCP 7440 s, outbound refresh only,
 //! paired pooling, one external address, no loss or delay, seed 1. Only `full-cone` hairpins.
 
-use natscope_probes::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
-use natscope_probes::probe::AllocationPattern;
+use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
+use natscope_core::probe::AllocationPattern;
 use serde::Serialize;
 
 use crate::topology::{EngineConfig, NodeSpec, RouterKind, Topology};

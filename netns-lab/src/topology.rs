@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use natscope_probes::nat::NatBehavior;
+use natscope_core::nat::NatBehavior;
 use serde::Serialize;
 
 /// An IPv4 prefix, `addr/len`.

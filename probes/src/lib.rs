@@ -1,20 +1,18 @@
-//! natscope-probes: the protocol half of natscope.
+//! natscope-probes: the drivers around [`natscope_core`]'s sans-IO machines.
 //!
-//! - [`stun`]: the STUN wire format (RFC 8489, RFC 5780, classic RFC 3489), borrowed and allocation-free.
-//! - [`reflector`]: the RFC 5780 Binding server — a sans-IO core plus a tokio driver.
-//! - [`client`]: one Binding transaction with RFC 8489 retransmission, and a typed view of responses.
+//! - [`client`]: tokio drivers for one Binding transaction (UDP with RFC 8489 retransmissions, TCP).
+//! - [`reflector`]: the RFC 5780 reflector on real UDP/TCP sockets.
+//! - [`probe`]: the probe on real sockets, the TCP mapping test, and the simulated NAT network.
+//! - [`punch`]: the punch server and peers on real sockets.
 //! - [`bench`](mod@bench): a closed-loop Binding load generator with a fixed-memory latency histogram.
 //!
-//! Protocol logic never reads the clock or touches a socket; drivers feed it `now` and bytes
-//! (DESIGN.md, "probes: sans-IO at the core").
+//! The codec, the NAT model and every state machine are [`natscope_core`]'s; the modules that need
+//! no driver are re-exported under their usual names so callers have one path for each concept.
 
 pub mod bench;
 pub mod client;
-/// Test and fuzz support: runs untrusted bytes through every decoder and asserts invariants.
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod nat;
 pub mod probe;
 pub mod punch;
 pub mod reflector;
-pub mod stun;
+
+pub use natscope_core::{fuzzing, nat, stun};

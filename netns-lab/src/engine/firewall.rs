@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use natscope_probes::nat::{NatBehavior, Protocol, RemoteKey};
+use natscope_core::nat::{NatBehavior, Protocol, RemoteKey};
 
 /// Cap on open (internal, remote key) pairs; at the cap, expired ones are swept first and then new
 /// flows are forwarded but not remembered (their replies are filtered).

@@ -31,8 +31,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
-use natscope_probes::nat::table::NatTable;
-use natscope_probes::nat::{Protocol, RemoteKey};
+use natscope_core::nat::table::NatTable;
+use natscope_core::nat::{Protocol, RemoteKey};
 use pnet::packet::arp::ArpOperations;
 use pnet::packet::ethernet::{EtherTypes, EthernetPacket};
 use pnet::packet::ip::{IpNextHeaderProtocol, IpNextHeaderProtocols};

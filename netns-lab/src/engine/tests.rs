@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use natscope_probes::nat::{FilteringBehavior as F, MappingBehavior as M, NatBehavior};
+use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M, NatBehavior};
 use pnet::packet::arp::{ArpOperations, ArpPacket};
 use pnet::packet::ethernet::{EtherType, EtherTypes, EthernetPacket};
 use pnet::packet::icmp::echo_request::MutableEchoRequestPacket;
@@ -535,7 +535,7 @@ fn unsolicited_syn_is_dropped_or_reset_and_simultaneous_open_is_admitted() {
 fn icmp_errors_are_translated_both_ways() {
     let t0 = Instant::now();
     let mut c = cfg(M::EndpointIndependent, F::AddressAndPortDependent);
-    c.behavior.allocation = natscope_probes::nat::PortAllocation::Random;
+    c.behavior.allocation = natscope_core::nat::PortAllocation::Random;
     let mut r = router(c);
     let ext = send_out(&mut r, t0, HOST, S1);
     assert_ne!(

@@ -1,25 +1,10 @@
-//! `natscope probe`: RFC 5780 NAT behavior discovery as a sans-IO state machine.
-//!
-//! [`Probe`] runs the whole plan — reachability, mapping, filtering, hairpinning, port allocation —
-//! without touching a socket or a clock. Its driver (real sockets, or the in-memory simulator in
-//! tests) feeds it `now` and datagrams and sends what [`Probe::poll_transmit`] returns, from the
-//! socket the transmit names. See [`plan`] for the test procedure and [`report`] for the result.
-//! [`LifetimeProbe`] (RFC 5780 §4.6 binding lifetime, RFC 4787 REQ-6 inbound refresh) is a second
-//! machine behind the same [`ProbeMachine`] interface, so the same drivers run it. Both start new
-//! transactions only as their shared [`Pacer`] allows (RFC 5780 §5, see [`pacing`]).
+//! `natscope probe` over real sockets and over the simulated network. The probe's state machines,
+//! its report and its pacing are [`natscope_core::probe`], re-exported here; this module adds what
+//! needs I/O or a harness: [`driver`] (tokio UDP sockets), [`tcp`] (the TCP mapping test's
+//! connections) and [`sim`] (an in-memory NAT network on a virtual clock).
+
+pub use natscope_core::probe::*;
 
 pub mod driver;
-pub mod evidence;
-pub mod lifetime;
-pub mod machine;
-pub mod pacing;
-pub mod plan;
-pub mod report;
 pub mod sim;
 pub mod tcp;
-
-pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
-pub use machine::ProbeMachine;
-pub use pacing::{PaceChoice, Pacer, Pacing};
-pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
-pub use report::{AddressPooling, AllocationPattern, Behavior, Classic, ProbeReport};

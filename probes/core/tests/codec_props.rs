@@ -1,15 +1,15 @@
 //! Property tests for the STUN codec: no input makes it panic, whatever we write parses back to the
 //! same values, and stream framing never claims bytes it does not have.
 //!
-//! The "parse everything" work is `natscope_probes::fuzzing::exercise`, the same function the
+//! The "parse everything" work is `natscope_core::fuzzing::exercise`, the same function the
 //! cargo-fuzz target calls, so a fuzz finding can be replayed here and the other way round.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use natscope_probes::client::{build_request, BindingResponse, RequestOptions};
-use natscope_probes::fuzzing::exercise;
-use natscope_probes::stun::framing::{frame, Frame, MAX_FRAME};
-use natscope_probes::stun::{
+use natscope_core::client::{build_request, BindingResponse, RequestOptions};
+use natscope_core::fuzzing::exercise;
+use natscope_core::stun::framing::{frame, Frame, MAX_FRAME};
+use natscope_core::stun::{
     attr, attr_type, ChangeRequest, Class, ErrorCode, Message, MessageType, MessageWriter,
     ParseError, TransactionId, HEADER_LEN, MAGIC_COOKIE,
 };

@@ -9,9 +9,9 @@
 
 use std::net::SocketAddr;
 
-use natscope_probes::client::{BindingResponse, ResponseError};
-use natscope_probes::stun::framing::{self, Frame};
-use natscope_probes::stun::{
+use natscope_core::client::{BindingResponse, ResponseError};
+use natscope_core::stun::framing::{self, Frame};
+use natscope_core::stun::{
     attr, attr_type, Class, Message, MessageType, MessageWriter, TransactionId, METHOD_BINDING,
 };
 
@@ -416,6 +416,6 @@ fn vectors_survive_the_fuzz_harness() {
         &RESPONSE_V6[..],
         &REQUEST_LONG_TERM[..],
     ] {
-        natscope_probes::fuzzing::exercise(v);
+        natscope_core::fuzzing::exercise(v);
     }
 }

@@ -9,8 +9,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use natscope_probes::client::{build_request, BindingResponse, RequestOptions};
-use natscope_probes::stun::{
+use natscope_core::client::{build_request, BindingResponse, RequestOptions};
+use natscope_core::stun::{
     attr, attr_type, ChangeRequest, Class, ErrorCode, Message, MessageType, MessageWriter,
     TransactionId, MAGIC_COOKIE,
 };

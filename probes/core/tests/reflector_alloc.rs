@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use natscope_probes::client::{build_request, RequestOptions};
-use natscope_probes::reflector::rate_limit::{RateLimit, RateLimiter};
-use natscope_probes::reflector::{Action, Reflector, ReflectorConfig, Transport, MAX_RESPONSE};
-use natscope_probes::stun::{ChangeRequest, TransactionId};
+use natscope_core::client::{build_request, RequestOptions};
+use natscope_core::reflector::rate_limit::{RateLimit, RateLimiter};
+use natscope_core::reflector::{Action, Reflector, ReflectorConfig, Transport, MAX_RESPONSE};
+use natscope_core::stun::{ChangeRequest, TransactionId};
 
 struct Counting;
 

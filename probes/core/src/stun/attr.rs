@@ -71,8 +71,9 @@ pub(crate) fn xor_address(addr: SocketAddr, tid: &TransactionId) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Writes the plain address layout into `out`, which must be [`address_len`] bytes.
-pub(crate) fn encode_address(addr: SocketAddr, out: &mut [u8]) {
+/// Writes the plain address layout into `out`, which must be [`address_len`] bytes (panics
+/// otherwise: callers size `out` with [`address_len`]).
+pub fn encode_address(addr: SocketAddr, out: &mut [u8]) {
     out[0] = 0;
     out[2..4].copy_from_slice(&addr.port().to_be_bytes());
     match addr.ip() {
@@ -87,7 +88,8 @@ pub(crate) fn encode_address(addr: SocketAddr, out: &mut [u8]) {
     }
 }
 
-pub(crate) fn address_len(addr: SocketAddr) -> usize {
+/// Length of the plain address layout (RFC 8489 §14.1) for `addr`'s family: 8 or 20 bytes.
+pub fn address_len(addr: SocketAddr) -> usize {
     if addr.is_ipv4() {
         8
     } else {

@@ -1,5 +1,5 @@
 //! The "parse everything" routine shared by the cargo-fuzz target (`fuzz/fuzz_targets/parse_message.rs`)
-//! and the property tests (`probes/tests/codec_props.rs`), so both hammer exactly the same code.
+//! and the property tests (`probes/core/tests/codec_props.rs`), so both hammer exactly the same code.
 //!
 //! It feeds untrusted bytes to every entry point a peer can reach — stream framing, message parsing,
 //! attribute iteration, every typed attribute decoder (whatever the attribute's type, so each
