@@ -33,8 +33,9 @@ use rand::{Rng, SeedableRng};
 
 use super::lifetime::{LifetimeConfig, LifetimeProbe};
 use super::machine::ProbeMachine;
-use super::plan::{Probe, ProbeConfig, SocketId};
+use super::plan::{Probe, ProbeConfig};
 use super::report::ProbeReport;
+use super::socket::SocketId;
 use crate::nat::table::{NatError, NatTable};
 use crate::nat::{FilteringBehavior, NatBehavior, Protocol, RemoteKey};
 use crate::reflector::{Action, Reflector, ReflectorConfig, Transport, MAX_RESPONSE};
@@ -861,22 +862,22 @@ pub fn run_machine<M: ProbeMachine>(
     loop {
         steps += 1;
         while let Some(t) = machine.poll_transmit(now) {
-            let local = match sockets.iter().find(|(id, _)| *id == t.socket) {
+            let local = match sockets.iter().find(|(id, _)| *id == t.source) {
                 Some((_, a)) => *a,
                 None => {
                     let a = net.bind();
-                    sockets.push((t.socket, a));
-                    machine.socket_bound(t.socket, a);
+                    sockets.push((t.source, a));
+                    machine.socket_bound(t.source, a);
                     a
                 }
             };
             sent.push(SentDatagram {
                 at: now.saturating_duration_since(epoch),
-                socket: t.socket,
-                to: t.to,
+                socket: t.source,
+                to: t.destination,
                 payload: t.payload.clone(),
             });
-            net.send(now, local, t.to, t.payload);
+            net.send(now, local, t.destination, t.payload);
         }
         if machine.is_done() {
             completed = true;

@@ -54,6 +54,28 @@ impl From<FilteringBehavior> for Behavior {
     }
 }
 
+/// RFC 5780 §4.3 behind a NAT, from the mapped addresses seen via A1:P1, A2:P1 and A2:P2: M2 == M1
+/// → endpoint-independent; else M3 == M2 → address-dependent; else address-and-port-dependent.
+/// Missing or self-contradicting answers give `unknown`; the string says why (empty for a clean
+/// verdict). The UDP plan and the TCP test ([`super::tcp::classify`]) both compare with it.
+pub(crate) fn compare_mappings(
+    m1: SocketAddr,
+    m2: Option<SocketAddr>,
+    m3: Option<SocketAddr>,
+) -> (Behavior, &'static str) {
+    match (m2, m3) {
+        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
+        (Some(m2), Some(_)) if m2 == m1 => (
+            Behavior::Unknown,
+            "inconsistent: same mapping for A2:P1 but not A2:P2",
+        ),
+        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
+        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
+        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
+        _ => (Behavior::Unknown, "the alternate address did not answer"),
+    }
+}
+
 /// RFC 3489 §10.1 names, plus the cases it has none for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
