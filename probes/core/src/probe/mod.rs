@@ -12,9 +12,12 @@
 //! [`socket`] (socket names and [`Transmit`]), [`evidence`] (timing, round trips, loss) and
 //! [`pacing`] name nothing else here; [`machine`] (the driver interface) names only [`socket`];
 //! [`report`] (the result rows and the mapping comparison) names only [`evidence`] and [`pacing`];
-//! the machines — [`plan`], [`lifetime`], [`tcp`] — build on those and never on each other.
+//! the machines — [`plan`], [`lifetime`], [`tcp`] — build on those and never on each other. The
+//! `layering` tests read these files and fail on a cycle.
 
 pub mod evidence;
+#[cfg(test)]
+mod layering;
 pub mod lifetime;
 pub mod machine;
 pub mod pacing;
