@@ -71,7 +71,9 @@ pub struct RouterAddrs {
     pub wan_gateway: Option<Ipv4Addr>,
 }
 
-/// A frame to write out of `port`, not before `at`.
+/// A frame to write out of `port`, not before `at`. It is not a `natscope_core::net::Transmit`:
+/// the router owns no sockets, and what it sends is a whole link-layer frame (its own ARP, or a
+/// translated IP packet) out of an interface at a delayed time, not a datagram from a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Emit {
     pub port: Port,

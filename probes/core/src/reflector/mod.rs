@@ -155,6 +155,9 @@ pub enum DropReason {
 }
 
 /// The core's decision for one request. Answer bytes are in the caller's buffer, `out[..len]`.
+/// It is not a [`net::Transmit`](crate::net::Transmit), which owns its payload: answering writes
+/// into the driver's buffer so that the hot path allocates nothing (`tests/reflector_alloc.rs`),
+/// and it schedules nothing, so the reflector has no `poll_timeout` either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send `out[..len]` from local address `from` to `to`.
