@@ -175,7 +175,7 @@ pub enum Action {
 }
 
 /// Transport a request arrived on (CHANGE-REQUEST and RESPONSE-PORT only make sense over UDP):
-/// the crate's one [`Transport`](crate::net::Transport).
+/// the crate's one [`crate::net::Transport`].
 pub use crate::net::Transport;
 
 /// The stateless RFC 5780 answer logic.
