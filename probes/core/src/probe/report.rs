@@ -1,6 +1,7 @@
 //! What a probe concludes, as data: the `natscope.probe/v1` document (docs/probe.md), the classic
-//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (RFC 4787 reasoning).
-//! Every verdict is a named value or `unknown` with a reason; nothing is guessed.
+//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (the traversal
+//! model's UDP path towards common peer NATs, [`crate::traversal`]). Every verdict is a named value
+//! or `unknown` with a reason; nothing is guessed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
+use crate::traversal::{self, Path, PeerNat, Techniques};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
 
@@ -310,52 +312,66 @@ pub const PEERS: [(&str, NatShape); 6] = [
     ),
 ];
 
-/// Whether packets from `x` reach `y` when both aim at each other's server-learned address
-/// (NAT-REFERENCE.md, "Hole punching outcomes"): `y`'s mapping towards `x` must be the learned one
-/// (endpoint-independent), and `y`'s filter must admit `x`'s real source, which is the learned one
-/// only if `x` maps endpoint-independently. `Some(false)` may still open with port prediction.
-fn reaches(x: NatShape, y: NatShape) -> Option<bool> {
-    use Behavior::*;
-    if [x.mapping, y.mapping, y.filtering].contains(&Unknown) {
-        return None;
+impl Behavior {
+    fn mapping(self) -> Option<MappingBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(MappingBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(MappingBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(MappingBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
     }
-    let aimed = y.mapping == EndpointIndependent;
-    let admitted = match y.filtering {
-        EndpointIndependent | AddressDependent => true,
-        _ => x.mapping == EndpointIndependent,
-    };
-    Some(aimed && admitted)
+
+    fn filtering(self) -> Option<FilteringBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(FilteringBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(FilteringBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(FilteringBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
+    }
 }
 
-/// Direct UDP outlook between `us` and each common peer NAT.
+impl From<NatShape> for PeerNat {
+    fn from(s: NatShape) -> Self {
+        Self {
+            mapping: s.mapping.mapping(),
+            filtering: s.filtering.filtering(),
+            predictable_ports: s.predictable,
+            ..Self::default()
+        }
+    }
+}
+
+/// The outlook's `direct_udp` word for a traversal path.
+fn direct_udp(path: Path) -> &'static str {
+    match path {
+        Path::Direct => "yes",
+        Path::PortPrediction => "with-port-prediction",
+        Path::Relayed | Path::Blocked => "no",
+        Path::Unknown => "unknown",
+    }
+}
+
+/// The outlook row for a peer named `peer` behind `them`: the traversal model's UDP path from
+/// `us` (side A), port prediction allowed, with its peer-free reason.
+pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookRow {
+    let port_prediction = Techniques {
+        port_prediction: true,
+    };
+    let e = traversal::udp(us.into(), them.into(), port_prediction);
+    OutlookRow {
+        peer,
+        direct_udp: direct_udp(e.path),
+        reason: e.summary().into(),
+    }
+}
+
+/// Direct UDP outlook between `us` and each common peer NAT ([`crate::traversal`]).
 pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
     PEERS
         .iter()
-        .map(|&(peer, them)| {
-            let (a, b) = (reaches(them, us), reaches(us, them));
-            let (direct_udp, reason) = match (a, b) {
-                (None, _) | (_, None) => ("unknown", "our mapping or filtering is unknown".to_string()),
-                (Some(true), _) | (_, Some(true)) => (
-                    "yes",
-                    "at least one direction opens; the other side learns the real source from it".into(),
-                ),
-                _ => {
-                    // Prediction helps when the side whose mapping is not endpoint-independent
-                    // allocates predictably and the other side's filter would then admit it.
-                    let predict = |x: NatShape, y: NatShape| {
-                        y.mapping != Behavior::EndpointIndependent
-                            && y.predictable
-                            && reaches(x, NatShape { mapping: Behavior::EndpointIndependent, ..y }) == Some(true)
-                    };
-                    if predict(them, us) || predict(us, them) {
-                        ("with-port-prediction", "a mapping changes per destination but its next port is predictable".into())
-                    } else {
-                        ("no", "each side's packets miss the other's per-destination mapping or are filtered; use a relay".into())
-                    }
-                }
-            };
-            OutlookRow { peer, direct_udp, reason }
-        })
+        .map(|&(peer, them)| outlook_row(us, peer, them))
         .collect()
 }
 
