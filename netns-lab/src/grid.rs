@@ -136,10 +136,168 @@ pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natscope_core::probe::report::{outlook, outlook_row, Behavior, NatShape, PEERS};
     use Outcome::*;
 
     fn udp(a: &str, b: &str) -> Outcome {
         expected(a, b, Transport::Udp).unwrap().0
+    }
+
+    /// What a probe run behind preset `name` feeds its outlook (`presets::expected` is the truth
+    /// `lab matrix` holds the probe to): no translation reads as endpoint-independent, a blocked
+    /// path shows no behavior at all.
+    fn probe_view(name: &str) -> NatShape {
+        let e = presets::expected(name).unwrap();
+        let blocked = e.classic == "udp-blocked";
+        NatShape {
+            mapping: match e.mapping {
+                Some(m) => m.into(),
+                None if blocked => Behavior::Unknown,
+                None => Behavior::EndpointIndependent,
+            },
+            filtering: e.filtering.map_or(Behavior::Unknown, Behavior::from),
+            predictable: matches!(
+                e.allocation,
+                AllocationPattern::Preserving | AllocationPattern::Sequential
+            ),
+        }
+    }
+
+    /// Whether the outlook's `direct_udp` word and the grid's outcome say the same thing. The
+    /// grid does not predict ports, so where the outlook needs prediction the grid relays; a
+    /// probe behind a blocked path knows no behavior, where the grid knows nothing connects.
+    fn agree(direct_udp: &str, grid: Option<Outcome>) -> bool {
+        matches!(
+            (direct_udp, grid),
+            ("yes", Some(Direct))
+                | ("no" | "with-port-prediction", Some(Relayed))
+                | ("unknown", Some(Failed) | None)
+        )
+    }
+
+    #[test]
+    fn outlook_and_grid_agree_on_every_behavior_pair() {
+        let behaviors = [
+            Behavior::EndpointIndependent,
+            Behavior::AddressDependent,
+            Behavior::AddressAndPortDependent,
+            Behavior::Unknown,
+        ];
+        let mut shapes = Vec::new();
+        for mapping in behaviors {
+            for filtering in behaviors {
+                for predictable in [true, false] {
+                    shapes.push(NatShape {
+                        mapping,
+                        filtering,
+                        predictable,
+                    });
+                }
+            }
+        }
+        let mut compared = 0;
+        for &us in &shapes {
+            for &them in &shapes {
+                let row = outlook_row(us, "them", them);
+                let grid =
+                    expected_between(("us", us.into()), ("them", them.into()), Transport::Udp);
+                assert!(
+                    agree(row.direct_udp, grid.as_ref().map(|g| g.0)),
+                    "us {us:?}, them {them:?}: outlook {row:?}, grid {grid:?}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 32 * 32);
+    }
+
+    #[test]
+    fn outlook_and_grid_agree_on_every_preset_pair() {
+        for a in presets::names() {
+            let rows = outlook(probe_view(a));
+            for (row, &(peer, shape)) in rows.iter().zip(PEERS.iter()) {
+                assert_eq!(row.peer, peer);
+                // Every preset whose probe would report this outlook peer's NAT.
+                let bs: Vec<&str> = presets::names()
+                    .iter()
+                    .copied()
+                    .filter(|b| probe_view(b) == shape)
+                    .collect();
+                assert!(!bs.is_empty(), "no preset is the outlook's {peer}");
+                for b in bs {
+                    let grid = expected(a, b, Transport::Udp);
+                    assert!(
+                        agree(row.direct_udp, grid.as_ref().map(|g| g.0)),
+                        "{a} with peer {peer} ({b}): outlook {row:?}, grid {grid:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The generated part of docs/lab.md's "Grid" section: both transports' outcome tables over
+    /// the default presets and every cell's reason, all from [`expected`].
+    fn doc_tables() -> String {
+        let names = DEFAULT_PRESETS;
+        let word = |o: Outcome| match o {
+            Direct => "direct",
+            Relayed => "relayed",
+            Failed => "failed",
+        };
+        let mut out = String::new();
+        for (label, t) in [("UDP", Transport::Udp), ("TCP", Transport::Tcp)] {
+            out += &format!("| {label} | {} |\n", names.join(" | "));
+            out += &format!("|---|{}\n", "---|".repeat(names.len()));
+            for (i, a) in names.iter().enumerate() {
+                out += &format!("| {a} |");
+                for (j, b) in names.iter().enumerate() {
+                    match j < i {
+                        true => out += " |",
+                        false => out += &format!(" {} |", word(expected(a, b, t).unwrap().0)),
+                    }
+                }
+                out += "\n";
+            }
+            out += "\n";
+        }
+        out += "| a | b | transport | expected | reason |\n|---|---|---|---|---|\n";
+        for (label, t) in [("udp", Transport::Udp), ("tcp", Transport::Tcp)] {
+            for (i, a) in names.iter().enumerate() {
+                for b in &names[i..] {
+                    let (o, why) = expected(a, b, t).unwrap();
+                    out += &format!("| {a} | {b} | {label} | {} | {why} |\n", word(o));
+                }
+            }
+        }
+        out
+    }
+
+    /// docs/lab.md's grid tables are the model's: regenerate them with
+    /// `NATSCOPE_BLESS_DOCS=1 cargo test -p natscope-lab --lib grid_docs`.
+    #[test]
+    fn grid_docs_are_the_models() {
+        const BEGIN: &str = "<!-- grid tables: generated from natscope_core::traversal by natscope-lab's grid_docs_are_the_models test -->\n";
+        const END: &str = "<!-- end of grid tables -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/lab.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/lab.md has the grid tables' begin marker")
+            + BEGIN.len();
+        let len = doc[start..]
+            .find(END)
+            .expect("docs/lab.md has the end marker");
+        let want = doc_tables();
+        if doc[start..start + len] != want {
+            if std::env::var_os("NATSCOPE_BLESS_DOCS").is_some() {
+                let new = format!("{}{want}{}", &doc[..start], &doc[start + len..]);
+                std::fs::write(path, new).unwrap();
+            } else {
+                panic!(
+                    "docs/lab.md's grid tables differ from the model; they should read:\n{want}"
+                );
+            }
+        }
     }
 
     #[test]

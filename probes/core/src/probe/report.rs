@@ -473,6 +473,110 @@ mod tests {
         }
     }
 
+    /// The generated part of docs/probe.md's outlook section: the outlook of a host behind each
+    /// kind of NAT towards each common peer, and what each answer means.
+    fn outlook_doc_table() -> String {
+        let ours = [
+            (
+                "EIM + EIF (open internet, full cone)",
+                shape(EndpointIndependent, EndpointIndependent, true),
+            ),
+            (
+                "EIM + ADF (restricted cone)",
+                shape(EndpointIndependent, AddressDependent, true),
+            ),
+            (
+                "EIM + APDF (port-restricted cone)",
+                shape(EndpointIndependent, AddressAndPortDependent, true),
+            ),
+            (
+                "ADM + ADF, predictable ports",
+                shape(AddressDependent, AddressDependent, true),
+            ),
+            (
+                "APDM + APDF, predictable ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, true),
+            ),
+            (
+                "APDM + APDF, random ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, false),
+            ),
+            (
+                "APDM + EIF, random ports",
+                shape(AddressAndPortDependent, EndpointIndependent, false),
+            ),
+            ("unknown", shape(Unknown, Unknown, false)),
+        ];
+        let peers: Vec<&str> = PEERS.iter().map(|p| p.0).collect();
+        let mut out = format!(
+            "| our NAT | {} |\n|---|{}\n",
+            peers.join(" | "),
+            "---|".repeat(peers.len())
+        );
+        let mut reasons: Vec<(&str, String)> = Vec::new();
+        for (label, us) in ours {
+            let rows = outlook(us);
+            let words: Vec<&str> = rows.iter().map(|r| r.direct_udp).collect();
+            out += &format!("| {label} | {} |\n", words.join(" | "));
+            for r in rows {
+                if !reasons.contains(&(r.direct_udp, r.reason.clone())) {
+                    reasons.push((r.direct_udp, r.reason));
+                }
+            }
+        }
+        out += "\n| direct UDP | reason |\n|---|---|\n";
+        for (word, reason) in reasons {
+            out += &format!("| `{word}` | {reason} |\n");
+        }
+        out
+    }
+
+    /// docs/probe.md's outlook table is the model's (regenerate it with
+    /// `NATSCOPE_BLESS_DOCS=1 cargo test -p natscope-core --lib outlook_docs`), and every outlook
+    /// row of its example output (a host on the open internet) is the one the model gives.
+    #[test]
+    fn outlook_docs_are_the_models() {
+        const BEGIN: &str = "<!-- outlook table: generated from natscope_core::traversal by natscope-core's outlook_docs_are_the_models test -->\n";
+        const END: &str = "<!-- end of outlook table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/probe.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/probe.md has the outlook table's begin marker")
+            + BEGIN.len();
+        let len = doc[start..]
+            .find(END)
+            .expect("docs/probe.md has the end marker");
+        let want = outlook_doc_table();
+        if doc[start..start + len] != want {
+            if std::env::var_os("NATSCOPE_BLESS_DOCS").is_some() {
+                std::fs::write(
+                    path,
+                    format!("{}{want}{}", &doc[..start], &doc[start + len..]),
+                )
+                .unwrap();
+            } else {
+                panic!(
+                    "docs/probe.md's outlook table differs from the model; it should read:\n{want}"
+                );
+            }
+        }
+        let open = outlook(shape(EndpointIndependent, EndpointIndependent, true));
+        let mut checked = 0;
+        for line in doc.lines().filter(|l| l.contains('┆')) {
+            let cells: Vec<&str> = line.trim_matches('│').split('┆').map(str::trim).collect();
+            if let Some(row) = open.iter().find(|r| r.peer == cells[0]) {
+                assert_eq!(
+                    cells[1..],
+                    [row.direct_udp, row.reason.as_str()],
+                    "docs/probe.md: {line}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, PEERS.len(), "the example's outlook rows");
+    }
+
     #[test]
     fn outlook_follows_rfc4787_reasoning() {
         let row = |us: NatShape, peer: &str| {
