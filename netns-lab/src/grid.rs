@@ -51,7 +51,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
         mapping: Some(e.mapping.unwrap_or(M::EndpointIndependent)),
         filtering: Some(e.filtering.unwrap_or(F::EndpointIndependent)),
         // Every preset's NAT has a single external address, so a preserving or sequential
-        // allocation is predictable (the probe's rule, `probe::report::NatShape`).
+        // allocation is predictable (the rule the probe applies for its outlook).
         predictable_ports: matches!(
             e.allocation,
             AllocationPattern::Preserving | AllocationPattern::Sequential
@@ -63,6 +63,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
 /// The grid's outcome for a traversal path; `None` when the model cannot say.
 fn outcome(path: Path) -> Option<Outcome> {
     match path {
+        // A predicted port is a direct path too; the grid's techniques never ask for one.
         Path::Direct | Path::PortPrediction => Some(Outcome::Direct),
         Path::Relayed => Some(Outcome::Relayed),
         Path::Blocked => Some(Outcome::Failed),
