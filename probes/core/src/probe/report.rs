@@ -1,6 +1,7 @@
 //! What a probe concludes, as data: the `natscope.probe/v1` document (docs/probe.md), the classic
-//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (RFC 4787 reasoning).
-//! Every verdict is a named value or `unknown` with a reason; nothing is guessed.
+//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (the traversal
+//! model's UDP path towards common peer NATs, [`crate::traversal`]). Every verdict is a named value
+//! or `unknown` with a reason; nothing is guessed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
+use crate::traversal::{self, Path, PeerNat, Techniques};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
 
@@ -332,52 +334,66 @@ pub const PEERS: [(&str, NatShape); 6] = [
     ),
 ];
 
-/// Whether packets from `x` reach `y` when both aim at each other's server-learned address
-/// (NAT-REFERENCE.md, "Hole punching outcomes"): `y`'s mapping towards `x` must be the learned one
-/// (endpoint-independent), and `y`'s filter must admit `x`'s real source, which is the learned one
-/// only if `x` maps endpoint-independently. `Some(false)` may still open with port prediction.
-fn reaches(x: NatShape, y: NatShape) -> Option<bool> {
-    use Behavior::*;
-    if [x.mapping, y.mapping, y.filtering].contains(&Unknown) {
-        return None;
+impl Behavior {
+    fn mapping(self) -> Option<MappingBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(MappingBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(MappingBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(MappingBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
     }
-    let aimed = y.mapping == EndpointIndependent;
-    let admitted = match y.filtering {
-        EndpointIndependent | AddressDependent => true,
-        _ => x.mapping == EndpointIndependent,
-    };
-    Some(aimed && admitted)
+
+    fn filtering(self) -> Option<FilteringBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(FilteringBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(FilteringBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(FilteringBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
+    }
 }
 
-/// Direct UDP outlook between `us` and each common peer NAT.
+impl From<NatShape> for PeerNat {
+    fn from(s: NatShape) -> Self {
+        Self {
+            mapping: s.mapping.mapping(),
+            filtering: s.filtering.filtering(),
+            predictable_ports: s.predictable,
+            ..Self::default()
+        }
+    }
+}
+
+/// The outlook's `direct_udp` word for a traversal path.
+fn direct_udp(path: Path) -> &'static str {
+    match path {
+        Path::Direct => "yes",
+        Path::PortPrediction => "with-port-prediction",
+        Path::Relayed | Path::Blocked => "no",
+        Path::Unknown => "unknown",
+    }
+}
+
+/// The outlook row for a peer named `peer` behind `them`: the traversal model's UDP path from
+/// `us` (side A), port prediction allowed, with its peer-free reason.
+pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookRow {
+    let port_prediction = Techniques {
+        port_prediction: true,
+    };
+    let e = traversal::udp(us.into(), them.into(), port_prediction);
+    OutlookRow {
+        peer,
+        direct_udp: direct_udp(e.path),
+        reason: e.summary().into(),
+    }
+}
+
+/// Direct UDP outlook between `us` and each common peer NAT ([`crate::traversal`]).
 pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
     PEERS
         .iter()
-        .map(|&(peer, them)| {
-            let (a, b) = (reaches(them, us), reaches(us, them));
-            let (direct_udp, reason) = match (a, b) {
-                (None, _) | (_, None) => ("unknown", "our mapping or filtering is unknown".to_string()),
-                (Some(true), _) | (_, Some(true)) => (
-                    "yes",
-                    "at least one direction opens; the other side learns the real source from it".into(),
-                ),
-                _ => {
-                    // Prediction helps when the side whose mapping is not endpoint-independent
-                    // allocates predictably and the other side's filter would then admit it.
-                    let predict = |x: NatShape, y: NatShape| {
-                        y.mapping != Behavior::EndpointIndependent
-                            && y.predictable
-                            && reaches(x, NatShape { mapping: Behavior::EndpointIndependent, ..y }) == Some(true)
-                    };
-                    if predict(them, us) || predict(us, them) {
-                        ("with-port-prediction", "a mapping changes per destination but its next port is predictable".into())
-                    } else {
-                        ("no", "each side's packets miss the other's per-destination mapping or are filtered; use a relay".into())
-                    }
-                }
-            };
-            OutlookRow { peer, direct_udp, reason }
-        })
+        .map(|&(peer, them)| outlook_row(us, peer, them))
         .collect()
 }
 
@@ -477,6 +493,110 @@ mod tests {
             filtering: f,
             predictable,
         }
+    }
+
+    /// The generated part of docs/probe.md's outlook section: the outlook of a host behind each
+    /// kind of NAT towards each common peer, and what each answer means.
+    fn outlook_doc_table() -> String {
+        let ours = [
+            (
+                "EIM + EIF (open internet, full cone)",
+                shape(EndpointIndependent, EndpointIndependent, true),
+            ),
+            (
+                "EIM + ADF (restricted cone)",
+                shape(EndpointIndependent, AddressDependent, true),
+            ),
+            (
+                "EIM + APDF (port-restricted cone)",
+                shape(EndpointIndependent, AddressAndPortDependent, true),
+            ),
+            (
+                "ADM + ADF, predictable ports",
+                shape(AddressDependent, AddressDependent, true),
+            ),
+            (
+                "APDM + APDF, predictable ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, true),
+            ),
+            (
+                "APDM + APDF, random ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, false),
+            ),
+            (
+                "APDM + EIF, random ports",
+                shape(AddressAndPortDependent, EndpointIndependent, false),
+            ),
+            ("unknown", shape(Unknown, Unknown, false)),
+        ];
+        let peers: Vec<&str> = PEERS.iter().map(|p| p.0).collect();
+        let mut out = format!(
+            "| our NAT | {} |\n|---|{}\n",
+            peers.join(" | "),
+            "---|".repeat(peers.len())
+        );
+        let mut reasons: Vec<(&str, String)> = Vec::new();
+        for (label, us) in ours {
+            let rows = outlook(us);
+            let words: Vec<&str> = rows.iter().map(|r| r.direct_udp).collect();
+            out += &format!("| {label} | {} |\n", words.join(" | "));
+            for r in rows {
+                if !reasons.contains(&(r.direct_udp, r.reason.clone())) {
+                    reasons.push((r.direct_udp, r.reason));
+                }
+            }
+        }
+        out += "\n| direct UDP | reason |\n|---|---|\n";
+        for (word, reason) in reasons {
+            out += &format!("| `{word}` | {reason} |\n");
+        }
+        out
+    }
+
+    /// docs/probe.md's outlook table is the model's (regenerate it with
+    /// `NATSCOPE_BLESS_DOCS=1 cargo test -p natscope-core --lib outlook_docs`), and every outlook
+    /// row of its example output (a host on the open internet) is the one the model gives.
+    #[test]
+    fn outlook_docs_are_the_models() {
+        const BEGIN: &str = "<!-- outlook table: generated from natscope_core::traversal by natscope-core's outlook_docs_are_the_models test -->\n";
+        const END: &str = "<!-- end of outlook table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/probe.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/probe.md has the outlook table's begin marker")
+            + BEGIN.len();
+        let len = doc[start..]
+            .find(END)
+            .expect("docs/probe.md has the end marker");
+        let want = outlook_doc_table();
+        if doc[start..start + len] != want {
+            if std::env::var_os("NATSCOPE_BLESS_DOCS").is_some() {
+                std::fs::write(
+                    path,
+                    format!("{}{want}{}", &doc[..start], &doc[start + len..]),
+                )
+                .unwrap();
+            } else {
+                panic!(
+                    "docs/probe.md's outlook table differs from the model; it should read:\n{want}"
+                );
+            }
+        }
+        let open = outlook(shape(EndpointIndependent, EndpointIndependent, true));
+        let mut checked = 0;
+        for line in doc.lines().filter(|l| l.contains('┆')) {
+            let cells: Vec<&str> = line.trim_matches('│').split('┆').map(str::trim).collect();
+            if let Some(row) = open.iter().find(|r| r.peer == cells[0]) {
+                assert_eq!(
+                    cells[1..],
+                    [row.direct_udp, row.reason.as_str()],
+                    "docs/probe.md: {line}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, PEERS.len(), "the example's outlook rows");
     }
 
     #[test]
