@@ -8,6 +8,8 @@
 //! requires (`NATSCOPE_REQUIRE_ALL=1`), and bounded waits that poll for readiness instead of
 //! sleeping. All traffic stays on 127.0.0.0/8 (DESIGN.md, "Safety").
 
+#![forbid(unsafe_code)]
+
 pub mod lab;
 pub mod punch;
 
