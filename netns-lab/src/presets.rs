@@ -1,6 +1,9 @@
 //! Named labs for the common NAT types, so `natscope lab up <preset>` needs no topology file, and
 //! the truth each one should produce in a NAT probe ([`expected`]), so `lab matrix` can check the
-//! probe against a known answer.
+//! probe against a known answer. One table, [`PRESETS`], holds each preset's name, summary,
+//! layout, truth and grid role; the name list, the router behaviors a topology file may name, the
+//! topologies, the truth and `lab grid`'s default set are all read from it (and a test checks
+//! docs/lab.md's tables against it).
 //!
 //! Every preset has one reflector `stun`, a router `nat` directly in front of the hosts, and two
 //! hosts `h1` and `h2` on its LAN (`open`: `h1` and `h2` on the internet, no router). Settings not
@@ -10,7 +13,7 @@
 
 use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
 use natscope_core::probe::{AllocationPattern, Classic};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, NodeSpec, RouterKind, Topology};
 
@@ -443,7 +446,7 @@ pub fn preset(name: &str) -> Option<Topology> {
 
 /// What a NAT probe run from `h1` against `stun` should report for a preset: the ground truth
 /// `lab matrix` compares the probe with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expected {
     /// End-to-end mapping behavior; `None` when nothing translates (`open`, `firewall`) or when
     /// nothing can be observed (`blocked`).
