@@ -8,15 +8,15 @@
 //! runs the model without port prediction (the grid's peers do not predict).
 
 use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
-use natscope_core::probe::AllocationPattern;
+use natscope_core::probe::{AllocationPattern, Classic};
 use natscope_core::traversal::{self, Path, PeerNat, Techniques};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::presets;
 use crate::topology::{NodeSpec, Topology};
 
 /// How a pair connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     Direct,
@@ -24,18 +24,44 @@ pub enum Outcome {
     Failed,
 }
 
+/// One cell of `lab grid --json`: a pair of presets over one transport, what the reasoning
+/// expects and what `natscope punch` did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GridCell {
+    pub a: String,
+    pub b: String,
+    pub transport: Transport,
+    pub expected: Outcome,
+    /// `None` when the cell could not run.
+    pub observed: Option<Outcome>,
+    pub time_to_direct_ms: Option<f64>,
+    pub messages_sent: u64,
+    pub messages_echoed: u64,
+    /// The expected outcome's reason (RFC 4787 / RFC 5382).
+    pub reason: String,
+    pub pass: bool,
+    pub error: Option<String>,
+    /// stderr of the two peers, kept for cells that did not go direct.
+    pub diagnostics: Option<String>,
+    /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
+    pub report: Option<serde_json::Value>,
+    pub duration_ms: f64,
+}
+
+/// The `natscope.grid/v1` document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GridDocument {
+    pub schema: String,
+    pub cells: Vec<GridCell>,
+    pub pass: bool,
+    pub duration_ms: f64,
+}
+
 /// Transport of a grid cell: the core's one [`Transport`].
 pub use natscope_core::net::Transport;
 
-/// The default grid (issue 5 must-show 2).
-pub const DEFAULT_PRESETS: &[&str] = &[
-    "full-cone",
-    "restricted-cone",
-    "port-restricted-cone",
-    "symmetric",
-    "symmetric-sequential",
-    "cgnat",
-];
+/// The default grid (issue 5 must-show 2): the presets the preset table marks `grid`.
+pub const DEFAULT_PRESETS: &[&str] = presets::GRID_PRESETS;
 
 /// The techniques the grid's peers use: `punch connect` without `--predict`, so no port prediction.
 const TECHNIQUES: Techniques = Techniques {
@@ -56,7 +82,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
             e.allocation,
             AllocationPattern::Preserving | AllocationPattern::Sequential
         ),
-        udp_blocked: e.classic == "udp-blocked",
+        udp_blocked: e.classic == Classic::UdpBlocked,
     })
 }
 
@@ -149,7 +175,7 @@ mod tests {
     /// path shows no behavior at all.
     fn probe_view(name: &str) -> NatShape {
         let e = presets::expected(name).unwrap();
-        let blocked = e.classic == "udp-blocked";
+        let blocked = e.classic == Classic::UdpBlocked;
         NatShape {
             mapping: match e.mapping {
                 Some(m) => m.into(),

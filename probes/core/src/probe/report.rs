@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::evidence::Schedule;
 use super::pacing::Pacing;
@@ -16,7 +16,7 @@ use crate::traversal::{self, Path, PeerNat, Techniques};
 pub const SCHEMA: &str = "natscope.probe/v1";
 
 /// A mapping or filtering verdict (RFC 4787 terms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Behavior {
     EndpointIndependent,
@@ -79,7 +79,7 @@ pub(crate) fn compare_mappings(
 }
 
 /// RFC 3489 §10.1 names, plus the cases it has none for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Classic {
     OpenInternet,
@@ -143,7 +143,7 @@ impl Classic {
 }
 
 /// How external ports are chosen (RFC 4787 §4.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllocationPattern {
     Preserving,
@@ -154,7 +154,7 @@ pub enum AllocationPattern {
 
 /// RFC 4787 §4.1 / REQ-2 IP address pooling as seen from one host: whether its mappings all got
 /// the same external address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AddressPooling {
     /// Every mapping of this host got the same external address (REQ-2's "paired", which a NAT
@@ -164,7 +164,7 @@ pub enum AddressPooling {
     Arbitrary,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAllocationReport {
     pub pattern: AllocationPattern,
     /// The constant difference between consecutive new mappings, for `sequential`.
@@ -176,7 +176,7 @@ pub struct PortAllocationReport {
 }
 
 /// One test's row: verdict, the evidence behind it, and its cost.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TestReport {
     pub name: String,
     pub verdict: String,
@@ -215,7 +215,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerReport {
     pub address: SocketAddr,
     pub other_address: Option<SocketAddr>,
@@ -225,18 +225,22 @@ pub struct ServerReport {
 }
 
 /// Whether a direct UDP path should open between us and a peer behind `peer`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutlookRow {
-    pub peer: &'static str,
+    #[serde(deserialize_with = "peer_name")]
+    pub peer: Static,
     /// `yes`, `no`, `with-port-prediction`, or `unknown`.
-    pub direct_udp: &'static str,
+    #[serde(deserialize_with = "direct_udp_value")]
+    pub direct_udp: Static,
     pub reason: String,
 }
 
 /// The whole probe result (`natscope.probe/v1`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeReport {
-    pub schema: &'static str,
+    /// Always [`SCHEMA`]: a document of another schema does not deserialize.
+    #[serde(deserialize_with = "schema_v1")]
+    pub schema: Static,
     pub local_address: Option<SocketAddr>,
     pub public_address: Option<SocketAddr>,
     pub nat_detected: Option<bool>,
@@ -271,6 +275,40 @@ pub struct ProbeReport {
     /// `--tcp`: whether every TCP mapping kept the local port (`None` without `--tcp` or an
     /// answer; added to v1 after `address_pooling`).
     pub tcp_port_preservation: Option<bool>,
+}
+
+/// A field whose value is one of a closed set of names, read by one of the `deserialize_with`
+/// functions below. (Spelled through an alias so serde does not take `&'static str` as a string
+/// borrowed from the input, which would tie every report to a `'static` document.)
+type Static = &'static str;
+
+/// The `direct_udp` values of an outlook row.
+pub const DIRECT_UDP: [&str; 4] = ["yes", "no", "with-port-prediction", "unknown"];
+
+/// Reads a string that must be one of `allowed`, as the `'static` member it equals, so the
+/// report's closed sets of names stay `&'static str` and a document naming anything else is an
+/// error rather than a new value.
+fn one_of<'de, D: Deserializer<'de>>(
+    d: D,
+    allowed: &[&'static str],
+) -> Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    allowed.iter().find(|a| **a == s).copied().ok_or_else(|| {
+        serde::de::Error::custom(format!("unknown value `{s}`, expected one of {allowed:?}"))
+    })
+}
+
+fn schema_v1<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    one_of(d, &[SCHEMA])
+}
+
+fn peer_name<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let names: Vec<&'static str> = PEERS.iter().map(|(name, _)| *name).collect();
+    one_of(d, &names)
+}
+
+fn direct_udp_value<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    one_of(d, &DIRECT_UDP)
 }
 
 /// A NAT as the outlook reasons about it.
@@ -631,5 +669,96 @@ mod tests {
         assert_eq!(row(sym_seq, "port-restricted cone"), "with-port-prediction");
         assert_eq!(row(full, "symmetric (random ports)"), "yes");
         assert_eq!(row(shape(Unknown, Unknown, false), "full cone"), "unknown");
+    }
+    /// A report with every field set (the floats exact in binary, so the JSON round trip is exact).
+    fn full_report() -> ProbeReport {
+        use super::super::pacing::{PaceChoice, Pacing};
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let us = shape(EndpointIndependent, AddressAndPortDependent, true);
+        ProbeReport {
+            schema: SCHEMA,
+            local_address: Some(a("10.1.0.2:40000")),
+            public_address: Some(a("203.0.113.1:40000")),
+            nat_detected: Some(true),
+            udp_blocked: false,
+            mapping: EndpointIndependent,
+            filtering: AddressAndPortDependent,
+            port_preservation: Some(true),
+            port_allocation: PortAllocationReport {
+                pattern: AllocationPattern::Sequential,
+                delta: Some(2),
+                samples: vec![(40000, 40002), (40001, 40004)],
+                predictability: "next port is the last plus 2".into(),
+            },
+            hairpinning: None,
+            binding_lifetime_s: Some(30.5),
+            tcp_mapping: Unknown,
+            alg_detected: Some(false),
+            classic: Classic::PortRestrictedCone,
+            server: ServerReport {
+                address: a("198.51.100.1:3478"),
+                other_address: Some(a("198.51.100.2:3479")),
+                problems: vec!["a problem".into()],
+            },
+            tests: vec![TestReport {
+                name: "mapping".into(),
+                verdict: "endpoint-independent".into(),
+                evidence: "M1 = M2".into(),
+                requests_sent: 3,
+                duration_ms: 1.25,
+            }],
+            outlook: outlook(us),
+            loss_estimate: 0.125,
+            negative_confidence: Some(0.5),
+            retry_budget_ms: 1100.0,
+            summary: "a summary".into(),
+            requests_sent: 9,
+            duration_ms: 2.5,
+            pacing: Pacing::decide(&[a("198.51.100.1:3478")], PaceChoice::Default),
+            address_pooling: Some(AddressPooling::Paired),
+            tcp_port_preservation: None,
+        }
+    }
+
+    #[test]
+    fn the_json_document_reads_back_into_the_same_report() {
+        let report = full_report();
+        let json = serde_json::to_string(&report).unwrap();
+        let back: ProbeReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+        // Every outlook row of every shape the outlook can see reads back too.
+        let kinds = [
+            EndpointIndependent,
+            AddressDependent,
+            AddressAndPortDependent,
+            Unknown,
+        ];
+        for m in kinds {
+            for f in kinds {
+                for p in [false, true] {
+                    let rows = outlook(shape(m, f, p));
+                    let json = serde_json::to_string(&rows).unwrap();
+                    let back: Vec<OutlookRow> = serde_json::from_str(&json).unwrap();
+                    assert_eq!(back, rows);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn closed_sets_reject_values_outside_them() {
+        let json = serde_json::to_value(full_report()).unwrap();
+        let with = |pointer: &str, v: serde_json::Value| {
+            let mut doc = json.clone();
+            *doc.pointer_mut(pointer).unwrap() = v;
+            serde_json::from_value::<ProbeReport>(doc)
+        };
+        assert!(with("/schema", "natscope.probe/v2".into()).is_err());
+        assert!(with("/mapping", "endpoint-dependent".into()).is_err());
+        assert!(with("/classic", "cone".into()).is_err());
+        assert!(with("/outlook/0/direct_udp", "maybe".into()).is_err());
+        assert!(with("/outlook/0/peer", "a friend".into()).is_err());
+        assert!(with("/port_allocation/pattern", "wild".into()).is_err());
+        assert!(with("/address_pooling", "arbitrary".into()).is_ok());
     }
 }

@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::report::{compare_mappings, Behavior, ProbeReport, TestReport};
 use crate::client::BindingResponse;
@@ -24,7 +24,7 @@ use crate::client::BindingResponse;
 pub const TEST_NAME: &str = "tcp mapping";
 
 /// The result of the TCP mapping test, with the evidence behind it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TcpMappingResult {
     /// RFC 4787 / RFC 5382 mapping behavior; `unknown` when a needed answer is missing.
     pub behavior: Behavior,
