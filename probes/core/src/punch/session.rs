@@ -19,9 +19,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+
 use super::codec::{code, method, PunchMessage};
 use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
-use super::SessionId;
+use super::{transaction_id, SessionId};
 use crate::stun::TransactionId;
 
 /// Most addresses a session probes (candidates, peer-reflexive sources, predicted ports).
@@ -113,6 +115,15 @@ pub struct SessionStats {
     pub server_lost: bool,
 }
 
+/// Where and when a session punches: told by the server (CONNECT's answer or INTRODUCE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PunchPlan {
+    /// From the introduction to the first probe round (both sides start together).
+    pub start_in: Duration,
+    /// The peer's addresses to probe, best first (the server-reflexive address leads).
+    pub targets: Vec<SocketAddr>,
+}
+
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
@@ -140,19 +151,23 @@ pub struct Session {
     closed: bool,
     error: Option<SessionError>,
     stats: SessionStats,
+    /// Transaction ids of probes, data and close messages.
+    rng: StdRng,
 }
 
 impl Session {
-    /// A session told by the server at `now` to start punching `start_in` later toward `targets`.
+    /// A session told by the server at `now` to start punching `plan.start_in` later toward
+    /// `plan.targets`; `rng` supplies its transaction ids.
     pub fn new(
         now: Instant,
         id: SessionId,
         role: Role,
         config: SessionConfig,
         server: SocketAddr,
-        start_in: Duration,
-        targets: Vec<SocketAddr>,
+        plan: PunchPlan,
+        rng: StdRng,
     ) -> Self {
+        let PunchPlan { start_in, targets } = plan;
         let start_at = now + start_in;
         let mut s = Self {
             id,
@@ -180,6 +195,7 @@ impl Session {
             closed: false,
             error: None,
             stats: SessionStats::default(),
+            rng,
         };
         for t in targets {
             s.add_target(t);
@@ -298,7 +314,7 @@ impl Session {
             return;
         }
         let m = PunchMessage::Close {
-            tid: TransactionId::random(),
+            tid: transaction_id(&mut self.rng),
             session: self.id,
         };
         if let Some(Route::Direct(a)) = self.route {
@@ -433,7 +449,7 @@ impl Session {
     }
 
     fn probe(&mut self, now: Instant, to: SocketAddr) {
-        let tid = TransactionId::random();
+        let tid = transaction_id(&mut self.rng);
         // Bounded: old unanswered probes are forgotten.
         if self.probes.len() >= 4 * MAX_TARGETS {
             let oldest = self
@@ -485,7 +501,7 @@ impl Session {
                 self.probe(now, d);
             }
             if self.role == Role::Connector {
-                let tid = TransactionId::random();
+                let tid = transaction_id(&mut self.rng);
                 self.refreshes.push(tid);
                 if self.refreshes.len() > 16 {
                     self.refreshes.remove(0);
@@ -526,7 +542,7 @@ impl Session {
                 self.stats.data_sent_relayed += 1;
             }
             let m = PunchMessage::Data {
-                tid: TransactionId::random(),
+                tid: transaction_id(&mut self.rng),
                 session: self.id,
                 seq: Some(seq),
                 ack: self.rx.ack(),
@@ -538,7 +554,7 @@ impl Session {
         if self.ack_due {
             self.ack_due = false;
             let m = PunchMessage::Data {
-                tid: TransactionId::random(),
+                tid: transaction_id(&mut self.rng),
                 session: self.id,
                 seq: None,
                 ack: self.rx.ack(),
@@ -548,8 +564,11 @@ impl Session {
         }
     }
 
-    /// When [`Session::handle_timeout`] should run next.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`Session::handle_timeout`] should run next (`None` once it ended).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed || self.error.is_some() {
+            return None;
+        }
         let mut t = self.next_keepalive;
         if self.config.probe && self.direct.is_none() && self.probing(self.next_probe) {
             t = t.min(self.next_probe.max(self.start_at));
@@ -560,15 +579,26 @@ impl Session {
         if let Some(r) = self.tx.poll_timeout() {
             t = t.min(r);
         }
-        t.min(
+        Some(t.min(
             self.last_peer.max(self.punch_until) + self.config.peer_idle + Duration::from_millis(1),
-        )
+        ))
+    }
+
+    /// A hello on a new direct TCP stream: a PROBE, so the peer's session takes the stream as
+    /// its direct path when it arrives (see [`Session::handle_message`]).
+    pub fn hello(&mut self, peer: SocketAddr) {
+        let m = PunchMessage::Probe {
+            tid: transaction_id(&mut self.rng),
+            session: self.id,
+        };
+        self.send(peer, &m);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("addr")
@@ -605,8 +635,11 @@ mod tests {
                 Role::Connector,
                 cfg,
                 sa(SERVER),
-                Duration::from_millis(20),
-                vec![b_addr],
+                PunchPlan {
+                    start_in: Duration::from_millis(20),
+                    targets: vec![b_addr],
+                },
+                StdRng::seed_from_u64(1),
             );
             let b = Session::new(
                 now,
@@ -614,8 +647,11 @@ mod tests {
                 Role::Listener,
                 cfg,
                 sa(SERVER),
-                Duration::from_millis(20),
-                vec![a_addr],
+                PunchPlan {
+                    start_in: Duration::from_millis(20),
+                    targets: vec![a_addr],
+                },
+                StdRng::seed_from_u64(1),
             );
             Self {
                 a,
@@ -782,8 +818,11 @@ mod tests {
             Role::Listener,
             cfg,
             sa(SERVER),
-            Duration::ZERO,
-            vec![peer],
+            PunchPlan {
+                start_in: Duration::ZERO,
+                targets: vec![peer],
+            },
+            StdRng::seed_from_u64(1),
         );
         s.handle_timeout(now);
         assert!(s.poll_transmit().is_none(), "no probes over tcp");
@@ -856,8 +895,11 @@ mod tests {
             Role::Connector,
             SessionConfig::default(),
             sa(SERVER),
-            Duration::ZERO,
-            vec![sa("203.0.113.2:5000")],
+            PunchPlan {
+                start_in: Duration::ZERO,
+                targets: vec![sa("203.0.113.2:5000")],
+            },
+            StdRng::seed_from_u64(1),
         );
         s.handle_timeout(now);
         let (to, bytes) = s.poll_transmit().expect("probe");
@@ -892,8 +934,11 @@ mod tests {
             Role::Listener,
             SessionConfig::default(),
             sa(SERVER),
-            Duration::ZERO,
-            vec![sa("203.0.113.2:5000")],
+            PunchPlan {
+                start_in: Duration::ZERO,
+                targets: vec![sa("203.0.113.2:5000")],
+            },
+            StdRng::seed_from_u64(1),
         );
         let prflx = sa("203.0.113.2:31337");
         s.handle_message(
