@@ -21,6 +21,8 @@ pub mod reliable;
 pub mod server;
 pub mod session;
 pub mod table;
+#[cfg(test)]
+mod testnet;
 
 use std::fmt;
 
