@@ -592,3 +592,103 @@ impl PeerMachine for Connector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    const SERVER: &str = "198.51.100.1:3490";
+    const PEER: &str = "203.0.113.2:5000";
+
+    /// A TCP connector whose CONNECT the server answered at `t0`.
+    fn in_session(t0: Instant) -> Connector {
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            transport: Transport::Tcp,
+            messages: 3,
+            ..ConnectOptions::default()
+        };
+        let mut c = Connector::new(t0, opts, StdRng::seed_from_u64(1));
+        c.start(t0, sa("10.1.0.2:4000"), None);
+        let req = c.poll_transmit().expect("connect");
+        let tid = PunchMessage::decode(&req.payload).expect("decode").tid();
+        let ok = PunchMessage::ConnectOk {
+            tid,
+            session: SessionId(9),
+            mapped: sa("203.0.113.1:4000"),
+            peer: PeerInfo {
+                reflexive: sa(PEER),
+                candidates: vec![],
+                port_delta: None,
+                punch_window_ms: None,
+            },
+            start_in_ms: 20,
+        };
+        c.handle_datagram(t0, sa(SERVER), &ok.to_vec().expect("enc"));
+        c
+    }
+
+    #[test]
+    fn over_tcp_only_the_peers_reflexive_address_is_accepted() {
+        let t0 = Instant::now();
+        let mut c = in_session(t0);
+        assert!(
+            matches!(c.poll_stream(), Some(StreamCommand::Open { peer, .. }) if peer == sa(PEER))
+        );
+        assert!(!c.handle_accepted(t0, sa("203.0.113.2:5001")));
+        assert!(c.handle_accepted(t0, sa(PEER)));
+        assert_eq!(
+            c.poll_stream(),
+            Some(StreamCommand::Stop {
+                session: SessionId(9)
+            })
+        );
+    }
+
+    #[test]
+    fn the_server_connection_closing_fails_a_session_without_a_direct_path() {
+        let t0 = Instant::now();
+        let mut c = in_session(t0);
+        c.handle_stream_down(t0 + Duration::from_millis(5), sa(SERVER));
+        let Some(Ok(r)) = c.poll_outcome() else {
+            panic!("no report");
+        };
+        assert_eq!(r.path, "failed");
+        assert!(r.failed());
+        let e = r.attempts.error.unwrap_or_default();
+        assert!(e.contains("closed the connection"), "{e}");
+        // The CLOSE goes to the server and the machine is done.
+        let close = std::iter::from_fn(|| c.poll_transmit())
+            .filter_map(|t| PunchMessage::decode(&t.payload).ok())
+            .any(|m| matches!(m, PunchMessage::Close { .. }));
+        assert!(close);
+        assert!(c.is_done() && c.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn an_unanswered_connect_is_unreachable_after_its_wait() {
+        let t0 = Instant::now();
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            ..ConnectOptions::default()
+        };
+        let mut c = Connector::new(t0, opts, StdRng::seed_from_u64(1));
+        c.start(t0, sa("10.1.0.2:4000"), None);
+        let mut sent = 0;
+        while let Some(t) = c.poll_timeout() {
+            sent += std::iter::from_fn(|| c.poll_transmit()).count();
+            c.handle_timeout(t);
+        }
+        assert_eq!(sent, 4, "sent at 0, 250, 750 and 1750 ms");
+        assert!(matches!(
+            c.poll_outcome(),
+            Some(Err(PunchError::Unreachable(_, Transport::Udp, w))) if w == Duration::from_secs(2)
+        ));
+    }
+}

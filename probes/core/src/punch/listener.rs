@@ -507,3 +507,127 @@ impl PeerMachine for Listener {
 
     fn handle_stream_failed(&mut self, _now: Instant, _attempts: u32) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::punch::codec::PeerInfo;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    const SERVER: &str = "198.51.100.1:3490";
+
+    /// A TCP listener registered at `t0`, as its driver would see it.
+    fn registered(t0: Instant) -> Listener {
+        let opts = ListenOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            transport: Transport::Tcp,
+            count: None,
+            timeout: None,
+            punch_window: Duration::from_millis(1500),
+            predict: false,
+        };
+        let mut l = Listener::new(t0, opts, StdRng::seed_from_u64(1));
+        l.start(t0, sa("10.1.0.2:4000"), None);
+        let reg = l.poll_transmit().expect("register");
+        assert_eq!(reg.destination, sa(SERVER));
+        let tid = PunchMessage::decode(&reg.payload).expect("decode").tid();
+        let ok = PunchMessage::RegisterOk {
+            tid,
+            mapped: sa("203.0.113.1:4000"),
+        };
+        l.handle_datagram(t0, sa(SERVER), &ok.to_vec().expect("enc"));
+        assert!(matches!(
+            l.poll_event(),
+            Some(ListenEvent::Registered { .. })
+        ));
+        l
+    }
+
+    fn introduce(l: &mut Listener, now: Instant, session: SessionId, peer: SocketAddr) {
+        let m = PunchMessage::Introduce {
+            tid: transaction_id(&mut StdRng::seed_from_u64(session.0)),
+            session,
+            peer: PeerInfo {
+                reflexive: peer,
+                candidates: vec![],
+                port_delta: None,
+                punch_window_ms: Some(1000),
+            },
+            start_in_ms: 20,
+        };
+        l.handle_datagram(now, sa(SERVER), &m.to_vec().expect("enc"));
+    }
+
+    #[test]
+    fn over_tcp_the_listener_asks_for_streams_and_keeps_only_the_peers() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        let (s, peer) = (SessionId(7), sa("203.0.113.2:5000"));
+        introduce(&mut l, t0, s, peer);
+        let start = t0 + Duration::from_millis(20);
+        let until = start + Duration::from_millis(1000);
+        let open = StreamCommand::Open {
+            session: s,
+            peer,
+            start,
+            until,
+        };
+        assert_eq!(l.poll_stream(), Some(open));
+        assert_eq!(l.poll_stream(), None);
+        // A stream that closes before it carried the session is tried again, in its window.
+        let now = t0 + Duration::from_millis(100);
+        l.handle_stream_down(now, peer);
+        let retry = StreamCommand::Open {
+            session: s,
+            peer,
+            start: now + Duration::from_millis(40),
+            until,
+        };
+        assert_eq!(l.poll_stream(), Some(retry));
+        // Our attempts opened one: a hello PROBE of the session goes on it.
+        while l.poll_transmit().is_some() {}
+        l.handle_stream_up(now, s, peer, 1);
+        let hello = std::iter::from_fn(|| l.poll_transmit()).find(|t| t.destination == peer);
+        let hello = hello.map(|t| PunchMessage::decode(&t.payload).expect("decode"));
+        assert!(matches!(hello, Some(PunchMessage::Probe { session, .. }) if session == s));
+        // A connection accepted from anyone but the peer's server-reflexive address is refused;
+        // the peer's is taken and the attempts stop, and no retry follows after that.
+        assert!(!l.handle_accepted(now, sa("203.0.113.2:5001")));
+        assert!(l.handle_accepted(now, peer));
+        assert_eq!(l.poll_stream(), Some(StreamCommand::Stop { session: s }));
+        l.handle_stream_down(now, peer);
+        assert_eq!(l.poll_stream(), None);
+        // The server's connection closing ends the listener.
+        l.handle_stream_down(now, sa(SERVER));
+        assert!(matches!(
+            l.poll_outcome(),
+            Some(Err(PunchError::ServerClosed(_)))
+        ));
+    }
+
+    #[test]
+    fn a_full_session_table_ignores_introductions_but_answers_them() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        for i in 0..=MAX_LISTEN_SESSIONS as u64 {
+            introduce(&mut l, t0, SessionId(i + 1), sa("203.0.113.2:5000"));
+        }
+        let started = std::iter::from_fn(|| l.poll_event())
+            .filter(|e| matches!(e, ListenEvent::SessionStarted { .. }))
+            .count();
+        assert_eq!(started, MAX_LISTEN_SESSIONS);
+        let answers = std::iter::from_fn(|| l.poll_transmit())
+            .filter(|t| {
+                matches!(
+                    PunchMessage::decode(&t.payload),
+                    Ok(PunchMessage::IntroduceOk { .. })
+                )
+            })
+            .count();
+        assert_eq!(answers, MAX_LISTEN_SESSIONS + 1);
+    }
+}
