@@ -285,6 +285,7 @@ impl Connector {
         a.peer_candidates = peer.candidates.iter().map(|c| c.to_string()).collect();
         let opts = &self.opts;
         let plan = PunchPlan {
+            local: self.local,
             start_in,
             targets: targets(&peer),
         };
@@ -352,13 +353,8 @@ impl Connector {
                 run.next_push += self.opts.interval;
             }
             run.session.handle_timeout(now);
-            while let Some((to, b)) = run.session.poll_transmit() {
-                self.out.push_back(Transmit {
-                    source: self.local,
-                    destination: to,
-                    payload: b,
-                });
-            }
+            self.out
+                .extend(std::iter::from_fn(|| run.session.poll_transmit()));
             while let Some(m) = run.session.poll_deliver() {
                 run.first_byte.get_or_insert(now);
                 match app_number(&m) {
@@ -396,13 +392,7 @@ impl Connector {
         let s = &mut run.session;
         // Tell the peer (and the server) the session is over; best effort.
         s.close();
-        while let Some((to, b)) = s.poll_transmit() {
-            self.out.push_back(Transmit {
-                source: self.local,
-                destination: to,
-                payload: b,
-            });
-        }
+        self.out.extend(std::iter::from_fn(|| s.poll_transmit()));
         let st = s.stats();
         let route = s.route();
         let direct = route.is_some_and(Route::is_direct);

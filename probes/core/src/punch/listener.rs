@@ -280,6 +280,7 @@ impl Listener {
                         session_config(self.opts.transport, false, window),
                         self.opts.server,
                         PunchPlan {
+                            local: self.local,
                             start_in,
                             targets: targets(&peer),
                         },
@@ -319,13 +320,7 @@ impl Listener {
                 *echoed += 1;
             }
             s.handle_timeout(now);
-            while let Some((to, payload)) = s.poll_transmit() {
-                self.out.push_back(Transmit {
-                    source: self.local,
-                    destination: to,
-                    payload,
-                });
-            }
+            self.out.extend(std::iter::from_fn(|| s.poll_transmit()));
             if s.is_closed() || s.error().is_some() {
                 done.push(*id);
             }

@@ -2,8 +2,9 @@
 //! upgrade and the reliable ordered message stream, as a state machine with no I/O.
 //!
 //! Inputs: [`Session::handle_message`] (a message and where it came from) and
-//! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (destination and bytes; the
-//! relay is simply the server's address), [`Session::poll_deliver`] (application messages, in
+//! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (a
+//! [`Transmit`](crate::net::Transmit) from the peer's socket; the relay is simply the server's
+//! address), [`Session::poll_deliver`] (application messages, in
 //! order, once each) and [`Session::poll_timeout`].
 //!
 //! Punching (UDP): from the agreed start, every `probe_interval` until the punch window closes,
@@ -24,6 +25,7 @@ use rand::rngs::StdRng;
 use super::codec::{code, method, PunchMessage};
 use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
 use super::{transaction_id, SessionId};
+use crate::net::Transmit;
 use crate::stun::TransactionId;
 
 /// Most addresses a session probes (candidates, peer-reflexive sources, predicted ports).
@@ -115,9 +117,12 @@ pub struct SessionStats {
     pub server_lost: bool,
 }
 
-/// Where and when a session punches: told by the server (CONNECT's answer or INTRODUCE).
+/// From where, toward what and when a session punches: the peer's own socket, and what the
+/// server told it (CONNECT's answer or INTRODUCE).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PunchPlan {
+    /// The peer's socket every message of the session leaves from (over TCP, the registered port).
+    pub local: SocketAddr,
     /// From the introduction to the first probe round (both sides start together).
     pub start_in: Duration,
     /// The peer's addresses to probe, best first (the server-reflexive address leads).
@@ -142,7 +147,8 @@ pub struct Session {
     tx: ReliableSender,
     rx: ReliableReceiver,
     first_route: HashMap<u64, bool>,
-    out: VecDeque<(SocketAddr, Vec<u8>)>,
+    local: SocketAddr,
+    out: VecDeque<Transmit<SocketAddr>>,
     ack_due: bool,
     last_peer: Instant,
     next_keepalive: Instant,
@@ -167,7 +173,11 @@ impl Session {
         plan: PunchPlan,
         rng: StdRng,
     ) -> Self {
-        let PunchPlan { start_in, targets } = plan;
+        let PunchPlan {
+            local,
+            start_in,
+            targets,
+        } = plan;
         let start_at = now + start_in;
         let mut s = Self {
             id,
@@ -186,6 +196,7 @@ impl Session {
             tx: ReliableSender::new(config.reliable),
             rx: ReliableReceiver::new(config.reliable),
             first_route: HashMap::new(),
+            local,
             out: VecDeque::new(),
             ack_due: false,
             last_peer: now,
@@ -269,13 +280,17 @@ impl Session {
         self.rx.poll_deliver()
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
         self.out.pop_front()
     }
 
     fn send(&mut self, to: SocketAddr, m: &PunchMessage) {
-        if let Ok(b) = m.to_vec() {
-            self.out.push_back((to, b));
+        if let Ok(payload) = m.to_vec() {
+            self.out.push_back(Transmit {
+                source: self.local,
+                destination: to,
+                payload,
+            });
         }
     }
 
@@ -636,6 +651,7 @@ mod tests {
                 cfg,
                 sa(SERVER),
                 PunchPlan {
+                    local: a_addr,
                     start_in: Duration::from_millis(20),
                     targets: vec![b_addr],
                 },
@@ -648,10 +664,11 @@ mod tests {
                 cfg,
                 sa(SERVER),
                 PunchPlan {
+                    local: b_addr,
                     start_in: Duration::from_millis(20),
                     targets: vec![a_addr],
                 },
-                StdRng::seed_from_u64(1),
+                StdRng::seed_from_u64(2),
             );
             Self {
                 a,
@@ -673,7 +690,12 @@ mod tests {
                 self.a.handle_timeout(now);
                 self.b.handle_timeout(now);
                 for _ in 0..4 {
-                    while let Some((to, bytes)) = self.a.poll_transmit() {
+                    while let Some(Transmit {
+                        destination: to,
+                        payload: bytes,
+                        ..
+                    }) = self.a.poll_transmit()
+                    {
                         let m = PunchMessage::decode(&bytes).expect("decode");
                         if to == sa(SERVER) {
                             match m {
@@ -691,7 +713,12 @@ mod tests {
                             self.b.handle_message(now, self.a_addr, m);
                         }
                     }
-                    while let Some((to, bytes)) = self.b.poll_transmit() {
+                    while let Some(Transmit {
+                        destination: to,
+                        payload: bytes,
+                        ..
+                    }) = self.b.poll_transmit()
+                    {
                         let m = PunchMessage::decode(&bytes).expect("decode");
                         if to == sa(SERVER) {
                             if let m @ (PunchMessage::Data { .. } | PunchMessage::Close { .. }) = m
@@ -819,6 +846,7 @@ mod tests {
             cfg,
             sa(SERVER),
             PunchPlan {
+                local: sa("10.0.0.1:4000"),
                 start_in: Duration::ZERO,
                 targets: vec![peer],
             },
@@ -860,7 +888,12 @@ mod tests {
         while p.a.error().is_none() {
             now += Duration::from_millis(10);
             p.a.handle_timeout(now);
-            while let Some((to, b)) = p.a.poll_transmit() {
+            while let Some(Transmit {
+                destination: to,
+                payload: b,
+                ..
+            }) = p.a.poll_transmit()
+            {
                 if to == sa(SERVER) {
                     if let Ok(PunchMessage::Refresh { tid, .. }) = PunchMessage::decode(&b) {
                         p.a.handle_message(now, to, PunchMessage::RefreshOk { tid });
@@ -896,13 +929,15 @@ mod tests {
             SessionConfig::default(),
             sa(SERVER),
             PunchPlan {
+                local: sa("10.0.0.1:4000"),
                 start_in: Duration::ZERO,
                 targets: vec![sa("203.0.113.2:5000")],
             },
             StdRng::seed_from_u64(1),
         );
         s.handle_timeout(now);
-        let (to, bytes) = s.poll_transmit().expect("probe");
+        let t = s.poll_transmit().expect("probe");
+        let (to, bytes) = (t.destination, t.payload);
         let PunchMessage::Probe { tid, session } = PunchMessage::decode(&bytes).expect("decode")
         else {
             panic!("not a probe");
@@ -935,6 +970,7 @@ mod tests {
             SessionConfig::default(),
             sa(SERVER),
             PunchPlan {
+                local: sa("10.0.0.1:4000"),
                 start_in: Duration::ZERO,
                 targets: vec![sa("203.0.113.2:5000")],
             },
@@ -950,9 +986,12 @@ mod tests {
             },
         );
         let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
-        assert!(out.iter().any(|(to, b)| *to == prflx && matches!(PunchMessage::decode(b), Ok(PunchMessage::ProbeOk { mapped, .. }) if mapped == prflx)));
-        assert!(out.iter().any(|(to, b)| *to == prflx
-            && matches!(PunchMessage::decode(b), Ok(PunchMessage::Probe { .. }))));
+        assert!(out.iter().any(|t| t.destination == prflx && matches!(PunchMessage::decode(&t.payload), Ok(PunchMessage::ProbeOk { mapped, .. }) if mapped == prflx)));
+        assert!(out.iter().any(|t| t.destination == prflx
+            && matches!(
+                PunchMessage::decode(&t.payload),
+                Ok(PunchMessage::Probe { .. })
+            )));
         assert!(s.targets().contains(&prflx));
     }
 }
