@@ -27,11 +27,10 @@ use tokio::sync::mpsc;
 
 use super::connector::Connector;
 use super::listener::Listener;
-use super::peer::{PeerMachine, StreamCommand};
+use super::peer::{PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS};
 use super::server::{RendezvousServer, ServerConfig, ServerSocket};
 use super::table::Endpoint;
-use super::{transaction_id, SessionId, Transport};
-use crate::client::{transact_udp, RequestOptions, Rto};
+use super::{SessionId, Transport};
 use crate::stun::framing::{frame, Frame, MAX_FRAME};
 use natscope_core::net::Transmit;
 
@@ -552,40 +551,38 @@ impl Net {
 // ---------------------------------------------------------------------------------------------
 // Port prediction
 
-/// This socket's mapping as the server sees it: one Binding transaction, three tries 300 ms
-/// apart ([`crate::client::transact_udp`]); only an answer from the server itself counts.
-async fn mapped_from(sock: &UdpSocket, server: SocketAddr, rng: &mut StdRng) -> Option<SocketAddr> {
-    let wait = Duration::from_millis(300);
-    let rto = Rto {
-        initial: wait,
-        max_transmits: 3,
-        last_wait_multiplier: 1,
-        max_rto: wait,
-    };
-    let tid = transaction_id(rng);
-    let r = transact_udp(sock, server, tid, &RequestOptions::default(), rto)
-        .await
-        .ok()?;
-    if r.source != Some(server) {
-        return None;
-    }
-    r.xor_mapped
-}
-
-/// Measures this host's port allocation: three fresh sockets ask the server for their mapping
-/// in a row ([`Prediction::from_ports`] reads the delta).
+/// Runs port prediction's measurement ([`PortMeasurement`]) over fresh UDP sockets.
 async fn measure_prediction(server: SocketAddr, rng: &mut StdRng) -> Prediction {
-    let mut ports = Vec::new();
-    for _ in 0..3 {
-        let Ok(s) = UdpSocket::bind(unspecified(server)).await else {
-            break;
-        };
-        match mapped_from(&s, server, rng).await {
-            Some(m) => ports.push(m.port()),
-            None => break,
+    let mut socks = Vec::new();
+    for _ in 0..MEASURE_SOCKETS {
+        match UdpSocket::bind(unspecified(server)).await {
+            Ok(s) => socks.push(s),
+            Err(_) => return Prediction::from_ports(Vec::new()),
         }
     }
-    Prediction::from_ports(ports)
+    let mut m = PortMeasurement::new(Instant::now(), server, rng);
+    let mut buf = vec![0u8; 2048];
+    loop {
+        while let Some(t) = m.poll_transmit() {
+            if let Some(s) = socks.get(t.source) {
+                let _ = s.send_to(&t.payload, t.destination).await;
+            }
+        }
+        if let Some(p) = m.result() {
+            return p;
+        }
+        let wake = m.poll_timeout().unwrap_or_else(Instant::now);
+        // Only the socket measuring now can be answered; the others have sent nothing yet or
+        // are done.
+        let Some((i, sock)) = socks.iter().enumerate().find(|(i, _)| m.is_measuring(*i)) else {
+            return Prediction::from_ports(Vec::new());
+        };
+        match tokio::time::timeout_at(wake.into(), sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, from))) => m.handle_datagram(Instant::now(), i, from, &buf[..n]),
+            Ok(Err(_)) => {}
+            Err(_) => m.handle_timeout(Instant::now()),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! What the two peer machines — the [`Listener`](super::listener::Listener) and the
 //! [`Connector`](super::connector::Connector) — share: their error type, one request to the
-//! rendezvous server retransmitted until answered, the addresses a session probes (the peer's
-//! candidates, ports predicted from its allocation delta, birthday ports), and the commands that
+//! rendezvous server retransmitted until answered, port prediction's measurement
+//! ([`PortMeasurement`]), the addresses a session probes (the peer's candidates, ports predicted
+//! from its allocation delta, birthday ports), and the commands that
 //! ask a driver to open or stop a direct TCP stream (RFC 5382 simultaneous open needs the
 //! driver's sockets; when to try, and which stream to keep, are the machines' decisions).
 
@@ -15,6 +16,7 @@ use serde::Serialize;
 use super::codec::{PeerInfo, PunchMessage};
 use super::session::SessionConfig;
 use super::{SessionId, Transport};
+use crate::client::{build_request, BindingResponse, RequestOptions};
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 
@@ -83,6 +85,113 @@ impl Prediction {
             delta,
             predicted_ports: 0,
         }
+    }
+}
+
+/// Fresh sockets port prediction measures with: three mapped ports give two differences.
+pub const MEASURE_SOCKETS: usize = 3;
+/// Each measuring socket's Binding request goes three times, 300 ms apart, and waits 300 ms after
+/// the last (900 ms in all).
+const MEASURE_RTO: Duration = Duration::from_millis(300);
+const MEASURE_TRANSMITS: u32 = 3;
+
+/// Port prediction's measurement (RFC 4787 §4.1, port assignment), as a machine with no I/O:
+/// fresh sockets, one after another, send the rendezvous server a Binding request (RFC 8489; the
+/// server answers it with XOR-MAPPED-ADDRESS) and read the mapping it saw. Only the answer to that
+/// socket's transaction, from the server itself, counts; a socket that gets none ends the
+/// measurement with the ports it has. Transmits name their socket by index,
+/// `0..MEASURE_SOCKETS`, which the driver binds fresh.
+#[derive(Debug)]
+pub struct PortMeasurement {
+    server: SocketAddr,
+    tids: [TransactionId; MEASURE_SOCKETS],
+    socket: usize,
+    transmits: u32,
+    next: Instant,
+    ports: Vec<u16>,
+    out: VecDeque<Transmit<usize>>,
+    done: bool,
+}
+
+impl PortMeasurement {
+    pub fn new(now: Instant, server: SocketAddr, rng: &mut impl Rng) -> Self {
+        let mut m = Self {
+            server,
+            tids: std::array::from_fn(|_| super::transaction_id(rng)),
+            socket: 0,
+            transmits: 0,
+            next: now,
+            ports: Vec::new(),
+            out: VecDeque::new(),
+            done: false,
+        };
+        m.handle_timeout(now);
+        m
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit<usize>> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.done).then_some(self.next)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.done || now < self.next {
+            return;
+        }
+        if self.transmits == MEASURE_TRANSMITS {
+            self.done = true;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let tid = self.tids[self.socket];
+        match build_request(&mut buf, &tid, &RequestOptions::default()) {
+            Ok(n) => self.out.push_back(Transmit {
+                source: self.socket,
+                destination: self.server,
+                payload: buf[..n].to_vec(),
+            }),
+            Err(_) => self.done = true,
+        }
+        self.transmits += 1;
+        self.next = now + MEASURE_RTO;
+    }
+
+    /// A datagram that arrived on measuring socket `socket` from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, bytes: &[u8]) {
+        if self.done || socket != self.socket || from != self.server {
+            return;
+        }
+        let Ok(r) = BindingResponse::parse(bytes, &self.tids[socket], Some(from)) else {
+            return;
+        };
+        let Some(mapped) = r.xor_mapped else {
+            // An error answer, or one without the mapping: nothing to measure with.
+            self.done = true;
+            return;
+        };
+        self.ports.push(mapped.port());
+        if self.socket + 1 == MEASURE_SOCKETS {
+            self.done = true;
+            return;
+        }
+        self.socket += 1;
+        self.transmits = 0;
+        self.next = now;
+        self.handle_timeout(now);
+    }
+
+    /// Whether socket `socket` is the one measuring now (the one an answer can arrive on).
+    pub fn is_measuring(&self, socket: usize) -> bool {
+        !self.done && socket == self.socket
+    }
+
+    /// The prediction, once the measurement is over.
+    pub fn result(&self) -> Option<Prediction> {
+        self.done
+            .then(|| Prediction::from_ports(self.ports.clone()))
     }
 }
 
@@ -351,6 +460,68 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), a.len());
         assert!(a.iter().all(|t| t.port() >= 1024 && t.port() != 5000));
+    }
+
+    /// The server's answer to the measurement's request `t`, seen from `mapped`.
+    fn answer(t: &Transmit<usize>, mapped: SocketAddr) -> Vec<u8> {
+        let req = crate::stun::Message::parse(&t.payload).expect("request");
+        let mut buf = [0u8; 64];
+        let mut w = crate::stun::MessageWriter::new(
+            &mut buf,
+            crate::stun::MessageType::BINDING_RESPONSE,
+            &req.transaction_id(),
+        )
+        .expect("writer");
+        w.add_xor_address(crate::stun::attr_type::XOR_MAPPED_ADDRESS, mapped)
+            .expect("attr");
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn the_measurement_reads_three_fresh_mappings_in_turn_from_the_server_only() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+        let mut m = PortMeasurement::new(t0, server, &mut StdRng::seed_from_u64(4));
+        for (k, port) in [40000u16, 40002, 40004].into_iter().enumerate() {
+            let t = m.poll_transmit().expect("request");
+            assert_eq!((t.source, t.destination), (k, server));
+            let mapped = SocketAddr::new([203, 0, 113, 1].into(), port);
+            // From anyone else, or on another socket, an answer is ignored: the wait goes on.
+            m.handle_datagram(
+                t0,
+                k,
+                "203.0.113.66:3490".parse().expect("addr"),
+                &answer(&t, mapped),
+            );
+            m.handle_datagram(t0, (k + 1) % 3, server, &answer(&t, mapped));
+            assert!(m.result().is_none() && m.poll_transmit().is_none());
+            m.handle_datagram(t0, k, server, &answer(&t, mapped));
+        }
+        let p = m.result().expect("done");
+        assert_eq!(p.measured_ports, [40000, 40002, 40004]);
+        assert_eq!(p.delta, Some(2));
+        assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_unanswered_socket_ends_the_measurement_after_three_tries() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+        let mut m = PortMeasurement::new(t0, server, &mut StdRng::seed_from_u64(4));
+        let (mut sent, mut now) = (Vec::new(), t0);
+        loop {
+            while let Some(x) = m.poll_transmit() {
+                sent.push(((now - t0).as_millis(), x.source));
+            }
+            let Some(t) = m.poll_timeout() else { break };
+            now = t;
+            m.handle_timeout(now);
+        }
+        assert_eq!(now - t0, Duration::from_millis(900));
+        assert_eq!(sent, [(0, 0), (300, 0), (600, 0)]);
+        let p = m.result().expect("done");
+        assert!(p.measured_ports.is_empty() && p.delta.is_none());
     }
 
     #[test]
