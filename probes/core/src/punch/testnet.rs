@@ -5,8 +5,8 @@
 //! milliseconds and is the same every time.
 //!
 //! The tests at the bottom are the peers' end-to-end behavior: relay-first upgrade under loss and
-//! reordering, several connectors to one listener with every introduction and connect request
-//! repeated, and a server restart.
+//! reordering, relay fallback when no direct path opens, several connectors to one listener with
+//! every introduction and connect request repeated, a late introduction, and a server restart.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -340,6 +340,8 @@ mod tests {
         }
     }
 
+    // Under 10 % loss both ways and up to 12 ms of extra delay per datagram (2 ms between
+    // messages: the network reorders them), for several seeds.
     #[test]
     fn relay_first_upgrade_loses_duplicates_and_reorders_nothing_under_loss_and_reordering() {
         let lossy = Conditions {
@@ -386,6 +388,31 @@ mod tests {
             assert_eq!(net.ended(0)[0].1, 400, "{why}");
             assert!(matches!(net.listen_outcomes[0], Some(Ok(1))), "{why}");
         }
+    }
+
+    #[test]
+    fn without_a_direct_path_the_data_goes_through_the_relay_after_the_window() {
+        let lossy = Conditions {
+            loss: 0.10,
+            jitter: Duration::from_millis(12),
+            duplicate: 0.0,
+        };
+        let mut net = Net::new(5, lossy);
+        net.direct_open = false;
+        net.listen("bob", Some(1));
+        net.run_for(Duration::from_millis(300));
+        let c = net.connect(opts("bob", 100));
+        let until = net.now + Duration::from_secs(30);
+        net.run(until, |n| n.reports[c].is_some());
+        let r = net.report(c);
+        assert_eq!(r.path, "relayed", "{r:#?}");
+        assert!(!r.switched_to_direct);
+        assert_eq!((r.messages_echoed, r.in_order), (100, true), "{r:#?}");
+        assert_eq!(r.attempts.data_sent_direct, 0);
+        assert!(r.attempts.probes_sent > 0 && r.attempts.probes_answered == 0);
+        // Data waited for the end of the punch window.
+        let first = r.time_to_first_byte_ms.unwrap_or_default();
+        assert!(first >= 1500.0, "{first} ms");
     }
 
     #[test]
