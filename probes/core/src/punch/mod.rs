@@ -3,19 +3,32 @@
 //!
 //! The wire format is STUN framing (RFC 8489 §5) with methods and attributes of our own, all
 //! attributes in the comprehension-optional range so a plain STUN stack ignores them ([`codec`]).
-//! The protocol cores do no I/O and never read the clock: the rendezvous table ([`table`]), the
-//! server around it ([`server`]), the reliable ordered message layer ([`reliable`]) and one peer
-//! session ([`session`]) all take `now` and bytes and queue their transmits. The tokio drivers in
-//! `natscope_probes::punch::driver` only move bytes between those cores and sockets. docs/punch.md has
-//! the protocol.
+//! The protocol cores do no I/O, never read the clock and draw every random number (session ids,
+//! transaction ids, birthday ports) from a generator they are given: the rendezvous table
+//! ([`table`]), the server around it ([`server`]), the reliable ordered message layer
+//! ([`reliable`]), one peer session ([`session`]), and the two peers that run sessions — the
+//! [`listener`] (registration, keepalive, the session table, de-duplication of introductions) and
+//! the [`connector`] (rendezvous, prediction targets, the data it sends and the report). All take
+//! `now` and bytes and queue [`Transmit`](crate::net::Transmit)s. The tokio drivers in
+//! `natscope_probes::punch::driver` only move bytes between those cores and sockets, and run
+//! their timers. docs/punch.md has the protocol.
 
 pub mod codec;
+pub mod connector;
+pub mod listener;
+pub mod peer;
 pub mod reliable;
 pub mod server;
 pub mod session;
 pub mod table;
+#[cfg(test)]
+mod testnet;
 
 use std::fmt;
+
+use rand::Rng;
+
+use crate::stun::{TransactionId, MAGIC_COOKIE};
 
 /// Longest peer id accepted anywhere (bytes); ids are `[A-Za-z0-9._-]`.
 pub const MAX_ID_LEN: usize = 64;
@@ -46,4 +59,13 @@ pub fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A fresh RFC 8489 transaction id (magic cookie + 96 bits) drawn from `rng`: every punch
+/// machine takes its randomness from a generator it was given, seeded in tests.
+pub fn transaction_id(rng: &mut impl Rng) -> TransactionId {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+    rng.fill(&mut id[4..]);
+    TransactionId(id)
 }

@@ -7,13 +7,22 @@
 //!   [`ServerConfig::start_in`]. INTRODUCE is retransmitted until the listener answers.
 //! - DATA and CLOSE with a session id are relayed verbatim to the session's other side.
 //! - Anything malformed is dropped; requests that parse but cannot be served get an error.
+//!
+//! Session ids (the capability that admits a packet into a session) and the transaction ids of
+//! INTRODUCE come from the generator the server is built with: from entropy in `punch serve`,
+//! seeded in tests.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::Rng;
 
 use super::codec::{code, method, PeerInfo, PunchMessage};
 use super::table::{Endpoint, RendezvousTable, TableConfig, TableError};
-use super::SessionId;
+use super::{transaction_id, SessionId, Transport};
+use crate::net::Transmit;
 use crate::stun::TransactionId;
 
 #[derive(Clone, Copy, Debug)]
@@ -36,11 +45,30 @@ impl Default for ServerConfig {
     }
 }
 
-/// A datagram or frame to send: to `to.remote`, from the server socket `to.local`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    pub to: Endpoint,
-    pub bytes: Vec<u8>,
+/// One of the server's sockets, the source of a [`Transmit`]: the UDP socket or the TCP listener
+/// at `local`. A TCP transmit goes on the connection accepted from its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServerSocket {
+    pub transport: Transport,
+    pub local: SocketAddr,
+}
+
+impl Endpoint {
+    /// The server socket this endpoint talks to.
+    pub fn socket(&self) -> ServerSocket {
+        ServerSocket {
+            transport: self.transport,
+            local: self.local,
+        }
+    }
+}
+
+fn transmit(to: Endpoint, payload: Vec<u8>) -> Transmit<ServerSocket> {
+    Transmit {
+        source: to.socket(),
+        destination: to.remote,
+        payload,
+    }
 }
 
 #[derive(Debug)]
@@ -59,19 +87,22 @@ const RECENT_CONNECTS: usize = 256;
 pub struct RendezvousServer {
     config: ServerConfig,
     table: RendezvousTable,
-    out: VecDeque<Transmit>,
+    out: VecDeque<Transmit<ServerSocket>>,
     intros: Vec<PendingIntro>,
     recent: VecDeque<(TransactionId, Endpoint, Vec<u8>)>,
+    rng: StdRng,
 }
 
 impl RendezvousServer {
-    pub fn new(config: ServerConfig) -> Self {
+    /// A server drawing session and transaction ids from `rng`.
+    pub fn new(config: ServerConfig, rng: StdRng) -> Self {
         Self {
             config,
             table: RendezvousTable::new(config.table),
             out: VecDeque::new(),
             intros: Vec::new(),
             recent: VecDeque::new(),
+            rng,
         }
     }
 
@@ -79,7 +110,7 @@ impl RendezvousServer {
         &self.table
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit<ServerSocket>> {
         self.out.pop_front()
     }
 
@@ -91,7 +122,7 @@ impl RendezvousServer {
 
     fn send(&mut self, to: Endpoint, msg: &PunchMessage) {
         if let Ok(bytes) = msg.to_vec() {
-            self.out.push_back(Transmit { to, bytes });
+            self.out.push_back(transmit(to, bytes));
         }
     }
 
@@ -107,8 +138,8 @@ impl RendezvousServer {
         );
     }
 
-    /// One message from `from`. `random` supplies session ids (injected for determinism).
-    pub fn handle(&mut self, now: Instant, from: Endpoint, bytes: &[u8], random: u64) {
+    /// One message from `from`.
+    pub fn handle(&mut self, now: Instant, from: Endpoint, bytes: &[u8]) {
         if self.binding(from, bytes) {
             return;
         }
@@ -153,7 +184,7 @@ impl RendezvousServer {
                     port_delta,
                     punch_window_ms,
                 };
-                self.connect(now, from, tid, &target, info, random)
+                self.connect(now, from, tid, &target, info)
             }
             PunchMessage::IntroduceOk { session, .. } => {
                 self.intros
@@ -174,19 +205,13 @@ impl RendezvousServer {
             PunchMessage::Data { session, .. } => {
                 if let Ok(to) = self.table.relay_target(now, session, from) {
                     if to.transport == from.transport {
-                        self.out.push_back(Transmit {
-                            to,
-                            bytes: bytes.to_vec(),
-                        });
+                        self.out.push_back(transmit(to, bytes.to_vec()));
                     }
                 }
             }
             PunchMessage::Close { session, .. } => {
                 if let Ok(to) = self.table.relay_target(now, session, from) {
-                    self.out.push_back(Transmit {
-                        to,
-                        bytes: bytes.to_vec(),
-                    });
+                    self.out.push_back(transmit(to, bytes.to_vec()));
                 }
                 self.table.close_session(session, from);
             }
@@ -215,10 +240,7 @@ impl RendezvousServer {
                 .is_ok()
             {
                 let n = w.finish();
-                self.out.push_back(Transmit {
-                    to: from,
-                    bytes: buf[..n].to_vec(),
-                });
+                self.out.push_back(transmit(from, buf[..n].to_vec()));
             }
         }
         true
@@ -231,14 +253,13 @@ impl RendezvousServer {
         tid: TransactionId,
         target: &str,
         info: PeerInfo,
-        random: u64,
     ) {
         if let Some((_, _, resp)) = self.recent.iter().find(|(t, e, _)| *t == tid && *e == from) {
             let bytes = resp.clone();
-            self.out.push_back(Transmit { to: from, bytes });
+            self.out.push_back(transmit(from, bytes));
             return;
         }
-        let session = SessionId(random);
+        let session = SessionId(self.rng.gen());
         match self.table.introduce(now, target, from, info, session) {
             Ok(intro) => {
                 let start_in_ms = self.config.start_in.as_millis().min(u32::MAX as u128) as u32;
@@ -250,21 +271,15 @@ impl RendezvousServer {
                     start_in_ms,
                 };
                 let introduce = PunchMessage::Introduce {
-                    tid: TransactionId::random(),
+                    tid: transaction_id(&mut self.rng),
                     session,
                     peer: intro.connector_info,
                     start_in_ms,
                 };
                 if let (Ok(r), Ok(i)) = (resp.to_vec(), introduce.to_vec()) {
                     // Both sides hear at the same moment, so they start together.
-                    self.out.push_back(Transmit {
-                        to: intro.listener,
-                        bytes: i.clone(),
-                    });
-                    self.out.push_back(Transmit {
-                        to: from,
-                        bytes: r.clone(),
-                    });
+                    self.out.push_back(transmit(intro.listener, i.clone()));
+                    self.out.push_back(transmit(from, r.clone()));
                     self.intros.push(PendingIntro {
                         to: intro.listener,
                         bytes: i,
@@ -297,10 +312,7 @@ impl RendezvousServer {
             if p.next <= now && p.left > 0 {
                 p.left -= 1;
                 p.next = now + self.config.intro_rto;
-                resend.push(Transmit {
-                    to: p.to,
-                    bytes: p.bytes.clone(),
-                });
+                resend.push(transmit(p.to, p.bytes.clone()));
             }
         }
         self.out.extend(resend);
@@ -319,7 +331,11 @@ impl RendezvousServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::punch::Transport;
+    use rand::SeedableRng;
+
+    fn server() -> RendezvousServer {
+        RendezvousServer::new(ServerConfig::default(), StdRng::seed_from_u64(3))
+    }
 
     fn ep(remote: &str) -> Endpoint {
         Endpoint {
@@ -331,14 +347,21 @@ mod tests {
 
     fn drain(s: &mut RendezvousServer) -> Vec<(Endpoint, PunchMessage)> {
         std::iter::from_fn(|| s.poll_transmit())
-            .map(|t| (t.to, PunchMessage::decode(&t.bytes).expect("decode")))
+            .map(|t| {
+                let to = Endpoint {
+                    transport: t.source.transport,
+                    local: t.source.local,
+                    remote: t.destination,
+                };
+                (to, PunchMessage::decode(&t.payload).expect("decode"))
+            })
             .collect()
     }
 
     #[test]
     fn connect_introduces_both_sides_and_relays_data() {
         let t0 = Instant::now();
-        let mut s = RendezvousServer::new(ServerConfig::default());
+        let mut s = server();
         let l = ep("203.0.113.1:4000");
         let c = ep("203.0.113.2:5000");
         let reg = PunchMessage::Register {
@@ -347,7 +370,7 @@ mod tests {
             candidates: vec!["10.1.0.2:4000".parse().expect("addr")],
             port_delta: None,
         };
-        s.handle(t0, l, &reg.to_vec().expect("enc"), 0);
+        s.handle(t0, l, &reg.to_vec().expect("enc"));
         let out = drain(&mut s);
         assert!(
             matches!(&out[..], [(to, PunchMessage::RegisterOk { mapped, .. })] if *to == l && *mapped == l.remote)
@@ -360,23 +383,26 @@ mod tests {
             punch_window_ms: None,
         };
         let conn_bytes = conn.to_vec().expect("enc");
-        s.handle(t0, c, &conn_bytes, 42);
+        s.handle(t0, c, &conn_bytes);
         let out = drain(&mut s);
         assert_eq!(out.len(), 2);
+        let Some(id) = out[1].1.session() else {
+            panic!("no session in {out:?}");
+        };
         assert!(
             matches!(&out[0], (to, PunchMessage::Introduce { session, peer, .. })
-            if *to == l && *session == SessionId(42) && peer.reflexive == c.remote)
+            if *to == l && *session == id && peer.reflexive == c.remote)
         );
         assert!(
             matches!(&out[1], (to, PunchMessage::ConnectOk { session, peer, .. })
-            if *to == c && *session == SessionId(42) && peer.reflexive == l.remote
+            if *to == c && *session == id && peer.reflexive == l.remote
                && peer.candidates.len() == 1)
         );
         // A retransmitted CONNECT gets the same answer, not a second session.
-        s.handle(t0, c, &conn_bytes, 43);
+        s.handle(t0, c, &conn_bytes);
         let out = drain(&mut s);
         assert!(
-            matches!(&out[..], [(_, PunchMessage::ConnectOk { session, .. })] if *session == SessionId(42))
+            matches!(&out[..], [(_, PunchMessage::ConnectOk { session, .. })] if *session == id)
         );
         // INTRODUCE is retransmitted until acknowledged.
         s.handle_timeout(t0 + Duration::from_secs(1));
@@ -386,45 +412,33 @@ mod tests {
         ));
         let ack = PunchMessage::IntroduceOk {
             tid: TransactionId::random(),
-            session: SessionId(42),
+            session: id,
         };
-        s.handle(t0, l, &ack.to_vec().expect("enc"), 0);
+        s.handle(t0, l, &ack.to_vec().expect("enc"));
         s.handle_timeout(t0 + Duration::from_secs(2));
         assert!(drain(&mut s).is_empty());
         // Relay, verbatim, both ways; strangers are dropped.
         let data = PunchMessage::Data {
             tid: TransactionId::random(),
-            session: SessionId(42),
+            session: id,
             seq: Some(0),
             ack: 0,
             payload: b"x".to_vec(),
         }
         .to_vec()
         .expect("enc");
-        s.handle(t0, c, &data, 0);
-        assert_eq!(
-            s.poll_transmit(),
-            Some(Transmit {
-                to: l,
-                bytes: data.clone()
-            })
-        );
-        s.handle(t0, l, &data, 0);
-        assert_eq!(
-            s.poll_transmit(),
-            Some(Transmit {
-                to: c,
-                bytes: data.clone()
-            })
-        );
-        s.handle(t0, ep("203.0.113.66:1"), &data, 0);
+        s.handle(t0, c, &data);
+        assert_eq!(s.poll_transmit(), Some(transmit(l, data.clone())));
+        s.handle(t0, l, &data);
+        assert_eq!(s.poll_transmit(), Some(transmit(c, data.clone())));
+        s.handle(t0, ep("203.0.113.66:1"), &data);
         assert_eq!(s.poll_transmit(), None);
     }
 
     #[test]
     fn unknown_peer_and_session_get_errors_and_garbage_is_dropped() {
         let t0 = Instant::now();
-        let mut s = RendezvousServer::new(ServerConfig::default());
+        let mut s = server();
         let c = ep("203.0.113.2:5000");
         let conn = PunchMessage::Connect {
             tid: TransactionId::random(),
@@ -433,7 +447,7 @@ mod tests {
             port_delta: None,
             punch_window_ms: None,
         };
-        s.handle(t0, c, &conn.to_vec().expect("enc"), 1);
+        s.handle(t0, c, &conn.to_vec().expect("enc"));
         assert!(matches!(
             &drain(&mut s)[..],
             [(_, PunchMessage::Error { code: 404, .. })]
@@ -442,13 +456,13 @@ mod tests {
             tid: TransactionId::random(),
             session: SessionId(9),
         };
-        s.handle(t0, c, &r.to_vec().expect("enc"), 1);
+        s.handle(t0, c, &r.to_vec().expect("enc"));
         assert!(matches!(
             &drain(&mut s)[..],
             [(_, PunchMessage::Error { code: 437, .. })]
         ));
-        s.handle(t0, c, b"\x00\x01garbage", 1);
-        s.handle(t0, c, &[0u8; 20], 1);
+        s.handle(t0, c, b"\x00\x01garbage");
+        s.handle(t0, c, &[0u8; 20]);
         assert!(drain(&mut s).is_empty());
     }
 }

@@ -2,8 +2,9 @@
 //! upgrade and the reliable ordered message stream, as a state machine with no I/O.
 //!
 //! Inputs: [`Session::handle_message`] (a message and where it came from) and
-//! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (destination and bytes; the
-//! relay is simply the server's address), [`Session::poll_deliver`] (application messages, in
+//! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (a
+//! [`Transmit`](crate::net::Transmit) from the peer's socket; the relay is simply the server's
+//! address), [`Session::poll_deliver`] (application messages, in
 //! order, once each) and [`Session::poll_timeout`].
 //!
 //! Punching (UDP): from the agreed start, every `probe_interval` until the punch window closes,
@@ -19,9 +20,12 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+
 use super::codec::{code, method, PunchMessage};
 use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
-use super::SessionId;
+use super::{transaction_id, SessionId};
+use crate::net::Transmit;
 use crate::stun::TransactionId;
 
 /// Most addresses a session probes (candidates, peer-reflexive sources, predicted ports).
@@ -113,6 +117,18 @@ pub struct SessionStats {
     pub server_lost: bool,
 }
 
+/// From where, toward what and when a session punches: the peer's own socket, and what the
+/// server told it (CONNECT's answer or INTRODUCE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PunchPlan {
+    /// The peer's socket every message of the session leaves from (over TCP, the registered port).
+    pub local: SocketAddr,
+    /// From the introduction to the first probe round (both sides start together).
+    pub start_in: Duration,
+    /// The peer's addresses to probe, best first (the server-reflexive address leads).
+    pub targets: Vec<SocketAddr>,
+}
+
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
@@ -131,7 +147,8 @@ pub struct Session {
     tx: ReliableSender,
     rx: ReliableReceiver,
     first_route: HashMap<u64, bool>,
-    out: VecDeque<(SocketAddr, Vec<u8>)>,
+    local: SocketAddr,
+    out: VecDeque<Transmit<SocketAddr>>,
     ack_due: bool,
     last_peer: Instant,
     next_keepalive: Instant,
@@ -140,19 +157,27 @@ pub struct Session {
     closed: bool,
     error: Option<SessionError>,
     stats: SessionStats,
+    /// Transaction ids of probes, data and close messages.
+    rng: StdRng,
 }
 
 impl Session {
-    /// A session told by the server at `now` to start punching `start_in` later toward `targets`.
+    /// A session told by the server at `now` to start punching `plan.start_in` later toward
+    /// `plan.targets`; `rng` supplies its transaction ids.
     pub fn new(
         now: Instant,
         id: SessionId,
         role: Role,
         config: SessionConfig,
         server: SocketAddr,
-        start_in: Duration,
-        targets: Vec<SocketAddr>,
+        plan: PunchPlan,
+        rng: StdRng,
     ) -> Self {
+        let PunchPlan {
+            local,
+            start_in,
+            targets,
+        } = plan;
         let start_at = now + start_in;
         let mut s = Self {
             id,
@@ -171,6 +196,7 @@ impl Session {
             tx: ReliableSender::new(config.reliable),
             rx: ReliableReceiver::new(config.reliable),
             first_route: HashMap::new(),
+            local,
             out: VecDeque::new(),
             ack_due: false,
             last_peer: now,
@@ -180,6 +206,7 @@ impl Session {
             closed: false,
             error: None,
             stats: SessionStats::default(),
+            rng,
         };
         for t in targets {
             s.add_target(t);
@@ -253,13 +280,17 @@ impl Session {
         self.rx.poll_deliver()
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
         self.out.pop_front()
     }
 
     fn send(&mut self, to: SocketAddr, m: &PunchMessage) {
-        if let Ok(b) = m.to_vec() {
-            self.out.push_back((to, b));
+        if let Ok(payload) = m.to_vec() {
+            self.out.push_back(Transmit {
+                source: self.local,
+                destination: to,
+                payload,
+            });
         }
     }
 
@@ -298,7 +329,7 @@ impl Session {
             return;
         }
         let m = PunchMessage::Close {
-            tid: TransactionId::random(),
+            tid: transaction_id(&mut self.rng),
             session: self.id,
         };
         if let Some(Route::Direct(a)) = self.route {
@@ -433,7 +464,7 @@ impl Session {
     }
 
     fn probe(&mut self, now: Instant, to: SocketAddr) {
-        let tid = TransactionId::random();
+        let tid = transaction_id(&mut self.rng);
         // Bounded: old unanswered probes are forgotten.
         if self.probes.len() >= 4 * MAX_TARGETS {
             let oldest = self
@@ -485,7 +516,7 @@ impl Session {
                 self.probe(now, d);
             }
             if self.role == Role::Connector {
-                let tid = TransactionId::random();
+                let tid = transaction_id(&mut self.rng);
                 self.refreshes.push(tid);
                 if self.refreshes.len() > 16 {
                     self.refreshes.remove(0);
@@ -526,7 +557,7 @@ impl Session {
                 self.stats.data_sent_relayed += 1;
             }
             let m = PunchMessage::Data {
-                tid: TransactionId::random(),
+                tid: transaction_id(&mut self.rng),
                 session: self.id,
                 seq: Some(seq),
                 ack: self.rx.ack(),
@@ -538,7 +569,7 @@ impl Session {
         if self.ack_due {
             self.ack_due = false;
             let m = PunchMessage::Data {
-                tid: TransactionId::random(),
+                tid: transaction_id(&mut self.rng),
                 session: self.id,
                 seq: None,
                 ack: self.rx.ack(),
@@ -548,8 +579,11 @@ impl Session {
         }
     }
 
-    /// When [`Session::handle_timeout`] should run next.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`Session::handle_timeout`] should run next (`None` once it ended).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed || self.error.is_some() {
+            return None;
+        }
         let mut t = self.next_keepalive;
         if self.config.probe && self.direct.is_none() && self.probing(self.next_probe) {
             t = t.min(self.next_probe.max(self.start_at));
@@ -560,15 +594,26 @@ impl Session {
         if let Some(r) = self.tx.poll_timeout() {
             t = t.min(r);
         }
-        t.min(
+        Some(t.min(
             self.last_peer.max(self.punch_until) + self.config.peer_idle + Duration::from_millis(1),
-        )
+        ))
+    }
+
+    /// A hello on a new direct TCP stream: a PROBE, so the peer's session takes the stream as
+    /// its direct path when it arrives (see [`Session::handle_message`]).
+    pub fn hello(&mut self, peer: SocketAddr) {
+        let m = PunchMessage::Probe {
+            tid: transaction_id(&mut self.rng),
+            session: self.id,
+        };
+        self.send(peer, &m);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("addr")
@@ -605,8 +650,12 @@ mod tests {
                 Role::Connector,
                 cfg,
                 sa(SERVER),
-                Duration::from_millis(20),
-                vec![b_addr],
+                PunchPlan {
+                    local: a_addr,
+                    start_in: Duration::from_millis(20),
+                    targets: vec![b_addr],
+                },
+                StdRng::seed_from_u64(1),
             );
             let b = Session::new(
                 now,
@@ -614,8 +663,12 @@ mod tests {
                 Role::Listener,
                 cfg,
                 sa(SERVER),
-                Duration::from_millis(20),
-                vec![a_addr],
+                PunchPlan {
+                    local: b_addr,
+                    start_in: Duration::from_millis(20),
+                    targets: vec![a_addr],
+                },
+                StdRng::seed_from_u64(2),
             );
             Self {
                 a,
@@ -637,7 +690,12 @@ mod tests {
                 self.a.handle_timeout(now);
                 self.b.handle_timeout(now);
                 for _ in 0..4 {
-                    while let Some((to, bytes)) = self.a.poll_transmit() {
+                    while let Some(Transmit {
+                        destination: to,
+                        payload: bytes,
+                        ..
+                    }) = self.a.poll_transmit()
+                    {
                         let m = PunchMessage::decode(&bytes).expect("decode");
                         if to == sa(SERVER) {
                             match m {
@@ -655,7 +713,12 @@ mod tests {
                             self.b.handle_message(now, self.a_addr, m);
                         }
                     }
-                    while let Some((to, bytes)) = self.b.poll_transmit() {
+                    while let Some(Transmit {
+                        destination: to,
+                        payload: bytes,
+                        ..
+                    }) = self.b.poll_transmit()
+                    {
                         let m = PunchMessage::decode(&bytes).expect("decode");
                         if to == sa(SERVER) {
                             if let m @ (PunchMessage::Data { .. } | PunchMessage::Close { .. }) = m
@@ -782,8 +845,12 @@ mod tests {
             Role::Listener,
             cfg,
             sa(SERVER),
-            Duration::ZERO,
-            vec![peer],
+            PunchPlan {
+                local: sa("10.0.0.1:4000"),
+                start_in: Duration::ZERO,
+                targets: vec![peer],
+            },
+            StdRng::seed_from_u64(1),
         );
         s.handle_timeout(now);
         assert!(s.poll_transmit().is_none(), "no probes over tcp");
@@ -821,7 +888,12 @@ mod tests {
         while p.a.error().is_none() {
             now += Duration::from_millis(10);
             p.a.handle_timeout(now);
-            while let Some((to, b)) = p.a.poll_transmit() {
+            while let Some(Transmit {
+                destination: to,
+                payload: b,
+                ..
+            }) = p.a.poll_transmit()
+            {
                 if to == sa(SERVER) {
                     if let Ok(PunchMessage::Refresh { tid, .. }) = PunchMessage::decode(&b) {
                         p.a.handle_message(now, to, PunchMessage::RefreshOk { tid });
@@ -856,11 +928,16 @@ mod tests {
             Role::Connector,
             SessionConfig::default(),
             sa(SERVER),
-            Duration::ZERO,
-            vec![sa("203.0.113.2:5000")],
+            PunchPlan {
+                local: sa("10.0.0.1:4000"),
+                start_in: Duration::ZERO,
+                targets: vec![sa("203.0.113.2:5000")],
+            },
+            StdRng::seed_from_u64(1),
         );
         s.handle_timeout(now);
-        let (to, bytes) = s.poll_transmit().expect("probe");
+        let t = s.poll_transmit().expect("probe");
+        let (to, bytes) = (t.destination, t.payload);
         let PunchMessage::Probe { tid, session } = PunchMessage::decode(&bytes).expect("decode")
         else {
             panic!("not a probe");
@@ -892,8 +969,12 @@ mod tests {
             Role::Listener,
             SessionConfig::default(),
             sa(SERVER),
-            Duration::ZERO,
-            vec![sa("203.0.113.2:5000")],
+            PunchPlan {
+                local: sa("10.0.0.1:4000"),
+                start_in: Duration::ZERO,
+                targets: vec![sa("203.0.113.2:5000")],
+            },
+            StdRng::seed_from_u64(1),
         );
         let prflx = sa("203.0.113.2:31337");
         s.handle_message(
@@ -905,9 +986,12 @@ mod tests {
             },
         );
         let out: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
-        assert!(out.iter().any(|(to, b)| *to == prflx && matches!(PunchMessage::decode(b), Ok(PunchMessage::ProbeOk { mapped, .. }) if mapped == prflx)));
-        assert!(out.iter().any(|(to, b)| *to == prflx
-            && matches!(PunchMessage::decode(b), Ok(PunchMessage::Probe { .. }))));
+        assert!(out.iter().any(|t| t.destination == prflx && matches!(PunchMessage::decode(&t.payload), Ok(PunchMessage::ProbeOk { mapped, .. }) if mapped == prflx)));
+        assert!(out.iter().any(|t| t.destination == prflx
+            && matches!(
+                PunchMessage::decode(&t.payload),
+                Ok(PunchMessage::Probe { .. })
+            )));
         assert!(s.targets().contains(&prflx));
     }
 }

@@ -1,0 +1,684 @@
+//! The connecting peer of `natscope punch connect`, as a state machine with no I/O: CONNECT to
+//! the rendezvous server (retransmitted until answered), then one [`Session`] toward the listener
+//! carrying `messages` numbered application messages that the listener echoes, and finally the
+//! [`ConnectReport`]: which path carried the data, how fast, and whether the echoes came back
+//! complete, once each, in order.
+//!
+//! Inputs: [`Connector::start`] (once the driver has its socket and, with prediction, its
+//! measured ports), [`Connector::handle_datagram`], [`Connector::handle_timeout`] and, over TCP,
+//! the `handle_stream_*` reports of the direct streams the machine asked for. Outputs:
+//! [`Connector::poll_transmit`], [`Connector::poll_stream`], [`Connector::poll_timeout`] and the
+//! final [`Connector::poll_outcome`]. Randomness (transaction ids, birthday ports) comes from the
+//! generator it is built with.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::codec::{code, PeerInfo, PunchMessage};
+use super::peer::{
+    birthday_targets, ms, session_config, targets, DirectStreams, PeerMachine, Prediction,
+    PunchError, Request, StreamCommand, PREDICT_STEPS,
+};
+use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
+use super::{transaction_id, SessionId, Transport};
+use crate::net::Transmit;
+
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    pub id: String,
+    pub server: SocketAddr,
+    pub transport: Transport,
+    pub relay_first: bool,
+    pub predict: bool,
+    /// Birthday technique: probe up to this many random ports of the peer's IP (0: off).
+    pub birthday: usize,
+    pub messages: u64,
+    /// Pause between application messages (0: send as fast as the window allows).
+    pub interval: Duration,
+    /// Bound on the whole connect.
+    pub timeout: Duration,
+    pub punch_window: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            server: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), super::DEFAULT_PORT),
+            transport: Transport::Udp,
+            relay_first: false,
+            predict: false,
+            birthday: 0,
+            messages: 20,
+            interval: Duration::ZERO,
+            timeout: Duration::from_secs(5),
+            punch_window: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Most random ports the birthday technique may add (and so, with the punch window, the bound
+/// on packets it sends: `birthday × rounds`).
+pub const MAX_BIRTHDAY: usize = 256;
+
+/// Details of how the connection was made (`attempts` in the JSON).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Attempts {
+    pub session: Option<String>,
+    /// From the start to the server's answer to CONNECT.
+    pub rendezvous_ms: Option<f64>,
+    pub reflexive: Option<String>,
+    pub peer_reflexive: Option<String>,
+    pub peer_candidates: Vec<String>,
+    pub punch_window_ms: f64,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    /// Round trip of the probe that found the direct path.
+    pub probe_rtt_ms: Option<f64>,
+    /// Upper bound on probe packets this connect could send (targets × rounds).
+    pub probe_packet_bound: u64,
+    pub tcp_connect_attempts: u32,
+    /// The direct TCP stream was the peer's connection, accepted on our registered port.
+    pub tcp_accepted: bool,
+    pub predict: Option<Prediction>,
+    /// The allocation delta the listener registered (we probe ahead of its port).
+    pub peer_port_delta: Option<i32>,
+    pub birthday_ports: usize,
+    pub data_sent_direct: u64,
+    pub data_sent_relayed: u64,
+    pub echoes_received_direct: u64,
+    pub echoes_received_relayed: u64,
+    pub retransmissions: u64,
+    pub duplicates_dropped: u64,
+    pub server_lost: bool,
+    pub error: Option<String>,
+}
+
+/// The connect report: the `natscope.punch/v1` document.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectReport {
+    pub schema: &'static str,
+    pub transport: Transport,
+    /// What carried the data at the end: `direct`, `relayed`, or `failed` (no data flowed or
+    /// the session broke).
+    pub path: &'static str,
+    pub local: String,
+    pub peer: Option<String>,
+    pub time_to_first_byte_ms: Option<f64>,
+    pub time_to_direct_ms: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub messages_sent: u64,
+    pub messages_echoed: u64,
+    /// The echoes came back in exactly the order sent, each once (checked on the numbers the
+    /// listener echoed, not on our own sequence numbers).
+    pub in_order: bool,
+    pub switched_to_direct: bool,
+    pub attempts: Attempts,
+}
+
+impl ConnectReport {
+    /// The session error, if the session failed after it started.
+    pub fn failed(&self) -> bool {
+        self.path == "failed" || self.messages_echoed < self.messages_sent
+    }
+}
+
+/// Application message `i`: its number, big-endian, so the echo can be checked for order.
+pub fn app_message(i: u64) -> Vec<u8> {
+    let mut m = b"natscope-punch ".to_vec();
+    m.extend_from_slice(&i.to_be_bytes());
+    m
+}
+
+fn app_number(m: &[u8]) -> Option<u64> {
+    let rest = m.strip_prefix(b"natscope-punch ")?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+/// The session and the application stream over it.
+#[derive(Debug)]
+struct Running {
+    session: Session,
+    peer: PeerInfo,
+    pushed: u64,
+    next_push: Instant,
+    echoed: HashSet<u64>,
+    expect_next: u64,
+    in_order: bool,
+    first_byte: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for [`Connector::start`].
+    Idle,
+    Rendezvous(Request),
+    Session(Box<Running>),
+    Done,
+}
+
+/// One `punch connect`, from CONNECT to the report.
+#[derive(Debug)]
+pub struct Connector {
+    opts: ConnectOptions,
+    rng: StdRng,
+    started: Instant,
+    deadline: Instant,
+    local: SocketAddr,
+    attempts: Attempts,
+    phase: Phase,
+    out: VecDeque<Transmit<SocketAddr>>,
+    streams: DirectStreams,
+    outcome: Option<Result<ConnectReport, PunchError>>,
+}
+
+impl Connector {
+    /// A connect that began at `started` (its timeout and report times count from there).
+    pub fn new(started: Instant, opts: ConnectOptions, rng: StdRng) -> Self {
+        let attempts = Attempts {
+            punch_window_ms: ms(opts.punch_window),
+            ..Attempts::default()
+        };
+        Self {
+            deadline: started + opts.timeout,
+            local: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            opts,
+            rng,
+            started,
+            attempts,
+            phase: Phase::Idle,
+            out: VecDeque::new(),
+            streams: DirectStreams::default(),
+            outcome: None,
+        }
+    }
+
+    /// Sends CONNECT from `local` (the socket every datagram of this connect uses; over TCP the
+    /// registered port). `prediction`: this side's measured allocation (UDP, `--predict`).
+    pub fn start(&mut self, now: Instant, local: SocketAddr, prediction: Option<Prediction>) {
+        if !matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        self.local = local;
+        let port_delta = prediction.as_ref().and_then(|p| p.delta);
+        self.attempts.predict = prediction;
+        let req = PunchMessage::Connect {
+            tid: transaction_id(&mut self.rng),
+            target: self.opts.id.clone(),
+            candidates: vec![local],
+            port_delta,
+            punch_window_ms: Some(self.opts.punch_window.as_millis().min(60_000) as u32),
+        };
+        let wait = self
+            .deadline
+            .saturating_duration_since(now)
+            .min(Duration::from_secs(2));
+        match Request::new(now, &req, wait, self.opts.transport) {
+            Some(r) => {
+                self.phase = Phase::Rendezvous(r);
+                self.handle_timeout(now);
+            }
+            None => self.fail(PunchError::Refused(
+                self.opts.server,
+                "the connect request cannot be encoded".into(),
+            )),
+        }
+    }
+
+    /// The report (or why the connect could not start) once it is over; taken once.
+    pub fn poll_outcome(&mut self) -> Option<Result<ConnectReport, PunchError>> {
+        self.outcome.take()
+    }
+
+    /// The connect is over (its outcome may already have been taken).
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn send(&mut self, destination: SocketAddr, payload: Vec<u8>) {
+        self.out.push_back(Transmit {
+            source: self.local,
+            destination,
+            payload,
+        });
+    }
+
+    fn fail(&mut self, e: PunchError) {
+        self.phase = Phase::Done;
+        self.outcome = Some(Err(e));
+    }
+
+    fn rendezvous_answer(&mut self, now: Instant, m: PunchMessage) {
+        let server = self.opts.server;
+        let (session_id, mapped, peer, start_in) = match m {
+            PunchMessage::ConnectOk {
+                session,
+                mapped,
+                peer,
+                start_in_ms,
+                ..
+            } => (
+                session,
+                mapped,
+                peer,
+                Duration::from_millis(u64::from(start_in_ms).min(2000)),
+            ),
+            PunchMessage::Error { code: c, .. } if c == code::UNKNOWN_PEER => {
+                let e = PunchError::UnknownPeer(self.opts.id.clone(), server, self.opts.transport);
+                return self.fail(e);
+            }
+            PunchMessage::Error {
+                code: c, reason, ..
+            } => return self.fail(PunchError::Refused(server, format!("{c} {reason}"))),
+            _ => return self.fail(PunchError::Refused(server, "unexpected answer".into())),
+        };
+        let a = &mut self.attempts;
+        a.session = Some(session_id.to_string());
+        a.rendezvous_ms = Some(ms(now - self.started));
+        a.reflexive = Some(mapped.to_string());
+        a.peer_reflexive = Some(peer.reflexive.to_string());
+        a.peer_candidates = peer.candidates.iter().map(|c| c.to_string()).collect();
+        let opts = &self.opts;
+        let plan = PunchPlan {
+            local: self.local,
+            start_in,
+            targets: targets(&peer),
+        };
+        let session_rng = StdRng::seed_from_u64(self.rng.gen());
+        let mut s = Session::new(
+            now,
+            session_id,
+            Role::Connector,
+            session_config(opts.transport, opts.relay_first, opts.punch_window),
+            server,
+            plan,
+            session_rng,
+        );
+        if opts.transport == Transport::Udp {
+            let birthday = opts.birthday.min(MAX_BIRTHDAY);
+            let bday = birthday_targets(&peer, birthday, &mut self.rng);
+            a.birthday_ports = bday.len();
+            // Birthday ports go past MAX_TARGETS on purpose, but stay bounded by MAX_BIRTHDAY.
+            s.add_targets_capped(bday, MAX_TARGETS + MAX_BIRTHDAY);
+            // Rounds every 50 ms in the window; relay-first keeps probing every 250 ms after it.
+            let mut rounds = (opts.punch_window.as_millis() / 50).max(1) as u64;
+            if opts.relay_first {
+                rounds += (opts.timeout.saturating_sub(opts.punch_window).as_millis() / 250) as u64;
+            }
+            a.probe_packet_bound = (MAX_TARGETS + birthday) as u64 * rounds;
+        } else {
+            let start = now + start_in;
+            self.streams
+                .open(session_id, peer.reflexive, start, start + opts.punch_window);
+        }
+        if let Some(p) = a.predict.as_mut() {
+            // The peer probes this many ports ahead of our server-reflexive port.
+            p.predicted_ports = if p.delta.is_some() {
+                PREDICT_STEPS as usize
+            } else {
+                0
+            };
+        }
+        a.peer_port_delta = peer.port_delta;
+        self.phase = Phase::Session(Box::new(Running {
+            session: s,
+            peer,
+            pushed: 0,
+            next_push: now,
+            echoed: HashSet::new(),
+            expect_next: 0,
+            in_order: true,
+            first_byte: None,
+        }));
+        self.step(now, None);
+    }
+
+    /// Pushes due messages, runs the session, takes its echoes, and ends the connect when every
+    /// echo is in, the session failed, the deadline passed, or `error` says it must end.
+    fn step(&mut self, now: Instant, error: Option<String>) {
+        let Phase::Session(run) = &mut self.phase else {
+            return;
+        };
+        let n = self.opts.messages;
+        let mut error = error;
+        if error.is_none() {
+            while run.pushed < n && now >= run.next_push {
+                run.session.push(app_message(run.pushed));
+                run.pushed += 1;
+                run.next_push += self.opts.interval;
+            }
+            run.session.handle_timeout(now);
+            self.out
+                .extend(std::iter::from_fn(|| run.session.poll_transmit()));
+            while let Some(m) = run.session.poll_deliver() {
+                run.first_byte.get_or_insert(now);
+                match app_number(&m) {
+                    Some(i) if i < run.pushed => {
+                        if i != run.expect_next || !run.echoed.insert(i) {
+                            run.in_order = false;
+                        }
+                        run.expect_next = i + 1;
+                    }
+                    _ => run.in_order = false,
+                }
+            }
+            if run.echoed.len() as u64 != n {
+                if let Some(e) = run.session.error() {
+                    error = Some(e.to_string());
+                } else if now >= self.deadline {
+                    error = Some(format!(
+                        "timed out after {:?} with {} of {n} messages echoed",
+                        self.opts.timeout,
+                        run.echoed.len()
+                    ));
+                } else {
+                    return;
+                }
+            }
+        }
+        self.finish(error);
+    }
+
+    fn finish(&mut self, error: Option<String>) {
+        let Phase::Session(run) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        let mut run = *run;
+        let s = &mut run.session;
+        // Tell the peer (and the server) the session is over; best effort.
+        s.close();
+        self.out.extend(std::iter::from_fn(|| s.poll_transmit()));
+        let st = s.stats();
+        let route = s.route();
+        let direct = route.is_some_and(Route::is_direct);
+        let a = &mut self.attempts;
+        a.probes_sent = st.probes_sent;
+        a.probes_answered = st.probes_answered;
+        a.probe_rtt_ms = st.probe_rtt.map(ms);
+        a.data_sent_direct = st.data_sent_direct;
+        a.data_sent_relayed = st.data_sent_relayed;
+        a.echoes_received_direct = st.data_received_direct;
+        a.echoes_received_relayed = st.data_received_relayed;
+        a.retransmissions = st.retransmissions;
+        a.duplicates_dropped = st.duplicates_dropped;
+        a.server_lost = st.server_lost;
+        a.error = error.clone();
+        // The path's RTT: the smallest send-to-ack time of a message never retransmitted on the
+        // final path (the smallest, because a burst of messages queues behind itself).
+        let rtt = st
+            .rtt_samples
+            .iter()
+            .filter(|(d, _)| *d == direct)
+            .map(|(_, r)| *r)
+            .min()
+            .or(if direct { st.probe_rtt } else { None });
+        let path = if error.is_some() || run.echoed.is_empty() {
+            "failed"
+        } else if direct {
+            "direct"
+        } else {
+            "relayed"
+        };
+        let peer = match route {
+            Some(Route::Direct(a)) => Some(a.to_string()),
+            _ if path != "failed" => Some(run.peer.reflexive.to_string()),
+            _ => None,
+        };
+        let t0 = self.started;
+        let echoed = run.echoed.len() as u64;
+        self.outcome = Some(Ok(ConnectReport {
+            schema: "natscope.punch/v1",
+            transport: self.opts.transport,
+            path,
+            local: self.local.to_string(),
+            peer,
+            time_to_first_byte_ms: run.first_byte.map(|t| ms(t - t0)),
+            time_to_direct_ms: s.direct_at().map(|t| ms(t - t0)),
+            rtt_ms: rtt.map(ms),
+            messages_sent: run.pushed,
+            messages_echoed: echoed,
+            in_order: run.in_order && run.expect_next == echoed,
+            switched_to_direct: s.switched_to_direct(),
+            attempts: std::mem::take(&mut self.attempts),
+        }));
+    }
+}
+
+impl PeerMachine for Connector {
+    fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
+        self.out.pop_front()
+    }
+
+    fn poll_stream(&mut self) -> Option<StreamCommand> {
+        self.streams.poll()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Idle | Phase::Done => None,
+            Phase::Rendezvous(r) => Some(r.poll_timeout()),
+            Phase::Session(run) => {
+                let mut wake = run
+                    .session
+                    .poll_timeout()
+                    .map_or(self.deadline, |t| t.min(self.deadline));
+                if run.pushed < self.opts.messages {
+                    wake = wake.min(run.next_push);
+                }
+                Some(wake)
+            }
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Rendezvous(r) => match r.poll(now) {
+                Ok(Some(bytes)) => self.send(self.opts.server, bytes),
+                Ok(None) => {}
+                Err(wait) => {
+                    self.fail(PunchError::Unreachable(
+                        self.opts.server,
+                        self.opts.transport,
+                        wait,
+                    ));
+                }
+            },
+            Phase::Session(_) => self.step(now, None),
+            Phase::Idle | Phase::Done => {}
+        }
+    }
+
+    /// A datagram (UDP) or a framed message (TCP) from `from`.
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Ok(m) = PunchMessage::decode(bytes) else {
+            if matches!(self.phase, Phase::Session(_)) {
+                self.step(now, None);
+            }
+            return;
+        };
+        match &mut self.phase {
+            Phase::Rendezvous(r) => {
+                // Anything but the answer (from the server, with our transaction id) is dropped.
+                if from == self.opts.server && r.answered_by(&m) {
+                    self.rendezvous_answer(now, m);
+                }
+            }
+            Phase::Session(run) => {
+                run.session.handle_message(now, from, m);
+                self.step(now, None);
+            }
+            Phase::Idle | Phase::Done => {}
+        }
+    }
+
+    /// The driver's attempts opened a direct TCP stream to `peer` (it now sends there): say hello
+    /// on it; it is the direct path once the peer answers on it.
+    fn handle_stream_up(
+        &mut self,
+        now: Instant,
+        _session: SessionId,
+        peer: SocketAddr,
+        attempts: u32,
+    ) {
+        self.attempts.tcp_connect_attempts += attempts;
+        if let Phase::Session(run) = &mut self.phase {
+            run.session.hello(peer);
+            self.step(now, None);
+        }
+    }
+
+    /// The driver's attempts to open the direct stream ran out of window.
+    fn handle_stream_failed(&mut self, _now: Instant, attempts: u32) {
+        self.attempts.tcp_connect_attempts += attempts;
+    }
+
+    /// Our registered port accepted a connection from `peer`: whether the driver should take it
+    /// as the session's direct stream (else it drops it).
+    fn handle_accepted(&mut self, now: Instant, peer: SocketAddr) -> bool {
+        let Phase::Session(run) = &mut self.phase else {
+            return false;
+        };
+        // Only from the address the server saw the peer at: the same rule as a connected socket
+        // (see docs/punch.md), so outcomes do not depend on timing.
+        let adopt =
+            peer == run.peer.reflexive && !run.session.route().is_some_and(Route::is_direct);
+        if adopt {
+            self.attempts.tcp_accepted = true;
+            self.streams.stop(run.session.id());
+            self.step(now, None);
+        }
+        adopt
+    }
+
+    /// A TCP stream (to the server or to the peer) closed.
+    fn handle_stream_down(&mut self, now: Instant, addr: SocketAddr) {
+        let server = self.opts.server;
+        match &mut self.phase {
+            Phase::Rendezvous(_) if addr == server => self.fail(PunchError::ServerClosed(server)),
+            Phase::Session(run) => {
+                let s = &mut run.session;
+                if addr == server {
+                    if !s.route().is_some_and(Route::is_direct) {
+                        let e = PunchError::ServerClosed(server).to_string();
+                        return self.step(now, Some(e));
+                    }
+                } else if s.route() == Some(Route::Direct(addr))
+                    && run.echoed.len() as u64 != self.opts.messages
+                {
+                    s.abort(SessionError::PeerConnectionClosed);
+                    let e = s.error().map(|e| e.to_string());
+                    return self.step(now, e);
+                } else if s.direct_at().is_none() {
+                    self.streams.retry(now, addr);
+                }
+                self.step(now, None);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    const SERVER: &str = "198.51.100.1:3490";
+    const PEER: &str = "203.0.113.2:5000";
+
+    /// A TCP connector whose CONNECT the server answered at `t0`.
+    fn in_session(t0: Instant) -> Connector {
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            transport: Transport::Tcp,
+            messages: 3,
+            ..ConnectOptions::default()
+        };
+        let mut c = Connector::new(t0, opts, StdRng::seed_from_u64(1));
+        c.start(t0, sa("10.1.0.2:4000"), None);
+        let req = c.poll_transmit().expect("connect");
+        let tid = PunchMessage::decode(&req.payload).expect("decode").tid();
+        let ok = PunchMessage::ConnectOk {
+            tid,
+            session: SessionId(9),
+            mapped: sa("203.0.113.1:4000"),
+            peer: PeerInfo {
+                reflexive: sa(PEER),
+                candidates: vec![],
+                port_delta: None,
+                punch_window_ms: None,
+            },
+            start_in_ms: 20,
+        };
+        c.handle_datagram(t0, sa(SERVER), &ok.to_vec().expect("enc"));
+        c
+    }
+
+    #[test]
+    fn over_tcp_only_the_peers_reflexive_address_is_accepted() {
+        let t0 = Instant::now();
+        let mut c = in_session(t0);
+        assert!(
+            matches!(c.poll_stream(), Some(StreamCommand::Open { peer, .. }) if peer == sa(PEER))
+        );
+        assert!(!c.handle_accepted(t0, sa("203.0.113.2:5001")));
+        assert!(c.handle_accepted(t0, sa(PEER)));
+        assert_eq!(
+            c.poll_stream(),
+            Some(StreamCommand::Stop {
+                session: SessionId(9)
+            })
+        );
+    }
+
+    #[test]
+    fn the_server_connection_closing_fails_a_session_without_a_direct_path() {
+        let t0 = Instant::now();
+        let mut c = in_session(t0);
+        c.handle_stream_down(t0 + Duration::from_millis(5), sa(SERVER));
+        let Some(Ok(r)) = c.poll_outcome() else {
+            panic!("no report");
+        };
+        assert_eq!(r.path, "failed");
+        assert!(r.failed());
+        let e = r.attempts.error.unwrap_or_default();
+        assert!(e.contains("closed the connection"), "{e}");
+        // The CLOSE goes to the server and the machine is done.
+        let close = std::iter::from_fn(|| c.poll_transmit())
+            .filter_map(|t| PunchMessage::decode(&t.payload).ok())
+            .any(|m| matches!(m, PunchMessage::Close { .. }));
+        assert!(close);
+        assert!(c.is_done() && c.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn an_unanswered_connect_is_unreachable_after_its_wait() {
+        let t0 = Instant::now();
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            ..ConnectOptions::default()
+        };
+        let mut c = Connector::new(t0, opts, StdRng::seed_from_u64(1));
+        c.start(t0, sa("10.1.0.2:4000"), None);
+        let mut sent = 0;
+        while let Some(t) = c.poll_timeout() {
+            sent += std::iter::from_fn(|| c.poll_transmit()).count();
+            c.handle_timeout(t);
+        }
+        assert_eq!(sent, 4, "sent at 0, 250, 750 and 1750 ms");
+        assert!(matches!(
+            c.poll_outcome(),
+            Some(Err(PunchError::Unreachable(_, Transport::Udp, w))) if w == Duration::from_secs(2)
+        ));
+    }
+}

@@ -1,0 +1,628 @@
+//! The listening peer of `natscope punch listen`, as a state machine with no I/O: REGISTER with
+//! the rendezvous server (retransmitted until answered), then serve every session the server
+//! introduces — concurrently, each a [`Session`] that echoes what it delivers — while
+//! re-registering every [`KEEPALIVE`] (which also restores the registration after a server
+//! restart) and noticing a server that stopped answering.
+//!
+//! The session table is bounded ([`MAX_LISTEN_SESSIONS`]) and INTRODUCE is idempotent: the
+//! server retransmits it until answered, so every copy is answered but only the first starts a
+//! session, and a late copy of an ended session's introduction (remembered, bounded) does not
+//! restart it.
+//!
+//! Inputs: [`Listener::start`], [`Listener::handle_datagram`], [`Listener::handle_timeout`],
+//! [`Listener::shutdown`] and, over TCP, the `handle_stream_*` reports. Outputs:
+//! [`Listener::poll_transmit`], [`Listener::poll_stream`], [`Listener::poll_event`] (what the
+//! CLI prints), [`Listener::poll_timeout`] and the final [`Listener::poll_outcome`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::codec::{method, PunchMessage};
+use super::peer::{
+    session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError, Request,
+    StreamCommand,
+};
+use super::session::{PunchPlan, Role, Route, Session};
+use super::{transaction_id, SessionId, Transport};
+use crate::net::Transmit;
+
+#[derive(Clone, Debug)]
+pub struct ListenOptions {
+    pub id: String,
+    pub server: SocketAddr,
+    pub transport: Transport,
+    /// Exit after serving this many sessions (`None`: forever).
+    pub count: Option<u64>,
+    /// Give up after this long (`None`: no limit).
+    pub timeout: Option<Duration>,
+    pub punch_window: Duration,
+    /// Port prediction: measure our allocation delta and register it, so connectors probe
+    /// ahead of our server-reflexive port.
+    pub predict: bool,
+}
+
+/// What the listener reports as it runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum ListenEvent {
+    Predicted {
+        measured_ports: Vec<u16>,
+        delta: Option<i32>,
+    },
+    Registered {
+        id: String,
+        transport: Transport,
+        local: String,
+        reflexive: String,
+    },
+    SessionStarted {
+        session: String,
+        peer: String,
+    },
+    SessionEnded {
+        session: String,
+        path: &'static str,
+        peer: Option<String>,
+        messages_echoed: u64,
+        switched_to_direct: bool,
+        error: Option<String>,
+    },
+}
+
+/// Sessions a listener serves at once (bounded memory); introductions beyond it are ignored and
+/// their connectors fail with "peer stopped answering".
+pub const MAX_LISTEN_SESSIONS: usize = 64;
+/// Ended sessions remembered, so a late INTRODUCE retransmission does not restart one.
+const RECENT_ENDED: usize = 1024;
+
+/// Keepalive (re-REGISTER) period; the server forgets a peer after about three missed ones.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for [`Listener::start`].
+    Idle,
+    Registering(Request),
+    Serving,
+    Done,
+}
+
+/// One `punch listen`, from REGISTER to UNREGISTER.
+#[derive(Debug)]
+pub struct Listener {
+    opts: ListenOptions,
+    rng: StdRng,
+    started: Instant,
+    local: SocketAddr,
+    port_delta: Option<i32>,
+    phase: Phase,
+    /// Live sessions and how many messages each echoed (ordered: deterministic transmit order).
+    sessions: BTreeMap<SessionId, (Session, u64)>,
+    ended: VecDeque<SessionId>,
+    served: u64,
+    next_keepalive: Instant,
+    last_server: Instant,
+    out: VecDeque<Transmit<SocketAddr>>,
+    events: VecDeque<ListenEvent>,
+    streams: DirectStreams,
+    outcome: Option<Result<u64, PunchError>>,
+}
+
+impl Listener {
+    /// A listener that began at `started` (its `timeout` counts from there).
+    pub fn new(started: Instant, opts: ListenOptions, rng: StdRng) -> Self {
+        Self {
+            opts,
+            rng,
+            started,
+            local: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            port_delta: None,
+            phase: Phase::Idle,
+            sessions: BTreeMap::new(),
+            ended: VecDeque::new(),
+            served: 0,
+            next_keepalive: started,
+            last_server: started,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            streams: DirectStreams::default(),
+            outcome: None,
+        }
+    }
+
+    /// Registers from `local` (the socket every datagram uses; over TCP the registered port).
+    /// `prediction`: this side's measured allocation (UDP, `--predict`), reported and registered.
+    pub fn start(&mut self, now: Instant, local: SocketAddr, prediction: Option<Prediction>) {
+        if !matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        self.local = local;
+        if let Some(p) = prediction {
+            self.port_delta = p.delta;
+            self.events.push_back(ListenEvent::Predicted {
+                measured_ports: p.measured_ports,
+                delta: p.delta,
+            });
+        }
+        let reg = self.register();
+        match Request::new(now, &reg, Duration::from_secs(2), self.opts.transport) {
+            Some(r) => {
+                self.phase = Phase::Registering(r);
+                self.handle_timeout(now);
+            }
+            None => self.finish(Err(PunchError::Refused(
+                self.opts.server,
+                "the registration cannot be encoded".into(),
+            ))),
+        }
+    }
+
+    fn register(&mut self) -> PunchMessage {
+        PunchMessage::Register {
+            tid: transaction_id(&mut self.rng),
+            id: self.opts.id.clone(),
+            candidates: vec![self.local],
+            port_delta: self.port_delta,
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<ListenEvent> {
+        self.events.pop_front()
+    }
+
+    /// How many sessions were served (`Ok`) or why the listener stopped; taken once.
+    pub fn poll_outcome(&mut self) -> Option<Result<u64, PunchError>> {
+        self.outcome.take()
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn send(&mut self, destination: SocketAddr, m: &PunchMessage) {
+        if let Ok(payload) = m.to_vec() {
+            self.out.push_back(Transmit {
+                source: self.local,
+                destination,
+                payload,
+            });
+        }
+    }
+
+    /// Stops serving: the driver's shutdown signal. Counts as success.
+    pub fn shutdown(&mut self) {
+        if !matches!(self.phase, Phase::Done) {
+            self.finish(Ok(self.served));
+        }
+    }
+
+    /// Ends the listener: stops pending direct opens and, once registered, unregisters (best
+    /// effort).
+    fn finish(&mut self, outcome: Result<u64, PunchError>) {
+        let registered = matches!(self.phase, Phase::Serving);
+        self.phase = Phase::Done;
+        for id in self.sessions.keys().copied().collect::<Vec<_>>() {
+            self.streams.stop(id);
+        }
+        if registered {
+            let bye = PunchMessage::Unregister {
+                tid: transaction_id(&mut self.rng),
+                id: self.opts.id.clone(),
+            };
+            let server = self.opts.server;
+            self.send(server, &bye);
+        }
+        self.outcome = Some(outcome);
+    }
+
+    fn registered(&mut self, now: Instant, m: PunchMessage) {
+        let server = self.opts.server;
+        match m {
+            PunchMessage::RegisterOk { mapped, .. } => {
+                self.events.push_back(ListenEvent::Registered {
+                    id: self.opts.id.clone(),
+                    transport: self.opts.transport,
+                    local: self.local.to_string(),
+                    reflexive: mapped.to_string(),
+                });
+                self.phase = Phase::Serving;
+                self.next_keepalive = now + KEEPALIVE;
+                self.last_server = now;
+                self.step(now);
+            }
+            PunchMessage::Error {
+                code: c, reason, ..
+            } => self.finish(Err(PunchError::Refused(server, format!("{c} {reason}")))),
+            _ => self.finish(Err(PunchError::Refused(server, "unexpected answer".into()))),
+        }
+    }
+
+    fn message(&mut self, now: Instant, from: SocketAddr, m: PunchMessage) {
+        if from == self.opts.server {
+            match m {
+                PunchMessage::RegisterOk { .. }
+                | PunchMessage::Error {
+                    method: method::REGISTER,
+                    ..
+                } => {
+                    self.last_server = now;
+                    return;
+                }
+                PunchMessage::Introduce {
+                    tid,
+                    session,
+                    peer,
+                    start_in_ms,
+                } => {
+                    self.last_server = now;
+                    // Every copy is answered, so the server stops retransmitting.
+                    self.send(from, &PunchMessage::IntroduceOk { tid, session });
+                    if self.sessions.contains_key(&session)
+                        || self.ended.contains(&session)
+                        || self.sessions.len() >= MAX_LISTEN_SESSIONS
+                    {
+                        return;
+                    }
+                    let start_in = Duration::from_millis(u64::from(start_in_ms).min(2000));
+                    // Punch as long as the connector does (bounded), else our default.
+                    let window = peer.punch_window_ms.map_or(self.opts.punch_window, |w| {
+                        Duration::from_millis(u64::from(w).clamp(50, 60_000))
+                    });
+                    let s = Session::new(
+                        now,
+                        session,
+                        Role::Listener,
+                        session_config(self.opts.transport, false, window),
+                        self.opts.server,
+                        PunchPlan {
+                            local: self.local,
+                            start_in,
+                            targets: targets(&peer),
+                        },
+                        StdRng::seed_from_u64(self.rng.gen()),
+                    );
+                    if self.opts.transport == Transport::Tcp {
+                        let start = now + start_in;
+                        self.streams
+                            .open(session, peer.reflexive, start, start + window);
+                    }
+                    self.events.push_back(ListenEvent::SessionStarted {
+                        session: session.to_string(),
+                        peer: peer.reflexive.to_string(),
+                    });
+                    self.sessions.insert(session, (s, 0));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if let Some(id) = m.session() {
+            if let Some((s, _)) = self.sessions.get_mut(&id) {
+                s.handle_message(now, from, m);
+            }
+        }
+    }
+
+    /// Runs every session (echoing what each delivered), retires the ended ones, keeps the
+    /// registration alive and decides whether the listener is done.
+    fn step(&mut self, now: Instant) {
+        let mut done = Vec::new();
+        for (id, (s, echoed)) in self.sessions.iter_mut() {
+            s.handle_timeout(now);
+            while let Some(m) = s.poll_deliver() {
+                // Echo exactly what was delivered, in delivery order.
+                s.push(m);
+                *echoed += 1;
+            }
+            s.handle_timeout(now);
+            self.out.extend(std::iter::from_fn(|| s.poll_transmit()));
+            if s.is_closed() || s.error().is_some() {
+                done.push(*id);
+            }
+        }
+        for id in done {
+            let Some((s, echoed)) = self.sessions.remove(&id) else {
+                continue;
+            };
+            let path = match s.route() {
+                Some(Route::Direct(_)) => "direct",
+                Some(Route::Relay) => "relayed",
+                None => "failed",
+            };
+            self.events.push_back(ListenEvent::SessionEnded {
+                session: id.to_string(),
+                path,
+                peer: match s.route() {
+                    Some(Route::Direct(a)) => Some(a.to_string()),
+                    _ => None,
+                },
+                messages_echoed: echoed,
+                switched_to_direct: s.switched_to_direct(),
+                error: s.error().map(|e| e.to_string()),
+            });
+            if self.ended.len() == RECENT_ENDED {
+                self.ended.pop_front();
+            }
+            self.ended.push_back(id);
+            self.served += 1;
+        }
+        if self.opts.count.is_some_and(|c| self.served >= c) {
+            return self.finish(Ok(self.served));
+        }
+        if let Some(t) = self.opts.timeout {
+            if now >= self.started + t {
+                let e = PunchError::ListenTimeout(t, self.served, self.opts.count.unwrap_or(0));
+                return self.finish(Err(e));
+            }
+        }
+        if now >= self.next_keepalive {
+            // Re-registering is the keepalive; it also re-creates the entry after a server restart.
+            let r = self.register();
+            let server = self.opts.server;
+            self.send(server, &r);
+            self.next_keepalive = now + KEEPALIVE;
+        }
+        let server_idle = KEEPALIVE * 3 + Duration::from_millis(500);
+        if now.saturating_duration_since(self.last_server) > server_idle {
+            let e = PunchError::ServerGone(self.opts.server, now - self.last_server);
+            self.finish(Err(e));
+        }
+    }
+}
+
+impl PeerMachine for Listener {
+    fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
+        self.out.pop_front()
+    }
+
+    fn poll_stream(&mut self) -> Option<StreamCommand> {
+        self.streams.poll()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Idle | Phase::Done => None,
+            Phase::Registering(r) => Some(r.poll_timeout()),
+            Phase::Serving => {
+                let mut wake = self.next_keepalive;
+                for t in self.sessions.values().filter_map(|(s, _)| s.poll_timeout()) {
+                    wake = wake.min(t);
+                }
+                if let Some(t) = self.opts.timeout {
+                    wake = wake.min(self.started + t);
+                }
+                Some(wake)
+            }
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Registering(r) => match r.poll(now) {
+                Ok(Some(payload)) => self.out.push_back(Transmit {
+                    source: self.local,
+                    destination: self.opts.server,
+                    payload,
+                }),
+                Ok(None) => {}
+                Err(wait) => self.finish(Err(PunchError::Unreachable(
+                    self.opts.server,
+                    self.opts.transport,
+                    wait,
+                ))),
+            },
+            Phase::Serving => self.step(now),
+            Phase::Idle | Phase::Done => {}
+        }
+    }
+
+    /// A datagram (UDP) or a framed message (TCP) from `from`.
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let m = PunchMessage::decode(bytes);
+        match &self.phase {
+            Phase::Registering(r) => {
+                // Anything but the answer (from the server, with our transaction id) is dropped.
+                if let Ok(m) = m {
+                    if from == self.opts.server && r.answered_by(&m) {
+                        self.registered(now, m);
+                    }
+                }
+            }
+            Phase::Serving => {
+                if let Ok(m) = m {
+                    self.message(now, from, m);
+                }
+                self.step(now);
+            }
+            Phase::Idle | Phase::Done => {}
+        }
+    }
+
+    /// The driver's attempts opened a direct TCP stream for `session` to `peer`: say hello on it.
+    fn handle_stream_up(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        peer: SocketAddr,
+        _attempts: u32,
+    ) {
+        if let Some((s, _)) = self.sessions.get_mut(&session) {
+            s.hello(peer);
+        }
+        if matches!(self.phase, Phase::Serving) {
+            self.step(now);
+        }
+    }
+
+    /// Our registered port accepted a connection from `peer`: whether the driver should take it
+    /// as a session's direct stream — the session whose peer the server saw at that address and
+    /// that has no direct path yet (else the driver drops it).
+    fn handle_accepted(&mut self, now: Instant, peer: SocketAddr) -> bool {
+        let owner = self
+            .sessions
+            .iter()
+            .find(|(_, (s, _))| {
+                s.targets().first() == Some(&peer) && !s.route().is_some_and(Route::is_direct)
+            })
+            .map(|(id, _)| *id);
+        let Some(id) = owner else {
+            return false;
+        };
+        self.streams.stop(id);
+        if matches!(self.phase, Phase::Serving) {
+            self.step(now);
+        }
+        true
+    }
+
+    /// A TCP stream (to the server or to a peer) closed.
+    fn handle_stream_down(&mut self, now: Instant, addr: SocketAddr) {
+        if matches!(self.phase, Phase::Done | Phase::Idle) {
+            return;
+        }
+        if addr == self.opts.server {
+            return self.finish(Err(PunchError::ServerClosed(self.opts.server)));
+        }
+        let unconfirmed = self
+            .sessions
+            .values()
+            .any(|(s, _)| s.targets().first() == Some(&addr) && s.direct_at().is_none());
+        if unconfirmed {
+            self.streams.retry(now, addr);
+        }
+        if matches!(self.phase, Phase::Serving) {
+            self.step(now);
+        }
+    }
+
+    fn handle_stream_failed(&mut self, _now: Instant, _attempts: u32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::punch::codec::PeerInfo;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    const SERVER: &str = "198.51.100.1:3490";
+
+    /// A TCP listener registered at `t0`, as its driver would see it.
+    fn registered(t0: Instant) -> Listener {
+        let opts = ListenOptions {
+            id: "bob".into(),
+            server: sa(SERVER),
+            transport: Transport::Tcp,
+            count: None,
+            timeout: None,
+            punch_window: Duration::from_millis(1500),
+            predict: false,
+        };
+        let mut l = Listener::new(t0, opts, StdRng::seed_from_u64(1));
+        l.start(t0, sa("10.1.0.2:4000"), None);
+        let reg = l.poll_transmit().expect("register");
+        assert_eq!(reg.destination, sa(SERVER));
+        let tid = PunchMessage::decode(&reg.payload).expect("decode").tid();
+        let ok = PunchMessage::RegisterOk {
+            tid,
+            mapped: sa("203.0.113.1:4000"),
+        };
+        l.handle_datagram(t0, sa(SERVER), &ok.to_vec().expect("enc"));
+        assert!(matches!(
+            l.poll_event(),
+            Some(ListenEvent::Registered { .. })
+        ));
+        l
+    }
+
+    fn introduce(l: &mut Listener, now: Instant, session: SessionId, peer: SocketAddr) {
+        let m = PunchMessage::Introduce {
+            tid: transaction_id(&mut StdRng::seed_from_u64(session.0)),
+            session,
+            peer: PeerInfo {
+                reflexive: peer,
+                candidates: vec![],
+                port_delta: None,
+                punch_window_ms: Some(1000),
+            },
+            start_in_ms: 20,
+        };
+        l.handle_datagram(now, sa(SERVER), &m.to_vec().expect("enc"));
+    }
+
+    #[test]
+    fn over_tcp_the_listener_asks_for_streams_and_keeps_only_the_peers() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        let (s, peer) = (SessionId(7), sa("203.0.113.2:5000"));
+        introduce(&mut l, t0, s, peer);
+        let start = t0 + Duration::from_millis(20);
+        let until = start + Duration::from_millis(1000);
+        let open = StreamCommand::Open {
+            session: s,
+            peer,
+            start,
+            until,
+        };
+        assert_eq!(l.poll_stream(), Some(open));
+        assert_eq!(l.poll_stream(), None);
+        // A stream that closes before it carried the session is tried again, in its window.
+        let now = t0 + Duration::from_millis(100);
+        l.handle_stream_down(now, peer);
+        let retry = StreamCommand::Open {
+            session: s,
+            peer,
+            start: now + Duration::from_millis(40),
+            until,
+        };
+        assert_eq!(l.poll_stream(), Some(retry));
+        // Our attempts opened one: a hello PROBE of the session goes on it.
+        while l.poll_transmit().is_some() {}
+        l.handle_stream_up(now, s, peer, 1);
+        let hello = std::iter::from_fn(|| l.poll_transmit()).find(|t| t.destination == peer);
+        let hello = hello.map(|t| PunchMessage::decode(&t.payload).expect("decode"));
+        assert!(matches!(hello, Some(PunchMessage::Probe { session, .. }) if session == s));
+        // A connection accepted from anyone but the peer's server-reflexive address is refused;
+        // the peer's is taken and the attempts stop, and no retry follows after that.
+        assert!(!l.handle_accepted(now, sa("203.0.113.2:5001")));
+        assert!(l.handle_accepted(now, peer));
+        assert_eq!(l.poll_stream(), Some(StreamCommand::Stop { session: s }));
+        l.handle_stream_down(now, peer);
+        assert_eq!(l.poll_stream(), None);
+        // The server's connection closing ends the listener.
+        l.handle_stream_down(now, sa(SERVER));
+        assert!(matches!(
+            l.poll_outcome(),
+            Some(Err(PunchError::ServerClosed(_)))
+        ));
+    }
+
+    #[test]
+    fn a_full_session_table_ignores_introductions_but_answers_them() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        for i in 0..=MAX_LISTEN_SESSIONS as u64 {
+            introduce(&mut l, t0, SessionId(i + 1), sa("203.0.113.2:5000"));
+        }
+        let started = std::iter::from_fn(|| l.poll_event())
+            .filter(|e| matches!(e, ListenEvent::SessionStarted { .. }))
+            .count();
+        assert_eq!(started, MAX_LISTEN_SESSIONS);
+        let answers = std::iter::from_fn(|| l.poll_transmit())
+            .filter(|t| {
+                matches!(
+                    PunchMessage::decode(&t.payload),
+                    Ok(PunchMessage::IntroduceOk { .. })
+                )
+            })
+            .count();
+        assert_eq!(answers, MAX_LISTEN_SESSIONS + 1);
+    }
+}

@@ -1,0 +1,545 @@
+//! What the two peer machines — the [`Listener`](super::listener::Listener) and the
+//! [`Connector`](super::connector::Connector) — share: their error type, one request to the
+//! rendezvous server retransmitted until answered, port prediction's measurement
+//! ([`PortMeasurement`]), the addresses a session probes (the peer's candidates, ports predicted
+//! from its allocation delta, birthday ports), and the commands that
+//! ask a driver to open or stop a direct TCP stream (RFC 5382 simultaneous open needs the
+//! driver's sockets; when to try, and which stream to keep, are the machines' decisions).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::Serialize;
+
+use super::codec::{PeerInfo, PunchMessage};
+use super::session::SessionConfig;
+use super::{SessionId, Transport};
+use crate::client::{build_request, BindingResponse, RequestOptions};
+use crate::net::Transmit;
+use crate::stun::TransactionId;
+
+/// Errors of the punch peers. `exit_code` maps them onto natscope's 1/2 convention.
+#[derive(Debug, thiserror::Error)]
+pub enum PunchError {
+    #[error("rendezvous server {0} is unreachable over {1} (no answer within {2:?}); is `natscope punch serve` running there?")]
+    Unreachable(SocketAddr, Transport, Duration),
+    #[error("rendezvous server {0} is unreachable over tcp (connection refused); is `natscope punch serve` running there?")]
+    ConnectionRefused(SocketAddr),
+    #[error("rendezvous server {0} refused: {1}")]
+    Refused(SocketAddr, String),
+    #[error("no peer registered as `{0}` at {1} over {2}")]
+    UnknownPeer(String, SocketAddr, Transport),
+    #[error("rendezvous server {0} stopped answering (killed or unreachable) for {1:.1?}")]
+    ServerGone(SocketAddr, Duration),
+    #[error("rendezvous server {0} closed the connection")]
+    ServerClosed(SocketAddr),
+    #[error("gave up after {0:?} with {1} of {2} sessions served")]
+    ListenTimeout(Duration, u64, u64),
+    /// A socket error in the driver (the machines themselves never produce one).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl PunchError {
+    /// 1: the check ran and the session failed; 2: could not run (server unreachable, I/O).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PunchError::Unreachable(..)
+            | PunchError::ConnectionRefused(_)
+            | PunchError::Refused(..)
+            | PunchError::Io(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// How many predicted ports (peer_port + k·delta, k = 1..=PREDICT_STEPS) a peer probes.
+pub const PREDICT_STEPS: i32 = 16;
+
+/// Port prediction as measured by the driver: the mapped ports of fresh sockets, in the order
+/// they were opened, and the allocation delta they show.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Prediction {
+    pub measured_ports: Vec<u16>,
+    pub delta: Option<i32>,
+    /// How many ports the peer probes ahead of our server-reflexive port.
+    pub predicted_ports: usize,
+}
+
+impl Prediction {
+    /// The prediction from the mapped ports of consecutive fresh sockets (three, or fewer when
+    /// a measurement failed): a constant, small, non-zero difference is a sequential NAT's delta.
+    pub fn from_ports(measured_ports: Vec<u16>) -> Self {
+        let delta = match measured_ports[..] {
+            [a, b, c] => {
+                let d1 = i32::from(b) - i32::from(a);
+                let d2 = i32::from(c) - i32::from(b);
+                (d1 == d2 && d1 != 0 && d1.abs() <= 64).then_some(d1)
+            }
+            _ => None,
+        };
+        Self {
+            measured_ports,
+            delta,
+            predicted_ports: 0,
+        }
+    }
+}
+
+/// Fresh sockets port prediction measures with: three mapped ports give two differences.
+pub const MEASURE_SOCKETS: usize = 3;
+/// Each measuring socket's Binding request goes three times, 300 ms apart, and waits 300 ms after
+/// the last (900 ms in all).
+const MEASURE_RTO: Duration = Duration::from_millis(300);
+const MEASURE_TRANSMITS: u32 = 3;
+
+/// Port prediction's measurement (RFC 4787 §4.1, port assignment), as a machine with no I/O:
+/// fresh sockets, one after another, send the rendezvous server a Binding request (RFC 8489; the
+/// server answers it with XOR-MAPPED-ADDRESS) and read the mapping it saw. Only the answer to that
+/// socket's transaction, from the server itself, counts; a socket that gets none ends the
+/// measurement with the ports it has. Transmits name their socket by index,
+/// `0..MEASURE_SOCKETS`, which the driver binds fresh.
+#[derive(Debug)]
+pub struct PortMeasurement {
+    server: SocketAddr,
+    tids: [TransactionId; MEASURE_SOCKETS],
+    socket: usize,
+    transmits: u32,
+    next: Instant,
+    ports: Vec<u16>,
+    out: VecDeque<Transmit<usize>>,
+    done: bool,
+}
+
+impl PortMeasurement {
+    pub fn new(now: Instant, server: SocketAddr, rng: &mut impl Rng) -> Self {
+        let mut m = Self {
+            server,
+            tids: std::array::from_fn(|_| super::transaction_id(rng)),
+            socket: 0,
+            transmits: 0,
+            next: now,
+            ports: Vec::new(),
+            out: VecDeque::new(),
+            done: false,
+        };
+        m.handle_timeout(now);
+        m
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit<usize>> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.done).then_some(self.next)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.done || now < self.next {
+            return;
+        }
+        if self.transmits == MEASURE_TRANSMITS {
+            self.done = true;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let tid = self.tids[self.socket];
+        match build_request(&mut buf, &tid, &RequestOptions::default()) {
+            Ok(n) => self.out.push_back(Transmit {
+                source: self.socket,
+                destination: self.server,
+                payload: buf[..n].to_vec(),
+            }),
+            Err(_) => self.done = true,
+        }
+        self.transmits += 1;
+        self.next = now + MEASURE_RTO;
+    }
+
+    /// A datagram that arrived on measuring socket `socket` from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, bytes: &[u8]) {
+        if self.done || socket != self.socket || from != self.server {
+            return;
+        }
+        let Ok(r) = BindingResponse::parse(bytes, &self.tids[socket], Some(from)) else {
+            return;
+        };
+        let Some(mapped) = r.xor_mapped else {
+            // An error answer, or one without the mapping: nothing to measure with.
+            self.done = true;
+            return;
+        };
+        self.ports.push(mapped.port());
+        if self.socket + 1 == MEASURE_SOCKETS {
+            self.done = true;
+            return;
+        }
+        self.socket += 1;
+        self.transmits = 0;
+        self.next = now;
+        self.handle_timeout(now);
+    }
+
+    /// Whether socket `socket` is the one measuring now (the one an answer can arrive on).
+    pub fn is_measuring(&self, socket: usize) -> bool {
+        !self.done && socket == self.socket
+    }
+
+    /// The prediction, once the measurement is over.
+    pub fn result(&self) -> Option<Prediction> {
+        self.done
+            .then(|| Prediction::from_ports(self.ports.clone()))
+    }
+}
+
+/// The peer's server-reflexive port advanced by its delta, up to [`PREDICT_STEPS`] times.
+fn predicted(peer: &PeerInfo) -> Vec<SocketAddr> {
+    let Some(d) = peer.port_delta else {
+        return Vec::new();
+    };
+    (1..=PREDICT_STEPS)
+        .filter_map(|k| {
+            let p = i32::from(peer.reflexive.port()) + k * d;
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p >= 1024)
+                .map(|p| SocketAddr::new(peer.reflexive.ip(), p))
+        })
+        .collect()
+}
+
+/// Where a session probes: the server-reflexive address first, then local candidates, then
+/// predicted ports.
+pub fn targets(peer: &PeerInfo) -> Vec<SocketAddr> {
+    let mut t = vec![peer.reflexive];
+    t.extend(peer.candidates.iter().copied());
+    t.extend(predicted(peer));
+    t
+}
+
+/// Birthday targets: `n` distinct random ports on the peer's IP (excluding what is already probed).
+pub fn birthday_targets(peer: &PeerInfo, n: usize, rng: &mut impl Rng) -> Vec<SocketAddr> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let span = usize::from(u16::MAX) - 1024 + 1;
+    rand::seq::index::sample(rng, span, n.min(span))
+        .into_iter()
+        .filter_map(|i| u16::try_from(1024 + i).ok())
+        .filter(|p| *p != peer.reflexive.port())
+        .map(|p| SocketAddr::new(peer.reflexive.ip(), p))
+        .collect()
+}
+
+/// The session settings of a peer: UDP sessions probe; over TCP the driver opens the stream.
+pub(crate) fn session_config(
+    transport: Transport,
+    relay_first: bool,
+    window: Duration,
+) -> SessionConfig {
+    SessionConfig {
+        relay_first,
+        probe: transport == Transport::Udp,
+        punch_window: window,
+        ..SessionConfig::default()
+    }
+}
+
+/// Milliseconds with microsecond resolution, as the reports give them.
+pub(crate) fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// What a machine asks its driver to do with direct TCP streams (RFC 5382 simultaneous open from
+/// the registered port). The driver reports back with the machine's `handle_stream_*` inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamCommand {
+    /// Connect to `peer` from the registered port, retrying on refusal, from `start` until
+    /// `until`; report a stream that came up or the attempts that failed.
+    Open {
+        session: SessionId,
+        peer: SocketAddr,
+        start: Instant,
+        until: Instant,
+    },
+    /// Stop the attempts of `session`: it has its direct stream.
+    Stop { session: SessionId },
+}
+
+/// The interface a driver runs either peer through: datagrams and stream reports in, transmits,
+/// stream commands and a timeout out (DESIGN.md, "sans-IO at the core").
+pub trait PeerMachine {
+    fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>>;
+    fn poll_stream(&mut self) -> Option<StreamCommand>;
+    /// When [`PeerMachine::handle_timeout`] must run next; `None`: only input wakes it.
+    fn poll_timeout(&self) -> Option<Instant>;
+    fn handle_timeout(&mut self, now: Instant);
+    /// A datagram (UDP) or one framed message (TCP) from `from`.
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
+    /// The attempts of [`StreamCommand::Open`] for `session` opened a stream to `peer`, after
+    /// `attempts` connects; the driver now sends to `peer` on it.
+    fn handle_stream_up(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        peer: SocketAddr,
+        attempts: u32,
+    );
+    /// The attempts ran out of window after `attempts` connects.
+    fn handle_stream_failed(&mut self, now: Instant, attempts: u32);
+    /// The registered port accepted a connection from `peer`: `true` if the driver must take it
+    /// as a session's direct stream, `false` to drop it.
+    fn handle_accepted(&mut self, now: Instant, peer: SocketAddr) -> bool;
+    /// The stream to `addr` (the server's or a peer's) closed.
+    fn handle_stream_down(&mut self, now: Instant, addr: SocketAddr);
+}
+
+/// Each session's direct-open target and window end, so a stream that closed before it was
+/// confirmed is tried again while the window lasts.
+#[derive(Debug, Default)]
+pub(crate) struct DirectStreams {
+    windows: HashMap<SessionId, (SocketAddr, Instant)>,
+    out: VecDeque<StreamCommand>,
+}
+
+impl DirectStreams {
+    pub(crate) fn open(
+        &mut self,
+        session: SessionId,
+        peer: SocketAddr,
+        start: Instant,
+        until: Instant,
+    ) {
+        self.windows.insert(session, (peer, until));
+        self.out.push_back(StreamCommand::Open {
+            session,
+            peer,
+            start,
+            until,
+        });
+    }
+
+    pub(crate) fn stop(&mut self, session: SessionId) {
+        self.windows.remove(&session);
+        self.out.push_back(StreamCommand::Stop { session });
+    }
+
+    /// A stream to `peer` closed before it carried anything of its session (the peer's kernel
+    /// completed the handshake on its listening socket, then the peer refused the stream because
+    /// it came from an unexpected address): try again shortly while the window lasts.
+    pub(crate) fn retry(&mut self, now: Instant, peer: SocketAddr) {
+        let found = self
+            .windows
+            .iter()
+            .find(|(_, (p, _))| *p == peer)
+            .map(|(id, (_, until))| (*id, *until));
+        if let Some((session, until)) = found {
+            let start = now + Duration::from_millis(40);
+            if start < until {
+                self.open(session, peer, start, until);
+            }
+        }
+    }
+
+    pub(crate) fn poll(&mut self) -> Option<StreamCommand> {
+        self.out.pop_front()
+    }
+}
+
+/// One request to the rendezvous server, retransmitted (UDP: 250 ms doubling to 1 s; TCP: sent
+/// once, the stream is reliable) until an answer with its transaction id arrives or `wait` passes.
+#[derive(Debug)]
+pub(crate) struct Request {
+    tid: TransactionId,
+    bytes: Vec<u8>,
+    wait: Duration,
+    deadline: Instant,
+    next: Instant,
+    rto: Duration,
+    transport: Transport,
+}
+
+impl Request {
+    /// `None` when the message cannot be encoded (an id or candidate list out of bounds).
+    pub(crate) fn new(
+        now: Instant,
+        msg: &PunchMessage,
+        wait: Duration,
+        transport: Transport,
+    ) -> Option<Self> {
+        Some(Self {
+            tid: msg.tid(),
+            bytes: msg.to_vec().ok()?,
+            wait,
+            deadline: now + wait,
+            next: now,
+            rto: Duration::from_millis(250),
+            transport,
+        })
+    }
+
+    /// Whether `m` answers this request.
+    pub(crate) fn answered_by(&self, m: &PunchMessage) -> bool {
+        m.tid() == self.tid
+    }
+
+    /// The bytes to (re)send at `now`, or `Err(wait)` once the wait is over unanswered.
+    pub(crate) fn poll(&mut self, now: Instant) -> Result<Option<Vec<u8>>, Duration> {
+        if now >= self.deadline {
+            return Err(self.wait);
+        }
+        if now < self.next {
+            return Ok(None);
+        }
+        self.next = match self.transport {
+            Transport::Udp => now + self.rto,
+            Transport::Tcp => self.deadline,
+        };
+        self.rto = (self.rto * 2).min(Duration::from_secs(1));
+        Ok(Some(self.bytes.clone()))
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        self.next.min(self.deadline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn info(reflexive: &str, delta: Option<i32>) -> PeerInfo {
+        PeerInfo {
+            reflexive: reflexive.parse().expect("addr"),
+            candidates: vec!["10.2.0.2:5000".parse().expect("addr")],
+            port_delta: delta,
+            punch_window_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_constant_small_step_is_a_delta_and_anything_else_is_not() {
+        assert_eq!(
+            Prediction::from_ports(vec![4000, 4002, 4004]).delta,
+            Some(2)
+        );
+        assert_eq!(
+            Prediction::from_ports(vec![4000, 3999, 3998]).delta,
+            Some(-1)
+        );
+        assert_eq!(Prediction::from_ports(vec![4000, 4002, 4005]).delta, None);
+        assert_eq!(Prediction::from_ports(vec![4000, 4000, 4000]).delta, None);
+        assert_eq!(Prediction::from_ports(vec![4000, 4100, 4200]).delta, None);
+        assert_eq!(Prediction::from_ports(vec![4000, 4002]).delta, None);
+    }
+
+    #[test]
+    fn targets_lead_with_the_reflexive_address_then_candidates_then_predictions() {
+        let t = targets(&info("203.0.113.2:5000", Some(3)));
+        assert_eq!(t.len(), 2 + PREDICT_STEPS as usize);
+        assert_eq!(t[0], "203.0.113.2:5000".parse().expect("addr"));
+        assert_eq!(t[1], "10.2.0.2:5000".parse().expect("addr"));
+        assert_eq!(t[2].port(), 5003);
+        // Predictions below 1024 are not probed.
+        assert_eq!(targets(&info("203.0.113.2:1030", Some(-3))).len(), 2 + 2);
+    }
+
+    #[test]
+    fn birthday_ports_are_distinct_seeded_and_skip_the_known_port() {
+        let peer = info("203.0.113.2:5000", None);
+        let a = birthday_targets(&peer, 256, &mut StdRng::seed_from_u64(9));
+        let b = birthday_targets(&peer, 256, &mut StdRng::seed_from_u64(9));
+        assert_eq!(a, b, "the same seed gives the same ports");
+        let mut ports: Vec<u16> = a.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), a.len());
+        assert!(a.iter().all(|t| t.port() >= 1024 && t.port() != 5000));
+    }
+
+    /// The server's answer to the measurement's request `t`, seen from `mapped`.
+    fn answer(t: &Transmit<usize>, mapped: SocketAddr) -> Vec<u8> {
+        let req = crate::stun::Message::parse(&t.payload).expect("request");
+        let mut buf = [0u8; 64];
+        let mut w = crate::stun::MessageWriter::new(
+            &mut buf,
+            crate::stun::MessageType::BINDING_RESPONSE,
+            &req.transaction_id(),
+        )
+        .expect("writer");
+        w.add_xor_address(crate::stun::attr_type::XOR_MAPPED_ADDRESS, mapped)
+            .expect("attr");
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn the_measurement_reads_three_fresh_mappings_in_turn_from_the_server_only() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+        let mut m = PortMeasurement::new(t0, server, &mut StdRng::seed_from_u64(4));
+        for (k, port) in [40000u16, 40002, 40004].into_iter().enumerate() {
+            let t = m.poll_transmit().expect("request");
+            assert_eq!((t.source, t.destination), (k, server));
+            let mapped = SocketAddr::new([203, 0, 113, 1].into(), port);
+            // From anyone else, or on another socket, an answer is ignored: the wait goes on.
+            m.handle_datagram(
+                t0,
+                k,
+                "203.0.113.66:3490".parse().expect("addr"),
+                &answer(&t, mapped),
+            );
+            m.handle_datagram(t0, (k + 1) % 3, server, &answer(&t, mapped));
+            assert!(m.result().is_none() && m.poll_transmit().is_none());
+            m.handle_datagram(t0, k, server, &answer(&t, mapped));
+        }
+        let p = m.result().expect("done");
+        assert_eq!(p.measured_ports, [40000, 40002, 40004]);
+        assert_eq!(p.delta, Some(2));
+        assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_unanswered_socket_ends_the_measurement_after_three_tries() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+        let mut m = PortMeasurement::new(t0, server, &mut StdRng::seed_from_u64(4));
+        let (mut sent, mut now) = (Vec::new(), t0);
+        loop {
+            while let Some(x) = m.poll_transmit() {
+                sent.push(((now - t0).as_millis(), x.source));
+            }
+            let Some(t) = m.poll_timeout() else { break };
+            now = t;
+            m.handle_timeout(now);
+        }
+        assert_eq!(now - t0, Duration::from_millis(900));
+        assert_eq!(sent, [(0, 0), (300, 0), (600, 0)]);
+        let p = m.result().expect("done");
+        assert!(p.measured_ports.is_empty() && p.delta.is_none());
+    }
+
+    #[test]
+    fn a_udp_request_backs_off_and_gives_up_after_its_wait() {
+        let t0 = Instant::now();
+        let m = PunchMessage::RefreshOk {
+            tid: super::super::transaction_id(&mut StdRng::seed_from_u64(1)),
+        };
+        let mut r = Request::new(t0, &m, Duration::from_secs(2), Transport::Udp).expect("enc");
+        let mut sent = Vec::new();
+        let mut now = t0;
+        while let Ok(b) = r.poll(now) {
+            if b.is_some() {
+                sent.push((now - t0).as_millis());
+            }
+            now = r.poll_timeout();
+        }
+        assert_eq!(sent, [0, 250, 750, 1750]);
+        assert_eq!(now - t0, Duration::from_secs(2));
+    }
+}

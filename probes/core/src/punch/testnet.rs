@@ -1,0 +1,525 @@
+//! An in-memory network for the punch machines, stepped on a virtual clock: a rendezvous server,
+//! listeners and connectors exchange datagrams that are lost, delayed (and so reordered) and
+//! duplicated from a seeded generator, and a switch decides whether the peers' direct path passes
+//! (as when the NATs' filters open). No sockets and no sleeps: a run of seconds takes
+//! milliseconds and is the same every time.
+//!
+//! The tests at the bottom are the peers' end-to-end behavior: relay-first upgrade under loss and
+//! reordering, relay fallback when no direct path opens, several connectors to one listener with
+//! every introduction and connect request repeated, a late introduction, and a server restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::codec::PunchMessage;
+use super::connector::{ConnectOptions, ConnectReport, Connector};
+use super::listener::{ListenEvent, ListenOptions, Listener};
+use super::peer::{PeerMachine, PunchError};
+use super::server::{RendezvousServer, ServerConfig};
+use super::table::Endpoint;
+use super::Transport;
+
+pub(crate) const SERVER: &str = "198.51.100.1:3490";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+/// What the network does to datagrams.
+#[derive(Clone, Copy)]
+pub(crate) struct Conditions {
+    /// Probability that a datagram is lost.
+    pub loss: f64,
+    /// Each datagram takes 1 ms plus up to this much more: later ones overtake earlier ones.
+    pub jitter: Duration,
+    /// Probability that a datagram arrives twice (the copy later).
+    pub duplicate: f64,
+}
+
+impl Conditions {
+    pub(crate) const CLEAN: Self = Self {
+        loss: 0.0,
+        jitter: Duration::ZERO,
+        duplicate: 0.0,
+    };
+}
+
+struct Datagram {
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: Vec<u8>,
+}
+
+/// The server, its peers, and the datagrams in flight between them.
+pub(crate) struct Net {
+    pub now: Instant,
+    pub conditions: Conditions,
+    /// Datagrams between two peers (not through the server) pass.
+    pub direct_open: bool,
+    /// Drops every message it matches, on top of `conditions` (a peer that never answers).
+    pub drop_if: Option<fn(&PunchMessage) -> bool>,
+    rng: StdRng,
+    seq: u64,
+    in_flight: BTreeMap<(Instant, u64), Datagram>,
+    pub server: RendezvousServer,
+    pub listeners: Vec<(SocketAddr, Listener)>,
+    pub connectors: Vec<(SocketAddr, Connector)>,
+    /// Every event each listener reported, in order.
+    pub events: Vec<Vec<ListenEvent>>,
+    pub listen_outcomes: Vec<Option<Result<u64, PunchError>>>,
+    pub reports: Vec<Option<Result<ConnectReport, PunchError>>>,
+    /// Messages delivered, by name (`Introduce`, `Connect`, …), counting copies; `Data relayed`:
+    /// DATA with a message in it delivered from the relay to a connector (echoes).
+    pub delivered: BTreeMap<&'static str, u64>,
+}
+
+pub(crate) fn server(seed: u64) -> RendezvousServer {
+    RendezvousServer::new(ServerConfig::default(), StdRng::seed_from_u64(seed))
+}
+
+fn name(m: &PunchMessage) -> &'static str {
+    match m {
+        PunchMessage::Register { .. } => "Register",
+        PunchMessage::RegisterOk { .. } => "RegisterOk",
+        PunchMessage::Unregister { .. } => "Unregister",
+        PunchMessage::Connect { .. } => "Connect",
+        PunchMessage::ConnectOk { .. } => "ConnectOk",
+        PunchMessage::Introduce { .. } => "Introduce",
+        PunchMessage::IntroduceOk { .. } => "IntroduceOk",
+        PunchMessage::Probe { .. } => "Probe",
+        PunchMessage::ProbeOk { .. } => "ProbeOk",
+        PunchMessage::Data { .. } => "Data",
+        PunchMessage::Refresh { .. } => "Refresh",
+        PunchMessage::RefreshOk { .. } => "RefreshOk",
+        PunchMessage::Close { .. } => "Close",
+        PunchMessage::Error { .. } => "Error",
+    }
+}
+
+impl Net {
+    pub(crate) fn new(seed: u64, conditions: Conditions) -> Self {
+        Self {
+            now: Instant::now(),
+            conditions,
+            direct_open: true,
+            drop_if: None,
+            rng: StdRng::seed_from_u64(seed),
+            seq: 0,
+            in_flight: BTreeMap::new(),
+            server: server(seed ^ 0x5e4e),
+            listeners: Vec::new(),
+            connectors: Vec::new(),
+            events: Vec::new(),
+            listen_outcomes: Vec::new(),
+            reports: Vec::new(),
+            delivered: BTreeMap::new(),
+        }
+    }
+
+    /// Starts a listener registered as `id` at 203.0.113.(10 + its index):4000; returns its index.
+    pub(crate) fn listen(&mut self, id: &str, count: Option<u64>) -> usize {
+        let i = self.listeners.len();
+        let local = SocketAddr::new([203, 0, 113, 10 + i as u8].into(), 4000);
+        let opts = ListenOptions {
+            id: id.into(),
+            server: sa(SERVER),
+            transport: Transport::Udp,
+            count,
+            timeout: None,
+            punch_window: Duration::from_millis(1500),
+            predict: false,
+        };
+        let mut l = Listener::new(self.now, opts, StdRng::seed_from_u64(100 + i as u64));
+        l.start(self.now, local, None);
+        self.listeners.push((local, l));
+        self.events.push(Vec::new());
+        self.listen_outcomes.push(None);
+        i
+    }
+
+    /// Starts a connector at 203.0.113.(100 + its index):5000; returns its index.
+    pub(crate) fn connect(&mut self, opts: ConnectOptions) -> usize {
+        let j = self.connectors.len();
+        let local = SocketAddr::new([203, 0, 113, 100 + j as u8].into(), 5000);
+        let opts = ConnectOptions {
+            server: sa(SERVER),
+            ..opts
+        };
+        let mut c = Connector::new(self.now, opts, StdRng::seed_from_u64(200 + j as u64));
+        c.start(self.now, local, None);
+        self.connectors.push((local, c));
+        self.reports.push(None);
+        j
+    }
+
+    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        let server = sa(SERVER);
+        if from != server && to != server && !self.direct_open {
+            return;
+        }
+        if let (Some(f), Ok(m)) = (self.drop_if, PunchMessage::decode(&payload)) {
+            if f(&m) {
+                return;
+            }
+        }
+        let c = self.conditions;
+        if self.rng.gen_bool(c.loss) {
+            return;
+        }
+        let copies = if self.rng.gen_bool(c.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let jitter = c.jitter.mul_f64(self.rng.gen::<f64>());
+            let at = self.now + Duration::from_millis(1) + jitter;
+            self.seq += 1;
+            let d = Datagram {
+                from,
+                to,
+                payload: payload.clone(),
+            };
+            self.in_flight.insert((at, self.seq), d);
+        }
+    }
+
+    /// Moves everything the machines queued onto the wire and collects what they reported.
+    fn collect(&mut self) {
+        let mut sent = Vec::new();
+        while let Some(t) = self.server.poll_transmit() {
+            sent.push((sa(SERVER), t.destination, t.payload));
+        }
+        for (i, (_, l)) in self.listeners.iter_mut().enumerate() {
+            while let Some(t) = l.poll_transmit() {
+                sent.push((t.source, t.destination, t.payload));
+            }
+            while let Some(e) = l.poll_event() {
+                self.events[i].push(e);
+            }
+            if let Some(o) = l.poll_outcome() {
+                self.listen_outcomes[i] = Some(o);
+            }
+        }
+        for (j, (_, c)) in self.connectors.iter_mut().enumerate() {
+            while let Some(t) = c.poll_transmit() {
+                sent.push((t.source, t.destination, t.payload));
+            }
+            if let Some(o) = c.poll_outcome() {
+                self.reports[j] = Some(o);
+            }
+        }
+        for (from, to, payload) in sent {
+            self.enqueue(from, to, payload);
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let machines = self
+            .listeners
+            .iter()
+            .filter_map(|(_, l)| l.poll_timeout())
+            .chain(self.connectors.iter().filter_map(|(_, c)| c.poll_timeout()))
+            .chain(self.server.poll_timeout());
+        let flight = self.in_flight.keys().next().map(|(t, _)| *t);
+        machines.chain(flight).min()
+    }
+
+    fn deliver(&mut self, d: Datagram) {
+        let now = self.now;
+        if let Ok(m) = PunchMessage::decode(&d.payload) {
+            *self.delivered.entry(name(&m)).or_default() += 1;
+            let to_connector = self.connectors.iter().any(|(a, _)| *a == d.to);
+            let relayed = d.from == sa(SERVER) && to_connector;
+            if relayed && matches!(m, PunchMessage::Data { seq: Some(_), .. }) {
+                *self.delivered.entry("Data relayed").or_default() += 1;
+            }
+        }
+        if d.to == sa(SERVER) {
+            let ep = Endpoint {
+                transport: Transport::Udp,
+                local: d.to,
+                remote: d.from,
+            };
+            self.server.handle(now, ep, &d.payload);
+        } else if let Some((_, l)) = self.listeners.iter_mut().find(|(a, _)| *a == d.to) {
+            l.handle_datagram(now, d.from, &d.payload);
+        } else if let Some((_, c)) = self.connectors.iter_mut().find(|(a, _)| *a == d.to) {
+            c.handle_datagram(now, d.from, &d.payload);
+        }
+    }
+
+    /// Runs the network until `until` (virtual time) or until `done` holds.
+    pub(crate) fn run(&mut self, until: Instant, done: impl Fn(&Net) -> bool) {
+        loop {
+            self.collect();
+            if done(self) {
+                return;
+            }
+            let Some(next) = self.next_wake() else {
+                return;
+            };
+            if next > until {
+                self.now = until;
+                return;
+            }
+            // A machine due now is woken now; time still moves so nothing can spin.
+            self.now = next.max(self.now + Duration::from_micros(100));
+            while let Some(entry) = self.in_flight.first_entry() {
+                if entry.key().0 > self.now {
+                    break;
+                }
+                let d = entry.remove();
+                self.deliver(d);
+            }
+            let now = self.now;
+            self.server.handle_timeout(now);
+            for (_, l) in &mut self.listeners {
+                if l.poll_timeout().is_some_and(|t| t <= now) {
+                    l.handle_timeout(now);
+                }
+            }
+            for (_, c) in &mut self.connectors {
+                if c.poll_timeout().is_some_and(|t| t <= now) {
+                    c.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    /// Runs for `d` of virtual time.
+    pub(crate) fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run(until, |_| false);
+    }
+
+    pub(crate) fn report(&self, j: usize) -> &ConnectReport {
+        match &self.reports[j] {
+            Some(Ok(r)) => r,
+            other => panic!("connector {j}: {other:?}"),
+        }
+    }
+
+    fn started(&self, i: usize) -> Vec<&str> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                ListenEvent::SessionStarted { session, .. } => Some(session.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// (session, messages echoed, error) of every session listener `i` ended.
+    fn ended(&self, i: usize) -> Vec<(&str, u64, Option<&str>)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                ListenEvent::SessionEnded {
+                    session,
+                    messages_echoed,
+                    error,
+                    ..
+                } => Some((session.as_str(), *messages_echoed, error.as_deref())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(id: &str, messages: u64) -> ConnectOptions {
+        ConnectOptions {
+            id: id.into(),
+            messages,
+            timeout: Duration::from_secs(20),
+            ..ConnectOptions::default()
+        }
+    }
+
+    // Under 10 % loss both ways and up to 12 ms of extra delay per datagram (2 ms between
+    // messages: the network reorders them), for several seeds.
+    #[test]
+    fn relay_first_upgrade_loses_duplicates_and_reorders_nothing_under_loss_and_reordering() {
+        let lossy = Conditions {
+            loss: 0.10,
+            jitter: Duration::from_millis(12),
+            duplicate: 0.0,
+        };
+        for seed in 1..=4 {
+            let mut net = Net::new(seed, lossy);
+            net.direct_open = false;
+            net.listen("bob", Some(1));
+            net.run_for(Duration::from_millis(300));
+            let c = net.connect(ConnectOptions {
+                relay_first: true,
+                interval: Duration::from_millis(2),
+                ..opts("bob", 400)
+            });
+            // The stream is under way on the relay when the direct path opens (the NATs'
+            // filters open), and goes on for most of a second after the switch.
+            let until = net.now + Duration::from_secs(5);
+            net.run(until, |n| {
+                n.delivered.get("Data relayed").is_some_and(|d| *d >= 40)
+            });
+            net.direct_open = true;
+            let until = net.now + Duration::from_secs(30);
+            net.run(until, |n| {
+                n.reports[c].is_some() && n.listen_outcomes[0].is_some()
+            });
+            let r = net.report(c);
+            let why = format!("seed {seed}: {r:#?}");
+            assert_eq!(r.path, "direct", "{why}");
+            assert!(r.switched_to_direct, "{why}");
+            assert_eq!(r.messages_sent, 400, "{why}");
+            assert_eq!(r.messages_echoed, 400, "{why}");
+            // From the numbers inside the echoes, in the order the listener echoed them: any
+            // loss, duplicate or reordering across the switch (either way) makes it false.
+            assert!(r.in_order, "{why}");
+            let a = &r.attempts;
+            assert!(a.data_sent_relayed > 0 && a.data_sent_direct > 0, "{why}");
+            assert!(a.echoes_received_relayed > 0, "{why}");
+            assert!(a.retransmissions > 0, "the loss was real: {why}");
+            // The listener delivered (and so echoed) each message exactly once.
+            assert_eq!(net.ended(0).len(), 1, "{why}");
+            assert_eq!(net.ended(0)[0].1, 400, "{why}");
+            assert!(matches!(net.listen_outcomes[0], Some(Ok(1))), "{why}");
+        }
+    }
+
+    #[test]
+    fn without_a_direct_path_the_data_goes_through_the_relay_after_the_window() {
+        let lossy = Conditions {
+            loss: 0.10,
+            jitter: Duration::from_millis(12),
+            duplicate: 0.0,
+        };
+        let mut net = Net::new(5, lossy);
+        net.direct_open = false;
+        net.listen("bob", Some(1));
+        net.run_for(Duration::from_millis(300));
+        let c = net.connect(opts("bob", 100));
+        let until = net.now + Duration::from_secs(30);
+        net.run(until, |n| n.reports[c].is_some());
+        let r = net.report(c);
+        assert_eq!(r.path, "relayed", "{r:#?}");
+        assert!(!r.switched_to_direct);
+        assert_eq!((r.messages_echoed, r.in_order), (100, true), "{r:#?}");
+        assert_eq!(r.attempts.data_sent_direct, 0);
+        assert!(r.attempts.probes_sent > 0 && r.attempts.probes_answered == 0);
+        // Data waited for the end of the punch window.
+        let first = r.time_to_first_byte_ms.unwrap_or_default();
+        assert!(first >= 1500.0, "{first} ms");
+    }
+
+    #[test]
+    fn one_listener_serves_several_connectors_once_each_despite_repeated_requests() {
+        let noisy = Conditions {
+            loss: 0.0,
+            jitter: Duration::from_millis(5),
+            duplicate: 0.5,
+        };
+        let mut net = Net::new(7, noisy);
+        // The listener's answers to INTRODUCE never reach the server, so it sends every
+        // introduction again and again; half of all datagrams (CONNECT too) arrive twice.
+        net.drop_if = Some(|m| matches!(m, PunchMessage::IntroduceOk { .. }));
+        net.listen("bob", Some(3));
+        net.run_for(Duration::from_millis(100));
+        // Messages 20 ms apart keep the sessions open while the introductions repeat.
+        let slow = ConnectOptions {
+            interval: Duration::from_millis(20),
+            ..opts("bob", 30)
+        };
+        let cs: Vec<usize> = (0..3).map(|_| net.connect(slow.clone())).collect();
+        let until = net.now + Duration::from_secs(20);
+        net.run(until, |n| n.listen_outcomes[0].is_some());
+        for &c in &cs {
+            let r = net.report(c);
+            assert_eq!(r.path, "direct", "{r:#?}");
+            assert_eq!(r.messages_echoed, 30, "{r:#?}");
+            assert!(r.in_order, "{r:#?}");
+        }
+        let sessions: std::collections::BTreeSet<_> = cs
+            .iter()
+            .map(|c| net.report(*c).attempts.session.clone())
+            .collect();
+        assert_eq!(sessions.len(), 3, "a session per connector");
+        let started = net.started(0);
+        assert_eq!(
+            started.len(),
+            3,
+            "one session per introduction: {started:?}"
+        );
+        let ended = net.ended(0);
+        assert_eq!(ended.len(), 3, "{ended:?}");
+        assert!(
+            ended.iter().all(|(_, n, e)| *n == 30 && e.is_none()),
+            "{ended:?}"
+        );
+        assert!(matches!(net.listen_outcomes[0], Some(Ok(3))));
+        // The repetition really happened: many more introductions and connect requests arrived
+        // than sessions exist.
+        assert!(net.delivered["Introduce"] > 6, "{:?}", net.delivered);
+        assert!(net.delivered["Connect"] > 3, "{:?}", net.delivered);
+    }
+
+    #[test]
+    fn a_late_introduction_does_not_restart_an_ended_session() {
+        let mut net = Net::new(3, Conditions::CLEAN);
+        net.drop_if = Some(|m| matches!(m, PunchMessage::IntroduceOk { .. }));
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        let c = net.connect(opts("bob", 1));
+        let until = net.now + Duration::from_secs(5);
+        net.run(until, |n| !n.ended(0).is_empty());
+        assert_eq!(net.report(c).messages_echoed, 1);
+        // The server keeps introducing the ended session until its retries run out.
+        let intros = net.delivered["Introduce"];
+        net.run_for(Duration::from_secs(2));
+        assert!(net.delivered["Introduce"] > intros, "{:?}", net.delivered);
+        assert_eq!(net.started(0).len(), 1);
+        assert_eq!(net.ended(0).len(), 1);
+    }
+
+    #[test]
+    fn after_a_server_restart_the_listener_re_registers_and_a_new_session_connects() {
+        let jitter = Conditions {
+            loss: 0.05,
+            jitter: Duration::from_millis(5),
+            duplicate: 0.0,
+        };
+        let mut net = Net::new(11, jitter);
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        let first = net.connect(opts("bob", 10));
+        let until = net.now + Duration::from_secs(10);
+        net.run(until, |n| n.reports[first].is_some());
+        assert_eq!(net.report(first).messages_echoed, 10);
+        // The server restarts: its table is gone.
+        net.server = server(99);
+        let early = net.connect(opts("bob", 10));
+        let until = net.now + Duration::from_secs(5);
+        net.run(until, |n| n.reports[early].is_some());
+        assert!(
+            matches!(net.reports[early], Some(Err(PunchError::UnknownPeer(..)))),
+            "before the listener's next keepalive the new server does not know it: {:?}",
+            net.reports[early]
+        );
+        // The listener's next keepalive registers it again.
+        net.run_for(super::super::listener::KEEPALIVE + Duration::from_millis(500));
+        let late = net.connect(opts("bob", 10));
+        let until = net.now + Duration::from_secs(10);
+        net.run(until, |n| n.reports[late].is_some());
+        let r = net.report(late);
+        assert_eq!(r.path, "direct", "{r:#?}");
+        assert_eq!(r.messages_echoed, 10, "{r:#?}");
+        assert!(r.in_order);
+        assert!(
+            net.listen_outcomes[0].is_none(),
+            "the listener never gave up"
+        );
+    }
+}
