@@ -3,7 +3,7 @@
 //!
 //! Inputs: [`Session::handle_message`] (a message and where it came from) and
 //! [`Session::handle_timeout`]; outputs: [`Session::poll_transmit`] (a
-//! [`Transmit`](crate::net::Transmit) from the peer's socket; the relay is simply the server's
+//! [`Transmit`] from the peer's socket; the relay is simply the server's
 //! address), [`Session::poll_deliver`] (application messages, in
 //! order, once each) and [`Session::poll_timeout`].
 //!
