@@ -44,10 +44,11 @@ fn relay_first_stream_survives_the_switch_to_direct() {
         a["data_sent_direct"].as_u64().unwrap_or(0) > 0,
         "and later ones went direct\n{d}"
     );
-    assert!(
-        a["echoes_received_relayed"].as_u64().unwrap_or(0) > 0,
-        "echoes came back through the relay before the switch\n{d}"
-    );
+    // Whether an echo also came back through the relay before the switch is a real-time race here:
+    // the direct path opens about one round trip after the first relayed byte (89.8 vs 89.9 ms in
+    // one measured run), so on a loaded host the listener may switch first (seen once in 37 runs).
+    // That property is asserted deterministically on the virtual clock instead
+    // (natscope-core punch::testnet, relay_first_upgrade_…).
     eprintln!(
         "relay-first: first byte {} ms, direct after {} ms, sent relayed {} / direct {}, \
          retransmissions {}, duplicates dropped {}",
