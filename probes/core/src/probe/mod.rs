@@ -8,6 +8,7 @@
 //! machine behind the same [`ProbeMachine`] interface, so the same drivers run it. Both start new
 //! transactions only as their shared [`Pacer`] allows (RFC 5780 §5, see [`pacing`]).
 
+pub mod comparison;
 pub mod evidence;
 pub mod lifetime;
 pub mod machine;
@@ -16,6 +17,7 @@ pub mod plan;
 pub mod report;
 pub mod tcp;
 
+pub use comparison::{ComparedServer, MappingComparison};
 pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 pub use machine::ProbeMachine;
 pub use pacing::{PaceChoice, Pacer, Pacing};
