@@ -3,6 +3,7 @@
 //! the root namespace (DESIGN.md, "Lab" and "Safety").
 
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod engine;
 pub mod grid;
