@@ -2,11 +2,13 @@
 //! kernel's masquerade), built over netlink inside namespaces the lab creates, never touching
 //! the root namespace (DESIGN.md, "Lab" and "Safety").
 
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod driver;
 pub mod engine;
 pub mod grid;
+pub mod jobs;
 mod lab;
 pub mod links;
 pub mod matrix;
