@@ -8,6 +8,7 @@ pub mod control;
 pub mod driver;
 pub mod engine;
 pub mod grid;
+pub mod grid_run;
 pub mod jobs;
 mod lab;
 pub mod links;
@@ -15,6 +16,7 @@ pub mod matrix;
 pub mod netns;
 mod plan;
 pub mod presets;
+pub mod punch_lab;
 pub mod registry;
 pub mod topology;
 
