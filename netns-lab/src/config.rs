@@ -217,34 +217,25 @@ impl<'de> Deserialize<'de> for LanDoc {
     }
 }
 
-/// `behavior = "<name>"`: the settings of that preset's `nat` router.
-#[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum BehaviorDoc {
-    FullCone,
-    RestrictedCone,
-    PortRestrictedCone,
-    Symmetric,
-    SymmetricSequential,
-    AddressDependent,
-    Firewall,
-    Blocked,
-    Linux,
+/// `behavior = "<name>"`: the settings of that preset's `nat` router; any preset with one router
+/// ([`presets::ROUTER_BEHAVIORS`], from the preset table).
+#[derive(Clone, Copy)]
+struct BehaviorDoc(&'static str);
+
+impl<'de> Deserialize<'de> for BehaviorDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        presets::ROUTER_BEHAVIORS
+            .iter()
+            .find(|b| **b == s)
+            .map(|b| Self(b))
+            .ok_or_else(|| serde::de::Error::unknown_variant(&s, presets::ROUTER_BEHAVIORS))
+    }
 }
 
 impl BehaviorDoc {
     fn name(self) -> &'static str {
-        match self {
-            Self::FullCone => "full-cone",
-            Self::RestrictedCone => "restricted-cone",
-            Self::PortRestrictedCone => "port-restricted-cone",
-            Self::Symmetric => "symmetric",
-            Self::SymmetricSequential => "symmetric-sequential",
-            Self::AddressDependent => "address-dependent",
-            Self::Firewall => "firewall",
-            Self::Blocked => "blocked",
-            Self::Linux => "linux",
-        }
+        self.0
     }
 }
 

@@ -1,11 +1,11 @@
 //! Runs a router's userspace NAT engine over real interfaces: packet sockets on `wan0` and `lan0`
 //! (opened from the router namespace's thread, so they belong to it), one receive thread per
 //! interface feeding the sans-IO [`Router`], and one timer thread that sends delayed frames and
-//! calls [`Router::poll`]. Every thread checks a stop flag at least every [`TICK`], so a lab tears
+//! calls [`Router::poll`]. Every thread checks a stop flag at least every `TICK`, so a lab tears
 //! down in bounded time.
 //!
 //! pnet finds the interfaces and binds each socket to its interface; the frames themselves are
-//! read with recvmmsg(2), up to [`BATCH`] per call, and written with send(2), through nix's safe
+//! read with recvmmsg(2), up to `BATCH` per call, and written with send(2), through nix's safe
 //! wrappers. pnet's own channel polls before every receive and every send — four system calls per
 //! forwarded frame — which capped the engine below 100k small packets/s on the benchmark machine
 //! (`natscope bench lab`).

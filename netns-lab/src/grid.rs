@@ -3,25 +3,20 @@
 //! topology the grid runs it in. The runner (CLI) compares these expectations with what
 //! `natscope punch` reports.
 //!
-//! The reasoning (NAT-REFERENCE.md, "Hole punching outcomes"): each peer registers with the
-//! rendezvous server from one socket, so its *reflexive* address is its mapping towards the
-//! server. Both then send to each other's reflexive address. A packet from A reaches B only if it
-//! is aimed at a mapping B's NAT still routes to B (B's mapping towards the server; with an
-//! address- or port-dependent mapping that one only admits the server) and B's filter admits A's
-//! actual source — A's reflexive address when A's mapping is endpoint-independent, a fresh port
-//! otherwise. Once a packet gets through, the receiver answers its real source, and that answer
-//! must pass the first sender's filter. TCP adds that a socket in simultaneous open only accepts
-//! segments from the exact address it connected to, so both mappings must be endpoint-independent.
-//! Port prediction and the birthday technique are not assumed (they are off by default).
+//! The reasoning is the traversal model's (`natscope_core::traversal`, RFC 4787 / RFC 5382), the
+//! same the probe's outlook uses; this module only names the presets' end-to-end behaviors and
+//! runs the model without port prediction (the grid's peers do not predict).
 
 use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
-use serde::Serialize;
+use natscope_core::probe::{AllocationPattern, Classic};
+use natscope_core::traversal::{self, Path, PeerNat, Techniques};
+use serde::{Deserialize, Serialize};
 
 use crate::presets;
 use crate::topology::{NodeSpec, Topology};
 
 /// How a pair connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     Direct,
@@ -29,133 +24,98 @@ pub enum Outcome {
     Failed,
 }
 
+/// One cell of `lab grid --json`: a pair of presets over one transport, what the reasoning
+/// expects and what `natscope punch` did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GridCell {
+    pub a: String,
+    pub b: String,
+    pub transport: Transport,
+    pub expected: Outcome,
+    /// `None` when the cell could not run.
+    pub observed: Option<Outcome>,
+    pub time_to_direct_ms: Option<f64>,
+    pub messages_sent: u64,
+    pub messages_echoed: u64,
+    /// The expected outcome's reason (RFC 4787 / RFC 5382).
+    pub reason: String,
+    pub pass: bool,
+    pub error: Option<String>,
+    /// stderr of the two peers, kept for cells that did not go direct.
+    pub diagnostics: Option<String>,
+    /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
+    pub report: Option<serde_json::Value>,
+    pub duration_ms: f64,
+}
+
+/// The `natscope.grid/v1` document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GridDocument {
+    pub schema: String,
+    pub cells: Vec<GridCell>,
+    pub pass: bool,
+    pub duration_ms: f64,
+}
+
 /// Transport of a grid cell: the core's one [`Transport`].
 pub use natscope_core::net::Transport;
 
-/// The default grid (issue 5 must-show 2).
-pub const DEFAULT_PRESETS: &[&str] = &[
-    "full-cone",
-    "restricted-cone",
-    "port-restricted-cone",
-    "symmetric",
-    "symmetric-sequential",
-    "cgnat",
-];
+/// The default grid (issue 5 must-show 2): the presets the preset table marks `grid`.
+pub const DEFAULT_PRESETS: &[&str] = presets::GRID_PRESETS;
 
-/// One peer's path to the internet, end to end (a nested NAT counts as its composition).
-#[derive(Clone, Copy, Debug)]
-struct Side {
-    mapping: M,
-    filtering: F,
-    udp_blocked: bool,
-}
+/// The techniques the grid's peers use: `punch connect` without `--predict`, so no port prediction.
+const TECHNIQUES: Techniques = Techniques {
+    port_prediction: false,
+};
 
-fn side(preset: &str) -> Option<Side> {
+/// One peer's path to the internet, end to end (a nested NAT counts as its composition), as the
+/// traversal model sees it: no translation is the identity mapping, which is endpoint-independent,
+/// and no filter is endpoint-independent filtering.
+pub fn side(preset: &str) -> Option<PeerNat> {
     let e = presets::expected(preset)?;
-    Some(Side {
-        // No translation: the mapping is the identity, which is endpoint-independent.
-        mapping: e.mapping.unwrap_or(M::EndpointIndependent),
-        filtering: e.filtering.unwrap_or(F::EndpointIndependent),
-        udp_blocked: e.classic == "udp-blocked",
+    Some(PeerNat {
+        mapping: Some(e.mapping.unwrap_or(M::EndpointIndependent)),
+        filtering: Some(e.filtering.unwrap_or(F::EndpointIndependent)),
+        // Every preset's NAT has a single external address, so a preserving or sequential
+        // allocation is predictable (the rule the probe applies for its outlook).
+        predictable_ports: matches!(
+            e.allocation,
+            AllocationPattern::Preserving | AllocationPattern::Sequential
+        ),
+        udp_blocked: e.classic == Classic::UdpBlocked,
     })
 }
 
-fn short_m(m: M) -> &'static str {
-    match m {
-        M::EndpointIndependent => "EIM",
-        M::AddressDependent => "ADM",
-        M::AddressAndPortDependent => "APDM",
+/// The grid's outcome for a traversal path; `None` when the model cannot say.
+fn outcome(path: Path) -> Option<Outcome> {
+    match path {
+        // A predicted port is a direct path too; the grid's techniques never ask for one.
+        Path::Direct | Path::PortPrediction => Some(Outcome::Direct),
+        Path::Relayed => Some(Outcome::Relayed),
+        Path::Blocked => Some(Outcome::Failed),
+        Path::Unknown => None,
     }
 }
 
-fn short_f(f: F) -> &'static str {
-    match f {
-        F::EndpointIndependent => "EIF",
-        F::AddressDependent => "ADF",
-        F::AddressAndPortDependent => "APDF",
-    }
+/// The expected outcome of `punch connect` from a peer behind `a` to a peer behind `b` (NATs
+/// named `a.0` and `b.0` in the reason), and why: the traversal model's path without port
+/// prediction.
+pub fn expected_between(
+    a: (&str, PeerNat),
+    b: (&str, PeerNat),
+    transport: Transport,
+) -> Option<(Outcome, String)> {
+    let e = match transport {
+        Transport::Udp => traversal::udp(a.1, b.1, TECHNIQUES),
+        Transport::Tcp => traversal::tcp(a.1, b.1),
+    };
+    Some((outcome(e.path)?, e.words(a.0, b.0)))
 }
 
-/// Whether `from`'s packets, sent to `to`'s reflexive address, reach `to`'s host; and why not.
-fn opens(from: Side, to: Side) -> Result<(), String> {
-    if to.filtering == F::EndpointIndependent {
-        return Ok(());
-    }
-    if to.mapping != M::EndpointIndependent {
-        return Err(format!(
-            "its {} mapping towards the server admits only the server ({})",
-            short_m(to.mapping),
-            short_f(to.filtering)
-        ));
-    }
-    match to.filtering {
-        F::AddressDependent => Ok(()),
-        _ if from.mapping == M::EndpointIndependent => Ok(()),
-        _ => Err(format!(
-            "its APDF filter admits only the reflexive port it sent to, and the {} sender uses a new port",
-            short_m(from.mapping)
-        )),
-    }
-}
-
-/// Whether the answer of `to` (to the source it saw) passes `from`'s filter.
-fn answer_passes(from: Side, to: Side) -> bool {
-    to.mapping == M::EndpointIndependent || from.filtering != F::AddressAndPortDependent
-}
-
-/// The expected outcome of `punch connect` from a peer behind `a` to a peer behind `b`, and why.
+/// The expected outcome of `punch connect` from a peer behind preset `a` to a peer behind preset
+/// `b`, and why.
 pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(Outcome, String)> {
-    let (sa, sb) = (side(a)?, side(b)?);
-    if transport == Transport::Udp && (sa.udp_blocked || sb.udp_blocked) {
-        return Some((
-            Outcome::Failed,
-            "UDP is blocked, so neither a direct path nor the UDP relay exists".into(),
-        ));
-    }
-    if transport == Transport::Tcp {
-        return Some(
-            if sa.mapping == M::EndpointIndependent && sb.mapping == M::EndpointIndependent {
-                (
-                    Outcome::Direct,
-                    "both mappings are endpoint-independent, so each SYN comes from the address the other side connects to, and each filter admits it once its own SYN left (RFC 5382 simultaneous open)".into(),
-                )
-            } else {
-                let sym = if sa.mapping != M::EndpointIndependent {
-                    a
-                } else {
-                    b
-                };
-                (
-                    Outcome::Relayed,
-                    format!("{sym} maps the peer connection to a new port, and a TCP socket accepts segments only from the exact address it connected to"),
-                )
-            },
-        );
-    }
-    let ab = opens(sa, sb);
-    let ba = opens(sb, sa);
-    let direct_ab = ab.is_ok() && answer_passes(sa, sb);
-    let direct_ba = ba.is_ok() && answer_passes(sb, sa);
-    Some(match (direct_ab, direct_ba) {
-        (true, true) => (Outcome::Direct, "both directions open".into()),
-        (true, false) => (
-            Outcome::Direct,
-            format!("{a} → {b} opens and the answer returns; {b} → {a} alone would not"),
-        ),
-        (false, true) => (
-            Outcome::Direct,
-            format!("{b} → {a} opens and the answer returns; {a} → {b} alone would not"),
-        ),
-        (false, false) => {
-            let why = |r: Result<(), String>, to: &str| {
-                match r {
-                Err(e) => format!("towards {to}: {e}"),
-                Ok(()) => format!("towards {to}: the packet passes but the answer comes from a new port the APDF sender's filter refuses"),
-            }
-            };
-            (Outcome::Relayed, format!("{}; {}", why(ab, b), why(ba, a)))
-        }
-    })
+    expected_between((a, side(a)?), (b, side(b)?), transport)
 }
 
 /// A pair topology: reflector `stun`, and each preset's routers with `a`/`b` appended to their
@@ -203,10 +163,168 @@ pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use natscope_core::probe::report::{outlook, outlook_row, Behavior, NatShape, PEERS};
     use Outcome::*;
 
     fn udp(a: &str, b: &str) -> Outcome {
         expected(a, b, Transport::Udp).unwrap().0
+    }
+
+    /// What a probe run behind preset `name` feeds its outlook (`presets::expected` is the truth
+    /// `lab matrix` holds the probe to): no translation reads as endpoint-independent, a blocked
+    /// path shows no behavior at all.
+    fn probe_view(name: &str) -> NatShape {
+        let e = presets::expected(name).unwrap();
+        let blocked = e.classic == Classic::UdpBlocked;
+        NatShape {
+            mapping: match e.mapping {
+                Some(m) => m.into(),
+                None if blocked => Behavior::Unknown,
+                None => Behavior::EndpointIndependent,
+            },
+            filtering: e.filtering.map_or(Behavior::Unknown, Behavior::from),
+            predictable: matches!(
+                e.allocation,
+                AllocationPattern::Preserving | AllocationPattern::Sequential
+            ),
+        }
+    }
+
+    /// Whether the outlook's `direct_udp` word and the grid's outcome say the same thing. The
+    /// grid does not predict ports, so where the outlook needs prediction the grid relays; a
+    /// probe behind a blocked path knows no behavior, where the grid knows nothing connects.
+    fn agree(direct_udp: &str, grid: Option<Outcome>) -> bool {
+        matches!(
+            (direct_udp, grid),
+            ("yes", Some(Direct))
+                | ("no" | "with-port-prediction", Some(Relayed))
+                | ("unknown", Some(Failed) | None)
+        )
+    }
+
+    #[test]
+    fn outlook_and_grid_agree_on_every_behavior_pair() {
+        let behaviors = [
+            Behavior::EndpointIndependent,
+            Behavior::AddressDependent,
+            Behavior::AddressAndPortDependent,
+            Behavior::Unknown,
+        ];
+        let mut shapes = Vec::new();
+        for mapping in behaviors {
+            for filtering in behaviors {
+                for predictable in [true, false] {
+                    shapes.push(NatShape {
+                        mapping,
+                        filtering,
+                        predictable,
+                    });
+                }
+            }
+        }
+        let mut compared = 0;
+        for &us in &shapes {
+            for &them in &shapes {
+                let row = outlook_row(us, "them", them);
+                let grid =
+                    expected_between(("us", us.into()), ("them", them.into()), Transport::Udp);
+                assert!(
+                    agree(row.direct_udp, grid.as_ref().map(|g| g.0)),
+                    "us {us:?}, them {them:?}: outlook {row:?}, grid {grid:?}"
+                );
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 32 * 32);
+    }
+
+    #[test]
+    fn outlook_and_grid_agree_on_every_preset_pair() {
+        for a in presets::names() {
+            let rows = outlook(probe_view(a));
+            for (row, &(peer, shape)) in rows.iter().zip(PEERS.iter()) {
+                assert_eq!(row.peer, peer);
+                // Every preset whose probe would report this outlook peer's NAT.
+                let bs: Vec<&str> = presets::names()
+                    .iter()
+                    .copied()
+                    .filter(|b| probe_view(b) == shape)
+                    .collect();
+                assert!(!bs.is_empty(), "no preset is the outlook's {peer}");
+                for b in bs {
+                    let grid = expected(a, b, Transport::Udp);
+                    assert!(
+                        agree(row.direct_udp, grid.as_ref().map(|g| g.0)),
+                        "{a} with peer {peer} ({b}): outlook {row:?}, grid {grid:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The generated part of docs/lab.md's "Grid" section: both transports' outcome tables over
+    /// the default presets and every cell's reason, all from [`expected`].
+    fn doc_tables() -> String {
+        let names = DEFAULT_PRESETS;
+        let word = |o: Outcome| match o {
+            Direct => "direct",
+            Relayed => "relayed",
+            Failed => "failed",
+        };
+        let mut out = String::new();
+        for (label, t) in [("UDP", Transport::Udp), ("TCP", Transport::Tcp)] {
+            out += &format!("| {label} | {} |\n", names.join(" | "));
+            out += &format!("|---|{}\n", "---|".repeat(names.len()));
+            for (i, a) in names.iter().enumerate() {
+                out += &format!("| {a} |");
+                for (j, b) in names.iter().enumerate() {
+                    match j < i {
+                        true => out += " |",
+                        false => out += &format!(" {} |", word(expected(a, b, t).unwrap().0)),
+                    }
+                }
+                out += "\n";
+            }
+            out += "\n";
+        }
+        out += "| a | b | transport | expected | reason |\n|---|---|---|---|---|\n";
+        for (label, t) in [("udp", Transport::Udp), ("tcp", Transport::Tcp)] {
+            for (i, a) in names.iter().enumerate() {
+                for b in &names[i..] {
+                    let (o, why) = expected(a, b, t).unwrap();
+                    out += &format!("| {a} | {b} | {label} | {} | {why} |\n", word(o));
+                }
+            }
+        }
+        out
+    }
+
+    /// docs/lab.md's grid tables are the model's: regenerate them with
+    /// `NATSCOPE_BLESS_DOCS=1 cargo test -p natscope-lab --lib grid_docs`.
+    #[test]
+    fn grid_docs_are_the_models() {
+        const BEGIN: &str = "<!-- grid tables: generated from natscope_core::traversal by natscope-lab's grid_docs_are_the_models test -->\n";
+        const END: &str = "<!-- end of grid tables -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/lab.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/lab.md has the grid tables' begin marker")
+            + BEGIN.len();
+        let len = doc[start..]
+            .find(END)
+            .expect("docs/lab.md has the end marker");
+        let want = doc_tables();
+        if doc[start..start + len] != want {
+            if std::env::var_os("NATSCOPE_BLESS_DOCS").is_some() {
+                let new = format!("{}{want}{}", &doc[..start], &doc[start + len..]);
+                std::fs::write(path, new).unwrap();
+            } else {
+                panic!(
+                    "docs/lab.md's grid tables differ from the model; they should read:\n{want}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! kernel's masquerade), built over netlink inside namespaces the lab creates, never touching
 //! the root namespace (DESIGN.md, "Lab" and "Safety").
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod config;
 pub mod control;

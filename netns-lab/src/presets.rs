@@ -1,6 +1,9 @@
 //! Named labs for the common NAT types, so `natscope lab up <preset>` needs no topology file, and
 //! the truth each one should produce in a NAT probe ([`expected`]), so `lab matrix` can check the
-//! probe against a known answer.
+//! probe against a known answer. One table, [`PRESETS`], holds each preset's name, summary,
+//! layout, truth and grid role; the name list, the router behaviors a topology file may name, the
+//! topologies, the truth and `lab grid`'s default set are all read from it (and a test checks
+//! docs/lab.md's tables against it).
 //!
 //! Every preset has one reflector `stun`, a router `nat` directly in front of the hosts, and two
 //! hosts `h1` and `h2` on its LAN (`open`: `h1` and `h2` on the internet, no router). Settings not
@@ -9,87 +12,277 @@
 //! paired pooling, one external address, no loss or delay, seed 1. Only `full-cone` hairpins.
 
 use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
-use natscope_core::probe::AllocationPattern;
-use serde::Serialize;
+use natscope_core::probe::{AllocationPattern, Classic};
+use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, NodeSpec, RouterKind, Topology};
 
 use FilteringBehavior as F;
 use MappingBehavior as M;
 
-/// One preset's name and a one-line summary (for `lab up --help` and docs/lab.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct PresetInfo {
-    pub name: &'static str,
-    pub summary: &'static str,
+/// How a preset's routers are laid out.
+#[derive(Clone, Copy, Debug)]
+pub enum Layout {
+    /// No NAT at all: `h1` and `h2` have public addresses.
+    NoNat,
+    /// One router `nat` in front of the hosts; its settings are also what `behavior = "<name>"`
+    /// means in a topology file.
+    Router(fn() -> RouterKind),
+    /// A `carrier` router on the internet and a `nat` router behind it.
+    Nested {
+        carrier: fn() -> EngineConfig,
+        nat: fn() -> EngineConfig,
+    },
 }
 
-/// Every preset, in the order `lab up --help` lists them.
-pub const PRESETS: &[PresetInfo] = &[
-    PresetInfo {
-        name: "open",
-        summary: "no nat: h1 and h2 on the internet",
-    },
-    PresetInfo {
-        name: "full-cone",
-        summary: "endpoint-independent mapping and filtering, hairpinning",
-    },
-    PresetInfo {
-        name: "restricted-cone",
-        summary: "endpoint-independent mapping, address-dependent filtering",
-    },
-    PresetInfo {
-        name: "port-restricted-cone",
-        summary: "endpoint-independent mapping, address-and-port-dependent filtering",
-    },
-    PresetInfo {
-        name: "symmetric",
-        summary: "address-and-port-dependent mapping and filtering, random ports",
-    },
-    PresetInfo {
-        name: "symmetric-sequential",
-        summary: "address-and-port-dependent mapping and filtering, sequential ports (step 1)",
-    },
-    PresetInfo {
-        name: "address-dependent",
-        summary: "address-dependent mapping and filtering",
-    },
-    PresetInfo {
-        name: "cgnat",
-        summary: "full-cone carrier nat in front of a port-restricted-cone home nat",
-    },
-    PresetInfo {
-        name: "firewall",
-        summary: "no translation: hosts with public addresses behind an \
-                  address-and-port-dependent stateful firewall",
-    },
-    PresetInfo {
-        name: "blocked",
-        summary: "a nat that drops all udp",
-    },
-    PresetInfo {
-        name: "linux",
-        summary: "the kernel's nftables masquerade (a stock linux router)",
-    },
-];
+/// One preset: its name, what it is, how it is built, the truth a probe in it should see, and
+/// where it takes part. Every preset is a row of `lab matrix`; `grid` marks the ones in `lab
+/// grid`'s default set.
+#[derive(Clone, Copy, Debug)]
+pub struct Preset {
+    pub name: &'static str,
+    /// One line for `lab up --list` and docs/lab.md.
+    pub summary: &'static str,
+    pub layout: Layout,
+    /// What a NAT probe from `h1` against `stun` should report ([`expected`]).
+    pub truth: Expected,
+    /// In `lab grid`'s default set (issue 5 must-show 2).
+    pub grid: bool,
+}
+
+/// Name and summary of a preset, as `lab up --list` shows them.
+pub type PresetInfo = Preset;
+
+const EIM: Option<MappingBehavior> = Some(M::EndpointIndependent);
+const APDM: Option<MappingBehavior> = Some(M::AddressAndPortDependent);
+
+const fn truth(
+    mapping: Option<MappingBehavior>,
+    filtering: Option<FilteringBehavior>,
+    port_preservation: bool,
+    allocation: AllocationPattern,
+    hairpinning: bool,
+    classic: Classic,
+) -> Expected {
+    Expected {
+        mapping,
+        filtering,
+        port_preservation,
+        allocation,
+        hairpinning,
+        classic,
+    }
+}
+
+/// Every preset, in listing order: the one table the names, the topologies, `behavior = ...`,
+/// the matrix's truth and the grid's default set come from.
+///
+/// `linux`: nftables masquerade is conntrack-based: a socket whose source port is free keeps it
+/// and reuses one mapping for every destination (endpoint-independent in effect), and inbound
+/// packets are only admitted when they match a conntrack entry, i.e. the exact remote address
+/// and port (address-and-port-dependent filtering); no hairpinning without extra rules. So a
+/// port-restricted cone. `cgnat`: the composition of EIM+EIF carrier and EIM+APDF home NAT, both
+/// preserving ports: EIM + APDF, port preserved, port-restricted cone.
+pub const PRESETS: &[Preset] = {
+    use AllocationPattern as A;
+    &[
+        Preset {
+            name: "open",
+            summary: "no nat: h1 and h2 on the internet",
+            layout: Layout::NoNat,
+            truth: truth(
+                None,
+                Some(F::EndpointIndependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::OpenInternet,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "full-cone",
+            summary: "endpoint-independent mapping and filtering, hairpinning",
+            layout: Layout::Router(|| RouterKind::Engine(full_cone())),
+            truth: truth(
+                EIM,
+                Some(F::EndpointIndependent),
+                true,
+                A::Preserving,
+                true,
+                Classic::FullCone,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "restricted-cone",
+            summary: "endpoint-independent mapping, address-dependent filtering",
+            layout: Layout::Router(|| RouterKind::Engine(restricted_cone())),
+            truth: truth(
+                EIM,
+                Some(F::AddressDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::RestrictedCone,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "port-restricted-cone",
+            summary: "endpoint-independent mapping, address-and-port-dependent filtering",
+            layout: Layout::Router(|| RouterKind::Engine(port_restricted_cone())),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "symmetric",
+            summary: "address-and-port-dependent mapping and filtering, random ports",
+            layout: Layout::Router(|| RouterKind::Engine(symmetric())),
+            truth: truth(
+                APDM,
+                Some(F::AddressAndPortDependent),
+                false,
+                A::Random,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "symmetric-sequential",
+            summary: "address-and-port-dependent mapping and filtering, sequential ports (step 1)",
+            layout: Layout::Router(|| RouterKind::Engine(symmetric_sequential())),
+            truth: truth(
+                APDM,
+                Some(F::AddressAndPortDependent),
+                false,
+                A::Sequential,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "address-dependent",
+            summary: "address-dependent mapping and filtering",
+            layout: Layout::Router(|| RouterKind::Engine(address_dependent())),
+            truth: truth(
+                Some(M::AddressDependent),
+                Some(F::AddressDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "cgnat",
+            summary: "full-cone carrier nat in front of a port-restricted-cone home nat",
+            layout: Layout::Nested {
+                carrier,
+                nat: port_restricted_cone,
+            },
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: true,
+        },
+        Preset {
+            name: "firewall",
+            summary: "no translation: hosts with public addresses behind an \
+                      address-and-port-dependent stateful firewall",
+            layout: Layout::Router(|| RouterKind::Engine(firewall())),
+            truth: truth(
+                None,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::SymmetricUdpFirewall,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "blocked",
+            summary: "a nat that drops all udp",
+            layout: Layout::Router(|| RouterKind::Engine(blocked())),
+            truth: truth(None, None, false, A::Unknown, false, Classic::UdpBlocked),
+            grid: false,
+        },
+        Preset {
+            name: "linux",
+            summary: "the kernel's nftables masquerade (a stock linux router)",
+            layout: Layout::Router(|| RouterKind::Linux),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+    ]
+};
+
+/// The preset named `name`.
+pub fn find(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
 
 /// The preset names, in listing order.
 pub fn names() -> &'static [&'static str] {
-    const NAMES: &[&str] = &[
-        "open",
-        "full-cone",
-        "restricted-cone",
-        "port-restricted-cone",
-        "symmetric",
-        "symmetric-sequential",
-        "address-dependent",
-        "cgnat",
-        "firewall",
-        "blocked",
-        "linux",
-    ];
-    NAMES
+    const NAMES: [&str; PRESETS.len()] = {
+        let mut names = [""; PRESETS.len()];
+        let mut i = 0;
+        while i < PRESETS.len() {
+            names[i] = PRESETS[i].name;
+            i += 1;
+        }
+        names
+    };
+    &NAMES
 }
+
+/// The presets of `lab grid`'s default set, in listing order.
+pub const GRID_PRESETS: &[&str] = {
+    const N: usize = {
+        let (mut n, mut i) = (0, 0);
+        while i < PRESETS.len() {
+            n += PRESETS[i].grid as usize;
+            i += 1;
+        }
+        n
+    };
+    const GRID: [&str; N] = {
+        let mut grid = [""; N];
+        let (mut n, mut i) = (0, 0);
+        while i < PRESETS.len() {
+            if PRESETS[i].grid {
+                grid[n] = PRESETS[i].name;
+                n += 1;
+            }
+            i += 1;
+        }
+        grid
+    };
+    &GRID
+};
 
 /// Name and summary of every preset.
 pub fn infos() -> &'static [PresetInfo] {
@@ -160,33 +353,36 @@ fn blocked() -> EngineConfig {
 /// Also the meaning of `behavior = "<name>"` in a topology file. `None` for `open`, `cgnat`
 /// (two routers: use `port-restricted-cone` or `full-cone`) and unknown names.
 pub fn router(name: &str) -> Option<RouterKind> {
-    let cfg = match name {
-        "full-cone" => full_cone(),
-        "restricted-cone" => restricted_cone(),
-        "port-restricted-cone" => port_restricted_cone(),
-        "symmetric" => symmetric(),
-        "symmetric-sequential" => symmetric_sequential(),
-        "address-dependent" => address_dependent(),
-        "firewall" => firewall(),
-        "blocked" => blocked(),
-        "linux" => return Some(RouterKind::Linux),
-        _ => return None,
-    };
-    Some(RouterKind::Engine(cfg))
+    match find(name)?.layout {
+        Layout::Router(router) => Some(router()),
+        Layout::NoNat | Layout::Nested { .. } => None,
+    }
 }
 
 /// Router behaviors accepted by [`router`], in listing order.
-pub const ROUTER_BEHAVIORS: &[&str] = &[
-    "full-cone",
-    "restricted-cone",
-    "port-restricted-cone",
-    "symmetric",
-    "symmetric-sequential",
-    "address-dependent",
-    "firewall",
-    "blocked",
-    "linux",
-];
+pub const ROUTER_BEHAVIORS: &[&str] = {
+    const N: usize = {
+        let (mut n, mut i) = (0, 0);
+        while i < PRESETS.len() {
+            n += matches!(PRESETS[i].layout, Layout::Router(_)) as usize;
+            i += 1;
+        }
+        n
+    };
+    const ROUTERS: [&str; N] = {
+        let mut routers = [""; N];
+        let (mut n, mut i) = (0, 0);
+        while i < PRESETS.len() {
+            if matches!(PRESETS[i].layout, Layout::Router(_)) {
+                routers[n] = PRESETS[i].name;
+                n += 1;
+            }
+            i += 1;
+        }
+        routers
+    };
+    &ROUTERS
+};
 
 fn reflector() -> NodeSpec {
     NodeSpec::Reflector {
@@ -226,23 +422,18 @@ fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
 /// | `blocked` | drops all UDP; EIM + APDF otherwise |
 /// | `linux` | nftables masquerade |
 pub fn preset(name: &str) -> Option<Topology> {
-    let nodes = match name {
-        // No NAT at all: `h1` and `h2` have public addresses.
-        "open" => vec![reflector(), host("h1", None), host("h2", None)],
-        "cgnat" => vec![
+    let nodes = match find(name)?.layout {
+        Layout::NoNat => vec![reflector(), host("h1", None), host("h2", None)],
+        Layout::Nested { carrier, nat: home } => vec![
             reflector(),
             nat("carrier", None, RouterKind::Engine(carrier())),
-            nat(
-                "nat",
-                Some("carrier"),
-                RouterKind::Engine(port_restricted_cone()),
-            ),
+            nat("nat", Some("carrier"), RouterKind::Engine(home())),
             host("h1", Some("nat")),
             host("h2", Some("nat")),
         ],
-        other => vec![
+        Layout::Router(router) => vec![
             reflector(),
-            nat("nat", None, router(other)?),
+            nat("nat", None, router()),
             host("h1", Some("nat")),
             host("h2", Some("nat")),
         ],
@@ -255,7 +446,7 @@ pub fn preset(name: &str) -> Option<Topology> {
 
 /// What a NAT probe run from `h1` against `stun` should report for a preset: the ground truth
 /// `lab matrix` compares the probe with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expected {
     /// End-to-end mapping behavior; `None` when nothing translates (`open`, `firewall`) or when
     /// nothing can be observed (`blocked`).
@@ -269,98 +460,13 @@ pub struct Expected {
     pub allocation: AllocationPattern,
     /// Whether the path hairpins; `false` where there is no translation to hairpin through.
     pub hairpinning: bool,
-    /// The classic RFC 3489 name exactly as the probe prints it.
-    pub classic: &'static str,
+    /// The classic RFC 3489 name the probe reports.
+    pub classic: Classic,
 }
 
-/// The truth a probe from `h1` should observe in preset `name`.
-///
-/// `linux`: nftables masquerade is conntrack-based: a socket whose source port is free keeps it
-/// and reuses one mapping for every destination (endpoint-independent in effect), and inbound
-/// packets are only admitted when they match a conntrack entry, i.e. the exact remote address
-/// and port (address-and-port-dependent filtering); no hairpinning without extra rules. So a
-/// port-restricted cone. `cgnat`: the composition of EIM+EIF carrier and EIM+APDF home NAT, both
-/// preserving ports: EIM + APDF, port preserved, port-restricted cone.
+/// The truth a probe from `h1` should observe in preset `name` (its [`Preset::truth`]).
 pub fn expected(name: &str) -> Option<Expected> {
-    use AllocationPattern as A;
-    let e = |mapping, filtering, port_preservation, allocation, hairpinning, classic| Expected {
-        mapping,
-        filtering,
-        port_preservation,
-        allocation,
-        hairpinning,
-        classic,
-    };
-    let eim = Some(M::EndpointIndependent);
-    let apdm = Some(M::AddressAndPortDependent);
-    Some(match name {
-        "open" => e(
-            None,
-            Some(F::EndpointIndependent),
-            true,
-            A::Preserving,
-            false,
-            "open-internet",
-        ),
-        "full-cone" => e(
-            eim,
-            Some(F::EndpointIndependent),
-            true,
-            A::Preserving,
-            true,
-            "full-cone",
-        ),
-        "restricted-cone" => e(
-            eim,
-            Some(F::AddressDependent),
-            true,
-            A::Preserving,
-            false,
-            "restricted-cone",
-        ),
-        "port-restricted-cone" | "cgnat" | "linux" => e(
-            eim,
-            Some(F::AddressAndPortDependent),
-            true,
-            A::Preserving,
-            false,
-            "port-restricted-cone",
-        ),
-        "symmetric" => e(
-            apdm,
-            Some(F::AddressAndPortDependent),
-            false,
-            A::Random,
-            false,
-            "symmetric",
-        ),
-        "symmetric-sequential" => e(
-            apdm,
-            Some(F::AddressAndPortDependent),
-            false,
-            A::Sequential,
-            false,
-            "symmetric",
-        ),
-        "address-dependent" => e(
-            Some(M::AddressDependent),
-            Some(F::AddressDependent),
-            true,
-            A::Preserving,
-            false,
-            "symmetric",
-        ),
-        "firewall" => e(
-            None,
-            Some(F::AddressAndPortDependent),
-            true,
-            A::Preserving,
-            false,
-            "symmetric-udp-firewall",
-        ),
-        "blocked" => e(None, None, false, A::Unknown, false, "udp-blocked"),
-        _ => return None,
-    })
+    Some(find(name)?.truth)
 }
 
 #[cfg(test)]
@@ -509,6 +615,71 @@ mod tests {
                 "h1 10.1.0.2/24 via 10.1.0.1",
                 "h2 10.1.0.3/24 via 10.1.0.1",
             ]
+        );
+    }
+
+    #[test]
+    fn the_lists_come_from_the_table() {
+        assert_eq!(
+            GRID_PRESETS,
+            [
+                "full-cone",
+                "restricted-cone",
+                "port-restricted-cone",
+                "symmetric",
+                "symmetric-sequential",
+                "cgnat"
+            ],
+            "issue 5's grid"
+        );
+        let routers: Vec<&str> = names()
+            .iter()
+            .copied()
+            .filter(|n| !matches!(*n, "open" | "cgnat"))
+            .collect();
+        assert_eq!(ROUTER_BEHAVIORS, routers);
+        for p in PRESETS {
+            assert_eq!(find(p.name).map(|f| f.name), Some(p.name));
+            assert_eq!(expected(p.name), Some(p.truth));
+        }
+    }
+
+    /// docs/lab.md's truth table and grid description are this table, row for row.
+    #[test]
+    fn the_docs_show_the_table() {
+        let docs = include_str!("../../docs/lab.md");
+        let kebab = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        for p in PRESETS {
+            let t = p.truth;
+            let mapping = match t.mapping {
+                Some(m) => kebab(serde_json::to_value(m).unwrap()),
+                None if t.classic == Classic::UdpBlocked => "—".into(),
+                None => "none".into(),
+            };
+            let filtering = t
+                .filtering
+                .map_or("—".into(), |f| kebab(serde_json::to_value(f).unwrap()));
+            let row = format!(
+                "| `{}` | {mapping} | {filtering} | {} | {} | {} | `{}` |",
+                p.name,
+                yes(t.port_preservation),
+                kebab(serde_json::to_value(t.allocation).unwrap()),
+                yes(t.hairpinning),
+                kebab(serde_json::to_value(t.classic).unwrap()),
+            );
+            assert!(docs.lines().any(|l| l == row), "docs/lab.md lacks {row}");
+        }
+        let words: Vec<&str> = docs.split_whitespace().collect();
+        let default = format!("default {})", GRID_PRESETS.join(", "));
+        assert!(
+            words.join(" ").contains(&default),
+            "docs/lab.md lacks `{default}`"
+        );
+        let header = format!("| UDP | {} |", GRID_PRESETS.join(" | "));
+        assert!(
+            docs.lines().any(|l| l == header),
+            "docs/lab.md lacks {header}"
         );
     }
 

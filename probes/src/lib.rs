@@ -10,6 +10,8 @@
 //! The codec, the NAT model and every state machine are [`natscope_core`]'s; the modules that need
 //! no driver are re-exported under their usual names so callers have one path for each concept.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod client;
 pub mod probe;

@@ -1,6 +1,6 @@
-//! Helpers for tests that run inside natscope labs: root checks that fail in CI instead of
-//! skipping, unique lab names, and small blocking UDP/TCP probes made of plain sockets (not the
-//! NAT probe), so a lab's behavior is measured independently of the code it is used to test.
+//! Helpers for tests that run inside natscope labs: the root check (re-exported), unique lab
+//! names, and small blocking UDP/TCP probes made of plain sockets (not the NAT probe), so a lab's
+//! behavior is measured independently of the code it is used to test.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use natscope_lab::{presets, Lab, LabOptions};
 use rand::Rng;
 
-use crate::{natscope_bin, require_all, REQUIRE_ALL_ENV};
+use crate::natscope_bin;
 
 /// How long a test waits for a datagram that should *not* arrive. Lab paths answer in well under
 /// a millisecond, and every negative check has a positive control on the same path.
@@ -17,30 +17,7 @@ pub const SILENCE: Duration = Duration::from_millis(300);
 /// How long a test waits for a datagram that should arrive.
 pub const ARRIVAL: Duration = Duration::from_secs(2);
 
-/// Whether this process may build labs (root). In CI (`NATSCOPE_REQUIRE_ALL=1`) not being root
-/// fails the test; elsewhere the test is skipped with a message.
-pub fn require_root() -> bool {
-    if nix_is_root() {
-        return true;
-    }
-    let reason = "lab tests need root (network namespaces, veth, packet sockets)";
-    if require_all() {
-        panic!("{reason}; {REQUIRE_ALL_ENV}=1 makes this a failure instead of a skip");
-    }
-    eprintln!("SKIPPED: {reason}");
-    false
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
+pub use crate::require_root;
 
 /// A lab name unique to this test run: `prefix` plus random characters (10 at most).
 pub fn lab_name(prefix: &str) -> String {

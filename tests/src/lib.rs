@@ -4,9 +4,12 @@
 //! loopback sockets, the `natscope` binary, coturn and Debian's `stun` client. What they share lives
 //! here so each test reads as behavior: ports that are free on 127.0.0.1 and 127.0.0.2 (random, with
 //! retry on EADDRINUSE), reflectors started on them, child processes that are killed by PID when the
-//! test ends (also on panic, after printing their command and output), third-party tools that CI
-//! requires (`NATSCOPE_REQUIRE_ALL=1`), and bounded waits that poll for readiness instead of
-//! sleeping. All traffic stays on 127.0.0.0/8 (DESIGN.md, "Safety").
+//! test ends (also on panic, after printing their command and output), checks for root and for
+//! third-party tools (tests that need them are `#[ignore]`d with the reason, and fail when run
+//! without them), and bounded waits that poll for readiness instead of sleeping. All traffic stays
+//! on 127.0.0.0/8 (DESIGN.md, "Safety").
+
+#![forbid(unsafe_code)]
 
 pub mod lab;
 pub mod punch;
@@ -35,7 +38,8 @@ pub const A2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// A client IP of its own: its requests do not share A1's per-IP rate-limit bucket.
 pub const A3: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
-/// Environment variable CI sets to `1`: a missing third-party tool is then a failure, not a skip.
+/// Environment variable CI sets to `1`: the real `natscope reflect` must then be what interop tests
+/// talk to (no fallback to an in-process reflector).
 pub const REQUIRE_ALL_ENV: &str = "NATSCOPE_REQUIRE_ALL";
 
 /// Retransmission schedule for loopback transactions that are expected to succeed: first retry
@@ -83,21 +87,35 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Checks that a third-party tool is installed. Returns `true` when it is; when it is not, fails
-/// the test if `NATSCOPE_REQUIRE_ALL=1`, and otherwise prints why the test is skipped and returns
-/// `false` (the caller then returns early).
-pub fn require_tool(name: &str, package: &str) -> bool {
-    if find_on_path(name).is_some() {
-        return true;
-    }
-    let reason = format!(
-        "`{name}` is not on PATH (install the Debian package `{package}`: apt-get install {package})"
+/// The path of a third-party tool the test needs; panics, naming the Debian package, when it is
+/// not installed. A test that needs one is `#[ignore = "needs …"]`: it runs only when asked for
+/// (`cargo test -- --include-ignored`, as scripts/test does), and then a missing tool is a
+/// failure, never a silent pass.
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    find_on_path(name).unwrap_or_else(|| {
+        panic!(
+            "`{name}` is not on PATH; this test needs it (install the Debian package \
+             `{package}`: apt-get install {package})"
+        )
+    })
+}
+
+/// Panics unless this process is root, which labs need (network namespaces, veth, packet
+/// sockets). Lab tests are `#[ignore = "needs root …"]`; run (`--include-ignored`) without root,
+/// they fail rather than pass without testing anything.
+pub fn require_root() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false);
+    assert!(
+        root,
+        "lab tests need root (network namespaces, veth, packet sockets); run them as root"
     );
-    if require_all() {
-        panic!("{reason}; {REQUIRE_ALL_ENV}=1 makes this a failure instead of a skip");
-    }
-    eprintln!("SKIPPED: {reason}; set {REQUIRE_ALL_ENV}=1 to make this a failure");
-    false
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -179,10 +179,9 @@ async fn cooperating_reflectors_answer_change_ip_from_the_partner() {
 
 /// coturn's RFC 5780 client sees one server with two IPs, although it is two processes.
 #[test]
+#[ignore = "needs coturn's turnutils_natdiscovery (package coturn); run with --include-ignored (scripts/test does)"]
 fn natdiscovery_sees_cooperating_reflectors_as_one_rfc5780_server() {
-    if !require_tool("turnutils_natdiscovery", "coturn") {
-        return;
-    }
+    require_tool("turnutils_natdiscovery", "coturn");
     let secret = "natscope-test-link-secret-natdiscovery";
     let pair = start_pair(secret, secret);
     let mut cmd = Command::new("turnutils_natdiscovery");

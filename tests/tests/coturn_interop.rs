@@ -47,10 +47,9 @@ use natscope_tests::{
 };
 
 #[test]
+#[ignore = "needs coturn's turnutils_natdiscovery (package coturn); run with --include-ignored (scripts/test does)"]
 fn natdiscovery_finds_endpoint_independent_mapping_and_filtering_on_our_reflector() {
-    if !require_tool("turnutils_natdiscovery", "coturn") {
-        return;
-    }
+    require_tool("turnutils_natdiscovery", "coturn");
     let r = ReflectorUnderTest::start();
     let (p1, alt) = (r.primary(), r.alternate());
     let mut cmd = Command::new("turnutils_natdiscovery");
@@ -103,10 +102,9 @@ fn natdiscovery_finds_endpoint_independent_mapping_and_filtering_on_our_reflecto
 }
 
 #[tokio::test]
+#[ignore = "needs coturn's turnserver (package coturn); run with --include-ignored (scripts/test does)"]
 async fn our_client_reads_rfc5780_answers_from_coturn() {
-    if !require_tool("turnserver", "coturn") {
-        return;
-    }
+    require_tool("turnserver", "coturn");
     let coturn = Coturn::start();
     let (primary, alternate) = (coturn.primary, coturn.alternate);
     let why = || coturn.child.diagnostics();
@@ -162,10 +160,9 @@ async fn our_client_reads_rfc5780_answers_from_coturn() {
 }
 
 #[test]
+#[ignore = "needs coturn's turnserver (package coturn); run with --include-ignored (scripts/test does)"]
 fn coturn_pid_file_names_the_process_we_kill() {
-    if !require_tool("turnserver", "coturn") {
-        return;
-    }
+    require_tool("turnserver", "coturn");
     let coturn = Coturn::start();
     let pid_file = coturn.dir.path().join("turnserver.pid");
     let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| {

@@ -635,7 +635,7 @@ async fn tcp_served_after(r: &TestReflector) {
             Ok(resp) => {
                 assert_eq!(resp.xor_mapped, Some(me), "{resp:?}");
                 assert_eq!(resp.response_origin, Some(r.primary), "{resp:?}");
-                return;
+                break;
             }
             Err(e) if Instant::now() < deadline => {
                 eprintln!("tcp retry after the crowd: {e}");

@@ -1,8 +1,8 @@
 //! Issue 4, must-show 1 and 2: every preset, measured with plain sockets (not the NAT probe),
 //! shows its configured RFC 4787 behavior — mapping as seen from the reflector's addresses and
 //! ports, which inbound senders get through, port allocation, hairpinning — and carries TCP and
-//! ICMP errors; plus mapping expiry, nested NAT and TCP simultaneous open. Runs as root in CI
-//! (`NATSCOPE_REQUIRE_ALL=1` turns a missing privilege into a failure).
+//! ICMP errors; plus mapping expiry, nested NAT and TCP simultaneous open. Needs root: the tests
+//! are `#[ignore]`d and run with `--include-ignored` (scripts/test does), failing without root.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -190,9 +190,7 @@ fn icmp_unreachable_comes_back(lab: &Lab) {
 }
 
 fn check_preset(preset: &str) {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let lab = up_preset(preset);
     let want = expected_observation(&presets::expected(preset).expect("expected"));
     let got = measure(&lab);
@@ -205,52 +203,61 @@ fn check_preset(preset: &str) {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn open() {
     check_preset("open");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn full_cone() {
     check_preset("full-cone");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn restricted_cone() {
     check_preset("restricted-cone");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn port_restricted_cone() {
     check_preset("port-restricted-cone");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn symmetric() {
     check_preset("symmetric");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn symmetric_sequential() {
     check_preset("symmetric-sequential");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn address_dependent() {
     check_preset("address-dependent");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn firewall() {
     check_preset("firewall");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn blocked() {
     check_preset("blocked");
 }
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn linux_masquerade() {
     check_preset("linux");
 }
 
 /// Nested NAT: the reflector sees the carrier's address; each NAT's table holds its own hop.
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn cgnat_nests_two_nats() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     check_preset("cgnat");
     let lab = up_preset("cgnat");
     let (a1, _) = reflector_ips(&lab);
@@ -278,10 +285,9 @@ fn cgnat_nests_two_nats() {
 
 /// REQ-5/REQ-6: a mapping dies after its timeout unless outbound traffic refreshes it.
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn mapping_expires_after_its_timeout_unless_refreshed() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let mut cfg = EngineConfig::new(NatBehavior::new(
         MappingBehavior::EndpointIndependent,
         FilteringBehavior::EndpointIndependent,
@@ -317,10 +323,9 @@ fn mapping_expires_after_its_timeout_unless_refreshed() {
 /// RFC 5382: TCP simultaneous open through two endpoint-independent NATs whose filters only
 /// admit the peer once the local host has sent its own SYN.
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn tcp_simultaneous_open_through_two_eim_nats() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     let cone = || {
         EngineConfig::new(NatBehavior::new(
             MappingBehavior::EndpointIndependent,
@@ -373,10 +378,9 @@ fn tcp_simultaneous_open_through_two_eim_nats() {
 
 /// RFC 5382 REQ-4 knob: an unsolicited inbound SYN is silently dropped, or answered with RST.
 #[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn unsolicited_syn_is_dropped_or_reset_as_configured() {
-    if !require_root() {
-        return;
-    }
+    require_root();
     for policy in [UnsolicitedSyn::Drop, UnsolicitedSyn::Reset] {
         let mut cfg = EngineConfig::new(NatBehavior::new(
             MappingBehavior::EndpointIndependent,

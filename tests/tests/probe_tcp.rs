@@ -7,9 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use natscope_probes::probe::tcp::tcp_mapping;
-use natscope_probes::probe::Behavior;
+use natscope_probes::probe::{Behavior, ProbeReport};
 use natscope_tests::{natscope_bin, run_tool, TestReflector, A1};
-use serde_json::Value;
 
 /// Per-step bound: loopback answers in microseconds, so this only guards against a hang.
 const STEP: Duration = Duration::from_secs(3);
@@ -88,24 +87,24 @@ fn binary_probe_tcp_json_reports_endpoint_independent() {
     let run = run_tool(cmd, Duration::from_secs(60));
     let why = run.report();
     assert_eq!(run.code(), Some(0), "{why}");
-    let doc: Value = serde_json::from_str(&run.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one json document: {e}\n{why}"));
-    assert_eq!(doc["tcp_mapping"], "endpoint-independent", "{why}");
-    assert_eq!(doc["tcp_port_preservation"], true, "{why}");
-    assert_eq!(doc["mapping"], "endpoint-independent", "{why}");
-    let row = doc["tests"]
-        .as_array()
-        .and_then(|t| t.iter().find(|t| t["name"] == "tcp mapping"))
+    let report: ProbeReport = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one natscope.probe/v1 document: {e}\n{why}"));
+    assert_eq!(report.tcp_mapping, Behavior::EndpointIndependent, "{why}");
+    assert_eq!(report.tcp_port_preservation, Some(true), "{why}");
+    assert_eq!(report.mapping, Behavior::EndpointIndependent, "{why}");
+    let row = report
+        .tests
+        .iter()
+        .find(|t| t.name == "tcp mapping")
         .unwrap_or_else(|| panic!("no tcp mapping row: {why}"));
-    assert_eq!(row["verdict"], "endpoint-independent", "{why}");
-    assert_eq!(row["requests_sent"], 3, "{why}");
+    assert_eq!(row.verdict, "endpoint-independent", "{why}");
+    assert_eq!(row.requests_sent, 3, "{why}");
 }
 
 #[test]
+#[ignore = "needs coturn's turnserver (package coturn); run with --include-ignored (scripts/test does)"]
 fn coturn_over_tcp_is_endpoint_independent_like_natscope_reflect() {
-    if !natscope_tests::require_tool("turnserver", "coturn") {
-        return;
-    }
+    natscope_tests::require_tool("turnserver", "coturn");
     let coturn = natscope_tests::Coturn::start_with_tcp();
     let res = runtime().block_on(tcp_mapping(coturn.primary, A1, STEP));
     let why = format!("{res:#?}\n{}", coturn.child.diagnostics());

@@ -22,7 +22,6 @@
 //! ICMP errors of its own (TTL expiry is a silent drop).
 
 mod arp;
-mod firewall;
 mod packet;
 #[cfg(test)]
 mod tests;
@@ -31,6 +30,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
+use natscope_core::nat::firewall::Firewall;
 use natscope_core::nat::table::NatTable;
 use natscope_core::nat::{Protocol, RemoteKey};
 use pnet::packet::arp::ArpOperations;
@@ -44,7 +44,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, Ipv4Net, UnsolicitedSyn};
 use arp::{Arp, Cache, Waiting};
-use firewall::Firewall;
 use packet::{Datagram, Quoted, Reject, Transport};
 
 /// Largest frame accepted: a 1500-byte MTU plus the Ethernet header.
@@ -71,7 +70,9 @@ pub struct RouterAddrs {
     pub wan_gateway: Option<Ipv4Addr>,
 }
 
-/// A frame to write out of `port`, not before `at`.
+/// A frame to write out of `port`, not before `at`. It is not a `natscope_core::net::Transmit`:
+/// the router owns no sockets, and what it sends is a whole link-layer frame (its own ARP, or a
+/// translated IP packet) out of an interface at a delayed time, not a datagram from a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Emit {
     pub port: Port,

@@ -7,6 +7,7 @@
 //! - [`reflector`]: the RFC 5780 Binding server's answer logic.
 //! - [`probe`]: the probe's state machines (mapping, filtering, hairpinning, allocation, lifetime) and report.
 //! - [`punch`]: the rendezvous/relay server, peer sessions and the reliable message layer.
+//! - [`traversal`]: the traversal model — which path two peers behind two NATs should get, and why.
 //!
 //! Every machine takes `now` and bytes and queues what it wants sent; the drivers that own sockets
 //! and timers live in `natscope-probes` and `natscope-lab`. This crate depends on neither tokio,
@@ -24,3 +25,4 @@ pub mod probe;
 pub mod punch;
 pub mod reflector;
 pub mod stun;
+pub mod traversal;

@@ -14,8 +14,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::machine::ProbeMachine;
-use super::plan::{Probe, ProbeConfig, SocketId};
+use super::plan::{Probe, ProbeConfig};
 use super::report::ProbeReport;
+use super::socket::SocketId;
 
 /// Longest a probe may run, whatever its retry budget says.
 pub const DEADLINE: Duration = Duration::from_secs(120);
@@ -57,22 +58,22 @@ pub async fn drive<M: ProbeMachine>(
         loop {
             let now = Instant::now();
             while let Some(t) = probe.poll_transmit(now) {
-                let sock = match sockets.get(&t.socket) {
+                let sock = match sockets.get(&t.source) {
                     Some(s) => s.clone(),
                     None => {
                         let s = Arc::new(UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?);
-                        probe.socket_bound(t.socket, s.local_addr()?);
-                        readers.push(tokio::spawn(read_loop(t.socket, s.clone(), tx.clone())));
-                        sockets.insert(t.socket, s.clone());
+                        probe.socket_bound(t.source, s.local_addr()?);
+                        readers.push(tokio::spawn(read_loop(t.source, s.clone(), tx.clone())));
+                        sockets.insert(t.source, s.clone());
                         s
                     }
                 };
-                if let Err(e) = sock.send_to(&t.payload, t.to).await {
+                if let Err(e) = sock.send_to(&t.payload, t.destination).await {
                     // An unreachable destination is an answer the retransmissions will confirm.
                     if e.kind() != io::ErrorKind::ConnectionRefused {
                         return Err(io::Error::new(
                             e.kind(),
-                            format!("cannot send to {}: {e}", t.to),
+                            format!("cannot send to {}: {e}", t.destination),
                         ));
                     }
                 }

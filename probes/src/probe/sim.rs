@@ -3,8 +3,9 @@
 //! RFC 5780 reflector — all on a virtual clock, so tests never sleep and every run with the same
 //! seed makes the same choices.
 //!
-//! The NAT is [`NatTable`], the very model the lab's packet-level engine uses, so the behavior the
-//! probe is tested against and the behavior the lab emulates are one piece of code (DESIGN.md,
+//! The NAT is [`NatTable`] and the firewall is [`Firewall`], the very models the lab's packet-level
+//! engine uses, so the behavior the probe is tested against and the behavior the lab emulates are
+//! one piece of code (DESIGN.md,
 //! "probes: sans-IO at the core"). The server is the reflector's sans-IO core. Around them this
 //! module adds only what a wire would: delay, seeded jitter and loss, routing by address, and a
 //! few deliberate faults seen in the field — a NAT that re-maps a port after unsolicited inbound
@@ -33,10 +34,12 @@ use rand::{Rng, SeedableRng};
 
 use super::lifetime::{LifetimeConfig, LifetimeProbe};
 use super::machine::ProbeMachine;
-use super::plan::{Probe, ProbeConfig, SocketId};
+use super::plan::{Probe, ProbeConfig};
 use super::report::ProbeReport;
+use super::socket::SocketId;
+use crate::nat::firewall::Firewall;
 use crate::nat::table::{NatError, NatTable};
-use crate::nat::{FilteringBehavior, NatBehavior, Protocol, RemoteKey};
+use crate::nat::{FilteringBehavior, MappingBehavior, NatBehavior, Protocol};
 use crate::reflector::{Action, Reflector, ReflectorConfig, Transport, MAX_RESPONSE};
 use crate::stun::attr::{address_len, decode_address, encode_address};
 use crate::stun::{attr_type, Message, MessageWriter};
@@ -295,28 +298,6 @@ impl SimNat {
     }
 }
 
-/// A stateful firewall in front of a public host: the mapping is the identity; inbound packets are
-/// admitted by the same RFC 4787 filtering keys a NAT uses.
-#[derive(Debug)]
-struct Firewall {
-    filtering: FilteringBehavior,
-    timeout: Duration,
-    open: HashMap<(SocketAddr, RemoteKey), Instant>,
-}
-
-impl Firewall {
-    fn outbound(&mut self, now: Instant, internal: SocketAddr, remote: SocketAddr) {
-        self.open
-            .insert((internal, self.filtering.key(remote)), now + self.timeout);
-    }
-
-    fn admits(&self, now: Instant, remote: SocketAddr, internal: SocketAddr) -> bool {
-        self.open
-            .get(&(internal, self.filtering.key(remote)))
-            .is_some_and(|exp| *exp > now)
-    }
-}
-
 #[derive(Debug)]
 enum Edge {
     Open,
@@ -524,11 +505,12 @@ impl SimNet {
         let (edge, client_ip) = match &cfg.path {
             Path::Open => (Edge::Open, PUBLIC_CLIENT_IP),
             Path::Firewall(f) => (
-                Edge::Firewall(Firewall {
-                    filtering: *f,
-                    timeout: Duration::from_secs(120),
-                    open: HashMap::new(),
-                }),
+                // The lab's firewall with RFC 4787-recommended defaults: a 120 s UDP timeout
+                // (REQ-5), refreshed by outbound packets only (REQ-6).
+                Edge::Firewall(Firewall::new(NatBehavior::new(
+                    MappingBehavior::EndpointIndependent,
+                    *f,
+                ))),
                 PUBLIC_CLIENT_IP,
             ),
             Path::Nat(b) => (
@@ -627,7 +609,7 @@ impl SimNet {
             }
             Edge::Open => local,
             Edge::Firewall(fw) => {
-                fw.outbound(now, local, to);
+                fw.outbound(now, Protocol::Udp, local, to);
                 local
             }
             Edge::Nat(nat) => {
@@ -724,7 +706,7 @@ impl SimNet {
             Edge::Firewall(fw) => {
                 if dst.ip() != self.client_ip {
                     None
-                } else if fw.admits(now, src, dst) {
+                } else if fw.inbound(now, Protocol::Udp, src, dst) {
                     Some(dst)
                 } else {
                     self.stats.filtered += 1;
@@ -861,22 +843,22 @@ pub fn run_machine<M: ProbeMachine>(
     loop {
         steps += 1;
         while let Some(t) = machine.poll_transmit(now) {
-            let local = match sockets.iter().find(|(id, _)| *id == t.socket) {
+            let local = match sockets.iter().find(|(id, _)| *id == t.source) {
                 Some((_, a)) => *a,
                 None => {
                     let a = net.bind();
-                    sockets.push((t.socket, a));
-                    machine.socket_bound(t.socket, a);
+                    sockets.push((t.source, a));
+                    machine.socket_bound(t.source, a);
                     a
                 }
             };
             sent.push(SentDatagram {
                 at: now.saturating_duration_since(epoch),
-                socket: t.socket,
-                to: t.to,
+                socket: t.source,
+                to: t.destination,
                 payload: t.payload.clone(),
             });
-            net.send(now, local, t.to, t.payload);
+            net.send(now, local, t.destination, t.payload);
         }
         if machine.is_done() {
             completed = true;

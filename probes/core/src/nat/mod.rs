@@ -4,8 +4,10 @@
 //!
 //! One enum per RFC 4787 dimension; each behavior's `key` blanks the parts of a remote endpoint it
 //! ignores, so one table serves 2-, 3- and 4-tuple behaviors. [`table::NatTable`] holds the mappings,
-//! expires them lazily against an injected `now`, and never reads a clock.
+//! expires them lazily against an injected `now`, and never reads a clock. [`firewall::Firewall`] is
+//! the same filtering without translation (a stateful firewall in front of public hosts).
 
+pub mod firewall;
 pub mod table;
 
 use std::net::{IpAddr, SocketAddr};

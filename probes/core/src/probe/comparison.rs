@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::plan::Timing;
+use super::evidence::Timing;
 use super::report::TestReport;
 use crate::client::{Rto, TransactionEvent};
 

@@ -1,16 +1,51 @@
-//! What every probe machine needs to time its requests and to trust a missing answer: the RFC 6298
-//! round-trip estimator behind the retransmission timeout, and the loss evidence behind the
-//! give-up rule (the Beta(1,1)-posterior predictive chance that `k` transmissions in a row were all
-//! lost), plus fresh Binding requests with seeded transaction IDs.
+//! What every probe machine needs to time its requests and to trust a missing answer: its
+//! [`Timing`] parameters, the RFC 6298 round-trip estimator behind the retransmission timeout, and
+//! the loss evidence behind the give-up rule (the Beta(1,1)-posterior predictive chance that `k`
+//! transmissions in a row were all lost), plus fresh Binding requests with seeded transaction IDs.
+//! It names no machine: the plan and the lifetime machine both build on it.
 
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::plan::Timing;
 use crate::client::{build_request, RequestOptions};
 use crate::stun::{TransactionId, MAGIC_COOKIE};
+
+/// Retransmission and confidence parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    /// RTO before any round trip has been measured.
+    pub initial_rto: Duration,
+    /// Floor of the measured RTO (absorbs scheduling jitter on fast paths). 5 ms: well above a
+    /// LAN round trip and a timer's usual lateness, so answers on a fast path are rarely taken for
+    /// losses; and since a negative verdict also needs its liveness control answered (the
+    /// plan's `TxState::Held`), a host stalled for longer than the evidence window no longer turns a
+    /// late positive into a wrong negative, which is what held the floor at 20 ms before. Lower
+    /// floors gain little: the window is then bounded by the round trips themselves.
+    pub min_rto: Duration,
+    /// Ceiling of any single wait.
+    pub max_rto: Duration,
+    /// Transmissions of the first request before concluding "UDP blocked" (RFC 8489 Rc).
+    pub reach_transmits: u32,
+    /// Hard cap on transmissions of any later request.
+    pub max_transmits: u32,
+    /// Largest accepted chance that a negative verdict is an artefact of loss.
+    pub target_miss: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            initial_rto: Duration::from_millis(200),
+            min_rto: Duration::from_millis(5),
+            max_rto: Duration::from_secs(3),
+            reach_transmits: 7,
+            max_transmits: 24,
+            target_miss: 1e-6,
+        }
+    }
+}
 
 /// RFC 6298 smoothed round-trip time and variance.
 #[derive(Clone, Copy, Debug, Default)]

@@ -7,19 +7,32 @@
 //! [`LifetimeProbe`] (RFC 5780 §4.6 binding lifetime, RFC 4787 REQ-6 inbound refresh) is a second
 //! machine behind the same [`ProbeMachine`] interface, so the same drivers run it. Both start new
 //! transactions only as their shared [`Pacer`] allows (RFC 5780 §5, see [`pacing`]).
+//!
+//! Imports point one way, from the machines down to what they share, never between machines:
+//! [`socket`] (socket names and [`Transmit`]), [`evidence`] (timing, round trips, loss) and
+//! [`pacing`] name nothing else here; [`machine`] (the driver interface) names only [`socket`];
+//! [`report`] (the result rows and the mapping comparison) names only [`evidence`] and [`pacing`];
+//! the machines — [`plan`], [`lifetime`], [`tcp`] — build on those and never on each other, nor
+//! does [`comparison`] (one socket's mapping across several servers, on [`evidence`] and
+//! [`report`]). The `layering` tests read these files and fail on a cycle.
 
 pub mod comparison;
 pub mod evidence;
+#[cfg(test)]
+mod layering;
 pub mod lifetime;
 pub mod machine;
 pub mod pacing;
 pub mod plan;
 pub mod report;
+pub mod socket;
 pub mod tcp;
 
 pub use comparison::{ComparedServer, MappingComparison};
+pub use evidence::Timing;
 pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 pub use machine::ProbeMachine;
 pub use pacing::{PaceChoice, Pacer, Pacing};
-pub use plan::{Probe, ProbeConfig, SocketId, Timing, Transmit};
+pub use plan::{Probe, ProbeConfig};
 pub use report::{AddressPooling, AllocationPattern, Behavior, Classic, ProbeReport};
+pub use socket::{SocketId, Transmit};

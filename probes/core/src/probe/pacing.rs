@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// RFC 5780 §5: at most this many new transactions per second.
 pub const MAX_NEW_PER_SECOND: u32 = 10;
@@ -106,7 +106,7 @@ pub enum PaceChoice {
 }
 
 /// The pacing decision of a run, as the report's `pacing` object (docs/probe.md).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pacing {
     /// Whether new transactions were limited to `max_new_per_second`.
     pub enabled: bool,

@@ -42,67 +42,24 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 
-use super::evidence::{binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule};
-use super::machine::LocalSockets;
+use super::evidence::{
+    binding_request, transaction_rng, LossEvidence, RttEstimator, Schedule, Timing,
+};
+use super::machine::ProbeMachine;
 use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
-    self, ms, AddressPooling, AllocationPattern, Behavior, Classic, NatShape, PortAllocationReport,
-    ProbeReport, ServerReport, TestReport,
+    self, compare_mappings, ms, AddressPooling, AllocationPattern, Behavior, Classic, NatShape,
+    PortAllocationReport, ProbeReport, ServerReport, TestReport,
 };
+use super::socket::{LocalSockets, SocketId, Transmit};
 use crate::client::{BindingResponse, RequestOptions};
 use crate::stun::{ChangeRequest, Class, Message, TransactionId, METHOD_BINDING};
 
-/// A local socket of the probe; the driver binds a fresh one the first time it sees an id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SocketId(pub u16);
-
+/// The plan's fixed sockets (see the module doc): reachability and mapping, filtering, hairpinning.
 pub const S0: SocketId = SocketId(0);
 pub const SF: SocketId = SocketId(1);
 pub const SY: SocketId = SocketId(2);
 const ALLOC_BASE: u16 = 3;
-
-/// One datagram to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    pub socket: SocketId,
-    pub to: SocketAddr,
-    pub payload: Vec<u8>,
-}
-
-/// Retransmission and confidence parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Timing {
-    /// RTO before any round trip has been measured.
-    pub initial_rto: Duration,
-    /// Floor of the measured RTO (absorbs scheduling jitter on fast paths). 5 ms: well above a
-    /// LAN round trip and a timer's usual lateness, so answers on a fast path are rarely taken for
-    /// losses; and since a negative verdict also needs its liveness control answered (the
-    /// plan's `TxState::Held`), a host stalled for longer than the evidence window no longer turns a
-    /// late positive into a wrong negative, which is what held the floor at 20 ms before. Lower
-    /// floors gain little: the window is then bounded by the round trips themselves.
-    pub min_rto: Duration,
-    /// Ceiling of any single wait.
-    pub max_rto: Duration,
-    /// Transmissions of the first request before concluding "UDP blocked" (RFC 8489 Rc).
-    pub reach_transmits: u32,
-    /// Hard cap on transmissions of any later request.
-    pub max_transmits: u32,
-    /// Largest accepted chance that a negative verdict is an artefact of loss.
-    pub target_miss: f64,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            initial_rto: Duration::from_millis(200),
-            min_rto: Duration::from_millis(5),
-            max_rto: Duration::from_secs(3),
-            reach_transmits: 7,
-            max_transmits: 24,
-            target_miss: 1e-6,
-        }
-    }
-}
 
 /// What to probe and how.
 #[derive(Clone, Debug, PartialEq)]
@@ -405,8 +362,8 @@ impl Probe {
                 tx.sched.sent(now, rto, self.cfg.timing.max_rto);
             }
             return Some(Transmit {
-                socket: tx.socket,
-                to: tx.to,
+                source: tx.socket,
+                destination: tx.to,
                 payload: tx.payload.clone(),
             });
         }
@@ -1250,25 +1207,24 @@ impl Probe {
     }
 }
 
-/// RFC 5780 §4.3 behind a NAT, from the mapped addresses seen via A1:P1, A2:P1 and A2:P2: M2 == M1
-/// → endpoint-independent; else M3 == M2 → address-dependent; else address-and-port-dependent.
-/// Missing or self-contradicting answers give `unknown`; the string says why (empty for a clean
-/// verdict). The TCP test compares its mappings with it too ([`super::tcp::classify`]).
-pub(crate) fn compare_mappings(
-    m1: SocketAddr,
-    m2: Option<SocketAddr>,
-    m3: Option<SocketAddr>,
-) -> (Behavior, &'static str) {
-    match (m2, m3) {
-        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
-        (Some(m2), Some(_)) if m2 == m1 => (
-            Behavior::Unknown,
-            "inconsistent: same mapping for A2:P1 but not A2:P2",
-        ),
-        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
-        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
-        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
-        _ => (Behavior::Unknown, "the alternate address did not answer"),
+impl ProbeMachine for Probe {
+    fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
+        Probe::socket_bound(self, id, local);
+    }
+    fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        Probe::poll_transmit(self, now)
+    }
+    fn handle_datagram(&mut self, now: Instant, socket: SocketId, from: SocketAddr, bytes: &[u8]) {
+        Probe::handle_datagram(self, now, socket, from, bytes);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        Probe::handle_timeout(self, now);
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        Probe::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        Probe::is_done(self)
     }
 }
 

@@ -1,20 +1,22 @@
 //! What a probe concludes, as data: the `natscope.probe/v1` document (docs/probe.md), the classic
-//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (RFC 4787 reasoning).
-//! Every verdict is a named value or `unknown` with a reason; nothing is guessed.
+//! RFC 3489 name derived from the RFC 5780 results, and the traversal outlook (the traversal
+//! model's UDP path towards common peer NATs, [`crate::traversal`]). Every verdict is a named value
+//! or `unknown` with a reason; nothing is guessed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
+use crate::traversal::{self, Path, PeerNat, Techniques};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
 
 /// A mapping or filtering verdict (RFC 4787 terms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Behavior {
     EndpointIndependent,
@@ -54,8 +56,30 @@ impl From<FilteringBehavior> for Behavior {
     }
 }
 
+/// RFC 5780 §4.3 behind a NAT, from the mapped addresses seen via A1:P1, A2:P1 and A2:P2: M2 == M1
+/// → endpoint-independent; else M3 == M2 → address-dependent; else address-and-port-dependent.
+/// Missing or self-contradicting answers give `unknown`; the string says why (empty for a clean
+/// verdict). The UDP plan and the TCP test ([`super::tcp::classify`]) both compare with it.
+pub(crate) fn compare_mappings(
+    m1: SocketAddr,
+    m2: Option<SocketAddr>,
+    m3: Option<SocketAddr>,
+) -> (Behavior, &'static str) {
+    match (m2, m3) {
+        (Some(m2), Some(m3)) if m2 == m1 && m3 == m1 => (Behavior::EndpointIndependent, ""),
+        (Some(m2), Some(_)) if m2 == m1 => (
+            Behavior::Unknown,
+            "inconsistent: same mapping for A2:P1 but not A2:P2",
+        ),
+        (Some(m2), Some(m3)) if m3 == m2 => (Behavior::AddressDependent, ""),
+        (Some(_), Some(m3)) if m3 != m1 => (Behavior::AddressAndPortDependent, ""),
+        (Some(_), Some(_)) => (Behavior::Unknown, "inconsistent: A2:P2 saw M1 again"),
+        _ => (Behavior::Unknown, "the alternate address did not answer"),
+    }
+}
+
 /// RFC 3489 §10.1 names, plus the cases it has none for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Classic {
     OpenInternet,
@@ -119,7 +143,7 @@ impl Classic {
 }
 
 /// How external ports are chosen (RFC 4787 §4.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllocationPattern {
     Preserving,
@@ -130,7 +154,7 @@ pub enum AllocationPattern {
 
 /// RFC 4787 §4.1 / REQ-2 IP address pooling as seen from one host: whether its mappings all got
 /// the same external address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AddressPooling {
     /// Every mapping of this host got the same external address (REQ-2's "paired", which a NAT
@@ -140,7 +164,7 @@ pub enum AddressPooling {
     Arbitrary,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAllocationReport {
     pub pattern: AllocationPattern,
     /// The constant difference between consecutive new mappings, for `sequential`.
@@ -152,7 +176,7 @@ pub struct PortAllocationReport {
 }
 
 /// One test's row: verdict, the evidence behind it, and its cost.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TestReport {
     pub name: String,
     pub verdict: String,
@@ -191,7 +215,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerReport {
     pub address: SocketAddr,
     pub other_address: Option<SocketAddr>,
@@ -201,18 +225,22 @@ pub struct ServerReport {
 }
 
 /// Whether a direct UDP path should open between us and a peer behind `peer`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutlookRow {
-    pub peer: &'static str,
+    #[serde(deserialize_with = "peer_name")]
+    pub peer: Static,
     /// `yes`, `no`, `with-port-prediction`, or `unknown`.
-    pub direct_udp: &'static str,
+    #[serde(deserialize_with = "direct_udp_value")]
+    pub direct_udp: Static,
     pub reason: String,
 }
 
 /// The whole probe result (`natscope.probe/v1`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeReport {
-    pub schema: &'static str,
+    /// Always [`SCHEMA`]: a document of another schema does not deserialize.
+    #[serde(deserialize_with = "schema_v1")]
+    pub schema: Static,
     pub local_address: Option<SocketAddr>,
     pub public_address: Option<SocketAddr>,
     pub nat_detected: Option<bool>,
@@ -247,6 +275,40 @@ pub struct ProbeReport {
     /// `--tcp`: whether every TCP mapping kept the local port (`None` without `--tcp` or an
     /// answer; added to v1 after `address_pooling`).
     pub tcp_port_preservation: Option<bool>,
+}
+
+/// A field whose value is one of a closed set of names, read by one of the `deserialize_with`
+/// functions below. (Spelled through an alias so serde does not take `&'static str` as a string
+/// borrowed from the input, which would tie every report to a `'static` document.)
+type Static = &'static str;
+
+/// The `direct_udp` values of an outlook row.
+pub const DIRECT_UDP: [&str; 4] = ["yes", "no", "with-port-prediction", "unknown"];
+
+/// Reads a string that must be one of `allowed`, as the `'static` member it equals, so the
+/// report's closed sets of names stay `&'static str` and a document naming anything else is an
+/// error rather than a new value.
+fn one_of<'de, D: Deserializer<'de>>(
+    d: D,
+    allowed: &[&'static str],
+) -> Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    allowed.iter().find(|a| **a == s).copied().ok_or_else(|| {
+        serde::de::Error::custom(format!("unknown value `{s}`, expected one of {allowed:?}"))
+    })
+}
+
+fn schema_v1<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    one_of(d, &[SCHEMA])
+}
+
+fn peer_name<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let names: Vec<&'static str> = PEERS.iter().map(|(name, _)| *name).collect();
+    one_of(d, &names)
+}
+
+fn direct_udp_value<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    one_of(d, &DIRECT_UDP)
 }
 
 /// A NAT as the outlook reasons about it.
@@ -310,52 +372,66 @@ pub const PEERS: [(&str, NatShape); 6] = [
     ),
 ];
 
-/// Whether packets from `x` reach `y` when both aim at each other's server-learned address
-/// (NAT-REFERENCE.md, "Hole punching outcomes"): `y`'s mapping towards `x` must be the learned one
-/// (endpoint-independent), and `y`'s filter must admit `x`'s real source, which is the learned one
-/// only if `x` maps endpoint-independently. `Some(false)` may still open with port prediction.
-fn reaches(x: NatShape, y: NatShape) -> Option<bool> {
-    use Behavior::*;
-    if [x.mapping, y.mapping, y.filtering].contains(&Unknown) {
-        return None;
+impl Behavior {
+    fn mapping(self) -> Option<MappingBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(MappingBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(MappingBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(MappingBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
     }
-    let aimed = y.mapping == EndpointIndependent;
-    let admitted = match y.filtering {
-        EndpointIndependent | AddressDependent => true,
-        _ => x.mapping == EndpointIndependent,
-    };
-    Some(aimed && admitted)
+
+    fn filtering(self) -> Option<FilteringBehavior> {
+        match self {
+            Self::EndpointIndependent => Some(FilteringBehavior::EndpointIndependent),
+            Self::AddressDependent => Some(FilteringBehavior::AddressDependent),
+            Self::AddressAndPortDependent => Some(FilteringBehavior::AddressAndPortDependent),
+            Self::Unknown => None,
+        }
+    }
 }
 
-/// Direct UDP outlook between `us` and each common peer NAT.
+impl From<NatShape> for PeerNat {
+    fn from(s: NatShape) -> Self {
+        Self {
+            mapping: s.mapping.mapping(),
+            filtering: s.filtering.filtering(),
+            predictable_ports: s.predictable,
+            ..Self::default()
+        }
+    }
+}
+
+/// The outlook's `direct_udp` word for a traversal path.
+fn direct_udp(path: Path) -> &'static str {
+    match path {
+        Path::Direct => "yes",
+        Path::PortPrediction => "with-port-prediction",
+        Path::Relayed | Path::Blocked => "no",
+        Path::Unknown => "unknown",
+    }
+}
+
+/// The outlook row for a peer named `peer` behind `them`: the traversal model's UDP path from
+/// `us` (side A), port prediction allowed, with its peer-free reason.
+pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookRow {
+    let port_prediction = Techniques {
+        port_prediction: true,
+    };
+    let e = traversal::udp(us.into(), them.into(), port_prediction);
+    OutlookRow {
+        peer,
+        direct_udp: direct_udp(e.path),
+        reason: e.summary().into(),
+    }
+}
+
+/// Direct UDP outlook between `us` and each common peer NAT ([`crate::traversal`]).
 pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
     PEERS
         .iter()
-        .map(|&(peer, them)| {
-            let (a, b) = (reaches(them, us), reaches(us, them));
-            let (direct_udp, reason) = match (a, b) {
-                (None, _) | (_, None) => ("unknown", "our mapping or filtering is unknown".to_string()),
-                (Some(true), _) | (_, Some(true)) => (
-                    "yes",
-                    "at least one direction opens; the other side learns the real source from it".into(),
-                ),
-                _ => {
-                    // Prediction helps when the side whose mapping is not endpoint-independent
-                    // allocates predictably and the other side's filter would then admit it.
-                    let predict = |x: NatShape, y: NatShape| {
-                        y.mapping != Behavior::EndpointIndependent
-                            && y.predictable
-                            && reaches(x, NatShape { mapping: Behavior::EndpointIndependent, ..y }) == Some(true)
-                    };
-                    if predict(them, us) || predict(us, them) {
-                        ("with-port-prediction", "a mapping changes per destination but its next port is predictable".into())
-                    } else {
-                        ("no", "each side's packets miss the other's per-destination mapping or are filtered; use a relay".into())
-                    }
-                }
-            };
-            OutlookRow { peer, direct_udp, reason }
-        })
+        .map(|&(peer, them)| outlook_row(us, peer, them))
         .collect()
 }
 
@@ -457,6 +533,110 @@ mod tests {
         }
     }
 
+    /// The generated part of docs/probe.md's outlook section: the outlook of a host behind each
+    /// kind of NAT towards each common peer, and what each answer means.
+    fn outlook_doc_table() -> String {
+        let ours = [
+            (
+                "EIM + EIF (open internet, full cone)",
+                shape(EndpointIndependent, EndpointIndependent, true),
+            ),
+            (
+                "EIM + ADF (restricted cone)",
+                shape(EndpointIndependent, AddressDependent, true),
+            ),
+            (
+                "EIM + APDF (port-restricted cone)",
+                shape(EndpointIndependent, AddressAndPortDependent, true),
+            ),
+            (
+                "ADM + ADF, predictable ports",
+                shape(AddressDependent, AddressDependent, true),
+            ),
+            (
+                "APDM + APDF, predictable ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, true),
+            ),
+            (
+                "APDM + APDF, random ports",
+                shape(AddressAndPortDependent, AddressAndPortDependent, false),
+            ),
+            (
+                "APDM + EIF, random ports",
+                shape(AddressAndPortDependent, EndpointIndependent, false),
+            ),
+            ("unknown", shape(Unknown, Unknown, false)),
+        ];
+        let peers: Vec<&str> = PEERS.iter().map(|p| p.0).collect();
+        let mut out = format!(
+            "| our NAT | {} |\n|---|{}\n",
+            peers.join(" | "),
+            "---|".repeat(peers.len())
+        );
+        let mut reasons: Vec<(&str, String)> = Vec::new();
+        for (label, us) in ours {
+            let rows = outlook(us);
+            let words: Vec<&str> = rows.iter().map(|r| r.direct_udp).collect();
+            out += &format!("| {label} | {} |\n", words.join(" | "));
+            for r in rows {
+                if !reasons.contains(&(r.direct_udp, r.reason.clone())) {
+                    reasons.push((r.direct_udp, r.reason));
+                }
+            }
+        }
+        out += "\n| direct UDP | reason |\n|---|---|\n";
+        for (word, reason) in reasons {
+            out += &format!("| `{word}` | {reason} |\n");
+        }
+        out
+    }
+
+    /// docs/probe.md's outlook table is the model's (regenerate it with
+    /// `NATSCOPE_BLESS_DOCS=1 cargo test -p natscope-core --lib outlook_docs`), and every outlook
+    /// row of its example output (a host on the open internet) is the one the model gives.
+    #[test]
+    fn outlook_docs_are_the_models() {
+        const BEGIN: &str = "<!-- outlook table: generated from natscope_core::traversal by natscope-core's outlook_docs_are_the_models test -->\n";
+        const END: &str = "<!-- end of outlook table -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/probe.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let start = doc
+            .find(BEGIN)
+            .expect("docs/probe.md has the outlook table's begin marker")
+            + BEGIN.len();
+        let len = doc[start..]
+            .find(END)
+            .expect("docs/probe.md has the end marker");
+        let want = outlook_doc_table();
+        if doc[start..start + len] != want {
+            if std::env::var_os("NATSCOPE_BLESS_DOCS").is_some() {
+                std::fs::write(
+                    path,
+                    format!("{}{want}{}", &doc[..start], &doc[start + len..]),
+                )
+                .unwrap();
+            } else {
+                panic!(
+                    "docs/probe.md's outlook table differs from the model; it should read:\n{want}"
+                );
+            }
+        }
+        let open = outlook(shape(EndpointIndependent, EndpointIndependent, true));
+        let mut checked = 0;
+        for line in doc.lines().filter(|l| l.contains('┆')) {
+            let cells: Vec<&str> = line.trim_matches('│').split('┆').map(str::trim).collect();
+            if let Some(row) = open.iter().find(|r| r.peer == cells[0]) {
+                assert_eq!(
+                    cells[1..],
+                    [row.direct_udp, row.reason.as_str()],
+                    "docs/probe.md: {line}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, PEERS.len(), "the example's outlook rows");
+    }
+
     #[test]
     fn outlook_follows_rfc4787_reasoning() {
         let row = |us: NatShape, peer: &str| {
@@ -489,5 +669,96 @@ mod tests {
         assert_eq!(row(sym_seq, "port-restricted cone"), "with-port-prediction");
         assert_eq!(row(full, "symmetric (random ports)"), "yes");
         assert_eq!(row(shape(Unknown, Unknown, false), "full cone"), "unknown");
+    }
+    /// A report with every field set (the floats exact in binary, so the JSON round trip is exact).
+    fn full_report() -> ProbeReport {
+        use super::super::pacing::{PaceChoice, Pacing};
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let us = shape(EndpointIndependent, AddressAndPortDependent, true);
+        ProbeReport {
+            schema: SCHEMA,
+            local_address: Some(a("10.1.0.2:40000")),
+            public_address: Some(a("203.0.113.1:40000")),
+            nat_detected: Some(true),
+            udp_blocked: false,
+            mapping: EndpointIndependent,
+            filtering: AddressAndPortDependent,
+            port_preservation: Some(true),
+            port_allocation: PortAllocationReport {
+                pattern: AllocationPattern::Sequential,
+                delta: Some(2),
+                samples: vec![(40000, 40002), (40001, 40004)],
+                predictability: "next port is the last plus 2".into(),
+            },
+            hairpinning: None,
+            binding_lifetime_s: Some(30.5),
+            tcp_mapping: Unknown,
+            alg_detected: Some(false),
+            classic: Classic::PortRestrictedCone,
+            server: ServerReport {
+                address: a("198.51.100.1:3478"),
+                other_address: Some(a("198.51.100.2:3479")),
+                problems: vec!["a problem".into()],
+            },
+            tests: vec![TestReport {
+                name: "mapping".into(),
+                verdict: "endpoint-independent".into(),
+                evidence: "M1 = M2".into(),
+                requests_sent: 3,
+                duration_ms: 1.25,
+            }],
+            outlook: outlook(us),
+            loss_estimate: 0.125,
+            negative_confidence: Some(0.5),
+            retry_budget_ms: 1100.0,
+            summary: "a summary".into(),
+            requests_sent: 9,
+            duration_ms: 2.5,
+            pacing: Pacing::decide(&[a("198.51.100.1:3478")], PaceChoice::Default),
+            address_pooling: Some(AddressPooling::Paired),
+            tcp_port_preservation: None,
+        }
+    }
+
+    #[test]
+    fn the_json_document_reads_back_into_the_same_report() {
+        let report = full_report();
+        let json = serde_json::to_string(&report).unwrap();
+        let back: ProbeReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+        // Every outlook row of every shape the outlook can see reads back too.
+        let kinds = [
+            EndpointIndependent,
+            AddressDependent,
+            AddressAndPortDependent,
+            Unknown,
+        ];
+        for m in kinds {
+            for f in kinds {
+                for p in [false, true] {
+                    let rows = outlook(shape(m, f, p));
+                    let json = serde_json::to_string(&rows).unwrap();
+                    let back: Vec<OutlookRow> = serde_json::from_str(&json).unwrap();
+                    assert_eq!(back, rows);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn closed_sets_reject_values_outside_them() {
+        let json = serde_json::to_value(full_report()).unwrap();
+        let with = |pointer: &str, v: serde_json::Value| {
+            let mut doc = json.clone();
+            *doc.pointer_mut(pointer).unwrap() = v;
+            serde_json::from_value::<ProbeReport>(doc)
+        };
+        assert!(with("/schema", "natscope.probe/v2".into()).is_err());
+        assert!(with("/mapping", "endpoint-dependent".into()).is_err());
+        assert!(with("/classic", "cone".into()).is_err());
+        assert!(with("/outlook/0/direct_udp", "maybe".into()).is_err());
+        assert!(with("/outlook/0/peer", "a friend".into()).is_err());
+        assert!(with("/port_allocation/pattern", "wild".into()).is_err());
+        assert!(with("/address_pooling", "arbitrary".into()).is_ok());
     }
 }

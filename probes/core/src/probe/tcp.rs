@@ -15,17 +15,16 @@
 
 use std::net::SocketAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::plan::compare_mappings;
-use super::report::{Behavior, ProbeReport, TestReport};
+use super::report::{compare_mappings, Behavior, ProbeReport, TestReport};
 use crate::client::BindingResponse;
 
 /// The row name this test adds to the report's `tests`.
 pub const TEST_NAME: &str = "tcp mapping";
 
 /// The result of the TCP mapping test, with the evidence behind it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TcpMappingResult {
     /// RFC 4787 / RFC 5382 mapping behavior; `unknown` when a needed answer is missing.
     pub behavior: Behavior,
@@ -135,7 +134,7 @@ impl TcpMappingResult {
 }
 
 /// Classifies from the three mapped addresses exactly as the UDP engine does (RFC 5780 §4.3,
-/// `plan::compare_mappings`): M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
+/// `report::compare_mappings`): M2 == M1 → endpoint-independent; else M3 == M2 → address-dependent; else
 /// address-and-port-dependent. Without a NAT (M1 == `local`) the identity mapping counts as
 /// endpoint-independent (RFC 4787) once A2:P1 confirmed it. Unlike over UDP, a missing M2 is never
 /// read as "no NAT, so identity": over TCP it is a refused or timed-out connection, a failure to

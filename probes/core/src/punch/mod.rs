@@ -26,7 +26,7 @@ pub const MAX_PAYLOAD: usize = 1200;
 /// Default rendezvous/relay port of `natscope punch serve`.
 pub const DEFAULT_PORT: u16 = 3490;
 
-/// The transport a registration or session uses: the crate's one [`Transport`](crate::net::Transport).
+/// The transport a registration or session uses: the crate's one [`crate::net::Transport`].
 pub use crate::net::Transport;
 
 /// A session's identifier: 64 random bits chosen by the server. It is also the capability that

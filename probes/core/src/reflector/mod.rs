@@ -155,6 +155,9 @@ pub enum DropReason {
 }
 
 /// The core's decision for one request. Answer bytes are in the caller's buffer, `out[..len]`.
+/// It is not a [`net::Transmit`](crate::net::Transmit), which owns its payload: answering writes
+/// into the driver's buffer so that the hot path allocates nothing (`tests/reflector_alloc.rs`),
+/// and it schedules nothing, so the reflector has no `poll_timeout` either.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send `out[..len]` from local address `from` to `to`.
@@ -172,7 +175,7 @@ pub enum Action {
 }
 
 /// Transport a request arrived on (CHANGE-REQUEST and RESPONSE-PORT only make sense over UDP):
-/// the crate's one [`Transport`](crate::net::Transport).
+/// the crate's one [`crate::net::Transport`].
 pub use crate::net::Transport;
 
 /// The stateless RFC 5780 answer logic.

@@ -22,7 +22,7 @@ use super::pooling::{MAX_SCOUTS, MAX_VOID};
 use super::search::{ClockState, MAX_REFRESH_FAILURES};
 use super::transaction::Kind;
 use super::{LifetimeProbe, Stage, POOL};
-use crate::probe::plan::SocketId;
+use crate::probe::socket::SocketId;
 
 /// Checks in a row too lossy to conclude before the search gives up.
 pub const MAX_UNSURE: u32 = 16;

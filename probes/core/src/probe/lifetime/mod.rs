@@ -53,10 +53,10 @@ use check::Outcome;
 use search::{Clock, ClockState};
 use transaction::{Kind, Tx, TxState};
 
-use super::evidence::{transaction_rng, LossEvidence, RttEstimator};
-use super::machine::LocalSockets;
+use super::evidence::{transaction_rng, LossEvidence, RttEstimator, Timing};
+use super::machine::ProbeMachine;
 use super::pacing::{PaceChoice, Pacer, Pacing};
-use super::plan::{SocketId, Timing, Transmit};
+use super::socket::{LocalSockets, SocketId, Transmit};
 use crate::client::BindingResponse;
 use crate::stun::Message;
 
@@ -316,8 +316,8 @@ impl LifetimeProbe {
             }
             tx.sched.sent(now, rto, max_rto);
             let out = Transmit {
-                socket: tx.socket,
-                to: self.cfg.server,
+                source: tx.socket,
+                destination: self.cfg.server,
                 payload: tx.payload.clone(),
             };
             if tx.kind == Kind::Refresh {
@@ -666,5 +666,26 @@ impl LifetimeProbe {
     pub fn time_bound(cfg: &LifetimeConfig) -> Duration {
         let retry = cfg.timing.max_rto * cfg.timing.max_transmits;
         cfg.search_limit() + (cfg.max + retry) * 2 + retry * 4 + Duration::from_secs(60)
+    }
+}
+
+impl ProbeMachine for LifetimeProbe {
+    fn socket_bound(&mut self, id: SocketId, local: SocketAddr) {
+        LifetimeProbe::socket_bound(self, id, local);
+    }
+    fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        LifetimeProbe::poll_transmit(self, now)
+    }
+    fn handle_datagram(&mut self, now: Instant, socket: SocketId, from: SocketAddr, bytes: &[u8]) {
+        LifetimeProbe::handle_datagram(self, now, socket, from, bytes);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        LifetimeProbe::handle_timeout(self, now);
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        LifetimeProbe::poll_timeout(self)
+    }
+    fn is_done(&self) -> bool {
+        LifetimeProbe::is_done(self)
     }
 }

@@ -27,7 +27,7 @@ use super::check::Outcome;
 use super::search::ClockState;
 use super::transaction::Kind;
 use super::{LifetimeProbe, Stage};
-use crate::probe::plan::SocketId;
+use crate::probe::socket::SocketId;
 
 /// Under arbitrary pooling: fresh sockets tried per check for one mapped to X's address (with
 /// 2 addresses all miss with probability 6·10⁻⁸, with 4 about 0.1 %).

@@ -4,11 +4,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::{LifetimeProbe, Stage, X};
 use crate::probe::report::{ms, ProbeReport, TestReport};
 
 /// What the lifetime probe concluded.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LifetimeReport {
     /// `local ≠ mapped` for X; `None` without an answer.
     pub nat_detected: Option<bool>,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use super::transaction::Kind;
 use super::{LifetimeConfig, LifetimeProbe, Stage, MAX_CHECKS, POOL};
-use crate::probe::plan::SocketId;
+use crate::probe::socket::SocketId;
 
 /// Verdicts in a row that did not narrow the interval before the search stops where it is.
 const MAX_STALE: u32 = 3 * POOL as u32;

@@ -70,13 +70,13 @@ fn at_first_request(mapped: fn(u16) -> SocketAddr) -> (LifetimeProbe, Transmit, 
     );
     let answer_all = |p: &mut LifetimeProbe, sent: &[Transmit], now: Instant| {
         for t in sent {
-            assert_eq!(t.to, addr(SERVER));
-            assert!((t.socket.0 as usize) < POOL);
-            p.socket_bound(t.socket, x_local(t.socket.0));
+            assert_eq!(t.destination, addr(SERVER));
+            assert!((t.source.0 as usize) < POOL);
+            p.socket_bound(t.source, x_local(t.source.0));
         }
         for t in sent {
-            let bytes = answer(&t.payload, mapped(t.socket.0));
-            p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            let bytes = answer(&t.payload, mapped(t.source.0));
+            p.handle_datagram(now, t.source, addr(SERVER), &bytes);
         }
     };
     let mut now = t0 + ms10;
@@ -100,9 +100,9 @@ fn at_first_request(mapped: fn(u16) -> SocketAddr) -> (LifetimeProbe, Transmit, 
     );
     p.handle_timeout(wake);
     let check = p.poll_transmit(wake).expect("the check");
-    assert!(check.socket.0 as usize >= POOL, "checks use fresh sockets");
+    assert!(check.source.0 as usize >= POOL, "checks use fresh sockets");
     assert!(p.poll_transmit(wake).is_none(), "one grid point is due");
-    p.socket_bound(check.socket, addr("10.0.0.2:41000"));
+    p.socket_bound(check.source, addr("10.0.0.2:41000"));
     (p, check, wake)
 }
 
@@ -132,7 +132,7 @@ fn an_answer_on_y_at_xs_old_port_means_expired() {
     let bytes = answer(&check.payload, x_mapped(x.0));
     p.handle_datagram(
         now + Duration::from_millis(10),
-        check.socket,
+        check.source,
         addr(SERVER),
         &bytes,
     );
@@ -146,7 +146,7 @@ fn an_answer_on_y_at_xs_old_port_means_expired() {
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     // The search continues below the first wait: the clocks, all past it, start again.
     let next = p.poll_transmit(now + Duration::from_millis(10)).unwrap();
-    assert!((next.socket.0 as usize) < POOL);
+    assert!((next.source.0 as usize) < POOL);
     assert_eq!(response_port(&next.payload), None, "a refresh");
 }
 
@@ -157,7 +157,7 @@ fn a_server_ignoring_response_port_is_a_server_problem() {
     let bytes = answer(&check.payload, addr("203.0.113.1:41000"));
     p.handle_datagram(
         now + Duration::from_millis(10),
-        check.socket,
+        check.source,
         addr(SERVER),
         &bytes,
     );
@@ -213,16 +213,16 @@ fn with_a_second_address_only_a_socket_on_xs_address_checks_it() {
         &scout.payload,
         SocketAddr::new(other.parse().unwrap(), 41000),
     );
-    p.handle_datagram(now, scout.socket, addr(SERVER), &bytes);
+    p.handle_datagram(now, scout.source, addr(SERVER), &bytes);
     let scout2 = p.poll_transmit(now).expect("another scout");
     assert_eq!(response_port(&scout2.payload), None);
-    assert!(scout2.socket.0 > scout.socket.0, "a fresh socket");
+    assert!(scout2.source.0 > scout.source.0, "a fresh socket");
     // Mapped to X's address: the check goes out from that very socket.
     now += Duration::from_millis(10);
     let bytes = answer(&scout2.payload, SocketAddr::new(xm.ip(), 41001));
-    p.handle_datagram(now, scout2.socket, addr(SERVER), &bytes);
+    p.handle_datagram(now, scout2.source, addr(SERVER), &bytes);
     let check = p.poll_transmit(now).expect("the check");
-    assert_eq!(check.socket, scout2.socket);
+    assert_eq!(check.source, scout2.source);
     assert_eq!(response_port(&check.payload), Some(xm.port()));
     now += Duration::from_millis(10);
     let bytes = answer(&check.payload, SocketAddr::new(xm.ip(), 41001));
@@ -246,17 +246,17 @@ fn no_socket_on_xs_address_ends_unknown_with_the_reason() {
     let mut out = vec![first];
     for _ in 0..10_000 {
         for t in out.drain(..) {
-            let bytes = if (t.socket.0 as usize) < POOL {
-                answer(&t.payload, x_mapped_two(t.socket.0))
+            let bytes = if (t.source.0 as usize) < POOL {
+                answer(&t.payload, x_mapped_two(t.source.0))
             } else {
                 assert_eq!(response_port(&t.payload), None, "never a check");
-                p.socket_bound(t.socket, SocketAddr::new(addr(X_LOCAL).ip(), t.socket.0));
+                p.socket_bound(t.source, SocketAddr::new(addr(X_LOCAL).ip(), t.source.0));
                 answer(
                     &t.payload,
-                    SocketAddr::new("203.0.113.3".parse().unwrap(), t.socket.0),
+                    SocketAddr::new("203.0.113.3".parse().unwrap(), t.source.0),
                 )
             };
-            p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            p.handle_datagram(now, t.source, addr(SERVER), &bytes);
         }
         if p.is_done() {
             break;
@@ -292,13 +292,13 @@ fn expiries_counted_before_a_second_address_is_seen_are_dropped() {
             break;
         }
         for t in out.drain(..) {
-            if (t.socket.0 as usize) < POOL {
+            if (t.source.0 as usize) < POOL {
                 refreshes.push(t);
             }
         }
         for t in refreshes.drain(..) {
-            let bytes = answer(&t.payload, x_mapped(t.socket.0));
-            p.handle_datagram(now, t.socket, addr(SERVER), &bytes);
+            let bytes = answer(&t.payload, x_mapped(t.source.0));
+            p.handle_datagram(now, t.source, addr(SERVER), &bytes);
         }
         out.extend(std::iter::from_fn(|| p.poll_transmit(now)));
         if out.is_empty() {
@@ -312,11 +312,11 @@ fn expiries_counted_before_a_second_address_is_seen_are_dropped() {
     // The next refresh answer shows a second address: that expiry no longer stands.
     let refresh = std::iter::from_fn(|| p.poll_transmit(now))
         .chain(out)
-        .find(|t| (t.socket.0 as usize) < POOL)
+        .find(|t| (t.source.0 as usize) < POOL)
         .expect("clocks past the upper bound are refreshed");
-    let other = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + refresh.socket.0);
+    let other = SocketAddr::new("203.0.113.2".parse().unwrap(), 40000 + refresh.source.0);
     let bytes = answer(&refresh.payload, other);
-    p.handle_datagram(now, refresh.socket, addr(SERVER), &bytes);
+    p.handle_datagram(now, refresh.source, addr(SERVER), &bytes);
     assert!(p.arbitrary());
     assert!(!p.is_done());
     assert_eq!(p.report().upper_s, None);
@@ -330,7 +330,7 @@ fn an_answer_on_y_at_xs_port_of_another_address_is_no_expiry() {
     let bytes = answer(&check.payload, ym);
     p.handle_datagram(
         now + Duration::from_millis(10),
-        check.socket,
+        check.source,
         addr(SERVER),
         &bytes,
     );

@@ -11,7 +11,7 @@ use super::search::ClockState;
 use super::{LifetimeProbe, Stage, MAX_REQUESTS, MAX_TRANSACTIONS};
 use crate::client::RequestOptions;
 use crate::probe::evidence::{binding_request, Schedule};
-use crate::probe::plan::SocketId;
+use crate::probe::socket::SocketId;
 use crate::stun::TransactionId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

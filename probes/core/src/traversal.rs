@@ -1,0 +1,529 @@
+//! The traversal model: given the NATs in front of two peers, which path a connection between them
+//! should take — direct, direct with port prediction, relayed, or none — for UDP and for TCP, and
+//! why, in words. It is the one place this reasoning lives: the probe's outlook
+//! ([`crate::probe::report::outlook`]), the lab grid's expectations (`natscope_lab::grid`) and the
+//! docs' tables (docs/probe.md, docs/lab.md, checked by tests against it) all come from here.
+//!
+//! The reasoning (RFC 4787 §4–5, RFC 5382; NAT-REFERENCE.md, "Hole punching outcomes"): each peer
+//! registers with a rendezvous server from one socket, so its *reflexive* address is its mapping
+//! towards that server. Both then send to each other's reflexive address. A packet from A reaches B
+//! only if B's NAT forwards it on that mapping: an endpoint-independent filter (RFC 4787 §5) admits
+//! anyone on any mapping; otherwise B's mapping must be the one B also uses towards A (B's mapping
+//! is endpoint-independent — an address- or port-dependent one towards the server admits only the
+//! server), and its filter must admit A's actual source: any port of A's address for an
+//! address-dependent filter, exactly A's reflexive address — so A's mapping must be
+//! endpoint-independent — for an address-and-port-dependent one. Once a packet gets through, the
+//! receiver answers the source it saw; that answer leaves from the receiver's reflexive address when
+//! its mapping is endpoint-independent (which the first sender's filter admits, having sent there),
+//! and otherwise from a new port, which only a filter that is not address-and-port-dependent admits.
+//! One direction that opens and answers is enough: each side then knows the other's real source.
+//!
+//! Filtering is per mapping, as in the NAT model ([`crate::nat::table::NatTable`]) and in Linux
+//! conntrack; each NAT has one external address (paired pooling, RFC 4787 REQ-2).
+//!
+//! Port prediction (off unless [`Techniques::port_prediction`]): a peer whose mapping is not
+//! endpoint-independent but whose next external port is predictable lets the other aim at the
+//! mapping it will use; that opens when its filter admits the other's source on it.
+//!
+//! TCP (RFC 5382 simultaneous open): a socket in simultaneous open accepts segments only from the
+//! exact address it connected to, so both mappings must be endpoint-independent; then each SYN comes
+//! from that address and each filter admits it once its own SYN has left.
+
+use serde::Serialize;
+
+use crate::nat::{FilteringBehavior as F, MappingBehavior as M};
+
+/// What the model knows of the NAT (or firewall, or nothing) in front of one peer. `None` is
+/// unknown. No translation at all counts as an endpoint-independent mapping.
+///
+/// New knowledge (IPv6 mode, port-mapping services, hairpinning) is added as fields with a
+/// default, so `PeerNat { mapping, filtering, ..Default::default() }` keeps compiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct PeerNat {
+    /// RFC 4787 §4.1 mapping behavior (the same for UDP and TCP here).
+    pub mapping: Option<M>,
+    /// RFC 4787 §5 filtering behavior.
+    pub filtering: Option<F>,
+    /// The next external port is known to be predictable (sequential or preserving allocation on
+    /// a single external address); `false` when it is random or was not measured.
+    pub predictable_ports: bool,
+    /// The path drops all UDP (so there is no UDP relay either).
+    pub udp_blocked: bool,
+}
+
+impl PeerNat {
+    pub fn new(mapping: M, filtering: F) -> Self {
+        Self {
+            mapping: Some(mapping),
+            filtering: Some(filtering),
+            ..Self::default()
+        }
+    }
+}
+
+/// Which traversal techniques the peers use beyond sending to each other's reflexive address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Techniques {
+    /// Aim at the peer's predicted next port when its mapping is not endpoint-independent.
+    pub port_prediction: bool,
+}
+
+/// One of the two peers of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    A,
+    B,
+}
+
+/// The path a connection should take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// Peer to peer, by sending to each other's reflexive address.
+    Direct,
+    /// Peer to peer, once a peer aims at the other's predicted port.
+    PortPrediction,
+    /// Through the relay.
+    Relayed,
+    /// Neither directly nor through the (UDP) relay.
+    Blocked,
+    /// An input the answer depends on is unknown.
+    Unknown,
+}
+
+/// Why a packet sent to a peer's reflexive address does not lead to a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Refusal {
+    /// The receiver's mapping towards the server is not the one it uses towards the sender, and
+    /// its filter admits only the server there.
+    ServerMappingOnly { mapping: M, filtering: F },
+    /// The receiver's address-and-port-dependent filter admits only the sender's reflexive port,
+    /// and the sender's mapping gives it a new one.
+    NewSourcePort { sender_mapping: M },
+    /// The packet passes, but the answer leaves the receiver from a new port, which the sender's
+    /// address-and-port-dependent filter refuses.
+    AnswerFiltered,
+}
+
+/// The reason for a [`Path`], as data; [`Expectation::words`] says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Reason {
+    /// `side`'s mapping or filtering is unknown.
+    UnknownBehavior { side: Side },
+    /// `side`'s mapping is unknown (TCP).
+    UnknownMapping { side: Side },
+    /// A side drops all UDP.
+    UdpBlocked,
+    /// Packets sent either way get through and are answered.
+    BothDirections,
+    /// Packets from `from` get through and are answered; the other way alone would not.
+    OneDirection { from: Side },
+    /// `predicted`'s mapping changes per destination, but its next port is predictable and its
+    /// filter admits the other's packets there.
+    Predicted { predicted: Side },
+    /// Neither direction opens: why not towards B, and why not towards A.
+    NoDirection {
+        towards_b: Refusal,
+        towards_a: Refusal,
+    },
+    /// Both mappings are endpoint-independent: RFC 5382 simultaneous open.
+    SimultaneousOpen,
+    /// `side` maps the peer connection to a new port (TCP).
+    NewPortPerConnection { side: Side },
+}
+
+/// The expected path for one transport and its reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Expectation {
+    pub path: Path,
+    pub reason: Reason,
+}
+
+/// Both transports' expectations for a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct PairExpectation {
+    pub udp: Expectation,
+    pub tcp: Expectation,
+}
+
+/// The expected paths between a peer behind `a` and a peer behind `b`.
+pub fn expect(a: PeerNat, b: PeerNat, techniques: Techniques) -> PairExpectation {
+    PairExpectation {
+        udp: udp(a, b, techniques),
+        tcp: tcp(a, b),
+    }
+}
+
+fn short_m(m: M) -> &'static str {
+    match m {
+        M::EndpointIndependent => "EIM",
+        M::AddressDependent => "ADM",
+        M::AddressAndPortDependent => "APDM",
+    }
+}
+
+fn short_f(f: F) -> &'static str {
+    match f {
+        F::EndpointIndependent => "EIF",
+        F::AddressDependent => "ADF",
+        F::AddressAndPortDependent => "APDF",
+    }
+}
+
+/// A peer whose every input is known.
+#[derive(Clone, Copy)]
+struct Known {
+    mapping: M,
+    filtering: F,
+    predictable_ports: bool,
+}
+
+fn known(p: PeerNat) -> Option<Known> {
+    Some(Known {
+        mapping: p.mapping?,
+        filtering: p.filtering?,
+        predictable_ports: p.predictable_ports,
+    })
+}
+
+/// Whether `from`'s packets, sent to `to`'s reflexive address, reach `to`'s host.
+fn reaches(from: Known, to: Known) -> Result<(), Refusal> {
+    if to.filtering == F::EndpointIndependent {
+        return Ok(());
+    }
+    if to.mapping != M::EndpointIndependent {
+        return Err(Refusal::ServerMappingOnly {
+            mapping: to.mapping,
+            filtering: to.filtering,
+        });
+    }
+    match to.filtering {
+        F::AddressDependent => Ok(()),
+        _ if from.mapping == M::EndpointIndependent => Ok(()),
+        _ => Err(Refusal::NewSourcePort {
+            sender_mapping: from.mapping,
+        }),
+    }
+}
+
+/// Whether `to`'s answer to the source it saw passes `from`'s filter.
+fn answer_passes(from: Known, to: Known) -> bool {
+    to.mapping == M::EndpointIndependent || from.filtering != F::AddressAndPortDependent
+}
+
+/// Whether packets from `from` to `to` open a path.
+fn opens(from: Known, to: Known) -> Result<(), Refusal> {
+    reaches(from, to)?;
+    if answer_passes(from, to) {
+        Ok(())
+    } else {
+        Err(Refusal::AnswerFiltered)
+    }
+}
+
+/// Whether `other` can reach `predicted` by aiming at its predicted next port: `predicted`'s
+/// mapping changes per destination, its next port is predictable, and its filter admits
+/// `other`'s source on that mapping (the one `predicted` uses towards `other`'s reflexive address).
+fn prediction_opens(other: Known, predicted: Known) -> bool {
+    predicted.mapping != M::EndpointIndependent
+        && predicted.predictable_ports
+        && (predicted.filtering != F::AddressAndPortDependent
+            || other.mapping == M::EndpointIndependent)
+}
+
+/// The expected UDP path between `a` and `b`.
+pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
+    let e = |path, reason| Expectation { path, reason };
+    if a.udp_blocked || b.udp_blocked {
+        return e(Path::Blocked, Reason::UdpBlocked);
+    }
+    let (ka, kb) = match (known(a), known(b)) {
+        (Some(ka), Some(kb)) => (ka, kb),
+        (None, _) => return e(Path::Unknown, Reason::UnknownBehavior { side: Side::A }),
+        (_, None) => return e(Path::Unknown, Reason::UnknownBehavior { side: Side::B }),
+    };
+    match (opens(ka, kb), opens(kb, ka)) {
+        (Ok(()), Ok(())) => e(Path::Direct, Reason::BothDirections),
+        (Ok(()), Err(_)) => e(Path::Direct, Reason::OneDirection { from: Side::A }),
+        (Err(_), Ok(())) => e(Path::Direct, Reason::OneDirection { from: Side::B }),
+        (Err(towards_b), Err(towards_a)) => {
+            if techniques.port_prediction && prediction_opens(kb, ka) {
+                e(
+                    Path::PortPrediction,
+                    Reason::Predicted { predicted: Side::A },
+                )
+            } else if techniques.port_prediction && prediction_opens(ka, kb) {
+                e(
+                    Path::PortPrediction,
+                    Reason::Predicted { predicted: Side::B },
+                )
+            } else {
+                e(
+                    Path::Relayed,
+                    Reason::NoDirection {
+                        towards_b,
+                        towards_a,
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// The expected TCP path between `a` and `b` (RFC 5382 simultaneous open, or the relay).
+pub fn tcp(a: PeerNat, b: PeerNat) -> Expectation {
+    let e = |path, reason| Expectation { path, reason };
+    match (a.mapping, b.mapping) {
+        (None, _) => e(Path::Unknown, Reason::UnknownMapping { side: Side::A }),
+        (_, None) => e(Path::Unknown, Reason::UnknownMapping { side: Side::B }),
+        (Some(M::EndpointIndependent), Some(M::EndpointIndependent)) => {
+            e(Path::Direct, Reason::SimultaneousOpen)
+        }
+        (Some(ma), _) => e(
+            Path::Relayed,
+            Reason::NewPortPerConnection {
+                side: if ma != M::EndpointIndependent {
+                    Side::A
+                } else {
+                    Side::B
+                },
+            },
+        ),
+    }
+}
+
+impl Refusal {
+    fn words(self) -> String {
+        match self {
+            Self::ServerMappingOnly { mapping, filtering } => format!(
+                "its {} mapping towards the server admits only the server ({})",
+                short_m(mapping),
+                short_f(filtering)
+            ),
+            Self::NewSourcePort { sender_mapping } => format!(
+                "its APDF filter admits only the reflexive port it sent to, and the {} sender uses a new port",
+                short_m(sender_mapping)
+            ),
+            Self::AnswerFiltered => "the packet passes but the answer comes from a new port the APDF sender's filter refuses".into(),
+        }
+    }
+}
+
+impl Expectation {
+    /// The reason in words, naming the peers' NATs `a` and `b`.
+    pub fn words(&self, a: &str, b: &str) -> String {
+        let name = |s: Side| if s == Side::A { a } else { b };
+        let other = |s: Side| if s == Side::A { b } else { a };
+        match self.reason {
+            Reason::UnknownBehavior { side } => {
+                format!("{}'s mapping or filtering is unknown", name(side))
+            }
+            Reason::UnknownMapping { side } => format!("{}'s mapping is unknown", name(side)),
+            Reason::UdpBlocked => {
+                "UDP is blocked, so neither a direct path nor the UDP relay exists".into()
+            }
+            Reason::BothDirections => "both directions open".into(),
+            Reason::OneDirection { from } => format!(
+                "{} → {} opens and the answer returns; {} → {} alone would not",
+                name(from),
+                other(from),
+                other(from),
+                name(from)
+            ),
+            Reason::Predicted { predicted } => format!(
+                "{p} maps each destination to a new port, but predictably: {o} aims at the predicted port, and {p}'s filter admits {o}'s source there",
+                p = name(predicted),
+                o = other(predicted)
+            ),
+            Reason::NoDirection {
+                towards_b,
+                towards_a,
+            } => format!(
+                "towards {b}: {}; towards {a}: {}",
+                towards_b.words(),
+                towards_a.words()
+            ),
+            Reason::SimultaneousOpen => "both mappings are endpoint-independent, so each SYN comes from the address the other side connects to, and each filter admits it once its own SYN left (RFC 5382 simultaneous open)".into(),
+            Reason::NewPortPerConnection { side } => format!(
+                "{} maps the peer connection to a new port, and a TCP socket accepts segments only from the exact address it connected to",
+                name(side)
+            ),
+        }
+    }
+
+    /// The reason in a few words that name no peer, said from A's side (the probe's outlook,
+    /// where A is the probing host and the row names the peer).
+    pub fn summary(&self) -> &'static str {
+        match self.reason {
+            Reason::UnknownBehavior { side: Side::A } => "our mapping or filtering is unknown",
+            Reason::UnknownBehavior { side: Side::B } => "the peer's mapping or filtering is unknown",
+            Reason::UnknownMapping { side: Side::A } => "our mapping is unknown",
+            Reason::UnknownMapping { side: Side::B } => "the peer's mapping is unknown",
+            Reason::UdpBlocked => "UDP is blocked, so neither a direct path nor the UDP relay exists",
+            Reason::BothDirections | Reason::OneDirection { .. } => {
+                "at least one direction opens; the other side learns the real source from it"
+            }
+            Reason::Predicted { .. } => {
+                "a mapping changes per destination but its next port is predictable"
+            }
+            Reason::NoDirection { .. } => "each side's packets miss the other's per-destination mapping or are filtered; use a relay",
+            Reason::SimultaneousOpen => "both mappings are endpoint-independent (RFC 5382 simultaneous open)",
+            Reason::NewPortPerConnection { .. } => "a mapping changes per connection, and a TCP socket accepts segments only from the address it connected to",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use F::{AddressAndPortDependent as Apdf, AddressDependent as Adf, EndpointIndependent as Eif};
+    use M::{AddressAndPortDependent as Apdm, AddressDependent as Adm, EndpointIndependent as Eim};
+
+    fn nat(m: M, f: F, predictable: bool) -> PeerNat {
+        PeerNat {
+            predictable_ports: predictable,
+            ..PeerNat::new(m, f)
+        }
+    }
+
+    const PREDICT: Techniques = Techniques {
+        port_prediction: true,
+    };
+
+    #[test]
+    fn udp_table_rfc4787() {
+        use Path::*;
+        // (a, b, without prediction, with prediction)
+        let full = nat(Eim, Eif, true);
+        let restricted = nat(Eim, Adf, true);
+        let port_restricted = nat(Eim, Apdf, true);
+        let sym_random = nat(Apdm, Apdf, false);
+        let sym_seq = nat(Apdm, Apdf, true);
+        let ad = nat(Adm, Adf, true);
+        // Symmetric mapping with endpoint-independent filtering: the packet passes on the server
+        // mapping; the answer comes from a new port, admitted by an ADF or EIF sender only.
+        let apdm_eif = nat(Apdm, Eif, false);
+        let rows = [
+            (full, sym_random, Direct, Direct),
+            (restricted, sym_random, Direct, Direct),
+            (port_restricted, port_restricted, Direct, Direct),
+            (port_restricted, sym_random, Relayed, Relayed),
+            (port_restricted, sym_seq, Relayed, PortPrediction),
+            (sym_random, sym_random, Relayed, Relayed),
+            (sym_seq, sym_seq, Relayed, Relayed),
+            (ad, port_restricted, Relayed, PortPrediction),
+            (ad, full, Direct, Direct),
+            (apdm_eif, ad, Direct, Direct),
+            (apdm_eif, apdm_eif, Direct, Direct),
+            (apdm_eif, sym_random, Relayed, Relayed),
+            (apdm_eif, port_restricted, Relayed, Relayed),
+        ];
+        for (a, b, plain, predicted) in rows {
+            for (x, y) in [(a, b), (b, a)] {
+                assert_eq!(udp(x, y, Techniques::default()).path, plain, "{x:?} {y:?}");
+                assert_eq!(udp(x, y, PREDICT).path, predicted, "{x:?} {y:?} predicting");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_and_blocked_inputs() {
+        let full = nat(Eim, Eif, true);
+        let unknown = PeerNat::default();
+        let e = udp(unknown, full, PREDICT);
+        assert_eq!(e.path, Path::Unknown);
+        assert_eq!(e.summary(), "our mapping or filtering is unknown");
+        assert_eq!(
+            udp(
+                full,
+                PeerNat {
+                    filtering: None,
+                    ..full
+                },
+                PREDICT
+            )
+            .reason,
+            Reason::UnknownBehavior { side: Side::B }
+        );
+        assert_eq!(tcp(full, unknown).path, Path::Unknown);
+        let blocked = PeerNat {
+            udp_blocked: true,
+            ..full
+        };
+        assert_eq!(udp(full, blocked, PREDICT).path, Path::Blocked);
+        assert_eq!(udp(unknown, blocked, PREDICT).path, Path::Blocked);
+        assert_eq!(tcp(full, blocked).path, Path::Direct, "TCP still passes");
+    }
+
+    #[test]
+    fn tcp_needs_two_endpoint_independent_mappings() {
+        for ma in [Eim, Adm, Apdm] {
+            for mb in [Eim, Adm, Apdm] {
+                for f in [Eif, Adf, Apdf] {
+                    let e = tcp(nat(ma, f, true), nat(mb, Apdf, false));
+                    let direct = ma == Eim && mb == Eim;
+                    assert_eq!(e.path == Path::Direct, direct, "{ma:?} {mb:?} {f:?}");
+                    assert_eq!(e.path == Path::Relayed, !direct);
+                }
+            }
+        }
+        let e = tcp(nat(Eim, Eif, true), nat(Apdm, Apdf, true));
+        assert_eq!(e.reason, Reason::NewPortPerConnection { side: Side::B });
+        assert!(e
+            .words("cone", "sym")
+            .starts_with("sym maps the peer connection"));
+    }
+
+    #[test]
+    fn the_model_is_symmetric_in_its_peers() {
+        let all: Vec<PeerNat> = [Eim, Adm, Apdm]
+            .into_iter()
+            .flat_map(|m| [Eif, Adf, Apdf].map(|f| (m, f)))
+            .flat_map(|(m, f)| [true, false].map(|p| nat(m, f, p)))
+            .collect();
+        for &a in &all {
+            for &b in &all {
+                for t in [Techniques::default(), PREDICT] {
+                    assert_eq!(udp(a, b, t).path, udp(b, a, t).path, "{a:?} {b:?} {t:?}");
+                }
+                assert_eq!(tcp(a, b).path, tcp(b, a).path);
+                // Prediction only ever adds a path.
+                let plain = udp(a, b, Techniques::default()).path;
+                let predicted = udp(a, b, PREDICT).path;
+                assert!(
+                    plain == predicted
+                        || (plain, predicted) == (Path::Relayed, Path::PortPrediction)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn words_name_the_sides() {
+        let e = udp(nat(Eim, Apdf, true), nat(Apdm, Apdf, false), PREDICT);
+        assert_eq!(
+            e.words("cone", "sym"),
+            "towards sym: its APDM mapping towards the server admits only the server (APDF); \
+             towards cone: its APDF filter admits only the reflexive port it sent to, and the APDM sender uses a new port"
+        );
+        let e = udp(nat(Eim, Apdf, true), nat(Apdm, Eif, false), PREDICT);
+        assert_eq!(
+            e.words("cone", "x"),
+            "towards x: the packet passes but the answer comes from a new port the APDF sender's filter refuses; \
+             towards cone: its APDF filter admits only the reflexive port it sent to, and the APDM sender uses a new port"
+        );
+        let e = udp(nat(Eim, Eif, true), nat(Apdm, Apdf, false), PREDICT);
+        assert_eq!(
+            e.words("full", "sym"),
+            "sym → full opens and the answer returns; full → sym alone would not"
+        );
+        let e = udp(nat(Apdm, Adf, true), nat(Eim, Apdf, true), PREDICT);
+        assert_eq!(e.reason, Reason::Predicted { predicted: Side::A });
+        assert!(e
+            .words("s", "c")
+            .starts_with("s maps each destination to a new port"));
+    }
+}
