@@ -51,7 +51,7 @@ pub enum CellError {
     Lab {
         a: String,
         b: String,
-        source: LabError,
+        source: Box<LabError>,
     },
     #[error("{0}")]
     Punch(#[from] PunchLabError),
@@ -159,7 +159,7 @@ fn punch_in_lab(
     .map_err(|source| CellError::Lab {
         a: a.into(),
         b: b.into(),
-        source,
+        source: Box::new(source),
     })?;
     let tcp: &[&str] = if t == Transport::Tcp { &["--tcp"] } else { &[] };
     let mut punch = PunchLab::<Peer>::start(lab, exe)?;
