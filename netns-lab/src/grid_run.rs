@@ -89,7 +89,7 @@ pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> Cel
     };
     match result {
         Ok(report) => judge(&mut cell, &report),
-        Err(e) => cell.error = Some(error_line(&e)),
+        Err(e) => cell.error = Some(jobs::error_line(&e)),
     }
     cell.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
     cell
@@ -122,20 +122,6 @@ fn judge(cell: &mut Cell, report: &Value) {
             cell.reason, cell.messages_echoed, cell.messages_sent, report["in_order"]
         );
     }
-}
-
-/// One line: the error and its causes, each said once.
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        let s = c.to_string();
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-        cause = c.source();
-    }
-    parts.join(": ")
 }
 
 /// The connector's `natscope.punch/v1` report, with the peers' stderr added when it did not go

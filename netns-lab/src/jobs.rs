@@ -1,6 +1,7 @@
 //! Running many labs at once, as `lab matrix`, `lab grid` and `bench lab` do: unique lab names, a
 //! bounded pool of worker threads over a list of jobs (results back in job order), and a child
-//! process whose stdout is collected while its run is held to a deadline.
+//! process whose stdout is collected while its run is held to a deadline, and a job's error as
+//! one line.
 
 use std::io::Read;
 use std::process::{Child, ExitStatus};
@@ -18,6 +19,20 @@ pub enum JobError {
     ReaderPanicked,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// One line for a job's `error` field: the error and its causes, each said once.
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cause = c.source();
+    }
+    parts.join(": ")
 }
 
 /// A lab name unique to this run: `prefix`, the job's index, four random hex digits.

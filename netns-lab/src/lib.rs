@@ -15,6 +15,7 @@ pub mod jobs;
 mod lab;
 pub mod links;
 pub mod matrix;
+pub mod matrix_run;
 pub mod netns;
 mod plan;
 pub mod presets;
