@@ -4,38 +4,26 @@
 //! down, and how the userspace engine compares with the kernel's masquerade and with no NAT at
 //! all) come from here, so they can be re-measured with one command instead of by hand. Every
 //! measurement runs inside real labs on this machine: sender, NAT and receiver share its cores, so
-//! the first line of output says what the numbers depend on.
+//! the first line of output says what the numbers depend on. The generators are
+//! [`natscope_lab::bench`]; this file chooses the paths, parses the flags and renders.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets as table_presets, Table};
-use natscope_lab::{netns, presets, Lab, LabOptions};
+use natscope_lab::bench::{
+    big_lab, caveat, lab_name, ping_pong, preset_lab, tcp_bulk, udp_flood, up_down, Latency,
+    Spread, Tcp, Udp, UpDown, PINGS, WARMUP,
+};
+use natscope_lab::{netns, LabOptions};
 use serde::Serialize;
 
 /// Version of the JSON document; bump on any incompatible change.
 pub const SCHEMA: &str = "natscope.bench-lab/v1";
 /// The traffic sections run through these presets: no NAT, the userspace engine, the kernel.
 const PATHS: [&str; 3] = ["open", "port-restricted-cone", "linux"];
-const UDP_PORT: u16 = 9000;
-const TCP_PORT: u16 = 9001;
-const ECHO_PORT: u16 = 9002;
-/// Read timeout of every receiving socket, so loops notice their deadline.
-const POLL: Duration = Duration::from_millis(100);
-/// How long a receiver keeps reading after the sender stopped (queued packets still count).
-const DRAIN: Duration = Duration::from_millis(300);
-const PINGS: usize = 2000;
-/// Receive buffer of the UDP sink (root may exceed rmem_max only with SO_RCVBUFFORCE; socket2
-/// sets SO_RCVBUF, so this is capped by net.core.rmem_max in the reflector's namespace).
-const SINK_RCVBUF: usize = 16 << 20;
-const WARMUP: usize = 100;
-
 #[derive(Args, Debug)]
 pub struct BenchLabArgs {
     /// Up/down runs of the 2-host preset `port-restricted-cone`.
@@ -54,56 +42,6 @@ pub struct BenchLabArgs {
     /// Print one JSON document instead of tables.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Serialize)]
-struct Spread {
-    min: f64,
-    median: f64,
-    max: f64,
-}
-
-#[derive(Serialize)]
-struct UpDown {
-    topology: String,
-    runs: usize,
-    up_ms: Spread,
-    down_ms: Spread,
-}
-
-#[derive(Serialize)]
-struct Udp {
-    path: &'static str,
-    /// Offered packets/s; `None` for the flood.
-    offered_per_second: Option<u64>,
-    seconds: f64,
-    sent: u64,
-    send_errors: u64,
-    received: u64,
-    sent_per_second: f64,
-    received_per_second: f64,
-    loss_pct: f64,
-    /// Userspace engine only: datagrams it forwarded LAN to WAN, which splits the loss into the
-    /// part before the engine (its packet socket overran) and the part after it.
-    nat_forwarded: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Tcp {
-    path: &'static str,
-    bytes: u64,
-    seconds: f64,
-    mb_per_second: f64,
-}
-
-#[derive(Serialize)]
-struct Latency {
-    path: &'static str,
-    samples: usize,
-    lost: usize,
-    p50_us: u64,
-    p99_us: u64,
-    added_p50_us: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -140,18 +78,16 @@ pub fn run(args: BenchLabArgs) -> Result<ExitCode> {
         "port-restricted-cone (2 hosts)",
         'u',
         args.runs,
-        |name| {
-            let topo = presets::preset("port-restricted-cone").context("no preset")?;
-            Ok(Lab::up(name, topo.plan()?, options())?)
-        },
+        |name| preset_lab(name, "port-restricted-cone", options()),
     )?);
     if args.big_runs > 0 {
         doc.lab_up_down
-            .push(up_down("20 NATs, 20 hosts", 'b', args.big_runs, big_lab)?);
+            .push(up_down("20 NATs, 20 hosts", 'b', args.big_runs, |name| {
+                big_lab(name, options())
+            })?);
     }
     for path in PATHS {
-        let topo = presets::preset(path).with_context(|| format!("no preset {path}"))?;
-        let lab = Lab::up(&lab_name('t', doc.udp_rtt.len()), topo.plan()?, options())
+        let lab = preset_lab(&lab_name('t', doc.udp_rtt.len()), path, options())
             .with_context(|| format!("bringing up preset {path}"))?;
         for rate in [None, Some(args.rate)] {
             doc.udp_64b.push(
@@ -174,281 +110,6 @@ pub fn run(args: BenchLabArgs) -> Result<ExitCode> {
         render(&doc)
     });
     Ok(ExitCode::SUCCESS)
-}
-
-fn caveat() -> String {
-    let cores = thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cores} cores ({cpu}) shared by sender, NAT and receiver, load average {}; \
-         every number is this machine's, not the NAT's alone",
-        load.join(" ")
-    )
-}
-
-fn options() -> LabOptions {
-    LabOptions {
-        natscope_bin: std::env::current_exe().ok(),
-        ..Default::default()
-    }
-}
-
-/// A lab name unique to this run: "bl", a kind letter, the index, a random suffix.
-fn lab_name(kind: char, index: usize) -> String {
-    crate::jobs::lab_name(&format!("bl{kind}"), index)
-}
-
-fn big_lab(name: &str) -> Result<Lab> {
-    let exe = std::env::current_exe().context("current executable")?;
-    let router = presets::router("port-restricted-cone").context("no router config")?;
-    let mut b = Lab::builder(name).reflector("stun").natscope_bin(exe);
-    for i in 1..=20 {
-        let nat = format!("n{i}");
-        b = b
-            .router(&nat, None, router.clone())
-            .host(&format!("h{i}"), Some(&nat));
-    }
-    Ok(b.up()?)
-}
-
-/// Brings a lab up and down `runs` times, timing `Lab::up` (or the builder's `up`) and `down`.
-fn up_down(
-    topology: &str,
-    kind: char,
-    runs: usize,
-    up: impl Fn(&str) -> Result<Lab>,
-) -> Result<UpDown> {
-    let (mut ups, mut downs) = (Vec::new(), Vec::new());
-    for i in 0..runs {
-        let name = lab_name(kind, i);
-        let t = Instant::now();
-        let lab = up(&name).with_context(|| format!("{topology}: lab up, run {}", i + 1))?;
-        ups.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        lab.down();
-        downs.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(UpDown {
-        topology: topology.into(),
-        runs,
-        up_ms: spread(ups),
-        down_ms: spread(downs),
-    })
-}
-
-fn spread(mut v: Vec<f64>) -> Spread {
-    v.sort_by(f64::total_cmp);
-    Spread {
-        min: v.first().copied().unwrap_or(0.0),
-        median: v.get(v.len() / 2).copied().unwrap_or(0.0),
-        max: v.last().copied().unwrap_or(0.0),
-    }
-}
-
-fn sink_ip(lab: &Lab) -> Result<Ipv4Addr> {
-    lab.node("stun")?
-        .address()
-        .context("node stun has no address")
-}
-
-fn any_port() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-}
-
-fn join<T>(h: thread::ScopedJoinHandle<'_, T>) -> Result<T> {
-    h.join().map_err(|_| anyhow!("a benchmark thread panicked"))
-}
-
-/// 64-byte datagrams from `h1` to a counting sink in `stun`, as fast as one thread sends them.
-fn udp_flood(lab: &Lab, path: &'static str, secs: Duration, rate: Option<u64>) -> Result<Udp> {
-    let dst = SocketAddr::from((sink_ip(lab)?, UDP_PORT));
-    let sink = lab.node("stun")?.udp_bind(dst).context("UDP sink")?;
-    sink.set_read_timeout(Some(POLL))?;
-    // A deep queue, so a receiver thread that loses its core for a few ms (2 cores, 3+ busy
-    // threads) does not count as loss on the path.
-    let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(SINK_RCVBUF);
-    let tx = lab.node("h1")?.udp_bind(any_port())?;
-    tx.connect(dst)?;
-    let forwarded = || lab.nat_stats("nat").map(|s| s.forwarded_out);
-    let before = forwarded();
-    let done = AtomicBool::new(false);
-    let (sent, errors, elapsed, received) = thread::scope(|s| {
-        let rx = s.spawn(|| {
-            let (mut buf, mut n) = ([0u8; 2048], 0u64);
-            let hard = Instant::now() + secs + DRAIN + Duration::from_secs(2);
-            let mut drain_end = None;
-            while Instant::now() < hard && drain_end.is_none_or(|d| Instant::now() < d) {
-                if drain_end.is_none() && done.load(Relaxed) {
-                    drain_end = Some(Instant::now() + DRAIN);
-                }
-                n += u64::from(sink.recv(&mut buf).is_ok());
-            }
-            n
-        });
-        let (payload, start) = ([0x5au8; 64], Instant::now());
-        let (mut sent, mut errors) = (0u64, 0u64);
-        while start.elapsed() < secs {
-            if let Some(r) = rate.filter(|r| *r > 0) {
-                // Paced: bursts of 32 on a schedule of `r` packets/s.
-                let due = start + Duration::from_secs_f64(sent as f64 / r as f64);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    thread::sleep(wait);
-                }
-            }
-            for _ in 0..32 {
-                match tx.send(&payload) {
-                    Ok(_) => sent += 1,
-                    Err(_) => errors += 1,
-                }
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        done.store(true, Relaxed);
-        join(rx).map(|r| (sent, errors, elapsed, r))
-    })?;
-    Ok(Udp {
-        path,
-        offered_per_second: rate,
-        seconds: elapsed,
-        sent,
-        send_errors: errors,
-        received,
-        sent_per_second: sent as f64 / elapsed,
-        received_per_second: received as f64 / elapsed,
-        nat_forwarded: forwarded().zip(before).map(|(a, b)| a.saturating_sub(b)),
-        loss_pct: if sent == 0 {
-            0.0
-        } else {
-            100.0 * (1.0 - received as f64 / sent as f64)
-        },
-    })
-}
-
-/// `h1` writes 64 KiB buffers to a discarding reader in `stun`; the reader's count is the result.
-fn tcp_bulk(lab: &Lab, path: &'static str, secs: Duration) -> Result<Tcp> {
-    let dst = SocketAddr::from((sink_ip(lab)?, TCP_PORT));
-    let listener = lab.node("stun")?.run(move || TcpListener::bind(dst))??;
-    listener.set_nonblocking(true)?;
-    let mut client = lab
-        .node("h1")?
-        .run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(5)))?
-        .context("TCP connect")?;
-    client.set_write_timeout(Some(POLL))?;
-    let (bytes, elapsed) = thread::scope(|s| {
-        let rx = s.spawn(|| -> Result<(u64, f64)> {
-            let hard = Instant::now() + secs + Duration::from_secs(5);
-            let mut conn = loop {
-                match listener.accept() {
-                    Ok((c, _)) => break c,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < hard => {
-                        thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(e) => return Err(e).context("TCP accept"),
-                }
-            };
-            conn.set_nonblocking(false)?;
-            conn.set_read_timeout(Some(POLL))?;
-            let (mut buf, mut n, start) = (vec![0u8; 1 << 16], 0u64, Instant::now());
-            while Instant::now() < hard {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => n += k as u64,
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(e) => return Err(e).context("TCP read"),
-                }
-            }
-            Ok((n, start.elapsed().as_secs_f64()))
-        });
-        let (buf, start) = (vec![0xa5u8; 1 << 16], Instant::now());
-        while start.elapsed() < secs {
-            match client.write(&buf) {
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => return Err(e).context("TCP write"),
-            }
-        }
-        // Ends the reader's loop with EOF once everything written has arrived.
-        client.shutdown(std::net::Shutdown::Write)?;
-        join(rx)?
-    })?;
-    Ok(Tcp {
-        path,
-        bytes,
-        seconds: elapsed,
-        mb_per_second: bytes as f64 / 1e6 / elapsed,
-    })
-}
-
-/// UDP ping-pong between `h1` and an echo socket in `stun`: round-trip times in µs.
-fn ping_pong(lab: &Lab, path: &'static str) -> Result<Latency> {
-    let dst = SocketAddr::from((sink_ip(lab)?, ECHO_PORT));
-    let echo = lab.node("stun")?.udp_bind(dst).context("UDP echo")?;
-    echo.set_read_timeout(Some(POLL))?;
-    let client: UdpSocket = lab.node("h1")?.udp_bind(any_port())?;
-    client.connect(dst)?;
-    client.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let done = AtomicBool::new(false);
-    let (mut rtts, lost) = thread::scope(|s| {
-        let e = s.spawn(|| {
-            let mut buf = [0u8; 64];
-            let hard = Instant::now() + Duration::from_secs(60);
-            while !done.load(Relaxed) && Instant::now() < hard {
-                if let Ok((n, from)) = echo.recv_from(&mut buf) {
-                    let _ = echo.send_to(&buf[..n], from);
-                }
-            }
-        });
-        let (mut rtts, mut lost, mut buf) = (Vec::with_capacity(PINGS), 0, [0u8; 64]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for seq in 0..(WARMUP + PINGS) as u64 {
-            if Instant::now() > deadline {
-                break;
-            }
-            let t = Instant::now();
-            if client.send(&seq.to_be_bytes()).is_err() {
-                lost += 1;
-                continue;
-            }
-            // Skips stale answers to earlier pings that timed out.
-            let ok = loop {
-                match client.recv(&mut buf) {
-                    Ok(8) if buf[..8] == seq.to_be_bytes() => break true,
-                    Ok(_) => continue,
-                    Err(_) => break false,
-                }
-            };
-            match (ok, seq as usize >= WARMUP) {
-                (true, true) => rtts.push(t.elapsed().as_micros() as u64),
-                (false, _) => lost += 1,
-                _ => {}
-            }
-        }
-        done.store(true, Relaxed);
-        join(e).map(|()| (rtts, lost))
-    })?;
-    if rtts.is_empty() {
-        bail!("no echo came back");
-    }
-    rtts.sort_unstable();
-    let pct = |p: usize| rtts[(rtts.len() * p / 100).min(rtts.len() - 1)];
-    Ok(Latency {
-        path,
-        samples: rtts.len(),
-        lost,
-        p50_us: pct(50),
-        p99_us: pct(99),
-        added_p50_us: None,
-    })
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -525,4 +186,11 @@ fn render(d: &Document) -> String {
         ),
     ]
     .join("\n")
+}
+
+fn options() -> LabOptions {
+    LabOptions {
+        natscope_bin: std::env::current_exe().ok(),
+        ..Default::default()
+    }
 }

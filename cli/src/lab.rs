@@ -1,22 +1,21 @@
 //! `natscope lab`: bring labs up and down, look inside them, run programs in their nodes.
 //!
 //! `lab up` starts a detached supervisor (`natscope lab serve`, hidden) that owns the lab — its
-//! namespaces, NAT engines and reflectors — until `lab down` sends it SIGTERM. The supervisor
-//! answers `lab status` / `lab nat-table` over a Unix socket next to the lab's record.
+//! namespaces, NAT engines and reflectors — until `lab down` sends it SIGTERM. The supervisor and
+//! its control protocol, which `lab status` / `lab nat-table` use, are [`natscope_lab::control`].
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::registry::{control_path, log_path};
-use natscope_lab::topology::{Plan, Topology};
-use natscope_lab::{config, netns, presets, registry, Lab, LabOptions};
+use natscope_lab::control::{self, load_plan, NodeStats, Reply, Request};
+use natscope_lab::registry::control_path;
+use natscope_lab::{netns, presets, registry, Lab, LabOptions};
 use serde_json::{json, Value};
 
 use crate::emit;
@@ -121,20 +120,6 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
     }
 }
 
-/// A preset name or a TOML file, validated and planned (nothing is created yet).
-fn load_plan(source: &str) -> Result<Plan> {
-    if source.ends_with(".toml") || source.contains('/') {
-        return config::load_and_plan(Path::new(source)).map_err(|e| anyhow!("{e}"));
-    }
-    let topology: Topology = presets::preset(source).ok_or_else(|| {
-        anyhow!(
-            "unknown preset `{source}`; presets: {} (or give a .toml file)",
-            presets::names().join(", ")
-        )
-    })?;
-    topology.plan().map_err(|e| anyhow!("{source}: {e}"))
-}
-
 fn up(a: UpArgs) -> Result<ExitCode> {
     if a.list {
         let mut t = Table::new();
@@ -153,60 +138,15 @@ fn up(a: UpArgs) -> Result<ExitCode> {
     natscope_lab::check_lab_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     load_plan(&source)?;
     netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
-    if registry::read(&a.name).is_some_and(|r| registry::owner_alive(&r)) {
-        bail!(
-            "a lab named `{0}` is already running (natscope lab down {0})",
-            a.name
-        );
-    }
     let exe = std::env::current_exe().context("cannot find the natscope executable")?;
-    std::fs::create_dir_all(registry::DIR)
-        .with_context(|| format!("cannot create {} (run natscope lab as root)", registry::DIR))?;
-    // Appended to, never truncated: a lab of this name that came up meanwhile keeps its log.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(&a.name))
-        .with_context(|| format!("cannot create {}", log_path(&a.name).display()))?;
-    let mut child = Command::new(&exe)
-        .args(["lab", "serve", &source, "--name", &a.name])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        // Its own process group: a Ctrl-C in this terminal later must not take the lab down.
-        .process_group(0)
-        .spawn()
-        .context("cannot start the lab supervisor")?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out)
-            .take(64 * 1024)
-            .read_line(&mut line)
-            .context("reading the supervisor's answer")?;
-    }
-    let line = line.trim();
-    if line != "ready" {
-        let _ = child.wait();
-        let msg = line.strip_prefix("error: ").unwrap_or(line);
-        if msg.is_empty() {
-            bail!(
-                "the lab supervisor exited without a word; see {}",
-                log_path(&a.name).display()
-            );
-        }
-        // The error is in `msg`; no lab, so no log to keep.
-        if registry::read(&a.name).is_none() {
-            let _ = std::fs::remove_file(log_path(&a.name));
-        }
-        bail!("{msg}");
-    }
-    // The supervisor lives on; this process leaves it be (it is not our child to reap).
-    std::mem::forget(child);
+    let mut supervisor = Command::new(&exe);
+    supervisor.args(["lab", "serve", &source, "--name", &a.name]);
+    control::launch(&a.name, supervisor)?;
     let rec = registry::read(&a.name).ok_or_else(|| anyhow!("lab {} vanished", a.name))?;
     if a.json {
         emit(&serde_json::to_string_pretty(&status_doc(&[rec]))?);
     } else {
-        emit(&render_lab(&rec, &query_stats(&rec)));
+        emit(&render_lab(&rec, &control::stats(&rec)));
         emit(&format!(
             "lab {n} is up; run programs with `natscope lab exec --lab {n} NODE -- CMD`, stop it with `natscope lab down {n}`",
             n = a.name
@@ -215,7 +155,7 @@ fn up(a: UpArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The supervisor: owns the lab until SIGTERM/SIGINT/SIGHUP, answers the control socket.
+/// The supervisor ([`control::supervise`]): reports `ready` or `error: …` on stdout for `lab up`.
 fn serve(a: ServeArgs) -> Result<ExitCode> {
     let say = |s: &str| {
         let mut out = std::io::stdout().lock();
@@ -224,7 +164,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     let plan = match load_plan(&a.source) {
         Ok(p) => p,
         Err(e) => {
-            say(&format!("error: {}", crate::error_line(&e)));
+            say(&format!("error: {e}"));
             return Ok(ExitCode::from(2));
         }
     };
@@ -242,111 +182,8 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let listener = UnixListener::bind(&control)
-        .with_context(|| format!("cannot listen on {}", control.display()))?;
-    listener.set_nonblocking(true)?;
-    let signals = signal_flag()?;
-    say("ready");
-    while !signals.load(std::sync::atomic::Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => answer(&lab, stream),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    drop(listener);
-    let _ = std::fs::remove_file(&control);
-    // Also removes the control socket and this supervisor's log.
-    lab.down();
+    control::supervise(lab, &control, || say("ready"))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A flag set by SIGTERM, SIGINT or SIGHUP (tokio's signal handling on a helper runtime).
-fn signal_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let f = flag.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        rt.block_on(async move {
-            let sigs = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            );
-            let (Ok(mut t), Ok(mut i), Ok(mut h)) = sigs else {
-                let _ = ready_tx.send(false);
-                return;
-            };
-            let _ = ready_tx.send(true);
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
-                _ = h.recv() => {}
-            }
-            f.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-    });
-    if ready_rx.recv().unwrap_or(false) {
-        Ok(flag)
-    } else {
-        bail!("cannot install signal handlers")
-    }
-}
-
-/// One request line, one JSON answer line.
-fn answer(lab: &Lab, stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut line = String::new();
-    let mut reader = BufReader::new(&stream).take(4096);
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let mut words = line.split_whitespace();
-    let reply = match (words.next(), words.next()) {
-        (Some("stats"), None) => {
-            let mut nodes = serde_json::Map::new();
-            for n in lab.nodes() {
-                if let (Some(table), Some(stats)) =
-                    (lab.nat_table(n.name()), lab.nat_stats(n.name()))
-                {
-                    nodes.insert(
-                        n.name().to_string(),
-                        json!({"mappings": table.len(), "counters": stats}),
-                    );
-                }
-            }
-            Value::Object(nodes)
-        }
-        (Some("nat-table"), Some(node)) => match lab.nat_table(node) {
-            Some(rows) => json!({ "mappings": rows }),
-            None => {
-                json!({ "error": format!("`{node}` is not a userspace nat node of lab {}", lab.name()) })
-            }
-        },
-        _ => json!({ "error": "unknown request" }),
-    };
-    let mut w = &stream;
-    let _ = writeln!(w, "{reply}");
-}
-
-fn ask(rec: &registry::Record, request: &str) -> Option<Value> {
-    let path = rec.control.as_ref()?;
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    writeln!(s, "{request}").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).take(16 << 20).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
-fn query_stats(rec: &registry::Record) -> Value {
-    ask(rec, "stats").unwrap_or(Value::Null)
 }
 
 fn settings_of(node: &Value) -> String {
@@ -402,7 +239,7 @@ fn addresses_of(node: &Value) -> Vec<String> {
     v
 }
 
-fn render_lab(rec: &registry::Record, stats: &Value) -> String {
+fn render_lab(rec: &registry::Record, stats: &BTreeMap<String, NodeStats>) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header([
         "node",
@@ -415,8 +252,7 @@ fn render_lab(rec: &registry::Record, stats: &Value) -> String {
         let name = n["name"].as_str().unwrap_or("?");
         let mappings = stats
             .get(name)
-            .and_then(|s| s.get("mappings"))
-            .map(|m| m.to_string())
+            .map(|s| s.mappings.to_string())
             .unwrap_or_default();
         t.add_row([
             name.to_string(),
@@ -442,7 +278,7 @@ fn status_doc(records: &[registry::Record]) -> Value {
     let labs: Vec<Value> = records
         .iter()
         .map(|r| {
-            let stats = query_stats(r);
+            let stats = control::stats(r);
             let nodes: Vec<Value> = r
                 .nodes
                 .as_array()
@@ -456,7 +292,7 @@ fn status_doc(records: &[registry::Record]) -> Value {
                         "namespace": natscope_lab::namespace_name(&r.name, name),
                         "addresses": addresses_of(n),
                         "router": n["router"],
-                        "mappings": stats.get(name).and_then(|s| s.get("mappings")).cloned().unwrap_or(Value::Null),
+                        "mappings": stats.get(name).map(|s| s.mappings),
                     })
                 })
                 .collect();
@@ -486,57 +322,14 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         emit("no labs are running");
     } else {
         for r in &records {
-            emit(&render_lab(r, &query_stats(r)));
+            emit(&render_lab(r, &control::stats(r)));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The lab a command means: the one named, or the only one running.
-fn pick_lab(name: Option<String>) -> Result<registry::Record> {
-    let records = registry::list();
-    match name {
-        Some(n) => records
-            .into_iter()
-            .find(|r| r.name == n)
-            .ok_or_else(|| anyhow!("no lab named `{n}` is running (see natscope lab status)")),
-        None => match records.len() {
-            0 => bail!("no lab is running; start one with `natscope lab up PRESET`"),
-            1 => Ok(records.into_iter().next().expect("one record")),
-            _ => bail!(
-                "several labs are running ({}); choose one with --lab NAME",
-                records
-                    .iter()
-                    .map(|r| r.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    }
-}
-
-/// The lab a command means (as [`pick_lab`]), checked to have a node named `node`.
-fn pick_node(lab: Option<String>, node: &str) -> Result<registry::Record> {
-    let rec = pick_lab(lab)?;
-    let names: Vec<&str> = rec
-        .nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["name"].as_str())
-        .collect();
-    if !names.contains(&node) {
-        bail!(
-            "lab {} has no node `{node}` (nodes: {})",
-            rec.name,
-            names.join(", ")
-        );
-    }
-    Ok(rec)
-}
-
 fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
-    let rec = pick_node(a.lab, &a.node)?;
+    let rec = control::pick_node(a.lab, &a.node)?;
     if rec.control.is_none() {
         bail!(
             "lab {} is run by another program (pid {}), which does not serve nat tables",
@@ -544,31 +337,31 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
             rec.owner_pid
         );
     }
-    let reply = ask(&rec, &format!("nat-table {}", a.node))
-        .ok_or_else(|| anyhow!("the supervisor of lab {} does not answer", rec.name))?;
-    if let Some(e) = reply.get("error").and_then(Value::as_str) {
-        bail!("{e}");
-    }
+    let request = Request::NatTable {
+        node: a.node.clone(),
+    };
+    let table = match control::ask(&rec, &request) {
+        Some(Reply::NatTable(t)) => t,
+        Some(Reply::Error(e)) => bail!("{e}"),
+        _ => bail!("the supervisor of lab {} does not answer", rec.name),
+    };
     if a.json {
-        emit(&serde_json::to_string_pretty(&reply)?);
+        emit(&serde_json::to_string_pretty(&table)?);
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(["proto", "internal", "external", "expires in"]);
-    let rows = reply["mappings"].as_array().cloned().unwrap_or_default();
-    for r in &rows {
-        let s = |k: &str| match &r[k] {
-            Value::String(s) => s.clone(),
-            Value::Null => String::new(),
-            v => v.to_string(),
-        };
-        let ms = r["expires_in_ms"].as_u64().unwrap_or(0);
+    let rows = &table.mappings;
+    for r in rows {
         t.add_row([
-            s("proto"),
-            s("internal"),
-            s("external"),
-            format!("{:.1} s", ms as f64 / 1000.0),
+            serde_json::to_value(r.proto)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            r.internal.to_string(),
+            r.external.to_string(),
+            format!("{:.1} s", r.expires_in_ms as f64 / 1000.0),
         ]);
     }
     emit(&format!(
@@ -581,7 +374,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
 }
 
 fn exec(a: ExecArgs) -> Result<ExitCode> {
-    let rec = pick_node(a.lab, &a.node)?;
+    let rec = control::pick_node(a.lab, &a.node)?;
     let ns = natscope_lab::namespace_name(&rec.name, &a.node);
     netns::enter(&ns).map_err(|e| anyhow!("{e}"))?;
     let (program, args) = a
@@ -596,14 +389,7 @@ fn exec(a: ExecArgs) -> Result<ExitCode> {
 fn down(a: DownArgs) -> Result<ExitCode> {
     let grace = Duration::from_secs(10);
     if a.all {
-        let mut names: Vec<String> = registry::list().into_iter().map(|r| r.name).collect();
-        for ns in netns::list_lab_namespaces() {
-            if let Some(l) = registry::lab_of_namespace(&ns) {
-                if !names.iter().any(|n| n == l) {
-                    names.push(l.to_string());
-                }
-            }
-        }
+        let names = control::all_labs();
         for n in &names {
             registry::down(n, grace);
         }

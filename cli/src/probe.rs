@@ -24,17 +24,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangement, Table};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use natscope_probes::client::{
-    BindingResponse, RequestOptions, Rto, Transaction, TransactionEvent,
-};
-use natscope_probes::probe::report::TestReport;
+use natscope_probes::probe::comparison::{compare_mappings, MappingComparison};
 use natscope_probes::probe::{
     driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
     Probe, ProbeConfig, ProbeReport, Timing,
 };
-use natscope_probes::stun::TransactionId;
 use serde::Serialize;
-use tokio::net::UdpSocket;
 
 /// Public STUN servers `--public` uses. They are contacted only when the user passes `--public`
 /// (DESIGN.md, "Safety"); neither implements RFC 5780, so they give the mapping comparison only.
@@ -178,7 +173,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
                 Ok(c) => c,
                 Err(e) => {
                     bar.finish_and_clear();
-                    return Err(e.context(format!(
+                    return Err(anyhow::Error::new(e).context(format!(
                         "cannot compare mappings across {}",
                         names.join(", ")
                     )));
@@ -403,233 +398,6 @@ fn lifetime_bar() -> ProgressBar {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Several servers: does the mapping depend on the destination?
-// ---------------------------------------------------------------------------------------------
-
-/// One socket's mapped address as seen by each server (RFC 4787 §4.1: with an endpoint-independent
-/// mapping every destination sees the same address and port).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct MappingComparison {
-    /// The socket every Binding request was sent from.
-    pub local_address: Option<SocketAddr>,
-    /// `true`: the mapped address differs between destinations (not endpoint-independent);
-    /// `false`: every answering server saw the same one; `null`: fewer than two answers.
-    pub varies_by_destination: Option<bool>,
-    pub servers: Vec<ComparedServer>,
-    #[serde(skip)]
-    pub requests_sent: u32,
-    #[serde(skip)]
-    pub duration_ms: f64,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ComparedServer {
-    pub address: SocketAddr,
-    pub mapped_address: Option<SocketAddr>,
-    /// Why this server gave no usable answer.
-    pub problem: Option<String>,
-}
-
-impl MappingComparison {
-    fn not_run(servers: &[SocketAddr], why: &str) -> Self {
-        Self {
-            local_address: None,
-            varies_by_destination: None,
-            servers: servers
-                .iter()
-                .map(|&address| ComparedServer {
-                    address,
-                    mapped_address: None,
-                    problem: Some(why.to_string()),
-                })
-                .collect(),
-            requests_sent: 0,
-            duration_ms: 0.0,
-        }
-    }
-
-    /// Decides from the answers collected in `servers`.
-    fn conclude(&mut self) {
-        let seen: Vec<SocketAddr> = self
-            .servers
-            .iter()
-            .filter(|s| s.problem.is_none())
-            .filter_map(|s| s.mapped_address)
-            .collect();
-        self.varies_by_destination = match seen.split_first() {
-            Some((first, rest)) if !rest.is_empty() => Some(rest.iter().any(|m| m != first)),
-            _ => None,
-        };
-    }
-
-    /// The row this comparison adds to the report's `tests`.
-    pub fn test_row(&self) -> TestReport {
-        let verdict = match self.varies_by_destination {
-            Some(true) => "varies by destination",
-            Some(false) => "same for every destination",
-            None => "unknown",
-        };
-        let each: Vec<String> = self
-            .servers
-            .iter()
-            .map(|s| match (&s.problem, s.mapped_address) {
-                (Some(p), _) => format!("{}: {p}", s.address),
-                (None, Some(m)) => format!("{} saw {m}", s.address),
-                (None, None) => format!("{}: no mapped address", s.address),
-            })
-            .collect();
-        let meaning = match self.varies_by_destination {
-            Some(true) => "the mapping is not endpoint-independent",
-            Some(false) => "endpoint-independent as far as these servers show",
-            None => "needs answers from at least two servers",
-        };
-        let from = self
-            .local_address
-            .map_or_else(String::new, |l| format!("from {l}: "));
-        TestReport {
-            name: "mapping comparison".into(),
-            verdict: verdict.into(),
-            evidence: format!("{from}{}; {meaning}", each.join(", ")),
-            requests_sent: self.requests_sent,
-            duration_ms: self.duration_ms,
-        }
-    }
-}
-
-/// Sends one Binding transaction from a single fresh socket to each server in turn (never two at
-/// once: one socket keeps one mapping under test), each started when `pacer` has a slot.
-async fn compare_mappings(
-    servers: &[SocketAddr],
-    timing: Timing,
-    pacer: &mut Pacer,
-) -> Result<MappingComparison> {
-    let start = Instant::now();
-    let Some(&first) = servers.first() else {
-        bail!("no server to compare");
-    };
-    let family_of = first.is_ipv4();
-    let local_ip = driver::route_source(first).with_context(|| format!("no route to {first}"))?;
-    let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
-        .await
-        .with_context(|| format!("cannot bind a udp socket on {local_ip}"))?;
-    let local = socket.local_addr().ok();
-    let rto = Rto {
-        initial: timing.initial_rto,
-        max_transmits: timing.reach_transmits.max(1),
-        last_wait_multiplier: 2,
-        max_rto: (timing.initial_rto * 2).min(timing.max_rto.max(timing.initial_rto)),
-    };
-    let mut out = MappingComparison {
-        local_address: local,
-        varies_by_destination: None,
-        servers: Vec::new(),
-        requests_sent: 0,
-        duration_ms: 0.0,
-    };
-    let mut done: Vec<SocketAddr> = Vec::new();
-    for &server in servers {
-        let mut row = ComparedServer {
-            address: server,
-            mapped_address: None,
-            problem: None,
-        };
-        if done.contains(&server) {
-            row.problem = Some("listed twice".into());
-        } else if server.is_ipv4() != family_of {
-            row.problem = Some("other address family than the first server".into());
-        } else {
-            if let Some(slot) = pacer.next_start() {
-                tokio::time::sleep_until(slot.into()).await;
-            }
-            // `binding` transmits at once: its transaction starts now.
-            pacer.started(Instant::now());
-            let (answer, sent) = binding(&socket, server, rto).await?;
-            out.requests_sent += sent;
-            match answer {
-                Err(why) => row.problem = Some(why),
-                Ok(r) => match r.reflexive() {
-                    Some(m) => row.mapped_address = Some(m),
-                    None => row.problem = Some("answer without a mapped address".into()),
-                },
-            }
-            done.push(server);
-        }
-        out.servers.push(row);
-    }
-    out.conclude();
-    out.duration_ms = start.elapsed().as_secs_f64() * 1e3;
-    Ok(out)
-}
-
-/// One Binding transaction; the answer counts only if it came from `server` itself and names it
-/// as RESPONSE-ORIGIN (when present). Returns the outcome and the transmissions it took.
-async fn binding(
-    socket: &UdpSocket,
-    server: SocketAddr,
-    rto: Rto,
-) -> Result<(std::result::Result<BindingResponse, String>, u32)> {
-    let tid = TransactionId::random();
-    let mut req = [0u8; 256];
-    let opts = RequestOptions {
-        fingerprint: true,
-        ..Default::default()
-    };
-    let len = natscope_probes::client::build_request(&mut req, &tid, &opts)
-        .context("cannot encode a binding request")?;
-    let mut tx = Transaction::new(Instant::now(), tid, rto);
-    let mut wrong_source: Option<SocketAddr> = None;
-    let mut buf = [0u8; 2048];
-    loop {
-        let now = Instant::now();
-        if tx.poll_transmit(now) {
-            if let Err(e) = socket.send_to(&req[..len], server).await {
-                if e.kind() != std::io::ErrorKind::ConnectionRefused {
-                    return Err(e).with_context(|| format!("cannot send to {server}"));
-                }
-            }
-        }
-        tx.handle_timeout(now);
-        match tx.event() {
-            TransactionEvent::Done(r) => {
-                let origin_ok = r.response_origin.is_none_or(|o| o == server);
-                let outcome = if origin_ok {
-                    Ok(*r)
-                } else {
-                    Err(format!(
-                        "RESPONSE-ORIGIN {} is not the server's address",
-                        r.response_origin.map_or("-".into(), |o| o.to_string())
-                    ))
-                };
-                return Ok((outcome, tx.transmits()));
-            }
-            TransactionEvent::TimedOut { transmits } => {
-                let why = match wrong_source {
-                    Some(f) => format!("the answer came from {f}, not from the server"),
-                    None => format!("no answer after {transmits} transmissions"),
-                };
-                return Ok((Err(why), transmits));
-            }
-            TransactionEvent::Pending => {}
-        }
-        let Some(deadline) = tx.poll_timeout() else {
-            continue;
-        };
-        match tokio::time::timeout_at(deadline.into(), socket.recv_from(&mut buf)).await {
-            Ok(Ok((n, from))) if from == server => {
-                tx.handle_datagram(from, &buf[..n]);
-            }
-            Ok(Ok((n, from))) => {
-                if BindingResponse::parse(&buf[..n], &tid, Some(from)).is_ok() {
-                    wrong_source = Some(from);
-                }
-            }
-            // ICMP errors surface on the next receive on Linux: evidence of nothing new.
-            Ok(Err(_)) | Err(_) => {}
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Rendering
 // ---------------------------------------------------------------------------------------------
 
@@ -760,7 +528,10 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use natscope_probes::probe::report::{OutlookRow, PortAllocationReport, ServerReport, SCHEMA};
+    use natscope_probes::probe::comparison::ComparedServer;
+    use natscope_probes::probe::report::{
+        OutlookRow, PortAllocationReport, ServerReport, TestReport, SCHEMA,
+    };
     use natscope_probes::probe::{AllocationPattern, Behavior};
 
     fn addr(s: &str) -> SocketAddr {
@@ -1221,30 +992,6 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             got.starts_with("{\n  \"schema\": \"natscope.probe/v1\","),
             "{got}"
         );
-    }
-
-    #[test]
-    fn mapping_comparison_verdicts() {
-        assert_eq!(comparison(Some(true)).varies_by_destination, Some(true));
-        assert_eq!(comparison(Some(false)).varies_by_destination, Some(false));
-        let unknown = comparison(None);
-        assert_eq!(unknown.varies_by_destination, None);
-        let r = unknown.test_row();
-        assert_eq!(r.verdict, "unknown");
-        assert_eq!(
-            r.evidence,
-            "from 10.0.0.2:5000: 127.0.0.1:3478 saw 198.51.100.7:61000, 127.0.0.5:3478: no answer after 7 transmissions; needs answers from at least two servers"
-        );
-        let same = comparison(Some(false)).test_row();
-        assert_eq!(same.verdict, "same for every destination");
-        assert!(same
-            .evidence
-            .ends_with("; endpoint-independent as far as these servers show"));
-        // A server listed twice says nothing new: it must not count as a second destination.
-        let mut twice = comparison(Some(false));
-        twice.servers[1].problem = Some("listed twice".into());
-        twice.conclude();
-        assert_eq!(twice.varies_by_destination, None);
     }
 
     #[test]

@@ -4,16 +4,22 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod engine;
 pub mod grid;
+pub mod grid_run;
+pub mod jobs;
 mod lab;
 pub mod links;
 pub mod matrix;
+pub mod matrix_run;
 pub mod netns;
 mod plan;
 pub mod presets;
+pub mod punch_lab;
 pub mod registry;
 pub mod topology;
 

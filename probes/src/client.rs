@@ -1,5 +1,6 @@
 //! Tokio drivers for one Binding transaction: [`transact_udp`] runs the sans-IO
-//! [`Transaction`] (RFC 8489 §6.2.1 retransmissions) over a UDP socket, [`transact_tcp`] does one
+//! [`Transaction`] (RFC 8489 §6.2.1 retransmissions, answers only from the expected source) over a
+//! UDP socket, [`transact_tcp`] does one
 //! exchange over an open stream (§6.2.2 framing). Everything else here — request building, the
 //! typed response, the retransmission machine — is [`natscope_core::client`], re-exported.
 
@@ -19,6 +20,13 @@ use crate::stun::{EncodeError, TransactionId};
 pub enum TransactError {
     #[error("no answer from {server} after {transmits} transmissions")]
     Timeout { server: SocketAddr, transmits: u32 },
+    /// Only another address answered (see [`AnswerFrom`]): evidence, not an answer.
+    #[error("the answer to {server} came from {from}, not from the server")]
+    WrongSource {
+        server: SocketAddr,
+        from: SocketAddr,
+        transmits: u32,
+    },
     #[error("i/o with {server}: {source}")]
     Io {
         server: SocketAddr,
@@ -33,7 +41,9 @@ pub enum TransactError {
     },
 }
 
-/// Runs one Binding transaction over `socket` to `server` (RFC 8489 retransmissions).
+/// Runs one Binding transaction over `socket` to `server` (RFC 8489 retransmissions). The answer
+/// must come from `server` unless `opts` carries a CHANGE-REQUEST ([`AnswerFrom::for_request`]);
+/// an answer from anywhere else does not end the wait.
 pub async fn transact_udp(
     socket: &UdpSocket,
     server: SocketAddr,
@@ -41,23 +51,55 @@ pub async fn transact_udp(
     opts: &RequestOptions,
     rto: Rto,
 ) -> Result<BindingResponse, TransactError> {
+    match run_udp(socket, server, tid, opts, rto).await? {
+        (TransactionEvent::Done(r), _) => Ok(*r),
+        (
+            TransactionEvent::TimedOut {
+                wrong_source: Some(from),
+                transmits,
+            },
+            _,
+        ) => Err(TransactError::WrongSource {
+            server,
+            from,
+            transmits,
+        }),
+        (_, transmits) => Err(TransactError::Timeout { server, transmits }),
+    }
+}
+
+/// Runs one Binding transaction like [`transact_udp`] and returns how it ended (`Done` or
+/// `TimedOut`, with any wrong-source evidence) and the transmissions it took. Errs only for I/O
+/// and encoding.
+pub async fn run_udp(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    tid: TransactionId,
+    opts: &RequestOptions,
+    rto: Rto,
+) -> Result<(TransactionEvent, u32), TransactError> {
     let mut req = [0u8; 2048];
     let len = build_request(&mut req, &tid, opts)?;
-    let mut tx = Transaction::new(Instant::now(), tid, rto);
+    let from = AnswerFrom::for_request(server, opts);
+    let mut tx = Transaction::new(Instant::now(), tid, from, rto);
     let mut inb = [0u8; 2048];
     let io = |source| TransactError::Io { server, source };
     loop {
         let now = Instant::now();
         if tx.poll_transmit(now) {
-            socket.send_to(&req[..len], server).await.map_err(io)?;
+            match socket.send_to(&req[..len], server).await {
+                // An earlier ICMP port unreachable can surface on the next send: the retransmission
+                // schedule decides, as for the receive below.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                r => {
+                    r.map_err(io)?;
+                }
+            }
         }
         tx.handle_timeout(now);
         match tx.event() {
-            TransactionEvent::Done(r) => return Ok(*r),
-            TransactionEvent::TimedOut { transmits } => {
-                return Err(TransactError::Timeout { server, transmits })
-            }
             TransactionEvent::Pending => {}
+            end => return Ok((end, tx.transmits())),
         }
         let Some(deadline) = tx.poll_timeout() else {
             continue;

@@ -2,19 +2,22 @@
 //! node and two hosts behind their own NATs, and the punch commands run inside lab nodes as
 //! [`ChildProcess`]es (stopped by PID on drop).
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use natscope_lab::punch_lab::{self, NodeProgram, PunchLabError};
 use natscope_lab::topology::RouterKind;
-use natscope_lab::{presets, Lab};
+use natscope_lab::{presets, Lab, LabOptions};
 
 use crate::lab::lab_name;
 use crate::{natscope_bin, ChildProcess};
 
 /// Where `natscope punch serve` listens in these labs: the reflector node `stun`'s first address.
-pub const SERVER: &str = "198.51.100.1:3490";
+pub const SERVER: &str = punch_lab::SERVER;
 
-/// A running punch lab: `stun` (rendezvous + relay), `a` behind `na`, `b` behind `nb`.
+/// A running punch lab ([`natscope_lab::punch_lab`], the one `lab grid` runs too): `stun`
+/// (rendezvous + relay), `a` behind `na`, `b` behind `nb`.
 pub struct PunchLab {
     pub lab: Lab,
     pub server: ChildProcess,
@@ -25,36 +28,50 @@ pub fn router(preset: &str) -> RouterKind {
     presets::router(preset).unwrap_or_else(|| panic!("no router preset {preset}"))
 }
 
+impl NodeProgram for ChildProcess {
+    fn start(lab: &Lab, node: &str, exe: &Path, args: &[&str]) -> Result<Self, PunchLabError> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args);
+        lab.node(node)?
+            .run(move || ChildProcess::spawn(cmd))?
+            .map_err(|source| PunchLabError::Start {
+                node: node.to_string(),
+                source,
+            })
+    }
+    fn stdout_text(&self) -> String {
+        self.stdout()
+    }
+    fn has_exited(&mut self) -> bool {
+        self.exited().is_some()
+    }
+    fn describe(&mut self) -> String {
+        format!("{}\n{}", self.command_line(), self.diagnostics())
+    }
+}
+
 impl PunchLab {
-    /// Brings the lab up and starts the server; waits until it says it is serving.
+    /// Brings the lab up and starts the server; waits until it accepts connections.
     pub fn up(prefix: &str, a: RouterKind, b: RouterKind) -> Self {
-        let lab = Lab::builder(&lab_name(prefix))
-            .natscope_bin(natscope_bin())
-            .reflector("stun")
-            .router("na", None, a)
-            .router("nb", None, b)
-            .host("a", Some("na"))
-            .host("b", Some("nb"))
-            .up()
-            .expect("lab up");
+        let options = LabOptions {
+            natscope_bin: Some(natscope_bin()),
+            ..Default::default()
+        };
+        let plan = punch_lab::pair(a, b).plan().expect("punch lab plan");
+        let lab = Lab::up(&lab_name(prefix), plan, options).expect("lab up");
         let server = serve(&lab);
         Self { lab, server }
     }
-
     /// `natscope punch listen --id ID --via SERVER ...` in node `b`, once registered.
     pub fn listener(&self, id: &str, extra: &[&str]) -> ChildProcess {
-        let mut args = vec!["punch", "listen", "--id", id, "--via", SERVER];
-        args.extend_from_slice(extra);
-        let mut p = spawn_in(&self.lab, "b", &args);
-        wait_for(&mut p, |p| p.stdout().contains("registered"), "registered");
-        p
+        punch_lab::listener::<ChildProcess>(&self.lab, &natscope_bin(), None, id, extra)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `natscope punch connect ID --via SERVER --json ...` in node `a` (not waited for).
     pub fn connector(&self, id: &str, extra: &[&str]) -> ChildProcess {
-        let mut args = vec!["punch", "connect", id, "--via", SERVER, "--json"];
-        args.extend_from_slice(extra);
-        spawn_in(&self.lab, "a", &args)
+        punch_lab::connector(&self.lab, &natscope_bin(), id, extra)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs a connect to completion (bounded); returns its exit code and the process (its
@@ -74,26 +91,15 @@ impl PunchLab {
     }
 }
 
-/// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it is serving.
+/// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it accepts
+/// connections.
 pub fn serve(lab: &Lab) -> ChildProcess {
-    let mut server = spawn_in(lab, "stun", &["punch", "serve", "--listen", SERVER]);
-    wait_for(
-        &mut server,
-        |p| p.stderr().contains("punch server on"),
-        "serving",
-    );
-    server
+    punch_lab::serve(lab, &natscope_bin()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Starts `natscope ARGS` inside `node` with output captured.
 pub fn spawn_in(lab: &Lab, node: &str, args: &[&str]) -> ChildProcess {
-    let mut cmd = Command::new(natscope_bin());
-    cmd.args(args);
-    lab.node(node)
-        .expect("node")
-        .run(move || ChildProcess::spawn(cmd))
-        .expect("namespace")
-        .unwrap_or_else(|e| panic!("{e}"))
+    ChildProcess::start(lab, node, &natscope_bin(), args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits (bounded, 10 s) until `ready` holds for the process; panics with its output if not.

@@ -40,7 +40,7 @@ use pnet::packet::tcp::TcpFlags;
 use pnet::packet::Packet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, Ipv4Net, UnsolicitedSyn};
 use arp::{Arp, Cache, Waiting};
@@ -81,7 +81,7 @@ pub struct Emit {
 }
 
 /// One live mapping (or, in firewall mode, one open pinhole) for `natscope lab nat-table`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingRow {
     pub proto: Protocol,
     pub internal: SocketAddr,
@@ -93,7 +93,7 @@ pub struct MappingRow {
 }
 
 /// What the engine did with the frames it was given.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// LAN to WAN, translated (or passed by the firewall).
     pub forwarded_out: u64,

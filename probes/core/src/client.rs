@@ -205,6 +205,40 @@ impl Rto {
     }
 }
 
+/// Which transport address an answer must come from to end a [`Transaction`].
+///
+/// A NAT diagnosis is only as good as its sources: an answer to a plain request that arrives from
+/// elsewhere than the server (a second reflector, a spoofer, a NAT that rewrote the source) says
+/// nothing about the mapping the server saw, so it must not end the wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnswerFrom {
+    /// Only from this address: the server the request went to.
+    Exactly(SocketAddr),
+    /// From anywhere: a CHANGE-REQUEST asks the server to answer from an address the client may
+    /// not know yet (RFC 5780 §7.2), and RESPONSE-PORT sends the answer to another port. The real
+    /// source stays in [`BindingResponse::source`] for the caller to judge.
+    Any,
+}
+
+impl AnswerFrom {
+    /// What a request with `opts` sent to `server` may be answered from: the server itself,
+    /// unless CHANGE-REQUEST asks for another source address or port.
+    pub fn for_request(server: SocketAddr, opts: &RequestOptions) -> Self {
+        if opts.change.is_none() {
+            Self::Exactly(server)
+        } else {
+            Self::Any
+        }
+    }
+
+    fn accepts(&self, from: SocketAddr) -> bool {
+        match self {
+            Self::Exactly(expected) => *expected == from,
+            Self::Any => true,
+        }
+    }
+}
+
 /// What the state machine wants next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TransactionEvent {
@@ -212,29 +246,38 @@ pub enum TransactionEvent {
     Pending,
     /// Got the answer.
     Done(Box<BindingResponse>),
-    /// The budget ran out with no answer.
-    TimedOut { transmits: u32 },
+    /// The budget ran out with no answer from the expected source. `wrong_source` is the last
+    /// address that sent a valid answer to this transaction instead (evidence for the caller).
+    TimedOut {
+        transmits: u32,
+        wrong_source: Option<SocketAddr>,
+    },
 }
 
 /// One request's retransmission schedule and answer matching, without I/O.
 #[derive(Clone, Debug)]
 pub struct Transaction {
     tid: TransactionId,
+    from: AnswerFrom,
     rto: Rto,
     transmits: u32,
     next: Instant,
     current_rto: Duration,
+    wrong_source: Option<SocketAddr>,
     result: Option<TransactionEvent>,
 }
 
 impl Transaction {
-    pub fn new(now: Instant, tid: TransactionId, rto: Rto) -> Self {
+    /// A transaction for `tid` whose answer is accepted only as `from` allows.
+    pub fn new(now: Instant, tid: TransactionId, from: AnswerFrom, rto: Rto) -> Self {
         Self {
             tid,
+            from,
             rto,
             transmits: 0,
             next: now,
             current_rto: rto.initial,
+            wrong_source: None,
             result: None,
         }
     }
@@ -271,25 +314,169 @@ impl Transaction {
         if self.result.is_none() && self.transmits >= self.rto.max_transmits && now >= self.next {
             self.result = Some(TransactionEvent::TimedOut {
                 transmits: self.transmits,
+                wrong_source: self.wrong_source,
             });
         }
     }
 
-    /// Offers a datagram; returns true if it was this transaction's answer.
+    /// Offers a datagram; returns true if it was this transaction's answer. A valid answer from a
+    /// source [`AnswerFrom`] refuses does not end the wait: it is remembered as `wrong_source`.
     pub fn handle_datagram(&mut self, from: SocketAddr, bytes: &[u8]) -> bool {
         if self.result.is_some() {
             return false;
         }
-        match BindingResponse::parse(bytes, &self.tid, Some(from)) {
-            Ok(r) => {
-                self.result = Some(TransactionEvent::Done(Box::new(r)));
-                true
-            }
-            Err(_) => false,
+        let Ok(r) = BindingResponse::parse(bytes, &self.tid, Some(from)) else {
+            return false;
+        };
+        if !self.from.accepts(from) {
+            self.wrong_source = Some(from);
+            return false;
         }
+        self.result = Some(TransactionEvent::Done(Box::new(r)));
+        true
+    }
+
+    /// The last source that sent a valid answer this transaction refused, if any.
+    pub fn wrong_source(&self) -> Option<SocketAddr> {
+        self.wrong_source
     }
 
     pub fn event(&self) -> TransactionEvent {
         self.result.clone().unwrap_or(TransactionEvent::Pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVER: &str = "192.0.2.1:3478";
+    const ELSEWHERE: &str = "192.0.2.66:3478";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn rto() -> Rto {
+        Rto {
+            initial: Duration::from_millis(100),
+            max_transmits: 3,
+            last_wait_multiplier: 2,
+            max_rto: Duration::from_millis(400),
+        }
+    }
+
+    /// A success response to `tid` carrying XOR-MAPPED-ADDRESS `mapped`.
+    fn answer(tid: &TransactionId, mapped: SocketAddr) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid).unwrap();
+        w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, mapped)
+            .unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn an_answer_from_the_server_ends_the_transaction() {
+        let now = Instant::now();
+        let tid = TransactionId::random();
+        let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
+        assert!(tx.poll_transmit(now));
+        assert!(tx.handle_datagram(addr(SERVER), &answer(&tid, addr("198.51.100.1:1"))));
+        match tx.event() {
+            TransactionEvent::Done(r) => {
+                assert_eq!(r.source, Some(addr(SERVER)));
+                assert_eq!(r.xor_mapped, Some(addr("198.51.100.1:1")));
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(tx.poll_timeout(), None);
+    }
+
+    /// An answer from another address neither ends the wait nor stops the retransmissions; the
+    /// real answer arriving later still counts, and the wrong source is kept as evidence.
+    #[test]
+    fn an_answer_from_elsewhere_does_not_end_the_wait() {
+        let now = Instant::now();
+        let tid = TransactionId::random();
+        let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
+        assert!(tx.poll_transmit(now));
+        assert!(!tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1"))));
+        assert_eq!(tx.event(), TransactionEvent::Pending);
+        assert_eq!(tx.wrong_source(), Some(addr(ELSEWHERE)));
+        let retry = now + Duration::from_millis(100);
+        assert_eq!(tx.poll_timeout(), Some(retry));
+        assert!(tx.poll_transmit(retry), "still retransmitting");
+        assert!(tx.handle_datagram(addr(SERVER), &answer(&tid, addr("198.51.100.1:2"))));
+        match tx.event() {
+            TransactionEvent::Done(r) => assert_eq!(r.xor_mapped, Some(addr("198.51.100.1:2"))),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    /// With only wrong-source answers the budget runs out, and the timeout names who answered.
+    #[test]
+    fn only_wrong_source_answers_time_out_with_the_evidence() {
+        let mut now = Instant::now();
+        let tid = TransactionId::random();
+        let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
+        while let Some(at) = tx.poll_timeout() {
+            now = now.max(at);
+            if tx.poll_transmit(now) {
+                tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1")));
+            }
+            tx.handle_timeout(now);
+        }
+        assert_eq!(
+            tx.event(),
+            TransactionEvent::TimedOut {
+                transmits: 3,
+                wrong_source: Some(addr(ELSEWHERE)),
+            }
+        );
+    }
+
+    /// A CHANGE-REQUEST is answered from another address by design: any source is accepted and
+    /// recorded in the response.
+    #[test]
+    fn a_change_request_accepts_any_source() {
+        let opts = RequestOptions {
+            change: ChangeRequest::BOTH,
+            ..Default::default()
+        };
+        assert_eq!(
+            AnswerFrom::for_request(addr(SERVER), &opts),
+            AnswerFrom::Any
+        );
+        assert_eq!(
+            AnswerFrom::for_request(addr(SERVER), &RequestOptions::default()),
+            AnswerFrom::Exactly(addr(SERVER))
+        );
+        let now = Instant::now();
+        let tid = TransactionId::random();
+        let mut tx = Transaction::new(
+            now,
+            tid,
+            AnswerFrom::for_request(addr(SERVER), &opts),
+            rto(),
+        );
+        assert!(tx.poll_transmit(now));
+        assert!(tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1"))));
+        match tx.event() {
+            TransactionEvent::Done(r) => assert_eq!(r.source, Some(addr(ELSEWHERE))),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn an_answer_to_another_transaction_is_ignored() {
+        let now = Instant::now();
+        let tid = TransactionId::random();
+        let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
+        assert!(tx.poll_transmit(now));
+        let other = TransactionId::random();
+        assert!(!tx.handle_datagram(addr(SERVER), &answer(&other, addr("198.51.100.1:1"))));
+        assert_eq!(tx.wrong_source(), None);
+        assert_eq!(tx.event(), TransactionEvent::Pending);
     }
 }

@@ -99,7 +99,7 @@ pub enum Pooling {
 }
 
 /// Transport protocol of a mapping; UDP and TCP mappings are separate (RFC 4787, RFC 5382).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Udp,

@@ -12,9 +12,11 @@
 //! [`socket`] (socket names and [`Transmit`]), [`evidence`] (timing, round trips, loss) and
 //! [`pacing`] name nothing else here; [`machine`] (the driver interface) names only [`socket`];
 //! [`report`] (the result rows and the mapping comparison) names only [`evidence`] and [`pacing`];
-//! the machines — [`plan`], [`lifetime`], [`tcp`] — build on those and never on each other. The
-//! `layering` tests read these files and fail on a cycle.
+//! the machines — [`plan`], [`lifetime`], [`tcp`] — build on those and never on each other, nor
+//! does [`comparison`] (one socket's mapping across several servers, on [`evidence`] and
+//! [`report`]). The `layering` tests read these files and fail on a cycle.
 
+pub mod comparison;
 pub mod evidence;
 #[cfg(test)]
 mod layering;
@@ -26,6 +28,7 @@ pub mod report;
 pub mod socket;
 pub mod tcp;
 
+pub use comparison::{ComparedServer, MappingComparison};
 pub use evidence::Timing;
 pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 pub use machine::ProbeMachine;

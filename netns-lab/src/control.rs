@@ -1,0 +1,435 @@
+//! The lab supervisor and its control channel.
+//!
+//! `natscope lab up` starts a detached supervisor process that owns one lab — its namespaces, NAT
+//! engines and reflectors — until SIGTERM, SIGINT or SIGHUP ([`supervise`]); [`launch`] starts it
+//! and waits for its one-line "ready" (or "error: …"). Other processes ask the supervisor for live
+//! NAT state over a Unix socket next to the lab's record: one JSON [`Request`] line in, one JSON
+//! [`Reply`] line out ([`ask`]). Both sides share these types, so the protocol is checked by the
+//! compiler rather than by key strings.
+//!
+//! The lookups `lab status`, `lab nat-table` and `lab exec` share ([`pick_lab`], [`pick_node`])
+//! and the source of a lab ([`load_plan`]: a preset name or a TOML file) live here too.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, ConfigError};
+use crate::engine::{MappingRow, Stats};
+use crate::registry::{self, log_path, Record};
+use crate::topology::{Plan, Topology, TopologyError};
+use crate::{presets, Lab};
+
+/// One request to a supervisor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    /// Mapping counts and counters of every userspace NAT node.
+    Stats,
+    /// One NAT node's live mappings.
+    NatTable { node: String },
+}
+
+/// A supervisor's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    /// Per userspace NAT node, by name.
+    Stats(BTreeMap<String, NodeStats>),
+    NatTable(NatTableReply),
+    /// The request named something the lab does not have, or was not understood.
+    Error(String),
+}
+
+/// One userspace NAT node's state in a [`Reply::Stats`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub mappings: usize,
+    pub counters: Stats,
+}
+
+/// A NAT node's live mappings; also the `natscope lab nat-table --json` document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NatTableReply {
+    pub mappings: Vec<MappingRow>,
+}
+
+/// Why a lab could not be started, supervised or found.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Kept as text only, as `lab up` has always printed it.
+    #[error("{0}")]
+    Config(ConfigError),
+    #[error("unknown preset `{name}`; presets: {known} (or give a .toml file)")]
+    UnknownPreset { name: String, known: String },
+    #[error("{name}: {error}")]
+    Topology { name: String, error: TopologyError },
+    #[error("a lab named `{0}` is already running (natscope lab down {0})")]
+    AlreadyRunning(String),
+    #[error("cannot create {path} (run natscope lab as root): {source}")]
+    RegistryDir {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the lab supervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error("reading the supervisor's answer: {0}")]
+    Answer(std::io::Error),
+    #[error("the lab supervisor exited without a word; see {0}")]
+    Silent(PathBuf),
+    /// The supervisor's own one-line error.
+    #[error("{0}")]
+    Supervisor(String),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers")]
+    Signals,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no lab named `{0}` is running (see natscope lab status)")]
+    NoSuchLab(String),
+    #[error("no lab is running; start one with `natscope lab up PRESET`")]
+    NoLab,
+    #[error("several labs are running ({0}); choose one with --lab NAME")]
+    SeveralLabs(String),
+    #[error("lab {lab} has no node `{node}` (nodes: {nodes})")]
+    NoSuchNode {
+        lab: String,
+        node: String,
+        nodes: String,
+    },
+}
+
+/// A preset name or a TOML file, validated and planned (nothing is created yet).
+pub fn load_plan(source: &str) -> Result<Plan, ControlError> {
+    if source.ends_with(".toml") || source.contains('/') {
+        return config::load_and_plan(Path::new(source)).map_err(ControlError::Config);
+    }
+    let topology: Topology =
+        presets::preset(source).ok_or_else(|| ControlError::UnknownPreset {
+            name: source.to_string(),
+            known: presets::names().join(", "),
+        })?;
+    topology.plan().map_err(|error| ControlError::Topology {
+        name: source.to_string(),
+        error,
+    })
+}
+
+/// Starts `supervisor` (a process that runs [`supervise`] for lab `name`) detached, with its
+/// stderr appended to the lab's log, and waits for its first line: `ready`, or `error: …`.
+pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
+    if registry::read(name).is_some_and(|r| registry::owner_alive(&r)) {
+        return Err(ControlError::AlreadyRunning(name.to_string()));
+    }
+    std::fs::create_dir_all(registry::DIR).map_err(|source| ControlError::RegistryDir {
+        path: registry::DIR,
+        source,
+    })?;
+    // Appended to, never truncated: a lab of this name that came up meanwhile keeps its log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(name))
+        .map_err(|source| ControlError::Log {
+            path: log_path(name),
+            source,
+        })?;
+    let mut child = supervisor
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Its own process group: a Ctrl-C in this terminal later must not take the lab down.
+        .process_group(0)
+        .spawn()
+        .map_err(ControlError::Spawn)?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out)
+            .take(64 * 1024)
+            .read_line(&mut line)
+            .map_err(ControlError::Answer)?;
+    }
+    let line = line.trim();
+    if line != "ready" {
+        let _ = child.wait();
+        let msg = line.strip_prefix("error: ").unwrap_or(line);
+        if msg.is_empty() {
+            return Err(ControlError::Silent(log_path(name)));
+        }
+        // The error is in `msg`; no lab, so no log to keep.
+        if registry::read(name).is_none() {
+            let _ = std::fs::remove_file(log_path(name));
+        }
+        return Err(ControlError::Supervisor(msg.to_string()));
+    }
+    // The supervisor lives on; this process leaves it be (it is not our child to reap).
+    std::mem::forget(child);
+    Ok(())
+}
+
+/// The supervisor's life: answers [`Request`]s on `control` until SIGTERM, SIGINT or SIGHUP, then
+/// takes the lab down. `ready` is called once the socket listens (`lab up` waits for it).
+pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), ControlError> {
+    let listener = UnixListener::bind(control).map_err(|source| ControlError::Listen {
+        path: control.to_path_buf(),
+        source,
+    })?;
+    listener.set_nonblocking(true)?;
+    let signals = signal_flag()?;
+    ready();
+    while !signals.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => answer(&lab, stream),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(control);
+    // Also removes the control socket and this supervisor's log.
+    lab.down();
+    Ok(())
+}
+
+/// A flag set by SIGTERM, SIGINT or SIGHUP (tokio's signal handling on a helper runtime).
+fn signal_flag() -> Result<Arc<AtomicBool>, ControlError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let sigs = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            );
+            let (Ok(mut t), Ok(mut i), Ok(mut h)) = sigs else {
+                let _ = ready_tx.send(false);
+                return;
+            };
+            let _ = ready_tx.send(true);
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+                _ = h.recv() => {}
+            }
+            f.store(true, Ordering::SeqCst);
+        });
+    });
+    if ready_rx.recv().unwrap_or(false) {
+        Ok(flag)
+    } else {
+        Err(ControlError::Signals)
+    }
+}
+
+/// What the supervisor of `lab` answers to `request`.
+pub fn reply(lab: &Lab, request: &Request) -> Reply {
+    match request {
+        Request::Stats => Reply::Stats(
+            lab.nodes()
+                .iter()
+                .filter_map(|n| {
+                    let (table, counters) = (lab.nat_table(n.name())?, lab.nat_stats(n.name())?);
+                    let stats = NodeStats {
+                        mappings: table.len(),
+                        counters,
+                    };
+                    Some((n.name().to_string(), stats))
+                })
+                .collect(),
+        ),
+        Request::NatTable { node } => match lab.nat_table(node) {
+            Some(mappings) => Reply::NatTable(NatTableReply { mappings }),
+            None => Reply::Error(format!(
+                "`{node}` is not a userspace nat node of lab {}",
+                lab.name()
+            )),
+        },
+    }
+}
+
+/// One request line, one reply line.
+fn answer(lab: &Lab, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    let mut reader = BufReader::new(&stream).take(4096);
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => reply(lab, &request),
+        Err(_) => Reply::Error("unknown request".into()),
+    };
+    if let Ok(text) = serde_json::to_string(&reply) {
+        let mut w = &stream;
+        let _ = writeln!(w, "{text}");
+    }
+}
+
+/// Asks the supervisor of `rec`; `None` when it has no control socket or does not answer.
+pub fn ask(rec: &Record, request: &Request) -> Option<Reply> {
+    let path = rec.control.as_ref()?;
+    let mut s = UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    writeln!(s, "{}", serde_json::to_string(request).ok()?).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).take(16 << 20).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Per NAT node of `rec`, its state; empty when the supervisor does not answer (or there is none).
+pub fn stats(rec: &Record) -> BTreeMap<String, NodeStats> {
+    match ask(rec, &Request::Stats) {
+        Some(Reply::Stats(s)) => s,
+        _ => BTreeMap::new(),
+    }
+}
+
+/// The lab a command means: the one named, or the only one running.
+pub fn pick_lab(name: Option<String>) -> Result<Record, ControlError> {
+    let mut records = registry::list();
+    match name {
+        Some(n) => records
+            .into_iter()
+            .find(|r| r.name == n)
+            .ok_or(ControlError::NoSuchLab(n)),
+        None if records.len() > 1 => Err(ControlError::SeveralLabs(
+            records
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+        None => records.pop().ok_or(ControlError::NoLab),
+    }
+}
+
+/// The lab a command means (as [`pick_lab`]), checked to have a node named `node`.
+pub fn pick_node(lab: Option<String>, node: &str) -> Result<Record, ControlError> {
+    let rec = pick_lab(lab)?;
+    let names = node_names(&rec);
+    if !names.iter().any(|n| n == node) {
+        return Err(ControlError::NoSuchNode {
+            lab: rec.name,
+            node: node.to_string(),
+            nodes: names.join(", "),
+        });
+    }
+    Ok(rec)
+}
+
+/// The names of the nodes `rec` planned.
+pub fn node_names(rec: &Record) -> Vec<String> {
+    rec.nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Every lab to remove for `lab down --all`: recorded ones and those only namespaces remain of.
+pub fn all_labs() -> Vec<String> {
+    let mut names: Vec<String> = registry::list().into_iter().map(|r| r.name).collect();
+    for ns in crate::netns::list_lab_namespaces() {
+        if let Some(l) = registry::lab_of_namespace(&ns) {
+            if !names.iter().any(|n| n == l) {
+                names.push(l.to_string());
+            }
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire form of each request and reply: what an older or newer `natscope` on the other
+    /// end of the socket must agree on.
+    #[test]
+    fn requests_and_replies_round_trip_in_their_wire_form() {
+        let nat_table = Request::NatTable { node: "nat".into() };
+        let text = serde_json::to_string(&nat_table).unwrap();
+        assert_eq!(text, r#"{"request":"nat-table","node":"nat"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), nat_table);
+        assert_eq!(
+            serde_json::to_string(&Request::Stats).unwrap(),
+            r#"{"request":"stats"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+
+        let row = MappingRow {
+            proto: natscope_core::nat::Protocol::Udp,
+            internal: "10.0.1.2:4000".parse().unwrap(),
+            external: "203.0.113.1:4000".parse().unwrap(),
+            expires_in_ms: 1500,
+            admits: vec!["*:*".into()],
+        };
+        let mut stats = BTreeMap::new();
+        stats.insert(
+            "nat".to_string(),
+            NodeStats {
+                mappings: 1,
+                counters: Stats::default(),
+            },
+        );
+        for reply in [
+            Reply::NatTable(NatTableReply {
+                mappings: vec![row.clone()],
+            }),
+            Reply::Stats(stats),
+            Reply::Error("`h1` is not a userspace nat node of lab t".into()),
+        ] {
+            let text = serde_json::to_string(&reply).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Reply>(&text).unwrap(),
+                reply,
+                "{text}"
+            );
+        }
+        // `lab nat-table --json` prints the table reply's body: the documented field names.
+        let doc = serde_json::to_value(NatTableReply {
+            mappings: vec![row],
+        })
+        .unwrap();
+        assert_eq!(doc["mappings"][0]["proto"], "udp");
+        assert_eq!(doc["mappings"][0]["external"], "203.0.113.1:4000");
+        assert_eq!(doc["mappings"][0]["expires_in_ms"], 1500);
+    }
+
+    #[test]
+    fn a_lab_source_is_a_preset_or_a_file() {
+        assert!(load_plan("full-cone").is_ok());
+        let err = load_plan("no-such-preset").unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown preset `no-such-preset`; presets: "),
+            "{err}"
+        );
+        assert!(matches!(
+            load_plan("/nonexistent/lab.toml"),
+            Err(ControlError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,386 @@
+//! `natscope punch` in a lab: the rendezvous + relay server (`punch serve`) on the reflector node
+//! `stun`, a listener in node `b` and a connector in node `a`, each host behind its own NAT. This
+//! is the one way `lab grid` and the punch lab tests run punch: the same server address, the same
+//! readiness checks (the server accepts TCP, the listener reports its registration), the same
+//! command lines.
+//!
+//! The programs are real `natscope` processes. How a caller holds them differs — the grid keeps a
+//! [`Peer`], the tests a process type that prints everything on failure — so the lab is generic
+//! over [`NodeProgram`].
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::netns::NetnsError;
+use crate::topology::{NodeSpec, RouterKind, Topology};
+use crate::{Lab, LabError};
+
+/// Where `natscope punch serve` listens: the reflector node `stun`'s first address.
+pub const SERVER: &str = "198.51.100.1:3490";
+/// How long the server may take to accept connections, and the listener to register.
+pub const READY: Duration = Duration::from_secs(10);
+
+/// Why a punch lab could not run a step.
+#[derive(Debug, thiserror::Error)]
+pub enum PunchLabError {
+    #[error("{0}")]
+    Lab(#[from] LabError),
+    #[error("{0}")]
+    Netns(#[from] NetnsError),
+    #[error("starting natscope in {node}: {source}")]
+    Start {
+        node: String,
+        source: std::io::Error,
+    },
+    #[error("punch serve did not accept connections within {READY:?}")]
+    ServerNotReady,
+    /// The listener did not register; `state` says what the server and the NATs were doing.
+    #[error("{state}: punch listen did not register within {READY:?}")]
+    NotRegistered { state: String },
+}
+
+/// A `natscope` process started in a lab node.
+pub trait NodeProgram: Sized {
+    /// Starts `exe ARGS` inside `node` of `lab`, stdin closed, stdout and stderr captured.
+    fn start(lab: &Lab, node: &str, exe: &Path, args: &[&str]) -> Result<Self, PunchLabError>;
+    /// Everything it wrote to stdout so far.
+    fn stdout_text(&self) -> String;
+    /// Whether it has ended.
+    fn has_exited(&mut self) -> bool;
+    /// What it said, for an error message (the end of its stderr, or more).
+    fn describe(&mut self) -> String;
+}
+
+/// A punch lab's topology: the reflector `stun`, then `a` behind `na` and `b` behind `nb`, the NATs
+/// on the internet.
+pub fn pair(a: RouterKind, b: RouterKind) -> Topology {
+    let mut nodes = vec![NodeSpec::Reflector {
+        name: "stun".into(),
+    }];
+    for (nat, host, router) in [("na", "a", a), ("nb", "b", b)] {
+        nodes.push(NodeSpec::Nat {
+            name: nat.into(),
+            parent: None,
+            lan: None,
+            router,
+        });
+        nodes.push(NodeSpec::Host {
+            name: host.into(),
+            parent: Some(nat.into()),
+        });
+    }
+    Topology {
+        preset: None,
+        nodes,
+    }
+}
+
+/// A running punch lab: the lab and its rendezvous server.
+pub struct PunchLab<P> {
+    pub lab: Lab,
+    pub server: P,
+    exe: PathBuf,
+}
+
+impl<P: NodeProgram> PunchLab<P> {
+    /// Starts the server on `stun` in `lab` (whose `a` and `b` nodes are the peers) and waits
+    /// until it accepts connections.
+    pub fn start(lab: Lab, exe: &Path) -> Result<Self, PunchLabError> {
+        let server = serve(&lab, exe)?;
+        Ok(Self {
+            lab,
+            server,
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    /// `natscope punch listen --id ID --via SERVER EXTRA...` in node `b`, once registered.
+    pub fn listener(&mut self, id: &str, extra: &[&str]) -> Result<P, PunchLabError> {
+        listener(&self.lab, &self.exe, Some(&mut self.server), id, extra)
+    }
+
+    /// `natscope punch connect ID --via SERVER --json EXTRA...` in node `a` (not waited for).
+    pub fn connector(&self, id: &str, extra: &[&str]) -> Result<P, PunchLabError> {
+        connector(&self.lab, &self.exe, id, extra)
+    }
+
+    /// Stops the server and takes the lab down.
+    pub fn down(self) {
+        let PunchLab { lab, server, .. } = self;
+        drop(server);
+        lab.down();
+    }
+}
+
+/// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it accepts TCP on its
+/// address: a listener's first registration must not race the server's bind (a SYN that arrives
+/// first is answered with RST, which the grid saw in about one run in three before this wait).
+pub fn serve<P: NodeProgram>(lab: &Lab, exe: &Path) -> Result<P, PunchLabError> {
+    let server = P::start(lab, "stun", exe, &["punch", "serve", "--listen", SERVER])?;
+    let addr: SocketAddr = SERVER.parse().expect("SERVER is an address");
+    let ready = lab.node("stun")?.run(move || {
+        let deadline = Instant::now() + READY;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })?;
+    if !ready {
+        return Err(PunchLabError::ServerNotReady);
+    }
+    Ok(server)
+}
+
+/// `natscope punch listen --id ID --via SERVER EXTRA...` in node `b` of `lab`, once it reports
+/// its registration. `server`, the lab's server, is described if the listener never registers.
+pub fn listener<P: NodeProgram>(
+    lab: &Lab,
+    exe: &Path,
+    server: Option<&mut P>,
+    id: &str,
+    extra: &[&str],
+) -> Result<P, PunchLabError> {
+    let mut args = vec!["punch", "listen", "--id", id, "--via", SERVER];
+    args.extend_from_slice(extra);
+    let mut listener = P::start(lab, "b", exe, &args)?;
+    let deadline = Instant::now() + READY;
+    while !listener.stdout_text().contains("registered") {
+        if listener.has_exited() || Instant::now() > deadline {
+            let state = state(lab, server, &mut listener);
+            return Err(PunchLabError::NotRegistered { state });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(listener)
+}
+
+/// `natscope punch connect ID --via SERVER --json EXTRA...` in node `a` of `lab` (not waited for).
+pub fn connector<P: NodeProgram>(
+    lab: &Lab,
+    exe: &Path,
+    id: &str,
+    extra: &[&str],
+) -> Result<P, PunchLabError> {
+    let mut args = vec!["punch", "connect", id, "--via", SERVER, "--json"];
+    args.extend_from_slice(extra);
+    P::start(lab, "a", exe, &args)
+}
+
+/// Why a listener did not register: its output, the server's, the NATs' counters and the server
+/// node's TCP counters (a refused SYN shows there).
+fn state<P: NodeProgram>(lab: &Lab, server: Option<&mut P>, listener: &mut P) -> String {
+    let (server_state, server_said) = match server {
+        Some(s) => {
+            let state = if s.has_exited() {
+                "the server had exited"
+            } else {
+                "the server was running"
+            };
+            (state, s.describe())
+        }
+        None => ("the server's state is its caller's to tell", String::new()),
+    };
+    let nats: Vec<String> = lab
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let st = lab.nat_stats(n.name())?;
+            Some(format!(
+                "{}: {}",
+                n.name(),
+                serde_json::to_string(&st).ok()?
+            ))
+        })
+        .collect();
+    let snmp = lab
+        .node("stun")
+        .ok()
+        .and_then(|n| n.run(tcp_counters).ok())
+        .unwrap_or_default();
+    format!(
+        "{}; {server_state}; server: {}; nat counters: {}; stun tcp: {snmp}",
+        listener.describe(),
+        server_said,
+        nats.join(" ")
+    )
+}
+
+/// The non-zero TCP counters of the calling thread's namespace.
+fn tcp_counters() -> String {
+    let s = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+    let n = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default();
+    let tcp: Vec<&str> = s.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let ext: Vec<&str> = n.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let pair = |v: &[&str]| -> String {
+        if v.len() < 2 {
+            return String::new();
+        }
+        v[0].split_whitespace()
+            .zip(v[1].split_whitespace())
+            .filter(|(_, val)| *val != "0")
+            .map(|(k, val)| format!("{k}={val}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{} {}", pair(&tcp), pair(&ext))
+}
+
+type Captured = Arc<Mutex<Vec<u8>>>;
+
+/// A [`NodeProgram`] that is killed (by PID) and reaped when dropped, its output collected by two
+/// reader threads.
+pub struct Peer {
+    child: Child,
+    stdout: Captured,
+    stderr: Captured,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn capture(mut pipe: impl Read + Send + 'static, into: Captured) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+}
+
+impl Peer {
+    /// Waits at most `limit` for the program to end; its stdout, or `None` if it is still running.
+    pub fn output_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + limit;
+        while !self.has_exited() {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.drain();
+        Some(
+            self.stdout
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Kills it and returns the last three lines it wrote to stderr.
+    pub fn stderr_tail(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.drain();
+        let text = String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_owned();
+        let lines: Vec<&str> = text.lines().rev().take(3).collect();
+        if lines.is_empty() {
+            "(nothing on stderr)".into()
+        } else {
+            lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        }
+    }
+
+    /// After exit the readers end once the pipes are drained (bounded: a grandchild could hold
+    /// a pipe open).
+    fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for r in std::mem::take(&mut self.readers) {
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+    }
+}
+
+impl NodeProgram for Peer {
+    fn start(lab: &Lab, node: &str, exe: &Path, args: &[&str]) -> Result<Self, PunchLabError> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = lab
+            .node(node)?
+            .spawn(cmd)
+            .map_err(|source| PunchLabError::Start {
+                node: node.to_string(),
+                source,
+            })?;
+        let (stdout, stderr) = (Captured::default(), Captured::default());
+        let mut readers = Vec::new();
+        if let Some(p) = child.stdout.take() {
+            readers.push(capture(p, stdout.clone()));
+        }
+        if let Some(p) = child.stderr.take() {
+            readers.push(capture(p, stderr.clone()));
+        }
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+        })
+    }
+
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn describe(&mut self) -> String {
+        self.stderr_tail()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    /// The tests' lab shape: the reflector first, then each peer behind its own NAT.
+    #[test]
+    fn a_pair_puts_each_peer_behind_its_own_nat() {
+        let (a, b) = (
+            presets::router("full-cone").unwrap(),
+            presets::router("symmetric").unwrap(),
+        );
+        let t = pair(a.clone(), b.clone());
+        let names: Vec<&str> = t.nodes.iter().map(NodeSpec::name).collect();
+        assert_eq!(names, ["stun", "na", "a", "nb", "b"]);
+        match (&t.nodes[2], &t.nodes[3]) {
+            (NodeSpec::Host { parent, .. }, NodeSpec::Nat { router, .. }) => {
+                assert_eq!(parent.as_deref(), Some("na"));
+                assert_eq!(*router, b);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.plan().is_ok());
+        assert!(SERVER.parse::<SocketAddr>().is_ok());
+    }
+}
