@@ -10,10 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::matrix;
-use natscope_lab::matrix_run::{run_preset, Row};
+use natscope_lab::matrix::{self, MatrixDocument, Verdicts};
+use natscope_lab::matrix_run::run_preset;
 use natscope_lab::presets;
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::{emit, jobs};
@@ -31,34 +30,30 @@ pub struct MatrixArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Document {
-    schema: &'static str,
-    rows: Vec<Row>,
-    pass: bool,
-    duration_ms: f64,
-}
-
 pub fn run(a: MatrixArgs) -> Result<ExitCode> {
     let names: Vec<String> = if a.presets.is_empty() {
         presets::names().iter().map(|s| s.to_string()).collect()
     } else {
         a.presets.clone()
     };
-    for n in &names {
-        if matrix::expected_probe(n).is_none() {
+    let mut wanted: Vec<(String, Verdicts)> = Vec::with_capacity(names.len());
+    for n in names {
+        let Some(truth) = Verdicts::expected(&n) else {
             bail!(
                 "unknown preset `{n}`; presets: {}",
                 presets::names().join(", ")
             );
-        }
+        };
+        wanted.push((n, truth));
     }
     let exe = jobs::prepare(a.jobs)?;
     let start = Instant::now();
-    let rows = jobs::run_parallel(&names, a.jobs, |i, name| run_preset(i, name, &exe))?;
+    let rows = jobs::run_parallel(&wanted, a.jobs, |i, (name, truth)| {
+        run_preset(i, name, truth.clone(), &exe)
+    })?;
     let errors = rows.iter().any(|r| r.error.is_some());
-    let doc = Document {
-        schema: "natscope.matrix/v1",
+    let doc = MatrixDocument {
+        schema: matrix::SCHEMA.to_string(),
         pass: rows.iter().all(|r| r.pass),
         rows,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
@@ -86,7 +81,7 @@ fn short(v: &Value) -> String {
     }
 }
 
-fn render(doc: &Document) -> String {
+fn render(doc: &MatrixDocument) -> String {
     let mut t = Table::new();
     let mut header = vec!["preset".to_string()];
     header.extend(matrix::FIELDS.iter().map(|f| f.replace('_', " ")));

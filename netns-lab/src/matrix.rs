@@ -177,30 +177,6 @@ pub fn compare_verdicts(expected: &Verdicts, observed: Option<&Verdicts>) -> Vec
         .collect()
 }
 
-/// [`Verdicts::expected`] as JSON.
-pub fn expected_probe(preset: &str) -> Option<Value> {
-    serde_json::to_value(Verdicts::expected(preset)?).ok()
-}
-
-/// [`Verdicts::observed`] as JSON, from a `natscope.probe/v1` document; `null` when the document
-/// is not a probe report.
-pub fn observed_probe(doc: &Value) -> Value {
-    serde_json::from_value::<ProbeReport>(doc.clone())
-        .ok()
-        .and_then(|r| serde_json::to_value(Verdicts::observed(&r)).ok())
-        .unwrap_or(Value::Null)
-}
-
-/// [`compare_verdicts`] over the JSON forms of [`expected_probe`] and [`observed_probe`]: an
-/// `observed` that is not [`Verdicts`] fails every field; an `expected` that is not gives no checks.
-pub fn compare(expected: &Value, observed: &Value) -> Vec<Check> {
-    let Ok(want) = serde_json::from_value::<Verdicts>(expected.clone()) else {
-        return Vec::new();
-    };
-    let got = serde_json::from_value::<Verdicts>(observed.clone()).ok();
-    compare_verdicts(&want, got.as_ref())
-}
-
 /// One row of `lab matrix --json`: a preset, its truth, what the probe in `h1` reported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MatrixRow {
@@ -263,14 +239,15 @@ mod tests {
     #[test]
     fn every_preset_has_an_expectation_in_probe_terms() {
         for p in presets::names() {
-            let e = expected_probe(p).unwrap_or_else(|| panic!("{p}"));
+            let e = serde_json::to_value(Verdicts::expected(p).unwrap_or_else(|| panic!("{p}")))
+                .unwrap();
             let mut keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
             keys.sort_unstable();
             let mut fields = FIELDS.to_vec();
             fields.sort_unstable();
             assert_eq!(keys, fields, "{p}: one value per field");
         }
-        assert!(expected_probe("no-such").is_none());
+        assert!(Verdicts::expected("no-such").is_none());
         let cells = Verdicts::expected("open").unwrap().cells();
         let names: Vec<&str> = cells.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, FIELDS, "cells in table order");
@@ -311,23 +288,6 @@ mod tests {
     }
 
     #[test]
-    fn the_json_forms_compare_like_the_typed_ones() {
-        let want = expected_probe("port-restricted-cone").unwrap();
-        let good = seen(
-            Classic::PortRestrictedCone,
-            EndpointIndependent,
-            AddressAndPortDependent,
-            Some(false),
-        );
-        let good = serde_json::to_value(good).unwrap();
-        assert!(compare(&want, &good).iter().all(|c| c.pass));
-        let garbage = serde_json::json!({"mapping": "sideways"});
-        assert_eq!(observed_probe(&garbage), Value::Null);
-        let checks = compare(&want, &observed_probe(&garbage));
-        assert!(!checks.is_empty() && checks.iter().all(|c| !c.pass));
-    }
-
-    #[test]
     fn no_nat_means_identity_mapping_and_untested_hairpinning() {
         let open = Verdicts::expected("open").unwrap();
         assert_eq!(open.mapping, EndpointIndependent);
@@ -346,12 +306,9 @@ mod tests {
         assert_eq!(seq.allocation_delta, Some(1));
         assert_eq!(seq.port_allocation, AllocationPattern::Sequential);
         // The JSON of the truth is the probe's: the same strings and nulls.
-        let json = expected_probe("open").unwrap();
+        let json = serde_json::to_value(Verdicts::expected("open").unwrap()).unwrap();
         assert_eq!(json["mapping"], "endpoint-independent");
         assert_eq!(json["hairpinning"], Value::Null);
-        assert_eq!(
-            expected_probe("symmetric-sequential").unwrap()["allocation_delta"],
-            1
-        );
+        assert_eq!(serde_json::to_value(seq).unwrap()["allocation_delta"], 1);
     }
 }

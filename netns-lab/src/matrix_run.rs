@@ -1,16 +1,15 @@
 //! One row of `natscope lab matrix`: a lab for one preset, `natscope probe --json` run in its host
 //! `h1` against the lab's reflector, and every verdict compared with the preset's configured truth
-//! ([`matrix::expected_probe`], [`matrix::compare`]).
+//! ([`Verdicts::expected`], [`Verdicts::observed`], [`matrix::compare_verdicts`]).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::Value;
+use natscope_core::probe::ProbeReport;
 
 use crate::jobs::{self, JobError};
-use crate::matrix::{self, Check};
+use crate::matrix::{self, MatrixRow, Verdicts};
 use crate::topology::TopologyError;
 use crate::{presets, Lab, LabError, LabOptions};
 
@@ -49,36 +48,21 @@ impl From<LabError> for RowError {
     }
 }
 
-/// One preset's result: the `natscope.matrix/v1` document's row.
-#[derive(Debug, Serialize)]
-pub struct Row {
-    pub preset: String,
-    pub expected: Value,
-    pub observed: Value,
-    pub pass: bool,
-    pub checks: Vec<Check>,
-    /// Set when the lab or the probe could not run at all.
-    pub error: Option<String>,
-    /// The probe's whole `natscope.probe/v1` document, kept for rows that did not pass.
-    pub probe: Option<Value>,
-    pub duration_ms: f64,
-}
-
-/// Runs preset `preset`'s row in a lab named after `index`, with `exe` as natscope.
-pub fn run_preset(index: usize, preset: &str, exe: &Path) -> Row {
+/// Runs preset `preset`'s row in a lab named after `index`, with `exe` as natscope; `expected`
+/// is the preset's truth ([`Verdicts::expected`], looked up by the caller so an unknown name is a
+/// usage error before any lab comes up).
+pub fn run_preset(index: usize, preset: &str, expected: Verdicts, exe: &Path) -> MatrixRow {
     let t0 = Instant::now();
-    let expected = matrix::expected_probe(preset).unwrap_or(Value::Null);
-    let outcome = probe_in_lab(index, preset, exe);
-    let (observed, checks, error, probe) = match outcome {
-        Ok(doc) => {
-            let observed = matrix::observed_probe(&doc);
-            let checks = matrix::compare(&expected, &observed);
-            let keep = checks.iter().any(|c| !c.pass).then_some(doc);
-            (observed, checks, None, keep)
+    let (observed, checks, error, probe) = match probe_in_lab(index, preset, exe) {
+        Ok(report) => {
+            let observed = Verdicts::observed(&report);
+            let checks = matrix::compare_verdicts(&expected, Some(&observed));
+            let keep = checks.iter().any(|c| !c.pass).then_some(report);
+            (Some(observed), checks, None, keep)
         }
-        Err(e) => (Value::Null, Vec::new(), Some(jobs::error_line(&e)), None),
+        Err(e) => (None, Vec::new(), Some(jobs::error_line(&e)), None),
     };
-    Row {
+    MatrixRow {
         preset: preset.to_string(),
         pass: error.is_none() && checks.iter().all(|c| c.pass),
         expected,
@@ -90,8 +74,8 @@ pub fn run_preset(index: usize, preset: &str, exe: &Path) -> Row {
     }
 }
 
-/// Brings the preset up, runs the probe in `h1`, returns its JSON document.
-fn probe_in_lab(index: usize, preset: &str, exe: &Path) -> Result<Value, RowError> {
+/// Brings the preset up, runs the probe in `h1`, returns its `natscope.probe/v1` report.
+fn probe_in_lab(index: usize, preset: &str, exe: &Path) -> Result<ProbeReport, RowError> {
     let name = jobs::lab_name("mx", index);
     let plan = presets::preset(preset)
         .ok_or_else(|| RowError::NoPreset(preset.to_string()))?
