@@ -4,7 +4,6 @@
 //! namespaces, NAT engines and reflectors — until `lab down` sends it SIGTERM. The supervisor and
 //! its control protocol, which `lab status` / `lab nat-table` use, are [`natscope_lab::control`].
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
@@ -13,10 +12,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::control::{self, load_plan, NodeStats, Reply, Request};
+use natscope_lab::control::{self, load_plan, Reply, Request};
 use natscope_lab::registry::control_path;
-use natscope_lab::{netns, presets, registry, Lab, LabOptions};
-use serde_json::{json, Value};
+use natscope_lab::topology::RouterKind;
+use natscope_lab::{netns, presets, registry, Lab, LabOptions, LabStatus, StatusDocument};
+use natscope_probes::nat::PortAllocation;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::emit;
 
@@ -144,9 +146,9 @@ fn up(a: UpArgs) -> Result<ExitCode> {
     control::launch(&a.name, supervisor)?;
     let rec = registry::read(&a.name).ok_or_else(|| anyhow!("lab {} vanished", a.name))?;
     if a.json {
-        emit(&serde_json::to_string_pretty(&status_doc(&[rec]))?);
+        emit_status(&control::status_document(&[rec]))?;
     } else {
-        emit(&render_lab(&rec, &control::stats(&rec)));
+        emit(&render_lab(&control::lab_status(&rec)));
         emit(&format!(
             "lab {n} is up; run programs with `natscope lab exec --lab {n} NODE -- CMD`, stop it with `natscope lab down {n}`",
             n = a.name
@@ -186,60 +188,46 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn settings_of(node: &Value) -> String {
-    let Some(router) = node.get("router").filter(|r| !r.is_null()) else {
-        return String::new();
+/// The JSON spelling of a value that serializes to a string (a kebab-case enum), so the tables
+/// say the same word as `--json`.
+fn wire<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => "?".into(),
+    }
+}
+
+fn settings_of(router: Option<&RouterKind>) -> String {
+    let c = match router {
+        None => return String::new(),
+        Some(RouterKind::Linux) => return "linux nftables masquerade".into(),
+        Some(RouterKind::Engine(c)) => c,
     };
-    if router.get("kind").and_then(Value::as_str) == Some("linux") {
-        return "linux nftables masquerade".into();
-    }
-    let b = &router["behavior"];
-    let s = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let b = &c.behavior;
     let mut parts = vec![];
-    if router["translate"] == Value::Bool(false) {
-        parts.push("firewall (no translation)".to_string());
+    if c.translate {
+        parts.push(format!("mapping {}", wire(&b.mapping)));
     } else {
-        parts.push(format!("mapping {}", s(&b["mapping"])));
+        parts.push("firewall (no translation)".to_string());
     }
-    parts.push(format!("filtering {}", s(&b["filtering"])));
-    if router["translate"] != Value::Bool(false) {
-        let alloc = &b["allocation"];
-        let mut a = s(&alloc["kind"]);
-        if let Some(step) = alloc.get("step") {
-            a = format!("{a} (step {step})");
-        }
-        parts.push(format!("ports {a}"));
-        parts.push(format!(
-            "hairpinning {}",
-            if b["hairpinning"] == Value::Bool(true) {
-                "on"
-            } else {
-                "off"
-            }
-        ));
+    parts.push(format!("filtering {}", wire(&b.filtering)));
+    if c.translate {
+        let ports = match b.allocation {
+            PortAllocation::Preserve => "preserve".to_string(),
+            PortAllocation::Sequential { step } => format!("sequential (step {step})"),
+            PortAllocation::Random => "random".to_string(),
+        };
+        parts.push(format!("ports {ports}"));
+        let hairpinning = if b.hairpinning { "on" } else { "off" };
+        parts.push(format!("hairpinning {hairpinning}"));
     }
-    if router["block_udp"] == Value::Bool(true) {
+    if c.block_udp {
         parts.push("udp blocked".into());
     }
     parts.join(", ")
 }
 
-fn addresses_of(node: &Value) -> Vec<String> {
-    let mut v: Vec<String> = node["uplink"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| Some(format!("{}/{}", n["addr"].as_str()?, n["len"])))
-        .collect();
-    if let Some(l) = node.get("lan").filter(|l| !l.is_null()) {
-        if let Some(a) = l["addr"].as_str() {
-            v.push(format!("{a}/{}", l["len"]));
-        }
-    }
-    v
-}
-
-fn render_lab(rec: &registry::Record, stats: &BTreeMap<String, NodeStats>) -> String {
+fn render_lab(lab: &LabStatus) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header([
         "node",
@@ -248,64 +236,33 @@ fn render_lab(rec: &registry::Record, stats: &BTreeMap<String, NodeStats>) -> St
         "settings",
         "mappings",
     ]);
-    for n in rec.nodes.as_array().into_iter().flatten() {
-        let name = n["name"].as_str().unwrap_or("?");
-        let mappings = stats
-            .get(name)
-            .map(|s| s.mappings.to_string())
-            .unwrap_or_default();
+    for n in &lab.nodes {
         t.add_row([
-            name.to_string(),
-            n["role"].as_str().unwrap_or("?").to_string(),
-            addresses_of(n).join(" "),
-            settings_of(n),
-            mappings,
+            n.name.clone(),
+            wire(&n.role),
+            n.addresses.join(" "),
+            settings_of(n.router.as_ref()),
+            n.mappings.map(|m| m.to_string()).unwrap_or_default(),
         ]);
     }
-    let state = if registry::owner_alive(rec) {
+    let state = if lab.running {
         "running"
     } else {
         "stale (owner gone; `natscope lab down --all` removes it)"
     };
     format!(
         "lab {} ({}), {state}\n{t}",
-        rec.name,
-        rec.preset.as_deref().unwrap_or("custom topology")
+        lab.name,
+        lab.preset.as_deref().unwrap_or("custom topology")
     )
 }
 
-fn status_doc(records: &[registry::Record]) -> Value {
-    let labs: Vec<Value> = records
-        .iter()
-        .map(|r| {
-            let stats = control::stats(r);
-            let nodes: Vec<Value> = r
-                .nodes
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|n| {
-                    let name = n["name"].as_str().unwrap_or_default();
-                    json!({
-                        "name": name,
-                        "role": n["role"],
-                        "namespace": natscope_lab::namespace_name(&r.name, name),
-                        "addresses": addresses_of(n),
-                        "router": n["router"],
-                        "mappings": stats.get(name).map(|s| s.mappings),
-                    })
-                })
-                .collect();
-            json!({
-                "name": r.name,
-                "preset": r.preset,
-                "running": registry::owner_alive(r),
-                "owner_pid": r.owner_pid,
-                "nodes": nodes,
-            })
-        })
-        .collect();
-    json!({ "schema": "natscope.lab/v1", "labs": labs })
+/// Prints a `natscope.lab/v1` document. It goes through a `serde_json::Value`, whose objects
+/// order their keys alphabetically: the key order `lab status --json` has always printed (the
+/// structs keep the documented order; readers go by name either way).
+fn emit_status(doc: &StatusDocument) -> Result<()> {
+    emit(&serde_json::to_string_pretty(&serde_json::to_value(doc)?)?);
+    Ok(())
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode> {
@@ -317,12 +274,12 @@ fn status(a: StatusArgs) -> Result<ExitCode> {
         }
     }
     if a.json {
-        emit(&serde_json::to_string_pretty(&status_doc(&records))?);
+        emit_status(&control::status_document(&records))?;
     } else if records.is_empty() {
         emit("no labs are running");
     } else {
         for r in &records {
-            emit(&render_lab(r, &control::stats(r)));
+            emit(&render_lab(&control::lab_status(r)));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -355,10 +312,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
     let rows = &table.mappings;
     for r in rows {
         t.add_row([
-            serde_json::to_value(r.proto)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            wire(&r.proto),
             r.internal.to_string(),
             r.external.to_string(),
             format!("{:.1} s", r.expires_in_ms as f64 / 1000.0),

@@ -7,8 +7,9 @@
 //! [`Reply`] line out ([`ask`]). Both sides share these types, so the protocol is checked by the
 //! compiler rather than by key strings.
 //!
-//! The lookups `lab status`, `lab nat-table` and `lab exec` share ([`pick_lab`], [`pick_node`])
-//! and the source of a lab ([`load_plan`]: a preset name or a TOML file) live here too.
+//! The lookups `lab status`, `lab nat-table` and `lab exec` share ([`pick_lab`], [`pick_node`],
+//! [`lab_status`]) and the source of a lab ([`load_plan`]: a preset name or a TOML file) live here
+//! too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -26,7 +27,7 @@ use crate::config::{self, ConfigError};
 use crate::engine::{MappingRow, Stats};
 use crate::registry::{self, log_path, Record};
 use crate::topology::{Plan, Topology, TopologyError};
-use crate::{presets, Lab};
+use crate::{presets, Lab, LabStatus, StatusDocument};
 
 /// One request to a supervisor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +45,7 @@ pub enum Request {
 pub enum Reply {
     /// Per userspace NAT node, by name.
     Stats(BTreeMap<String, NodeStats>),
-    NatTable(NatTableReply),
+    NatTable(NatTableDocument),
     /// The request named something the lab does not have, or was not understood.
     Error(String),
 }
@@ -58,7 +59,7 @@ pub struct NodeStats {
 
 /// A NAT node's live mappings; also the `natscope lab nat-table --json` document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NatTableReply {
+pub struct NatTableDocument {
     pub mappings: Vec<MappingRow>,
 }
 
@@ -260,7 +261,7 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
                 .collect(),
         ),
         Request::NatTable { node } => match lab.nat_table(node) {
-            Some(mappings) => Reply::NatTable(NatTableReply { mappings }),
+            Some(mappings) => Reply::NatTable(NatTableDocument { mappings }),
             None => Reply::Error(format!(
                 "`{node}` is not a userspace nat node of lab {}",
                 lab.name()
@@ -341,12 +342,19 @@ pub fn pick_node(lab: Option<String>, node: &str) -> Result<Record, ControlError
 
 /// The names of the nodes `rec` planned.
 pub fn node_names(rec: &Record) -> Vec<String> {
-    rec.nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["name"].as_str().map(str::to_string))
-        .collect()
+    rec.nodes.iter().map(|n| n.name.clone()).collect()
+}
+
+/// What `lab status` says about the lab `rec` records, with live mapping counts from its
+/// supervisor (none when it does not answer).
+pub fn lab_status(rec: &Record) -> LabStatus {
+    let stats = stats(rec);
+    LabStatus::of(rec, |node| stats.get(node).map(|s| s.mappings))
+}
+
+/// The `natscope.lab/v1` document of `records`.
+pub fn status_document(records: &[Record]) -> StatusDocument {
+    StatusDocument::new(records.iter().map(lab_status).collect())
 }
 
 /// Every lab to remove for `lab down --all`: recorded ones and those only namespaces remain of.
@@ -396,7 +404,7 @@ mod tests {
             },
         );
         for reply in [
-            Reply::NatTable(NatTableReply {
+            Reply::NatTable(NatTableDocument {
                 mappings: vec![row.clone()],
             }),
             Reply::Stats(stats),
@@ -410,13 +418,53 @@ mod tests {
             );
         }
         // `lab nat-table --json` prints the table reply's body: the documented field names.
-        let doc = serde_json::to_value(NatTableReply {
+        let doc = serde_json::to_value(NatTableDocument {
             mappings: vec![row],
         })
         .unwrap();
         assert_eq!(doc["mappings"][0]["proto"], "udp");
         assert_eq!(doc["mappings"][0]["external"], "203.0.113.1:4000");
         assert_eq!(doc["mappings"][0]["expires_in_ms"], 1500);
+    }
+
+    /// `lab status` from a lab's record: every planned node, its namespace, its addresses primary
+    /// first, the supervisor's mapping counts where it has them; and the document reads back typed.
+    #[test]
+    fn a_lab_status_comes_from_the_record_and_reads_back_typed() {
+        let plan = load_plan("port-restricted-cone").unwrap();
+        let me = std::process::id() as i32;
+        let rec = Record {
+            name: "t".into(),
+            preset: plan.preset.clone(),
+            owner_pid: me,
+            owner_start: registry::start_time(me).unwrap(),
+            supervisor: true,
+            control: None,
+            nodes: plan.nodes.clone(),
+        };
+        let status = LabStatus::of(&rec, |node| (node == "nat").then_some(3));
+        assert!(status.running, "this test process is the owner");
+        assert_eq!(status.preset.as_deref(), Some("port-restricted-cone"));
+        let names: Vec<&str> = status.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["internet", "stun", "nat", "h1", "h2"]);
+        let nat = &status.nodes[2];
+        assert_eq!(nat.namespace, "nsc-t-nat");
+        assert_eq!(nat.addresses, ["203.0.113.1/24", "10.1.0.1/24"]);
+        assert_eq!(nat.mappings, Some(3));
+        assert_eq!(nat.router, plan.nodes[2].router);
+        assert_eq!(status.nodes[3].mappings, None);
+        assert_eq!(status.nodes[3].router, None);
+
+        let doc = StatusDocument::new(vec![status]);
+        assert_eq!(doc.schema, "natscope.lab/v1");
+        let text = serde_json::to_string(&serde_json::to_value(&doc).unwrap()).unwrap();
+        assert_eq!(serde_json::from_str::<StatusDocument>(&text).unwrap(), doc);
+        // A stale lab: the owner's start time does not match.
+        let stale = Record {
+            owner_start: rec.owner_start + 1,
+            ..rec
+        };
+        assert!(!LabStatus::of(&stale, |_| None).running);
     }
 
     #[test]

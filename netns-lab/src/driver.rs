@@ -1,8 +1,9 @@
 //! Runs a router's userspace NAT engine over real interfaces: packet sockets on `wan0` and `lan0`
 //! (opened from the router namespace's thread, so they belong to it), one receive thread per
 //! interface feeding the sans-IO [`Router`], and one timer thread that sends delayed frames and
-//! calls [`Router::poll`]. Every thread checks a stop flag at least every `TICK`, so a lab tears
-//! down in bounded time.
+//! calls [`Router::handle_timeout`] when [`Router::poll_timeout`] asks for it, and at least every
+//! `TICK` for the mapping sweep. Every thread checks a stop flag at least every `TICK`, so a lab
+//! tears down in bounded time.
 //!
 //! pnet finds the interfaces and binds each socket to its interface; the frames themselves are
 //! read with recvmmsg(2), up to `BATCH` per call, and written with send(2), through nix's safe
@@ -31,7 +32,7 @@ use crate::engine::{Emit, Port, Router, RouterAddrs};
 use crate::netns::Netns;
 use crate::topology::{EngineConfig, Ipv4Net};
 
-/// Longest a thread blocks before looking at the stop flag; also the housekeeping period.
+/// Longest a thread blocks before looking at the stop flag; also the longest housekeeping period.
 const TICK: Duration = Duration::from_millis(50);
 /// Frames per receive call.
 const BATCH: usize = 32;
@@ -304,7 +305,7 @@ fn receive_loop(s: &Shared, port: Port) {
                 {
                     let mut router = lock(&s.router);
                     for (slot, len) in slots.iter().zip(lens.iter()).take(n) {
-                        router.handle(now, port, &slot[..(*len).min(SLOT)], &mut out);
+                        router.handle_frame(now, port, &slot[..(*len).min(SLOT)], &mut out);
                     }
                 }
                 s.dispatch(now, &mut out);
@@ -320,14 +321,22 @@ fn receive_loop(s: &Shared, port: Port) {
 
 fn timer_loop(s: &Shared) {
     let mut out = Vec::new();
-    let mut next_poll = Instant::now();
+    let mut next_tick = Instant::now();
+    // The router's own deadline (an ARP retry or give-up) when it is sooner than the tick.
+    let due_at = |tick: Instant| {
+        let due = lock(&s.router).poll_timeout();
+        due.map_or(tick, |t| t.min(tick))
+    };
     while !s.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        if now >= next_poll {
-            lock(&s.router).poll(now, &mut out);
+        if now >= due_at(next_tick) {
+            lock(&s.router).handle_timeout(now, &mut out);
             s.dispatch(now, &mut out);
-            next_poll = now + TICK;
+            if now >= next_tick {
+                next_tick = now + TICK;
+            }
         }
+        let next_poll = due_at(next_tick);
         let mut q = lock(&s.delayed);
         while q.0.peek().is_some_and(|d| d.0.at <= Instant::now()) {
             if let Some(Delayed(e, _)) = q.0.pop() {

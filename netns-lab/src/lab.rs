@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use natscope_core::client::{build_request, RequestOptions};
 use natscope_core::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::driver::{self, EngineHandle};
 use crate::engine::{MappingRow, Stats};
@@ -276,7 +276,7 @@ impl Lab {
             owner_start: registry::start_time(me).unwrap_or(0),
             supervisor: options.supervisor,
             control: options.control.clone(),
-            nodes: serde_json::to_value(&plan.nodes).unwrap_or_default(),
+            nodes: plan.nodes.clone(),
         };
         registry::write(&record).map_err(|source| {
             if source.kind() == std::io::ErrorKind::PermissionDenied {
@@ -659,28 +659,83 @@ fn wait_for_stun(server: SocketAddr, limit: Duration) -> bool {
     false
 }
 
-/// What `lab status --json` reports per node.
-#[derive(Clone, Debug, Serialize)]
+/// The `schema` of `natscope lab status --json` (and `lab up --json`).
+pub const STATUS_SCHEMA: &str = "natscope.lab/v1";
+
+/// The `natscope.lab/v1` document: every lab `lab status` lists (docs/lab.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusDocument {
+    pub schema: String,
+    pub labs: Vec<LabStatus>,
+}
+
+impl StatusDocument {
+    pub fn new(labs: Vec<LabStatus>) -> Self {
+        Self {
+            schema: STATUS_SCHEMA.to_string(),
+            labs,
+        }
+    }
+}
+
+/// One lab as `lab status` reports it: its record, whether its owner lives, and per node what
+/// the owner's engines say.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabStatus {
+    pub name: String,
+    /// `None` for a lab built from a topology file or in Rust.
+    pub preset: Option<String>,
+    /// Whether the owner process is alive; a lab without one is stale.
+    pub running: bool,
+    pub owner_pid: i32,
+    pub nodes: Vec<NodeStatus>,
+}
+
+impl LabStatus {
+    /// The status of the lab `rec` records, with each node's live mapping count from `mappings`
+    /// (`None` for nodes without a userspace engine, or when the owner serves no counters).
+    pub fn of(rec: &Record, mappings: impl Fn(&str) -> Option<usize>) -> Self {
+        Self {
+            name: rec.name.clone(),
+            preset: rec.preset.clone(),
+            running: registry::owner_alive(rec),
+            owner_pid: rec.owner_pid,
+            nodes: rec
+                .nodes
+                .iter()
+                .map(|p| NodeStatus::of(&rec.name, p, mappings(&p.name)))
+                .collect(),
+        }
+    }
+}
+
+/// One node of a [`LabStatus`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
     pub role: Role,
+    /// `nsc-<lab>-<node>`.
+    pub namespace: String,
+    /// IPv4 CIDR strings, the primary address first (a NAT's first external address, then its
+    /// LAN address).
     pub addresses: Vec<String>,
+    /// NAT nodes: how they translate.
+    pub router: Option<RouterKind>,
+    /// Live mappings of a userspace NAT.
+    pub mappings: Option<usize>,
 }
 
-impl Lab {
-    pub fn status_nodes(&self) -> Vec<NodeStatus> {
-        self.plan.nodes.iter().map(node_status).collect()
-    }
-}
-
-pub fn node_status(p: &PlannedNode) -> NodeStatus {
-    let mut addresses: Vec<String> = p.uplink.iter().map(|n| n.to_string()).collect();
-    if let Some(l) = p.lan {
-        addresses.push(l.to_string());
-    }
-    NodeStatus {
-        name: p.name.clone(),
-        role: p.role,
-        addresses,
+impl NodeStatus {
+    pub fn of(lab: &str, p: &PlannedNode, mappings: Option<usize>) -> Self {
+        let mut addresses: Vec<String> = p.uplink.iter().map(|n| n.to_string()).collect();
+        addresses.extend(p.lan.map(|l| l.to_string()));
+        Self {
+            name: p.name.clone(),
+            role: p.role,
+            namespace: namespace_name(lab, &p.name),
+            addresses,
+            router: p.router.clone(),
+            mappings,
+        }
     }
 }

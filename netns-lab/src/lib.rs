@@ -24,6 +24,6 @@ pub mod registry;
 pub mod topology;
 
 pub use lab::{
-    check_lab_name, namespace_name, node_status, Lab, LabBuilder, LabError, LabNode, LabOptions,
-    NodeStatus,
+    check_lab_name, namespace_name, Lab, LabBuilder, LabError, LabNode, LabOptions, LabStatus,
+    NodeStatus, StatusDocument, STATUS_SCHEMA,
 };

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::netns;
+use crate::topology::PlannedNode;
 
 pub const DIR: &str = "/run/natscope/labs";
 
@@ -27,8 +28,17 @@ pub struct Record {
     pub supervisor: bool,
     /// Unix socket of the supervisor's control channel (nat tables, counters), if any.
     pub control: Option<PathBuf>,
-    /// The planned nodes (serialized [`crate::topology::Plan`] nodes).
-    pub nodes: serde_json::Value,
+    /// The planned nodes ([`crate::topology::Plan::nodes`]). A node list this version cannot read
+    /// (a record another natscope version wrote) reads as empty rather than making the whole
+    /// record unreadable: the record is what keeps a live lab's namespaces from being taken for
+    /// stale ones.
+    #[serde(deserialize_with = "nodes_or_empty")]
+    pub nodes: Vec<PlannedNode>,
+}
+
+fn nodes_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PlannedNode>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
 pub fn path_of(lab: &str) -> PathBuf {
@@ -200,4 +210,37 @@ pub fn down(lab: &str, grace: Duration) -> bool {
     }
     force_remove(lab);
     known
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record_json(nodes: &str) -> String {
+        format!(
+            r#"{{"name":"t","preset":"open","owner_pid":42,"owner_start":7,"supervisor":true,
+                "control":null,"nodes":{nodes}}}"#
+        )
+    }
+
+    /// The record is read typed; a node list from another version does not hide a live lab.
+    #[test]
+    fn a_record_reads_typed_and_survives_an_unreadable_node_list() {
+        let plan = crate::presets::preset("port-restricted-cone")
+            .unwrap()
+            .plan()
+            .unwrap();
+        let nodes = serde_json::to_string(&plan.nodes).unwrap();
+        let rec: Record = serde_json::from_str(&record_json(&nodes)).unwrap();
+        assert_eq!(rec.nodes, plan.nodes);
+        // What older versions wrote: the same nodes through a `serde_json::Value` (keys sorted).
+        let sorted = serde_json::to_value(&plan.nodes).unwrap().to_string();
+        let rec: Record = serde_json::from_str(&record_json(&sorted)).unwrap();
+        assert_eq!(rec.nodes, plan.nodes);
+
+        let rec: Record =
+            serde_json::from_str(&record_json(r#"[{"name":"h1","role":"satellite"}]"#)).unwrap();
+        assert_eq!((rec.name.as_str(), rec.owner_pid), ("t", 42));
+        assert!(rec.nodes.is_empty());
+    }
 }

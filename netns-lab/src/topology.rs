@@ -7,10 +7,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use natscope_core::nat::NatBehavior;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An IPv4 prefix, `addr/len`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ipv4Net {
     pub addr: Ipv4Addr,
     pub len: u8,
@@ -80,7 +80,7 @@ impl std::str::FromStr for Ipv4Net {
 
 /// What a NAT router does with an unsolicited inbound TCP SYN (RFC 5382 §5 REQ-4 asks for silence;
 /// some NATs answer with a reset, which defeats TCP simultaneous open).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UnsolicitedSyn {
     Drop,
@@ -88,7 +88,7 @@ pub enum UnsolicitedSyn {
 }
 
 /// Settings of the userspace NAT engine of one router.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
     /// The RFC 4787 knobs (mapping, filtering, allocation, range, parity, hairpinning, timeouts,
     /// refresh direction, pooling). With `translate == false` only filtering and timeouts apply.
@@ -124,7 +124,7 @@ impl EngineConfig {
 }
 
 /// How a router translates.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum RouterKind {
     /// natscope's userspace RFC 4787 engine.
@@ -180,7 +180,7 @@ pub struct Topology {
 }
 
 /// What a node is, as reported by `lab status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Internet,
@@ -216,7 +216,7 @@ pub const STUN_PORT: u16 = 3478;
 pub const STUN_ALT_PORT: u16 = 3479;
 
 /// One node with concrete addresses, produced by [`Topology::plan`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedNode {
     pub name: String,
     pub role: Role,

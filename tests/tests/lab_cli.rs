@@ -3,11 +3,15 @@
 //! NAT), the lab lifecycle commands, and bad input — a broken TOML file, overlapping subnets,
 //! unknown nodes, no privileges — each rejected with one clear line before anything is created.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use natscope_lab::{registry, Lab};
+use natscope_lab::control::NatTableDocument;
+use natscope_lab::topology::{Role, RouterKind};
+use natscope_lab::{registry, Lab, StatusDocument, STATUS_SCHEMA};
+use natscope_probes::nat::{FilteringBehavior, Protocol};
 use natscope_probes::probe::{Classic, ProbeReport};
 use natscope_tests::lab::*;
 use natscope_tests::{natscope_bin, require_tool, ChildProcess, TempDir};
@@ -169,6 +173,70 @@ impl Drop for DownOnDrop {
     }
 }
 
+/// The field names docs/lab.md documents for `lab status --json`, checked by key on purpose:
+/// the typed reads below would not notice a field renamed on both sides of serde. Keys are
+/// printed in alphabetical order, as `natscope.lab/v1` always has.
+fn documented_fields_of_lab_status(stdout: &[u8]) {
+    let doc: Value = serde_json::from_slice(stdout).expect("json");
+    assert_eq!(
+        String::from_utf8_lossy(stdout).trim_end(),
+        serde_json::to_string_pretty(&doc).unwrap(),
+        "keys in alphabetical order"
+    );
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&doc), ["labs", "schema"]);
+    assert_eq!(doc["schema"], "natscope.lab/v1");
+    let lab = &doc["labs"][0];
+    assert_eq!(
+        keys(lab),
+        ["name", "nodes", "owner_pid", "preset", "running"]
+    );
+    for node in lab["nodes"].as_array().expect("nodes") {
+        assert_eq!(
+            keys(node),
+            [
+                "addresses",
+                "mappings",
+                "name",
+                "namespace",
+                "role",
+                "router"
+            ]
+        );
+    }
+    let nat = &lab["nodes"][2];
+    assert_eq!(nat["name"], "nat");
+    assert_eq!(nat["role"], "nat");
+    assert_eq!(nat["router"]["kind"], "engine");
+    assert_eq!(nat["router"]["behavior"]["mapping"], "endpoint-independent");
+    assert!(nat["mappings"].is_u64());
+    assert!(
+        lab["nodes"][3]["mappings"].is_null(),
+        "a host has no mappings"
+    );
+}
+
+/// The field names of `lab nat-table --json` (docs/lab.md), by key on purpose.
+fn documented_fields_of_nat_table(doc: &Value) {
+    let row = &doc["mappings"][0];
+    let mut keys: Vec<&str> = row
+        .as_object()
+        .expect("a mapping")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["admits", "expires_in_ms", "external", "internal", "proto"]
+    );
+    assert!(row["proto"].is_string() && row["expires_in_ms"].is_u64());
+}
+
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn lab_up_status_nat_table_down() {
@@ -184,8 +252,8 @@ fn lab_up_status_nat_table_down() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(doc["schema"], "natscope.lab/v1");
+    let doc: StatusDocument = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc.schema, STATUS_SCHEMA);
 
     // Traffic from h1 creates a mapping the supervisor's engine reports.
     let out = natscope(&[
@@ -213,45 +281,49 @@ fn lab_up_status_nat_table_down() {
 
     let out = natscope(&["lab", "status", &name, "--json"]);
     assert!(out.status.success(), "{}", text(&out));
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(doc["schema"], "natscope.lab/v1");
-    let lab = &doc["labs"][0];
-    assert_eq!(lab["name"], name.as_str());
-    assert_eq!(lab["preset"], "port-restricted-cone");
-    let nodes = lab["nodes"].as_array().unwrap();
-    let roles: Vec<(&str, &str)> = nodes
+    documented_fields_of_lab_status(&out.stdout);
+    let doc: StatusDocument = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc.schema, STATUS_SCHEMA);
+    let lab = &doc.labs[0];
+    assert_eq!(lab.name, name);
+    assert_eq!(lab.preset.as_deref(), Some("port-restricted-cone"));
+    assert!(lab.running);
+    let roles: Vec<(&str, Role)> = lab
+        .nodes
         .iter()
-        .map(|n| (n["name"].as_str().unwrap(), n["role"].as_str().unwrap()))
+        .map(|n| (n.name.as_str(), n.role))
         .collect();
     assert_eq!(
         roles,
         [
-            ("internet", "internet"),
-            ("stun", "reflector"),
-            ("nat", "nat"),
-            ("h1", "host"),
-            ("h2", "host")
+            ("internet", Role::Internet),
+            ("stun", Role::Reflector),
+            ("nat", Role::Nat),
+            ("h1", Role::Host),
+            ("h2", Role::Host)
         ]
     );
-    let nat = nodes.iter().find(|n| n["name"] == "nat").unwrap();
+    let nat = lab.nodes.iter().find(|n| n.name == "nat").unwrap();
     assert_eq!(
-        nat["addresses"][0], "203.0.113.1/24",
+        nat.addresses[0], "203.0.113.1/24",
         "primary (external) address first"
     );
-    assert!(nat["mappings"].as_u64().unwrap() >= 1);
+    assert!(nat.mappings.unwrap() >= 1);
+    let Some(RouterKind::Engine(engine)) = &nat.router else {
+        panic!("nat runs the userspace engine: {:?}", nat.router);
+    };
     assert_eq!(
-        nat["router"]["behavior"]["filtering"],
-        "address-and-port-dependent"
+        engine.behavior.filtering,
+        FilteringBehavior::AddressAndPortDependent
     );
 
     let out = natscope(&["lab", "nat-table", "--lab", &name, "nat", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
-    let t: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let rows = t["mappings"].as_array().unwrap();
-    assert!(rows
-        .iter()
-        .any(|r| r["internal"].as_str().unwrap().starts_with("10.1.0.2:")
-            && r["external"].as_str().unwrap().starts_with("203.0.113.1:")));
+    documented_fields_of_nat_table(&serde_json::from_slice(&out.stdout).expect("json"));
+    let t: NatTableDocument = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(t.mappings.iter().any(|r| r.proto == Protocol::Udp
+        && r.internal.ip() == Ipv4Addr::new(10, 1, 0, 2)
+        && r.external.ip() == Ipv4Addr::new(203, 0, 113, 1)));
     let out = natscope(&["lab", "nat-table", "--lab", &name, "nat"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("mappings on nat"),

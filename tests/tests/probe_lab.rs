@@ -243,9 +243,9 @@ fn tcp_mapping_through_every_preset_matches_its_router() {
 ///
 /// The engine expires mappings lazily: `NatTable` checks `expires <= now` on the lookup made for
 /// each packet, with `now` taken once per received batch (netns-lab/src/engine driver,
-/// `Instant::now()` right after `recvmmsg`). Its housekeeping sweep (`Router::poll`, every 50 ms)
-/// uses the same comparison and only frees memory, so it never ends a mapping early: there is no
-/// tick granularity. The engine's idle period runs from X's last packet reaching the engine
+/// `Instant::now()` right after `recvmmsg`). Its housekeeping sweep (`Router::handle_timeout`,
+/// every 50 ms) uses the same comparison and only frees memory, so it never ends a mapping early:
+/// there is no tick granularity. The engine's idle period runs from X's last packet reaching the engine
 /// (plus, with inbound refresh, the answer to it) to the check's answer reaching the engine; the
 /// probe measures from X's send to the answer arriving at X (lower bound) or falling due (upper
 /// bound). So `lower ≤ timeout + transit` and `upper ≥ timeout`, where transit is a few lab

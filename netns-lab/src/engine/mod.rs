@@ -1,7 +1,8 @@
 //! The sans-IO core of the lab's userspace NAT router (DESIGN.md, "Lab"). A router namespace has
 //! two interfaces, `wan0` and `lan0`, with no kernel addresses; an I/O driver reads Ethernet frames
-//! from each, hands them to [`Router::handle`], calls [`Router::poll`] about every 100 ms, and writes
-//! every [`Emit`] out of its port at `Emit::at`. This core owns everything else: ARP (RFC 826, with
+//! from each, hands them to [`Router::handle_frame`], calls [`Router::handle_timeout`] when
+//! [`Router::poll_timeout`] says and at least every 50 ms, and writes every [`Emit`] out of its port
+//! at `Emit::at`. This core owns everything else: ARP (RFC 826, with
 //! proxy ARP for the external pool), IPv4 forwarding, RFC 4787 translation of UDP, RFC 5382 of TCP
 //! and RFC 5508 of ICMP through the shared [`NatTable`] (so the lab emulates exactly the model the
 //! probe's simulator is tested against), hairpinning (REQ-9), seeded loss and fixed delay. It never
@@ -9,9 +10,9 @@
 //!
 //! ```text
 //! Router::new(EngineConfig, RouterAddrs) -> Router
-//! Router::handle(&mut self, now, Port, frame: &[u8], out: &mut Vec<Emit>)
-//! Router::poll(&mut self, now, out: &mut Vec<Emit>)
-//! Router::poll_at(&self) -> Option<Instant>            // next ARP retry / give-up
+//! Router::handle_frame(&mut self, now, Port, frame: &[u8], out: &mut Vec<Emit>)
+//! Router::handle_timeout(&mut self, now, out: &mut Vec<Emit>)
+//! Router::poll_timeout(&self) -> Option<Instant>       // next ARP retry / give-up
 //! Router::mappings(&self, now) -> Vec<MappingRow>      // Serialize
 //! Router::stats(&self) -> Stats                          // Serialize
 //! ```
@@ -191,7 +192,7 @@ impl Router {
     }
 
     /// One received frame. Appends frames to send (possibly none) to `out`.
-    pub fn handle(&mut self, now: Instant, port: Port, frame: &[u8], out: &mut Vec<Emit>) {
+    pub fn handle_frame(&mut self, now: Instant, port: Port, frame: &[u8], out: &mut Vec<Emit>) {
         let Some(eth) = EthernetPacket::new(frame) else {
             self.stats.dropped_malformed += 1;
             return;
@@ -280,8 +281,10 @@ impl Router {
         }
     }
 
-    /// Housekeeping: ARP retries and give-up for queued packets, and expired mapping sweeps.
-    pub fn poll(&mut self, now: Instant, out: &mut Vec<Emit>) {
+    /// The time [`Router::poll_timeout`] named has come (or the driver's housekeeping tick): ARP
+    /// retries and give-up for queued packets, and expired mapping sweeps. Like every machine's
+    /// `handle_timeout`, it may be called early or late; it does what is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Vec<Emit>) {
         let mut gone = Vec::new();
         let mut ask = Vec::new();
         for (key, w) in &mut self.waiting {
@@ -305,9 +308,10 @@ impl Router {
         self.firewall.sweep(now);
     }
 
-    /// When [`Router::poll`] next has work to do (an ARP retry or give-up); `None` while nothing
-    /// waits for ARP. Mapping expiry is lazy, so the sweep in `poll` is only about memory.
-    pub fn poll_at(&self) -> Option<Instant> {
+    /// When [`Router::handle_timeout`] next has work to do (an ARP retry or give-up); `None` while
+    /// nothing waits for ARP. Mapping expiry is lazy, so the sweep in `handle_timeout` is only
+    /// about memory and needs no deadline of its own.
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.waiting
             .values()
             .map(|w| (w.last_request + arp::RETRY).min(w.since + arp::GIVE_UP))

@@ -53,19 +53,19 @@ fn router(c: EngineConfig) -> Router {
     let mut r = Router::new(c, addrs());
     let t0 = Instant::now();
     let mut out = Vec::new();
-    r.handle(
+    r.handle_frame(
         t0,
         Port::Lan,
         &arp_req(HOST_MAC, ip("10.0.0.2"), ip("10.0.0.1")),
         &mut out,
     );
-    r.handle(
+    r.handle_frame(
         t0,
         Port::Lan,
         &arp_req(HOST2_MAC, ip("10.0.0.3"), ip("10.0.0.1")),
         &mut out,
     );
-    r.handle(t0, Port::Wan, &arp_req(GW_MAC, GW, EXT), &mut out);
+    r.handle_frame(t0, Port::Wan, &arp_req(GW_MAC, GW, EXT), &mut out);
     r
 }
 
@@ -178,7 +178,7 @@ fn from_gw(dg: &[u8]) -> Vec<u8> {
 /// Feeds one frame at `now`; returns what came out.
 fn step(r: &mut Router, now: Instant, port: Port, frame: &[u8]) -> Vec<Emit> {
     let mut out = Vec::new();
-    r.handle(now, port, frame, &mut out);
+    r.handle_frame(now, port, frame, &mut out);
     out
 }
 
@@ -353,7 +353,7 @@ fn outbound_udp_waits_for_arp_and_leaves_with_full_checksums() {
     assert_eq!(&s.l4[8..], b"hello, odd length");
     assert_eq!(r.stats().forwarded_out, 1);
     assert_eq!(r.stats().arp_requests, 1);
-    assert_eq!(r.poll_at(), None);
+    assert_eq!(r.poll_timeout(), None);
     // The host never sent ARP, but its IPv4 frame taught the router its MAC: the reply needs none.
     assert_eq!(send_in(&mut r, t1, S1, s.src), Some(ep(HOST)));
     assert_eq!(r.stats().arp_requests, 1);
@@ -376,13 +376,13 @@ fn unanswered_arp_is_retried_then_the_queue_dropped() {
         (r.stats().dropped_unresolved, r.stats().arp_requests),
         (4, 1)
     );
-    assert_eq!(r.poll_at(), Some(t0 + arp::RETRY));
+    assert_eq!(r.poll_timeout(), Some(t0 + arp::RETRY));
     let mut out = Vec::new();
-    r.poll(t0 + Duration::from_millis(100), &mut out);
+    r.handle_timeout(t0 + Duration::from_millis(100), &mut out);
     assert!(out.is_empty());
-    r.poll(t0 + Duration::from_millis(300), &mut out);
+    r.handle_timeout(t0 + Duration::from_millis(300), &mut out);
     assert_eq!(out.len(), 1, "a retry");
-    r.poll(t0 + Duration::from_millis(1100), &mut out);
+    r.handle_timeout(t0 + Duration::from_millis(1100), &mut out);
     assert_eq!(r.stats().dropped_unresolved, 20);
     // A late reply finds nothing left to send.
     let reply = arp::arp_frame(ArpOperations::Reply, (GW_MAC, GW), (WAN_MAC, EXT));
@@ -837,7 +837,7 @@ fn mappings_expire_on_the_virtual_clock() {
         Some(ep(HOST))
     );
     let mut out = Vec::new();
-    r.poll(t0 + Duration::from_secs(31), &mut out);
+    r.handle_timeout(t0 + Duration::from_secs(31), &mut out);
     assert!(r.mappings(t0 + Duration::from_secs(31)).is_empty());
     assert_eq!(send_in(&mut r, t0 + Duration::from_secs(31), S1, ext), None);
     assert_eq!(r.stats().no_mapping, 1);
@@ -913,8 +913,8 @@ fn truncated_and_lying_frames_do_not_panic() {
         for f in &frames {
             for len in 0..=f.len() {
                 let mut out = Vec::new();
-                r.handle(t0, Port::Lan, &f[..len], &mut out);
-                r.handle(t0, Port::Wan, &f[..len], &mut out);
+                r.handle_frame(t0, Port::Lan, &f[..len], &mut out);
+                r.handle_frame(t0, Port::Wan, &f[..len], &mut out);
                 // Lying header fields: IHL, total length, data offset, the quoted IHL.
                 let mut bad = f[..len].to_vec();
                 for (at, v) in [
@@ -927,8 +927,8 @@ fn truncated_and_lying_frames_do_not_panic() {
                     if let Some(b) = bad.get_mut(at) {
                         *b = v;
                     }
-                    r.handle(t0, Port::Lan, &bad, &mut out);
-                    r.handle(t0, Port::Wan, &bad, &mut out);
+                    r.handle_frame(t0, Port::Lan, &bad, &mut out);
+                    r.handle_frame(t0, Port::Wan, &bad, &mut out);
                 }
             }
         }

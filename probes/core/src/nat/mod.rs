@@ -77,7 +77,7 @@ impl FilteringBehavior {
 }
 
 /// RFC 4787 §4.2.2 port assignment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum PortAllocation {
     /// Keep the internal port when it is free; otherwise fall back to the next free port.
@@ -109,7 +109,7 @@ pub enum Protocol {
 }
 
 /// Every RFC 4787 knob of one NAT.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NatBehavior {
     pub mapping: MappingBehavior,
     pub filtering: FilteringBehavior,
