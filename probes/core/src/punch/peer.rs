@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::codec::{PeerInfo, PunchMessage};
 use super::session::SessionConfig;
@@ -60,7 +60,7 @@ pub const PREDICT_STEPS: i32 = 16;
 
 /// Port prediction as measured by the driver: the mapped ports of fresh sockets, in the order
 /// they were opened, and the allocation delta they show.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prediction {
     pub measured_ports: Vec<u16>,
     pub delta: Option<i32>,
