@@ -287,8 +287,8 @@ pub fn render(r: &ConnectReport) -> String {
     let rows: Vec<(&str, String)> = vec![
         ("transport", r.transport.to_string()),
         ("path", r.path.to_string()),
-        ("local", r.local.clone()),
-        ("peer", r.peer.clone().unwrap_or_else(|| "-".into())),
+        ("local", r.local.to_string()),
+        ("peer", r.peer.map_or_else(|| "-".into(), |p| p.to_string())),
         ("time to first byte", opt_ms(r.time_to_first_byte_ms)),
         ("time to direct", opt_ms(r.time_to_direct_ms)),
         ("rtt", opt_ms(r.rtt_ms)),
@@ -319,15 +319,16 @@ pub fn render(r: &ConnectReport) -> String {
 mod tests {
     use super::*;
     use natscope_probes::punch::driver::Attempts;
+    use natscope_probes::punch::PathTaken;
 
     #[test]
     fn the_human_table_is_exact() {
         let r = ConnectReport {
             schema: "natscope.punch/v1",
             transport: Transport::Udp,
-            path: "relayed",
-            local: "10.1.0.2:4000".into(),
-            peer: Some("203.0.113.2:5000".into()),
+            path: PathTaken::Relayed,
+            local: SocketAddr::from(([10, 1, 0, 2], 4000)),
+            peer: Some(SocketAddr::from(([203, 0, 113, 2], 5000))),
             time_to_first_byte_ms: Some(1532.25),
             time_to_direct_ms: None,
             rtt_ms: Some(2.04),

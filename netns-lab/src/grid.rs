@@ -9,20 +9,16 @@
 
 use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
 use natscope_core::probe::{AllocationPattern, Classic};
+use natscope_core::punch::connector::ConnectReport;
 use natscope_core::traversal::{self, Path, PeerNat, Techniques};
 use serde::{Deserialize, Serialize};
 
 use crate::presets;
 use crate::topology::{NodeSpec, Topology};
 
-/// How a pair connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    Direct,
-    Relayed,
-    Failed,
-}
+/// How a pair connected: the path `natscope punch` reports ([`PathTaken`], the grid's name for
+/// it), expected from the traversal model or observed in a lab.
+pub use natscope_core::punch::PathTaken as Outcome;
 
 /// One cell of `lab grid --json`: a pair of presets over one transport, what the reasoning
 /// expects and what `natscope punch` did.
@@ -44,7 +40,7 @@ pub struct GridCell {
     /// stderr of the two peers, kept for cells that did not go direct.
     pub diagnostics: Option<String>,
     /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
-    pub report: Option<serde_json::Value>,
+    pub report: Option<ConnectReport>,
     pub duration_ms: f64,
 }
 
@@ -266,11 +262,7 @@ mod tests {
     /// the default presets and every cell's reason, all from [`expected`].
     fn doc_tables() -> String {
         let names = DEFAULT_PRESETS;
-        let word = |o: Outcome| match o {
-            Direct => "direct",
-            Relayed => "relayed",
-            Failed => "failed",
-        };
+        let word = Outcome::as_str;
         let mut out = String::new();
         for (label, t) in [("UDP", Transport::Udp), ("TCP", Transport::Tcp)] {
             out += &format!("| {label} | {} |\n", names.join(" | "));

@@ -6,38 +6,27 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::Value;
+use natscope_core::punch::connector::ConnectReport;
 
 use crate::grid::{self, Outcome, Transport};
 use crate::jobs;
-use crate::punch_lab::{Peer, PunchLab, PunchLabError};
+use crate::punch_lab::{self, Peer, PunchLab, PunchLabError};
 use crate::topology::TopologyError;
 use crate::{Lab, LabError, LabOptions};
 
 /// How long `punch connect` may take (it gives up after 8 s itself).
 const CONNECT_LIMIT: Duration = Duration::from_secs(20);
 
-/// One pair's result: the `natscope.grid/v1` document's cell.
-#[derive(Debug, Serialize)]
-pub struct Cell {
-    pub a: String,
-    pub b: String,
-    pub transport: Transport,
-    pub expected: Outcome,
-    pub observed: Option<Outcome>,
-    pub time_to_direct_ms: Option<f64>,
-    pub messages_sent: u64,
-    pub messages_echoed: u64,
-    /// The expected outcome's reason (RFC 4787 / RFC 5382).
-    pub reason: String,
-    pub pass: bool,
-    pub error: Option<String>,
-    /// stderr of the two peers, kept for cells that did not go direct.
-    pub diagnostics: Option<String>,
-    /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
-    pub report: Option<Value>,
-    pub duration_ms: f64,
+/// One pair's result: the `natscope.grid/v1` document's cell, the type the document reads back
+/// as.
+pub use crate::grid::GridCell as Cell;
+
+/// What one punch run in a lab gave: the connector's report, and the two peers' stderr when the
+/// pair did not go direct.
+#[derive(Debug)]
+struct Punched {
+    report: ConnectReport,
+    diagnostics: Option<String>,
 }
 
 /// Why a cell could not run.
@@ -88,7 +77,13 @@ pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> Cel
         duration_ms: 0.0,
     };
     match result {
-        Ok(report) => judge(&mut cell, &report),
+        Ok(Punched {
+            report,
+            diagnostics,
+        }) => {
+            cell.diagnostics = diagnostics;
+            judge(&mut cell, report);
+        }
         Err(e) => cell.error = Some(jobs::error_line(&e)),
     }
     cell.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -96,43 +91,36 @@ pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> Cel
 }
 
 /// Fills the observation into `cell` from the connector's report and decides whether it passed.
-fn judge(cell: &mut Cell, report: &Value) {
-    cell.observed = match report["path"].as_str() {
-        Some("direct") => Some(Outcome::Direct),
-        Some("relayed") => Some(Outcome::Relayed),
-        Some("failed") => Some(Outcome::Failed),
-        _ => None,
-    };
-    cell.time_to_direct_ms = report["time_to_direct_ms"].as_f64();
-    cell.messages_sent = report["messages_sent"].as_u64().unwrap_or(0);
-    cell.messages_echoed = report["messages_echoed"].as_u64().unwrap_or(0);
+fn judge(cell: &mut Cell, report: ConnectReport) {
+    cell.observed = Some(report.path);
+    cell.time_to_direct_ms = report.time_to_direct_ms;
+    cell.messages_sent = report.messages_sent;
+    cell.messages_echoed = report.messages_echoed;
     // A connected pair must also have delivered every message, once each, in order.
-    let delivered = cell.observed == Some(Outcome::Failed)
-        || (cell.messages_echoed == cell.messages_sent
-            && cell.messages_sent > 0
-            && report["in_order"] == true);
+    let delivered = report.path == Outcome::Failed
+        || (report.messages_echoed == report.messages_sent
+            && report.messages_sent > 0
+            && report.in_order);
     cell.pass = cell.observed == Some(cell.expected) && delivered;
-    cell.diagnostics = report["diagnostics"].as_str().map(str::to_string);
-    if !cell.pass {
-        cell.report = Some(report.clone());
-    }
     if !delivered {
         cell.reason = format!(
             "{} (data: {}/{} echoed, in order: {})",
-            cell.reason, cell.messages_echoed, cell.messages_sent, report["in_order"]
+            cell.reason, cell.messages_echoed, cell.messages_sent, report.in_order
         );
+    }
+    if !cell.pass {
+        cell.report = Some(report);
     }
 }
 
-/// The connector's `natscope.punch/v1` report, with the peers' stderr added when it did not go
-/// direct.
+/// The connector's `natscope.punch/v1` report, with the peers' stderr when it did not go direct.
 fn punch_in_lab(
     index: usize,
     a: &str,
     b: &str,
     t: Transport,
     exe: &Path,
-) -> Result<Value, CellError> {
+) -> Result<Punched, CellError> {
     let topo = grid::pair_topology(a, b).ok_or(CellError::NoTopology)?;
     let lab = Lab::up(
         &jobs::lab_name("gd", index),
@@ -164,22 +152,22 @@ fn punch_in_lab(
         listener.stderr_tail()
     );
     punch.down();
-    let mut report: Value =
-        serde_json::from_slice(&stdout).map_err(|source| CellError::NoReport {
-            text: String::from_utf8_lossy(&stdout).trim().to_string(),
-            diagnostics: diagnostics.clone(),
-            source,
-        })?;
-    if report["path"] != "direct" {
-        report["diagnostics"] = Value::String(diagnostics);
-    }
-    Ok(report)
+    let report = punch_lab::connect_report(&stdout).map_err(|source| CellError::NoReport {
+        text: String::from_utf8_lossy(&stdout).trim().to_string(),
+        diagnostics: diagnostics.clone(),
+        source,
+    })?;
+    let diagnostics = (report.path != Outcome::Direct).then_some(diagnostics);
+    Ok(Punched {
+        report,
+        diagnostics,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use natscope_core::punch::connector::{Attempts, SCHEMA};
 
     fn cell(expected: Outcome) -> Cell {
         Cell {
@@ -200,12 +188,33 @@ mod tests {
         }
     }
 
+    /// A connector's report that took `path` and got `echoed` of `sent` messages back.
+    fn report(path: Outcome, sent: u64, echoed: u64, in_order: bool) -> ConnectReport {
+        ConnectReport {
+            schema: SCHEMA,
+            transport: Transport::Udp,
+            path,
+            local: "10.1.0.2:4000".parse().expect("addr"),
+            peer: None,
+            time_to_first_byte_ms: None,
+            time_to_direct_ms: None,
+            rtt_ms: None,
+            messages_sent: sent,
+            messages_echoed: echoed,
+            in_order,
+            switched_to_direct: false,
+            attempts: Attempts::default(),
+        }
+    }
+
     #[test]
     fn a_cell_passes_on_the_expected_path_with_every_message_delivered() {
         let mut c = cell(Outcome::Direct);
-        let report = json!({"path": "direct", "time_to_direct_ms": 12.5,
-            "messages_sent": 5, "messages_echoed": 5, "in_order": true});
-        judge(&mut c, &report);
+        let r = ConnectReport {
+            time_to_direct_ms: Some(12.5),
+            ..report(Outcome::Direct, 5, 5, true)
+        };
+        judge(&mut c, r);
         assert!(c.pass);
         assert_eq!(c.observed, Some(Outcome::Direct));
         assert_eq!(c.time_to_direct_ms, Some(12.5));
@@ -216,31 +225,36 @@ mod tests {
     #[test]
     fn a_lost_or_reordered_message_fails_a_connected_cell() {
         let mut c = cell(Outcome::Relayed);
-        let report = json!({"path": "relayed", "messages_sent": 5, "messages_echoed": 4,
-            "in_order": true, "diagnostics": "stderr"});
-        judge(&mut c, &report);
+        let r = report(Outcome::Relayed, 5, 4, true);
+        judge(&mut c, r.clone());
         assert!(!c.pass);
         assert_eq!(c.reason, "why (data: 4/5 echoed, in order: true)");
-        assert_eq!(c.diagnostics.as_deref(), Some("stderr"));
-        assert!(c.report.is_some(), "a failed cell keeps the report");
+        assert_eq!(c.report, Some(r), "a failed cell keeps the report");
         let mut c = cell(Outcome::Relayed);
-        let report = json!({"path": "relayed", "messages_sent": 5, "messages_echoed": 5,
-            "in_order": false});
-        judge(&mut c, &report);
+        judge(&mut c, report(Outcome::Relayed, 5, 5, false));
         assert!(!c.pass);
+        assert_eq!(c.reason, "why (data: 5/5 echoed, in order: false)");
     }
 
     #[test]
     fn a_failed_pair_needs_no_data_but_the_expected_path() {
         let mut c = cell(Outcome::Failed);
-        judge(&mut c, &json!({"path": "failed", "messages_sent": 0}));
+        judge(&mut c, report(Outcome::Failed, 0, 0, true));
         assert!(c.pass);
         let mut c = cell(Outcome::Direct);
-        judge(
-            &mut c,
-            &json!({"path": "relayed", "messages_sent": 3,
-            "messages_echoed": 3, "in_order": true}),
-        );
+        judge(&mut c, report(Outcome::Relayed, 3, 3, true));
         assert!(!c.pass, "the wrong path fails even with the data through");
+        assert_eq!(c.observed, Some(Outcome::Relayed));
+    }
+
+    /// A cell with its report, as `lab grid --json` writes it, reads back as the same cell.
+    #[test]
+    fn a_cell_with_its_report_reads_back_typed() {
+        let mut c = cell(Outcome::Direct);
+        judge(&mut c, report(Outcome::Relayed, 3, 3, true));
+        let text = serde_json::to_string_pretty(&c).expect("json");
+        let back: Cell = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, c);
+        assert!(text.contains("\"observed\": \"relayed\""), "{text}");
     }
 }

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use natscope_core::punch::connector::ConnectReport;
+
 use crate::netns::NetnsError;
 use crate::topology::{NodeSpec, RouterKind, Topology};
 use crate::{Lab, LabError};
@@ -172,6 +174,11 @@ pub fn connector<P: NodeProgram>(
     let mut args = vec!["punch", "connect", id, "--via", SERVER, "--json"];
     args.extend_from_slice(extra);
     P::start(lab, "a", exe, &args)
+}
+
+/// What `punch connect --json` printed, read as the connector's `natscope.punch/v1` report.
+pub fn connect_report(stdout: &[u8]) -> Result<ConnectReport, serde_json::Error> {
+    serde_json::from_slice(stdout)
 }
 
 /// Why a listener did not register: its output, the server's, the NATs' counters and the server

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use natscope_lab::punch_lab::{self, NodeProgram, PunchLabError};
 use natscope_lab::topology::RouterKind;
 use natscope_lab::{presets, Lab, LabOptions};
+use natscope_probes::punch::connector::ConnectReport;
 
 use crate::lab::lab_name;
 use crate::{natscope_bin, ChildProcess};
@@ -89,6 +90,13 @@ impl PunchLab {
         drop(server);
         lab.down();
     }
+}
+
+/// The `natscope.punch/v1` report a finished `punch connect --json` printed, read typed; panics
+/// with the process's output if it printed none.
+pub fn report(c: &ChildProcess) -> ConnectReport {
+    punch_lab::connect_report(c.stdout().as_bytes())
+        .unwrap_or_else(|e| panic!("connect printed no report ({e})\n{}", c.diagnostics()))
 }
 
 /// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it accepts

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use natscope_probes::punch::connector::ConnectReport;
 use natscope_tests::punch::wait_for;
 use natscope_tests::{free_port, natscope_bin, ChildProcess};
 
@@ -104,9 +105,17 @@ fn loopback_sessions_report_the_contract_json() {
                 "{}",
                 c.diagnostics()
             );
+            // Key by key on purpose: this is the documented contract (docs/punch.md), so the
+            // field names are what is under test, not the library's type.
             let r: serde_json::Value = serde_json::from_str(&c.stdout())
                 .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
             let d = c.diagnostics();
+            // And the typed report is the whole document: read as `ConnectReport` and written
+            // again, the output comes back byte for byte (nothing the type drops or reorders).
+            let typed: ConnectReport = serde_json::from_str(&c.stdout())
+                .unwrap_or_else(|e| panic!("not a report: {e}\n{d}"));
+            let again = serde_json::to_string_pretty(&typed).expect("json");
+            assert_eq!(again, c.stdout().trim_end(), "{d}");
             assert_eq!(r["schema"], "natscope.punch/v1", "{d}");
             assert_eq!(r["transport"], if tcp { "tcp" } else { "udp" }, "{d}");
             assert_eq!(r["path"], "direct", "{d}");

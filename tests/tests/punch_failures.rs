@@ -5,8 +5,9 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use natscope_probes::punch::PathTaken;
 use natscope_tests::lab::require_root;
-use natscope_tests::punch::{router, serve, wait_for, PunchLab};
+use natscope_tests::punch::{report, router, serve, wait_for, PunchLab};
 use natscope_tests::ChildProcess;
 
 /// Generous bound on how long after the kill the connector must have exited.
@@ -58,12 +59,9 @@ fn rendezvous_server_killed_mid_relayed_session() {
         "{d}"
     );
     assert_eq!(err.lines().count(), 1, "one clear line\n{d}");
-    let r: serde_json::Value = serde_json::from_str(&c.stdout()).expect("json report");
-    assert_eq!(r["path"], "failed", "{d}");
-    assert!(
-        r["messages_echoed"].as_u64().unwrap_or(0) > 0,
-        "data flowed before\n{d}"
-    );
+    let r = report(&c);
+    assert_eq!(r.path, PathTaken::Failed, "{d}");
+    assert!(r.messages_echoed > 0, "data flowed before\n{d}");
     eprintln!(
         "server killed: connect exited 1 after {took:?}: {}",
         err.trim()

@@ -2,30 +2,17 @@
 //! relay server on the reflector node. Outcomes follow NAT-REFERENCE.md "Hole punching outcomes".
 
 use natscope_lab::topology::{RouterKind, UnsolicitedSyn};
+use natscope_probes::punch::connector::{ConnectReport, SCHEMA};
+use natscope_probes::punch::{PathTaken, Transport};
 use natscope_tests::lab::require_root;
-use natscope_tests::punch::{router, PunchLab};
+use natscope_tests::punch::{report, router, PunchLab};
 use natscope_tests::ChildProcess;
-use serde_json::Value;
 
-fn report(c: &ChildProcess) -> Value {
-    serde_json::from_str(&c.stdout())
-        .unwrap_or_else(|e| panic!("connect printed no json ({e})\n{}", c.diagnostics()))
-}
-
-fn assert_all_echoed(r: &Value, c: &ChildProcess) {
-    assert_eq!(r["schema"], "natscope.punch/v1");
-    assert!(
-        r["messages_sent"].as_u64().unwrap_or(0) > 0,
-        "{}",
-        c.diagnostics()
-    );
-    assert_eq!(
-        r["messages_echoed"],
-        r["messages_sent"],
-        "{}",
-        c.diagnostics()
-    );
-    assert_eq!(r["in_order"], true, "{}", c.diagnostics());
+fn assert_all_echoed(r: &ConnectReport, c: &ChildProcess) {
+    assert_eq!(r.schema, SCHEMA);
+    assert!(r.messages_sent > 0, "{}", c.diagnostics());
+    assert_eq!(r.messages_echoed, r.messages_sent, "{}", c.diagnostics());
+    assert!(r.in_order, "{}", c.diagnostics());
 }
 
 /// EIM on both sides: each side's probes to the other's server-reflexive address open its own
@@ -43,17 +30,17 @@ fn udp_direct_through_two_port_restricted_cones() {
     let (code, c) = lab.connect("bob", &["--messages", "50"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
-    assert_eq!(r["transport"], "udp");
+    assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
+    assert_eq!(r.transport, Transport::Udp);
     assert_all_echoed(&r, &c);
-    assert!(r["time_to_direct_ms"].as_f64().is_some());
-    assert!(r["rtt_ms"].as_f64().is_some());
+    assert!(r.time_to_direct_ms.is_some());
+    assert!(r.rtt_ms.is_some());
     // The direct peer is b's NAT's external address (203.0.113.x), not the relay.
-    let peer = r["peer"].as_str().unwrap_or_default();
+    let peer = r.peer.map(|p| p.to_string()).unwrap_or_default();
     assert!(peer.starts_with("203.0.113."), "peer {peer}");
     eprintln!(
-        "udp prc<->prc: time to direct {} ms, first byte {} ms, rtt {} ms",
-        r["time_to_direct_ms"], r["time_to_first_byte_ms"], r["rtt_ms"]
+        "udp prc<->prc: time to direct {:?} ms, first byte {:?} ms, rtt {:?} ms",
+        r.time_to_direct_ms, r.time_to_first_byte_ms, r.rtt_ms
     );
     assert!(
         l.wait_timeout(std::time::Duration::from_secs(10))
@@ -75,12 +62,12 @@ fn udp_symmetric_to_port_restricted_cone_is_relayed() {
     let (code, c) = lab.connect("bob", &["--messages", "50"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["path"], "relayed", "{}", c.diagnostics());
-    assert_eq!(r["time_to_direct_ms"], Value::Null);
+    assert_eq!(r.path, PathTaken::Relayed, "{}", c.diagnostics());
+    assert_eq!(r.time_to_direct_ms, None);
     assert_all_echoed(&r, &c);
     eprintln!(
-        "udp sym<->prc relayed: first byte {} ms, rtt {} ms",
-        r["time_to_first_byte_ms"], r["rtt_ms"]
+        "udp sym<->prc relayed: first byte {:?} ms, rtt {:?} ms",
+        r.time_to_first_byte_ms, r.rtt_ms
     );
     lab.down();
 }
@@ -100,12 +87,12 @@ fn tcp_simultaneous_open_through_two_eim_nats() {
     let (code, c) = lab.connect("bob", &["--tcp", "--messages", "50"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["transport"], "tcp");
-    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+    assert_eq!(r.transport, Transport::Tcp);
+    assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
     assert_all_echoed(&r, &c);
     eprintln!(
-        "tcp prc<->prc: time to direct {} ms, rtt {} ms",
-        r["time_to_direct_ms"], r["rtt_ms"]
+        "tcp prc<->prc: time to direct {:?} ms, rtt {:?} ms",
+        r.time_to_direct_ms, r.rtt_ms
     );
     lab.down();
 }
@@ -142,12 +129,13 @@ fn udp_port_prediction_through_a_sequential_symmetric_nat() {
     let _l = lab.listener("bob", &["--count", "2"]);
     let (code, c) = lab.connect("bob", &["--messages", "20"]);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(report(&c)["path"], "relayed", "{}", c.diagnostics());
+    assert_eq!(report(&c).path, PathTaken::Relayed, "{}", c.diagnostics());
     let (code, c) = lab.connect("bob", &["--messages", "20", "--predict"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
-    assert_eq!(r["attempts"]["predict"]["delta"], 1, "{}", c.diagnostics());
+    assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
+    let delta = r.attempts.predict.as_ref().and_then(|p| p.delta);
+    assert_eq!(delta, Some(1), "{}", c.diagnostics());
     assert_all_echoed(&r, &c);
     lab.down();
 
@@ -161,8 +149,8 @@ fn udp_port_prediction_through_a_sequential_symmetric_nat() {
     let (code, c) = lab.connect("bob", &["--messages", "20"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["path"], "direct", "{}", c.diagnostics());
-    assert_eq!(r["attempts"]["peer_port_delta"], 1, "{}", c.diagnostics());
+    assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
+    assert_eq!(r.attempts.peer_port_delta, Some(1), "{}", c.diagnostics());
     lab.down();
 }
 
@@ -178,8 +166,8 @@ fn tcp_symmetric_to_port_restricted_cone_is_relayed() {
     let (code, c) = lab.connect("bob", &["--tcp", "--messages", "50"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r["transport"], "tcp");
-    assert_eq!(r["path"], "relayed", "{}", c.diagnostics());
+    assert_eq!(r.transport, Transport::Tcp);
+    assert_eq!(r.path, PathTaken::Relayed, "{}", c.diagnostics());
     assert_all_echoed(&r, &c);
     lab.down();
 }
@@ -204,13 +192,11 @@ fn tcp_direct_when_both_nats_reset_unsolicited_syns() {
         let (code, c) = lab.connect("bob", &["--tcp", "--messages", "20"]);
         let r = report(&c);
         assert_eq!(code, 0, "{}", c.diagnostics());
-        assert_eq!(r["path"], "direct", "{}", c.diagnostics());
+        assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
         assert_all_echoed(&r, &c);
         eprintln!(
-            "tcp with resetting nats: direct after {} ms, accepted {}, connect attempts {}",
-            r["time_to_direct_ms"],
-            r["attempts"]["tcp_accepted"],
-            r["attempts"]["tcp_connect_attempts"]
+            "tcp with resetting nats: direct after {:?} ms, accepted {}, connect attempts {}",
+            r.time_to_direct_ms, r.attempts.tcp_accepted, r.attempts.tcp_connect_attempts
         );
     }
     let resets = |n: &str| lab.lab.nat_stats(n).map_or(0, |s| s.tcp_resets);

@@ -3,8 +3,9 @@
 //! sans-IO machines ([`RendezvousServer`], [`Listener`], [`Connector`]) bytes and
 //! `Instant::now()`, send what they poll out, open the direct TCP streams they ask for, and sleep
 //! until their `poll_timeout`. Every protocol decision — retransmission, the session table,
-//! de-duplication, keepalive, prediction targets, which stream to keep, the report — is in the
-//! machines, where the virtual-clock tests of `natscope_core::punch` reach it.
+//! de-duplication, keepalive, prediction targets, the pacing of simultaneous-open attempts
+//! (`peer::OpenAttempts`), which stream to keep, the report — is in the core, where the
+//! virtual-clock tests of `natscope_core::punch` reach it.
 //!
 //! UDP: one socket per peer for everything (server, probes, direct data), so the mapping the
 //! server saw is the one the peer punches with. TCP: one connection to the server from a local
@@ -27,7 +28,9 @@ use tokio::sync::mpsc;
 
 use super::connector::Connector;
 use super::listener::Listener;
-use super::peer::{PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS};
+use super::peer::{
+    AttemptEnd, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS,
+};
 use super::server::{RendezvousServer, ServerConfig, ServerSocket};
 use super::table::Endpoint;
 use super::{SessionId, Transport};
@@ -437,7 +440,8 @@ impl Net {
         }
     }
 
-    /// TCP simultaneous open toward `peer` from our registered port, retried until `until`.
+    /// TCP simultaneous open toward `peer` from our registered port, the attempts paced by
+    /// [`OpenAttempts`] until `until`.
     fn open_direct(
         &mut self,
         session: SessionId,
@@ -449,17 +453,13 @@ impl Net {
         let events = self.tx.clone();
         let task = tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
-            let mut attempts = 0u32;
-            while Instant::now() < until {
-                attempts += 1;
+            let mut pacing = OpenAttempts::new(until);
+            while let Some(limit) = pacing.next(Instant::now()) {
                 let Ok(sock) = reusable_tcp(local) else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(pacing.pause(AttemptEnd::BindFailed)).await;
                     continue;
                 };
-                let left = until.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left.min(Duration::from_millis(700)), sock.connect(peer))
-                    .await
-                {
+                let end = match tokio::time::timeout(limit, sock.connect(peer)).await {
                     Ok(Ok(stream)) => {
                         let (writer, task) = spawn_stream(stream, peer, events.clone());
                         // The reader task lives on its own; dropping its handle detaches it.
@@ -469,16 +469,20 @@ impl Net {
                                 session,
                                 peer,
                                 writer,
-                                attempts,
+                                attempts: pacing.attempts(),
                             })
                             .await;
                         return;
                     }
-                    // RST (the peer's SYN not out yet, or its NAT refused): try again shortly.
-                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(40)).await,
-                    Err(_) => {}
+                    Ok(Err(_)) => AttemptEnd::Refused,
+                    Err(_) => AttemptEnd::TimedOut,
+                };
+                let pause = pacing.pause(end);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
                 }
             }
+            let attempts = pacing.attempts();
             let _ = events.send(NetEvent::StreamFailed { attempts }).await;
         });
         self.direct_tasks.insert(session, task.abort_handle());

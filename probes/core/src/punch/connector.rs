@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::codec::{code, PeerInfo, PunchMessage};
 use super::peer::{
@@ -25,7 +25,7 @@ use super::peer::{
     PunchError, Request, StreamCommand, PREDICT_STEPS,
 };
 use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
-use super::{transaction_id, SessionId, Transport};
+use super::{transaction_id, PathTaken, SessionId, Transport};
 use crate::net::Transmit;
 
 #[derive(Clone, Debug)]
@@ -67,14 +67,15 @@ impl Default for ConnectOptions {
 pub const MAX_BIRTHDAY: usize = 256;
 
 /// Details of how the connection was made (`attempts` in the JSON).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Attempts {
     pub session: Option<String>,
     /// From the start to the server's answer to CONNECT.
     pub rendezvous_ms: Option<f64>,
-    pub reflexive: Option<String>,
-    pub peer_reflexive: Option<String>,
-    pub peer_candidates: Vec<String>,
+    /// Our server-reflexive address, as the server saw the CONNECT.
+    pub reflexive: Option<SocketAddr>,
+    pub peer_reflexive: Option<SocketAddr>,
+    pub peer_candidates: Vec<SocketAddr>,
     pub punch_window_ms: f64,
     pub probes_sent: u64,
     pub probes_answered: u64,
@@ -99,16 +100,26 @@ pub struct Attempts {
     pub error: Option<String>,
 }
 
-/// The connect report: the `natscope.punch/v1` document.
-#[derive(Clone, Debug, Serialize)]
+/// The `schema` of a connect report.
+pub const SCHEMA: &str = "natscope.punch/v1";
+
+/// The connect report: the `natscope.punch/v1` document (docs/punch.md). It serializes in the
+/// documented field order and reads back typed, so callers (the grid, the tests) compare fields,
+/// not JSON keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnectReport {
-    pub schema: &'static str,
+    /// Always [`SCHEMA`]: a document of another schema does not deserialize.
+    #[serde(deserialize_with = "schema_v1")]
+    pub schema: Static,
     pub transport: Transport,
-    /// What carried the data at the end: `direct`, `relayed`, or `failed` (no data flowed or
-    /// the session broke).
-    pub path: &'static str,
-    pub local: String,
-    pub peer: Option<String>,
+    /// What carried the data at the end ([`PathTaken::Failed`]: no data flowed or the session
+    /// broke).
+    pub path: PathTaken,
+    /// The connector's local socket address (its host candidate).
+    pub local: SocketAddr,
+    /// The direct peer address, or the peer's server-reflexive address when relayed; `None`
+    /// when failed.
+    pub peer: Option<SocketAddr>,
     pub time_to_first_byte_ms: Option<f64>,
     pub time_to_direct_ms: Option<f64>,
     pub rtt_ms: Option<f64>,
@@ -124,7 +135,23 @@ pub struct ConnectReport {
 impl ConnectReport {
     /// The session error, if the session failed after it started.
     pub fn failed(&self) -> bool {
-        self.path == "failed" || self.messages_echoed < self.messages_sent
+        self.path == PathTaken::Failed || self.messages_echoed < self.messages_sent
+    }
+}
+
+/// The schema's type, spelled through an alias so serde does not take `&'static str` as a string
+/// borrowed from the input (which would tie every report to a `'static` document).
+type Static = &'static str;
+
+/// Reads `schema`, which must be [`SCHEMA`].
+fn schema_v1<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == SCHEMA {
+        Ok(SCHEMA)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "schema `{s}` is not {SCHEMA}"
+        )))
     }
 }
 
@@ -280,9 +307,9 @@ impl Connector {
         let a = &mut self.attempts;
         a.session = Some(session_id.to_string());
         a.rendezvous_ms = Some(ms(now - self.started));
-        a.reflexive = Some(mapped.to_string());
-        a.peer_reflexive = Some(peer.reflexive.to_string());
-        a.peer_candidates = peer.candidates.iter().map(|c| c.to_string()).collect();
+        a.reflexive = Some(mapped);
+        a.peer_reflexive = Some(peer.reflexive);
+        a.peer_candidates = peer.candidates.clone();
         let opts = &self.opts;
         let plan = PunchPlan {
             local: self.local,
@@ -418,24 +445,24 @@ impl Connector {
             .min()
             .or(if direct { st.probe_rtt } else { None });
         let path = if error.is_some() || run.echoed.is_empty() {
-            "failed"
+            PathTaken::Failed
         } else if direct {
-            "direct"
+            PathTaken::Direct
         } else {
-            "relayed"
+            PathTaken::Relayed
         };
         let peer = match route {
-            Some(Route::Direct(a)) => Some(a.to_string()),
-            _ if path != "failed" => Some(run.peer.reflexive.to_string()),
+            Some(Route::Direct(a)) => Some(a),
+            _ if path != PathTaken::Failed => Some(run.peer.reflexive),
             _ => None,
         };
         let t0 = self.started;
         let echoed = run.echoed.len() as u64;
         self.outcome = Some(Ok(ConnectReport {
-            schema: "natscope.punch/v1",
+            schema: SCHEMA,
             transport: self.opts.transport,
             path,
-            local: self.local.to_string(),
+            local: self.local,
             peer,
             time_to_first_byte_ms: run.first_byte.map(|t| ms(t - t0)),
             time_to_direct_ms: s.direct_at().map(|t| ms(t - t0)),
@@ -648,7 +675,7 @@ mod tests {
         let Some(Ok(r)) = c.poll_outcome() else {
             panic!("no report");
         };
-        assert_eq!(r.path, "failed");
+        assert_eq!(r.path, PathTaken::Failed);
         assert!(r.failed());
         let e = r.attempts.error.unwrap_or_default();
         assert!(e.contains("closed the connection"), "{e}");
@@ -658,6 +685,83 @@ mod tests {
             .any(|m| matches!(m, PunchMessage::Close { .. }));
         assert!(close);
         assert!(c.is_done() && c.poll_timeout().is_none());
+    }
+
+    /// The report the machine ends with reads back as itself, and its JSON survives the trip
+    /// byte for byte (what `punch connect --json` prints is what the grid and the tests read).
+    #[test]
+    fn a_report_round_trips_through_its_json() {
+        let t0 = Instant::now();
+        let mut c = in_session(t0);
+        c.handle_stream_down(t0 + Duration::from_millis(5), sa(SERVER));
+        let Some(Ok(r)) = c.poll_outcome() else {
+            panic!("no report");
+        };
+        assert_eq!(r.attempts.reflexive, Some(sa("203.0.113.1:4000")));
+        assert_eq!(r.attempts.peer_reflexive, Some(sa(PEER)));
+        let text = serde_json::to_string_pretty(&r).expect("json");
+        let back: ConnectReport = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, r);
+        assert_eq!(serde_json::to_string_pretty(&back).expect("json"), text);
+        assert!(text.contains("\"path\": \"failed\""), "{text}");
+    }
+
+    /// Every quoted string of a JSON text that is an object key, in order.
+    fn keys(json: &str) -> Vec<&str> {
+        let parts: Vec<&str> = json.split('"').collect();
+        (1..parts.len())
+            .step_by(2)
+            .filter(|&i| {
+                parts
+                    .get(i + 1)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+            })
+            .map(|i| parts[i])
+            .collect()
+    }
+
+    /// docs/punch.md's `natscope.punch/v1` example is a report: it reads back typed, and the
+    /// report writes the same fields, in the documented order, with the same values.
+    #[test]
+    fn the_documented_example_is_a_report_field_for_field() {
+        let doc = include_str!("../../../../docs/punch.md");
+        let example = doc
+            .split("```json\n")
+            .map(|rest| rest.split("\n```").next().unwrap_or_default())
+            .find(|block| block.contains("\"natscope.punch/v1\""))
+            .expect("docs/punch.md has the connect report example");
+        let r: ConnectReport = serde_json::from_str(example).expect("the example is a report");
+        assert_eq!(r.path, PathTaken::Direct);
+        assert_eq!(r.transport, Transport::Udp);
+        assert_eq!(r.peer, Some(sa("203.0.113.2:34026")));
+        let out = serde_json::to_string(&r).expect("json");
+        assert_eq!(keys(&out), keys(example));
+        assert_eq!(
+            keys(&out).len(),
+            13 + 23,
+            "every field of the report and its attempts"
+        );
+        let value = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
+        assert_eq!(value(&out), value(example));
+    }
+
+    #[test]
+    fn a_document_of_another_schema_or_path_is_no_report() {
+        let doc = include_str!("../../../../docs/punch.md");
+        let example = doc
+            .split("```json\n")
+            .map(|rest| rest.split("\n```").next().unwrap_or_default())
+            .find(|block| block.contains("\"natscope.punch/v1\""))
+            .expect("docs/punch.md has the connect report example");
+        for (from, to) in [
+            ("natscope.punch/v1", "natscope.punch/v2"),
+            ("\"path\": \"direct\"", "\"path\": \"sideways\""),
+            ("\"local\": \"10.1.0.2:43512\"", "\"local\": \"10.1.0.2\""),
+        ] {
+            let bad = example.replace(from, to);
+            assert_ne!(bad, example);
+            assert!(serde_json::from_str::<ConnectReport>(&bad).is_err(), "{to}");
+        }
     }
 
     #[test]

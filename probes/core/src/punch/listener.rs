@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::codec::{method, PunchMessage};
 use super::peer::{
@@ -28,7 +28,7 @@ use super::peer::{
     StreamCommand,
 };
 use super::session::{PunchPlan, Role, Route, Session};
-use super::{transaction_id, SessionId, Transport};
+use super::{transaction_id, PathTaken, SessionId, Transport};
 use crate::net::Transmit;
 
 #[derive(Clone, Debug)]
@@ -47,7 +47,7 @@ pub struct ListenOptions {
 }
 
 /// What the listener reports as it runs.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum ListenEvent {
     Predicted {
@@ -66,7 +66,7 @@ pub enum ListenEvent {
     },
     SessionEnded {
         session: String,
-        path: &'static str,
+        path: PathTaken,
         peer: Option<String>,
         messages_echoed: u64,
         switched_to_direct: bool,
@@ -330,9 +330,9 @@ impl Listener {
                 continue;
             };
             let path = match s.route() {
-                Some(Route::Direct(_)) => "direct",
-                Some(Route::Relay) => "relayed",
-                None => "failed",
+                Some(Route::Direct(_)) => PathTaken::Direct,
+                Some(Route::Relay) => PathTaken::Relayed,
+                None => PathTaken::Failed,
             };
             self.events.push_back(ListenEvent::SessionEnded {
                 session: id.to_string(),

@@ -27,6 +27,7 @@ mod testnet;
 use std::fmt;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::stun::{TransactionId, MAGIC_COOKIE};
 
@@ -41,6 +42,36 @@ pub const DEFAULT_PORT: u16 = 3490;
 
 /// The transport a registration or session uses: the crate's one [`crate::net::Transport`].
 pub use crate::net::Transport;
+
+/// What carried a punch session's data at the end: the `path` of the connect report and of the
+/// listener's `session-ended` event, and the grid's expected and observed outcome of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathTaken {
+    /// A path straight between the peers (a punched hole or a simultaneous open).
+    Direct,
+    /// The rendezvous server's relay.
+    Relayed,
+    /// Nothing: no echo came back, or the session broke.
+    Failed,
+}
+
+impl PathTaken {
+    /// The word the JSON documents use: `direct`, `relayed` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for PathTaken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A session's identifier: 64 random bits chosen by the server. It is also the capability that
 /// lets a packet into a session, so peers drop anything carrying a session they do not hold.

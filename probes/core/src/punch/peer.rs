@@ -4,14 +4,15 @@
 //! ([`PortMeasurement`]), the addresses a session probes (the peer's candidates, ports predicted
 //! from its allocation delta, birthday ports), and the commands that
 //! ask a driver to open or stop a direct TCP stream (RFC 5382 simultaneous open needs the
-//! driver's sockets; when to try, and which stream to keep, are the machines' decisions).
+//! driver's sockets; when to try, how long each attempt may take, when to retry, and which stream
+//! to keep, are decided here: [`OpenAttempts`] paces the driver's connects).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::codec::{PeerInfo, PunchMessage};
 use super::session::SessionConfig;
@@ -60,7 +61,7 @@ pub const PREDICT_STEPS: i32 = 16;
 
 /// Port prediction as measured by the driver: the mapped ports of fresh sockets, in the order
 /// they were opened, and the allocation delta they show.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prediction {
     pub measured_ports: Vec<u16>,
     pub delta: Option<i32>,
@@ -257,8 +258,8 @@ pub(crate) fn ms(d: Duration) -> f64 {
 /// the registered port). The driver reports back with the machine's `handle_stream_*` inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StreamCommand {
-    /// Connect to `peer` from the registered port, retrying on refusal, from `start` until
-    /// `until`; report a stream that came up or the attempts that failed.
+    /// Connect to `peer` from the registered port from `start` until `until`, the attempts
+    /// paced by [`OpenAttempts`]; report a stream that came up or the attempts that failed.
     Open {
         session: SessionId,
         peer: SocketAddr,
@@ -337,7 +338,7 @@ impl DirectStreams {
             .find(|(_, (p, _))| *p == peer)
             .map(|(id, (_, until))| (*id, *until));
         if let Some((session, until)) = found {
-            let start = now + Duration::from_millis(40);
+            let start = now + RETRY_AFTER_RESET;
             if start < until {
                 self.open(session, peer, start, until);
             }
@@ -346,6 +347,73 @@ impl DirectStreams {
 
     pub(crate) fn poll(&mut self) -> Option<StreamCommand> {
         self.out.pop_front()
+    }
+}
+
+/// Longest one simultaneous-open connect waits for its handshake before the next attempt: a SYN
+/// that a NAT dropped silently (RFC 5382 REQ-4 allows the peer's NAT to drop our SYN until its
+/// own SYN has gone out) is not retransmitted by the kernel for a second, so a fresh attempt
+/// sooner puts a new SYN on the wire while the peer's mapping is open.
+pub const CONNECT_ATTEMPT: Duration = Duration::from_millis(700);
+/// Pause after an attempt ended with RST (the peer's SYN was not out yet, or its NAT refused
+/// ours) before the next one.
+pub const RETRY_AFTER_RESET: Duration = Duration::from_millis(40);
+/// Pause after the registered port could not be bound for an attempt (the previous attempt's
+/// socket still held it).
+pub const RETRY_AFTER_BIND_ERROR: Duration = Duration::from_millis(50);
+
+/// How one connect attempt of [`OpenAttempts`] ended without a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// The socket could not be bound to the registered port.
+    BindFailed,
+    /// The connect failed, usually with RST (the peer's SYN was not out yet, or its NAT answers
+    /// unsolicited SYNs with RST).
+    Refused,
+    /// The attempt's time ([`OpenAttempts::next`]) ran out.
+    TimedOut,
+}
+
+/// The pacing of one [`StreamCommand::Open`]'s simultaneous-open attempts (RFC 5382): the driver
+/// asks [`next`](Self::next) whether to connect and for how long, and, when an attempt ends
+/// without a stream, [`pause`](Self::pause) how long to wait before asking again. No I/O and no
+/// clock: the driver passes `now`.
+#[derive(Clone, Debug)]
+pub struct OpenAttempts {
+    until: Instant,
+    attempts: u32,
+}
+
+impl OpenAttempts {
+    /// Attempts that may start until `until` (the end of the punch window).
+    pub fn new(until: Instant) -> Self {
+        Self { until, attempts: 0 }
+    }
+
+    /// At `now`: how long the next connect attempt may take (counted as an attempt), or `None`
+    /// once the window is over.
+    pub fn next(&mut self, now: Instant) -> Option<Duration> {
+        let left = self
+            .until
+            .checked_duration_since(now)
+            .filter(|d| !d.is_zero())?;
+        self.attempts += 1;
+        Some(left.min(CONNECT_ATTEMPT))
+    }
+
+    /// How long to wait after an attempt ended with `end` before asking [`next`](Self::next)
+    /// again: a timed-out attempt is followed at once, a refused one shortly.
+    pub fn pause(&self, end: AttemptEnd) -> Duration {
+        match end {
+            AttemptEnd::BindFailed => RETRY_AFTER_BIND_ERROR,
+            AttemptEnd::Refused => RETRY_AFTER_RESET,
+            AttemptEnd::TimedOut => Duration::ZERO,
+        }
+    }
+
+    /// Connect attempts started so far (bind failures included).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 }
 
@@ -412,6 +480,50 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    /// Runs `OpenAttempts` over a window of `window_ms` against a peer whose every attempt ends
+    /// with `end` (a timed-out attempt takes its whole time, a reset one 1 ms): the start of each
+    /// attempt and its time limit, in ms from the start.
+    fn attempts_against(window_ms: u64, end: AttemptEnd) -> (Vec<(u64, u64)>, u32) {
+        let t0 = Instant::now();
+        let mut a = OpenAttempts::new(t0 + Duration::from_millis(window_ms));
+        let mut now = t0;
+        let mut seen = Vec::new();
+        while let Some(limit) = a.next(now) {
+            seen.push(((now - t0).as_millis() as u64, limit.as_millis() as u64));
+            now += match end {
+                AttemptEnd::TimedOut => limit,
+                _ => Duration::from_millis(1),
+            };
+            now += a.pause(end);
+        }
+        (seen, a.attempts())
+    }
+
+    #[test]
+    fn silent_drops_get_a_fresh_attempt_every_700_ms_until_the_window_ends() {
+        let (seen, n) = attempts_against(1500, AttemptEnd::TimedOut);
+        assert_eq!(seen, [(0, 700), (700, 700), (1400, 100)]);
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_refused_attempt_is_retried_after_40_ms_and_a_bind_failure_after_50() {
+        let (seen, n) = attempts_against(100, AttemptEnd::Refused);
+        assert_eq!(seen, [(0, 100), (41, 59), (82, 18)]);
+        assert_eq!(n, 3);
+        let (seen, _) = attempts_against(120, AttemptEnd::BindFailed);
+        assert_eq!(seen, [(0, 120), (51, 69), (102, 18)]);
+    }
+
+    #[test]
+    fn no_attempt_starts_once_the_window_is_over() {
+        let t0 = Instant::now();
+        let mut a = OpenAttempts::new(t0);
+        assert_eq!(a.next(t0), None);
+        assert_eq!(a.next(t0 + Duration::from_millis(5)), None);
+        assert_eq!(a.attempts(), 0);
+    }
 
     fn info(reflexive: &str, delta: Option<i32>) -> PeerInfo {
         PeerInfo {

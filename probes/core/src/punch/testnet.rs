@@ -21,7 +21,7 @@ use super::listener::{ListenEvent, ListenOptions, Listener};
 use super::peer::{PeerMachine, PunchError};
 use super::server::{RendezvousServer, ServerConfig};
 use super::table::Endpoint;
-use super::Transport;
+use super::{PathTaken, Transport};
 
 pub(crate) const SERVER: &str = "198.51.100.1:3490";
 
@@ -372,7 +372,7 @@ mod tests {
             });
             let r = net.report(c);
             let why = format!("seed {seed}: {r:#?}");
-            assert_eq!(r.path, "direct", "{why}");
+            assert_eq!(r.path, PathTaken::Direct, "{why}");
             assert!(r.switched_to_direct, "{why}");
             assert_eq!(r.messages_sent, 400, "{why}");
             assert_eq!(r.messages_echoed, 400, "{why}");
@@ -405,7 +405,7 @@ mod tests {
         let until = net.now + Duration::from_secs(30);
         net.run(until, |n| n.reports[c].is_some());
         let r = net.report(c);
-        assert_eq!(r.path, "relayed", "{r:#?}");
+        assert_eq!(r.path, PathTaken::Relayed, "{r:#?}");
         assert!(!r.switched_to_direct);
         assert_eq!((r.messages_echoed, r.in_order), (100, true), "{r:#?}");
         assert_eq!(r.attempts.data_sent_direct, 0);
@@ -438,7 +438,7 @@ mod tests {
         net.run(until, |n| n.listen_outcomes[0].is_some());
         for &c in &cs {
             let r = net.report(c);
-            assert_eq!(r.path, "direct", "{r:#?}");
+            assert_eq!(r.path, PathTaken::Direct, "{r:#?}");
             assert_eq!(r.messages_echoed, 30, "{r:#?}");
             assert!(r.in_order, "{r:#?}");
         }
@@ -514,7 +514,7 @@ mod tests {
         let until = net.now + Duration::from_secs(10);
         net.run(until, |n| n.reports[late].is_some());
         let r = net.report(late);
-        assert_eq!(r.path, "direct", "{r:#?}");
+        assert_eq!(r.path, PathTaken::Direct, "{r:#?}");
         assert_eq!(r.messages_echoed, 10, "{r:#?}");
         assert!(r.in_order);
         assert!(
