@@ -10,10 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::grid::{self, Outcome, Transport};
-use natscope_lab::grid_run::{run_cell, Cell};
+use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
+use natscope_lab::grid_run::run_cell;
 use natscope_lab::presets;
-use serde::Serialize;
 
 use crate::{emit, jobs};
 
@@ -32,14 +31,6 @@ pub struct GridArgs {
     /// Print one `natscope.grid/v1` JSON document.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Serialize)]
-struct Document {
-    schema: &'static str,
-    cells: Vec<Cell>,
-    pass: bool,
-    duration_ms: f64,
 }
 
 pub fn run(a: GridArgs) -> Result<ExitCode> {
@@ -79,8 +70,8 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| run_cell(i, x, y, *t, &exe))?;
     let errors = cells.iter().any(|c| c.error.is_some());
-    let doc = Document {
-        schema: "natscope.grid/v1",
+    let doc = GridDocument {
+        schema: grid::SCHEMA.to_string(),
         pass: cells.iter().all(|c| c.pass),
         cells,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
@@ -93,28 +84,23 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     Ok(jobs::exit_code(errors, doc.pass))
 }
 
-fn mark(c: &Cell) -> String {
+fn mark(c: &GridCell) -> String {
     let o = match c.observed {
-        Some(Outcome::Direct) => match c.time_to_direct_ms {
+        Some(PathTaken::Direct) => match c.time_to_direct_ms {
             Some(ms) => format!("direct {ms:.0} ms"),
             None => "direct".into(),
         },
-        Some(Outcome::Relayed) => "relayed".into(),
-        Some(Outcome::Failed) => "failed".into(),
+        Some(p) => p.to_string(),
         None => "error".into(),
     };
     if c.pass {
         format!("✓ {o}")
     } else {
-        let want = serde_json::to_value(c.expected)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        format!("✗ {o} (want {want})")
+        format!("✗ {o} (want {})", c.expected)
     }
 }
 
-fn render(doc: &Document, names: &[String], transports: &[Transport]) -> String {
+fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> String {
     let mut parts = Vec::new();
     for t in transports {
         let mut table = Table::new();

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::presets;
 use crate::topology::{NodeSpec, Topology};
 
-/// How a pair connected: the path `natscope punch` reports ([`PathTaken`], the grid's name for
-/// it), expected from the traversal model or observed in a lab.
-pub use natscope_core::punch::PathTaken as Outcome;
+/// How a pair connected: the path `natscope punch` reports, expected from the traversal model or
+/// observed in a lab.
+pub use natscope_core::punch::PathTaken;
 
 /// One cell of `lab grid --json`: a pair of presets over one transport, what the reasoning
 /// expects and what `natscope punch` did.
@@ -27,9 +27,9 @@ pub struct GridCell {
     pub a: String,
     pub b: String,
     pub transport: Transport,
-    pub expected: Outcome,
+    pub expected: PathTaken,
     /// `None` when the cell could not run.
-    pub observed: Option<Outcome>,
+    pub observed: Option<PathTaken>,
     pub time_to_direct_ms: Option<f64>,
     pub messages_sent: u64,
     pub messages_echoed: u64,
@@ -43,6 +43,9 @@ pub struct GridCell {
     pub report: Option<ConnectReport>,
     pub duration_ms: f64,
 }
+
+/// The schema name of `lab grid --json`.
+pub const SCHEMA: &str = "natscope.grid/v1";
 
 /// The `natscope.grid/v1` document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,12 +86,12 @@ pub fn side(preset: &str) -> Option<PeerNat> {
 }
 
 /// The grid's outcome for a traversal path; `None` when the model cannot say.
-fn outcome(path: Path) -> Option<Outcome> {
+fn outcome(path: Path) -> Option<PathTaken> {
     match path {
         // A predicted port is a direct path too; the grid's techniques never ask for one.
-        Path::Direct | Path::PortPrediction => Some(Outcome::Direct),
-        Path::Relayed => Some(Outcome::Relayed),
-        Path::Blocked => Some(Outcome::Failed),
+        Path::Direct | Path::PortPrediction => Some(PathTaken::Direct),
+        Path::Relayed => Some(PathTaken::Relayed),
+        Path::Blocked => Some(PathTaken::Failed),
         Path::Unknown => None,
     }
 }
@@ -100,7 +103,7 @@ pub fn expected_between(
     a: (&str, PeerNat),
     b: (&str, PeerNat),
     transport: Transport,
-) -> Option<(Outcome, String)> {
+) -> Option<(PathTaken, String)> {
     let e = match transport {
         Transport::Udp => traversal::udp(a.1, b.1, TECHNIQUES),
         Transport::Tcp => traversal::tcp(a.1, b.1),
@@ -110,7 +113,7 @@ pub fn expected_between(
 
 /// The expected outcome of `punch connect` from a peer behind preset `a` to a peer behind preset
 /// `b`, and why.
-pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(Outcome, String)> {
+pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(PathTaken, String)> {
     expected_between((a, side(a)?), (b, side(b)?), transport)
 }
 
@@ -160,9 +163,9 @@ pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
 mod tests {
     use super::*;
     use natscope_core::probe::report::{outlook, outlook_row, Behavior, NatShape, PEERS};
-    use Outcome::*;
+    use PathTaken::*;
 
-    fn udp(a: &str, b: &str) -> Outcome {
+    fn udp(a: &str, b: &str) -> PathTaken {
         expected(a, b, Transport::Udp).unwrap().0
     }
 
@@ -189,7 +192,7 @@ mod tests {
     /// Whether the outlook's `direct_udp` word and the grid's outcome say the same thing. The
     /// grid does not predict ports, so where the outlook needs prediction the grid relays; a
     /// probe behind a blocked path knows no behavior, where the grid knows nothing connects.
-    fn agree(direct_udp: &str, grid: Option<Outcome>) -> bool {
+    fn agree(direct_udp: &str, grid: Option<PathTaken>) -> bool {
         matches!(
             (direct_udp, grid),
             ("yes", Some(Direct))
@@ -262,7 +265,7 @@ mod tests {
     /// the default presets and every cell's reason, all from [`expected`].
     fn doc_tables() -> String {
         let names = DEFAULT_PRESETS;
-        let word = Outcome::as_str;
+        let word = PathTaken::as_str;
         let mut out = String::new();
         for (label, t) in [("UDP", Transport::Udp), ("TCP", Transport::Tcp)] {
             out += &format!("| {label} | {} |\n", names.join(" | "));

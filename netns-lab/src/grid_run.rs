@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use natscope_core::punch::connector::ConnectReport;
 
-use crate::grid::{self, Outcome, Transport};
+use crate::grid::{self, GridCell, PathTaken, Transport};
 use crate::jobs;
 use crate::punch_lab::{self, Peer, PunchLab, PunchLabError};
 use crate::topology::TopologyError;
@@ -16,10 +16,6 @@ use crate::{Lab, LabError, LabOptions};
 
 /// How long `punch connect` may take (it gives up after 8 s itself).
 const CONNECT_LIMIT: Duration = Duration::from_secs(20);
-
-/// One pair's result: the `natscope.grid/v1` document's cell, the type the document reads back
-/// as.
-pub use crate::grid::GridCell as Cell;
 
 /// What one punch run in a lab gave: the connector's report, and the two peers' stderr when the
 /// pair did not go direct.
@@ -55,12 +51,12 @@ pub enum CellError {
 }
 
 /// Runs the cell `a` × `b` over `t` in a lab named after `index`, with `exe` as natscope.
-pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> Cell {
+pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> GridCell {
     let t0 = Instant::now();
     let (expected, reason) =
-        grid::expected(a, b, t).unwrap_or((Outcome::Failed, "unknown preset".into()));
+        grid::expected(a, b, t).unwrap_or((PathTaken::Failed, "unknown preset".into()));
     let result = punch_in_lab(index, a, b, t, exe);
-    let mut cell = Cell {
+    let mut cell = GridCell {
         a: a.into(),
         b: b.into(),
         transport: t,
@@ -91,13 +87,13 @@ pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> Cel
 }
 
 /// Fills the observation into `cell` from the connector's report and decides whether it passed.
-fn judge(cell: &mut Cell, report: ConnectReport) {
+fn judge(cell: &mut GridCell, report: ConnectReport) {
     cell.observed = Some(report.path);
     cell.time_to_direct_ms = report.time_to_direct_ms;
     cell.messages_sent = report.messages_sent;
     cell.messages_echoed = report.messages_echoed;
     // A connected pair must also have delivered every message, once each, in order.
-    let delivered = report.path == Outcome::Failed
+    let delivered = report.path == PathTaken::Failed
         || (report.messages_echoed == report.messages_sent
             && report.messages_sent > 0
             && report.in_order);
@@ -157,7 +153,7 @@ fn punch_in_lab(
         diagnostics: diagnostics.clone(),
         source,
     })?;
-    let diagnostics = (report.path != Outcome::Direct).then_some(diagnostics);
+    let diagnostics = (report.path != PathTaken::Direct).then_some(diagnostics);
     Ok(Punched {
         report,
         diagnostics,
@@ -169,8 +165,8 @@ mod tests {
     use super::*;
     use natscope_core::punch::connector::{Attempts, SCHEMA};
 
-    fn cell(expected: Outcome) -> Cell {
-        Cell {
+    fn cell(expected: PathTaken) -> GridCell {
+        GridCell {
             a: "full-cone".into(),
             b: "symmetric".into(),
             transport: Transport::Udp,
@@ -189,7 +185,7 @@ mod tests {
     }
 
     /// A connector's report that took `path` and got `echoed` of `sent` messages back.
-    fn report(path: Outcome, sent: u64, echoed: u64, in_order: bool) -> ConnectReport {
+    fn report(path: PathTaken, sent: u64, echoed: u64, in_order: bool) -> ConnectReport {
         ConnectReport {
             schema: SCHEMA,
             transport: Transport::Udp,
@@ -209,14 +205,14 @@ mod tests {
 
     #[test]
     fn a_cell_passes_on_the_expected_path_with_every_message_delivered() {
-        let mut c = cell(Outcome::Direct);
+        let mut c = cell(PathTaken::Direct);
         let r = ConnectReport {
             time_to_direct_ms: Some(12.5),
-            ..report(Outcome::Direct, 5, 5, true)
+            ..report(PathTaken::Direct, 5, 5, true)
         };
         judge(&mut c, r);
         assert!(c.pass);
-        assert_eq!(c.observed, Some(Outcome::Direct));
+        assert_eq!(c.observed, Some(PathTaken::Direct));
         assert_eq!(c.time_to_direct_ms, Some(12.5));
         assert_eq!(c.report, None);
         assert_eq!(c.reason, "why");
@@ -224,36 +220,36 @@ mod tests {
 
     #[test]
     fn a_lost_or_reordered_message_fails_a_connected_cell() {
-        let mut c = cell(Outcome::Relayed);
-        let r = report(Outcome::Relayed, 5, 4, true);
+        let mut c = cell(PathTaken::Relayed);
+        let r = report(PathTaken::Relayed, 5, 4, true);
         judge(&mut c, r.clone());
         assert!(!c.pass);
         assert_eq!(c.reason, "why (data: 4/5 echoed, in order: true)");
         assert_eq!(c.report, Some(r), "a failed cell keeps the report");
-        let mut c = cell(Outcome::Relayed);
-        judge(&mut c, report(Outcome::Relayed, 5, 5, false));
+        let mut c = cell(PathTaken::Relayed);
+        judge(&mut c, report(PathTaken::Relayed, 5, 5, false));
         assert!(!c.pass);
         assert_eq!(c.reason, "why (data: 5/5 echoed, in order: false)");
     }
 
     #[test]
     fn a_failed_pair_needs_no_data_but_the_expected_path() {
-        let mut c = cell(Outcome::Failed);
-        judge(&mut c, report(Outcome::Failed, 0, 0, true));
+        let mut c = cell(PathTaken::Failed);
+        judge(&mut c, report(PathTaken::Failed, 0, 0, true));
         assert!(c.pass);
-        let mut c = cell(Outcome::Direct);
-        judge(&mut c, report(Outcome::Relayed, 3, 3, true));
+        let mut c = cell(PathTaken::Direct);
+        judge(&mut c, report(PathTaken::Relayed, 3, 3, true));
         assert!(!c.pass, "the wrong path fails even with the data through");
-        assert_eq!(c.observed, Some(Outcome::Relayed));
+        assert_eq!(c.observed, Some(PathTaken::Relayed));
     }
 
     /// A cell with its report, as `lab grid --json` writes it, reads back as the same cell.
     #[test]
     fn a_cell_with_its_report_reads_back_typed() {
-        let mut c = cell(Outcome::Direct);
-        judge(&mut c, report(Outcome::Relayed, 3, 3, true));
+        let mut c = cell(PathTaken::Direct);
+        judge(&mut c, report(PathTaken::Relayed, 3, 3, true));
         let text = serde_json::to_string_pretty(&c).expect("json");
-        let back: Cell = serde_json::from_str(&text).expect("reads back");
+        let back: GridCell = serde_json::from_str(&text).expect("reads back");
         assert_eq!(back, c);
         assert!(text.contains("\"observed\": \"relayed\""), "{text}");
     }

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use natscope_lab::grid::{self, GridCell, GridDocument, Outcome};
+use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken};
 use natscope_tests::lab::require_root;
 use natscope_tests::natscope_bin;
 
@@ -47,7 +47,7 @@ fn grid_of_six_presets_matches_rfc4787_reasoning_over_udp_and_tcp() {
         assert_eq!(c.messages_echoed, c.messages_sent, "data delivered: {c:?}");
     }
     // Both kinds of outcome occur (the grid is not trivially all-direct or all-relayed).
-    assert!(cells.iter().any(|c| c.observed == Some(Outcome::Direct)));
-    assert!(cells.iter().any(|c| c.observed == Some(Outcome::Relayed)));
+    assert!(cells.iter().any(|c| c.observed == Some(PathTaken::Direct)));
+    assert!(cells.iter().any(|c| c.observed == Some(PathTaken::Relayed)));
     assert_eq!(out.status.code(), Some(0));
 }
