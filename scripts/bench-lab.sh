@@ -26,7 +26,7 @@ fi
 
 if [ -z "$BIN" ]; then
   cargo build --release -p natscope
-  BIN=target/release/natscope
+  BIN=${CARGO_TARGET_DIR:-target}/release/natscope
 fi
 
 json=()

@@ -10,6 +10,13 @@ BIN=${BIN:-target/release/natscope}
 PRESET=${PRESET:-port-restricted-cone}
 RUNS=${RUNS:-10}
 LAB=bp$$
+if [ "$(id -u)" != 0 ]; then
+  echo "bench-probe-lab: labs need root (network namespaces); run with sudo" >&2
+  exit 2
+fi
+for tool in turnserver=coturn turnutils_natdiscovery=coturn stun=stun-client "$BIN=a release build (cargo build --release -p natscope)"; do
+  command -v "${tool%%=*}" >/dev/null || { echo "bench-probe-lab: ${tool%%=*} is required (${tool#*=})" >&2; exit 2; }
+done
 tmp=$(mktemp -d)
 cleanup() { "$BIN" lab down "$LAB" >/dev/null 2>&1 || true; rm -rf "$tmp"; }
 trap cleanup EXIT

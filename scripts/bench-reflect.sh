@@ -33,8 +33,11 @@ if [ "${PIN:-0}" = 1 ]; then
   client_cpus=(taskset -c 0)
 fi
 
-for tool in turnserver jq ss /usr/bin/time; do
-  command -v "$tool" >/dev/null || { echo "bench-reflect: $tool is required" >&2; exit 2; }
+for tool in turnserver=coturn jq=jq ss=iproute2 /usr/bin/time=time; do
+  command -v "${tool%%=*}" >/dev/null || {
+    echo "bench-reflect: ${tool%%=*} is required (Debian/Ubuntu package ${tool#*=})" >&2
+    exit 2
+  }
 done
 
 if [ -z "$BIN" ]; then
@@ -113,7 +116,7 @@ printf '%-6s %-12s %10s %8s %8s %6s %10s %8s %8s %6s\n' \
 for setting in $SETTINGS; do
   sockets=${setting%x*}
   window=${setting#*x}
-  for rep in $(seq "$REPS"); do
+  for _ in $(seq "$REPS"); do
     for name in natscope coturn natscope-w1; do
       for attempt in 1 2 3; do
         pid=${server_pid[$name]}
