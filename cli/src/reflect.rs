@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig, RunningReflector};
 use natscope_probes::reflector::link::LinkConfig;
 use natscope_probes::reflector::rate_limit::RateLimit;
+use natscope_probes::reflector::tcp::TcpLimits;
 use natscope_probes::reflector::ReflectorConfig;
 
 /// Environment variable holding the cooperating link's shared secret.
@@ -46,6 +47,9 @@ pub struct ReflectArgs {
     /// Serve UDP only.
     #[arg(long)]
     no_tcp: bool,
+    /// TCP connections held at once per source IPv4 address or IPv6 /64; more are closed on accept.
+    #[arg(long, value_name = "N", default_value_t = TcpLimits::default().max_per_source)]
+    tcp_per_source: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -130,6 +134,7 @@ pub fn config(args: &ReflectArgs) -> Result<DriverConfig> {
     };
     cfg.workers = args.workers;
     cfg.tcp = !args.no_tcp;
+    cfg.tcp_limits.max_per_source = args.tcp_per_source.max(1);
     Ok(cfg)
 }
 

@@ -648,7 +648,7 @@ async fn tcp_served_after(r: &TestReflector) {
 
 #[tokio::test]
 async fn hostile_datagrams_and_streams_are_dropped_and_service_continues() {
-    let r = TestReflector::start_with(true, |c| c.max_tcp_connections = MAX_CONNS);
+    let r = TestReflector::start_with(true, |c| c.tcp_limits.max_connections = MAX_CONNS);
     let seed: u64 = rand::random();
     eprintln!(
         "hostile input seed {seed} (reflector {} + {})",
