@@ -196,3 +196,29 @@ pub fn run(args: ReflectArgs) -> Result<ExitCode> {
     log_counters("stopped", &last);
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReflectArgs,
+    }
+
+    fn parse(extra: &[&str]) -> DriverConfig {
+        let argv = ["reflect", "--primary", "127.0.0.1:3478"]
+            .iter()
+            .chain(extra);
+        config(&Cli::try_parse_from(argv).expect("arguments parse").args).expect("config")
+    }
+
+    #[test]
+    fn tcp_per_source_reaches_the_driver() {
+        assert_eq!(parse(&[]).tcp_limits, TcpLimits::default());
+        let cfg = parse(&["--tcp-per-source", "4"]);
+        assert_eq!(cfg.tcp_limits.max_per_source, 4);
+    }
+}
