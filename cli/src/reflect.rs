@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig, RunningReflector};
 use natscope_probes::reflector::link::LinkConfig;
 use natscope_probes::reflector::rate_limit::RateLimit;
+use natscope_probes::reflector::tcp::TcpLimits;
 use natscope_probes::reflector::ReflectorConfig;
 
 /// Environment variable holding the cooperating link's shared secret.
@@ -46,6 +47,9 @@ pub struct ReflectArgs {
     /// Serve UDP only.
     #[arg(long)]
     no_tcp: bool,
+    /// TCP connections held at once per source IPv4 address or IPv6 /64; more are closed on accept.
+    #[arg(long, value_name = "N", default_value_t = TcpLimits::default().max_per_source)]
+    tcp_per_source: usize,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -130,6 +134,7 @@ pub fn config(args: &ReflectArgs) -> Result<DriverConfig> {
     };
     cfg.workers = args.workers;
     cfg.tcp = !args.no_tcp;
+    cfg.tcp_limits.max_per_source = args.tcp_per_source.max(1);
     Ok(cfg)
 }
 
@@ -144,6 +149,9 @@ fn log_counters(msg: &str, c: &CounterSnapshot) {
         link_accepted = c.link_accepted,
         link_refused = c.link_refused,
         tcp_connections = c.tcp_connections,
+        tcp_refused = c.tcp_refused,
+        tcp_source_capped = c.tcp_source_capped,
+        tcp_timed_out = c.tcp_timed_out,
         binding = c.binding,
         change_ip = c.change_ip,
         change_port = c.change_port,
@@ -190,4 +198,30 @@ pub fn run(args: ReflectArgs) -> Result<ExitCode> {
     let last = server.stop();
     log_counters("stopped", &last);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReflectArgs,
+    }
+
+    fn parse(extra: &[&str]) -> DriverConfig {
+        let argv = ["reflect", "--primary", "127.0.0.1:3478"]
+            .iter()
+            .chain(extra);
+        config(&Cli::try_parse_from(argv).expect("arguments parse").args).expect("config")
+    }
+
+    #[test]
+    fn tcp_per_source_reaches_the_driver() {
+        assert_eq!(parse(&[]).tcp_limits, TcpLimits::default());
+        let cfg = parse(&["--tcp-per-source", "4"]);
+        assert_eq!(cfg.tcp_limits.max_per_source, 4);
+    }
 }

@@ -12,13 +12,15 @@
 //! Per request the path allocates nothing: each task owns its receive and answer buffers, the core
 //! writes into them, and the answer leaves from the worker's socket for the address the core chose
 //! (RFC 5780 §6). TCP listeners and the partner link run on worker 0 and share the core; each TCP
-//! connection reads frames into a fixed buffer and is closed when idle, oversized or malformed.
+//! connection reads frames into a fixed buffer and is closed when oversized or malformed, or when a
+//! bound of [`TcpLimits`] runs out (a whole request, idle, a write, a lifetime); a per-source cap
+//! keeps one address from holding every slot.
 //!
 //! The runtimes live on their own threads, so a [`RunningReflector`] can be started from sync code,
 //! from tests and from the CLI alike, and stopped (or dropped) deterministically.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,20 +29,21 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+use tokio::time::{timeout_at, Instant as Deadline};
 
 use super::link::LinkVerifier;
 use super::rate_limit::{RateLimit, RateLimiter};
+use super::tcp::{ConnectionSlots, Refused, TcpLimits};
 use super::{Action, Reflector, ReflectorConfig, RequestKind, Transport, MAX_RESPONSE};
 use crate::stun::framing::{self, Frame, MAX_FRAME};
 
 /// Largest UDP request answered; anything longer is dropped (PADDING is capped well below it).
 pub const MAX_DATAGRAM: usize = 2048;
+/// Send buffer of an accepted TCP connection: room for dozens of the largest answers.
+const TCP_SEND_BUFFER: usize = 16 << 10;
 /// Refused link messages are logged at most this often (anyone can send to the link port).
 const LINK_WARN_EVERY: Duration = Duration::from_secs(60);
-
-/// How long an idle TCP connection is kept.
-pub const TCP_IDLE: Duration = Duration::from_secs(30);
 
 /// Everything needed to run a reflector.
 #[derive(Clone, Debug)]
@@ -51,8 +54,8 @@ pub struct DriverConfig {
     pub workers: usize,
     /// Also listen on TCP (STUN over TCP, RFC 8489 §6.2.2).
     pub tcp: bool,
-    /// Most TCP connections held at once; more are closed on accept.
-    pub max_tcp_connections: usize,
+    /// How many TCP connections are held, and for how long (see [`TcpLimits`]).
+    pub tcp_limits: TcpLimits,
 }
 
 impl DriverConfig {
@@ -62,7 +65,7 @@ impl DriverConfig {
             rate_limit: RateLimit::default(),
             workers: 0,
             tcp: true,
-            max_tcp_connections: 1024,
+            tcp_limits: TcpLimits::default(),
         }
     }
 }
@@ -80,6 +83,8 @@ pub struct Counters {
     link_refused: AtomicU64,
     tcp_connections: AtomicU64,
     tcp_refused: AtomicU64,
+    tcp_source_capped: AtomicU64,
+    tcp_timed_out: AtomicU64,
     kinds: [AtomicU64; 8],
 }
 
@@ -95,7 +100,12 @@ pub struct CounterSnapshot {
     pub link_accepted: u64,
     pub link_refused: u64,
     pub tcp_connections: u64,
+    /// TCP connections closed on accept: the total or the per-source cap was reached.
     pub tcp_refused: u64,
+    /// The part of `tcp_refused` refused by the per-source cap.
+    pub tcp_source_capped: u64,
+    /// TCP connections closed because a request, idle, write or lifetime bound ran out.
+    pub tcp_timed_out: u64,
     pub binding: u64,
     pub change_ip: u64,
     pub change_port: u64,
@@ -138,6 +148,8 @@ impl Counters {
             link_refused: g(&self.link_refused),
             tcp_connections: g(&self.tcp_connections),
             tcp_refused: g(&self.tcp_refused),
+            tcp_source_capped: g(&self.tcp_source_capped),
+            tcp_timed_out: g(&self.tcp_timed_out),
             binding: k(0),
             change_ip: k(1),
             change_port: k(2),
@@ -388,14 +400,15 @@ fn register(
                 .spawn(udp_loop(shared.clone(), i, w));
         }
     }
-    let conns = Arc::new(Semaphore::new(cfg.max_tcp_connections));
+    let slots = Arc::new(Mutex::new(ConnectionSlots::new(&cfg.tcp_limits)));
     for (i, l) in std_tcp.into_iter().enumerate() {
         let l = TcpListener::from_std(l)?;
         first.spawn(tcp_accept(
             shared.clone(),
             l,
             shared.addrs[i],
-            conns.clone(),
+            slots.clone(),
+            cfg.tcp_limits,
         ));
     }
     if shared.link.is_some() {
@@ -616,36 +629,110 @@ async fn link_loop(shared: Arc<Shared>, mut verifier: LinkVerifier) {
     }
 }
 
-async fn tcp_accept(shared: Arc<Shared>, l: TcpListener, local: SocketAddr, conns: Arc<Semaphore>) {
+/// Holds one of the [`ConnectionSlots`] until the connection's task ends.
+struct Slot {
+    slots: Arc<Mutex<ConnectionSlots>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.slots).release(self.ip);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn tcp_accept(
+    shared: Arc<Shared>,
+    l: TcpListener,
+    local: SocketAddr,
+    slots: Arc<Mutex<ConnectionSlots>>,
+    limits: TcpLimits,
+) {
     loop {
         let Ok((stream, from)) = l.accept().await else {
             // EMFILE and friends: back off briefly rather than spin.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        let admitted = lock(&slots).admit(from.ip());
+        if let Err(why) = admitted {
             bump(&shared.counters.tcp_refused);
+            if why == Refused::PerSource {
+                bump(&shared.counters.tcp_source_capped);
+            }
             continue;
+        }
+        let slot = Slot {
+            slots: slots.clone(),
+            ip: from.ip(),
         };
         bump(&shared.counters.tcp_connections);
         let shared = shared.clone();
         tokio::spawn(async move {
-            tcp_conn(&shared, stream, from, local).await;
-            drop(permit);
+            if tcp_conn(&shared, stream, from, local, &limits).await == Ended::TimedOut {
+                bump(&shared.counters.tcp_timed_out);
+            }
+            drop(slot);
         });
     }
 }
 
-async fn tcp_conn(shared: &Shared, mut stream: TcpStream, from: SocketAddr, local: SocketAddr) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The peer closed, sent something invalid, or the socket failed.
+    Closed,
+    /// A bound of [`TcpLimits`] ran out.
+    TimedOut,
+}
+
+/// Serves one connection within `limits`: the idle bound runs until the first byte of a request,
+/// the request bound from that byte until the frame is complete (however slowly the bytes come),
+/// the write bound while an answer is written, and the lifetime bound over all of it.
+async fn tcp_conn(
+    shared: &Shared,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    local: SocketAddr,
+    limits: &TcpLimits,
+) -> Ended {
+    let ended = serve_tcp(shared, &mut stream, from, local, limits).await;
+    if ended == Ended::TimedOut {
+        // Reset rather than close, so answers the peer never read do not linger in the kernel.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    ended
+}
+
+async fn serve_tcp(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    from: SocketAddr,
+    local: SocketAddr,
+    limits: &TcpLimits,
+) -> Ended {
     let _ = stream.set_nodelay(true);
+    // A fixed send buffer: without one the kernel grows it to megabytes for a peer that does not
+    // read, so reaching the write bound would take that long and that much memory per slot.
+    let _ = socket2::SockRef::from(&*stream).set_send_buffer_size(TCP_SEND_BUFFER);
+    let end_of_life = Deadline::now() + limits.lifetime;
+    let bound = |d: Duration| (Deadline::now() + d).min(end_of_life);
+    let mut wait_until = bound(limits.idle);
     let mut buf = [0u8; 2 * MAX_FRAME];
     let mut filled = 0usize;
     let mut out = [0u8; MAX_RESPONSE];
     loop {
-        let n = match tokio::time::timeout(TCP_IDLE, stream.read(&mut buf[filled..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+        let n = match timeout_at(wait_until, stream.read(&mut buf[filled..])).await {
+            Err(_) => return Ended::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => return Ended::Closed,
             Ok(Ok(n)) => n,
         };
+        if filled == 0 {
+            wait_until = bound(limits.request);
+        }
         filled += n;
         loop {
             match framing::frame(&buf[..filled]) {
@@ -663,21 +750,30 @@ async fn tcp_conn(shared: &Shared, mut stream: TcpStream, from: SocketAddr, loca
                         shared.count(&action, kind);
                         match action {
                             Action::Send { len: olen, .. } => {
-                                if stream.write_all(&out[..olen]).await.is_err() {
-                                    return;
+                                let write = stream.write_all(&out[..olen]);
+                                match timeout_at(bound(limits.write), write).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(_)) => return Ended::Closed,
+                                    Err(_) => return Ended::TimedOut,
                                 }
                             }
                             // A malformed frame on a stream leaves no way to resynchronise.
-                            Action::Drop(_) | Action::Forward { .. } => return,
+                            Action::Drop(_) | Action::Forward { .. } => return Ended::Closed,
                         }
                     }
                     buf.copy_within(len..filled, 0);
                     filled -= len;
+                    // The next request starts now if its first bytes came with this one.
+                    wait_until = bound(if filled == 0 {
+                        limits.idle
+                    } else {
+                        limits.request
+                    });
                 }
                 Frame::Partial(_) => break,
                 Frame::Invalid => {
                     bump(&shared.counters.dropped);
-                    return;
+                    return Ended::Closed;
                 }
             }
         }

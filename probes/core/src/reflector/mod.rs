@@ -3,7 +3,8 @@
 //! [`Reflector`] is the sans-IO core: given the bytes of a request, who sent it and which local
 //! address received it, it writes the answer into a caller buffer and says which local address must
 //! send it and to whom ([`Action`]). It reads no clock and owns no socket. `natscope_probes::reflector::driver` runs it over
-//! real UDP/TCP sockets with tokio; [`rate_limit`] and [`link`] are the other pure pieces.
+//! real UDP/TCP sockets with tokio; [`rate_limit`], [`link`] and [`tcp`] (the TCP connection bounds)
+//! are the other pure pieces.
 //!
 //! Deployments (RFC 5780 §2.3, §6):
 //! - two IPs on one host: `primary` A1:P1 and `alternate` A2:P2, four local addresses;
@@ -18,6 +19,7 @@
 
 pub mod link;
 pub mod rate_limit;
+pub mod tcp;
 
 use std::net::SocketAddr;
 
