@@ -105,6 +105,8 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("no lab named `{0}` is running (see natscope lab status)")]
     NoSuchLab(String),
+    #[error(transparent)]
+    BadName(crate::LabError),
     #[error("no lab is running; start one with `natscope lab up PRESET`")]
     NoLab,
     #[error("several labs are running ({0}); choose one with --lab NAME")]
@@ -136,6 +138,7 @@ pub fn load_plan(source: &str) -> Result<Plan, ControlError> {
 /// Starts `supervisor` (a process that runs [`supervise`] for lab `name`) detached, with its
 /// stderr appended to the lab's log, and waits for its first line: `ready`, or `error: …`.
 pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
+    crate::check_lab_name(name).map_err(ControlError::BadName)?;
     if registry::read(name).is_some_and(|r| registry::owner_alive(&r)) {
         return Err(ControlError::AlreadyRunning(name.to_string()));
     }
@@ -188,6 +191,10 @@ pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
 /// The supervisor's life: answers [`Request`]s on `control` until SIGTERM, SIGINT or SIGHUP, then
 /// takes the lab down. `ready` is called once the socket listens (`lab up` waits for it).
 pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), ControlError> {
+    // A socket left by a supervisor of this name that died: the lab's record is ours now (it is
+    // created exclusively), so no live lab uses it. Removed only here, never before `Lab::up`
+    // succeeded, or the loser of two `lab up`s of one name would remove the winner's socket.
+    let _ = std::fs::remove_file(control);
     let listener = UnixListener::bind(control).map_err(|source| ControlError::Listen {
         path: control.to_path_buf(),
         source,
@@ -311,6 +318,7 @@ pub fn stats(rec: &Record) -> BTreeMap<String, NodeStats> {
 pub fn pick_lab(name: Option<String>) -> Result<Record, ControlError> {
     let mut records = registry::list();
     match name {
+        Some(n) if !registry::valid(&n) => Err(ControlError::BadName(crate::LabError::BadName(n))),
         Some(n) => records
             .into_iter()
             .find(|r| r.name == n)
@@ -361,7 +369,8 @@ pub fn status_document(records: &[Record]) -> StatusDocument {
 pub fn all_labs() -> Vec<String> {
     let mut names: Vec<String> = registry::list().into_iter().map(|r| r.name).collect();
     for ns in crate::netns::list_lab_namespaces() {
-        if let Some(l) = registry::lab_of_namespace(&ns) {
+        // A namespace whose lab part is no valid lab name was not made by natscope: left alone.
+        if let Some(l) = registry::lab_of_namespace(&ns).filter(|l| registry::valid(l)) {
             if !names.iter().any(|n| n == l) {
                 names.push(l.to_string());
             }
