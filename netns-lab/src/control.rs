@@ -195,7 +195,7 @@ pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), C
     // created exclusively), so no live lab uses it. Removed only here, never before `Lab::up`
     // succeeded, or the loser of two `lab up`s of one name would remove the winner's socket.
     let _ = std::fs::remove_file(control);
-    let listener = UnixListener::bind(control).map_err(|source| ControlError::Listen {
+    let listener = bind_private(control).map_err(|source| ControlError::Listen {
         path: control.to_path_buf(),
         source,
     })?;
@@ -213,6 +213,28 @@ pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), C
     // Also removes the control socket and this supervisor's log.
     lab.down();
     Ok(())
+}
+
+/// Listens on `path` with a socket only its owner may connect to (mode 0600), whatever the umask:
+/// it is bound in a fresh directory only the owner can enter, set to 0600 there, and then renamed
+/// to `path`, so it is never reachable with wider permissions.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("control");
+    let private = path.with_file_name(format!(".{name}.{}.d", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let bound = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// A flag set by SIGTERM, SIGINT or SIGHUP (tokio's signal handling on a helper runtime).
@@ -279,7 +301,14 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
 
 /// One request line, one reply line.
 fn answer(lab: &Lab, stream: UnixStream) {
+    // Only the supervisor's own user (root) is answered, even if the socket's mode was widened.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    if peer.map_or(true, |c| c.uid() != nix::unistd::geteuid().as_raw()) {
+        return;
+    }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    // A client that never reads its reply must not hold the supervisor.
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
     let mut reader = BufReader::new(&stream).take(4096);
     if reader.read_line(&mut line).is_err() {

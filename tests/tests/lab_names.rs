@@ -297,3 +297,71 @@ fn create_at_once(name: &str) {
     );
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The supervisor's control socket is 0600 even when `lab up` runs with umask 000 (a socket
+/// `bind` creates is 0777 less the umask).
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn the_control_socket_is_0600_whatever_the_umask() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    require_root();
+    let name = lab_name("sock");
+    let bin = natscope_bin();
+    let up = Command::new("sh")
+        .args([
+            "-c",
+            "umask 000 && exec \"$0\" lab up full-cone --name \"$1\"",
+        ])
+        .arg(&bin)
+        .arg(&name)
+        .output()
+        .expect("run sh");
+    let _down = scopeguard(&name);
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up));
+    let meta = std::fs::metadata(registry::control_path(&name)).expect("the control socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    // Still the supervisor's: it answers through the renamed socket.
+    let status = natscope(&["lab", "nat-table", "--lab", &name, "nat"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let leftovers: Vec<String> = std::fs::read_dir(registry::DIR)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.starts_with(&format!(".{name}.")))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A peer of another user is not answered even when the socket's mode lets it connect.
+#[test]
+#[ignore = "needs root, network namespaces and setpriv (util-linux); run with --include-ignored (scripts/test does)"]
+fn the_supervisor_answers_only_its_own_user() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    natscope_tests::require_tool("setpriv", "util-linux");
+    let name = lab_name("peer");
+    let up = natscope(&["lab", "up", "full-cone", "--name", &name]);
+    let _down = scopeguard(&name);
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up));
+    let control = registry::control_path(&name);
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let as_nobody = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(natscope_bin())
+        .args(["lab", "nat-table", "--lab", &name, "nat"])
+        .output()
+        .expect("run setpriv");
+    assert_eq!(as_nobody.status.code(), Some(2), "{}", text(&as_nobody));
+    let err = String::from_utf8_lossy(&as_nobody.stderr);
+    assert!(err.contains("does not answer"), "{err}");
+    // Root still is answered.
+    let as_root = natscope(&["lab", "nat-table", "--lab", &name, "nat"]);
+    assert_eq!(as_root.status.code(), Some(0), "{}", text(&as_root));
+}
