@@ -171,7 +171,6 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
         }
     };
     let control = control_path(&a.name);
-    let _ = std::fs::remove_file(&control);
     let options = LabOptions {
         natscope_bin: std::env::current_exe().ok(),
         supervisor: true,
@@ -268,6 +267,7 @@ fn emit_status(doc: &StatusDocument) -> Result<()> {
 fn status(a: StatusArgs) -> Result<ExitCode> {
     let mut records = registry::list();
     if let Some(n) = &a.name {
+        natscope_lab::check_lab_name(n).map_err(|e| anyhow!("{e}"))?;
         records.retain(|r| &r.name == n);
         if records.is_empty() {
             bail!("no lab named `{n}` is running");
@@ -355,6 +355,7 @@ fn down(a: DownArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let name = a.name.unwrap_or_default();
+    natscope_lab::check_lab_name(&name).map_err(|e| anyhow!("{e}"))?;
     if !registry::down(&name, grace) {
         bail!("no lab named `{name}` (see natscope lab status)");
     }

@@ -105,6 +105,8 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("no lab named `{0}` is running (see natscope lab status)")]
     NoSuchLab(String),
+    #[error(transparent)]
+    BadName(crate::LabError),
     #[error("no lab is running; start one with `natscope lab up PRESET`")]
     NoLab,
     #[error("several labs are running ({0}); choose one with --lab NAME")]
@@ -136,6 +138,7 @@ pub fn load_plan(source: &str) -> Result<Plan, ControlError> {
 /// Starts `supervisor` (a process that runs [`supervise`] for lab `name`) detached, with its
 /// stderr appended to the lab's log, and waits for its first line: `ready`, or `error: …`.
 pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
+    crate::check_lab_name(name).map_err(ControlError::BadName)?;
     if registry::read(name).is_some_and(|r| registry::owner_alive(&r)) {
         return Err(ControlError::AlreadyRunning(name.to_string()));
     }
@@ -188,7 +191,11 @@ pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
 /// The supervisor's life: answers [`Request`]s on `control` until SIGTERM, SIGINT or SIGHUP, then
 /// takes the lab down. `ready` is called once the socket listens (`lab up` waits for it).
 pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), ControlError> {
-    let listener = UnixListener::bind(control).map_err(|source| ControlError::Listen {
+    // A socket left by a supervisor of this name that died: the lab's record is ours now (it is
+    // created exclusively), so no live lab uses it. Removed only here, never before `Lab::up`
+    // succeeded, or the loser of two `lab up`s of one name would remove the winner's socket.
+    let _ = std::fs::remove_file(control);
+    let listener = bind_private(control).map_err(|source| ControlError::Listen {
         path: control.to_path_buf(),
         source,
     })?;
@@ -206,6 +213,28 @@ pub fn supervise(lab: Lab, control: &Path, ready: impl FnOnce()) -> Result<(), C
     // Also removes the control socket and this supervisor's log.
     lab.down();
     Ok(())
+}
+
+/// Listens on `path` with a socket only its owner may connect to (mode 0600), whatever the umask:
+/// it is bound in a fresh directory only the owner can enter, set to 0600 there, and then renamed
+/// to `path`, so it is never reachable with wider permissions.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("control");
+    let private = path.with_file_name(format!(".{name}.{}.d", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let bound = UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// A flag set by SIGTERM, SIGINT or SIGHUP (tokio's signal handling on a helper runtime).
@@ -272,7 +301,14 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
 
 /// One request line, one reply line.
 fn answer(lab: &Lab, stream: UnixStream) {
+    // Only the supervisor's own user (root) is answered, even if the socket's mode was widened.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    if peer.map_or(true, |c| c.uid() != nix::unistd::geteuid().as_raw()) {
+        return;
+    }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    // A client that never reads its reply must not hold the supervisor.
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let mut line = String::new();
     let mut reader = BufReader::new(&stream).take(4096);
     if reader.read_line(&mut line).is_err() {
@@ -311,6 +347,7 @@ pub fn stats(rec: &Record) -> BTreeMap<String, NodeStats> {
 pub fn pick_lab(name: Option<String>) -> Result<Record, ControlError> {
     let mut records = registry::list();
     match name {
+        Some(n) if !registry::valid(&n) => Err(ControlError::BadName(crate::LabError::BadName(n))),
         Some(n) => records
             .into_iter()
             .find(|r| r.name == n)
@@ -361,7 +398,8 @@ pub fn status_document(records: &[Record]) -> StatusDocument {
 pub fn all_labs() -> Vec<String> {
     let mut names: Vec<String> = registry::list().into_iter().map(|r| r.name).collect();
     for ns in crate::netns::list_lab_namespaces() {
-        if let Some(l) = registry::lab_of_namespace(&ns) {
+        // A namespace whose lab part is no valid lab name was not made by natscope: left alone.
+        if let Some(l) = registry::lab_of_namespace(&ns).filter(|l| registry::valid(l)) {
             if !names.iter().any(|n| n == l) {
                 names.push(l.to_string());
             }

@@ -264,10 +264,6 @@ impl Lab {
     pub fn up(name: &str, plan: Plan, options: LabOptions) -> Result<Self, LabError> {
         check_lab_name(name)?;
         netns::check_privileges()?;
-        registry::cleanup_stale();
-        if registry::read(name).is_some() {
-            return Err(LabError::Exists(name.to_string()));
-        }
         let me = std::process::id() as i32;
         let record = Record {
             name: name.to_string(),
@@ -278,8 +274,13 @@ impl Lab {
             control: options.control.clone(),
             nodes: plan.nodes.clone(),
         };
-        registry::write(&record).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
+        // Stale labs removed and the record created exclusively: of two `up`s of one name, the
+        // loser returns here, before it owns anything, so its teardown cannot remove the
+        // winner's record or namespaces.
+        registry::claim(&record).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                LabError::Exists(name.to_string())
+            } else if source.kind() == std::io::ErrorKind::PermissionDenied {
                 LabError::Netns(NetnsError::Permission(format!(
                     "writing {}: {source}",
                     registry::DIR

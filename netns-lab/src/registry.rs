@@ -4,8 +4,10 @@
 //! by definition: `lab down --all` and the next `lab up` remove it, with every process inside.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -41,6 +43,13 @@ fn nodes_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PlannedNode>, D
     Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
+/// Whether `lab` may name a lab: the one rule, [`crate::check_lab_name`]. Every function here that
+/// turns a name into a path or a namespace does nothing for a name that fails it, so a name like
+/// `../x` or `/etc/x` never reaches the file system (the CLI refuses it earlier, with the reason).
+pub fn valid(lab: &str) -> bool {
+    crate::check_lab_name(lab).is_ok()
+}
+
 pub fn path_of(lab: &str) -> PathBuf {
     PathBuf::from(DIR).join(format!("{lab}.json"))
 }
@@ -55,20 +64,64 @@ pub fn log_path(lab: &str) -> PathBuf {
     PathBuf::from(DIR).join(format!("{lab}.log"))
 }
 
-pub fn write(record: &Record) -> std::io::Result<()> {
+/// Claims `record`'s name for a new lab: under a lock on the lab directory, removes stale labs
+/// ([`cleanup_stale`]) and then [`create`]s the record. The lock keeps one process's stale sweep
+/// from removing a lab another process has just claimed (both saw the same stale record of the
+/// name; the first removed it and created its own, which the second then took for the stale one).
+pub fn claim(record: &Record) -> std::io::Result<()> {
     std::fs::create_dir_all(DIR)?;
-    let tmp = PathBuf::from(DIR).join(format!(".{}.tmp", record.name));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
-    std::fs::rename(tmp, path_of(&record.name))
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(DIR).join(".lock"))?;
+    let _lock =
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+    cleanup_stale();
+    create(record)
+}
+
+/// Writes the record of a new lab, exclusively: of two processes creating a lab of one name, one
+/// succeeds and the other gets [`std::io::ErrorKind::AlreadyExists`] and leaves the winner's
+/// record alone. The record appears whole (written to a file of this process's own, then
+/// hard-linked into place, which fails if the name exists), so no reader sees half of it.
+pub fn create(record: &Record) -> std::io::Result<()> {
+    if !valid(&record.name) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("invalid lab name `{}`", record.name),
+        ));
+    }
+    std::fs::create_dir_all(DIR)?;
+    // A file of this call's own: threads of one process may create labs too.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let tmp = PathBuf::from(DIR).join(format!(
+        ".{}.{}.{call}.tmp",
+        record.name,
+        std::process::id()
+    ));
+    let linked = std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)
+        .and_then(|_| std::fs::hard_link(&tmp, path_of(&record.name)));
+    let _ = std::fs::remove_file(&tmp);
+    linked
 }
 
 pub fn read(lab: &str) -> Option<Record> {
+    if !valid(lab) {
+        return None;
+    }
     let bytes = std::fs::read(path_of(lab)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let record: Record = serde_json::from_slice(&bytes).ok()?;
+    // A record names the file it is in; one that does not is not a lab's.
+    (record.name == lab).then_some(record)
 }
 
 /// Removes the lab's record and, if a supervisor left them, its control socket and log.
 pub fn remove(lab: &str) {
+    if !valid(lab) {
+        return;
+    }
     for p in [path_of(lab), control_path(lab), log_path(lab)] {
         let _ = std::fs::remove_file(p);
     }
@@ -111,6 +164,9 @@ pub fn lab_of_namespace(ns: &str) -> Option<&str> {
 
 /// The `nsc-` namespaces that exist for `lab`, whoever created them.
 pub fn namespaces_of(lab: &str) -> Vec<String> {
+    if !valid(lab) {
+        return Vec::new();
+    }
     netns::list_lab_namespaces()
         .into_iter()
         .filter(|n| lab_of_namespace(n) == Some(lab))
@@ -179,6 +235,7 @@ pub fn cleanup_stale() -> Vec<String> {
     let mut orphans: Vec<String> = namespaces
         .iter()
         .filter_map(|n| lab_of_namespace(n).map(str::to_string))
+        .filter(|l| valid(l))
         .filter(|l| !records.iter().any(|r| &r.name == l))
         .collect();
     orphans.dedup();
@@ -192,8 +249,11 @@ pub fn cleanup_stale() -> Vec<String> {
 }
 
 /// Stops one lab, whoever owns it: a supervisor gets SIGTERM and up to `grace` to tear down
-/// itself; whatever is left is removed by force.
+/// itself; whatever is left is removed by force. Nothing is touched for an invalid name.
 pub fn down(lab: &str, grace: Duration) -> bool {
+    if !valid(lab) {
+        return false;
+    }
     let record = read(lab);
     let known = record.is_some() || !namespaces_of(lab).is_empty();
     if let Some(r) = &record {
@@ -221,6 +281,47 @@ mod tests {
             r#"{{"name":"t","preset":"open","owner_pid":42,"owner_start":7,"supervisor":true,
                 "control":null,"nodes":{nodes}}}"#
         )
+    }
+
+    /// A name that would leave the lab directory, or name something else in it, is no lab name:
+    /// no path is built for it, and nothing is read or removed.
+    #[test]
+    fn path_like_names_are_not_lab_names() {
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../x",
+            "../../etc/x",
+            "/etc/passwd",
+            "/tmp/x",
+            "x/y",
+            "x/..",
+            ".x",
+            "x.json",
+            "x\0",
+            "x y",
+            "X",
+            "-x",
+            "x-y",
+            "nsc-x",
+            "abcdefghijk",
+            "\u{e9}",
+        ] {
+            assert!(!valid(bad), "{bad:?}");
+            assert!(crate::check_lab_name(bad).is_err(), "{bad:?}");
+            assert!(read(bad).is_none(), "{bad:?}");
+            assert!(namespaces_of(bad).is_empty(), "{bad:?}");
+            assert!(!down(bad, Duration::ZERO), "{bad:?}");
+        }
+        for good in ["a", "lab", "x1", "abcdefghij", "0"] {
+            assert!(valid(good), "{good}");
+        }
+        let err = crate::check_lab_name("../x").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "lab name `../x` is invalid: use 1-10 characters a-z and 0-9"
+        );
     }
 
     /// The record is read typed; a node list from another version does not hide a live lab.
