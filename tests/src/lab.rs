@@ -168,3 +168,21 @@ pub fn up_engine_lab(prefix: &str, config: natscope_lab::topology::EngineConfig)
         .up()
         .expect("lab up")
 }
+
+/// Runs the built `natscope` with `args` and returns what it did.
+pub fn natscope(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::natscope_bin())
+        .args(args)
+        .output()
+        .expect("run natscope")
+}
+
+/// Exit status, stdout and stderr of `o`, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -5,7 +5,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use natscope_lab::control::NatTableDocument;
@@ -16,22 +16,6 @@ use natscope_probes::probe::{Classic, ProbeReport};
 use natscope_tests::lab::*;
 use natscope_tests::{natscope_bin, require_tool, ChildProcess, TempDir};
 use serde_json::Value;
-
-fn natscope(args: &[&str]) -> Output {
-    Command::new(natscope_bin())
-        .args(args)
-        .output()
-        .expect("run natscope")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// coturn (RFC 5780 mode) on the reflector node's two addresses, on ports of its own.
 fn coturn_in(lab: &Lab, dir: &TempDir) -> ChildProcess {

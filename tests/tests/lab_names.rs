@@ -3,27 +3,11 @@
 //! two `lab up`s of one name exactly one wins while the other exits 2 and leaves the winner be.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use natscope_lab::registry::{self, Record};
 use natscope_tests::lab::*;
 use natscope_tests::{natscope_bin, TempDir};
-
-fn natscope(args: &[&str]) -> Output {
-    Command::new(natscope_bin())
-        .args(args)
-        .output()
-        .expect("run natscope")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A process the old `lab down` would have signalled: a `sleep` killed when the test ends.
 struct Bystander(Child);
