@@ -1,11 +1,12 @@
 //! Running many labs at once, as `lab matrix`, `lab grid` and `bench lab` do: unique lab names, a
 //! bounded pool of worker threads over a list of jobs (results back in job order), and a child
-//! process whose stdout is collected while its run is held to a deadline, and a job's error as
-//! one line.
+//! process whose stdout is collected while its run is held to a deadline, a child's stdout and
+//! stderr captured as it runs ([`CapturedOutput`]), and a job's error as one line.
 
 use std::io::Read;
 use std::process::{Child, ExitStatus};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Why a batch of jobs or a child's run could not be completed.
@@ -102,6 +103,77 @@ pub fn output_within(
     };
     let stdout = reader.join().map_err(|_| JobError::ReaderPanicked)?;
     Ok(Some((status, stdout)))
+}
+
+/// A child's stdout and stderr, each read by its own thread while the child runs, so the pipes
+/// never fill and what it has written so far can be shown at any time (the lab's punch peers, the
+/// tests' child processes).
+#[derive(Debug, Default)]
+pub struct CapturedOutput {
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl CapturedOutput {
+    /// Starts reading whichever of the child's stdout and stderr is piped.
+    pub fn take(child: &mut Child) -> Self {
+        let mut out = Self::default();
+        if let Some(p) = child.stdout.take() {
+            out.readers.push(read_into(p, out.stdout.clone()));
+        }
+        if let Some(p) = child.stderr.take() {
+            out.readers.push(read_into(p, out.stderr.clone()));
+        }
+        out
+    }
+
+    /// Everything read from stdout so far.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Everything read from stdout so far, as text.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Everything read from stderr so far, as text.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Once the child has exited, the readers end when the pipes are drained: waits for them, at
+    /// most 2 s (a grandchild could hold a pipe open).
+    pub fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for r in std::mem::take(&mut self.readers) {
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+    }
+}
+
+fn read_into(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

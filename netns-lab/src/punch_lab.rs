@@ -8,16 +8,14 @@
 //! [`Peer`], the tests a process type that prints everything on failure — so the lab is generic
 //! over [`NodeProgram`].
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use natscope_core::punch::connector::ConnectReport;
 
+use crate::jobs::CapturedOutput;
 use crate::netns::NetnsError;
 use crate::topology::{NodeSpec, RouterKind, Topology};
 use crate::{Lab, LabError};
@@ -240,30 +238,11 @@ fn tcp_counters() -> String {
     format!("{} {}", pair(&tcp), pair(&ext))
 }
 
-type Captured = Arc<Mutex<Vec<u8>>>;
-
 /// A [`NodeProgram`] that is killed (by PID) and reaped when dropped, its output collected by two
 /// reader threads.
 pub struct Peer {
     child: Child,
-    stdout: Captured,
-    stderr: Captured,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn capture(mut pipe: impl Read + Send + 'static, into: Captured) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
+    output: CapturedOutput,
 }
 
 impl Peer {
@@ -276,41 +255,21 @@ impl Peer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.drain();
-        Some(
-            self.stdout
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        self.output.drain();
+        Some(self.output.stdout_bytes())
     }
 
     /// Kills it and returns the last three lines it wrote to stderr.
     pub fn stderr_tail(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.drain();
-        let text = String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_owned();
+        self.output.drain();
+        let text = self.output.stderr();
         let lines: Vec<&str> = text.lines().rev().take(3).collect();
         if lines.is_empty() {
             "(nothing on stderr)".into()
         } else {
             lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        }
-    }
-
-    /// After exit the readers end once the pipes are drained (bounded: a grandchild could hold
-    /// a pipe open).
-    fn drain(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for r in std::mem::take(&mut self.readers) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
         }
     }
 }
@@ -329,24 +288,12 @@ impl NodeProgram for Peer {
                 node: node.to_string(),
                 source,
             })?;
-        let (stdout, stderr) = (Captured::default(), Captured::default());
-        let mut readers = Vec::new();
-        if let Some(p) = child.stdout.take() {
-            readers.push(capture(p, stdout.clone()));
-        }
-        if let Some(p) = child.stderr.take() {
-            readers.push(capture(p, stderr.clone()));
-        }
-        Ok(Self {
-            child,
-            stdout,
-            stderr,
-            readers,
-        })
+        let output = CapturedOutput::take(&mut child);
+        Ok(Self { child, output })
     }
 
     fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        self.output.stdout()
     }
 
     fn has_exited(&mut self) -> bool {

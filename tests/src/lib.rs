@@ -16,15 +16,15 @@ pub mod punch;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use natscope_lab::jobs::CapturedOutput;
 use natscope_probes::client::{build_request, BindingResponse, RequestOptions, Rto};
 use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig, RunningReflector};
 use natscope_probes::reflector::ReflectorConfig;
@@ -449,8 +449,6 @@ impl Drop for TempDir {
     }
 }
 
-type Captured = Arc<Mutex<Vec<u8>>>;
-
 /// A child process that cannot outlive its test: on drop it is killed by PID and waited for, and
 /// if the test is panicking its command line, stdout, stderr and log files are printed first.
 #[derive(Debug)]
@@ -458,9 +456,7 @@ pub struct ChildProcess {
     command: String,
     child: Child,
     exit: Option<ExitStatus>,
-    stdout: Captured,
-    stderr: Captured,
-    readers: Vec<JoinHandle<()>>,
+    output: CapturedOutput,
     log_files: Vec<PathBuf>,
 }
 
@@ -492,21 +488,6 @@ pub fn describe_command(cmd: &Command) -> String {
     parts.join(" ")
 }
 
-fn capture(mut pipe: impl Read + Send + 'static, into: Captured) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-}
-
 impl ChildProcess {
     /// Starts `cmd` with stdin closed and stdout/stderr captured.
     pub fn spawn(mut cmd: Command) -> io::Result<Self> {
@@ -517,22 +498,12 @@ impl ChildProcess {
         let mut child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start `{command}`: {e}")))?;
-        let stdout = Captured::default();
-        let stderr = Captured::default();
-        let mut readers = Vec::new();
-        if let Some(p) = child.stdout.take() {
-            readers.push(capture(p, stdout.clone()));
-        }
-        if let Some(p) = child.stderr.take() {
-            readers.push(capture(p, stderr.clone()));
-        }
+        let output = CapturedOutput::take(&mut child);
         Ok(Self {
             command,
             child,
             exit: None,
-            stdout,
-            stderr,
-            readers,
+            output,
             log_files: Vec::new(),
         })
     }
@@ -551,11 +522,11 @@ impl ChildProcess {
     }
 
     pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        self.output.stdout()
     }
 
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        self.output.stderr()
     }
 
     /// The exit status if the process has ended.
@@ -571,7 +542,7 @@ impl ChildProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.exited() {
-                self.drain_output();
+                self.output.drain();
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -581,27 +552,13 @@ impl ChildProcess {
         }
     }
 
-    /// After exit, the reader threads finish once the pipes are drained; wait for them (bounded:
-    /// a grandchild could hold a pipe open).
-    fn drain_output(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for r in std::mem::take(&mut self.readers) {
-            if r.is_finished() {
-                let _ = r.join();
-            }
-        }
-    }
-
     /// Kills the process by PID (SIGKILL) if it is still running, and reaps it.
     pub fn kill(&mut self) {
         if self.exited().is_none() {
             let _ = self.child.kill();
             self.exit = self.child.wait().ok();
         }
-        self.drain_output();
+        self.output.drain();
     }
 
     /// The command, exit status, output and log files, for failure messages.
@@ -642,7 +599,7 @@ impl ChildProcess {
         for &server in servers {
             loop {
                 if let Some(status) = self.exited() {
-                    self.drain_output();
+                    self.output.drain();
                     return Err(format!("exited with {status} before answering on {server}"));
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
