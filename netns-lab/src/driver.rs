@@ -322,21 +322,24 @@ fn receive_loop(s: &Shared, port: Port) {
 fn timer_loop(s: &Shared) {
     let mut out = Vec::new();
     let mut next_tick = Instant::now();
-    // The router's own deadline (an ARP retry or give-up) when it is sooner than the tick.
-    let due_at = |tick: Instant| {
-        let due = lock(&s.router).poll_timeout();
-        due.map_or(tick, |t| t.min(tick))
-    };
+    // When to call the router next: its own deadline (an ARP retry or give-up) when that is sooner
+    // than the tick. A deadline that appears between two calls is seen at the next tick, which is
+    // sooner than any ARP deadline (RETRY and GIVE_UP are longer than TICK).
+    let mut next_poll = next_tick;
     while !s.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        if now >= due_at(next_tick) {
-            lock(&s.router).handle_timeout(now, &mut out);
-            s.dispatch(now, &mut out);
+        if now >= next_poll {
+            let mut router = lock(&s.router);
+            router.handle_timeout(now, &mut out);
             if now >= next_tick {
                 next_tick = now + TICK;
             }
+            next_poll = router
+                .poll_timeout()
+                .map_or(next_tick, |t| t.min(next_tick));
+            drop(router);
+            s.dispatch(now, &mut out);
         }
-        let next_poll = due_at(next_tick);
         let mut q = lock(&s.delayed);
         while q.0.peek().is_some_and(|d| d.0.at <= Instant::now()) {
             if let Some(Delayed(e, _)) = q.0.pop() {
