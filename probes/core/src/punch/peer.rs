@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::codec::{PeerInfo, PunchMessage};
 use super::session::SessionConfig;
 use super::{SessionId, Transport};
-use crate::client::{build_request, BindingResponse, RequestOptions};
+use crate::client::{
+    build_request, AnswerFrom, RequestOptions, Rto, Transaction, TransactionEvent,
+};
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 
@@ -93,22 +95,25 @@ impl Prediction {
 pub const MEASURE_SOCKETS: usize = 3;
 /// Each measuring socket's Binding request goes three times, 300 ms apart, and waits 300 ms after
 /// the last (900 ms in all).
-const MEASURE_RTO: Duration = Duration::from_millis(300);
-const MEASURE_TRANSMITS: u32 = 3;
+const MEASURE_RTO: Rto = Rto {
+    initial: Duration::from_millis(300),
+    max_transmits: 3,
+    last_wait_multiplier: 1,
+    max_rto: Duration::from_millis(300),
+};
 
 /// Port prediction's measurement (RFC 4787 §4.1, port assignment), as a machine with no I/O:
 /// fresh sockets, one after another, send the rendezvous server a Binding request (RFC 8489; the
-/// server answers it with XOR-MAPPED-ADDRESS) and read the mapping it saw. Only the answer to that
-/// socket's transaction, from the server itself, counts; a socket that gets none ends the
-/// measurement with the ports it has. Transmits name their socket by index,
-/// `0..MEASURE_SOCKETS`, which the driver binds fresh.
+/// server answers it with XOR-MAPPED-ADDRESS) and read the mapping it saw. Each socket's request is
+/// one [`Transaction`], so only the answer to that socket's transaction, from the server itself,
+/// counts; a socket that gets none ends the measurement with the ports it has. Transmits name
+/// their socket by index, `0..MEASURE_SOCKETS`, which the driver binds fresh.
 #[derive(Debug)]
 pub struct PortMeasurement {
     server: SocketAddr,
     tids: [TransactionId; MEASURE_SOCKETS],
     socket: usize,
-    transmits: u32,
-    next: Instant,
+    tx: Transaction,
     ports: Vec<u16>,
     out: VecDeque<Transmit<usize>>,
     done: bool,
@@ -116,12 +121,13 @@ pub struct PortMeasurement {
 
 impl PortMeasurement {
     pub fn new(now: Instant, server: SocketAddr, rng: &mut impl Rng) -> Self {
+        let tids: [TransactionId; MEASURE_SOCKETS] =
+            std::array::from_fn(|_| super::transaction_id(rng));
         let mut m = Self {
             server,
-            tids: std::array::from_fn(|_| super::transaction_id(rng)),
+            tids,
             socket: 0,
-            transmits: 0,
-            next: now,
+            tx: Transaction::new(now, tids[0], AnswerFrom::Exactly(server), MEASURE_RTO),
             ports: Vec::new(),
             out: VecDeque::new(),
             done: false,
@@ -135,37 +141,44 @@ impl PortMeasurement {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.done).then_some(self.next)
+        if self.done {
+            None
+        } else {
+            self.tx.poll_timeout()
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.done || now < self.next {
+        if self.done {
             return;
         }
-        if self.transmits == MEASURE_TRANSMITS {
+        if self.tx.poll_transmit(now) {
+            let mut buf = [0u8; 64];
+            match build_request(
+                &mut buf,
+                &self.tx.transaction_id(),
+                &RequestOptions::default(),
+            ) {
+                Ok(n) => self.out.push_back(Transmit {
+                    source: self.socket,
+                    destination: self.server,
+                    payload: buf[..n].to_vec(),
+                }),
+                Err(_) => self.done = true,
+            }
+        }
+        self.tx.handle_timeout(now);
+        if matches!(self.tx.event(), TransactionEvent::TimedOut { .. }) {
             self.done = true;
-            return;
         }
-        let mut buf = [0u8; 64];
-        let tid = self.tids[self.socket];
-        match build_request(&mut buf, &tid, &RequestOptions::default()) {
-            Ok(n) => self.out.push_back(Transmit {
-                source: self.socket,
-                destination: self.server,
-                payload: buf[..n].to_vec(),
-            }),
-            Err(_) => self.done = true,
-        }
-        self.transmits += 1;
-        self.next = now + MEASURE_RTO;
     }
 
     /// A datagram that arrived on measuring socket `socket` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, bytes: &[u8]) {
-        if self.done || socket != self.socket || from != self.server {
+        if self.done || socket != self.socket || !self.tx.handle_datagram(from, bytes) {
             return;
         }
-        let Ok(r) = BindingResponse::parse(bytes, &self.tids[socket], Some(from)) else {
+        let TransactionEvent::Done(r) = self.tx.event() else {
             return;
         };
         let Some(mapped) = r.xor_mapped else {
@@ -179,8 +192,12 @@ impl PortMeasurement {
             return;
         }
         self.socket += 1;
-        self.transmits = 0;
-        self.next = now;
+        self.tx = Transaction::new(
+            now,
+            self.tids[self.socket],
+            AnswerFrom::Exactly(self.server),
+            MEASURE_RTO,
+        );
         self.handle_timeout(now);
     }
 
