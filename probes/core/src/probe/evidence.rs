@@ -7,10 +7,10 @@
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use crate::client::{build_request, RequestOptions};
-use crate::stun::{TransactionId, MAGIC_COOKIE};
+use crate::stun::TransactionId;
 
 /// Retransmission and confidence parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -198,10 +198,7 @@ pub fn transaction_rng(seed: Option<u64>) -> StdRng {
 
 /// A Binding request with FINGERPRINT and a transaction ID drawn from `rng`.
 pub fn binding_request(rng: &mut StdRng, opts: RequestOptions) -> (TransactionId, Vec<u8>) {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    rng.fill(&mut id[4..]);
-    let tid = TransactionId(id);
+    let tid = TransactionId::from_rng(rng);
     let mut buf = [0u8; 128];
     let opts = RequestOptions {
         fingerprint: true,

@@ -25,8 +25,9 @@ use super::peer::{
     PunchError, Request, StreamCommand, PREDICT_STEPS,
 };
 use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
-use super::{transaction_id, PathTaken, SessionId, Transport};
+use super::{PathTaken, SessionId, Transport};
 use crate::net::Transmit;
+use crate::stun::TransactionId;
 
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -235,7 +236,7 @@ impl Connector {
         let port_delta = prediction.as_ref().and_then(|p| p.delta);
         self.attempts.predict = prediction;
         let req = PunchMessage::Connect {
-            tid: transaction_id(&mut self.rng),
+            tid: TransactionId::from_rng(&mut self.rng),
             target: self.opts.id.clone(),
             candidates: vec![local],
             port_delta,

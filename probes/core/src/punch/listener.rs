@@ -28,8 +28,9 @@ use super::peer::{
     StreamCommand,
 };
 use super::session::{PunchPlan, Role, Route, Session};
-use super::{transaction_id, PathTaken, SessionId, Transport};
+use super::{PathTaken, SessionId, Transport};
 use crate::net::Transmit;
+use crate::stun::TransactionId;
 
 #[derive(Clone, Debug)]
 pub struct ListenOptions {
@@ -164,7 +165,7 @@ impl Listener {
 
     fn register(&mut self) -> PunchMessage {
         PunchMessage::Register {
-            tid: transaction_id(&mut self.rng),
+            tid: TransactionId::from_rng(&mut self.rng),
             id: self.opts.id.clone(),
             candidates: vec![self.local],
             port_delta: self.port_delta,
@@ -211,7 +212,7 @@ impl Listener {
         }
         if registered {
             let bye = PunchMessage::Unregister {
-                tid: transaction_id(&mut self.rng),
+                tid: TransactionId::from_rng(&mut self.rng),
                 id: self.opts.id.clone(),
             };
             let server = self.opts.server;
@@ -544,7 +545,7 @@ mod tests {
 
     fn introduce(l: &mut Listener, now: Instant, session: SessionId, peer: SocketAddr) {
         let m = PunchMessage::Introduce {
-            tid: transaction_id(&mut StdRng::seed_from_u64(session.0)),
+            tid: TransactionId::from_rng(&mut StdRng::seed_from_u64(session.0)),
             session,
             peer: PeerInfo {
                 reflexive: peer,

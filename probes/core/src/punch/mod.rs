@@ -26,10 +26,7 @@ mod testnet;
 
 use std::fmt;
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
-
-use crate::stun::{TransactionId, MAGIC_COOKIE};
 
 /// Longest peer id accepted anywhere (bytes); ids are `[A-Za-z0-9._-]`.
 pub const MAX_ID_LEN: usize = 64;
@@ -90,13 +87,4 @@ pub fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// A fresh RFC 8489 transaction id (magic cookie + 96 bits) drawn from `rng`: every punch
-/// machine takes its randomness from a generator it was given, seeded in tests.
-pub fn transaction_id(rng: &mut impl Rng) -> TransactionId {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    rng.fill(&mut id[4..]);
-    TransactionId(id)
 }

@@ -122,7 +122,7 @@ pub struct PortMeasurement {
 impl PortMeasurement {
     pub fn new(now: Instant, server: SocketAddr, rng: &mut impl Rng) -> Self {
         let tids: [TransactionId; MEASURE_SOCKETS] =
-            std::array::from_fn(|_| super::transaction_id(rng));
+            std::array::from_fn(|_| TransactionId::from_rng(rng));
         let mut m = Self {
             server,
             tids,
@@ -657,7 +657,7 @@ mod tests {
     fn a_udp_request_backs_off_and_gives_up_after_its_wait() {
         let t0 = Instant::now();
         let m = PunchMessage::RefreshOk {
-            tid: super::super::transaction_id(&mut StdRng::seed_from_u64(1)),
+            tid: TransactionId::from_rng(&mut StdRng::seed_from_u64(1)),
         };
         let mut r = Request::new(t0, &m, Duration::from_secs(2), Transport::Udp).expect("enc");
         let mut sent = Vec::new();

@@ -21,7 +21,7 @@ use rand::Rng;
 
 use super::codec::{code, method, PeerInfo, PunchMessage};
 use super::table::{Endpoint, RendezvousTable, TableConfig, TableError};
-use super::{transaction_id, SessionId, Transport};
+use super::{SessionId, Transport};
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 
@@ -271,7 +271,7 @@ impl RendezvousServer {
                     start_in_ms,
                 };
                 let introduce = PunchMessage::Introduce {
-                    tid: transaction_id(&mut self.rng),
+                    tid: TransactionId::from_rng(&mut self.rng),
                     session,
                     peer: intro.connector_info,
                     start_in_ms,

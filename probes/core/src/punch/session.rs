@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 
 use super::codec::{code, method, PunchMessage};
 use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
-use super::{transaction_id, SessionId};
+use super::SessionId;
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 
@@ -329,7 +329,7 @@ impl Session {
             return;
         }
         let m = PunchMessage::Close {
-            tid: transaction_id(&mut self.rng),
+            tid: TransactionId::from_rng(&mut self.rng),
             session: self.id,
         };
         if let Some(Route::Direct(a)) = self.route {
@@ -464,7 +464,7 @@ impl Session {
     }
 
     fn probe(&mut self, now: Instant, to: SocketAddr) {
-        let tid = transaction_id(&mut self.rng);
+        let tid = TransactionId::from_rng(&mut self.rng);
         // Bounded: old unanswered probes are forgotten.
         if self.probes.len() >= 4 * MAX_TARGETS {
             let oldest = self
@@ -516,7 +516,7 @@ impl Session {
                 self.probe(now, d);
             }
             if self.role == Role::Connector {
-                let tid = transaction_id(&mut self.rng);
+                let tid = TransactionId::from_rng(&mut self.rng);
                 self.refreshes.push(tid);
                 if self.refreshes.len() > 16 {
                     self.refreshes.remove(0);
@@ -557,7 +557,7 @@ impl Session {
                 self.stats.data_sent_relayed += 1;
             }
             let m = PunchMessage::Data {
-                tid: transaction_id(&mut self.rng),
+                tid: TransactionId::from_rng(&mut self.rng),
                 session: self.id,
                 seq: Some(seq),
                 ack: self.rx.ack(),
@@ -569,7 +569,7 @@ impl Session {
         if self.ack_due {
             self.ack_due = false;
             let m = PunchMessage::Data {
-                tid: transaction_id(&mut self.rng),
+                tid: TransactionId::from_rng(&mut self.rng),
                 session: self.id,
                 seq: None,
                 ack: self.rx.ack(),
@@ -603,7 +603,7 @@ impl Session {
     /// its direct path when it arrives (see [`Session::handle_message`]).
     pub fn hello(&mut self, peer: SocketAddr) {
         let m = PunchMessage::Probe {
-            tid: transaction_id(&mut self.rng),
+            tid: TransactionId::from_rng(&mut self.rng),
             session: self.id,
         };
         self.send(peer, &m);

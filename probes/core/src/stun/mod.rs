@@ -84,12 +84,19 @@ impl MessageType {
 pub struct TransactionId(pub [u8; 16]);
 
 impl TransactionId {
-    /// A fresh random RFC 8489 transaction ID (cookie + 96 random bits).
-    pub fn random() -> Self {
+    /// A fresh RFC 8489 transaction ID (cookie + 96 bits) drawn from `rng`: the machines pass their
+    /// injected (and in tests seeded) generator.
+    pub fn from_rng(rng: &mut impl rand::Rng) -> Self {
         let mut id = [0u8; 16];
         id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        rand::Rng::fill(&mut rand::thread_rng(), &mut id[4..]);
+        rng.fill(&mut id[4..]);
         Self(id)
+    }
+
+    /// A fresh random RFC 8489 transaction ID from the thread's generator, for drivers and tests;
+    /// the sans-IO machines use [`TransactionId::from_rng`].
+    pub fn random() -> Self {
+        Self::from_rng(&mut rand::thread_rng())
     }
 
     /// A fresh random classic (RFC 3489) transaction ID: 128 random bits that are not the cookie.
