@@ -26,3 +26,9 @@ pub mod punch;
 pub mod reflector;
 pub mod stun;
 pub mod traversal;
+
+/// Milliseconds with microsecond resolution, as every report gives durations: finer digits are
+/// noise, not evidence.
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}

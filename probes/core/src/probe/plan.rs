@@ -48,11 +48,12 @@ use super::evidence::{
 use super::machine::ProbeMachine;
 use super::pacing::{PaceChoice, Pacer, Pacing};
 use super::report::{
-    self, compare_mappings, ms, AddressPooling, AllocationPattern, Behavior, Classic, NatShape,
+    self, compare_mappings, AddressPooling, AllocationPattern, Behavior, Classic, NatShape,
     PortAllocationReport, ProbeReport, ServerReport, TestReport,
 };
 use super::socket::{LocalSockets, SocketId, Transmit};
 use crate::client::{BindingResponse, RequestOptions};
+use crate::ms;
 use crate::stun::{ChangeRequest, Class, Message, TransactionId, METHOD_BINDING};
 
 /// The plan's fixed sockets (see the module doc): reachability and mapping, filtering, hairpinning.

@@ -4,7 +4,6 @@
 //! or `unknown` with a reason; nothing is guessed.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -210,10 +209,7 @@ impl TestReport {
     }
 }
 
-/// Milliseconds with microsecond resolution: finer digits are noise, not evidence.
-pub(crate) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
+use crate::ms;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerReport {

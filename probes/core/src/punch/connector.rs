@@ -21,11 +21,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::codec::{code, PeerInfo, PunchMessage};
 use super::peer::{
-    birthday_targets, ms, session_config, targets, DirectStreams, PeerMachine, Prediction,
-    PunchError, Request, StreamCommand, PREDICT_STEPS,
+    birthday_targets, session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError,
+    Request, StreamCommand, PREDICT_STEPS,
 };
 use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
 use super::{PathTaken, SessionId, Transport};
+use crate::ms;
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 

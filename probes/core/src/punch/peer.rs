@@ -266,11 +266,6 @@ pub(crate) fn session_config(
     }
 }
 
-/// Milliseconds with microsecond resolution, as the reports give them.
-pub(crate) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
 /// What a machine asks its driver to do with direct TCP streams (RFC 5382 simultaneous open from
 /// the registered port). The driver reports back with the machine's `handle_stream_*` inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]

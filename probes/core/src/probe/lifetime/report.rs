@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{LifetimeProbe, Stage, X};
-use crate::probe::report::{ms, ProbeReport, TestReport};
+use crate::ms;
+use crate::probe::report::{ProbeReport, TestReport};
 
 /// What the lifetime probe concluded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
