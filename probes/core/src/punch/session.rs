@@ -271,9 +271,20 @@ impl Session {
         self.fail(e);
     }
 
-    /// Queues an application message.
-    pub fn push(&mut self, payload: Vec<u8>) -> u64 {
+    /// Queues an application message; `None` (nothing queued) while the send queue is full.
+    pub fn push(&mut self, payload: Vec<u8>) -> Option<u64> {
         self.tx.push(payload)
+    }
+
+    /// Whether [`push`](Self::push) would queue another message now.
+    pub fn has_room(&self) -> bool {
+        self.tx.has_room()
+    }
+
+    /// Application messages this session holds: unacknowledged sends, and received messages not
+    /// yet taken or waiting for a gap to fill. Bounded by the reliable layer's windows.
+    pub fn held_messages(&self) -> usize {
+        self.tx.unacked() + self.rx.buffered()
     }
 
     pub fn poll_deliver(&mut self) -> Option<Vec<u8>> {
