@@ -130,12 +130,15 @@ impl RendezvousTable {
         Ok(())
     }
 
-    /// Removes `id` if `from` is the endpoint it registered from (strangers cannot evict it).
+    /// Removes `id` if `from` is the endpoint it registered from (strangers cannot evict it),
+    /// with the sessions introduced to that registration — not those of the same id on the other
+    /// transport, which may be another peer's (issue 14, H2).
     pub fn unregister(&mut self, id: &str, from: Endpoint) -> bool {
         let key = (from.transport, id.to_string());
         if self.peers.get(&key).is_some_and(|p| p.endpoint == from) {
             self.peers.remove(&key);
-            self.sessions.retain(|_, (l, _)| l != id);
+            self.sessions
+                .retain(|_, (l, s)| !(l == id && s.listener == from));
             return true;
         }
         false
@@ -410,6 +413,26 @@ mod tests {
         t.register(t0, "a", l, vec![], None).expect("register");
         assert!(t.unregister("a", l));
         assert_eq!(t.peer_count(), 0);
+    }
+
+    #[test]
+    fn unregistering_one_transport_leaves_the_same_id_on_the_other_alone() {
+        // The id "a" is held over UDP by one peer; someone else registers "a" over TCP (allowed:
+        // the transports are separate namespaces) and unregisters it again.
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        let owner = ep(Transport::Udp, "203.0.113.1:4000");
+        t.register(t0, "a", owner, vec![], None).expect("register");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(1))
+            .expect("introduce");
+        let other = ep(Transport::Tcp, "198.51.100.66:6000");
+        t.register(t0, "a", other, vec![], None).expect("register");
+        assert!(t.unregister("a", other));
+        assert_eq!(t.session_count(), 1, "the UDP owner's session survives");
+        assert!(t.registered(t0, Transport::Udp, "a").is_some());
+        t.drop_endpoint(other);
+        assert_eq!(t.session_count(), 1);
     }
 
     #[test]
