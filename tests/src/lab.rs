@@ -186,3 +186,32 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// PIDs of the live processes whose command line contains `marker` (a zombie's is empty), for
+/// tests that start processes with a marker no one else uses and then check none is left.
+pub fn processes_with(marker: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(marker)
+                .then_some(pid)
+        })
+        .filter(|pid| *pid != std::process::id() as i32)
+        .collect()
+}
+
+/// Kills every process [`processes_with`] `marker` when dropped (through pidfds,
+/// [`natscope_lab::registry::kill_all`]), so a failing test leaves none of its processes behind.
+pub struct KillMarked(pub String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        natscope_lab::registry::kill_all(&processes_with(&self.0));
+    }
+}
