@@ -393,3 +393,37 @@ pub fn check_privileges() -> Result<(), NetnsError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::process::Signal;
+
+    /// A process is signalled only while it is in one of the given namespaces, and a pidfd
+    /// whose process has exited (and whose PID may be anyone's now) signals nobody.
+    #[test]
+    fn a_member_is_signalled_only_in_the_given_namespaces_and_only_while_it_lives() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id() as i32;
+        let m = Member::open(pid).expect("pidfd of a live child");
+        let own = net_inode_of_pid(pid).expect("the child's namespace");
+        assert!(!m.signal_if_in(&[own.wrapping_add(1)], Signal::KILL));
+        assert!(!m.exited(), "a process of another namespace was signalled");
+        assert!(m.signal_if_in(&[own], Signal::KILL));
+        assert!(wait_exited(
+            std::slice::from_ref(&m),
+            std::time::Duration::from_secs(5)
+        ));
+        // A zombie counts as gone: it holds no namespace.
+        assert_eq!(net_inode_of_pid(pid), None);
+        child.wait().expect("reap");
+        assert!(
+            !m.signal(Signal::KILL),
+            "a reaped process's pidfd still signals"
+        );
+        assert!(!m.signal_if_in(&[own], Signal::KILL));
+    }
+}
