@@ -81,6 +81,23 @@ pub fn claim(record: &Record) -> std::io::Result<()> {
     create(record)
 }
 
+/// [`cleanup_stale`] under the same lock as [`claim`], for commands other than `lab up` that
+/// clean up after SIGKILLed supervisors (`lab status`): without the lock, a sweep could take a lab
+/// that `lab up` has just claimed under a stale record's name for that stale lab.
+pub fn sweep_stale() -> std::io::Result<Vec<String>> {
+    if !std::path::Path::new(DIR).exists() {
+        return Ok(Vec::new());
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(DIR).join(".lock"))?;
+    let _lock =
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+    Ok(cleanup_stale())
+}
+
 /// Writes the record of a new lab, exclusively: of two processes creating a lab of one name, one
 /// succeeds and the other gets [`std::io::ErrorKind::AlreadyExists`] and leaves the winner's
 /// record alone. The record appears whole (written to a file of this process's own, then
