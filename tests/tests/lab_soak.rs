@@ -105,6 +105,24 @@ impl Soak {
     }
 }
 
+/// A failing soak still takes its labs down (and SIGKILLs what it saw in them).
+impl Drop for Soak {
+    fn drop(&mut self) {
+        for name in &self.names {
+            if registry::read(name).is_some() || !registry::namespaces_of(name).is_empty() {
+                let _ = natscope(&["lab", "down", name]);
+            }
+        }
+        let left: Vec<i32> = self
+            .seen
+            .iter()
+            .filter(|s| s.running())
+            .map(|s| s.pid)
+            .collect();
+        registry::kill_all(&left);
+    }
+}
+
 fn spawn(args: &[&str]) -> Child {
     Command::new(natscope_bin())
         .args(args)
