@@ -207,12 +207,13 @@ pub fn force_remove(lab: &str) -> usize {
 }
 
 /// How long processes get between SIGTERM and SIGKILL.
-const GRACE: Duration = Duration::from_millis(500);
+pub const GRACE: Duration = Duration::from_millis(500);
 /// How long a round waits for SIGKILLed processes to exit before the next scan.
-const KILL_WAIT: Duration = Duration::from_millis(200);
-/// The bound on [`kill_in`] after its first round: at most this many rounds and this much time.
-const MAX_ROUNDS: usize = 50;
-const MAX_TIME: Duration = Duration::from_secs(5);
+pub const KILL_WAIT: Duration = Duration::from_millis(200);
+/// The bound on [`kill_in`]: at most this many rounds…
+pub const MAX_ROUNDS: usize = 50;
+/// …and this much time after the first round's grace period.
+pub const MAX_TIME: Duration = Duration::from_secs(5);
 
 /// What [`kill_in`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

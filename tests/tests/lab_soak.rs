@@ -327,6 +327,8 @@ fn killed_supervisor(soak: &mut Soak, cycle: usize) {
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn labs_come_and_go_under_loss_races_and_sigkill_and_nothing_remains() {
     require_root();
+    natscope_tests::require_tool("ip", "iproute2");
+    natscope_tests::require_tool("nft", "nftables");
     let before = RootState::snapshot();
     let dir = TempDir::new("lab-soak");
     let started = Instant::now();
