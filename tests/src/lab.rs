@@ -328,3 +328,44 @@ impl RootState {
         assert_eq!(before.sysctls.len(), self.sysctls.len());
     }
 }
+
+/// A process by PID and start time, so a recycled PID is never taken for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeenProcess {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl SeenProcess {
+    pub fn of(pid: i32) -> Option<Self> {
+        natscope_lab::registry::start_time(pid).map(|start| Self { pid, start })
+    }
+
+    /// Still running: the same start time and not a zombie (a zombie holds no namespace and
+    /// waits only for its parent to read its status).
+    pub fn running(&self) -> bool {
+        if natscope_lab::registry::start_time(self.pid) != Some(self.start) {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_some_and(|state| state != "Z")
+    }
+}
+
+/// The processes of lab `name` now: its owner (from its record) and every process in its
+/// namespaces.
+pub fn processes_of_lab(name: &str) -> Vec<SeenProcess> {
+    use natscope_lab::{netns, registry};
+    let inodes: Vec<u64> = registry::namespaces_of(name)
+        .iter()
+        .filter_map(|n| netns::inode_of(n))
+        .collect();
+    registry::read(name)
+        .map(|r| r.owner_pid)
+        .into_iter()
+        .chain(netns::processes_in(&inodes))
+        .filter_map(SeenProcess::of)
+        .collect()
+}

@@ -398,6 +398,7 @@ fn processes_forked_after_teardown_starts_are_removed_too() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let running = processes_with(&marker).len();
+    let in_lab = processes_of_lab(&name);
 
     let down = natscope(&["lab", "down", &name]);
     assert_eq!(down.status.code(), Some(0), "{}", text(&down));
@@ -411,6 +412,11 @@ fn processes_forked_after_teardown_starts_are_removed_too() {
         left.is_empty(),
         "{} of the lab's processes outlived `lab down` ({running} ran before it): {left:?}",
         left.len()
+    );
+    let still: Vec<&SeenProcess> = in_lab.iter().filter(|p| p.running()).collect();
+    assert!(
+        still.is_empty(),
+        "processes of the lab (supervisor, reflector) outlived it: {still:?}"
     );
     assert!(registry::namespaces_of(&name).is_empty());
     assert!(registry::read(&name).is_none());

@@ -1,7 +1,8 @@
 //! Issue 15, the soak: labs come and go through the real `natscope` binary as root — labs with
 //! seeded loss and delay carrying probe traffic, two `lab up`s (and `lab down`s) of one name at
 //! once, several labs of different names up and down at once, supervisors SIGKILLed mid-life and
-//! then cleaned up by the next `lab up`, `lab down` or `lab status` — and afterwards nothing of
+//! then cleaned up by the next `lab up`, `lab down` or `lab status`, `lab up` and `lab down` of one
+//! name racing each other — and afterwards nothing of
 //! any of them remains: no namespace, no process, no record, control socket or log, and no change
 //! in the root namespace.
 //!
@@ -10,21 +11,79 @@
 //! `reap`) and the processes it saw in them; the root namespace check is the lab safety test's.
 //! It prints what it did (run with `--nocapture` to see it).
 
+use std::collections::HashSet;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use natscope_lab::{netns, registry};
+
 use natscope_probes::probe::ProbeReport;
 use natscope_tests::lab::*;
 use natscope_tests::{natscope_bin, ChildProcess, TempDir};
 
 /// Cycles of the soak (each: a lossy lab with traffic, a same-name race, three labs at once, a
-/// SIGKILLed supervisor).
+/// SIGKILLed supervisor, an up/down race).
 const CYCLES: usize = 6;
 /// No cycle starts after this much time, so a slow machine still finishes in about 2–3 minutes.
 const BUDGET: Duration = Duration::from_secs(120);
 /// How long one probe through a lossy lab may take before it counts as hung.
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
+/// Every lab of this test has a name starting with this (other tests run labs beside it).
+const PREFIX: &str = "reaps";
+
+/// Collects, every 50 ms until stopped, the processes of every lab of this test, so processes
+/// that live only briefly (in a lab a race took down before [`Soak::track`] could look) are
+/// checked at the end too.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<HashSet<SeenProcess>>>,
+}
+
+impl Watcher {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = HashSet::new();
+            while !flag.load(Ordering::Relaxed) {
+                let mut labs: Vec<String> = netns::list_lab_namespaces()
+                    .iter()
+                    .filter_map(|n| registry::lab_of_namespace(n).map(str::to_string))
+                    .chain(registry::list().into_iter().map(|r| r.name))
+                    .filter(|l| l.starts_with(PREFIX))
+                    .collect();
+                labs.sort();
+                labs.dedup();
+                for lab in labs {
+                    seen.extend(processes_of_lab(&lab));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> HashSet<SeenProcess> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
 
 /// A lab of one lossy, delaying port-restricted cone with a host behind it.
 fn lossy_topology(loss: f64, delay_ms: u64, seed: u64) -> String {
@@ -34,38 +93,16 @@ fn lossy_topology(loss: f64, delay_ms: u64, seed: u64) -> String {
     )
 }
 
-/// A process by PID and start time, so a recycled PID is never taken for it.
-#[derive(Clone, Copy, Debug)]
-struct Seen {
-    pid: i32,
-    start: u64,
-}
-
-impl Seen {
-    fn of(pid: i32) -> Option<Self> {
-        registry::start_time(pid).map(|start| Self { pid, start })
-    }
-    /// Still running: same start time and not a zombie (a zombie holds no namespace).
-    fn running(&self) -> bool {
-        if registry::start_time(self.pid) != Some(self.start) {
-            return false;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        stat.rfind(')')
-            .and_then(|i| stat.get(i + 2..i + 3))
-            .is_some_and(|state| state != "Z")
-    }
-}
-
 #[derive(Default)]
 struct Soak {
     names: Vec<String>,
-    seen: Vec<Seen>,
+    seen: Vec<SeenProcess>,
     labs: usize,
     probes: usize,
     finished: usize,
     answered: usize,
     races: usize,
+    up_down: Vec<(Option<i32>, Option<i32>)>,
     concurrent: usize,
     kills: usize,
     cleaned_by: Vec<&'static str>,
@@ -73,7 +110,7 @@ struct Soak {
 
 impl Soak {
     fn name(&mut self) -> String {
-        let n = lab_name("reaps");
+        let n = lab_name(PREFIX);
         self.names.push(n.clone());
         n
     }
@@ -81,13 +118,8 @@ impl Soak {
     /// Notes the lab's supervisor and every process in its namespaces, to check at the end that
     /// none of them is left.
     fn track(&mut self, name: &str) {
-        let rec = registry::read(name).unwrap_or_else(|| panic!("no record of lab {name}"));
-        let inodes: Vec<u64> = registry::namespaces_of(name)
-            .iter()
-            .filter_map(|n| netns::inode_of(n))
-            .collect();
-        let pids = std::iter::once(rec.owner_pid).chain(netns::processes_in(&inodes));
-        self.seen.extend(pids.filter_map(Seen::of));
+        assert!(registry::read(name).is_some(), "no record of lab {name}");
+        self.seen.extend(processes_of_lab(name));
         self.labs += 1;
     }
 
@@ -285,6 +317,34 @@ fn different_names(soak: &mut Soak) {
     }
 }
 
+/// 5. `lab up` and `lab down` of one name at once, the down 0–400 ms later: either may come
+///    first (the down finds no lab yet, takes the lab down while it is built, or after it is
+///    up); once both are done and one more `lab down` has run if the lab is still there, nothing
+///    is left.
+fn up_down_race(soak: &mut Soak, cycle: usize) {
+    let name = soak.name();
+    let up = spawn(&["lab", "up", "open", "--name", &name]);
+    std::thread::sleep(Duration::from_millis([0, 100, 200, 400][cycle % 4]));
+    let down = natscope(&["lab", "down", &name]);
+    let up = up.wait_with_output().expect("wait for lab up");
+    let codes = (up.status.code(), down.status.code());
+    assert!(
+        matches!(codes, (Some(0 | 2), Some(0 | 2))),
+        "lab up and lab down of {name} at once\n{}\n{}",
+        text(&up),
+        text(&down)
+    );
+    if registry::read(&name).is_some() || !registry::namespaces_of(&name).is_empty() {
+        ok(
+            &natscope(&["lab", "down", &name]),
+            "lab down after the race",
+        );
+    }
+    soak.labs += usize::from(codes.0 == Some(0));
+    soak.up_down.push(codes);
+    soak.assert_gone(&name, "up/down race");
+}
+
 /// 4. A supervisor SIGKILLed mid-life leaves its lab; the next `lab up` (of another name),
 ///    `lab down` or `lab status` removes it.
 fn killed_supervisor(soak: &mut Soak, cycle: usize) {
@@ -332,6 +392,7 @@ fn labs_come_and_go_under_loss_races_and_sigkill_and_nothing_remains() {
     let before = RootState::snapshot();
     let dir = TempDir::new("lab-soak");
     let started = Instant::now();
+    let watcher = Watcher::start();
     let mut soak = Soak::default();
     let mut cycles = 0;
     while cycles < CYCLES && (cycles == 0 || started.elapsed() < BUDGET) {
@@ -339,8 +400,16 @@ fn labs_come_and_go_under_loss_races_and_sigkill_and_nothing_remains() {
         same_name(&mut soak);
         different_names(&mut soak);
         killed_supervisor(&mut soak, cycles);
+        up_down_race(&mut soak, cycles);
         cycles += 1;
     }
+    let watched = watcher.finish();
+    let tracked = soak.seen.len();
+    let new: Vec<SeenProcess> = watched
+        .into_iter()
+        .filter(|p| !soak.seen.contains(p))
+        .collect();
+    soak.seen.extend(new);
 
     for name in &soak.names {
         soak.assert_gone(name, "after the soak");
@@ -354,7 +423,12 @@ fn labs_come_and_go_under_loss_races_and_sigkill_and_nothing_remains() {
         })
         .unwrap_or_default();
     assert!(tmp.is_empty(), "temporary record files left: {tmp:?}");
-    let left: Vec<Seen> = soak.seen.iter().copied().filter(Seen::running).collect();
+    let left: Vec<SeenProcess> = soak
+        .seen
+        .iter()
+        .copied()
+        .filter(SeenProcess::running)
+        .collect();
     assert!(
         left.is_empty(),
         "{} of {} processes seen in the soak's labs are still running: {left:?}",
@@ -365,19 +439,27 @@ fn labs_come_and_go_under_loss_races_and_sigkill_and_nothing_remains() {
 
     let seconds = started.elapsed().as_secs_f64();
     let count = |c: &str| soak.cleaned_by.iter().filter(|x| **x == c).count();
+    let races =
+        |want: (Option<i32>, Option<i32>)| soak.up_down.iter().filter(|c| **c == want).count();
     println!(
-        "soak: {cycles} cycles in {seconds:.1} s: {} labs up and down ({} lossy labs with a probe \
-         each: {} ran to the end, {} of them saw their public address, the others' labs were \
-         SIGKILLed under them; {} same-name races; {} labs \
-         up and down three at once); {} supervisors SIGKILLed, cleaned up by lab down {}, lab up \
-         {}, lab status {}; {} processes tracked, none left; no namespace, record or \
-         root-namespace change left",
+        "soak: {cycles} cycles in {seconds:.1} s, {} labs brought up: {} lossy labs (loss 0.1-0.3, \
+         delay 5-20 ms) with a probe each ({} ran to the end, {} of them saw their public \
+         address; the others' supervisors were SIGKILLed under them); {} same-name up/up and \
+         down/down races; {} labs up and down three at once; {} up/down races of one name (up \
+         ok and down ok {}, up ok and down found no lab {}, up failed as down took it {}); {} \
+         supervisors SIGKILLed, cleaned up by lab down {}, lab up {}, lab status {}; {} \
+         processes seen in the labs ({tracked} at fixed points, the rest by the watcher), none \
+         left; no namespace, record or root-namespace change left",
         soak.labs,
         soak.probes,
         soak.finished,
         soak.answered,
         soak.races,
         soak.concurrent,
+        soak.up_down.len(),
+        races((Some(0), Some(0))),
+        races((Some(0), Some(2))),
+        races((Some(2), Some(0))),
         soak.kills,
         count("down"),
         count("up"),
