@@ -331,17 +331,54 @@ impl Member {
     }
 }
 
-/// The processes in the namespaces `inodes`, each held by a pidfd opened *before* its namespace
-/// was checked (again), so every member is a process that was in one of them while its pidfd
-/// already pointed at it. Never includes the calling process.
-pub fn members(inodes: &[u64]) -> Vec<Member> {
+/// At most this many processes are held by pidfds at once ([`members`]), well below the usual
+/// limit of 1024 open files: a lab with more (a fork storm) is handled over several scans.
+pub const MEMBERS_PER_SCAN: usize = 256;
+
+/// One scan of a lab's namespaces ([`members`]).
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Processes in the namespaces, each held by a pidfd opened *before* its namespace was
+    /// checked (again), so every member is a process that was in one of them while its pidfd
+    /// already pointed at it.
+    pub members: Vec<Member>,
+    /// Processes the scan found but holds no pidfd for: beyond [`MEMBERS_PER_SCAN`], or
+    /// pidfd_open(2) failed for another reason than the process being gone. They are not
+    /// signalled this time; the next scan sees them again.
+    pub unheld: Vec<i32>,
+}
+
+impl Scan {
+    /// Whether the scan found nobody in the namespaces.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.unheld.is_empty()
+    }
+}
+
+/// The processes in the namespaces `inodes`, never the calling process.
+pub fn members(inodes: &[u64]) -> Scan {
     let me = std::process::id() as i32;
-    processes_in(inodes)
-        .into_iter()
-        .filter(|pid| *pid != me)
-        .filter_map(Member::open)
-        .filter(|m| net_inode_of_pid(m.pid).is_some_and(|i| inodes.contains(&i)))
-        .collect()
+    let mut scan = Scan::default();
+    for pid in processes_in(inodes).into_iter().filter(|pid| *pid != me) {
+        if scan.members.len() >= MEMBERS_PER_SCAN {
+            scan.unheld.push(pid);
+            continue;
+        }
+        let Some(raw) = rustix::process::Pid::from_raw(pid) else {
+            continue;
+        };
+        match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(pidfd) => {
+                if net_inode_of_pid(pid).is_some_and(|i| inodes.contains(&i)) {
+                    scan.members.push(Member { pid, pidfd });
+                }
+            }
+            // Gone since the scan read its namespace.
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(_) => scan.unheld.push(pid),
+        }
+    }
+    scan
 }
 
 /// Waits up to `limit` for every one of `members` to exit (poll(2) on their pidfds, no sleeping

@@ -232,19 +232,22 @@ pub struct Reaped {
 /// loop, a daemon's worker) is found by the next one. The first round sends SIGTERM and waits up
 /// to [`GRACE`] before SIGKILL; later rounds (what was forked meanwhile) get SIGKILL at once. Gives
 /// up after [`MAX_ROUNDS`] rounds or [`MAX_TIME`] past the first round and reports who survived
-/// (a process stuck in the kernel, or one forking faster than it is killed). Never signals the
-/// calling process.
+/// (a process stuck in the kernel, or one forking faster than it is killed). A scan holds at most
+/// [`netns::MEMBERS_PER_SCAN`] processes; in a lab with more, the rest are left to the next scans
+/// (and get SIGKILL without a SIGTERM first). Never signals the calling process.
 pub fn kill_in(inodes: &[u64]) -> Reaped {
     use rustix::process::Signal;
     let mut reaped = Reaped::default();
     let mut limit: Option<Instant> = None;
     loop {
-        let members = netns::members(inodes);
-        if members.is_empty() {
+        let scan = netns::members(inodes);
+        if scan.is_empty() {
             return reaped;
         }
+        let members = &scan.members;
         if reaped.rounds >= MAX_ROUNDS || limit.is_some_and(|l| Instant::now() >= l) {
             reaped.survivors = members.iter().map(netns::Member::pid).collect();
+            reaped.survivors.extend(&scan.unheld);
             tracing::warn!(
                 survivors = ?reaped.survivors,
                 rounds = reaped.rounds,
@@ -260,11 +263,15 @@ pub fn kill_in(inodes: &[u64]) -> Reaped {
         };
         if reaped.rounds == 0 {
             reaped.signals += count(Signal::TERM);
-            netns::wait_exited(&members, GRACE);
+            netns::wait_exited(members, GRACE);
             limit = Some(Instant::now() + MAX_TIME);
         }
         reaped.signals += count(Signal::KILL);
-        netns::wait_exited(&members, KILL_WAIT);
+        if members.is_empty() {
+            // Nobody could be held this time (out of file descriptors?): do not spin.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        netns::wait_exited(members, KILL_WAIT);
         reaped.rounds += 1;
     }
 }
