@@ -265,6 +265,8 @@ fn emit_status(doc: &StatusDocument) -> Result<()> {
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode> {
+    // Labs whose supervisor was killed are removed, not listed (as the next `lab up` would).
+    let _ = registry::sweep_stale();
     let mut records = registry::list();
     if let Some(n) = &a.name {
         natscope_lab::check_lab_name(n).map_err(|e| anyhow!("{e}"))?;
