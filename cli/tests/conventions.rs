@@ -1,0 +1,245 @@
+#![cfg(unix)]
+//! The conventions of a command-line tool (issue 16), through the real binary: `NO_COLOR` on a
+//! terminal, shell completions and the man page, and the "Exit status" and examples `--help` shows
+//! (README's "Exit status" must be the same text). Loopback only; every child is bounded in time
+//! and stopped by its pid.
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_natscope");
+
+fn natscope(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("run natscope");
+    assert!(
+        out.status.success(),
+        "natscope {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(args: &[&str]) -> String {
+    String::from_utf8(natscope(args).stdout).expect("utf-8 output")
+}
+
+/// Runs `natscope reflect` on 127.0.0.1 (any port) with stdout and stderr on a pseudo-terminal,
+/// stops it with SIGTERM once it serves, and returns everything it wrote to the terminal.
+fn reflect_on_a_terminal(no_color: Option<&str>) -> String {
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup the pty"));
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "reflect",
+        "--primary",
+        "127.0.0.1:0",
+        "--no-tcp",
+        "--workers",
+        "1",
+    ])
+    .env_remove("RUST_LOG")
+    .env_remove("NO_COLOR")
+    .stdin(Stdio::null())
+    .stdout(slave(&pty.slave))
+    .stderr(slave(&pty.slave));
+    if let Some(v) = no_color {
+        cmd.env("NO_COLOR", v);
+    }
+    let mut child = cmd.spawn().expect("start natscope reflect");
+    drop(cmd);
+    drop(pty.slave);
+    // The reader ends at EOF (EIO on Linux) once the child, the last holder of the slave, exits.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let mut master = std::fs::File::from(pty.master);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let mut stopped = false;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(chunk) => seen.extend(chunk),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if !stopped && String::from_utf8_lossy(&seen).contains("serving") {
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+            stopped = true;
+        }
+    }
+    // The terminal closes as the child exits, a moment before its status can be collected.
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if child.try_wait().expect("wait").is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "natscope reflect did not stop within 20 s; it wrote:\n{}",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.contains("stopped"), "no final counters:\n{text}");
+    text
+}
+
+#[test]
+fn no_color_on_a_terminal_means_no_escape_sequences() {
+    let plain = reflect_on_a_terminal(Some("1"));
+    assert!(
+        !plain.contains('\x1b'),
+        "escape sequences with NO_COLOR=1:\n{plain:?}"
+    );
+    // The control: the same terminal without NO_COLOR (or with it empty) gets colours, so the
+    // assertion above is about NO_COLOR and not about a terminal that never shows any.
+    for unset in [None, Some("")] {
+        let coloured = reflect_on_a_terminal(unset);
+        assert!(
+            coloured.contains("\x1b["),
+            "no colours with NO_COLOR={unset:?}:\n{coloured:?}"
+        );
+    }
+}
+
+#[test]
+fn completions_are_generated_for_every_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = stdout(&["completions", shell]);
+        assert!(script.len() > 1000, "{shell}: {} bytes", script.len());
+        for word in ["probe", "reflect", "punch", "completions", "verbose"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+        assert!(
+            !script.contains("serve --name"),
+            "{shell}: the hidden supervisor leaked"
+        );
+    }
+}
+
+#[cfg(all(feature = "lab", target_os = "linux"))]
+#[test]
+fn completions_list_the_presets_and_transports() {
+    let bash = stdout(&["completions", "bash"]);
+    for name in natscope_lab::presets::names() {
+        assert!(
+            bash.contains(&format!(" {name}")),
+            "bash completion lacks preset {name}"
+        );
+    }
+    assert!(
+        bash.contains("udp tcp"),
+        "bash completion lacks the transports"
+    );
+    let zsh = stdout(&["completions", "zsh"]);
+    assert!(
+        zsh.contains("port-restricted-cone"),
+        "zsh completion lacks the presets"
+    );
+}
+
+#[test]
+fn man_page_is_roff_naming_every_command() {
+    let man = stdout(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.starts_with(".TH"),
+        "{}",
+        &man[..80.min(man.len())]
+    );
+    assert!(man.contains(".TH natscope"));
+    for word in ["probe", "reflect", "demo", "punch", "bench", "completions"] {
+        assert!(man.contains(word), "man page lacks {word}");
+    }
+    assert!(
+        man.contains("Exit status"),
+        "man page lacks the exit status"
+    );
+}
+
+/// The lines between "## Exit status" and the next heading of README.md, inside its code block.
+fn readme_exit_status() -> String {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("## Exit status")
+        .expect("README has an Exit status section");
+    let body = &readme[start..];
+    let open = body.find("```text\n").expect("a text block") + "```text\n".len();
+    let close = body[open..].find("```").expect("its end") + open;
+    body[open..close].to_string()
+}
+
+#[test]
+fn readme_exit_status_is_the_help_text() {
+    let help = stdout(&["--help"]);
+    let section = readme_exit_status();
+    assert!(
+        help.contains(section.trim_end()),
+        "README's Exit status and `natscope --help` differ:\n--- README\n{section}\n--- help\n{help}"
+    );
+    for command in [
+        "probe",
+        "reflect",
+        "demo",
+        "punch connect",
+        "lab grid",
+        "lab matrix",
+        "bench reflect",
+        "bench lab",
+        "lab exec",
+    ] {
+        assert!(
+            section.contains(command),
+            "Exit status does not cover `{command}`"
+        );
+    }
+}
+
+#[test]
+fn main_commands_show_exit_status_and_examples() {
+    let mut commands = vec![
+        vec!["probe"],
+        vec!["reflect"],
+        vec!["demo"],
+        vec!["punch"],
+        vec!["punch", "connect"],
+        vec!["bench", "reflect"],
+    ];
+    if cfg!(all(feature = "lab", target_os = "linux")) {
+        commands.extend([
+            vec!["lab"],
+            vec!["lab", "up"],
+            vec!["lab", "grid"],
+            vec!["lab", "matrix"],
+            vec!["bench", "lab"],
+        ]);
+    }
+    for c in commands {
+        let help = stdout(&[c.as_slice(), &["--help"]].concat());
+        assert!(
+            help.contains("Exit status:"),
+            "`{} --help` has no exit status",
+            c.join(" ")
+        );
+        let examples = ["probe", "reflect", "lab up", "lab grid", "punch"];
+        if examples.contains(&c.join(" ").as_str()) {
+            assert!(
+                help.contains("Examples:") && help.contains(&format!("  natscope {}", c.join(" "))),
+                "`{} --help` has no examples:\n{help}",
+                c.join(" ")
+            );
+        }
+    }
+}
