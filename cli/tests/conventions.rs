@@ -243,3 +243,79 @@ fn main_commands_show_exit_status_and_examples() {
         }
     }
 }
+
+/// SIGTERM by pid, then SIGKILL if it is still running after 5 s.
+fn stop(child: &mut std::process::Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A loopback port free for both UDP and TCP right now.
+fn free_port() -> u16 {
+    for _ in 0..50 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both udp and tcp");
+}
+
+#[test]
+fn punch_via_takes_a_host_name_like_probe() {
+    let out = Command::new(BIN)
+        .args(["punch", "connect", "nobody", "--via", "nohost"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "natscope: error: \"nohost\" has no port: give HOST:PORT (the standard punch port is 3490)\n"
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Command::new(BIN)
+        .args(["punch", "serve", "--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start punch serve");
+    let via = format!("localhost:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    // `localhost` resolves (IPv4 preferred) to the server, which answers that nobody registered:
+    // exit 1, the session failed, not 2, the server unreachable. Retried until the server is up.
+    let result = loop {
+        let out = Command::new(BIN)
+            .args([
+                "punch",
+                "connect",
+                "nobody",
+                "--via",
+                &via,
+                "--timeout",
+                "2",
+            ])
+            .output()
+            .expect("run punch connect");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() == Some(1) || Instant::now() > deadline {
+            break (out.status.code(), err);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop(&mut server);
+    assert_eq!(result.0, Some(1), "{}", result.1);
+    assert!(
+        result
+            .1
+            .contains(&format!("no peer registered as `nobody` at {listen}")),
+        "{}",
+        result.1
+    );
+}
