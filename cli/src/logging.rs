@@ -12,10 +12,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Args, Clone, Copy, Debug)]
 pub struct LogArgs {
     /// More log output on stderr; repeat for more (each -v one level: info, debug, trace).
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count, global = true, display_order = 900)]
     verbose: u8,
     /// Less log output on stderr; repeat for less (each -q one level: warnings, errors, nothing).
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count, global = true, display_order = 901)]
     quiet: u8,
 }
 

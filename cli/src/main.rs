@@ -71,7 +71,11 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) on stdout (e.g. `natscope man | man -l -`).
-    Man,
+    Man {
+        /// Write natscope.1 and a page per subcommand (natscope-probe.1, …) into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,10 +107,14 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "natscope", &mut out);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
+        Command::Man { dir: None } => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout().lock())
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
+        Command::Man { dir: Some(d) } => std::fs::create_dir_all(&d)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &d))
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("cannot write man pages into {}: {e}", d.display())),
     };
     match result {
         Ok(code) => code,

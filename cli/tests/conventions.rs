@@ -167,6 +167,14 @@ fn man_page_is_roff_naming_every_command() {
         man.contains("Exit status"),
         "man page lacks the exit status"
     );
+    // `--dir`: the pages the main page's SUBCOMMANDS section refers to, one file each.
+    let dir = std::env::temp_dir().join(format!("natscope-man-{}", std::process::id()));
+    natscope(&["man", "--dir", &dir.to_string_lossy()]);
+    for page in ["natscope.1", "natscope-probe.1", "natscope-punch-connect.1"] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page} is missing or empty");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The lines between "## Exit status" and the next heading of README.md, inside its code block.
