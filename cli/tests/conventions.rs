@@ -130,20 +130,54 @@ fn completions_are_generated_for_every_shell() {
     }
 }
 
+/// What bash offers after `words` (the last one being typed), by running the generated script's
+/// completion function the way bash's `complete -F` does.
+#[cfg(all(feature = "lab", target_os = "linux"))]
+fn bash_offers(script: &std::path::Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let prev = words.len().saturating_sub(2);
+    let program = format!(
+        "source '{}'; COMP_WORDS=({}); COMP_CWORD={}; _natscope natscope '{}' '{}'; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1,
+        words[words.len() - 1],
+        words[prev],
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &program])
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(all(feature = "lab", target_os = "linux"))]
 #[test]
 fn completions_list_the_presets_and_transports() {
-    let bash = stdout(&["completions", "bash"]);
-    for name in natscope_lab::presets::names() {
-        assert!(
-            bash.contains(&format!(" {name}")),
-            "bash completion lacks preset {name}"
-        );
+    let script = std::env::temp_dir().join(format!("natscope-bash-{}", std::process::id()));
+    std::fs::write(&script, stdout(&["completions", "bash"])).expect("write the script");
+    let presets: Vec<String> = natscope_lab::presets::names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let up = bash_offers(&script, &["natscope", "lab", "up", ""]);
+    let grid = bash_offers(&script, &["natscope", "lab", "grid", "--presets", ""]);
+    let transports = bash_offers(&script, &["natscope", "lab", "grid", "--transport", ""]);
+    let _ = std::fs::remove_file(&script);
+    for p in &presets {
+        assert!(up.contains(p), "`lab up <TAB>` lacks {p}: {up:?}");
     }
-    assert!(
-        bash.contains("udp tcp"),
-        "bash completion lacks the transports"
-    );
+    assert_eq!(grid, presets, "`lab grid --presets <TAB>`");
+    assert_eq!(transports, ["udp", "tcp"], "`lab grid --transport <TAB>`");
     let zsh = stdout(&["completions", "zsh"]);
     assert!(
         zsh.contains("port-restricted-cone"),
