@@ -30,29 +30,23 @@ fn stdout(args: &[&str]) -> String {
     String::from_utf8(natscope(args).stdout).expect("utf-8 output")
 }
 
-/// Runs `natscope reflect` on 127.0.0.1 (any port) with stdout and stderr on a pseudo-terminal,
-/// stops it with SIGTERM once it serves, and returns everything it wrote to the terminal.
-fn reflect_on_a_terminal(no_color: Option<&str>) -> String {
+/// Runs natscope with `args`, stdout and stderr on a pseudo-terminal, and returns everything it
+/// wrote there. With `stop_at`, it is sent SIGTERM once its output shows that text (a server);
+/// else it runs to its end. Bounded: killed and reported after 20 s.
+fn on_a_terminal(args: &[&str], no_color: Option<&str>, stop_at: Option<&str>) -> String {
     let pty = nix::pty::openpty(None, None).expect("openpty");
     let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup the pty"));
     let mut cmd = Command::new(BIN);
-    cmd.args([
-        "reflect",
-        "--primary",
-        "127.0.0.1:0",
-        "--no-tcp",
-        "--workers",
-        "1",
-    ])
-    .env_remove("RUST_LOG")
-    .env_remove("NO_COLOR")
-    .stdin(Stdio::null())
-    .stdout(slave(&pty.slave))
-    .stderr(slave(&pty.slave));
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(slave(&pty.slave))
+        .stderr(slave(&pty.slave));
     if let Some(v) = no_color {
         cmd.env("NO_COLOR", v);
     }
-    let mut child = cmd.spawn().expect("start natscope reflect");
+    let mut child = cmd.spawn().expect("start natscope");
     drop(cmd);
     drop(pty.slave);
     // The reader ends at EOF (EIO on Linux) once the child, the last holder of the slave, exits.
@@ -75,9 +69,11 @@ fn reflect_on_a_terminal(no_color: Option<&str>) -> String {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if !stopped && String::from_utf8_lossy(&seen).contains("serving") {
-            kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-            stopped = true;
+        if let Some(text) = stop_at.filter(|_| !stopped) {
+            if String::from_utf8_lossy(&seen).contains(text) {
+                kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+                stopped = true;
+            }
         }
     }
     // The terminal closes as the child exits, a moment before its status can be collected.
@@ -88,18 +84,26 @@ fn reflect_on_a_terminal(no_color: Option<&str>) -> String {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
-            "natscope reflect did not stop within 20 s; it wrote:\n{}",
+            "natscope {args:?} did not end within 20 s; it wrote:\n{}",
             String::from_utf8_lossy(&seen)
         );
     }
-    let text = String::from_utf8_lossy(&seen).into_owned();
-    assert!(text.contains("stopped"), "no final counters:\n{text}");
-    text
+    String::from_utf8_lossy(&seen).into_owned()
 }
+
+const REFLECT: [&str; 6] = [
+    "reflect",
+    "--primary",
+    "127.0.0.1:0",
+    "--no-tcp",
+    "--workers",
+    "1",
+];
 
 #[test]
 fn no_color_on_a_terminal_means_no_escape_sequences() {
-    let plain = reflect_on_a_terminal(Some("1"));
+    let plain = on_a_terminal(&REFLECT, Some("1"), Some("serving"));
+    assert!(plain.contains("stopped"), "no final counters:\n{plain}");
     assert!(
         !plain.contains('\x1b'),
         "escape sequences with NO_COLOR=1:\n{plain:?}"
@@ -107,12 +111,24 @@ fn no_color_on_a_terminal_means_no_escape_sequences() {
     // The control: the same terminal without NO_COLOR (or with it empty) gets colours, so the
     // assertion above is about NO_COLOR and not about a terminal that never shows any.
     for unset in [None, Some("")] {
-        let coloured = reflect_on_a_terminal(unset);
+        let coloured = on_a_terminal(&REFLECT, unset, Some("serving"));
         assert!(
             coloured.contains("\x1b["),
             "no colours with NO_COLOR={unset:?}:\n{coloured:?}"
         );
     }
+    // Help (clap's styles) and a table (comfy-table, `demo` on 127.0.0.1 + 127.0.0.2) too.
+    let help = on_a_terminal(&["probe", "--help"], Some("1"), None);
+    assert!(
+        help.contains("Exit status") && !help.contains('\x1b'),
+        "{help:?}"
+    );
+    assert!(on_a_terminal(&["probe", "--help"], None, None).contains("\x1b["));
+    let demo = on_a_terminal(&["demo"], Some("1"), None);
+    assert!(
+        demo.contains("RESPONSE-ORIGIN") && !demo.contains('\x1b'),
+        "{demo:?}"
+    );
 }
 
 #[test]
