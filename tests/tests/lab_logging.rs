@@ -31,12 +31,18 @@ fn the_supervisor_logs_to_the_lab_log_at_the_level_lab_up_was_given() {
     require_root();
     // A server logs at info by default: the supervisor says it is up.
     let log = supervisor_log(&[]);
-    assert!(log.contains("INFO") && log.contains("supervising"), "log:\n{log}");
+    assert!(
+        log.contains("INFO") && log.contains("supervising"),
+        "log:\n{log}"
+    );
     assert!(!log.contains('\x1b'), "colours in a log file:\n{log:?}");
     // One -q on `lab up` reaches the supervisor: warnings only.
     let log = supervisor_log(&["-q"]);
-    assert!(!log.contains("supervising"), "-q did not reach the supervisor:\n{log}");
-    // -vv: debug, and other crates stay at warn.
+    assert!(
+        !log.contains("supervising"),
+        "-q did not reach the supervisor:\n{log}"
+    );
+    // -vv: more than the default, never less.
     let log = supervisor_log(&["-vv"]);
     assert!(log.contains("supervising"), "log:\n{log}");
 }
