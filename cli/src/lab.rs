@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::control::{self, load_plan, Reply, Request};
+use natscope_lab::control::{self, load_plan, NatTableDocument, Reply, Request};
 use natscope_lab::registry::control_path;
 use natscope_lab::topology::RouterKind;
 use natscope_lab::{netns, presets, registry, Lab, LabOptions, LabStatus, StatusDocument};
@@ -303,7 +303,8 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
         _ => bail!("the supervisor of lab {} does not answer", rec.name),
     };
     if a.json {
-        emit(&serde_json::to_string_pretty(&table)?);
+        let doc = NatTableDocument::new(table.mappings);
+        emit(&serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = Table::new();

@@ -19,4 +19,4 @@ pub mod punch;
 pub mod reflector;
 pub mod selfcheck;
 
-pub use natscope_core::{fuzzing, nat, stun};
+pub use natscope_core::{document, fuzzing, nat, stun};
