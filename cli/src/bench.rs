@@ -15,10 +15,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets, CellAlignment, Table};
 use natscope_probes::bench::{run_load, LoadConfig, LoadReport, MAX_DURATION};
-use serde::Serialize;
-
-/// Version of the JSON document; bump on any incompatible change.
-pub const SCHEMA: &str = "natscope.bench/v1";
 
 #[derive(Args, Debug)]
 pub struct BenchReflectArgs {
@@ -40,14 +36,6 @@ pub struct BenchReflectArgs {
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// The JSON document: the schema tag, then every report field.
-#[derive(Serialize)]
-struct BenchDocument<'a> {
-    schema: &'static str,
-    #[serde(flatten)]
-    report: &'a LoadReport,
 }
 
 /// Resolves `target` and picks the address to load: a loopback one if any, so `localhost` works,
@@ -100,11 +88,7 @@ pub fn run_reflect(args: BenchReflectArgs) -> Result<ExitCode> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let report = run_load(&cfg).with_context(|| format!("benchmark of {target} failed"))?;
     if args.json {
-        let doc = BenchDocument {
-            schema: SCHEMA,
-            report: &report,
-        };
-        crate::emit(&serde_json::to_string_pretty(&doc)?);
+        crate::emit(&serde_json::to_string_pretty(&report.document())?);
     } else {
         crate::emit(&render_table(&report));
     }
@@ -238,16 +222,13 @@ mod tests {
     #[test]
     fn json_document_carries_the_schema_and_every_field() {
         let r = report();
-        let v = serde_json::to_value(BenchDocument {
-            schema: SCHEMA,
-            report: &r,
-        })
-        .unwrap();
-        assert_eq!(v["schema"], SCHEMA);
+        let v = serde_json::to_value(r.document()).unwrap();
+        assert_eq!(v["schema"], natscope_probes::bench::SCHEMA);
+        assert_eq!(v["natscope_version"], env!("CARGO_PKG_VERSION"));
         assert_eq!(v["target"], "127.0.0.1:3478");
         assert_eq!(v["responses"], 990);
         assert_eq!(v["p99_us"], 900);
         assert_eq!(v["requests_per_second"], 198.04);
-        assert_eq!(v.as_object().unwrap().len(), 15);
+        assert_eq!(v.as_object().unwrap().len(), 16);
     }
 }

@@ -14,14 +14,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets as table_presets, Table};
 use natscope_lab::bench::{
-    big_lab, caveat, lab_name, ping_pong, preset_lab, tcp_bulk, udp_flood, up_down, Latency,
-    Spread, Tcp, Udp, UpDown, PINGS, WARMUP,
+    big_lab, caveat, lab_name, ping_pong, preset_lab, tcp_bulk, udp_flood, up_down,
+    BenchLabDocument as Document, Spread, PINGS, WARMUP,
 };
 use natscope_lab::{netns, LabOptions};
-use serde::Serialize;
-
-/// Version of the JSON document; bump on any incompatible change.
-pub const SCHEMA: &str = "natscope.bench-lab/v1";
 /// The traffic sections run through these presets: no NAT, the userspace engine, the kernel.
 const PATHS: [&str; 3] = ["open", "port-restricted-cone", "linux"];
 #[derive(Args, Debug)]
@@ -44,16 +40,6 @@ pub struct BenchLabArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct Document {
-    schema: &'static str,
-    caveat: String,
-    lab_up_down: Vec<UpDown>,
-    udp_64b: Vec<Udp>,
-    tcp_bulk: Vec<Tcp>,
-    udp_rtt: Vec<Latency>,
-}
-
 pub fn run(args: BenchLabArgs) -> Result<ExitCode> {
     if !(1..=100).contains(&args.runs) || args.big_runs > 20 {
         bail!("--runs must be 1..=100 and --big-runs 0..=20");
@@ -63,14 +49,7 @@ pub fn run(args: BenchLabArgs) -> Result<ExitCode> {
     }
     netns::check_privileges()?;
     let secs = Duration::from_secs_f64(args.seconds);
-    let mut doc = Document {
-        schema: SCHEMA,
-        caveat: caveat(),
-        lab_up_down: Vec::new(),
-        udp_64b: Vec::new(),
-        tcp_bulk: Vec::new(),
-        udp_rtt: Vec::new(),
-    };
+    let mut doc = Document::new(caveat());
     if !args.json {
         crate::emit(&format!("# {}", doc.caveat));
     }

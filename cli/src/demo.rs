@@ -19,24 +19,17 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> Result<ExitCode> {
+    let check = selfcheck::run()?;
     let SelfCheck {
         primary: a1p1,
         alternate: a2p2,
-        rows,
+        ref rows,
         pass,
         elapsed,
-        counters,
-    } = selfcheck::run()?;
+        ..
+    } = check;
     if args.json {
-        let doc = serde_json::json!({
-            "schema": "natscope.demo/v1",
-            "reflector": { "primary": a1p1, "alternate": a2p2 },
-            "rows": rows,
-            "pass": pass,
-            "duration_ms": elapsed.as_millis() as u64,
-            "reflector_counters": counters,
-        });
-        crate::emit(&serde_json::to_string_pretty(&doc)?);
+        crate::emit(&serde_json::to_string_pretty(&check.document())?);
     } else {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED).set_header([
@@ -49,7 +42,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             "result",
         ]);
         let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-        for r in &rows {
+        for r in rows {
             t.add_row([
                 r.test.to_string(),
                 r.sent_to.to_string(),

@@ -81,6 +81,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     let errors = cells.iter().any(|c| c.error.is_some());
     let doc = GridDocument {
         schema: grid::SCHEMA.to_string(),
+        natscope_version: natscope_probes::document::version(),
         pass: cells.iter().all(|c| c.pass),
         cells,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,

@@ -16,7 +16,7 @@ use clap::builder::{PossibleValue, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use natscope_lab::control::{self, load_plan, Reply, Request};
+use natscope_lab::control::{self, load_plan, NatTableDocument, Reply, Request};
 use natscope_lab::registry::control_path;
 use natscope_lab::topology::RouterKind;
 use natscope_lab::{netns, presets, registry, Lab, LabOptions, LabStatus, StatusDocument};
@@ -354,7 +354,8 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
         _ => bail!("the supervisor of lab {} does not answer", rec.name),
     };
     if a.json {
-        emit(&serde_json::to_string_pretty(&table)?);
+        let doc = NatTableDocument::new(table.mappings);
+        emit(&serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = Table::new();

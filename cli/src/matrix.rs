@@ -55,6 +55,7 @@ pub fn run(a: MatrixArgs) -> Result<ExitCode> {
     let errors = rows.iter().any(|r| r.error.is_some());
     let doc = MatrixDocument {
         schema: matrix::SCHEMA.to_string(),
+        natscope_version: natscope_probes::document::version(),
         pass: rows.iter().all(|r| r.pass),
         rows,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,

@@ -27,10 +27,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use natscope_probes::probe::comparison::{compare_mappings, MappingComparison};
 use natscope_probes::probe::{
     driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
-    Probe, ProbeConfig, ProbeReport, Timing,
+    Probe, ProbeConfig, ProbeDocument, ProbeReport, Timing,
 };
 use natscope_probes::resolve::{server_address, Service};
-use serde::Serialize;
 
 /// Public STUN servers `--public` uses. They are contacted only when the user passes `--public`
 /// (DESIGN.md, "Safety"); neither implements RFC 5780, so they give the mapping comparison only.
@@ -359,18 +358,9 @@ fn lifetime_bar() -> ProgressBar {
 // Rendering
 // ---------------------------------------------------------------------------------------------
 
-/// The JSON document: the report, plus the mapping comparison when several servers were named.
-#[derive(Serialize)]
-struct Document<'a> {
-    #[serde(flatten)]
-    report: &'a ProbeReport,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mapping_comparison: Option<&'a MappingComparison>,
-}
-
 /// The `natscope.probe/v1` document (docs/probe.md), pretty-printed.
 pub fn render_json(r: &ProbeReport, comparison: Option<&MappingComparison>) -> Result<String> {
-    let doc = Document {
+    let doc = ProbeDocument {
         report: r,
         mapping_comparison: comparison,
     };
@@ -521,6 +511,7 @@ mod tests {
         let opens = "at least one direction opens";
         ProbeReport {
             schema: SCHEMA,
+            natscope_version: "0.1.0-test".into(),
             local_address: Some(local),
             public_address: Some(local),
             nat_detected: Some(false),
@@ -712,6 +703,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
         let got = render_json(&open_internet(), None).unwrap();
         let want = r#"{
   "schema": "natscope.probe/v1",
+  "natscope_version": "0.1.0-test",
   "local_address": "127.0.0.1:40000",
   "public_address": "127.0.0.1:40000",
   "nat_detected": false,

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_probes::punch::driver::{
-    self, ConnectOptions, ConnectReport, ListenEvent, ListenOptions, PunchError, MAX_BIRTHDAY,
+    self, ConnectOptions, ConnectReport, ListenEvent, ListenLine, ListenOptions, PunchError,
+    MAX_BIRTHDAY,
 };
 use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
 use natscope_probes::resolve::{server_address, Service};
@@ -193,11 +194,9 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     let json = a.json;
     let result = driver::listen(&opts, shutdown_signal(), |ev| {
         if json {
-            let mut v = serde_json::to_value(&ev).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("schema".into(), "natscope.punch-listen/v1".into());
+            if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
+                crate::emit(&line);
             }
-            crate::emit(&v.to_string());
             return;
         }
         let line = match ev {
@@ -342,6 +341,7 @@ mod tests {
     fn the_human_table_is_exact() {
         let r = ConnectReport {
             schema: "natscope.punch/v1",
+            natscope_version: String::new(),
             transport: Transport::Udp,
             path: PathTaken::Relayed,
             local: SocketAddr::from(([10, 1, 0, 2], 4000)),

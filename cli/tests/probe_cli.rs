@@ -7,6 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// The suite's one validator (natscope-tests is Linux-only, so it is included, not depended on).
+#[path = "../../tests/src/schema.rs"]
+#[allow(dead_code)]
+mod schema;
+
 use natscope_probes::reflector::driver::{DriverConfig, RunningReflector};
 use natscope_probes::reflector::ReflectorConfig;
 use serde_json::Value;
@@ -41,9 +46,14 @@ impl Run {
             self.stderr()
         )
     }
+    /// stdout as one JSON document, validated against the schema its tag names.
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout())
-            .unwrap_or_else(|e| panic!("stdout is not one json document: {e}\n{}", self.report()))
+        let doc = serde_json::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("stdout is not one json document: {e}\n{}", self.report()));
+        if let Err(e) = schema::validate(&doc) {
+            panic!("{e}\n{}", self.report());
+        }
+        doc
     }
 }
 

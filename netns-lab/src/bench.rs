@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::netns::NetnsError;
@@ -63,14 +64,14 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
     move |source| BenchError::Io { what, source }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct Spread {
     pub min: f64,
     pub median: f64,
     pub max: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct UpDown {
     pub topology: String,
     pub runs: usize,
@@ -78,7 +79,7 @@ pub struct UpDown {
     pub down_ms: Spread,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct Udp {
     pub path: &'static str,
     /// Offered packets/s; `None` for the flood.
@@ -95,7 +96,7 @@ pub struct Udp {
     pub nat_forwarded: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct Tcp {
     pub path: &'static str,
     pub bytes: u64,
@@ -103,7 +104,7 @@ pub struct Tcp {
     pub mb_per_second: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, JsonSchema)]
 pub struct Latency {
     pub path: &'static str,
     pub samples: usize,
@@ -111,6 +112,45 @@ pub struct Latency {
     pub p50_us: u64,
     pub p99_us: u64,
     pub added_p50_us: Option<i64>,
+}
+
+/// The `schema` of `natscope bench lab --json`.
+pub const SCHEMA: &str = "natscope.bench-lab/v1";
+
+/// The `natscope bench lab --json` document (`natscope.bench-lab/v1`,
+/// docs/schema/bench-lab.v1.json).
+#[derive(Serialize, JsonSchema)]
+pub struct BenchLabDocument {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
+    pub schema: &'static str,
+    /// The version of natscope that wrote the document.
+    pub natscope_version: String,
+    /// What the numbers depend on ([`caveat`]).
+    pub caveat: String,
+    /// Lab up and down times, ms, per topology.
+    pub lab_up_down: Vec<UpDown>,
+    /// 64-byte UDP from h1 to stun, per path: a flood, then paced.
+    pub udp_64b: Vec<Udp>,
+    /// TCP bulk transfer from h1 to stun, per path.
+    pub tcp_bulk: Vec<Tcp>,
+    /// UDP round trips between h1 and stun, per path.
+    pub udp_rtt: Vec<Latency>,
+}
+
+impl BenchLabDocument {
+    /// An empty document whose numbers depend on `caveat`.
+    pub fn new(caveat: String) -> Self {
+        Self {
+            schema: SCHEMA,
+            natscope_version: natscope_core::document::version(),
+            caveat,
+            lab_up_down: Vec::new(),
+            udp_64b: Vec::new(),
+            tcp_bulk: Vec::new(),
+            udp_rtt: Vec::new(),
+        }
+    }
 }
 
 /// What the numbers depend on: the cores, the CPU and the load they were measured under.

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError};
@@ -57,10 +58,37 @@ pub struct NodeStats {
     pub counters: Stats,
 }
 
-/// A NAT node's live mappings; also the `natscope lab nat-table --json` document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The `schema` of `natscope lab nat-table --json`.
+pub const NAT_TABLE_SCHEMA: &str = "natscope.nat-table/v1";
+
+/// A NAT node's live mappings; also the `natscope lab nat-table --json` document
+/// (`natscope.nat-table/v1`). `schema` and `natscope_version` are read with defaults, so the CLI
+/// still understands a supervisor from before they were added.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct NatTableDocument {
+    /// Always [`NAT_TABLE_SCHEMA`].
+    #[serde(default = "nat_table_schema")]
+    #[schemars(extend("const" = NAT_TABLE_SCHEMA))]
+    pub schema: String,
+    /// The version of natscope that wrote the document.
+    #[serde(default)]
+    pub natscope_version: String,
     pub mappings: Vec<MappingRow>,
+}
+
+fn nat_table_schema() -> String {
+    NAT_TABLE_SCHEMA.to_string()
+}
+
+impl NatTableDocument {
+    /// The document of `mappings`, written by this version of natscope.
+    pub fn new(mappings: Vec<MappingRow>) -> Self {
+        Self {
+            schema: NAT_TABLE_SCHEMA.to_string(),
+            natscope_version: natscope_core::document::version(),
+            mappings,
+        }
+    }
 }
 
 /// Why a lab could not be started, supervised or found.
@@ -290,7 +318,7 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
                 .collect(),
         ),
         Request::NatTable { node } => match lab.nat_table(node) {
-            Some(mappings) => Reply::NatTable(NatTableDocument { mappings }),
+            Some(mappings) => Reply::NatTable(NatTableDocument::new(mappings)),
             None => Reply::Error(format!(
                 "`{node}` is not a userspace nat node of lab {}",
                 lab.name()
@@ -442,9 +470,7 @@ mod tests {
             },
         );
         for reply in [
-            Reply::NatTable(NatTableDocument {
-                mappings: vec![row.clone()],
-            }),
+            Reply::NatTable(NatTableDocument::new(vec![row.clone()])),
             Reply::Stats(stats),
             Reply::Error("`h1` is not a userspace nat node of lab t".into()),
         ] {
@@ -456,10 +482,8 @@ mod tests {
             );
         }
         // `lab nat-table --json` prints the table reply's body: the documented field names.
-        let doc = serde_json::to_value(NatTableDocument {
-            mappings: vec![row],
-        })
-        .unwrap();
+        let doc = serde_json::to_value(NatTableDocument::new(vec![row])).unwrap();
+        assert_eq!(doc["schema"], NAT_TABLE_SCHEMA);
         assert_eq!(doc["mappings"][0]["proto"], "udp");
         assert_eq!(doc["mappings"][0]["external"], "203.0.113.1:4000");
         assert_eq!(doc["mappings"][0]["expires_in_ms"], 1500);

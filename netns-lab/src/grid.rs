@@ -11,6 +11,7 @@ use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
 use natscope_core::probe::{AllocationPattern, Classic};
 use natscope_core::punch::connector::ConnectReport;
 use natscope_core::traversal::{self, Path, PeerNat, Techniques};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::presets;
@@ -22,7 +23,7 @@ pub use natscope_core::punch::PathTaken;
 
 /// One cell of `lab grid --json`: a pair of presets over one transport, what the reasoning
 /// expects and what `natscope punch` did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GridCell {
     pub a: String,
     pub b: String,
@@ -48,9 +49,15 @@ pub struct GridCell {
 pub const SCHEMA: &str = "natscope.grid/v1";
 
 /// The `natscope.grid/v1` document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GridDocument {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
     pub schema: String,
+    /// The version of natscope that wrote the document; empty when read from a document
+    /// written before it was added.
+    #[serde(default)]
+    pub natscope_version: String,
     pub cells: Vec<GridCell>,
     pub pass: bool,
     pub duration_ms: f64,

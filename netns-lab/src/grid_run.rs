@@ -188,6 +188,7 @@ mod tests {
     fn report(path: PathTaken, sent: u64, echoed: u64, in_order: bool) -> ConnectReport {
         ConnectReport {
             schema: SCHEMA,
+            natscope_version: String::new(),
             transport: Transport::Udp,
             path,
             local: "10.1.0.2:4000".parse().expect("addr"),

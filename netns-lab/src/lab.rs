@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use natscope_core::client::{build_request, RequestOptions};
 use natscope_core::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{self, EngineHandle};
@@ -664,9 +665,15 @@ fn wait_for_stun(server: SocketAddr, limit: Duration) -> bool {
 pub const STATUS_SCHEMA: &str = "natscope.lab/v1";
 
 /// The `natscope.lab/v1` document: every lab `lab status` lists (docs/lab.md).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StatusDocument {
+    /// Always [`STATUS_SCHEMA`].
+    #[schemars(extend("const" = STATUS_SCHEMA))]
     pub schema: String,
+    /// The version of natscope that wrote the document; empty when read from a document
+    /// written before it was added.
+    #[serde(default)]
+    pub natscope_version: String,
     pub labs: Vec<LabStatus>,
 }
 
@@ -674,6 +681,7 @@ impl StatusDocument {
     pub fn new(labs: Vec<LabStatus>) -> Self {
         Self {
             schema: STATUS_SCHEMA.to_string(),
+            natscope_version: natscope_core::document::version(),
             labs,
         }
     }
@@ -681,7 +689,7 @@ impl StatusDocument {
 
 /// One lab as `lab status` reports it: its record, whether its owner lives, and per node what
 /// the owner's engines say.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LabStatus {
     pub name: String,
     /// `None` for a lab built from a topology file or in Rust.
@@ -711,7 +719,7 @@ impl LabStatus {
 }
 
 /// One node of a [`LabStatus`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeStatus {
     pub name: String,
     pub role: Role,

@@ -9,6 +9,7 @@ use natscope_core::nat::PortAllocation;
 use natscope_core::probe::report::{
     AddressPooling, AllocationPattern, Behavior, Classic, ProbeReport,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
@@ -35,7 +36,7 @@ pub const FIELDS: &[&str] = &[
 /// The verdicts of one probe run (or of a preset's truth), with the probe's own types: a field's
 /// JSON is exactly the probe report's, except `port_allocation` (the report's
 /// `port_allocation.pattern`) and `allocation_delta` (its `port_allocation.delta`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Verdicts {
     pub udp_blocked: bool,
     pub nat_detected: Option<bool>,
@@ -132,10 +133,11 @@ impl Verdicts {
 }
 
 /// One field of one preset.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Check {
     /// One of [`FIELDS`].
     #[serde(deserialize_with = "field_name")]
+    #[schemars(extend("enum" = FIELDS))]
     pub field: FieldName,
     pub expected: Value,
     pub observed: Value,
@@ -178,7 +180,7 @@ pub fn compare_verdicts(expected: &Verdicts, observed: Option<&Verdicts>) -> Vec
 }
 
 /// One row of `lab matrix --json`: a preset, its truth, what the probe in `h1` reported.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MatrixRow {
     pub preset: String,
     pub expected: Verdicts,
@@ -194,9 +196,15 @@ pub struct MatrixRow {
 }
 
 /// The `natscope.matrix/v1` document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct MatrixDocument {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
     pub schema: String,
+    /// The version of natscope that wrote the document; empty when read from a document
+    /// written before it was added.
+    #[serde(default)]
+    pub natscope_version: String,
     pub rows: Vec<MatrixRow>,
     pub pass: bool,
     pub duration_ms: f64,

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use natscope_core::nat::NatBehavior;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An IPv4 prefix, `addr/len`.
@@ -80,7 +81,7 @@ impl std::str::FromStr for Ipv4Net {
 
 /// What a NAT router does with an unsolicited inbound TCP SYN (RFC 5382 §5 REQ-4 asks for silence;
 /// some NATs answer with a reset, which defeats TCP simultaneous open).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum UnsolicitedSyn {
     Drop,
@@ -88,7 +89,7 @@ pub enum UnsolicitedSyn {
 }
 
 /// Settings of the userspace NAT engine of one router.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct EngineConfig {
     /// The RFC 4787 knobs (mapping, filtering, allocation, range, parity, hairpinning, timeouts,
     /// refresh direction, pooling). With `translate == false` only filtering and timeouts apply.
@@ -124,7 +125,7 @@ impl EngineConfig {
 }
 
 /// How a router translates.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum RouterKind {
     /// natscope's userspace RFC 4787 engine.
@@ -180,7 +181,7 @@ pub struct Topology {
 }
 
 /// What a node is, as reported by `lab status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     Internet,

@@ -19,6 +19,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -76,8 +77,24 @@ impl LoadConfig {
     }
 }
 
+/// The `schema` of `natscope bench reflect --json`.
+pub const SCHEMA: &str = "natscope.bench/v1";
+
+/// The `natscope bench reflect --json` document (`natscope.bench/v1`, docs/schema/bench.v1.json):
+/// the schema tag and version, then every field of the report.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct BenchDocument<'a> {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
+    pub schema: &'static str,
+    /// The version of natscope that wrote the document.
+    pub natscope_version: String,
+    #[serde(flatten)]
+    pub report: &'a LoadReport,
+}
+
 /// The outcome of one run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 pub struct LoadReport {
     /// The server that was loaded.
     pub target: SocketAddr,
@@ -107,6 +124,17 @@ pub struct LoadReport {
     pub p99_us: u64,
     /// Slowest answered request, microseconds (exact).
     pub max_us: u64,
+}
+
+impl LoadReport {
+    /// The report as the `natscope.bench/v1` document.
+    pub fn document(&self) -> BenchDocument<'_> {
+        BenchDocument {
+            schema: SCHEMA,
+            natscope_version: natscope_core::document::version(),
+            report: self,
+        }
+    }
 }
 
 /// Sub-buckets per power of two: 2^5 = 32, so a bucket is at most 1/32 of its value wide.

@@ -21,4 +21,4 @@ pub mod reflector;
 pub mod resolve;
 pub mod selfcheck;
 
-pub use natscope_core::{fuzzing, nat, stun};
+pub use natscope_core::{document, fuzzing, nat, stun};

@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -40,8 +41,57 @@ pub struct SelfCheck {
     pub counters: CounterSnapshot,
 }
 
+/// The `schema` of `natscope demo --json`.
+pub const SCHEMA: &str = "natscope.demo/v1";
+
+/// The `natscope demo --json` document (`natscope.demo/v1`, docs/schema/demo.v1.json).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DemoDocument<'a> {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
+    pub schema: &'static str,
+    /// The version of natscope that wrote the document.
+    pub natscope_version: String,
+    pub reflector: DemoReflector,
+    /// One row per exchange.
+    pub rows: &'a [Row],
+    /// Every row passed.
+    pub pass: bool,
+    /// The whole run, whole milliseconds.
+    pub duration_ms: u64,
+    /// The loopback reflector's counters after the run.
+    pub reflector_counters: &'a CounterSnapshot,
+}
+
+/// The loopback reflector the demo ran against.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DemoReflector {
+    /// Its primary address, A1:P1.
+    pub primary: SocketAddr,
+    /// Its alternate address, A2:P2.
+    pub alternate: SocketAddr,
+}
+
+impl SelfCheck {
+    /// The run as the `natscope.demo/v1` document.
+    pub fn document(&self) -> DemoDocument<'_> {
+        DemoDocument {
+            schema: SCHEMA,
+            natscope_version: natscope_core::document::version(),
+            reflector: DemoReflector {
+                primary: self.primary,
+                alternate: self.alternate,
+            },
+            rows: &self.rows,
+            pass: self.pass,
+            duration_ms: self.elapsed.as_millis() as u64,
+            reflector_counters: &self.counters,
+        }
+    }
+}
+
 /// One exchange and what was checked.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Row {
     pub test: &'static str,
     pub sent_to: SocketAddr,

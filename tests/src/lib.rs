@@ -13,6 +13,7 @@
 
 pub mod lab;
 pub mod punch;
+pub mod schema;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

@@ -95,8 +95,10 @@ impl PunchLab {
 /// The `natscope.punch/v1` report a finished `punch connect --json` printed, read typed; panics
 /// with the process's output if it printed none.
 pub fn report(c: &ChildProcess) -> ConnectReport {
-    punch_lab::connect_report(c.stdout().as_bytes())
-        .unwrap_or_else(|e| panic!("connect printed no report ({e})\n{}", c.diagnostics()))
+    let r = punch_lab::connect_report(c.stdout().as_bytes())
+        .unwrap_or_else(|e| panic!("connect printed no report ({e})\n{}", c.diagnostics()));
+    crate::schema::assert_valid_text(&c.stdout());
+    r
 }
 
 /// `natscope punch serve --listen SERVER` on the reflector node `stun`, once it accepts

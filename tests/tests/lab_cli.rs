@@ -14,7 +14,7 @@ use natscope_lab::{registry, Lab, StatusDocument, STATUS_SCHEMA};
 use natscope_probes::nat::{FilteringBehavior, Protocol};
 use natscope_probes::probe::{Classic, ProbeReport};
 use natscope_tests::lab::*;
-use natscope_tests::{natscope_bin, require_tool, ChildProcess, TempDir};
+use natscope_tests::{natscope_bin, require_tool, schema, ChildProcess, TempDir};
 use serde_json::Value;
 
 /// coturn (RFC 5780 mode) on the reflector node's two addresses, on ports of its own.
@@ -161,7 +161,7 @@ impl Drop for DownOnDrop {
 /// the typed reads below would not notice a field renamed on both sides of serde. Keys are
 /// printed in alphabetical order, as `natscope.lab/v1` always has.
 fn documented_fields_of_lab_status(stdout: &[u8]) {
-    let doc: Value = serde_json::from_slice(stdout).expect("json");
+    let doc = schema::assert_valid_text(&String::from_utf8_lossy(stdout));
     assert_eq!(
         String::from_utf8_lossy(stdout).trim_end(),
         serde_json::to_string_pretty(&doc).unwrap(),
@@ -172,7 +172,7 @@ fn documented_fields_of_lab_status(stdout: &[u8]) {
         k.sort();
         k
     };
-    assert_eq!(keys(&doc), ["labs", "schema"]);
+    assert_eq!(keys(&doc), ["labs", "natscope_version", "schema"]);
     assert_eq!(doc["schema"], "natscope.lab/v1");
     let lab = &doc["labs"][0];
     assert_eq!(
@@ -206,6 +206,8 @@ fn documented_fields_of_lab_status(stdout: &[u8]) {
 
 /// The field names of `lab nat-table --json` (docs/lab.md), by key on purpose.
 fn documented_fields_of_nat_table(doc: &Value) {
+    assert_eq!(doc["schema"], "natscope.nat-table/v1");
+    assert!(doc["natscope_version"].is_string());
     let row = &doc["mappings"][0];
     let mut keys: Vec<&str> = row
         .as_object()
@@ -236,6 +238,7 @@ fn lab_up_status_nat_table_down() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    schema::assert_valid_text(&String::from_utf8_lossy(&out.stdout));
     let doc: StatusDocument = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(doc.schema, STATUS_SCHEMA);
 
@@ -253,6 +256,7 @@ fn lab_up_status_nat_table_down() {
         "--json",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    schema::assert_valid_text(&String::from_utf8_lossy(&out.stdout));
     let probe: ProbeReport = serde_json::from_slice(&out.stdout).expect("probe json");
     assert_eq!(probe.classic, Classic::PortRestrictedCone);
 
@@ -303,7 +307,9 @@ fn lab_up_status_nat_table_down() {
 
     let out = natscope(&["lab", "nat-table", "--lab", &name, "nat", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
-    documented_fields_of_nat_table(&serde_json::from_slice(&out.stdout).expect("json"));
+    documented_fields_of_nat_table(&schema::assert_valid_text(&String::from_utf8_lossy(
+        &out.stdout,
+    )));
     let t: NatTableDocument = serde_json::from_slice(&out.stdout).expect("json");
     assert!(t.mappings.iter().any(|r| r.proto == Protocol::Udp
         && r.internal.ip() == Ipv4Addr::new(10, 1, 0, 2)

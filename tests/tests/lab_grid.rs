@@ -18,6 +18,7 @@ fn grid_of_six_presets_matches_rfc4787_reasoning_over_udp_and_tcp() {
         .output()
         .expect("run natscope lab grid");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    natscope_tests::schema::assert_valid_text(&stdout);
     let doc: GridDocument = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
             "not a natscope.grid/v1 document ({e}):\n{stdout}\n{}",

@@ -17,6 +17,7 @@ fn matrix_over_every_preset_passes() {
         .output()
         .expect("run natscope lab matrix");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    natscope_tests::schema::assert_valid_text(&stdout);
     let doc: MatrixDocument = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
             "not a natscope.matrix/v1 document ({e}):\n{stdout}\n{}",

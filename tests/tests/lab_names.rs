@@ -174,7 +174,8 @@ fn of_two_concurrent_lab_ups_of_one_name_exactly_one_wins_and_the_other_leaves_i
         // The winner's lab is whole: its record, every namespace, a supervisor that answers.
         let status = natscope(&["lab", "status", "--json", &name]);
         assert_eq!(status.status.code(), Some(0), "{}", text(&status));
-        let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        let doc =
+            natscope_tests::schema::assert_valid_text(&String::from_utf8_lossy(&status.stdout));
         assert_eq!(doc["labs"][0]["running"], true, "{}", text(&status));
         assert_eq!(registry::namespaces_of(&name).len(), 5);
         assert!(registry::control_path(&name).exists());

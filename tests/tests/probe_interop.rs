@@ -60,6 +60,7 @@ fn probe_json(server: SocketAddr) -> (ToolRun, ProbeReport) {
             run.report()
         )
     });
+    natscope_tests::schema::assert_valid_text(&run.stdout);
     (run, report)
 }
 

@@ -53,6 +53,7 @@ fn probe_in_h1(
             p.diagnostics()
         )
     });
+    natscope_tests::schema::assert_valid_text(&p.stdout());
     (report, status.code(), p)
 }
 

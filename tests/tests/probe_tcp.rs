@@ -89,6 +89,7 @@ fn binary_probe_tcp_json_reports_endpoint_independent() {
     assert_eq!(run.code(), Some(0), "{why}");
     let report: ProbeReport = serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("stdout is not one natscope.probe/v1 document: {e}\n{why}"));
+    natscope_tests::schema::assert_valid_text(&run.stdout);
     assert_eq!(report.tcp_mapping, Behavior::EndpointIndependent, "{why}");
     assert_eq!(report.tcp_port_preservation, Some(true), "{why}");
     assert_eq!(report.mapping, Behavior::EndpointIndependent, "{why}");

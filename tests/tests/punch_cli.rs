@@ -80,7 +80,9 @@ fn loopback_sessions_report_the_contract_json() {
             "punch", "listen", "--id", "bob", "--via", &addr, "--count", "2",
         ];
         if tcp {
-            largs.push("--tcp");
+            // Over TCP the listener prints its `natscope.punch-listen/v1` lines (checked below);
+            // over UDP its text lines.
+            largs.extend(["--tcp", "--json"]);
         }
         let mut l = natscope(&largs);
         wait_for(&mut l, |p| p.stdout().contains("registered"), "registered");
@@ -107,8 +109,7 @@ fn loopback_sessions_report_the_contract_json() {
             );
             // Key by key on purpose: this is the documented contract (docs/punch.md), so the
             // field names are what is under test, not the library's type.
-            let r: serde_json::Value = serde_json::from_str(&c.stdout())
-                .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+            let r = natscope_tests::schema::assert_valid_text(&c.stdout());
             let d = c.diagnostics();
             // And the typed report is the whole document: read as `ConnectReport` and written
             // again, the output comes back byte for byte (nothing the type drops or reorders).
@@ -140,6 +141,24 @@ fn loopback_sessions_report_the_contract_json() {
             "{}",
             l.diagnostics()
         );
+        if tcp {
+            let events: Vec<String> = l
+                .stdout()
+                .lines()
+                .map(|line| {
+                    let e = natscope_tests::schema::assert_valid_text(line);
+                    e["event"].as_str().unwrap_or_default().to_string()
+                })
+                .collect();
+            let count = |e: &str| events.iter().filter(|x| *x == e).count();
+            assert_eq!(events.first().map(String::as_str), Some("registered"));
+            assert_eq!(
+                (count("session-started"), count("session-ended")),
+                (2, 2),
+                "{}",
+                l.diagnostics()
+            );
+        }
     }
 }
 

@@ -41,6 +41,7 @@ use pnet::packet::tcp::TcpFlags;
 use pnet::packet::Packet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, Ipv4Net, UnsolicitedSyn};
@@ -82,7 +83,7 @@ pub struct Emit {
 }
 
 /// One live mapping (or, in firewall mode, one open pinhole) for `natscope lab nat-table`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MappingRow {
     pub proto: Protocol,
     pub internal: SocketAddr,

@@ -8,6 +8,7 @@
 //! - [`probe`]: the probe's state machines (mapping, filtering, hairpinning, allocation, lifetime) and report.
 //! - [`punch`]: the rendezvous/relay server, peer sessions and the reliable message layer.
 //! - [`traversal`]: the traversal model — which path two peers behind two NATs should get, and why.
+//! - [`document`]: what every `--json` document shares (its schema tag and `natscope_version`).
 //!
 //! Every machine takes `now` and bytes and queues what it wants sent; the drivers that own sockets
 //! and timers live in `natscope-probes` and `natscope-lab`. This crate depends on neither tokio,
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod document;
 /// Test and fuzz support: runs untrusted bytes through every decoder and asserts invariants.
 #[doc(hidden)]
 pub mod fuzzing;

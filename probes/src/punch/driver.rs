@@ -38,7 +38,9 @@ use crate::stun::framing::{frame, Frame, MAX_FRAME};
 use natscope_core::net::Transmit;
 
 pub use super::connector::{Attempts, ConnectOptions, ConnectReport, MAX_BIRTHDAY};
-pub use super::listener::{ListenEvent, ListenOptions, KEEPALIVE, MAX_LISTEN_SESSIONS};
+pub use super::listener::{
+    ListenEvent, ListenLine, ListenOptions, KEEPALIVE, LISTEN_SCHEMA, MAX_LISTEN_SESSIONS,
+};
 pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
 
 // ---------------------------------------------------------------------------------------------

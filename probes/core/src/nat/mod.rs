@@ -13,10 +13,11 @@ pub mod table;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// RFC 4787 §4.1 mapping behavior: what makes two outbound flows share an external address:port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MappingBehavior {
     /// One mapping per internal address:port, whatever the destination (REQ-1).
@@ -28,7 +29,7 @@ pub enum MappingBehavior {
 }
 
 /// RFC 4787 §5 filtering behavior: which inbound senders a mapping admits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FilteringBehavior {
     /// Anyone, once the mapping exists ("full cone").
@@ -77,7 +78,7 @@ impl FilteringBehavior {
 }
 
 /// RFC 4787 §4.2.2 port assignment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum PortAllocation {
     /// Keep the internal port when it is free; otherwise fall back to the next free port.
@@ -89,7 +90,7 @@ pub enum PortAllocation {
 }
 
 /// RFC 4787 §4.1 / REQ-2 IP address pooling when the NAT has several external addresses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Pooling {
     /// All mappings of one internal IP use the same external IP (recommended).
@@ -99,7 +100,7 @@ pub enum Pooling {
 }
 
 /// Transport protocol of a mapping; UDP and TCP mappings are separate (RFC 4787, RFC 5382).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Udp,
@@ -109,7 +110,7 @@ pub enum Protocol {
 }
 
 /// Every RFC 4787 knob of one NAT.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct NatBehavior {
     pub mapping: MappingBehavior,
     pub filtering: FilteringBehavior,

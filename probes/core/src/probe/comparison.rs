@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use super::evidence::Timing;
@@ -20,7 +21,7 @@ use crate::client::{Rto, TransactionEvent};
 
 /// One socket's mapped address as seen by each server (RFC 4787 §4.1: with an endpoint-independent
 /// mapping every destination sees the same address and port).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 pub struct MappingComparison {
     /// The socket every Binding request was sent from.
     pub local_address: Option<SocketAddr>,
@@ -34,7 +35,7 @@ pub struct MappingComparison {
     pub duration_ms: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 pub struct ComparedServer {
     pub address: SocketAddr,
     pub mapped_address: Option<SocketAddr>,

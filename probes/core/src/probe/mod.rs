@@ -36,3 +36,16 @@ pub use pacing::{PaceChoice, Pacer, Pacing};
 pub use plan::{Probe, ProbeConfig};
 pub use report::{AddressPooling, AllocationPattern, Behavior, Classic, ProbeReport};
 pub use socket::{SocketId, Transmit};
+
+/// The `natscope probe --json` document (`natscope.probe/v1`, docs/schema/probe.v1.json): the
+/// report, plus the mapping comparison when several servers were named. Here, not in [`report`],
+/// because [`comparison`] builds on [`report`] and not the other way round.
+#[derive(Clone, Debug, serde::Serialize, schemars::JsonSchema)]
+#[schemars(rename = "ProbeDocument")]
+pub struct ProbeDocument<'a> {
+    #[serde(flatten)]
+    pub report: &'a ProbeReport,
+    /// One socket's mapped address as several servers saw it (`--server` given more than once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapping_comparison: Option<&'a MappingComparison>,
+}

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// RFC 5780 §5: at most this many new transactions per second.
@@ -106,7 +107,7 @@ pub enum PaceChoice {
 }
 
 /// The pacing decision of a run, as the report's `pacing` object (docs/probe.md).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Pacing {
     /// Whether new transactions were limited to `max_new_per_second`.
     pub enabled: bool,

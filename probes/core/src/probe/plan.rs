@@ -918,6 +918,7 @@ impl Probe {
         );
         ProbeReport {
             schema: report::SCHEMA,
+            natscope_version: crate::document::version(),
             local_address: local,
             public_address: m1,
             nat_detected: nat,

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::evidence::Schedule;
@@ -15,7 +16,7 @@ use crate::traversal::{self, Path, PeerNat, Techniques};
 pub const SCHEMA: &str = "natscope.probe/v1";
 
 /// A mapping or filtering verdict (RFC 4787 terms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Behavior {
     EndpointIndependent,
@@ -78,7 +79,7 @@ pub(crate) fn compare_mappings(
 }
 
 /// RFC 3489 §10.1 names, plus the cases it has none for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Classic {
     OpenInternet,
@@ -142,7 +143,7 @@ impl Classic {
 }
 
 /// How external ports are chosen (RFC 4787 §4.2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllocationPattern {
     Preserving,
@@ -153,7 +154,7 @@ pub enum AllocationPattern {
 
 /// RFC 4787 §4.1 / REQ-2 IP address pooling as seen from one host: whether its mappings all got
 /// the same external address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AddressPooling {
     /// Every mapping of this host got the same external address (REQ-2's "paired", which a NAT
@@ -163,7 +164,7 @@ pub enum AddressPooling {
     Arbitrary,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PortAllocationReport {
     pub pattern: AllocationPattern,
     /// The constant difference between consecutive new mappings, for `sequential`.
@@ -175,7 +176,7 @@ pub struct PortAllocationReport {
 }
 
 /// One test's row: verdict, the evidence behind it, and its cost.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TestReport {
     pub name: String,
     pub verdict: String,
@@ -211,7 +212,7 @@ impl TestReport {
 
 use crate::ms;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ServerReport {
     pub address: SocketAddr,
     pub other_address: Option<SocketAddr>,
@@ -221,22 +222,30 @@ pub struct ServerReport {
 }
 
 /// Whether a direct UDP path should open between us and a peer behind `peer`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OutlookRow {
+    /// One of the common peer NATs ([`PEERS`]).
     #[serde(deserialize_with = "peer_name")]
+    #[schemars(schema_with = "peer_names")]
     pub peer: Static,
     /// `yes`, `no`, `with-port-prediction`, or `unknown`.
     #[serde(deserialize_with = "direct_udp_value")]
+    #[schemars(extend("enum" = DIRECT_UDP))]
     pub direct_udp: Static,
     pub reason: String,
 }
 
 /// The whole probe result (`natscope.probe/v1`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProbeReport {
     /// Always [`SCHEMA`]: a document of another schema does not deserialize.
     #[serde(deserialize_with = "schema_v1")]
+    #[schemars(extend("const" = SCHEMA))]
     pub schema: Static,
+    /// The version of natscope that wrote the document ([`crate::document`]); empty when read
+    /// from a document written before it was added.
+    #[serde(default)]
+    pub natscope_version: String,
     pub local_address: Option<SocketAddr>,
     pub public_address: Option<SocketAddr>,
     pub nat_detected: Option<bool>,
@@ -301,6 +310,12 @@ fn schema_v1<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> 
 fn peer_name<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
     let names: Vec<&'static str> = PEERS.iter().map(|(name, _)| *name).collect();
     one_of(d, &names)
+}
+
+/// The outlook's `peer` as a closed set of names in the JSON Schema.
+fn peer_names(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let names: Vec<&str> = PEERS.iter().map(|(name, _)| *name).collect();
+    schemars::json_schema!({ "type": "string", "enum": names })
 }
 
 fn direct_udp_value<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
@@ -673,6 +688,7 @@ mod tests {
         let us = shape(EndpointIndependent, AddressAndPortDependent, true);
         ProbeReport {
             schema: SCHEMA,
+            natscope_version: crate::document::version(),
             local_address: Some(a("10.1.0.2:40000")),
             public_address: Some(a("203.0.113.1:40000")),
             nat_detected: Some(true),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::codec::{code, PeerInfo, PunchMessage};
@@ -69,7 +70,7 @@ impl Default for ConnectOptions {
 pub const MAX_BIRTHDAY: usize = 256;
 
 /// Details of how the connection was made (`attempts` in the JSON).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Attempts {
     pub session: Option<String>,
     /// From the start to the server's answer to CONNECT.
@@ -108,11 +109,16 @@ pub const SCHEMA: &str = "natscope.punch/v1";
 /// The connect report: the `natscope.punch/v1` document (docs/punch.md). It serializes in the
 /// documented field order and reads back typed, so callers (the grid, the tests) compare fields,
 /// not JSON keys.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ConnectReport {
     /// Always [`SCHEMA`]: a document of another schema does not deserialize.
     #[serde(deserialize_with = "schema_v1")]
+    #[schemars(extend("const" = SCHEMA))]
     pub schema: Static,
+    /// The version of natscope that wrote the report ([`crate::document`]); empty when read
+    /// from a report written before it was added.
+    #[serde(default)]
+    pub natscope_version: String,
     pub transport: Transport,
     /// What carried the data at the end ([`PathTaken::Failed`]: no data flowed or the session
     /// broke).
@@ -463,6 +469,7 @@ impl Connector {
         let echoed = run.echoed.len() as u64;
         self.outcome = Some(Ok(ConnectReport {
             schema: SCHEMA,
+            natscope_version: crate::document::version(),
             transport: self.opts.transport,
             path,
             local: self.local,
@@ -741,7 +748,7 @@ mod tests {
         assert_eq!(keys(&out), keys(example));
         assert_eq!(
             keys(&out).len(),
-            13 + 23,
+            14 + 23,
             "every field of the report and its attempts"
         );
         let value = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");

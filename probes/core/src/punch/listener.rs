@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{method, PunchMessage};
@@ -48,23 +49,24 @@ pub struct ListenOptions {
 }
 
 /// What the listener reports as it runs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum ListenEvent {
+    /// `--predict`: the mapped ports of fresh sockets and the allocation delta they show.
     Predicted {
         measured_ports: Vec<u16>,
         delta: Option<i32>,
     },
+    /// The server answered REGISTER: our host (`local`) and server-reflexive addresses.
     Registered {
         id: String,
         transport: Transport,
         local: String,
         reflexive: String,
     },
-    SessionStarted {
-        session: String,
-        peer: String,
-    },
+    /// The server introduced a connecting peer; punching towards it has begun.
+    SessionStarted { session: String, peer: String },
+    /// A session is over: what carried its data and how many messages were echoed.
     SessionEnded {
         session: String,
         path: PathTaken,
@@ -73,6 +75,32 @@ pub enum ListenEvent {
         switched_to_direct: bool,
         error: Option<String>,
     },
+}
+
+/// The `schema` of each line `punch listen --json` prints.
+pub const LISTEN_SCHEMA: &str = "natscope.punch-listen/v1";
+
+/// One line of `punch listen --json` (`natscope.punch-listen/v1`, docs/schema/punch-listen.v1.json):
+/// an event, tagged with the schema and the version of natscope that printed it.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+pub struct ListenLine {
+    /// Always [`LISTEN_SCHEMA`].
+    #[schemars(extend("const" = LISTEN_SCHEMA))]
+    pub schema: &'static str,
+    /// The version of natscope that printed the line ([`crate::document`]).
+    pub natscope_version: String,
+    #[serde(flatten)]
+    pub event: ListenEvent,
+}
+
+impl ListenLine {
+    pub fn new(event: ListenEvent) -> Self {
+        Self {
+            schema: LISTEN_SCHEMA,
+            natscope_version: crate::document::version(),
+            event,
+        }
+    }
 }
 
 /// Sessions a listener serves at once (bounded memory); introductions beyond it are ignored and

@@ -26,6 +26,7 @@ mod testnet;
 
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Longest peer id accepted anywhere (bytes); ids are `[A-Za-z0-9._-]`.
@@ -42,7 +43,7 @@ pub use crate::net::Transport;
 
 /// What carried a punch session's data at the end: the `path` of the connect report and of the
 /// listener's `session-ended` event, and the grid's expected and observed outcome of a pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathTaken {
     /// A path straight between the peers (a punched hole or a simultaneous open).

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{PeerInfo, PunchMessage};
@@ -63,7 +64,7 @@ pub const PREDICT_STEPS: i32 = 16;
 
 /// Port prediction as measured by the driver: the mapped ports of fresh sockets, in the order
 /// they were opened, and the allocation delta they show.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Prediction {
     pub measured_ports: Vec<u16>,
     pub delta: Option<i32>,
