@@ -186,3 +186,214 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// The root namespace's state (lab_safety.rs) and an unprivileged user (lab_rootless.rs).
+
+/// Runs a command and returns its stdout with the fields that change by themselves (address
+/// lifetimes, route expiry, counters) removed.
+pub fn capture(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let mut words = Vec::new();
+        let mut skip = 0;
+        for w in line.split_whitespace() {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if matches!(
+                w,
+                "valid_lft" | "preferred_lft" | "expires" | "used" | "age"
+            ) {
+                skip = 1;
+                continue;
+            }
+            words.push(w);
+        }
+        lines.push(words.join(" "));
+    }
+    lines.join("\n")
+}
+
+/// Every readable sysctl under /proc/sys/net/{ipv4,ipv6,core} except counters.
+pub fn sysctls() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = ["ipv4", "ipv6", "core"]
+        .iter()
+        .map(|d| std::path::Path::new("/proc/sys/net").join(d))
+        .collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if let Ok(v) = std::fs::read_to_string(&p) {
+            let key = p.display().to_string();
+            // Randomness and hash seeds are not configuration.
+            if key.ends_with("/random") || key.contains("stable_secret") {
+                continue;
+            }
+            out.push((key, v));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The root namespace's network configuration: what no lab may change (lab_safety.rs,
+/// lab_rootless.rs).
+#[derive(Debug, PartialEq)]
+pub struct RootState {
+    pub links: String,
+    pub addresses: String,
+    pub routes4: String,
+    pub routes6: String,
+    pub rules4: String,
+    pub rules6: String,
+    pub nft: String,
+    pub sysctls: Vec<(String, String)>,
+}
+
+/// The root namespace's [`RootState`] now.
+pub fn snapshot() -> RootState {
+    RootState {
+        links: capture(&["ip", "-d", "-o", "link", "show"]),
+        addresses: capture(&["ip", "-o", "addr", "show"]),
+        routes4: capture(&["ip", "-4", "route", "show", "table", "all"]),
+        routes6: capture(&["ip", "-6", "route", "show", "table", "all"]),
+        rules4: capture(&["ip", "-4", "rule", "show"]),
+        rules6: capture(&["ip", "-6", "rule", "show"]),
+        nft: capture(&["nft", "list", "ruleset"]),
+        sysctls: sysctls(),
+    }
+}
+
+impl RootState {
+    /// Panics with the first difference between `self` (before) and `after`.
+    pub fn assert_unchanged(&self, after: &RootState) {
+        assert_eq!(self.links, after.links, "root links changed");
+        assert_eq!(self.addresses, after.addresses, "root addresses changed");
+        assert_eq!(self.routes4, after.routes4, "root IPv4 routes changed");
+        assert_eq!(self.routes6, after.routes6, "root IPv6 routes changed");
+        assert_eq!(self.rules4, after.rules4, "root IPv4 rules changed");
+        assert_eq!(self.rules6, after.rules6, "root IPv6 rules changed");
+        assert_eq!(self.nft, after.nft, "root nftables ruleset changed");
+        let changed: Vec<_> = self
+            .sysctls
+            .iter()
+            .zip(after.sysctls.iter())
+            .filter(|(b, a)| b != a)
+            .collect();
+        assert!(changed.is_empty(), "root sysctls changed: {changed:?}");
+        assert_eq!(self.sysctls.len(), after.sysctls.len());
+    }
+}
+
+/// An unprivileged user for rootless-lab tests: runs a copy of `natscope` (target/ need not be
+/// reachable for that user) as `uid`:`uid` without supplementary groups, through `setpriv`, with
+/// `XDG_RUNTIME_DIR` a private directory of that user's. Root (the test) keeps watching.
+pub struct Unprivileged {
+    pub uid: u32,
+    dir: crate::TempDir,
+}
+
+impl Unprivileged {
+    /// Needs root (to hand the directories to `uid`) and `setpriv`.
+    pub fn new(uid: u32) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::TempDir::new("rootless");
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        mode(dir.path(), 0o755);
+        let bin = dir.path().join("natscope");
+        std::fs::copy(natscope_bin(), &bin).expect("copy natscope");
+        mode(&bin, 0o755);
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        mode(&runtime, 0o700);
+        std::os::unix::fs::chown(&runtime, Some(uid), Some(uid)).expect("chown runtime dir");
+        Self { uid, dir }
+    }
+
+    /// The copy of `natscope` the user runs.
+    pub fn bin(&self) -> std::path::PathBuf {
+        self.dir.path().join("natscope")
+    }
+
+    /// The user's `XDG_RUNTIME_DIR`.
+    pub fn runtime_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `natscope args…` as the user.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let id = self.uid.to_string();
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+            .arg(self.bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
+            .env("HOME", self.runtime_dir())
+            .current_dir(self.runtime_dir());
+        cmd
+    }
+
+    /// Runs `natscope args…` as the user.
+    pub fn natscope(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run setpriv natscope")
+    }
+
+    /// The user's processes that are not zombies, as (pid, command line).
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.filter_map(|e| e.ok()) {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if e.metadata().map(|m| m.uid()).ok() != Some(self.uid) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rfind(')')
+                .and_then(|i| stat.get(i + 2..i + 3))
+                .is_some_and(|s| s == "Z");
+            if !zombie && !stat.is_empty() {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+            }
+        }
+        out
+    }
+
+    /// The files in the user's lab directory other than its lock: records, sockets, logs.
+    pub fn lab_files(&self) -> Vec<String> {
+        let labs = self.runtime_dir().join("natscope/labs");
+        let Ok(dir) = std::fs::read_dir(labs) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect()
+    }
+}

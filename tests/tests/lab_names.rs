@@ -47,6 +47,7 @@ fn plant(name: &Path, owner: &Bystander) -> Vec<PathBuf> {
         supervisor: true,
         control: None,
         nodes: Vec::new(),
+        userns: None,
     };
     let files: Vec<PathBuf> = ["json", "sock", "log"]
         .iter()
@@ -207,6 +208,7 @@ fn plant_stale(name: &str) {
         supervisor: true,
         control: None,
         nodes: Vec::new(),
+        userns: None,
     };
     registry::create(&record).expect("plant a stale record");
     assert!(!registry::owner_alive(&record));
@@ -253,6 +255,7 @@ fn create_at_once(name: &str) {
                         supervisor: false,
                         control: None,
                         nodes: Vec::new(),
+                        userns: None,
                     };
                     barrier.wait();
                     registry::create(&record).map(|_| record.preset.unwrap_or_default())
