@@ -146,6 +146,10 @@ pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
     if registry::read(name).is_some_and(|r| registry::owner_alive(&r)) {
         return Err(ControlError::AlreadyRunning(name.to_string()));
     }
+    // An unusable rootless state directory says why itself, not as a path it would not use.
+    if crate::rootless::active() {
+        crate::rootless::state_dir()?;
+    }
     registry::ensure_dir().map_err(|source| ControlError::RegistryDir {
         path: registry::dir(),
         source,

@@ -6,6 +6,7 @@
 //!
 //! Root is needed only to drop to the unprivileged uid (`setpriv`) and to watch from outside.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use natscope_lab::grid::GridDocument;
@@ -56,6 +57,24 @@ fn an_unprivileged_user_runs_labs_and_leaves_nothing_behind() {
         user.processes()
     );
     let before = snapshot();
+
+    // 0. A state directory others may write (it could feed the user fake labs) is refused, in
+    //    one line, before anything exists.
+    let state = user.runtime_dir().join("natscope");
+    std::fs::create_dir(&state).expect("state dir");
+    std::os::unix::fs::chown(&state, Some(UID), Some(UID)).expect("chown");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = user.natscope(&["lab", "up", "open", "--name", "rootbad"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("is not a directory only uid 61234 can use"),
+        "{err}"
+    );
+    assert!(user.processes().is_empty() && user.lab_files().is_empty());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+
     let name = lab_name("root");
     let stale = lab_name("root");
     let _down = DownOnDrop(&user, vec![name.clone(), stale.clone()]);
