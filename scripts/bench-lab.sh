@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Lab costs and the userspace NAT's data path, with `natscope bench lab` (needs root).
+# Lab costs and the userspace NAT's data path, with `natscope bench lab` (as root, or as any user
+# where the kernel allows unprivileged user namespaces: docs/lab.md, "Rootless").
 #
 # Times `lab up` / `lab down` of the 2-host preset port-restricted-cone and of a 20-NAT topology,
 # then sends traffic from h1 to stun through three paths in turn: open (no NAT, the path's own
@@ -18,11 +19,6 @@ RUNS=${RUNS:-10}
 BIG_RUNS=${BIG_RUNS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-3}
 BIN=${BIN:-}
-
-if [ "$(id -u)" != 0 ]; then
-  echo "bench-lab: labs need root (network namespaces); run with sudo" >&2
-  exit 2
-fi
 
 if [ -z "$BIN" ]; then
   cargo build --release -p natscope

@@ -184,7 +184,11 @@ fn up(a: UpArgs, log: &LogArgs) -> Result<ExitCode> {
     // running, truncated under it).
     natscope_lab::check_lab_name(&a.name).map_err(|e| anyhow!("{e}"))?;
     load_plan(&source)?;
-    netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
+    // An unprivileged user's supervisor enters a user namespace of its own and says itself what
+    // the kernel forbids; this process stays outside it.
+    if !natscope_lab::rootless::active() {
+        netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
+    }
     let exe = std::env::current_exe().context("cannot find the natscope executable")?;
     let mut supervisor = Command::new(&exe);
     // Its stderr is the lab's log (`control::launch`): `-v`/`-q` set how much goes there.
@@ -381,8 +385,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
 
 fn exec(a: ExecArgs) -> Result<ExitCode> {
     let rec = control::pick_node(a.lab, &a.node)?;
-    let ns = natscope_lab::namespace_name(&rec.name, &a.node);
-    netns::enter(&ns).map_err(|e| anyhow!("{e}"))?;
+    control::enter_node(&rec, &a.node)?;
     let (program, args) = a
         .command
         .split_first()

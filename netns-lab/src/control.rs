@@ -103,9 +103,9 @@ pub enum ControlError {
     Topology { name: String, error: TopologyError },
     #[error("a lab named `{0}` is already running (natscope lab down {0})")]
     AlreadyRunning(String),
-    #[error("cannot create {path} (run natscope lab as root): {source}")]
+    #[error("cannot create {path}: {source}")]
     RegistryDir {
-        path: &'static str,
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot create {path}: {source}")]
@@ -145,6 +145,10 @@ pub enum ControlError {
         node: String,
         nodes: String,
     },
+    #[error("lab {0} has no supervisor any more (natscope lab down {0} removes what is left)")]
+    OwnerGone(String),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
 }
 
 /// A preset name or a TOML file, validated and planned (nothing is created yet).
@@ -170,8 +174,12 @@ pub fn launch(name: &str, mut supervisor: Command) -> Result<(), ControlError> {
     if registry::read(name).is_some_and(|r| registry::owner_alive(&r)) {
         return Err(ControlError::AlreadyRunning(name.to_string()));
     }
-    std::fs::create_dir_all(registry::DIR).map_err(|source| ControlError::RegistryDir {
-        path: registry::DIR,
+    // An unusable rootless state directory says why itself, not as a path it would not use.
+    if crate::rootless::active() {
+        crate::rootless::state_dir()?;
+    }
+    registry::ensure_dir().map_err(|source| ControlError::RegistryDir {
+        path: registry::dir(),
         source,
     })?;
     // Appended to, never truncated: a lab of this name that came up meanwhile keeps its log.
@@ -329,7 +337,9 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
 
 /// One request line, one reply line.
 fn answer(lab: &Lab, stream: UnixStream) {
-    // Only the supervisor's own user (root) is answered, even if the socket's mode was widened.
+    // Only the supervisor's own user (root, or for a rootless lab the user who started it, whom
+    // the kernel shows as uid 0 of the lab's user namespace) is answered, even if the socket's
+    // mode was widened.
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     if peer.map_or(true, |c| c.uid() != nix::unistd::geteuid().as_raw()) {
         return;
@@ -403,6 +413,21 @@ pub fn pick_node(lab: Option<String>, node: &str) -> Result<Record, ControlError
         });
     }
     Ok(rec)
+}
+
+/// Moves this process into `node` of the lab `rec` records, for `lab exec` to replace itself
+/// with the user's program there. A rootless lab's namespaces are reached through its
+/// supervisor's user and mount namespaces first ([`crate::rootless::join`]); like that, this must
+/// run before the process starts any thread.
+pub fn enter_node(rec: &Record, node: &str) -> Result<(), ControlError> {
+    if let Some(userns) = rec.userns {
+        if !registry::owner_alive(rec) {
+            return Err(ControlError::OwnerGone(rec.name.clone()));
+        }
+        crate::rootless::join(rec.owner_pid, userns)?;
+    }
+    crate::netns::enter(&crate::namespace_name(&rec.name, node))?;
+    Ok(())
 }
 
 /// The names of the nodes `rec` planned.
@@ -503,6 +528,7 @@ mod tests {
             supervisor: true,
             control: None,
             nodes: plan.nodes.clone(),
+            userns: None,
         };
         let status = LabStatus::of(&rec, |node| (node == "nat").then_some(3));
         assert!(status.running, "this test process is the owner");

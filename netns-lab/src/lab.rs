@@ -274,6 +274,11 @@ impl Lab {
             supervisor: options.supervisor,
             control: options.control.clone(),
             nodes: plan.nodes.clone(),
+            userns: if crate::rootless::entered() {
+                crate::rootless::userns_self()
+            } else {
+                None
+            },
         };
         // Stale labs removed and the record created exclusively: of two `up`s of one name, the
         // loser returns here, before it owns anything, so its teardown cannot remove the
@@ -284,7 +289,7 @@ impl Lab {
             } else if source.kind() == std::io::ErrorKind::PermissionDenied {
                 LabError::Netns(NetnsError::Permission(format!(
                     "writing {}: {source}",
-                    registry::DIR
+                    registry::dir().display()
                 )))
             } else {
                 LabError::Record {

@@ -6,20 +6,22 @@
 //! process's other threads — and the root namespace — are never touched. That thread stays in the
 //! namespace and runs every job for the node (netlink calls, socket creation, process spawns:
 //! children inherit the spawning thread's namespace), so no caller ever calls `setns` itself
-//! (STYLE.md, patchbay). Hand-written with `nix` rather than rtnetlink's `NetworkNamespace`, which
+//! (STYLE.md, patchbay). For an unprivileged user the same code runs inside a user namespace of
+//! the process's own, with the bind mounts in a private directory ([`crate::rootless`], [`dir`]).
+//! Hand-written with `nix` rather than rtnetlink's `NetworkNamespace`, which
 //! forks a child process per namespace.
 
 use std::fs::File;
 use std::future::Future;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 
-/// Where named namespaces live (iproute2's convention).
+/// Where root's named namespaces live (iproute2's convention); see [`dir`].
 pub const NETNS_DIR: &str = "/run/netns";
 /// Prefix of every namespace a lab creates: `nsc-<lab>-<node>`.
 pub const PREFIX: &str = "nsc-";
@@ -37,6 +39,9 @@ pub enum NetnsError {
     },
     #[error("namespace {0}: its worker thread has stopped")]
     WorkerGone(String),
+    /// An unprivileged user's lab could not get its user namespace; says what to change.
+    #[error("{0}")]
+    Rootless(String),
 }
 
 fn io_err(name: &str, step: &'static str, e: impl Into<std::io::Error>) -> NetnsError {
@@ -67,15 +72,28 @@ impl std::fmt::Debug for Netns {
     }
 }
 
+/// Where this process's named namespaces live: [`NETNS_DIR`] for root; for an unprivileged
+/// user, the private directory the process's own mount namespace covers with a tmpfs (the bind
+/// mounts need a mount namespace the user owns; [`crate::rootless`]).
+pub fn dir() -> PathBuf {
+    if crate::rootless::active() {
+        if let Ok(state) = crate::rootless::state_dir() {
+            return state.join("netns");
+        }
+    }
+    PathBuf::from(NETNS_DIR)
+}
+
 /// The bind-mount path of a namespace name.
 pub fn path_of(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
+    dir().join(name)
 }
 
 impl Netns {
     /// Creates the namespace `name` (fails if it exists) with `lo` still down.
     pub fn create(name: &str) -> Result<Self, NetnsError> {
-        std::fs::create_dir_all(NETNS_DIR).map_err(|e| io_err(name, "creating /run/netns", e))?;
+        std::fs::create_dir_all(dir())
+            .map_err(|e| io_err(name, "creating the namespace directory", e))?;
         let path = path_of(name);
         File::options()
             .write(true)
@@ -238,9 +256,9 @@ pub fn remove_named(name: &str) -> Result<(), NetnsError> {
     }
 }
 
-/// Names of every namespace under /run/netns that starts with [`PREFIX`].
+/// Names of every namespace in [`dir`] that starts with [`PREFIX`].
 pub fn list_lab_namespaces() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
+    let Ok(dir) = std::fs::read_dir(dir()) else {
         return Vec::new();
     };
     let mut names: Vec<String> = dir
@@ -416,8 +434,14 @@ pub fn wait_exited(members: &[Member], limit: std::time::Duration) -> bool {
 }
 
 /// Fails with [`NetnsError::Permission`] unless this process may create network namespaces
-/// (tried in a throwaway thread, whose new namespace vanishes with it).
+/// (tried in a throwaway thread, whose new namespace vanishes with it). Run by a user who is not
+/// root, it first moves the process into a user namespace of its own ([`crate::rootless::enter`];
+/// [`NetnsError::Rootless`] says what to change where the kernel forbids it), so it must run
+/// before the process starts any thread.
 pub fn check_privileges() -> Result<(), NetnsError> {
+    if crate::rootless::active() {
+        crate::rootless::enter()?;
+    }
     let probe = std::thread::spawn(|| unshare(CloneFlags::CLONE_NEWNET));
     match probe.join() {
         Ok(Ok(())) => Ok(()),

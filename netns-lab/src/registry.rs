@@ -2,6 +2,9 @@
 //! the namespaces themselves). A lab writes its record before it creates its first namespace and
 //! removes it after the last one is gone, so every `nsc-` namespace without a live owner is stale
 //! by definition: `lab down --all` and the next `lab up` remove it, with every process inside.
+//! An unprivileged user's labs are recorded under their own directory instead ([`dir`]); their
+//! namespaces live in the supervisor's user namespace, which the record names, so a stale one's
+//! processes are found through it ([`crate::rootless`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,30 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::netns;
 use crate::topology::PlannedNode;
 
+/// Root's labs; see [`dir`].
 pub const DIR: &str = "/run/natscope/labs";
+
+/// Where this process's labs are recorded: [`DIR`] for root, `<state>/labs` for an unprivileged
+/// user ([`crate::rootless::state_dir`]; a path that does not exist when that directory is
+/// unusable, so nothing is read from a directory someone else controls — [`ensure_dir`] says why).
+pub fn dir() -> PathBuf {
+    if crate::rootless::active() {
+        return crate::rootless::state_dir()
+            .map(|s| s.join("labs"))
+            .unwrap_or_else(|_| PathBuf::from("/nonexistent/natscope/labs"));
+    }
+    PathBuf::from(DIR)
+}
+
+/// Creates [`dir`] if missing and returns it.
+pub fn ensure_dir() -> std::io::Result<PathBuf> {
+    if crate::rootless::active() {
+        crate::rootless::state_dir().map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    let dir = dir();
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
 
 /// What a lab records about itself for other `natscope` processes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +62,10 @@ pub struct Record {
     /// stale ones.
     #[serde(deserialize_with = "nodes_or_empty")]
     pub nodes: Vec<PlannedNode>,
+    /// A rootless lab's user namespace (its inode), where every process of the lab runs: `lab
+    /// exec` joins it, and a stale lab's leftovers are found in it. `None` for root's labs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<u64>,
 }
 
 fn nodes_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PlannedNode>, D::Error> {
@@ -51,17 +81,17 @@ pub fn valid(lab: &str) -> bool {
 }
 
 pub fn path_of(lab: &str) -> PathBuf {
-    PathBuf::from(DIR).join(format!("{lab}.json"))
+    dir().join(format!("{lab}.json"))
 }
 
 /// The control socket of a `natscope lab up` supervisor.
 pub fn control_path(lab: &str) -> PathBuf {
-    PathBuf::from(DIR).join(format!("{lab}.sock"))
+    dir().join(format!("{lab}.sock"))
 }
 
 /// Where a `natscope lab up` supervisor writes its stderr.
 pub fn log_path(lab: &str) -> PathBuf {
-    PathBuf::from(DIR).join(format!("{lab}.log"))
+    dir().join(format!("{lab}.log"))
 }
 
 /// Claims `record`'s name for a new lab: under a lock on the lab directory, removes stale labs
@@ -69,12 +99,12 @@ pub fn log_path(lab: &str) -> PathBuf {
 /// from removing a lab another process has just claimed (both saw the same stale record of the
 /// name; the first removed it and created its own, which the second then took for the stale one).
 pub fn claim(record: &Record) -> std::io::Result<()> {
-    std::fs::create_dir_all(DIR)?;
+    let dir = ensure_dir()?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(PathBuf::from(DIR).join(".lock"))?;
+        .open(dir.join(".lock"))?;
     let _lock =
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
     cleanup_stale();
@@ -109,11 +139,11 @@ pub fn create(record: &Record) -> std::io::Result<()> {
             format!("invalid lab name `{}`", record.name),
         ));
     }
-    std::fs::create_dir_all(DIR)?;
+    let dir = ensure_dir()?;
     // A file of this call's own: threads of one process may create labs too.
     static CALLS: AtomicU64 = AtomicU64::new(0);
     let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let tmp = PathBuf::from(DIR).join(format!(
+    let tmp = dir.join(format!(
         ".{}.{}.{call}.tmp",
         record.name,
         std::process::id()
@@ -146,7 +176,7 @@ pub fn remove(lab: &str) {
 
 /// Every recorded lab, by name.
 pub fn list() -> Vec<Record> {
-    let Ok(dir) = std::fs::read_dir(DIR) else {
+    let Ok(dir) = std::fs::read_dir(dir()) else {
         return Vec::new();
     };
     let mut v: Vec<Record> = dir
@@ -193,6 +223,7 @@ pub fn namespaces_of(lab: &str) -> Vec<String> {
 /// Kills every process inside the lab's namespaces, then removes the namespaces and the record.
 /// Returns how many namespaces were removed.
 pub fn force_remove(lab: &str) -> usize {
+    kill_userns_of(lab);
     let names = namespaces_of(lab);
     let inodes: Vec<u64> = names.iter().filter_map(|n| netns::inode_of(n)).collect();
     kill_in(&inodes);
@@ -204,6 +235,22 @@ pub fn force_remove(lab: &str) -> usize {
     }
     remove(lab);
     removed
+}
+
+/// A rootless lab's processes: everything in the user namespace its record names, unless a live
+/// lab (or this process) is in that namespace: a namespace inode is reused once its namespace is
+/// gone.
+fn kill_userns_of(lab: &str) {
+    let Some(userns) = read(lab).and_then(|r| r.userns) else {
+        return;
+    };
+    let claimed = crate::rootless::userns_self() == Some(userns)
+        || list()
+            .iter()
+            .any(|r| r.name != lab && r.userns == Some(userns) && owner_alive(r));
+    if !claimed {
+        kill_all(&crate::rootless::processes_in_userns(userns));
+    }
 }
 
 /// How long processes get between SIGTERM and SIGKILL.

@@ -369,3 +369,98 @@ pub fn processes_of_lab(name: &str) -> Vec<SeenProcess> {
         .filter_map(SeenProcess::of)
         .collect()
 }
+
+/// An unprivileged user for rootless-lab tests: runs a copy of `natscope` (target/ need not be
+/// reachable for that user) as `uid`:`uid` without supplementary groups, through `setpriv`, with
+/// `XDG_RUNTIME_DIR` a private directory of that user's. Root (the test) keeps watching.
+pub struct Unprivileged {
+    pub uid: u32,
+    dir: crate::TempDir,
+}
+
+impl Unprivileged {
+    /// Needs root (to hand the directories to `uid`) and `setpriv`.
+    pub fn new(uid: u32) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::TempDir::new("rootless");
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        mode(dir.path(), 0o755);
+        let bin = dir.path().join("natscope");
+        std::fs::copy(natscope_bin(), &bin).expect("copy natscope");
+        mode(&bin, 0o755);
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        mode(&runtime, 0o700);
+        std::os::unix::fs::chown(&runtime, Some(uid), Some(uid)).expect("chown runtime dir");
+        Self { uid, dir }
+    }
+
+    /// The copy of `natscope` the user runs.
+    pub fn bin(&self) -> std::path::PathBuf {
+        self.dir.path().join("natscope")
+    }
+
+    /// The user's `XDG_RUNTIME_DIR`.
+    pub fn runtime_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// `natscope args…` as the user.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let id = self.uid.to_string();
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+            .arg(self.bin())
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
+            .env("HOME", self.runtime_dir())
+            .current_dir(self.runtime_dir());
+        cmd
+    }
+
+    /// Runs `natscope args…` as the user.
+    pub fn natscope(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("run setpriv natscope")
+    }
+
+    /// The user's processes that are not zombies, as (pid, command line).
+    pub fn processes(&self) -> Vec<(i32, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.filter_map(|e| e.ok()) {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if e.metadata().map(|m| m.uid()).ok() != Some(self.uid) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rfind(')')
+                .and_then(|i| stat.get(i + 2..i + 3))
+                .is_some_and(|s| s == "Z");
+            if !zombie && !stat.is_empty() {
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+            }
+        }
+        out
+    }
+
+    /// The files in the user's lab directory other than its lock: records, sockets, logs.
+    pub fn lab_files(&self) -> Vec<String> {
+        let labs = self.runtime_dir().join("natscope/labs");
+        let Ok(dir) = std::fs::read_dir(labs) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect()
+    }
+}
