@@ -487,12 +487,26 @@ fn loss_grid(loss: f64, seeds: std::ops::Range<u64>) -> Tally {
     let mut runs = 0;
     let mut wrong = Vec::new();
     let mut max_virtual = Duration::ZERO;
+    let mut times = Vec::new();
+    let mut datagrams = 0u64;
+    let mut bound_reached = 0u32;
     for seed in seeds {
         for path in grid() {
             let mut cfg = SimConfig::new(path.clone(), 1000 + seed);
             cfg.loss = loss;
             let r = run(&cfg);
             max_virtual = max_virtual.max(r.virtual_time);
+            times.push(r.virtual_time);
+            datagrams += r.stats.client_sent;
+            bound_reached += u32::from(r.report.time_bound_reached);
+            // Each run ends within the bound it reports (a correctness check, virtual time).
+            assert!(
+                r.report.duration_ms <= r.report.max_time_ms,
+                "{} seed {seed}: ran {} ms past its bound of {} ms",
+                label(&path),
+                r.report.duration_ms,
+                r.report.max_time_ms
+            );
             let (got, want) = (observed(&r.report), truth(&path));
             let g = grades(&got, &want);
             runs += 1;
@@ -513,10 +527,20 @@ fn loss_grid(loss: f64, seeds: std::ops::Range<u64>) -> Tally {
         }
     }
     let mut total = Tally::default();
+    times.sort();
+    let pct = |p: usize| {
+        times
+            .get(times.len() * p / 100)
+            .copied()
+            .unwrap_or_default()
+    };
     eprintln!(
-        "loss {:.0}% one-way, {runs} runs ({runs_all_correct} with every verdict correct), longest {:?} virtual:",
+        "loss {:.0}% one-way, {runs} runs ({runs_all_correct} with every verdict correct), virtual time median {:?} p99 {:?} longest {:?}, {bound_reached} stopped at the time bound, {:.1} datagrams sent per run:",
         loss * 100.0,
-        max_virtual
+        pct(50),
+        pct(99),
+        max_virtual,
+        datagrams as f64 / f64::from(runs.max(1))
     );
     for (name, t) in FIELDS.iter().zip(per_field) {
         eprintln!(
