@@ -87,6 +87,19 @@ pub struct ProbeArgs {
     /// N ends sooner but can leave negative verdicts "unknown": they need the full retry budget.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_RETRIES)))]
     retries: Option<u32>,
+    /// The bound on the UDP classification, in seconds (fractions allowed; default 5): under loss
+    /// the probe retransmits and waits longer for evidence, never past this. Tests still open
+    /// then are reported `unknown`. 0.1–600.
+    #[arg(long, value_name = "SECS", value_parser = max_time)]
+    max_time: Option<Duration>,
+}
+
+/// `--max-time SECS`: 0.1–600 seconds.
+fn max_time(s: &str) -> std::result::Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 600")),
+    }
 }
 
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
@@ -125,7 +138,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let mut requests = 0u32;
     let result = rt.block_on(driver::drive(
         first,
-        driver::DEADLINE,
+        driver::DEADLINE.max(cfg.max_time * 2),
         |start| Probe::new(start, cfg),
         |p| {
             requests = p.requests_sent();
@@ -230,6 +243,9 @@ fn probe_config(args: &ProbeArgs, server: SocketAddr) -> ProbeConfig {
     let mut cfg = ProbeConfig::new(server);
     cfg.hairpin = !args.no_hairpin;
     apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    // `--retries N` is an exact cap: no widening past it under loss.
+    cfg.widen_with_loss = args.retries.is_none();
+    cfg.max_time = args.max_time.unwrap_or(cfg.max_time);
     cfg
 }
 
@@ -428,17 +444,18 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
     ));
 
     let mut tests = table(wrap);
-    tests.set_header(["test", "verdict", "evidence", "requests", "time"]);
+    tests.set_header(["test", "verdict", "evidence", "requests", "answers", "time"]);
     for t in &r.tests {
         tests.add_row([
             t.name.clone(),
             t.verdict.clone(),
             t.evidence.clone(),
             t.requests_sent.to_string(),
+            t.answers.map_or("-".into(), |n| n.to_string()),
             millis(t.duration_ms),
         ]);
     }
-    for c in [3, 4] {
+    for c in [3, 4, 5] {
         if let Some(col) = tests.column_mut(c) {
             col.set_cell_alignment(CellAlignment::Right);
         }
@@ -452,6 +469,17 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
     }
     out.push_str(&format!("{outlook}"));
     out.push_str(&format!("\npacing: {}", r.pacing.reason));
+    out.push_str(&format!(
+        "\ntime bound: {} (--max-time), {}; round-trip loss {:.1}% measured over {} transmissions",
+        millis(r.max_time_ms),
+        if r.time_bound_reached {
+            "reached: tests still open then are unknown"
+        } else {
+            "not reached"
+        },
+        r.loss_estimate * 100.0,
+        r.loss_transmissions
+    ));
 
     if let Some(c) = r.negative_confidence {
         out.push_str(&format!(
@@ -463,6 +491,10 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
     }
     for p in &r.server.problems {
         out.push_str(&format!("\nserver problem: {p}"));
+    }
+    if r.server.problems_omitted > 0 {
+        let n = r.server.problems_omitted;
+        out.push_str(&format!("\nserver problem: {n} more left out"));
     }
     if r.udp_blocked {
         out.push_str(&format!(
@@ -493,6 +525,8 @@ mod tests {
             evidence: evidence.into(),
             requests_sent: n,
             duration_ms: ms,
+            answers: None,
+            miss_chance: None,
         }
     }
 
@@ -509,7 +543,7 @@ mod tests {
     fn open_internet() -> ProbeReport {
         let local = addr("127.0.0.1:40000");
         let opens = "at least one direction opens";
-        ProbeReport {
+        let mut r = ProbeReport {
             schema: SCHEMA,
             natscope_version: "0.1.0-test".into(),
             local_address: Some(local),
@@ -534,6 +568,7 @@ mod tests {
                 address: addr("127.0.0.1:3478"),
                 other_address: Some(addr("127.0.0.2:3479")),
                 problems: vec![],
+                problems_omitted: 0,
             },
             tests: vec![
                 row("udp reachability", "reachable", "answer from 127.0.0.1:3478", 4, 0.25),
@@ -556,7 +591,18 @@ mod tests {
             pacing: Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::Default),
             address_pooling: None,
             tcp_port_preservation: None,
+            max_time_ms: 5000.0,
+            time_bound_reached: false,
+            loss_transmissions: 15,
+        };
+        for (t, n) in r
+            .tests
+            .iter_mut()
+            .zip([Some(4), None, Some(6), Some(2), None, Some(3)])
+        {
+            t.answers = n;
         }
+        r
     }
 
     /// A port-restricted cone, a wrong-source answer and a mapping comparison: every optional line.
@@ -599,6 +645,10 @@ mod tests {
             "filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)".into(),
         ];
         r.pacing = Pacing::decide(&[addr("127.0.0.1:3478")], PaceChoice::On);
+        r.tests[1].answers = Some(3);
+        r.tests[1].miss_chance = Some(5e-7);
+        r.server.problems_omitted = 2;
+        r.time_bound_reached = true;
         r
     }
 
@@ -638,16 +688,16 @@ mod tests {
         let got = render_text(&open_internet(), Some(13), Wrap::None);
         let want = "\
 probe of 127.0.0.1:3478 (OTHER-ADDRESS 127.0.0.2:3479) from 127.0.0.1:40000: public address 127.0.0.1:40000, 13 requests in 1.8 ms
-┌──────────────────┬──────────────────────┬──────────────────────────────────────────────────────────────┬──────────┬────────┐
-│ test             ┆ verdict              ┆ evidence                                                     ┆ requests ┆   time │
-╞══════════════════╪══════════════════════╪══════════════════════════════════════════════════════════════╪══════════╪════════╡
-│ udp reachability ┆ reachable            ┆ answer from 127.0.0.1:3478                                   ┆        4 ┆ 0.2 ms │
-│ nat presence     ┆ no nat               ┆ local 127.0.0.1:40000 mapped 127.0.0.1:40000                 ┆        0 ┆ 0.0 ms │
-│ mapping          ┆ endpoint-independent ┆ no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000 ┆        6 ┆ 0.5 ms │
-│ filtering        ┆ endpoint-independent ┆ answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived  ┆        2 ┆ 0.3 ms │
-│ hairpinning      ┆ unknown              ┆ not applicable without a nat                                 ┆        0 ┆ 0.0 ms │
-│ port allocation  ┆ preserving           ┆ local→external 40003→40003 40004→40004 40005→40005           ┆        3 ┆ 0.9 ms │
-└──────────────────┴──────────────────────┴──────────────────────────────────────────────────────────────┴──────────┴────────┘
+┌──────────────────┬──────────────────────┬──────────────────────────────────────────────────────────────┬──────────┬─────────┬────────┐
+│ test             ┆ verdict              ┆ evidence                                                     ┆ requests ┆ answers ┆   time │
+╞══════════════════╪══════════════════════╪══════════════════════════════════════════════════════════════╪══════════╪═════════╪════════╡
+│ udp reachability ┆ reachable            ┆ answer from 127.0.0.1:3478                                   ┆        4 ┆       4 ┆ 0.2 ms │
+│ nat presence     ┆ no nat               ┆ local 127.0.0.1:40000 mapped 127.0.0.1:40000                 ┆        0 ┆       - ┆ 0.0 ms │
+│ mapping          ┆ endpoint-independent ┆ no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000 ┆        6 ┆       6 ┆ 0.5 ms │
+│ filtering        ┆ endpoint-independent ┆ answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived  ┆        2 ┆       2 ┆ 0.3 ms │
+│ hairpinning      ┆ unknown              ┆ not applicable without a nat                                 ┆        0 ┆       - ┆ 0.0 ms │
+│ port allocation  ┆ preserving           ┆ local→external 40003→40003 40004→40004 40005→40005           ┆        3 ┆       3 ┆ 0.9 ms │
+└──────────────────┴──────────────────────┴──────────────────────────────────────────────────────────────┴──────────┴─────────┴────────┘
 Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct connections should work with every common NAT
 ┌──────────────────────────┬────────────┬──────────────────────────────┐
 │ peer NAT                 ┆ direct UDP ┆ reason                       │
@@ -655,7 +705,8 @@ Open internet (no NAT, no filtering) (EIM + EIF), ports preserved — direct con
 │ full cone                ┆ yes        ┆ at least one direction opens │
 │ symmetric (random ports) ┆ yes        ┆ at least one direction opens │
 └──────────────────────────┴────────────┴──────────────────────────────┘
-pacing: server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace";
+pacing: server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace
+time bound: 5.00 s (--max-time), not reached; round-trip loss 0.0% measured over 15 transmissions";
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
 
@@ -664,13 +715,13 @@ pacing: server 127.0.0.1 is on loopback (your own or a lab server): not paced; -
         let got = render_text(&cone_with_problems(), None, Wrap::None);
         let want = "\
 probe of 127.0.0.1:3478 (OTHER-ADDRESS 127.0.0.2:3479) from 127.0.0.1:40000: public address 198.51.100.7:61000, 1.8 ms
-┌────────────────────┬────────────────────────────┬───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┬──────────┬─────────┐
-│ test               ┆ verdict                    ┆ evidence                                                                                                                                  ┆ requests ┆    time │
-╞════════════════════╪════════════════════════════╪═══════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════╪══════════╪═════════╡
-│ udp reachability   ┆ reachable                  ┆ answer from 127.0.0.1:3478                                                                                                                ┆        4 ┆ 12.0 ms │
-│ filtering          ┆ address-and-port-dependent ┆ no answer                                                                                                                                 ┆       30 ┆  2.40 s │
-│ mapping comparison ┆ varies by destination      ┆ from 10.0.0.2:5000: 127.0.0.1:3478 saw 198.51.100.7:61000, 127.0.0.5:3478 saw 198.51.100.7:61001; the mapping is not endpoint-independent ┆        2 ┆  0.5 ms │
-└────────────────────┴────────────────────────────┴───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┴──────────┴─────────┘
+┌────────────────────┬────────────────────────────┬───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┬──────────┬─────────┬─────────┐
+│ test               ┆ verdict                    ┆ evidence                                                                                                                                  ┆ requests ┆ answers ┆    time │
+╞════════════════════╪════════════════════════════╪═══════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════════╪══════════╪═════════╪═════════╡
+│ udp reachability   ┆ reachable                  ┆ answer from 127.0.0.1:3478                                                                                                                ┆        4 ┆       - ┆ 12.0 ms │
+│ filtering          ┆ address-and-port-dependent ┆ no answer                                                                                                                                 ┆       30 ┆       3 ┆  2.40 s │
+│ mapping comparison ┆ varies by destination      ┆ from 10.0.0.2:5000: 127.0.0.1:3478 saw 198.51.100.7:61000, 127.0.0.5:3478 saw 198.51.100.7:61001; the mapping is not endpoint-independent ┆        2 ┆       - ┆  0.5 ms │
+└────────────────────┴────────────────────────────┴───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┴──────────┴─────────┴─────────┘
 Port-restricted cone NAT (EIM + APDF)
 ┌──────────────────────────┬────────────┬──────────────────────────────┐
 │ peer NAT                 ┆ direct UDP ┆ reason                       │
@@ -679,8 +730,10 @@ Port-restricted cone NAT (EIM + APDF)
 │ symmetric (random ports) ┆ no         ┆ use a relay                  │
 └──────────────────────────┴────────────┴──────────────────────────────┘
 pacing: --pace: at most 10 new transactions per second (RFC 5780 §5)
+time bound: 5.00 s (--max-time), reached: tests still open then are unknown; round-trip loss 2.5% measured over 15 transmissions
 negative verdicts: 99.999950% confidence (round-trip loss 2.5%, waited up to 2.40 s)
-server problem: filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)";
+server problem: filtering test II: answer expected from 127.0.0.2:3479 came from 127.0.0.1:3478 (RESPONSE-ORIGIN absent)
+server problem: 2 more left out";
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
 
@@ -738,7 +791,8 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
   "server": {
     "address": "127.0.0.1:3478",
     "other_address": "127.0.0.2:3479",
-    "problems": []
+    "problems": [],
+    "problems_omitted": 0
   },
   "tests": [
     {
@@ -746,42 +800,54 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
       "verdict": "reachable",
       "evidence": "answer from 127.0.0.1:3478",
       "requests_sent": 4,
-      "duration_ms": 0.25
+      "duration_ms": 0.25,
+      "answers": 4,
+      "miss_chance": null
     },
     {
       "name": "nat presence",
       "verdict": "no nat",
       "evidence": "local 127.0.0.1:40000 mapped 127.0.0.1:40000",
       "requests_sent": 0,
-      "duration_ms": 0.0
+      "duration_ms": 0.0,
+      "answers": null,
+      "miss_chance": null
     },
     {
       "name": "mapping",
       "verdict": "endpoint-independent",
       "evidence": "no nat: via A1:P1 127.0.0.1:40000, via A2:P1 127.0.0.1:40000",
       "requests_sent": 6,
-      "duration_ms": 0.5
+      "duration_ms": 0.5,
+      "answers": 6,
+      "miss_chance": null
     },
     {
       "name": "filtering",
       "verdict": "endpoint-independent",
       "evidence": "answers from 127.0.0.2:3479 and 127.0.0.1:3479 both arrived",
       "requests_sent": 2,
-      "duration_ms": 0.3
+      "duration_ms": 0.3,
+      "answers": 2,
+      "miss_chance": null
     },
     {
       "name": "hairpinning",
       "verdict": "unknown",
       "evidence": "not applicable without a nat",
       "requests_sent": 0,
-      "duration_ms": 0.0
+      "duration_ms": 0.0,
+      "answers": null,
+      "miss_chance": null
     },
     {
       "name": "port allocation",
       "verdict": "preserving",
       "evidence": "local→external 40003→40003 40004→40004 40005→40005",
       "requests_sent": 3,
-      "duration_ms": 0.9
+      "duration_ms": 0.9,
+      "answers": 3,
+      "miss_chance": null
     }
   ],
   "outlook": [
@@ -808,7 +874,10 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
     "reason": "server 127.0.0.1 is on loopback (your own or a lab server): not paced; --pace to pace"
   },
   "address_pooling": null,
-  "tcp_port_preservation": null
+  "tcp_port_preservation": null,
+  "max_time_ms": 5000.0,
+  "time_bound_reached": false,
+  "loss_transmissions": 15
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
@@ -837,7 +906,7 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             )
         };
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 27] = [
+        let checks: [Check; 31] = [
             ("/schema", &|v| v == "natscope.probe/v1"),
             ("/local_address", &is_addr_or_null),
             ("/public_address", &is_addr_or_null),
@@ -872,6 +941,10 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
                 v.is_null() || matches!(v.as_str(), Some("paired" | "arbitrary"))
             }),
             ("/tcp_port_preservation", &is_tri),
+            ("/server/problems_omitted", &|v| v.is_u64()),
+            ("/max_time_ms", &is_num),
+            ("/time_bound_reached", &|v| v.is_boolean()),
+            ("/loss_transmissions", &|v| v.is_u64()),
         ];
         for (ptr, ok) in checks {
             let v = doc
@@ -886,6 +959,8 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
                 t["requests_sent"].is_u64() && t["duration_ms"].is_number(),
                 "{t}"
             );
+            assert!(t["answers"].is_u64() || t["answers"].is_null(), "{t}");
+            assert!(is_num_or_null(&t["miss_chance"]), "{t}");
         }
         assert!(
             doc.get("mapping_comparison").is_none(),
@@ -935,7 +1010,10 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
             at("duration_ms") < at("pacing")
                 && at("pacing") < at("address_pooling")
                 && at("address_pooling") < at("tcp_port_preservation")
-                && at("tcp_port_preservation") < at("mapping_comparison"),
+                && at("tcp_port_preservation") < at("max_time_ms")
+                && at("max_time_ms") < at("time_bound_reached")
+                && at("time_bound_reached") < at("loss_transmissions")
+                && at("loss_transmissions") < at("mapping_comparison"),
             "pacing, address_pooling, tcp_port_preservation are added after duration_ms, the comparison stays last: {got}"
         );
         assert!(
@@ -976,5 +1054,14 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
         let mut fast = default;
         apply_timing(&mut fast, Some(5), None);
         assert_eq!(fast.min_rto, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn max_time_takes_seconds_within_bounds() {
+        assert_eq!(max_time("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(max_time("600"), Ok(Duration::from_secs(600)));
+        for bad in ["0", "0.05", "601", "-1", "NaN", "inf", "5s", ""] {
+            assert!(max_time(bad).is_err(), "{bad:?}");
+        }
     }
 }

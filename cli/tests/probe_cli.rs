@@ -213,7 +213,8 @@ fn table_against_a_loopback_reflector_matches_its_json_and_the_reflector_count()
     assert_eq!(
         lines[2].split_whitespace().collect::<Vec<_>>(),
         [
-            "│", "test", "┆", "verdict", "┆", "evidence", "┆", "requests", "┆", "time", "│"
+            "│", "test", "┆", "verdict", "┆", "evidence", "┆", "requests", "┆", "answers", "┆",
+            "time", "│"
         ],
         "{why}"
     );

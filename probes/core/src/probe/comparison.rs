@@ -194,6 +194,8 @@ impl MappingComparison {
             evidence: format!("{from}{}; {meaning}", each.join(", ")),
             requests_sent: self.requests_sent,
             duration_ms: self.duration_ms,
+            answers: None,
+            miss_chance: None,
         }
     }
 }

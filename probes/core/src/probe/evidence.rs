@@ -164,6 +164,11 @@ impl LossEvidence {
         self.received = (self.received + 1).min(self.sent);
     }
 
+    /// Transmissions of answered requests: what [`Self::loss`] is measured over.
+    pub fn transmissions(&self) -> u32 {
+        self.sent
+    }
+
     /// Requests answered.
     pub fn answered(&self) -> u32 {
         self.answered

@@ -32,6 +32,13 @@
 //! missing answers would arrive on, sent after the test's last transmission (`TxState::Held`), so a
 //! stalled host can delay a negative verdict but not fake one; unanswered, the verdict is `unknown`.
 //!
+//! Under loss the probe spends time rather than give up, within [`ProbeConfig::max_time`]:
+//! requests may go past their usual caps while the measured loss asks for more
+//! ([`ProbeConfig::widen_with_loss`]), heavy loss adds loss samples so the estimate rests on more
+//! transmissions ([`LOSS_SAMPLE_MIN_LOSS`]) and retransmits answered-for requests after about a
+//! round trip instead of 2·RTO, and at the bound every open request is given up: its verdict is
+//! `unknown`, and the report says the bound was reached.
+//!
 //! Pacing (RFC 5780 §5): a request's first transmission waits for a slot of the [`Pacer`]
 //! (retransmissions never do); its schedule starts when it really leaves, so a slot's wait is never
 //! taken for a round trip or for silence.
@@ -82,7 +89,52 @@ pub struct ProbeConfig {
     pub seed: Option<u64>,
     /// RFC 5780 §5 pacing of new transactions; by default [`Pacing::decide`] for `server`.
     pub pacing: Pacing,
+    /// The bound on the whole run (`--max-time`, default [`DEFAULT_MAX_TIME`]): at `start +
+    /// max_time` every request still open is given up, its verdict becomes `unknown` (never a
+    /// guess), and the report says the bound was reached.
+    pub max_time: Duration,
+    /// Let a later request go past [`Timing::max_transmits`] — up to [`WIDEN_FACTOR`] times as
+    /// many transmissions — while the measured loss still asks for more before its silence can
+    /// count, and keep a liveness control going past [`Timing::reach_transmits`] until its own
+    /// silence is unlikely to be loss ([`LIVENESS_MISS`]). `--retries N` turns it off: the
+    /// user's cap is then exact.
+    pub widen_with_loss: bool,
 }
+
+/// The default [`ProbeConfig::max_time`]: 5 s. A user waits a few seconds for an answer rather
+/// than get `unknown`; it holds RFC 8489's whole reachability budget at the default 200 ms
+/// initial RTO (7 transmissions, 2.6 s) with room to classify, and in the simulator every run
+/// of the whole grid at 30 % one-way loss (51 % round-trip) ends within 2.6 s (see
+/// `probes/tests/probe_sim.rs`, `thirty_percent_loss_verdicts_are_correct_or_unknown`).
+pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// How far [`ProbeConfig::widen_with_loss`] may take a request's transmissions beyond its
+/// usual cap: 4 × 24 = 96 for a test, enough for the 10⁻⁶ miss target up to about 85 %
+/// round-trip loss; 4 × 7 = 28 for a liveness control.
+pub const WIDEN_FACTOR: u32 = 4;
+
+/// A liveness control (a positive request whose silence only withholds a verdict) keeps being
+/// retransmitted, when widening, until the chance that all its transmissions were lost is below
+/// this: at most about one run in a thousand loses a negative verdict to an unlucky control.
+pub const LIVENESS_MISS: f64 = 1e-3;
+
+/// While a negative test retransmits, an unpaced run whose measured round-trip loss is at least
+/// this adds loss samples ([`Step::LossSample`]), up to [`LOSS_SAMPLES_MAX`] in all and
+/// [`LOSS_SAMPLES_OPEN`] at a time. The miss chance is the Beta posterior's predictive, whose
+/// tail is heavy while the estimate rests on few transmissions: at 50 % loss the 10⁻⁶ target
+/// needs 32 silent transmissions when the estimate rests on 30, 23 when it rests on 120. One
+/// sample costs one datagram (two, or more, under loss) and saves the negative tests several.
+pub const LOSS_SAMPLE_MIN_LOSS: f64 = 0.2;
+/// See [`LOSS_SAMPLE_MIN_LOSS`].
+pub const LOSS_SAMPLES_MAX: usize = 48;
+/// See [`LOSS_SAMPLE_MIN_LOSS`].
+pub const LOSS_SAMPLES_OPEN: usize = 4;
+
+/// At most this many distinct problems are kept in the report; further ones are only counted
+/// (`server.problems_omitted`). Each problem is one line for a person; a server (or an attacker
+/// who sees our transaction IDs) answering from ever new addresses must not grow the list, nor
+/// the time to check a new line against it, without bound.
+pub const MAX_PROBLEMS: usize = 16;
 
 /// Reachability requests of a paced run (see [`ProbeConfig::reach_requests`]).
 pub const PACED_REACH_REQUESTS: u16 = 4;
@@ -97,6 +149,8 @@ impl ProbeConfig {
             timing: Timing::default(),
             seed: None,
             pacing: Pacing::decide(&[server], PaceChoice::Default),
+            max_time: DEFAULT_MAX_TIME,
+            widen_with_loss: true,
         }
     }
 }
@@ -114,6 +168,10 @@ enum Step {
     /// transmission. See [`TxState::Held`].
     FiltCtrl,
     HairpinCtrl,
+    /// A plain Binding request to A1:P1 on S0 sent only to measure loss: under heavy loss the
+    /// negative tests need the loss estimate to rest on many transmissions (see
+    /// [`LOSS_SAMPLE_MIN_LOSS`]); its answers feed nothing else.
+    LossSample,
     Alloc(u16),
 }
 
@@ -172,6 +230,13 @@ impl Tx {
     fn open(&self) -> bool {
         matches!(self.state, TxState::Pending | TxState::Held { .. })
     }
+    /// Answers received: the first and every late one.
+    fn answers(&self) -> u32 {
+        match self.state {
+            TxState::Answered(_) => 1 + self.late_answers,
+            _ => 0,
+        }
+    }
     fn answer(&self) -> Option<&BindingResponse> {
         match &self.state {
             TxState::Answered(r) => Some(r),
@@ -209,7 +274,15 @@ pub struct Probe {
     first_answer: Option<Instant>,
     evidence: LossEvidence,
     other: Option<SocketAddr>,
+    /// At most [`MAX_PROBLEMS`] lines for the report.
     problems: Vec<String>,
+    /// Problems seen after `problems` was full (repeats of a dropped one included).
+    problems_omitted: u32,
+    /// The tests a problem was seen for, kept whether or not its line fit in `problems`: a
+    /// verdict that needed such an answer is withheld ([`Probe::server_problem_for`]).
+    problem_steps: Vec<&'static str>,
+    /// The run stopped at [`ProbeConfig::max_time`] with requests still open.
+    bound_reached: bool,
     alg: Option<bool>,
     rng: StdRng,
     pacer: Pacer,
@@ -233,6 +306,9 @@ impl Probe {
             evidence: LossEvidence::default(),
             other: None,
             problems: Vec::new(),
+            problems_omitted: 0,
+            problem_steps: Vec::new(),
+            bound_reached: false,
             alg: None,
             rng,
             pacer,
@@ -336,6 +412,11 @@ impl Probe {
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if now >= self.deadline() {
+            // Nothing leaves after the bound; `poll_timeout` names it, so the driver's next
+            // `handle_timeout` ends the run.
+            return None;
+        }
         // Retransmissions go out at once; a first transmission only when the pacer has a slot
         // (it then holds back every later first transmission too, so their order is kept).
         let may_start = self.pacer.may_start(now);
@@ -348,6 +429,16 @@ impl Probe {
             };
             let rto = self.rto();
             let spacing = self.estimator().spacing(&self.cfg.timing);
+            // Under measured loss a liveness control is retransmitted every 2·RTO, as a test
+            // is, instead of doubling: silence is then mostly loss, not a stall, and doubling
+            // would spend seconds on the fourth or fifth transmission that loss makes common.
+            let lossy = self.cfg.widen_with_loss && self.evidence.loss() > 0.0;
+            // Under heavy measured loss (and only then) a request that waits for an answer is
+            // retransmitted after one round trip and a bit (2·(SRTT + RTTVAR)) rather than after
+            // 2·RTO: the silence is mostly loss, not queueing, and an answer to any transmission
+            // counts (a late one as an arrival, not a loss), so the verdict cannot change — only
+            // how long it takes. On a busy host RTTVAR is large and 2·RTO several times longer.
+            let heavy = self.cfg.widen_with_loss && self.evidence.loss() >= LOSS_SAMPLE_MIN_LOSS;
             let tx = &mut self.txs[i];
             if !tx.pending() {
                 continue;
@@ -355,10 +446,13 @@ impl Probe {
             if tx.sched.transmits == 0 {
                 self.pacer.started(now);
             }
-            if matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl) {
+            if matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl) && !lossy {
                 tx.sched.sent_doubling(now, rto, self.cfg.timing.max_rto);
             } else if tx.step.is_negative() {
                 tx.sched.sent_spaced(now, spacing, self.cfg.timing.max_rto);
+            } else if heavy {
+                let wait = (spacing * 2).min(rto * 2);
+                tx.sched.sent_spaced(now, wait, self.cfg.timing.max_rto);
             } else {
                 tx.sched.sent(now, rto, self.cfg.timing.max_rto);
             }
@@ -392,10 +486,65 @@ impl Probe {
             .filter(|t| t.pending())
             .filter_map(|t| t.sched.next_at)
             .chain(slot)
+            .chain(Some(self.deadline()))
             .min()
     }
 
+    /// When the run must end: its start plus [`ProbeConfig::max_time`].
+    pub fn deadline(&self) -> Instant {
+        self.started + self.cfg.max_time
+    }
+
+    /// Ends the run at its time bound: every open request is given up with the miss chance it
+    /// has reached (a held negative keeps its own, but without its control's answer it is no
+    /// verdict), and the run is done; verdicts that needed more evidence are `unknown`. It ends
+    /// *at* the bound even when the driver calls late (a loaded host wakes timers late): nothing
+    /// that arrived after the bound is taken into account, so the report is what the run knew
+    /// by then and its duration never exceeds the bound.
+    fn stop_at_bound(&mut self) {
+        let now = self.deadline();
+        for i in 0..self.txs.len() {
+            let miss = match self.txs[i].state {
+                TxState::Held { miss } => miss,
+                TxState::Pending if self.txs[i].sched.transmits == 0 => 1.0,
+                TxState::Pending => self.evidence.miss(self.txs[i].sched.transmits),
+                _ => continue,
+            };
+            let tx = &mut self.txs[i];
+            tx.state = TxState::GaveUp { miss };
+            tx.sched.done_at = Some(now);
+            tx.sched.next_at = None;
+        }
+        self.queue.clear();
+        self.bound_reached = true;
+        self.phase = Phase::Done;
+        self.finished.get_or_insert(now);
+    }
+
+    /// Transmissions after which request `step` is given up whatever the evidence says.
+    fn transmit_cap(&self, step: Step) -> u32 {
+        let t = &self.cfg.timing;
+        let widen = self.cfg.widen_with_loss;
+        match step {
+            Step::Reach | Step::LossSample => t.reach_transmits,
+            Step::FiltCtrl | Step::HairpinCtrl if widen && self.evidence.answered() > 0 => {
+                let ceiling = t.reach_transmits.saturating_mul(WIDEN_FACTOR);
+                let needed = (1..=ceiling)
+                    .find(|&k| self.evidence.miss(k) < LIVENESS_MISS)
+                    .unwrap_or(ceiling);
+                needed.max(t.reach_transmits)
+            }
+            Step::FiltCtrl | Step::HairpinCtrl => t.reach_transmits,
+            _ if widen => t.max_transmits.saturating_mul(WIDEN_FACTOR),
+            _ => t.max_transmits,
+        }
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase != Phase::Done && now >= self.deadline() {
+            self.stop_at_bound();
+            return;
+        }
         for i in 0..self.txs.len() {
             let tx = &self.txs[i];
             let Some(at) = tx.sched.next_at else { continue };
@@ -404,11 +553,7 @@ impl Probe {
             }
             let k = tx.sched.transmits;
             let control = matches!(tx.step, Step::FiltCtrl | Step::HairpinCtrl);
-            let cap = if tx.step == Step::Reach || control {
-                self.cfg.timing.reach_transmits
-            } else {
-                self.cfg.timing.max_transmits
-            };
+            let cap = self.transmit_cap(tx.step);
             let miss = if control || (tx.step == Step::Reach && self.evidence.answered() == 0) {
                 // Reachability with nothing answered yet: no loss estimate; the RFC 8489 budget
                 // decides alone. A liveness control likewise: its silence is no evidence about the
@@ -435,9 +580,29 @@ impl Probe {
                 self.txs[i].sched.done_at = Some(now);
             } else {
                 self.queue.push_back(i);
+                if negative {
+                    self.add_loss_sample();
+                }
             }
         }
         self.advance(now);
+    }
+
+    /// Adds a loss sample when the measured loss is high and the limits allow (see
+    /// [`LOSS_SAMPLE_MIN_LOSS`]); never in a paced run, whose new transactions are scarce.
+    fn add_loss_sample(&mut self) {
+        if !self.cfg.widen_with_loss
+            || self.cfg.pacing.enabled
+            || self.evidence.loss() < LOSS_SAMPLE_MIN_LOSS
+        {
+            return;
+        }
+        let samples = self.txs.iter().filter(|t| t.step == Step::LossSample);
+        let (all, open) = samples.fold((0, 0), |(a, o), t| (a + 1, o + usize::from(t.pending())));
+        if all < LOSS_SAMPLES_MAX && open < LOSS_SAMPLES_OPEN {
+            let server = self.cfg.server;
+            self.add_tx(Step::LossSample, S0, server, ChangeRequest::NONE, server);
+        }
     }
 
     pub fn handle_datagram(
@@ -447,6 +612,11 @@ impl Probe {
         from: SocketAddr,
         bytes: &[u8],
     ) {
+        if self.phase != Phase::Done && now >= self.deadline() {
+            // Late: the bound passed before this datagram was handed over.
+            self.stop_at_bound();
+            return;
+        }
         let Ok(msg) = Message::parse(bytes) else {
             return;
         };
@@ -481,21 +651,29 @@ impl Probe {
         let expect = self.txs[i].expect_from;
         let origin_ok = resp.response_origin.is_none_or(|o| o == expect);
         if from != expect || !origin_ok {
-            let what = step_name(self.txs[i].step);
-            self.problem(format!(
-                "{what}: answer expected from {expect} came from {from} (RESPONSE-ORIGIN {})",
-                resp.response_origin
-                    .map_or("absent".into(), |o| o.to_string())
-            ));
+            let step = self.txs[i].step;
+            let what = step_name(step);
+            self.problem(
+                Some(step),
+                format!(
+                    "{what}: answer expected from {expect} came from {from} (RESPONSE-ORIGIN {})",
+                    resp.response_origin
+                        .map_or("absent".into(), |o| o.to_string())
+                ),
+            );
             return;
         }
         if resp.error_code.is_some() {
-            let what = step_name(self.txs[i].step);
-            self.problem(format!(
-                "{what}: server answered error {} {}",
-                resp.error_code.unwrap_or(0),
-                resp.error_reason.as_deref().map(escape).unwrap_or_default()
-            ));
+            let step = self.txs[i].step;
+            let what = step_name(step);
+            self.problem(
+                Some(step),
+                format!(
+                    "{what}: server answered error {} {}",
+                    resp.error_code.unwrap_or(0),
+                    resp.error_reason.as_deref().map(escape).unwrap_or_default()
+                ),
+            );
             let tx = &mut self.txs[i];
             tx.state = TxState::GaveUp { miss: 1.0 };
             tx.sched.done_at = Some(now);
@@ -504,7 +682,7 @@ impl Probe {
         }
         if let Some(alg) = resp.alg_rewrite() {
             if alg && self.alg != Some(true) {
-                self.problem(format!(
+                self.problem(None, format!(
                     "MAPPED-ADDRESS {} differs from XOR-MAPPED-ADDRESS {}: something on the path rewrites payloads (an ALG); verdicts use XOR-MAPPED-ADDRESS",
                     resp.mapped.map_or("-".into(), |a| a.to_string()),
                     resp.xor_mapped.map_or("-".into(), |a| a.to_string())
@@ -552,9 +730,22 @@ impl Probe {
         }
     }
 
-    fn problem(&mut self, p: String) {
-        if !self.problems.contains(&p) {
+    /// Records a problem of test `step` (`None`: of the server as a whole). The list holds at
+    /// most [`MAX_PROBLEMS`] lines, so checking a new one against it is bounded too; which
+    /// tests had problems is kept apart and in full, since their verdicts depend on it.
+    fn problem(&mut self, step: Option<Step>, p: String) {
+        if let Some(name) = step.map(step_name) {
+            if !self.problem_steps.contains(&name) {
+                self.problem_steps.push(name);
+            }
+        }
+        if self.problems.contains(&p) {
+            return;
+        }
+        if self.problems.len() < MAX_PROBLEMS {
             self.problems.push(p);
+        } else {
+            self.problems_omitted = self.problems_omitted.saturating_add(1);
         }
     }
 
@@ -680,12 +871,13 @@ impl Probe {
         self.other = first.other_address;
         match first.other_address {
             None => self.problem(
+                None,
                 "no OTHER-ADDRESS: not an RFC 5780 server, so mapping and filtering cannot be tested".into(),
             ),
-            Some(o) if o.ip() == a1p1.ip() => self.problem(format!(
+            Some(o) if o.ip() == a1p1.ip() => self.problem(None, format!(
                 "OTHER-ADDRESS {o} has the primary's IP: the server has no second address, so mapping and filtering cannot be tested"
             )),
-            Some(o) if o.port() == a1p1.port() => self.problem(format!(
+            Some(o) if o.port() == a1p1.port() => self.problem(None, format!(
                 "OTHER-ADDRESS {o} has the primary's port: change-port tests are impossible"
             )),
             Some(_) => {}
@@ -742,12 +934,19 @@ impl Probe {
     pub fn report(&self) -> ProbeReport {
         let end = self.finished.unwrap_or(self.started);
         let reach_answered = self.first_answer(Step::Reach).is_some();
-        let udp_blocked = !reach_answered && self.phase == Phase::Done;
+        // Blocked only once the reachability budget ran out, not because the time bound did.
+        let udp_blocked = !reach_answered && self.phase == Phase::Done && !self.bound_reached;
         let nat = self.nat_detected();
         let mut tests = Vec::new();
         let row = |name: &str, steps: &[Step], verdict: String, evidence: String| {
-            let txs = self.txs.iter().filter(|t| steps.contains(&t.step));
-            TestReport::over(name, verdict, evidence, txs.map(|t| &t.sched))
+            let txs: Vec<&Tx> = self
+                .txs
+                .iter()
+                .filter(|t| steps.contains(&t.step))
+                .collect();
+            let mut r = TestReport::over(name, verdict, evidence, txs.iter().map(|t| &t.sched));
+            r.answers = (!txs.is_empty()).then(|| txs.iter().map(|t| t.answers()).sum());
+            r
         };
 
         // 1. Reachability and NAT presence.
@@ -755,7 +954,7 @@ impl Probe {
         let local = self.local_of(S0);
         tests.push(row(
             "udp reachability",
-            &[Step::Reach],
+            &[Step::Reach, Step::LossSample],
             if reach_answered {
                 "reachable".into()
             } else if udp_blocked {
@@ -765,6 +964,11 @@ impl Probe {
             },
             match self.first_answer(Step::Reach) {
                 Some(r) => format!("answer from {}", show(r.source)),
+                None if self.bound_reached => format!(
+                    "no answer from {} before the time bound ({})",
+                    self.cfg.server,
+                    self.bound_phrase()
+                ),
                 None => format!("no answer from {} within the retry budget", self.cfg.server),
             },
         ));
@@ -785,26 +989,33 @@ impl Probe {
             "mapping",
             &[Step::Reach, Step::MapII, Step::MapIII],
             mapping.short().into(),
-            mapping_evidence,
+            self.why_unknown(mapping == Behavior::Unknown, mapping_evidence),
         ));
 
         // 3. Filtering.
         let (filtering, filtering_evidence, filt_miss) = self.filtering_verdict();
-        tests.push(row(
+        let mut filtering_row = row(
             "filtering",
             &[Step::FiltII, Step::FiltIII, Step::FiltCtrl],
             filtering.short().into(),
-            filtering_evidence,
-        ));
+            self.why_unknown(filtering == Behavior::Unknown, filtering_evidence),
+        );
+        filtering_row.miss_chance = filt_miss;
+        tests.push(filtering_row);
 
         // 4. Hairpinning.
         let (hairpinning, hairpin_evidence, hp_miss) = self.hairpin_verdict(nat, m1);
-        tests.push(row(
+        let mut hairpin_row = row(
             "hairpinning",
             &[Step::Hairpin, Step::HairpinCtrl],
             tri(hairpinning).into(),
-            hairpin_evidence,
-        ));
+            self.why_unknown(
+                hairpinning.is_none() && self.cfg.hairpin && nat == Some(true),
+                hairpin_evidence,
+            ),
+        );
+        hairpin_row.miss_chance = hp_miss;
+        tests.push(hairpin_row);
 
         // 5. Allocation, and the addresses the mappings got.
         let alloc = self.allocation();
@@ -860,7 +1071,10 @@ impl Probe {
             "server checks",
             &[],
             if !self.problems.is_empty() {
-                format!("{} problem(s)", self.problems.len())
+                format!(
+                    "{} problem(s)",
+                    self.problems.len() + self.problems_omitted as usize
+                )
             } else if reach_answered {
                 "ok".into()
             } else {
@@ -872,6 +1086,12 @@ impl Probe {
                 format!(
                     "OTHER-ADDRESS {}, every answer from the expected address, RESPONSE-ORIGIN consistent",
                     show(self.other)
+                )
+            } else if self.problems_omitted > 0 {
+                format!(
+                    "{}; and {} more left out (at most {MAX_PROBLEMS} are listed)",
+                    self.problems.join("; "),
+                    self.problems_omitted
                 )
             } else {
                 self.problems.join("; ")
@@ -936,6 +1156,7 @@ impl Probe {
                 address: self.cfg.server,
                 other_address: self.other,
                 problems: self.problems.clone(),
+                problems_omitted: self.problems_omitted,
             },
             tests,
             outlook,
@@ -948,6 +1169,29 @@ impl Probe {
             pacing: self.cfg.pacing.clone(),
             address_pooling: pooling,
             tcp_port_preservation: None,
+            max_time_ms: ms(self.cfg.max_time),
+            time_bound_reached: self.bound_reached,
+            loss_transmissions: self.evidence.transmissions(),
+        }
+    }
+
+    /// The time bound in words, for evidence strings.
+    fn bound_phrase(&self) -> String {
+        format!(
+            "--max-time {}",
+            crate::probe::report::seconds(self.cfg.max_time)
+        )
+    }
+
+    /// `evidence`, and when the verdict is `unknown` because the run hit its time bound, that too.
+    fn why_unknown(&self, unknown: bool, evidence: String) -> String {
+        if unknown && self.bound_reached {
+            format!(
+                "{evidence}; stopped at the time bound ({})",
+                self.bound_phrase()
+            )
+        } else {
+            evidence
         }
     }
 
@@ -982,8 +1226,7 @@ impl Probe {
     }
 
     fn server_problem_for(&self, step: Step) -> bool {
-        let name = step_name(step);
-        self.problems.iter().any(|p| p.starts_with(name))
+        self.problem_steps.contains(&step_name(step))
     }
 
     fn mapping_verdict(&self, nat: Option<bool>, m1: Option<SocketAddr>) -> (Behavior, String) {
@@ -1236,6 +1479,7 @@ const LIVENESS_UNANSWERED: &str = "silent long enough, but the liveness control 
 fn step_name(s: Step) -> &'static str {
     match s {
         Step::Reach => "reachability",
+        Step::LossSample => "loss sample",
         Step::MapII => "mapping test II",
         Step::MapIII => "mapping test III",
         Step::FiltII => "filtering test II",
@@ -1354,4 +1598,105 @@ fn summarize(
         )
     };
     format!("{} — {tail}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::stun::{attr_type, MessageType, MessageWriter};
+
+    /// A Binding success response for `tid` reporting `mapped`.
+    fn answer(tid: &TransactionId, mapped: SocketAddr) -> Vec<u8> {
+        let mut buf = [0u8; 128];
+        let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid).unwrap();
+        w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, mapped)
+            .unwrap();
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    /// Someone who sees the probe's transaction IDs answers the first request from 20,000
+    /// addresses: the report keeps [`MAX_PROBLEMS`] lines and counts the rest, a repeat is not
+    /// counted twice, and a test's problem still withholds its verdict once the list is full.
+    #[test]
+    fn a_flood_of_wrong_origin_answers_keeps_the_problem_list_bounded() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        let mut p = Probe::new(t0, ProbeConfig::new(server));
+        let local: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        p.socket_bound(S0, local);
+        let first = p.poll_transmit(t0).expect("the first reachability request");
+        let tid = Message::parse(&first.payload).unwrap().transaction_id();
+        let flood: u32 = 20_000;
+        let from = |i: u32| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i)), 3478);
+        for i in 0..flood {
+            p.handle_datagram(t0, S0, from(i), &answer(&tid, local));
+        }
+        let r = p.report();
+        assert_eq!(r.server.problems.len(), MAX_PROBLEMS, "{:?}", r.server);
+        assert_eq!(
+            r.server.problems_omitted,
+            flood - MAX_PROBLEMS as u32,
+            "every distinct problem past the cap is counted"
+        );
+        // A repeat of a listed problem is the same problem, not a new one.
+        p.handle_datagram(t0, S0, from(0), &answer(&tid, local));
+        assert_eq!(
+            p.report().server.problems_omitted,
+            flood - MAX_PROBLEMS as u32
+        );
+        let checks = r.tests.iter().find(|t| t.name == "server checks").unwrap();
+        assert_eq!(checks.verdict, format!("{flood} problem(s)"));
+        assert!(
+            checks.evidence.ends_with(&format!(
+                "and {} more left out (at most 16 are listed)",
+                flood - 16
+            )),
+            "{}",
+            checks.evidence
+        );
+        // None of them was an answer: the request is still open, and the filtering tests had no
+        // problem yet; one that comes now, with the list full, still withholds their verdict.
+        assert!(p.txs[0].pending());
+        assert!(!p.server_problem_for(Step::FiltII));
+        p.problem(Some(Step::FiltII), "filtering test II: a problem".into());
+        assert!(p.server_problem_for(Step::FiltII));
+        assert_eq!(p.problems.len(), MAX_PROBLEMS);
+    }
+
+    /// A driver that wakes the machine late (a loaded host) cannot stretch the bound: the run
+    /// ends at the bound, and an answer handed over after it is not taken into account.
+    #[test]
+    fn a_late_driver_cannot_stretch_the_time_bound() {
+        let t0 = Instant::now();
+        let server: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+        let mut cfg = ProbeConfig::new(server);
+        cfg.max_time = Duration::from_millis(500);
+        let local: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        for late_timer in [false, true] {
+            let mut p = Probe::new(t0, cfg.clone());
+            p.socket_bound(S0, local);
+            let first = p.poll_transmit(t0).expect("a first request");
+            let tid = Message::parse(&first.payload).unwrap().transaction_id();
+            assert_eq!(p.poll_timeout().map(|t| t <= t0 + cfg.max_time), Some(true));
+            let late = t0 + Duration::from_millis(1700);
+            assert!(
+                p.poll_transmit(late).is_none(),
+                "nothing leaves after the bound"
+            );
+            if late_timer {
+                p.handle_timeout(late);
+            }
+            p.handle_datagram(late, S0, server, &answer(&tid, local));
+            assert!(p.is_done());
+            let r = p.report();
+            assert!(r.time_bound_reached);
+            assert_eq!(r.duration_ms, 500.0, "late timer {late_timer}");
+            assert_eq!(r.public_address, None, "the answer came after the bound");
+            assert!(!r.udp_blocked);
+            assert_eq!(r.tests[0].verdict, "unknown");
+        }
+    }
 }

@@ -183,6 +183,20 @@ pub struct TestReport {
     pub evidence: String,
     pub requests_sent: u32,
     pub duration_ms: f64,
+    /// Answers this test's requests received (first answers and late ones to retransmissions;
+    /// a hairpinned request that arrived counts as one); `None` for rows derived from other
+    /// tests' answers and for rows that do not count them.
+    #[serde(default)]
+    pub answers: Option<u32>,
+    /// For a verdict that rests on missing answers (filtering dependent, hairpinning `no`): the
+    /// chance that every transmission was lost although an answer was due; `None` otherwise.
+    #[serde(default)]
+    pub miss_chance: Option<f64>,
+}
+
+/// `d` in seconds for people: `5 s`, `2.5 s`.
+pub fn seconds(d: std::time::Duration) -> String {
+    format!("{} s", (d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
 impl TestReport {
@@ -206,6 +220,8 @@ impl TestReport {
                 (Some(a), Some(b)) => ms(b.saturating_duration_since(a)),
                 _ => 0.0,
             },
+            answers: None,
+            miss_chance: None,
         }
     }
 }
@@ -219,6 +235,9 @@ pub struct ServerReport {
     /// Problems of the server (or of something rewriting its answers); each one withholds the
     /// verdicts that depended on it.
     pub problems: Vec<String>,
+    /// Problems left out of `problems`, which lists at most 16 (added to v1 after `problems`).
+    #[serde(default)]
+    pub problems_omitted: u32,
 }
 
 /// Whether a direct UDP path should open between us and a peer behind `peer`.
@@ -280,6 +299,13 @@ pub struct ProbeReport {
     /// `--tcp`: whether every TCP mapping kept the local port (`None` without `--tcp` or an
     /// answer; added to v1 after `address_pooling`).
     pub tcp_port_preservation: Option<bool>,
+    /// The bound the run was held to (`--max-time`), in ms (added to v1 after
+    /// `tcp_port_preservation`).
+    pub max_time_ms: f64,
+    /// The run stopped at `max_time_ms` with tests still open; their verdicts are `unknown`.
+    pub time_bound_reached: bool,
+    /// Transmissions of answered requests that `loss_estimate` is measured over.
+    pub loss_transmissions: u32,
 }
 
 /// A field whose value is one of a closed set of names, read by one of the `deserialize_with`
@@ -711,6 +737,7 @@ mod tests {
                 address: a("198.51.100.1:3478"),
                 other_address: Some(a("198.51.100.2:3479")),
                 problems: vec!["a problem".into()],
+                problems_omitted: 3,
             },
             tests: vec![TestReport {
                 name: "mapping".into(),
@@ -718,6 +745,8 @@ mod tests {
                 evidence: "M1 = M2".into(),
                 requests_sent: 3,
                 duration_ms: 1.25,
+                answers: Some(3),
+                miss_chance: Some(0.25),
             }],
             outlook: outlook(us),
             loss_estimate: 0.125,
@@ -729,6 +758,9 @@ mod tests {
             pacing: Pacing::decide(&[a("198.51.100.1:3478")], PaceChoice::Default),
             address_pooling: Some(AddressPooling::Paired),
             tcp_port_preservation: None,
+            max_time_ms: 5000.0,
+            time_bound_reached: true,
+            loss_transmissions: 24,
         }
     }
 

@@ -98,6 +98,8 @@ impl TcpMappingResult {
             evidence,
             requests_sent: self.requests_sent,
             duration_ms: self.duration_ms,
+            answers: None,
+            miss_chance: None,
         }
     }
 

@@ -42,6 +42,8 @@ impl LifetimeReport {
             evidence: why.into(),
             requests_sent: 0,
             duration_ms: 0.0,
+            answers: None,
+            miss_chance: None,
         };
         Self {
             nat_detected: None,
