@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod bench;
 pub mod config;
 pub mod control;
