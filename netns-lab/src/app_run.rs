@@ -1,0 +1,866 @@
+//! One cell of `natscope lab grid --app`: the pair lab ([`grid::pair_topology`]: a public host
+//! `rendezvous`, peer `a` behind one preset, peer `b` behind the other), the app file's `[server]`
+//! on `rendezvous`, `[listen]` on `b` and `[connect]` on `a`, each `sh -c` in its own process
+//! group inside the node; then the path judged from what the lab's routers forwarded while the
+//! connect command ran, not from what the program says.
+//!
+//! The judgment ([`judge`]) reads the userspace engines' flow counters
+//! ([`crate::engine::FlowRow`]) at each peer's own gateway (the router closest to it, the last
+//! filter before its LAN). In the pair topology there are exactly three public parties — the
+//! rendezvous host and the two peers' NATs — so a flow whose remote is not one of `rendezvous`'s
+//! addresses is a flow with the other peer. A cell is `direct` when packets from the other peer
+//! were delivered into both LANs (a punch packet the far filter refused shows as `in_refused`,
+//! not as a delivery); `relayed` when the connect command succeeded and both directions of its
+//! traffic crossed the rendezvous host; `failed` when the connect command failed or timed out.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::{AppSpec, Placeholders, Ready, RoleCommand};
+use crate::engine::FlowRow;
+use crate::grid::{self, PathTaken, Transport};
+use crate::jobs::{self, CapturedOutput};
+use crate::topology::{Role, RouterKind};
+use crate::{Lab, LabOptions};
+
+/// The schema of `lab grid --app --json`.
+pub const SCHEMA: &str = "natscope.grid/v2";
+/// The public host's node name in every cell.
+pub const RENDEZVOUS: &str = "rendezvous";
+/// How much of each role's stdout and stderr a cell keeps.
+const TAIL_LINES: usize = 20;
+/// How long `setup` may run.
+const SETUP_LIMIT: Duration = Duration::from_secs(300);
+
+/// The `natscope.grid/v2` document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppGridDocument {
+    pub schema: String,
+    /// The app file's `name`.
+    pub app: String,
+    pub cells: Vec<AppCell>,
+    pub pass: bool,
+    pub duration_ms: f64,
+    /// `--shard K/N` when the run was one shard.
+    #[serde(default)]
+    pub shard: Option<String>,
+}
+
+/// One cell: the app between a peer behind `a` and one behind `b`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppCell {
+    pub a: String,
+    pub b: String,
+    pub expected: PathTaken,
+    /// `model` (natscope's RFC 4787 reasoning, UDP) or `app` (the file's `[expect]`).
+    pub expected_from: String,
+    pub reason: String,
+    /// The path the lab saw; `None` when the cell could not run or nothing could be observed.
+    pub observed: Option<PathTaken>,
+    /// What the app said on its last stdout line (`{"path": …}`), if it said.
+    pub claimed: Option<PathTaken>,
+    /// Set when the app's claim and the lab's observation differ.
+    pub disagreement: Option<String>,
+    pub pass: bool,
+    /// The connect command's exit code; `None` when it was killed or never ran.
+    pub exit_status: Option<i32>,
+    pub timed_out: bool,
+    /// Why the cell could not run (lab, a role not ready, …).
+    pub error: Option<String>,
+    pub evidence: Option<Evidence>,
+    pub durations: Durations,
+    /// Per role (`server`, `listen`, `connect`): the end of what it wrote.
+    pub logs: BTreeMap<String, RoleLog>,
+}
+
+/// Where a cell's time went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Durations {
+    /// Lab creation until the first command started.
+    pub lab_up_ms: f64,
+    /// `[server]` and `[listen]` started and ready.
+    pub ready_ms: f64,
+    /// The connect command's run.
+    pub connect_ms: f64,
+    /// The last command ended until the lab was down.
+    pub lab_down_ms: f64,
+    pub total_ms: f64,
+}
+
+/// The end of what one role wrote.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoleLog {
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+}
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Count {
+    fn add(&mut self, packets: u64, bytes: u64) {
+        self.packets += packets;
+        self.bytes += bytes;
+    }
+}
+
+/// One peer's side of the evidence, read at its gateway during the connect command's run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SideEvidence {
+    /// The router the counts come from (the peer's own gateway); `None` for a peer with no NAT.
+    pub router: Option<String>,
+    /// Sent towards the other peer's public endpoints.
+    pub to_peer: Count,
+    /// From the other peer, delivered into this peer's LAN.
+    pub from_peer_delivered: Count,
+    /// From the other peer, refused by this side's filter (one-way punch packets).
+    pub from_peer_refused: u64,
+    /// Sent to the rendezvous host.
+    pub to_rendezvous: Count,
+    /// From the rendezvous host, delivered.
+    pub from_rendezvous: Count,
+    /// The flows with a count during the run (differences over the run).
+    pub flows: Vec<FlowRow>,
+}
+
+/// What the routers forwarded while the connect command ran.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The rendezvous host's addresses (traffic to or from these went through it).
+    pub rendezvous: Vec<Ipv4Addr>,
+    pub a: SideEvidence,
+    pub b: SideEvidence,
+    /// Direct, `a` → `b`, delivered into `b`'s LAN.
+    pub direct_a_to_b: Count,
+    /// Direct, `b` → `a`, delivered into `a`'s LAN.
+    pub direct_b_to_a: Count,
+    /// Routers whose counters could not be read (a kernel `linux` NAT without counters).
+    pub unobserved: Vec<String>,
+}
+
+/// Why a grid could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum AppGridError {
+    #[error("creating the grid's work directory {path}: {source}")]
+    Work {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("setup `{command}` {why}")]
+    Setup { command: String, why: String },
+}
+
+/// A grid run's shared state: the app and its work directory.
+pub struct AppGrid {
+    pub app: AppSpec,
+    pub work: PathBuf,
+    /// Lab names start with this (1-4 characters a-z, 0-9).
+    pub lab_prefix: String,
+    /// natscope, for the rendezvous node's reflector.
+    pub exe: PathBuf,
+}
+
+impl AppGrid {
+    /// Creates the work directory under `parent` and runs `setup` in it.
+    pub fn prepare(
+        app: AppSpec,
+        parent: &Path,
+        lab_prefix: &str,
+        exe: &Path,
+    ) -> Result<Self, AppGridError> {
+        let work = parent.join(format!(
+            "natscope-grid-{}-{}",
+            std::process::id(),
+            jobs::lab_name("", 0)
+        ));
+        std::fs::create_dir_all(&work).map_err(|source| AppGridError::Work {
+            path: work.clone(),
+            source,
+        })?;
+        let grid = Self {
+            app,
+            work,
+            lab_prefix: lab_prefix.to_string(),
+            exe: exe.to_path_buf(),
+        };
+        if let Some(setup) = &grid.app.setup {
+            grid.run_setup(setup)?;
+        }
+        Ok(grid)
+    }
+
+    fn run_setup(&self, setup: &str) -> Result<(), AppGridError> {
+        let p = self.placeholders(None);
+        let command = p.fill(setup);
+        let err = |why: String| AppGridError::Setup {
+            command: command.clone(),
+            why,
+        };
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(&command).current_dir(&self.work);
+        let mut child = in_group(cmd, &p, "setup")
+            .spawn()
+            .map_err(|e| err(format!(": {e}")))?;
+        let mut out = CapturedOutput::take(&mut child);
+        let status = wait_within(&mut child, SETUP_LIMIT);
+        stop(&mut child);
+        out.drain();
+        match status {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(err(format!("failed ({s}): {}", tail(&out.stderr(), 3)))),
+            None => Err(err(format!(
+                "did not finish within {SETUP_LIMIT:?}: {}",
+                tail(&out.stderr(), 3)
+            ))),
+        }
+    }
+
+    fn placeholders(&self, cell: Option<(&Lab, &Path)>) -> Placeholders {
+        let addr = |lab: &Lab, n: &str| {
+            lab.node(n)
+                .ok()
+                .and_then(|n| n.address())
+                .map_or(String::new(), |a| a.to_string())
+        };
+        let mut p = Placeholders {
+            work: self.work.display().to_string(),
+            app_dir: self.app.dir.display().to_string(),
+            ..Default::default()
+        };
+        if let Some((lab, dir)) = cell {
+            p.server = addr(lab, RENDEZVOUS);
+            p.a = addr(lab, "a");
+            p.b = addr(lab, "b");
+            p.cell = dir.display().to_string();
+        }
+        p
+    }
+
+    /// Removes the work directory.
+    pub fn finish(self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+
+    /// Runs the cell `a` × `b` (the `index`-th of the grid).
+    pub fn run_cell(&self, index: usize, a: &str, b: &str) -> AppCell {
+        let t0 = Instant::now();
+        let (expected, expected_from, reason) = match self.app.expectation(a, b) {
+            Some(p) => (p, "app", format!("{}'s [expect] says {p}", self.app.file)),
+            None => match grid::expected(a, b, Transport::Udp) {
+                Some((p, why)) => (p, "model", why),
+                None => (PathTaken::Failed, "model", "unknown preset".into()),
+            },
+        };
+        let mut cell = AppCell {
+            a: a.into(),
+            b: b.into(),
+            expected,
+            expected_from: expected_from.into(),
+            reason,
+            observed: None,
+            claimed: None,
+            disagreement: None,
+            pass: false,
+            exit_status: None,
+            timed_out: false,
+            error: None,
+            evidence: None,
+            durations: Durations::default(),
+            logs: BTreeMap::new(),
+        };
+        if let Err(e) = self.cell_in_lab(index, &mut cell) {
+            cell.error = Some(e);
+        }
+        judge(&mut cell);
+        cell.durations.total_ms = ms(t0.elapsed());
+        cell
+    }
+
+    /// Brings the lab up, runs the roles, takes the lab down; fills in what it saw.
+    fn cell_in_lab(&self, index: usize, cell: &mut AppCell) -> Result<(), String> {
+        let t0 = Instant::now();
+        let topo = grid::pair_topology(&cell.a, &cell.b).ok_or("no pair topology")?;
+        let plan = topo.plan().map_err(|e| e.to_string())?;
+        let lab = Lab::up(
+            &jobs::lab_name(&self.lab_prefix, index),
+            plan,
+            LabOptions {
+                natscope_bin: Some(self.exe.clone()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("lab for {} + {}: {}", cell.a, cell.b, jobs::error_line(&e)))?;
+        let dir = self.work.join(format!("cell{index}-{}-{}", cell.a, cell.b));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let p = self.placeholders(Some((&lab, &dir)));
+        cell.durations.lab_up_ms = ms(t0.elapsed());
+        let t1 = Instant::now();
+        let mut running: Vec<RoleProcess> = Vec::new();
+        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, t1);
+        let t2 = Instant::now();
+        for r in &mut running {
+            r.stop();
+            cell.logs.insert(r.role.to_string(), r.log());
+        }
+        drop(running);
+        lab.down();
+        cell.durations.lab_down_ms = ms(t2.elapsed());
+        result
+    }
+
+    fn run_roles(
+        &self,
+        lab: &Lab,
+        p: &Placeholders,
+        dir: &Path,
+        cell: &mut AppCell,
+        running: &mut Vec<RoleProcess>,
+        t1: Instant,
+    ) -> Result<(), String> {
+        for (role, node, spec) in [
+            ("server", RENDEZVOUS, self.app.server.as_ref()),
+            ("listen", "b", self.app.listen.as_ref()),
+        ] {
+            let Some(spec) = spec else { continue };
+            running.push(RoleProcess::start(lab, node, role, spec, p, dir)?);
+            let last = running.len() - 1;
+            running[last].wait_ready(lab, spec)?;
+        }
+        cell.durations.ready_ms = ms(t1.elapsed());
+        let before = snapshot(lab);
+        let t = Instant::now();
+        running.push(RoleProcess::start(
+            lab,
+            "a",
+            "connect",
+            &self.app.connect,
+            p,
+            dir,
+        )?);
+        let last = running.len() - 1;
+        let status = wait_within(&mut running[last].child, self.app.connect.timeout);
+        cell.durations.connect_ms = ms(t.elapsed());
+        let after = snapshot(lab);
+        cell.evidence = Some(evidence(lab, &before, &after));
+        match status {
+            Some(s) => cell.exit_status = s.code(),
+            None => cell.timed_out = true,
+        }
+        running[last].stop();
+        cell.claimed = claim(&running[last].output.stdout());
+        Ok(())
+    }
+}
+
+/// Fills in `observed`, the disagreement and `pass` from what the cell recorded.
+pub fn judge(cell: &mut AppCell) {
+    let connected = !cell.timed_out && cell.exit_status == Some(0) && cell.error.is_none();
+    cell.observed = match (&cell.error, &cell.evidence) {
+        (Some(_), _) | (None, None) => None,
+        _ if !connected => Some(PathTaken::Failed),
+        (None, Some(e)) => observed_path(e),
+    };
+    if cell.timed_out && cell.error.is_none() {
+        let stderr = cell
+            .logs
+            .get("connect")
+            .map(|l| l.stderr_tail.lines().last().unwrap_or("").to_string())
+            .unwrap_or_default();
+        cell.reason = format!("{} (connect killed at timeout_s: {stderr})", cell.reason);
+    }
+    cell.disagreement = match (cell.claimed, cell.observed) {
+        (Some(c), Some(o)) if c != o => Some(format!("the app says {c}, the lab saw {o}")),
+        (Some(c), None) if cell.error.is_none() => Some(format!(
+            "the app says {c}, the lab could not observe the path"
+        )),
+        _ => None,
+    };
+    cell.pass = cell.observed == Some(cell.expected) && cell.disagreement.is_none();
+}
+
+/// The path `e` shows, or `None` when the lab saw neither a direct nor a relayed exchange.
+pub fn observed_path(e: &Evidence) -> Option<PathTaken> {
+    if e.direct_a_to_b.packets > 0 && e.direct_b_to_a.packets > 0 {
+        return Some(PathTaken::Direct);
+    }
+    let via = |s: &SideEvidence| s.to_rendezvous.packets > 0 && s.from_rendezvous.packets > 0;
+    if via(&e.a) || via(&e.b) {
+        return Some(PathTaken::Relayed);
+    }
+    None
+}
+
+/// `{"path": "direct"|"relayed"|"failed"}` on the last non-empty stdout line.
+pub fn claim(stdout: &str) -> Option<PathTaken> {
+    #[derive(Deserialize)]
+    struct Claim {
+        path: PathTaken,
+    }
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty())?;
+    serde_json::from_str::<Claim>(last.trim())
+        .ok()
+        .map(|c| c.path)
+}
+
+/// Every engine router's flows, by node.
+type Snapshot = BTreeMap<String, Vec<FlowRow>>;
+
+fn snapshot(lab: &Lab) -> Snapshot {
+    lab.nodes()
+        .iter()
+        .filter_map(|n| Some((n.name().to_string(), lab.nat_flows(n.name())?)))
+        .collect()
+}
+
+/// `after` minus `before`, per flow, keeping flows that moved.
+fn difference(before: &[FlowRow], after: &[FlowRow]) -> Vec<FlowRow> {
+    after
+        .iter()
+        .filter_map(|f| {
+            let mut d = f.clone();
+            if let Some(b) = before
+                .iter()
+                .find(|b| (b.proto, b.internal, b.remote) == (f.proto, f.internal, f.remote))
+            {
+                d.out_packets -= b.out_packets.min(d.out_packets);
+                d.out_bytes -= b.out_bytes.min(d.out_bytes);
+                d.in_packets -= b.in_packets.min(d.in_packets);
+                d.in_bytes -= b.in_bytes.min(d.in_bytes);
+                d.in_refused -= b.in_refused.min(d.in_refused);
+            }
+            (d.out_packets + d.in_packets + d.in_refused > 0).then_some(d)
+        })
+        .collect()
+}
+
+/// The gateway of host `node`: the router whose LAN it sits on.
+fn gateway(lab: &Lab, node: &str) -> Option<(String, Option<RouterKind>)> {
+    let up = lab.node(node).ok()?.plan().upstream.clone()?;
+    let r = lab.node(&up).ok()?;
+    (r.role() == Role::Nat).then(|| (up, r.plan().router.clone()))
+}
+
+fn evidence(lab: &Lab, before: &Snapshot, after: &Snapshot) -> Evidence {
+    let rendezvous: Vec<Ipv4Addr> = lab
+        .node(RENDEZVOUS)
+        .map(|n| n.plan().uplink.iter().map(|a| a.addr).collect())
+        .unwrap_or_default();
+    let mut e = Evidence {
+        rendezvous: rendezvous.clone(),
+        ..Default::default()
+    };
+    for (peer, side) in [("a", &mut e.a), ("b", &mut e.b)] {
+        let Some((router, kind)) = gateway(lab, peer) else {
+            continue;
+        };
+        side.router = Some(router.clone());
+        let (Some(b), Some(a)) = (before.get(&router), after.get(&router)) else {
+            let what = match kind {
+                Some(RouterKind::Linux) => "linux",
+                _ => "no counters",
+            };
+            e.unobserved.push(format!("{router} ({what})"));
+            continue;
+        };
+        side.flows = difference(b, a);
+        for f in &side.flows {
+            let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
+            if via {
+                side.to_rendezvous.add(f.out_packets, f.out_bytes);
+                side.from_rendezvous.add(f.in_packets, f.in_bytes);
+            } else {
+                side.to_peer.add(f.out_packets, f.out_bytes);
+                side.from_peer_delivered.add(f.in_packets, f.in_bytes);
+                side.from_peer_refused += f.in_refused;
+            }
+        }
+    }
+    // Delivered into a side's LAN: its gateway's count; a side without a NAT receives whatever
+    // the other side's gateway sent it.
+    e.direct_a_to_b = match e.b.router {
+        Some(_) => e.b.from_peer_delivered,
+        None => e.a.to_peer,
+    };
+    e.direct_b_to_a = match e.a.router {
+        Some(_) => e.a.from_peer_delivered,
+        None => e.b.to_peer,
+    };
+    e
+}
+
+/// A role's `sh -c` process in its node.
+struct RoleProcess {
+    role: &'static str,
+    child: Child,
+    output: CapturedOutput,
+    stopped: bool,
+}
+
+impl RoleProcess {
+    fn start(
+        lab: &Lab,
+        node: &str,
+        role: &'static str,
+        spec: &RoleCommand,
+        p: &Placeholders,
+        dir: &Path,
+    ) -> Result<Self, String> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(p.fill(&spec.run)).current_dir(dir);
+        let mut child = lab
+            .node(node)
+            .map_err(|e| e.to_string())?
+            .spawn(in_group(cmd, p, role))
+            .map_err(|e| format!("starting [{role}] in {node}: {e}"))?;
+        let output = CapturedOutput::take(&mut child);
+        Ok(Self {
+            role,
+            child,
+            output,
+            stopped: false,
+        })
+    }
+
+    /// Waits until the role's `ready` holds in its node; an error with its stderr if it exits
+    /// first or does not get ready in time.
+    fn wait_ready(&mut self, lab: &Lab, spec: &RoleCommand) -> Result<(), String> {
+        let node = match self.role {
+            "server" => RENDEZVOUS,
+            _ => "b",
+        };
+        let deadline = Instant::now() + spec.timeout;
+        if let Ready::Wait(d) = spec.ready {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                if self.exited() {
+                    return Err(self.failure("exited before its ready wait ended"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return Ok(());
+        }
+        let n = lab.node(node).map_err(|e| e.to_string())?;
+        loop {
+            let r = spec.ready;
+            let bound = n.run(move || port_bound(r)).unwrap_or(false);
+            if bound {
+                return Ok(());
+            }
+            if self.exited() {
+                return Err(self.failure(&format!("exited before {} was bound", spec.ready)));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(&format!(
+                    "did not bind {} within {:?}",
+                    spec.ready, spec.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn failure(&mut self, what: &str) -> String {
+        self.stop();
+        format!(
+            "[{}] {what}: {}",
+            self.role,
+            tail(&self.output.stderr(), 3).replace('\n', " | ")
+        )
+    }
+
+    /// Stops the role's whole process group (by its id) and collects its output.
+    fn stop(&mut self) {
+        if !self.stopped {
+            stop(&mut self.child);
+            self.output.drain();
+            self.stopped = true;
+        }
+    }
+
+    fn log(&self) -> RoleLog {
+        RoleLog {
+            stdout_tail: tail(&self.output.stdout(), TAIL_LINES),
+            stderr_tail: tail(&self.output.stderr(), TAIL_LINES),
+        }
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// `cmd` as the leader of a new process group (so it can be stopped with everything it started),
+/// stdin closed, output piped, with the cell's variables and `NATSCOPE_ROLE`.
+fn in_group(mut cmd: Command, p: &Placeholders, role: &str) -> Command {
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in p.env() {
+        cmd.env(k, v);
+    }
+    cmd.env("NATSCOPE_ROLE", role);
+    cmd
+}
+
+/// SIGKILL to the child's process group (its id; `sh -c` and whatever it started), then reaps it.
+fn stop(child: &mut Child) {
+    // Before the leader is reaped its id cannot be reused, so the group id still names its group;
+    // after it exited, what it left behind in the group goes too.
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Waits at most `limit` for `child` to exit.
+fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return None,
+        }
+    }
+}
+
+/// Whether the calling thread's namespace has a UDP socket bound to, or a TCP socket listening
+/// on, the ready port (`/proc/thread-self/net/{udp,tcp}`: this thread's namespace's sockets).
+fn port_bound(r: Ready) -> bool {
+    let (file, port, listen_only) = match r {
+        Ready::Udp(p) => ("udp", p, false),
+        Ready::Tcp(p) => ("tcp", p, true),
+        Ready::Wait(_) => return true,
+    };
+    let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+    sockets_on(&text, port, listen_only)
+}
+
+/// In a `/proc/net/{udp,tcp}` table, whether a socket's local port is `port` (TCP: in LISTEN).
+fn sockets_on(table: &str, port: u16, listen_only: bool) -> bool {
+    table.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace();
+        let local = f.nth(1).unwrap_or("");
+        let state = f.nth(1).unwrap_or("");
+        let p = local
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        p == Some(port) && (!listen_only || state == "0A")
+    })
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(remote: &str, out: u64, delivered: u64, refused: u64) -> FlowRow {
+        FlowRow {
+            proto: natscope_core::nat::Protocol::Udp,
+            internal: "10.0.0.2:5000".parse().unwrap(),
+            external: Some("203.0.113.1:5000".parse().unwrap()),
+            remote: remote.parse().unwrap(),
+            out_packets: out,
+            out_bytes: out * 100,
+            in_packets: delivered,
+            in_bytes: delivered * 100,
+            in_refused: refused,
+        }
+    }
+
+    fn cell(exit: Option<i32>, evidence: Option<Evidence>) -> AppCell {
+        AppCell {
+            a: "full-cone".into(),
+            b: "symmetric".into(),
+            expected: PathTaken::Direct,
+            expected_from: "model".into(),
+            reason: "why".into(),
+            observed: None,
+            claimed: None,
+            disagreement: None,
+            pass: false,
+            exit_status: exit,
+            timed_out: exit.is_none(),
+            error: None,
+            evidence,
+            durations: Durations::default(),
+            logs: BTreeMap::new(),
+        }
+    }
+
+    fn side(flows: Vec<FlowRow>) -> SideEvidence {
+        let mut s = SideEvidence {
+            router: Some("nat".into()),
+            ..Default::default()
+        };
+        for f in &flows {
+            if f.remote.ip().to_string() == "198.51.100.1" {
+                s.to_rendezvous.add(f.out_packets, f.out_bytes);
+                s.from_rendezvous.add(f.in_packets, f.in_bytes);
+            } else {
+                s.to_peer.add(f.out_packets, f.out_bytes);
+                s.from_peer_delivered.add(f.in_packets, f.in_bytes);
+                s.from_peer_refused += f.in_refused;
+            }
+        }
+        s.flows = flows;
+        s
+    }
+
+    fn ev(a: Vec<FlowRow>, b: Vec<FlowRow>) -> Evidence {
+        let (a, b) = (side(a), side(b));
+        Evidence {
+            rendezvous: vec!["198.51.100.1".parse().unwrap()],
+            direct_a_to_b: b.from_peer_delivered,
+            direct_b_to_a: a.from_peer_delivered,
+            a,
+            b,
+            unobserved: vec![],
+        }
+    }
+
+    #[test]
+    fn delivered_both_ways_is_direct() {
+        let e = ev(
+            vec![flow("203.0.113.9:7000", 5, 5, 0)],
+            vec![flow("203.0.113.1:5000", 5, 5, 0)],
+        );
+        assert_eq!(observed_path(&e), Some(PathTaken::Direct));
+    }
+
+    #[test]
+    fn a_refused_one_way_punch_then_the_server_is_relayed() {
+        // a's punch packets reach b's NAT and are refused there; b never gets through to a.
+        let e = ev(
+            vec![
+                flow("203.0.113.9:7000", 3, 0, 0),
+                flow("198.51.100.1:4000", 9, 9, 0),
+            ],
+            vec![
+                flow("203.0.113.1:5000", 0, 0, 3),
+                flow("198.51.100.1:4000", 9, 9, 0),
+            ],
+        );
+        assert_eq!(e.b.from_peer_refused, 3);
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
+        // One direction delivered is still not a direct path.
+        let e = ev(
+            vec![
+                flow("203.0.113.9:7000", 3, 0, 0),
+                flow("198.51.100.1:4000", 9, 9, 0),
+            ],
+            vec![flow("203.0.113.1:5000", 0, 3, 0)],
+        );
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
+        assert_eq!(observed_path(&ev(vec![], vec![])), None);
+    }
+
+    #[test]
+    fn a_false_claim_is_flagged_and_fails_the_cell() {
+        let relayed = ev(
+            vec![flow("198.51.100.1:4000", 9, 9, 0)],
+            vec![flow("198.51.100.1:4000", 9, 9, 0)],
+        );
+        let mut c = cell(Some(0), Some(relayed));
+        c.expected = PathTaken::Relayed;
+        c.claimed = claim("hello\n{\"path\": \"direct\"}\n\n");
+        judge(&mut c);
+        assert_eq!(c.observed, Some(PathTaken::Relayed));
+        assert_eq!(c.claimed, Some(PathTaken::Direct));
+        assert_eq!(
+            c.disagreement.as_deref(),
+            Some("the app says direct, the lab saw relayed")
+        );
+        assert!(!c.pass);
+        c.claimed = Some(PathTaken::Relayed);
+        judge(&mut c);
+        assert!(c.pass && c.disagreement.is_none());
+    }
+
+    #[test]
+    fn a_failed_or_killed_connect_is_failed_whatever_flowed() {
+        let direct = ev(
+            vec![flow("203.0.113.9:7000", 5, 5, 0)],
+            vec![flow("203.0.113.1:5000", 5, 5, 0)],
+        );
+        let mut c = cell(Some(1), Some(direct.clone()));
+        judge(&mut c);
+        assert_eq!(c.observed, Some(PathTaken::Failed));
+        let mut c = cell(None, Some(direct));
+        c.logs.insert(
+            "connect".into(),
+            RoleLog {
+                stdout_tail: String::new(),
+                stderr_tail: "one\nstill waiting".into(),
+            },
+        );
+        judge(&mut c);
+        assert_eq!(c.observed, Some(PathTaken::Failed));
+        assert_eq!(c.reason, "why (connect killed at timeout_s: still waiting)");
+        let mut c = cell(None, None);
+        c.timed_out = false;
+        c.error = Some("lab".into());
+        judge(&mut c);
+        assert_eq!(c.observed, None);
+        assert!(!c.pass);
+    }
+
+    #[test]
+    fn claims_are_the_last_line_only() {
+        assert_eq!(claim("{\"path\":\"relayed\"}"), Some(PathTaken::Relayed));
+        assert_eq!(claim("{\"path\":\"direct\"}\nbye\n"), None);
+        assert_eq!(claim("{\"path\":\"sideways\"}"), None);
+        assert_eq!(claim(""), None);
+    }
+
+    #[test]
+    fn counts_over_the_run_are_differences() {
+        let before = vec![flow("198.51.100.1:4000", 2, 2, 0)];
+        let after = vec![
+            flow("198.51.100.1:4000", 2, 2, 0),
+            flow("203.0.113.9:7000", 1, 0, 4),
+        ];
+        let d = difference(&before, &after);
+        assert_eq!(d.len(), 1, "the unchanged flow is left out");
+        assert_eq!((d[0].out_packets, d[0].in_refused), (1, 4));
+    }
+
+    #[test]
+    fn proc_net_tables_are_read() {
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                   0: 00000000:0FA0 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0\n";
+        assert!(sockets_on(udp, 4000, false));
+        assert!(!sockets_on(udp, 4001, false));
+        let tcp = "  sl  local_address rem_address   st\n\
+                   0: 0100007F:0FA1 00000000:0000 0A 0\n\
+                   1: 0100007F:0FA2 0200007F:1000 01 0\n";
+        assert!(sockets_on(tcp, 4001, true));
+        assert!(!sockets_on(tcp, 4002, true), "established, not listening");
+    }
+}
