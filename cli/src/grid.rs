@@ -4,12 +4,15 @@
 //! outcome is compared with the one RFC 4787 reasoning predicts (`natscope_lab::grid`). Running
 //! and judging a cell is [`natscope_lab::grid_run`]; this file parses, schedules and renders.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use natscope_lab::app;
+use natscope_lab::app_run::{self, AppGrid, AppGridDocument};
 use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
 use natscope_lab::grid_run::run_cell;
 use natscope_lab::presets;
@@ -28,12 +31,29 @@ pub struct GridArgs {
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
-    /// Print one `natscope.grid/v1` JSON document.
+    /// Print one JSON document: `natscope.grid/v1`, or `natscope.grid/v2` with `--app`.
     #[arg(long)]
     json: bool,
+    /// Run this program instead of natscope punch: an app file (docs/testing-your-app.md).
+    #[arg(long, value_name = "FILE.toml")]
+    app: Option<PathBuf>,
+    /// With --app: write a JUnit XML report (one testcase per cell) here.
+    #[arg(long, value_name = "FILE", requires = "app")]
+    junit: Option<PathBuf>,
+    /// With --app: write a Markdown grid (for $GITHUB_STEP_SUMMARY) here.
+    #[arg(long, value_name = "FILE", requires = "app")]
+    markdown: Option<PathBuf>,
+    /// Lab names start with this (1-4 characters a-z, 0-9), so parallel grids never collide.
+    #[arg(long, default_value = "ga", hide = true)]
+    lab_prefix: String,
 }
 
 pub fn run(a: GridArgs) -> Result<ExitCode> {
+    // A bad app file is one line and nothing is created.
+    let app = match &a.app {
+        Some(path) => Some(app::load(path).map_err(|e| anyhow!("{e}"))?),
+        None => None,
+    };
     let names: Vec<String> = if a.presets.is_empty() {
         grid::DEFAULT_PRESETS
             .iter()
@@ -58,7 +78,18 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
             other => bail!("unknown transport `{other}` (udp, tcp)"),
         });
     }
+    if !(1..=4).contains(&a.lab_prefix.len())
+        || !a
+            .lab_prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!("--lab-prefix must be 1-4 characters a-z, 0-9");
+    }
     let exe = jobs::prepare(a.jobs)?;
+    if let Some(spec) = app {
+        return run_app(&a, spec, &names, &exe);
+    }
     let mut work = Vec::new();
     for t in &transports {
         for (i, x) in names.iter().enumerate() {
@@ -84,6 +115,66 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     Ok(jobs::exit_code(errors, doc.pass))
 }
 
+/// `--app`: every unordered pair of `names` with the app, judged by the lab.
+fn run_app(a: &GridArgs, spec: app::AppSpec, names: &[String], exe: &Path) -> Result<ExitCode> {
+    let mut pairs = Vec::new();
+    for (i, x) in names.iter().enumerate() {
+        for y in &names[i..] {
+            pairs.push((x.clone(), y.clone()));
+        }
+    }
+    let start = Instant::now();
+    let name = spec.name.clone();
+    let grid = AppGrid::prepare(spec, &std::env::temp_dir(), &a.lab_prefix, exe)
+        .map_err(|e| anyhow!("{e}"))?;
+    let cells = jobs::run_parallel(&pairs, a.jobs, |i, (x, y)| grid.run_cell(i, x, y));
+    grid.finish();
+    let cells = cells?;
+    let errors = cells.iter().any(|c| c.error.is_some());
+    let doc = AppGridDocument {
+        schema: app_run::SCHEMA.to_string(),
+        app: name,
+        pass: cells.iter().all(|c| c.pass),
+        cells,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        shard: None,
+    };
+    for (path, text) in [(&a.junit, doc.junit()), (&a.markdown, doc.markdown())] {
+        if let Some(p) = path {
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    if a.json {
+        emit(&serde_json::to_string_pretty(&doc)?);
+    } else {
+        let mut parts = vec![table("app", names, |x, y| doc.cell(x, y).map(|c| c.mark()))];
+        parts.extend(
+            doc.cells
+                .iter()
+                .filter_map(|c| c.failure().map(|why| format!("{} ↔ {}: {why}", c.a, c.b))),
+        );
+        parts.push(doc.summary());
+        emit(&parts.join("\n"));
+    }
+    Ok(jobs::exit_code(errors, doc.pass))
+}
+
+/// A pair grid: `names` down and across, each cell's word from `mark` (either order of the pair).
+fn table(corner: &str, names: &[String], mark: impl Fn(&str, &str) -> Option<String>) -> String {
+    let mut table = Table::new();
+    let mut header = vec![corner.to_string()];
+    header.extend(names.iter().cloned());
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for x in names {
+        let mut row = vec![x.clone()];
+        for y in names {
+            row.push(mark(x, y).unwrap_or_default());
+        }
+        table.add_row(row);
+    }
+    table.to_string()
+}
+
 fn mark(c: &GridCell) -> String {
     let o = match c.observed {
         Some(PathTaken::Direct) => match c.time_to_direct_ms {
@@ -103,21 +194,13 @@ fn mark(c: &GridCell) -> String {
 fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> String {
     let mut parts = Vec::new();
     for t in transports {
-        let mut table = Table::new();
-        let mut header = vec![format!("{t:?}").to_lowercase()];
-        header.extend(names.iter().cloned());
-        table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
-        for x in names {
-            let mut row = vec![x.clone()];
-            for y in names {
-                let c = doc.cells.iter().find(|c| {
-                    c.transport == *t && ((c.a == *x && c.b == *y) || (c.a == *y && c.b == *x))
-                });
-                row.push(c.map(mark).unwrap_or_default());
-            }
-            table.add_row(row);
-        }
-        parts.push(table.to_string());
+        parts.push(table(&format!("{t:?}").to_lowercase(), names, |x, y| {
+            let c = doc
+                .cells
+                .iter()
+                .find(|c| c.transport == *t && ((c.a == x && c.b == y) || (c.a == y && c.b == x)));
+            c.map(mark)
+        }));
     }
     for c in doc.cells.iter().filter(|c| !c.pass) {
         parts.push(format!(

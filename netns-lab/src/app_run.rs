@@ -676,6 +676,245 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+// ---- outputs ------------------------------------------------------------------------------
+
+impl AppCell {
+    /// The cell's word in tables: ✓/✗, the observed path, a flag when the app's claim differs.
+    pub fn mark(&self) -> String {
+        let o = match (self.observed, &self.error) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(_)) => "error".into(),
+            (None, None) => "unobserved".into(),
+        };
+        let mut m = match (self.pass, self.observed == Some(self.expected)) {
+            (true, _) => format!("✓ {o}"),
+            (false, true) => format!("✗ {o}"),
+            (false, false) => format!("✗ {o} (want {})", self.expected),
+        };
+        if let (Some(c), Some(_)) = (self.claimed, &self.disagreement) {
+            m.push_str(&format!(" ⚑ app says {c}"));
+        }
+        m
+    }
+
+    /// Why the cell did not pass, in one line; `None` when it passed.
+    pub fn failure(&self) -> Option<String> {
+        if self.pass {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if let Some(e) = &self.error {
+            parts.push(format!("error: {e}"));
+        }
+        if let Some(d) = &self.disagreement {
+            parts.push(d.clone());
+        }
+        match self.observed {
+            Some(o) if o != self.expected => {
+                parts.push(format!("observed {o}, expected {}", self.expected))
+            }
+            None if self.error.is_none() => parts.push(
+                "the lab saw no exchange between the peers, direct or through rendezvous".into(),
+            ),
+            _ => {}
+        }
+        if self.timed_out {
+            parts.push("connect killed at timeout_s".into());
+        } else if let Some(code) = self.exit_status.filter(|c| *c != 0) {
+            parts.push(format!("connect exited {code}"));
+        }
+        parts.push(format!("reason: {}", self.reason));
+        Some(parts.join("; "))
+    }
+}
+
+impl AppGridDocument {
+    /// The presets in the order the cells first name them.
+    pub fn presets(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for c in &self.cells {
+            for n in [&c.a, &c.b] {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// The cell of the pair `x`, `y` in either order.
+    pub fn cell(&self, x: &str, y: &str) -> Option<&AppCell> {
+        self.cells
+            .iter()
+            .find(|c| (c.a == x && c.b == y) || (c.a == y && c.b == x))
+    }
+
+    /// One line: how many cells were as expected, flagged, and how long it took.
+    pub fn summary(&self) -> String {
+        let passed = self.cells.iter().filter(|c| c.pass).count();
+        let flagged = self
+            .cells
+            .iter()
+            .filter(|c| c.disagreement.is_some())
+            .count();
+        format!(
+            "{}: {passed}/{} cells as expected, {flagged} where the app's claim differs from the lab's observation, in {:.1} s",
+            self.app,
+            self.cells.len(),
+            self.duration_ms / 1000.0
+        )
+    }
+
+    /// A JUnit XML report: one testsuite, one testcase per cell (`a ↔ b`), a `<failure>` for each
+    /// cell that did not pass (an `<error>` for one that could not run), the roles' output tails
+    /// in `<system-out>`. Written by hand: a dozen lines of escaping need no XML crate.
+    pub fn junit(&self) -> String {
+        let failures = self
+            .cells
+            .iter()
+            .filter(|c| !c.pass && c.error.is_none())
+            .count();
+        let errors = self.cells.iter().filter(|c| c.error.is_some()).count();
+        let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        x += &format!(
+            "<testsuites name=\"natscope lab grid\" tests=\"{n}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{t:.3}\">\n\
+             <testsuite name=\"{app}\" tests=\"{n}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{t:.3}\">\n",
+            n = self.cells.len(),
+            t = self.duration_ms / 1000.0,
+            app = xml(&self.app),
+        );
+        for c in &self.cells {
+            x += &format!(
+                "  <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\">\n",
+                xml(&format!("natscope.grid.{}", self.app)),
+                xml(&format!("{} ↔ {}", c.a, c.b)),
+                c.durations.total_ms / 1000.0
+            );
+            if let Some(why) = c.failure() {
+                let tag = if c.error.is_some() {
+                    "error"
+                } else {
+                    "failure"
+                };
+                x += &format!(
+                    "    <{tag} message=\"{}\" type=\"{}\">{}</{tag}>\n",
+                    xml(&why),
+                    c.observed.map_or("error", PathTaken::as_str),
+                    xml(&evidence_text(c))
+                );
+            }
+            x += &format!(
+                "    <system-out>{}</system-out>\n  </testcase>\n",
+                xml(&logs_text(c))
+            );
+        }
+        x += "</testsuite>\n</testsuites>\n";
+        x
+    }
+
+    /// A Markdown grid for `$GITHUB_STEP_SUMMARY`: the pair table, then each cell that did not
+    /// pass with why.
+    pub fn markdown(&self) -> String {
+        let names = self.presets();
+        let mut m = format!("### natscope lab grid --app: {}\n\n", md(&self.app));
+        m += &format!(
+            "| a \\ b | {} |\n",
+            names.iter().map(|n| md(n)).collect::<Vec<_>>().join(" | ")
+        );
+        m += &format!("|---|{}\n", "---|".repeat(names.len()));
+        for (i, x) in names.iter().enumerate() {
+            m += &format!("| **{}** |", md(x));
+            for (j, y) in names.iter().enumerate() {
+                let mark = match (j < i, self.cell(x, y)) {
+                    (false, Some(c)) => md(&c.mark()),
+                    _ => String::new(),
+                };
+                m += &format!(" {mark} |");
+            }
+            m += "\n";
+        }
+        m += "\n";
+        for c in &self.cells {
+            if let Some(why) = c.failure() {
+                m += &format!("- **{} ↔ {}**: {}\n", md(&c.a), md(&c.b), md(&why));
+            }
+        }
+        m += &format!("\n{}\n", md(&self.summary()));
+        m
+    }
+}
+
+/// A cell's evidence in words, for reports.
+pub fn evidence_text(c: &AppCell) -> String {
+    let Some(e) = &c.evidence else {
+        return "no evidence: the connect command never ran".into();
+    };
+    let side = |name: &str, s: &SideEvidence| {
+        format!(
+            "{name} (router {}): to peer {} pkts/{} B, from peer delivered {} pkts/{} B, refused {}, \
+             to rendezvous {} pkts/{} B, from rendezvous {} pkts/{} B",
+            s.router.as_deref().unwrap_or("none"),
+            s.to_peer.packets,
+            s.to_peer.bytes,
+            s.from_peer_delivered.packets,
+            s.from_peer_delivered.bytes,
+            s.from_peer_refused,
+            s.to_rendezvous.packets,
+            s.to_rendezvous.bytes,
+            s.from_rendezvous.packets,
+            s.from_rendezvous.bytes
+        )
+    };
+    let mut t = format!(
+        "direct a→b delivered {} pkts/{} B, b→a delivered {} pkts/{} B; {}; {}",
+        e.direct_a_to_b.packets,
+        e.direct_a_to_b.bytes,
+        e.direct_b_to_a.packets,
+        e.direct_b_to_a.bytes,
+        side("a", &e.a),
+        side("b", &e.b)
+    );
+    if !e.unobserved.is_empty() {
+        t += &format!("; unobserved: {}", e.unobserved.join(", "));
+    }
+    t
+}
+
+fn logs_text(c: &AppCell) -> String {
+    let mut t = String::new();
+    for (role, log) in &c.logs {
+        t += &format!(
+            "[{role} stdout]\n{}\n[{role} stderr]\n{}\n",
+            log.stdout_tail, log.stderr_tail
+        );
+    }
+    t
+}
+
+/// Text as XML character data or attribute value: the five escapes, other control characters
+/// (not allowed in XML 1.0) dropped.
+pub fn xml(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' | '\t' | '\r' => out.push(ch),
+            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text inside a Markdown table cell: pipes escaped, line breaks flattened.
+fn md(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -862,5 +1101,64 @@ mod tests {
                    1: 0100007F:0FA2 0200007F:1000 01 0\n";
         assert!(sockets_on(tcp, 4001, true));
         assert!(!sockets_on(tcp, 4002, true), "established, not listening");
+    }
+
+    fn doc() -> AppGridDocument {
+        let direct = ev(
+            vec![flow("203.0.113.9:7000", 5, 5, 0)],
+            vec![flow("203.0.113.1:5000", 5, 5, 0)],
+        );
+        let mut ok = cell(Some(0), Some(direct));
+        ok.logs.insert(
+            "connect".into(),
+            RoleLog {
+                stdout_tail: "<&\"'>\u{1}".into(),
+                stderr_tail: String::new(),
+            },
+        );
+        judge(&mut ok);
+        let mut bad = cell(None, None);
+        bad.a = "symmetric".into();
+        bad.timed_out = false;
+        bad.error = Some("lab for x: boom".into());
+        judge(&mut bad);
+        AppGridDocument {
+            schema: SCHEMA.into(),
+            app: "demo|app".into(),
+            pass: false,
+            cells: vec![ok, bad],
+            duration_ms: 1500.0,
+            shard: None,
+        }
+    }
+
+    #[test]
+    fn junit_has_one_testcase_per_cell_and_escapes() {
+        let x = doc().junit();
+        assert_eq!(x.matches("<testcase ").count(), 2, "{x}");
+        assert_eq!(x.matches("<error ").count(), 1, "{x}");
+        assert!(
+            x.contains("&lt;&amp;&quot;&apos;&gt;</system-out>")
+                || x.contains("&lt;&amp;&quot;&apos;&gt;\n"),
+            "{x}"
+        );
+        assert!(!x.contains('\u{1}'));
+        assert!(x.contains("failures=\"0\" errors=\"1\""), "{x}");
+    }
+
+    #[test]
+    fn markdown_is_a_pair_grid() {
+        let m = doc().markdown();
+        assert!(m.contains("| a \\ b | full-cone | symmetric |"), "{m}");
+        assert!(m.contains("| **full-cone** |  | ✓ direct |"), "{m}");
+        assert!(
+            m.contains("| **symmetric** |  | ✗ error (want direct) |"),
+            "{m}"
+        );
+        assert!(m.contains("demo\\|app: 1/2 cells as expected"), "{m}");
+        assert!(
+            m.contains("- **symmetric ↔ symmetric**: error: lab for x: boom"),
+            "{m}"
+        );
     }
 }
