@@ -12,6 +12,12 @@
 //! were delivered into both LANs (a punch packet the far filter refused shows as `in_refused`,
 //! not as a delivery); `relayed` when the connect command succeeded and both directions of its
 //! traffic crossed the rendezvous host; `failed` when the connect command failed or timed out.
+//!
+//! A kernel `linux` router has no engine to ask: for the connect command's run the cell adds its
+//! own nftables table inside that router's namespace (never the root namespace) with named
+//! counters — a forward chain after the masquerade table's filter, so it counts only what that
+//! filter let through, and a prerouting chain that counts every packet from the other peer — and
+//! reads them back with `nft -j` ([`linux_side`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -337,6 +343,14 @@ impl AppGrid {
             running[last].wait_ready(lab, spec)?;
         }
         cell.durations.ready_ms = ms(t1.elapsed());
+        let rendezvous = rendezvous_addrs(lab);
+        let mut kernel = Vec::new();
+        for peer in ["a", "b"] {
+            if let Some((router, Some(RouterKind::Linux))) = gateway(lab, peer) {
+                install_counters(lab, &router, &rendezvous)?;
+                kernel.push(router);
+            }
+        }
         let before = snapshot(lab);
         let t = Instant::now();
         running.push(RoleProcess::start(
@@ -351,7 +365,12 @@ impl AppGrid {
         let status = wait_within(&mut running[last].child, self.app.connect.timeout);
         cell.durations.connect_ms = ms(t.elapsed());
         let after = snapshot(lab);
-        cell.evidence = Some(evidence(lab, &before, &after));
+        let mut counted = BTreeMap::new();
+        for router in kernel {
+            let side = read_counters(lab, &router)?;
+            counted.insert(router, side);
+        }
+        cell.evidence = Some(evidence(lab, &before, &after, counted));
         match status {
             Some(s) => cell.exit_status = s.code(),
             None => cell.timed_out = true,
@@ -389,8 +408,16 @@ pub fn judge(cell: &mut AppCell) {
 }
 
 /// The path `e` shows, or `None` when the lab saw neither a direct nor a relayed exchange.
+///
+/// Direct needs packets delivered into both LANs from the other peer, and the direct path must
+/// have carried at least as many bytes as went through the rendezvous host (each relayed byte
+/// counted once, though it crosses both peers' gateways): a pair whose punch packets met but
+/// whose data still went through the relay was relayed.
 pub fn observed_path(e: &Evidence) -> Option<PathTaken> {
-    if e.direct_a_to_b.packets > 0 && e.direct_b_to_a.packets > 0 {
+    let direct = e.direct_a_to_b.bytes + e.direct_b_to_a.bytes;
+    let via_bytes = |s: &SideEvidence| s.to_rendezvous.bytes + s.from_rendezvous.bytes;
+    let relayed = (via_bytes(&e.a) + via_bytes(&e.b)) / 2;
+    if e.direct_a_to_b.packets > 0 && e.direct_b_to_a.packets > 0 && direct >= relayed {
         return Some(PathTaken::Direct);
     }
     let via = |s: &SideEvidence| s.to_rendezvous.packets > 0 && s.from_rendezvous.packets > 0;
@@ -450,11 +477,19 @@ fn gateway(lab: &Lab, node: &str) -> Option<(String, Option<RouterKind>)> {
     (r.role() == Role::Nat).then(|| (up, r.plan().router.clone()))
 }
 
-fn evidence(lab: &Lab, before: &Snapshot, after: &Snapshot) -> Evidence {
-    let rendezvous: Vec<Ipv4Addr> = lab
-        .node(RENDEZVOUS)
+fn rendezvous_addrs(lab: &Lab) -> Vec<Ipv4Addr> {
+    lab.node(RENDEZVOUS)
         .map(|n| n.plan().uplink.iter().map(|a| a.addr).collect())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn evidence(
+    lab: &Lab,
+    before: &Snapshot,
+    after: &Snapshot,
+    mut kernel: BTreeMap<String, SideEvidence>,
+) -> Evidence {
+    let rendezvous = rendezvous_addrs(lab);
     let mut e = Evidence {
         rendezvous: rendezvous.clone(),
         ..Default::default()
@@ -463,6 +498,11 @@ fn evidence(lab: &Lab, before: &Snapshot, after: &Snapshot) -> Evidence {
         let Some((router, kind)) = gateway(lab, peer) else {
             continue;
         };
+        if let Some(counted) = kernel.remove(&router) {
+            *side = counted;
+            side.router = Some(router);
+            continue;
+        }
         side.router = Some(router.clone());
         let (Some(b), Some(a)) = (before.get(&router), after.get(&router)) else {
             let what = match kind {
@@ -674,6 +714,117 @@ fn tail(text: &str, n: usize) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+// ---- kernel routers: nftables counters ----------------------------------------------------
+
+/// The table a cell adds to a `linux` router for its evidence.
+const NFT_TABLE: &str = "natscope_evidence";
+/// The named counters, in [`SideEvidence`] terms.
+const NFT_COUNTERS: [&str; 5] = [
+    "to_peer",
+    "from_peer_delivered",
+    "from_peer_seen",
+    "to_rendezvous",
+    "from_rendezvous",
+];
+
+/// Runs `nft` with `args` (and `input` on stdin) inside `router`'s namespace; its stdout.
+fn nft(lab: &Lab, router: &str, args: &[&str], input: &str) -> Result<String, String> {
+    use std::io::Write;
+    let mut cmd = Command::new("nft");
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = lab
+        .node(router)
+        .map_err(|e| e.to_string())?
+        .spawn(cmd)
+        .map_err(|e| format!("running nft in {router} (install nftables): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("nft in {router}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nft in {router}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The evidence table's rules for a router whose uplink is `wan`, with the rendezvous host at
+/// `rendezvous`: forwarded traffic counted after the masquerade table's `filter`-priority chain
+/// (which drops what its filter refuses), every packet from a peer counted at prerouting.
+fn counter_rules(wan: &str, rendezvous: &[Ipv4Addr]) -> String {
+    let set: Vec<String> = rendezvous.iter().map(Ipv4Addr::to_string).collect();
+    let set = format!("{{ {} }}", set.join(", "));
+    let counters: String = NFT_COUNTERS
+        .iter()
+        .map(|c| format!("counter {c} {{}}\n"))
+        .collect();
+    format!(
+        "table ip {NFT_TABLE} {{\n{counters}\
+         chain forward {{ type filter hook forward priority filter + 10; policy accept;\n\
+         oifname \"{wan}\" ip daddr {set} counter name to_rendezvous\n\
+         oifname \"{wan}\" ip daddr != {set} counter name to_peer\n\
+         iifname \"{wan}\" ip saddr {set} counter name from_rendezvous\n\
+         iifname \"{wan}\" ip saddr != {set} counter name from_peer_delivered\n}}\n\
+         chain prerouting {{ type filter hook prerouting priority raw; policy accept;\n\
+         iifname \"{wan}\" ip saddr != {set} counter name from_peer_seen\n}}\n}}\n"
+    )
+}
+
+fn install_counters(lab: &Lab, router: &str, rendezvous: &[Ipv4Addr]) -> Result<(), String> {
+    let rules = counter_rules(crate::driver::WAN, rendezvous);
+    nft(lab, router, &["-f", "-"], &rules).map(|_| ())
+}
+
+/// The counters' values, then the table removed again.
+fn read_counters(lab: &Lab, router: &str) -> Result<SideEvidence, String> {
+    let json = nft(
+        lab,
+        router,
+        &["-j", "list", "counters", "table", "ip", NFT_TABLE],
+        "",
+    )?;
+    let _ = nft(lab, router, &["delete", "table", "ip", NFT_TABLE], "");
+    linux_side(&json).ok_or_else(|| format!("nft in {router}: unreadable counters: {json}"))
+}
+
+/// A side's evidence from `nft -j list counters` output.
+pub fn linux_side(json: &str) -> Option<SideEvidence> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let mut got: BTreeMap<String, Count> = BTreeMap::new();
+    for item in v.get("nftables")?.as_array()? {
+        let Some(c) = item.get("counter") else {
+            continue;
+        };
+        got.insert(
+            c.get("name")?.as_str()?.to_string(),
+            Count {
+                packets: c.get("packets")?.as_u64()?,
+                bytes: c.get("bytes")?.as_u64()?,
+            },
+        );
+    }
+    let get = |n: &str| got.get(n).copied();
+    let delivered = get("from_peer_delivered")?;
+    Some(SideEvidence {
+        router: None,
+        to_peer: get("to_peer")?,
+        from_peer_delivered: delivered,
+        from_peer_refused: get("from_peer_seen")?
+            .packets
+            .saturating_sub(delivered.packets),
+        to_rendezvous: get("to_rendezvous")?,
+        from_rendezvous: get("from_rendezvous")?,
+        flows: Vec::new(),
+    })
 }
 
 // ---- outputs ------------------------------------------------------------------------------
@@ -1018,6 +1169,18 @@ mod tests {
         );
         assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
         assert_eq!(observed_path(&ev(vec![], vec![])), None);
+        // Punch packets met both ways, but the data went through the relay.
+        let e = ev(
+            vec![
+                flow("203.0.113.9:7000", 2, 2, 0),
+                flow("198.51.100.1:4000", 30, 30, 0),
+            ],
+            vec![
+                flow("203.0.113.1:5000", 2, 2, 0),
+                flow("198.51.100.1:4000", 30, 30, 0),
+            ],
+        );
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
     }
 
     #[test]
@@ -1160,5 +1323,41 @@ mod tests {
             m.contains("- **symmetric ↔ symmetric**: error: lab for x: boom"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn nft_counters_are_read_as_a_side() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.9"}},
+            {"counter": {"family": "ip", "name": "to_peer", "table": "natscope_evidence", "handle": 1, "packets": 7, "bytes": 700}},
+            {"counter": {"family": "ip", "name": "from_peer_delivered", "table": "natscope_evidence", "handle": 2, "packets": 5, "bytes": 500}},
+            {"counter": {"family": "ip", "name": "from_peer_seen", "table": "natscope_evidence", "handle": 3, "packets": 8, "bytes": 800}},
+            {"counter": {"family": "ip", "name": "to_rendezvous", "table": "natscope_evidence", "handle": 4, "packets": 2, "bytes": 90}},
+            {"counter": {"family": "ip", "name": "from_rendezvous", "table": "natscope_evidence", "handle": 5, "packets": 1, "bytes": 60}}]}"#;
+        let s = linux_side(json).unwrap();
+        assert_eq!(
+            s.to_peer,
+            Count {
+                packets: 7,
+                bytes: 700
+            }
+        );
+        assert_eq!(s.from_peer_delivered.packets, 5);
+        assert_eq!(s.from_peer_refused, 3);
+        assert_eq!(s.to_rendezvous.bytes, 90);
+        assert_eq!(s.from_rendezvous.packets, 1);
+        assert!(linux_side(r#"{"nftables": []}"#).is_none());
+        let rules = counter_rules(
+            "wan0",
+            &[
+                "198.51.100.1".parse().unwrap(),
+                "198.51.100.2".parse().unwrap(),
+            ],
+        );
+        assert!(
+            rules
+                .contains("ip saddr != { 198.51.100.1, 198.51.100.2 } counter name from_peer_seen"),
+            "{rules}"
+        );
+        assert_eq!(rules.matches("counter name").count(), 5);
     }
 }
