@@ -759,7 +759,8 @@ fn nft(lab: &Lab, router: &str, args: &[&str], input: &str) -> Result<String, St
 
 /// The evidence table's rules for a router whose uplink is `wan`, with the rendezvous host at
 /// `rendezvous`: forwarded traffic counted after the masquerade table's `filter`-priority chain
-/// (which drops what its filter refuses), every packet from a peer counted at prerouting.
+/// (which drops what its filter refuses), every packet from a peer counted at prerouting. Only
+/// TCP and UDP count: an ICMP error a NAT sends back for a refused punch is not the peer's data.
 fn counter_rules(wan: &str, rendezvous: &[Ipv4Addr]) -> String {
     let set: Vec<String> = rendezvous.iter().map(Ipv4Addr::to_string).collect();
     let set = format!("{{ {} }}", set.join(", "));
@@ -770,12 +771,12 @@ fn counter_rules(wan: &str, rendezvous: &[Ipv4Addr]) -> String {
     format!(
         "table ip {NFT_TABLE} {{\n{counters}\
          chain forward {{ type filter hook forward priority filter + 10; policy accept;\n\
-         oifname \"{wan}\" ip daddr {set} counter name to_rendezvous\n\
-         oifname \"{wan}\" ip daddr != {set} counter name to_peer\n\
-         iifname \"{wan}\" ip saddr {set} counter name from_rendezvous\n\
-         iifname \"{wan}\" ip saddr != {set} counter name from_peer_delivered\n}}\n\
+         oifname \"{wan}\" ip daddr {set} meta l4proto {{ tcp, udp }} counter name to_rendezvous\n\
+         oifname \"{wan}\" ip daddr != {set} meta l4proto {{ tcp, udp }} counter name to_peer\n\
+         iifname \"{wan}\" ip saddr {set} meta l4proto {{ tcp, udp }} counter name from_rendezvous\n\
+         iifname \"{wan}\" ip saddr != {set} meta l4proto {{ tcp, udp }} counter name from_peer_delivered\n}}\n\
          chain prerouting {{ type filter hook prerouting priority raw; policy accept;\n\
-         iifname \"{wan}\" ip saddr != {set} counter name from_peer_seen\n}}\n}}\n"
+         iifname \"{wan}\" ip saddr != {set} meta l4proto {{ tcp, udp }} counter name from_peer_seen\n}}\n}}\n"
     )
 }
 
@@ -1355,7 +1356,7 @@ mod tests {
         );
         assert!(
             rules
-                .contains("ip saddr != { 198.51.100.1, 198.51.100.2 } counter name from_peer_seen"),
+                .contains("ip saddr != { 198.51.100.1, 198.51.100.2 } meta l4proto { tcp, udp } counter name from_peer_seen"),
             "{rules}"
         );
         assert_eq!(rules.matches("counter name").count(), 5);

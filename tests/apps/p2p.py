@@ -107,7 +107,11 @@ def connect(server_ip, mode):
                 data, src = s.recvfrom(2048)
             except socket.timeout:
                 continue
-            if src == peer:
+            # A NAT may give b's punch a port other than the one the server saw (a kernel NAT
+            # does when a's punch already holds that tuple): learn it, as ICE learns a
+            # peer-reflexive candidate.
+            if src[0] == peer[0] and src != srv:
+                peer = src
                 path = "direct"
     else:
         for _ in range(3):

@@ -154,6 +154,35 @@ fn the_lab_judges_the_path_not_the_app() {
         "{md}"
     );
 
+    // The kernel's own NAT, counted with nftables inside the router: behind `linux` the punch
+    // goes direct to a full cone. Between two `linux` routers the same program relays: the first
+    // punch packet holds the conntrack tuple the other side's masquerade would need, so that side
+    // picks another port (a clash RFC 4787 does not model) and each side's filter refuses the
+    // other's packets. The lab sees that, and agrees with the program.
+    let (doc, out) = grid(&apps().join("direct.toml"), "appk", "linux,full-cone", &[]);
+    let c = cell(&doc, "linux", FC);
+    assert_eq!(
+        c.observed,
+        Some(PathTaken::Direct),
+        "{c:#?}\n{}",
+        text(&out)
+    );
+    let e = c.evidence.as_ref().unwrap();
+    assert_eq!(e.a.router.as_deref(), Some("nata"), "{e:#?}");
+    assert!(
+        e.direct_a_to_b.packets >= 5 && e.direct_b_to_a.packets >= 5,
+        "{e:#?}"
+    );
+    let c = cell(&doc, "linux", "linux");
+    assert_eq!(c.observed, Some(PathTaken::Relayed), "{c:#?}");
+    assert_eq!(c.claimed, Some(PathTaken::Relayed));
+    assert!(c.disagreement.is_none(), "{c:#?}");
+    let e = c.evidence.as_ref().unwrap();
+    assert!(
+        e.a.from_peer_refused > 0 && e.b.from_peer_refused > 0,
+        "{e:#?}"
+    );
+
     // (b) one-way punch packets, then the relay: relayed, and the evidence shows the punch.
     let (doc, out) = grid(&apps().join("oneway.toml"), "appo", PRESETS, &[]);
     for c in &doc.cells {
