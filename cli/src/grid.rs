@@ -20,7 +20,10 @@ use natscope_lab::presets;
 use crate::{emit, jobs};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct GridArgs {
+    #[command(subcommand)]
+    merge: Option<Box<GridCommand>>,
     /// Comma-separated presets (default: full-cone, restricted-cone, port-restricted-cone,
     /// symmetric, symmetric-sequential, cgnat).
     #[arg(long, value_delimiter = ',')]
@@ -31,24 +34,63 @@ pub struct GridArgs {
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
-    /// Print one JSON document: `natscope.grid/v1`, or `natscope.grid/v2` with `--app`.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Outputs,
     /// Run this program instead of natscope punch: an app file (docs/testing-your-app.md).
     #[arg(long, value_name = "FILE.toml")]
     app: Option<PathBuf>,
-    /// With --app: write a JUnit XML report (one testcase per cell) here.
-    #[arg(long, value_name = "FILE", requires = "app")]
-    junit: Option<PathBuf>,
-    /// With --app: write a Markdown grid (for $GITHUB_STEP_SUMMARY) here.
-    #[arg(long, value_name = "FILE", requires = "app")]
-    markdown: Option<PathBuf>,
+    /// With --app: run only shard K of N (every N-th cell from the K-th); join with `merge`.
+    #[arg(long, value_name = "K/N", requires = "app")]
+    shard: Option<String>,
     /// Lab names start with this (1-4 characters a-z, 0-9), so parallel grids never collide.
     #[arg(long, default_value = "ga", hide = true)]
     lab_prefix: String,
 }
 
+#[derive(Args)]
+struct Outputs {
+    /// Print one JSON document: `natscope.grid/v1`, or `natscope.grid/v2` with `--app`.
+    #[arg(long)]
+    json: bool,
+    /// With --app: write a JUnit XML report (one testcase per cell) here.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// With --app: write a Markdown grid (for $GITHUB_STEP_SUMMARY) here.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// With --app: write one self-contained HTML page of the grid here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum GridCommand {
+    /// Join `--app --json --shard` documents into the whole grid's.
+    Merge {
+        #[arg(required = true, value_name = "FILE.json")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        out: Outputs,
+    },
+}
+
 pub fn run(a: GridArgs) -> Result<ExitCode> {
+    if let Some(GridCommand::Merge { files, out }) = a.merge.as_deref() {
+        let mut docs = Vec::new();
+        for f in files {
+            let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            docs.push(
+                serde_json::from_slice(&text)
+                    .with_context(|| format!("{}: not a natscope.grid/v2 document", f.display()))?,
+            );
+        }
+        let doc = app_run::merge(docs).map_err(|e| anyhow!("{e}"))?;
+        return report(out, doc);
+    }
+    let o = &a.out;
+    if a.app.is_none() && (o.junit.is_some() || o.markdown.is_some() || o.html.is_some()) {
+        bail!("--junit, --markdown and --html need --app");
+    }
     // A bad app file is one line and nothing is created.
     let app = match &a.app {
         Some(path) => Some(app::load(path).map_err(|e| anyhow!("{e}"))?),
@@ -107,7 +149,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         cells,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
     };
-    if a.json {
+    if a.out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {
         emit(&render(&doc, &names, &transports));
@@ -117,37 +159,46 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
 
 /// `--app`: every unordered pair of `names` with the app, judged by the lab.
 fn run_app(a: &GridArgs, spec: app::AppSpec, names: &[String], exe: &Path) -> Result<ExitCode> {
-    let mut pairs = Vec::new();
-    for (i, x) in names.iter().enumerate() {
-        for y in &names[i..] {
-            pairs.push((x.clone(), y.clone()));
-        }
-    }
+    let (k, n) = match &a.shard {
+        Some(s) => app_run::parse_shard(s).map_err(|e| anyhow!("{e}"))?,
+        None => (1, 1),
+    };
+    let pairs = app_run::shard(&app_run::pairs(names), k, n);
     let start = Instant::now();
     let name = spec.name.clone();
     let grid = AppGrid::prepare(spec, &std::env::temp_dir(), &a.lab_prefix, exe)
         .map_err(|e| anyhow!("{e}"))?;
-    let cells = jobs::run_parallel(&pairs, a.jobs, |i, (x, y)| grid.run_cell(i, x, y));
+    let cells = jobs::run_parallel(&pairs, a.jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
     grid.finish();
     let cells = cells?;
-    let errors = cells.iter().any(|c| c.error.is_some());
     let doc = AppGridDocument {
         schema: app_run::SCHEMA.to_string(),
         app: name,
         pass: cells.iter().all(|c| c.pass),
         cells,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-        shard: None,
+        shard: a.shard.clone(),
+        presets: names.to_vec(),
     };
-    for (path, text) in [(&a.junit, doc.junit()), (&a.markdown, doc.markdown())] {
+    report(&a.out, doc)
+}
+
+/// Writes the files `out` asks for and prints the document or its table.
+fn report(out: &Outputs, doc: AppGridDocument) -> Result<ExitCode> {
+    let errors = doc.cells.iter().any(|c| c.error.is_some());
+    let files = [(&out.junit, doc.junit()), (&out.markdown, doc.markdown())];
+    for (path, text) in files.into_iter().chain([(&out.html, doc.html())]) {
         if let Some(p) = path {
             std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
         }
     }
-    if a.json {
+    if out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {
-        let mut parts = vec![table("app", names, |x, y| doc.cell(x, y).map(|c| c.mark()))];
+        let names = doc.preset_order();
+        let mut parts = vec![table("app", &names, |x, y| {
+            doc.cell(x, y).map(|c| c.mark())
+        })];
         parts.extend(
             doc.cells
                 .iter()

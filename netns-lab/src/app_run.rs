@@ -56,6 +56,9 @@ pub struct AppGridDocument {
     /// `--shard K/N` when the run was one shard.
     #[serde(default)]
     pub shard: Option<String>,
+    /// The presets paired, in the grid's order (how `merge` puts shards' cells back in order).
+    #[serde(default)]
+    pub presets: Vec<String>,
 }
 
 /// One cell: the app between a peer behind `a` and one behind `b`.
@@ -828,6 +831,86 @@ pub fn linux_side(json: &str) -> Option<SideEvidence> {
     })
 }
 
+// ---- shards ---------------------------------------------------------------------------------
+
+/// Every unordered pair of `names` (same-preset pairs included), in the grid's order.
+pub fn pairs(names: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, x) in names.iter().enumerate() {
+        for y in &names[i..] {
+            out.push((x.clone(), y.clone()));
+        }
+    }
+    out
+}
+
+/// `K/N` (1 ≤ K ≤ N ≤ 1000) of `--shard`.
+pub fn parse_shard(text: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("--shard `{text}`: expected K/N with 1 <= K <= N, e.g. 2/3");
+    let (k, n) = text.split_once('/').ok_or_else(bad)?;
+    let (k, n): (usize, usize) = (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if k == 0 || k > n || n > 1000 {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+/// The cells shard `k` of `n` runs, with their indexes in the whole grid: every `n`-th cell from
+/// the `k`-th, so shards are disjoint, cover the grid, and are the same on every machine.
+pub fn shard<T: Clone>(cells: &[T], k: usize, n: usize) -> Vec<(usize, T)> {
+    cells
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % n == k - 1)
+        .map(|(i, c)| (i, c.clone()))
+        .collect()
+}
+
+/// Joins shards' documents into the document of the whole grid: one app, no cell twice, cells in
+/// the grid's order.
+pub fn merge(docs: Vec<AppGridDocument>) -> Result<AppGridDocument, String> {
+    let first = docs.first().ok_or("nothing to merge")?;
+    let (app, presets) = (first.app.clone(), first.presets.clone());
+    let mut cells: Vec<AppCell> = Vec::new();
+    let mut duration_ms: f64 = 0.0;
+    for d in &docs {
+        if d.schema != SCHEMA || d.app != app || d.presets != presets {
+            return Err(format!(
+                "cannot merge {} of `{}` over [{}] with {} of `{app}` over [{}]",
+                d.schema,
+                d.app,
+                d.presets.join(","),
+                first.schema,
+                presets.join(",")
+            ));
+        }
+        for c in &d.cells {
+            if cells.iter().any(|o| (&o.a, &o.b) == (&c.a, &c.b)) {
+                return Err(format!("the cell {} ↔ {} is in two documents", c.a, c.b));
+            }
+            cells.push(c.clone());
+        }
+        duration_ms = duration_ms.max(d.duration_ms);
+    }
+    let order = pairs(&presets);
+    let pos = |c: &AppCell| {
+        order
+            .iter()
+            .position(|(a, b)| *a == c.a && *b == c.b)
+            .unwrap_or(usize::MAX)
+    };
+    cells.sort_by_key(pos);
+    Ok(AppGridDocument {
+        schema: SCHEMA.into(),
+        app,
+        pass: cells.iter().all(|c| c.pass) && cells.len() == order.len(),
+        cells,
+        duration_ms,
+        shard: None,
+        presets,
+    })
+}
+
 // ---- outputs ------------------------------------------------------------------------------
 
 impl AppCell {
@@ -881,8 +964,11 @@ impl AppCell {
 }
 
 impl AppGridDocument {
-    /// The presets in the order the cells first name them.
-    pub fn presets(&self) -> Vec<String> {
+    /// The presets paired, in the grid's order (from the cells, for a document without them).
+    pub fn preset_order(&self) -> Vec<String> {
+        if !self.presets.is_empty() {
+            return self.presets.clone();
+        }
         let mut names: Vec<String> = Vec::new();
         for c in &self.cells {
             for n in [&c.a, &c.b] {
@@ -967,7 +1053,7 @@ impl AppGridDocument {
     /// A Markdown grid for `$GITHUB_STEP_SUMMARY`: the pair table, then each cell that did not
     /// pass with why.
     pub fn markdown(&self) -> String {
-        let names = self.presets();
+        let names = self.preset_order();
         let mut m = format!("### natscope lab grid --app: {}\n\n", md(&self.app));
         m += &format!(
             "| a \\ b | {} |\n",
@@ -993,6 +1079,59 @@ impl AppGridDocument {
         }
         m += &format!("\n{}\n", md(&self.summary()));
         m
+    }
+}
+
+impl AppGridDocument {
+    /// One self-contained HTML page (inline style, no script, nothing fetched): the pair grid
+    /// coloured direct / relayed / failed, each cell's expected and observed path, and a click
+    /// on a cell opens its reason, evidence and logs.
+    pub fn html(&self) -> String {
+        let names = self.preset_order();
+        let mut h = String::from(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>",
+        );
+        h += &xml(&format!("natscope lab grid: {}", self.app));
+        h += "</title>\n<style>\n\
+            body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}\n\
+            td,th{border:1px solid #999;padding:.3em .5em;vertical-align:top}\n\
+            .direct{background:#c8f0c8}.relayed{background:#f6e7a6}.failed,.error{background:#f4b8b8}\n\
+            .bad{outline:3px solid #b00}pre{white-space:pre-wrap;max-width:60em;font-size:85%}\n\
+            </style></head><body>\n";
+        h += &format!(
+            "<h1>{}</h1>\n<p>{}</p>\n",
+            xml(&self.app),
+            xml(&self.summary())
+        );
+        h += "<table><tr><th>a \\ b</th>";
+        for n in &names {
+            h += &format!("<th>{}</th>", xml(n));
+        }
+        h += "</tr>\n";
+        for (i, x) in names.iter().enumerate() {
+            h += &format!("<tr><th>{}</th>", xml(x));
+            for (j, y) in names.iter().enumerate() {
+                let Some(c) = self.cell(x, y).filter(|_| j >= i) else {
+                    h += "<td></td>";
+                    continue;
+                };
+                let class = c.observed.map_or("error", PathTaken::as_str);
+                let bad = if c.pass { "" } else { " bad" };
+                h += &format!(
+                    "<td class=\"{class}{bad}\"><details><summary>{}</summary>\
+                     <p>expected {} ({}): {}</p><p>{}</p><pre>{}</pre></details></td>",
+                    xml(&c.mark()),
+                    c.expected,
+                    xml(&c.expected_from),
+                    xml(&c.reason),
+                    xml(&c.failure().unwrap_or_else(|| "as expected".into())),
+                    xml(&format!("{}\n\n{}", evidence_text(c), logs_text(c)))
+                );
+            }
+            h += "</tr>\n";
+        }
+        h += "</table>\n</body></html>\n";
+        h
     }
 }
 
@@ -1293,6 +1432,7 @@ mod tests {
             cells: vec![ok, bad],
             duration_ms: 1500.0,
             shard: None,
+            presets: Vec::new(),
         }
     }
 
@@ -1360,5 +1500,62 @@ mod tests {
             "{rules}"
         );
         assert_eq!(rules.matches("counter name").count(), 5);
+    }
+
+    #[test]
+    fn shards_are_disjoint_and_merge_back_to_the_whole() {
+        let names: Vec<String> = ["full-cone", "symmetric", "cgnat"]
+            .map(String::from)
+            .to_vec();
+        let all = pairs(&names);
+        assert_eq!(all.len(), 6);
+        let mut whole = doc();
+        whole.presets = names.clone();
+        whole.cells.clear();
+        for (a, b) in &all {
+            let mut c = cell(Some(0), None);
+            c.a = a.clone();
+            c.b = b.clone();
+            whole.cells.push(c);
+        }
+        let parts: Vec<AppGridDocument> = (1..=3)
+            .map(|k| {
+                let mut d = whole.clone();
+                d.cells = shard(&whole.cells, k, 3)
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                d.shard = Some(format!("{k}/3"));
+                d
+            })
+            .collect();
+        assert_eq!(parts.iter().map(|d| d.cells.len()).sum::<usize>(), 6);
+        // Any order of the shards gives the unsharded cells, cell for cell.
+        let merged = merge(vec![parts[2].clone(), parts[0].clone(), parts[1].clone()]).unwrap();
+        assert_eq!(merged.cells, whole.cells);
+        assert!(
+            merge(vec![parts[0].clone(), parts[0].clone()]).is_err(),
+            "a cell twice"
+        );
+        let mut other = parts[1].clone();
+        other.app = "else".into();
+        assert!(merge(vec![parts[0].clone(), other]).is_err(), "two apps");
+        assert_eq!(parse_shard("2/3"), Ok((2, 3)));
+        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn html_is_one_page_with_nothing_to_fetch() {
+        let h = doc().html();
+        assert!(h.starts_with("<!DOCTYPE html>") && h.ends_with("</html>\n"));
+        for external in ["http:", "https:", "src=", "href=", "@import", "url("] {
+            assert!(!h.contains(external), "{external} in {h}");
+        }
+        assert!(h.contains("class=\"direct\""), "{h}");
+        assert!(h.contains("class=\"error bad\""), "{h}");
+        assert_eq!(h.matches("<details>").count(), 2);
+        assert!(h.contains("demo|app"));
     }
 }

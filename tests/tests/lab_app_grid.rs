@@ -105,6 +105,7 @@ fn the_lab_judges_the_path_not_the_app() {
     std::fs::create_dir_all(&dir).unwrap();
     let junit = dir.join("direct.xml");
     let markdown = dir.join("direct.md");
+    let html = dir.join("direct.html");
 
     // (a) both peers punch: direct in every cell, and the lab saw it both ways.
     let (doc, out) = grid(
@@ -116,6 +117,8 @@ fn the_lab_judges_the_path_not_the_app() {
             junit.to_str().unwrap(),
             "--markdown",
             markdown.to_str().unwrap(),
+            "--html",
+            html.to_str().unwrap(),
         ],
     );
     assert_eq!(doc.cells.len(), 3, "{}", text(&out));
@@ -153,6 +156,53 @@ fn the_lab_judges_the_path_not_the_app() {
         md.contains("| **full-cone** | ✓ direct | ✓ direct |"),
         "{md}"
     );
+    // HTML: one file, nothing fetched.
+    let page = std::fs::read_to_string(&html).unwrap();
+    for external in ["http:", "https:", "src=", "href=", "url("] {
+        assert!(!page.contains(external), "{external}");
+    }
+    assert_eq!(page.matches("<details>").count(), 3);
+
+    // Three shards, merged, are the unsharded grid cell for cell (what the lab judged; counts
+    // and durations differ from run to run).
+    let mut shards = Vec::new();
+    for k in 1..=3 {
+        let (part, out) = grid(
+            &apps().join("direct.toml"),
+            "apps",
+            PRESETS,
+            &["--shard", &format!("{k}/3")],
+        );
+        assert_eq!(part.cells.len(), 1, "{}", text(&out));
+        let file = dir.join(format!("shard{k}.json"));
+        std::fs::write(&file, &out.stdout).unwrap();
+        shards.push(file);
+    }
+    shards.reverse();
+    let merged = Command::new(natscope_bin())
+        .args(["lab", "grid", "merge", "--json"])
+        .args(&shards)
+        .output()
+        .unwrap();
+    let merged: AppGridDocument = serde_json::from_slice(&merged.stdout)
+        .unwrap_or_else(|e| panic!("merge: {e}\n{}", text(&merged)));
+    let judged = |d: &AppGridDocument| -> Vec<_> {
+        d.cells
+            .iter()
+            .map(|c| {
+                (
+                    c.a.clone(),
+                    c.b.clone(),
+                    c.expected,
+                    c.observed,
+                    c.claimed,
+                    c.pass,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(judged(&merged), judged(&doc));
+    assert!(merged.pass);
 
     // The kernel's own NAT, counted with nftables inside the router: behind `linux` the punch
     // goes direct to a full cone. Between two `linux` routers the same program relays: the first
