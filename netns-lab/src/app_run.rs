@@ -412,15 +412,15 @@ pub fn judge(cell: &mut AppCell) {
 
 /// The path `e` shows, or `None` when the lab saw neither a direct nor a relayed exchange.
 ///
-/// Direct needs packets delivered into both LANs from the other peer, and the direct path must
-/// have carried at least as many bytes as went through the rendezvous host (each relayed byte
-/// counted once, though it crosses both peers' gateways): a pair whose punch packets met but
-/// whose data still went through the relay was relayed.
+/// Direct needs, in **each** direction, packets from the other peer delivered into its LAN, and
+/// the direct path carrying at least as many bytes as the sender sent to the rendezvous host: a
+/// pair whose punch packets met but whose data (one way or both) still went through the relay
+/// was relayed.
 pub fn observed_path(e: &Evidence) -> Option<PathTaken> {
-    let direct = e.direct_a_to_b.bytes + e.direct_b_to_a.bytes;
-    let via_bytes = |s: &SideEvidence| s.to_rendezvous.bytes + s.from_rendezvous.bytes;
-    let relayed = (via_bytes(&e.a) + via_bytes(&e.b)) / 2;
-    if e.direct_a_to_b.packets > 0 && e.direct_b_to_a.packets > 0 && direct >= relayed {
+    let carried = |direct: Count, sender: &SideEvidence| {
+        direct.packets > 0 && direct.bytes >= sender.to_rendezvous.bytes
+    };
+    if carried(e.direct_a_to_b, &e.a) && carried(e.direct_b_to_a, &e.b) {
         return Some(PathTaken::Direct);
     }
     let via = |s: &SideEvidence| s.to_rendezvous.packets > 0 && s.from_rendezvous.packets > 0;
@@ -1318,6 +1318,19 @@ mod tests {
             vec![
                 flow("203.0.113.1:5000", 2, 2, 0),
                 flow("198.51.100.1:4000", 30, 30, 0),
+            ],
+        );
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
+        // b's answers came straight, but a's data went through the relay (seen with natscope
+        // punch, full cone to symmetric): not a direct path.
+        let e = ev(
+            vec![
+                flow("203.0.113.9:7000", 5, 17, 0),
+                flow("198.51.100.1:4000", 9, 1, 0),
+            ],
+            vec![
+                flow("203.0.113.1:5000", 17, 5, 0),
+                flow("198.51.100.1:4000", 1, 9, 0),
             ],
         );
         assert_eq!(observed_path(&e), Some(PathTaken::Relayed));

@@ -358,3 +358,56 @@ fn bad_app_files_are_one_located_line_and_create_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 11 must-show 1 (in part): natscope punch itself through the same engine, over UDP. The
+/// lab's observed path agrees with the path punch's own report names, in every cell.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn natscope_punch_through_the_app_engine_agrees_with_its_report() {
+    require_root();
+    let python = require_tool("python3", "python3");
+    let dir = std::env::temp_dir().join(format!("apppunch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = natscope_bin();
+    let exe = exe.display();
+    let python = python.display();
+    // The listener reports its registration on stdout; the connect command waits for it through
+    // the cell directory (one filesystem for every node). Its report is one JSON document, made
+    // one line so the grid reads its `path` as the program's claim.
+    let app = format!(
+        r#"name = "natscope-punch"
+[server]
+run = "{exe} punch serve --listen {{server}}:3490"
+ready = "tcp:3490"
+timeout_s = 60
+[listen]
+run = "{exe} punch listen --id b --via {{server}}:3490 --json --timeout 120 | tee {{cell}}/listen.out"
+[connect]
+run = "until grep -q registered {{cell}}/listen.out 2>/dev/null; do sleep 0.05; done; {exe} punch connect b --via {{server}}:3490 --json --timeout 8 | {python} -c 'import json, sys; r = json.load(sys.stdin); print(json.dumps(r)); sys.exit(r[\"path\"] == \"failed\")'"
+timeout_s = 90
+"#
+    );
+    let file = dir.join("punch.toml");
+    std::fs::write(&file, app).unwrap();
+    let (doc, out) = grid(
+        &file,
+        "appp",
+        "full-cone,port-restricted-cone,symmetric",
+        &[],
+    );
+    assert_eq!(doc.cells.len(), 6, "{}", text(&out));
+    for c in &doc.cells {
+        assert!(c.claimed.is_some(), "punch reported a path: {c:#?}");
+        assert_eq!(c.observed, c.claimed, "{c:#?}");
+        assert!(c.pass, "{c:#?}");
+    }
+    assert!(doc
+        .cells
+        .iter()
+        .any(|c| c.observed == Some(PathTaken::Relayed)));
+    assert!(doc
+        .cells
+        .iter()
+        .any(|c| c.observed == Some(PathTaken::Direct)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
