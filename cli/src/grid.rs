@@ -43,8 +43,9 @@ pub struct GridArgs {
     #[arg(long, value_name = "K/N", requires = "app")]
     shard: Option<String>,
     /// Lab names start with this (1-4 characters a-z, 0-9), so parallel grids never collide.
-    #[arg(long, default_value = "ga", hide = true)]
-    lab_prefix: String,
+    /// (default: `gd` for natscope punch, `ga` with --app).
+    #[arg(long, hide = true)]
+    lab_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -120,9 +121,12 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
             other => bail!("unknown transport `{other}` (udp, tcp)"),
         });
     }
-    if !(1..=4).contains(&a.lab_prefix.len())
-        || !a
-            .lab_prefix
+    let prefix = a
+        .lab_prefix
+        .clone()
+        .unwrap_or_else(|| if a.app.is_some() { "ga" } else { "gd" }.into());
+    if !(1..=4).contains(&prefix.len())
+        || !prefix
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
@@ -130,7 +134,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
     }
     let exe = jobs::prepare(a.jobs)?;
     if let Some(spec) = app {
-        return run_app(&a, spec, &names, &exe);
+        return run_app(&a, spec, &names, &exe, &prefix);
     }
     let mut work = Vec::new();
     for t in &transports {
@@ -141,7 +145,9 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         }
     }
     let start = Instant::now();
-    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| run_cell(i, x, y, *t, &exe))?;
+    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| {
+        run_cell(&prefix, i, x, y, *t, &exe)
+    })?;
     let errors = cells.iter().any(|c| c.error.is_some());
     let doc = GridDocument {
         schema: grid::SCHEMA.to_string(),
@@ -158,7 +164,13 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
 }
 
 /// `--app`: every unordered pair of `names` with the app, judged by the lab.
-fn run_app(a: &GridArgs, spec: app::AppSpec, names: &[String], exe: &Path) -> Result<ExitCode> {
+fn run_app(
+    a: &GridArgs,
+    spec: app::AppSpec,
+    names: &[String],
+    exe: &Path,
+    prefix: &str,
+) -> Result<ExitCode> {
     let (k, n) = match &a.shard {
         Some(s) => app_run::parse_shard(s).map_err(|e| anyhow!("{e}"))?,
         None => (1, 1),
@@ -166,8 +178,8 @@ fn run_app(a: &GridArgs, spec: app::AppSpec, names: &[String], exe: &Path) -> Re
     let pairs = app_run::shard(&app_run::pairs(names), k, n);
     let start = Instant::now();
     let name = spec.name.clone();
-    let grid = AppGrid::prepare(spec, &std::env::temp_dir(), &a.lab_prefix, exe)
-        .map_err(|e| anyhow!("{e}"))?;
+    let grid =
+        AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| anyhow!("{e}"))?;
     let cells = jobs::run_parallel(&pairs, a.jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
     grid.finish();
     let cells = cells?;
