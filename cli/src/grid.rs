@@ -4,13 +4,16 @@
 //! outcome is compared with the one RFC 4787 reasoning predicts (`natscope_lab::grid`). Running
 //! and judging a cell is [`natscope_lab::grid_run`]; this file parses, schedules and renders.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::builder::PossibleValue;
 use clap::{Args, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use natscope_lab::app;
+use natscope_lab::app_run::{self, AppGrid, AppGridDocument};
 use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
 use natscope_lab::grid_run::run_cell;
 use natscope_lab::presets;
@@ -33,7 +36,10 @@ impl ValueEnum for TransportArg {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct GridArgs {
+    #[command(subcommand)]
+    merge: Option<Box<GridCommand>>,
     /// Comma-separated presets (default: full-cone, restricted-cone, port-restricted-cone,
     /// symmetric, symmetric-sequential, cgnat).
     #[arg(long, value_delimiter = ',', value_parser = PresetParser { files: false })]
@@ -44,12 +50,69 @@ pub struct GridArgs {
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
-    /// Print one `natscope.grid/v1` JSON document.
+    #[command(flatten)]
+    out: Outputs,
+    /// Run this program instead of natscope punch: an app file (docs/testing-your-app.md).
+    #[arg(long, value_name = "FILE.toml")]
+    app: Option<PathBuf>,
+    /// With --app: run only shard K of N (every N-th cell from the K-th); join with `merge`.
+    #[arg(long, value_name = "K/N", requires = "app")]
+    shard: Option<String>,
+    /// Lab names start with this (1-4 characters a-z, 0-9), so parallel grids never collide.
+    /// (default: `gd` for natscope punch, `ga` with --app).
+    #[arg(long, hide = true)]
+    lab_prefix: Option<String>,
+}
+
+#[derive(Args)]
+struct Outputs {
+    /// Print one JSON document: `natscope.grid/v1`, or `natscope.grid/v2` with `--app`.
     #[arg(long)]
     json: bool,
+    /// With --app: write a JUnit XML report (one testcase per cell) here.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// With --app: write a Markdown grid (for $GITHUB_STEP_SUMMARY) here.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// With --app: write one self-contained HTML page of the grid here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum GridCommand {
+    /// Join `--app --json --shard` documents into the whole grid's.
+    Merge {
+        #[arg(required = true, value_name = "FILE.json")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        out: Outputs,
+    },
 }
 
 pub fn run(a: GridArgs) -> Result<ExitCode> {
+    if let Some(GridCommand::Merge { files, out }) = a.merge.as_deref() {
+        let mut docs = Vec::new();
+        for f in files {
+            let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            docs.push(
+                serde_json::from_slice(&text)
+                    .with_context(|| format!("{}: not a natscope.grid/v2 document", f.display()))?,
+            );
+        }
+        let doc = app_run::merge(docs).map_err(|e| anyhow!("{e}"))?;
+        return report(out, doc);
+    }
+    let o = &a.out;
+    if a.app.is_none() && (o.junit.is_some() || o.markdown.is_some() || o.html.is_some()) {
+        bail!("--junit, --markdown and --html need --app");
+    }
+    // A bad app file is one line and nothing is created.
+    let app = match &a.app {
+        Some(path) => Some(app::load(path).map_err(|e| anyhow!("{e}"))?),
+        None => None,
+    };
     let names: Vec<String> = if a.presets.is_empty() {
         grid::DEFAULT_PRESETS
             .iter()
@@ -67,7 +130,21 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         }
     }
     let transports: Vec<Transport> = a.transport.iter().map(|t| t.0).collect();
+    let prefix = a
+        .lab_prefix
+        .clone()
+        .unwrap_or_else(|| if a.app.is_some() { "ga" } else { "gd" }.into());
+    if !(1..=4).contains(&prefix.len())
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        bail!("--lab-prefix must be 1-4 characters a-z, 0-9");
+    }
     let exe = jobs::prepare(a.jobs)?;
+    if let Some(spec) = app {
+        return run_app(&a, spec, &names, &exe, &prefix);
+    }
     let mut work = Vec::new();
     for t in &transports {
         for (i, x) in names.iter().enumerate() {
@@ -77,7 +154,9 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         }
     }
     let start = Instant::now();
-    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| run_cell(i, x, y, *t, &exe))?;
+    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| {
+        run_cell(&prefix, i, x, y, *t, &exe)
+    })?;
     let errors = cells.iter().any(|c| c.error.is_some());
     let doc = GridDocument {
         schema: grid::SCHEMA.to_string(),
@@ -86,12 +165,87 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         cells,
         duration_ms: start.elapsed().as_secs_f64() * 1000.0,
     };
-    if a.json {
+    if a.out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {
         emit(&render(&doc, &names, &transports));
     }
     Ok(jobs::exit_code(errors, doc.pass))
+}
+
+/// `--app`: every unordered pair of `names` with the app, judged by the lab.
+fn run_app(
+    a: &GridArgs,
+    spec: app::AppSpec,
+    names: &[String],
+    exe: &Path,
+    prefix: &str,
+) -> Result<ExitCode> {
+    let (k, n) = match &a.shard {
+        Some(s) => app_run::parse_shard(s).map_err(|e| anyhow!("{e}"))?,
+        None => (1, 1),
+    };
+    let pairs = app_run::shard(&app_run::pairs(names), k, n);
+    let start = Instant::now();
+    let name = spec.name.clone();
+    let grid =
+        AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| anyhow!("{e}"))?;
+    let cells = jobs::run_parallel(&pairs, a.jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
+    grid.finish();
+    let cells = cells?;
+    let doc = AppGridDocument {
+        schema: app_run::SCHEMA.to_string(),
+        app: name,
+        pass: cells.iter().all(|c| c.pass),
+        cells,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        shard: a.shard.clone(),
+        presets: names.to_vec(),
+    };
+    report(&a.out, doc)
+}
+
+/// Writes the files `out` asks for and prints the document or its table.
+fn report(out: &Outputs, doc: AppGridDocument) -> Result<ExitCode> {
+    let errors = doc.cells.iter().any(|c| c.error.is_some());
+    let files = [(&out.junit, doc.junit()), (&out.markdown, doc.markdown())];
+    for (path, text) in files.into_iter().chain([(&out.html, doc.html())]) {
+        if let Some(p) = path {
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        }
+    }
+    if out.json {
+        emit(&serde_json::to_string_pretty(&doc)?);
+    } else {
+        let names = doc.preset_order();
+        let mut parts = vec![table("app", &names, |x, y| {
+            doc.cell(x, y).map(|c| c.mark())
+        })];
+        parts.extend(
+            doc.cells
+                .iter()
+                .filter_map(|c| c.failure().map(|why| format!("{} ↔ {}: {why}", c.a, c.b))),
+        );
+        parts.push(doc.summary());
+        emit(&parts.join("\n"));
+    }
+    Ok(jobs::exit_code(errors, doc.pass))
+}
+
+/// A pair grid: `names` down and across, each cell's word from `mark` (either order of the pair).
+fn table(corner: &str, names: &[String], mark: impl Fn(&str, &str) -> Option<String>) -> String {
+    let mut table = Table::new();
+    let mut header = vec![corner.to_string()];
+    header.extend(names.iter().cloned());
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    for x in names {
+        let mut row = vec![x.clone()];
+        for y in names {
+            row.push(mark(x, y).unwrap_or_default());
+        }
+        table.add_row(row);
+    }
+    table.to_string()
 }
 
 fn mark(c: &GridCell) -> String {
@@ -113,21 +267,13 @@ fn mark(c: &GridCell) -> String {
 fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> String {
     let mut parts = Vec::new();
     for t in transports {
-        let mut table = Table::new();
-        let mut header = vec![format!("{t:?}").to_lowercase()];
-        header.extend(names.iter().cloned());
-        table.load_preset(UTF8_FULL_CONDENSED).set_header(header);
-        for x in names {
-            let mut row = vec![x.clone()];
-            for y in names {
-                let c = doc.cells.iter().find(|c| {
-                    c.transport == *t && ((c.a == *x && c.b == *y) || (c.a == *y && c.b == *x))
-                });
-                row.push(c.map(mark).unwrap_or_default());
-            }
-            table.add_row(row);
-        }
-        parts.push(table.to_string());
+        parts.push(table(&format!("{t:?}").to_lowercase(), names, |x, y| {
+            let c = doc
+                .cells
+                .iter()
+                .find(|c| c.transport == *t && ((c.a == x && c.b == y) || (c.a == y && c.b == x)));
+            c.map(mark)
+        }));
     }
     for c in doc.cells.iter().filter(|c| !c.pass) {
         parts.push(format!(

@@ -112,7 +112,7 @@ pub fn from_toml(source: &str, file_name: &str) -> Result<Topology, ConfigError>
 }
 
 /// 1-based line and character column of byte `offset` in `source`.
-fn line_column(source: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_column(source: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(source.len());
     while !source.is_char_boundary(offset) {
         offset -= 1;

@@ -25,7 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError};
-use crate::engine::{MappingRow, Stats};
+use crate::engine::{FlowRow, MappingRow, Stats};
 use crate::registry::{self, log_path, Record};
 use crate::topology::{Plan, Topology, TopologyError};
 use crate::{presets, Lab, LabStatus, StatusDocument};
@@ -38,6 +38,8 @@ pub enum Request {
     Stats,
     /// One NAT node's live mappings.
     NatTable { node: String },
+    /// One NAT node's per-flow packet and byte counters.
+    Flows { node: String },
 }
 
 /// A supervisor's answer.
@@ -47,6 +49,7 @@ pub enum Reply {
     /// Per userspace NAT node, by name.
     Stats(BTreeMap<String, NodeStats>),
     NatTable(NatTableDocument),
+    Flows(Vec<FlowRow>),
     /// The request named something the lab does not have, or was not understood.
     Error(String),
 }
@@ -332,6 +335,13 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
                 lab.name()
             )),
         },
+        Request::Flows { node } => match lab.nat_flows(node) {
+            Some(flows) => Reply::Flows(flows),
+            None => Reply::Error(format!(
+                "`{node}` is not a userspace nat node of lab {}",
+                lab.name()
+            )),
+        },
     }
 }
 
@@ -478,6 +488,13 @@ mod tests {
             r#"{"request":"stats"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Flows {
+                node: "nata".into()
+            })
+            .unwrap(),
+            r#"{"request":"flows","node":"nata"}"#
+        );
 
         let row = MappingRow {
             proto: natscope_core::nat::Protocol::Udp,
@@ -497,6 +514,17 @@ mod tests {
         for reply in [
             Reply::NatTable(NatTableDocument::new(vec![row.clone()])),
             Reply::Stats(stats),
+            Reply::Flows(vec![crate::engine::FlowRow {
+                proto: natscope_core::nat::Protocol::Udp,
+                internal: "10.0.1.2:4000".parse().unwrap(),
+                external: Some("203.0.113.1:4000".parse().unwrap()),
+                remote: "198.51.100.1:3490".parse().unwrap(),
+                out_packets: 3,
+                out_bytes: 120,
+                in_packets: 2,
+                in_bytes: 80,
+                in_refused: 1,
+            }]),
             Reply::Error("`h1` is not a userspace nat node of lab t".into()),
         ] {
             let text = serde_json::to_string(&reply).unwrap();

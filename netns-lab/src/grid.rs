@@ -124,11 +124,12 @@ pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(PathTaken, St
     expected_between((a, side(a)?), (b, side(b)?), transport)
 }
 
-/// A pair topology: reflector `stun`, and each preset's routers with `a`/`b` appended to their
+/// A pair topology: the public host `rendezvous` (a reflector, so it also answers STUN), and each
+/// preset's routers with `a`/`b` appended to their
 /// names (`nat` → `nata`, `carrier` → `carriera`), its `h1` renamed to the peer (`a` or `b`).
 pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
     let mut nodes = vec![NodeSpec::Reflector {
-        name: "stun".into(),
+        name: "rendezvous".into(),
     }];
     for (preset, peer) in [(a, "a"), (b, "b")] {
         let rename = |n: &str| {
@@ -387,7 +388,9 @@ mod tests {
                 let t = pair_topology(a, b).unwrap();
                 let plan = t.plan().unwrap_or_else(|e| panic!("{a}+{b}: {e}"));
                 let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
-                assert!(names.contains(&"a") && names.contains(&"b") && names.contains(&"stun"));
+                assert!(
+                    names.contains(&"a") && names.contains(&"b") && names.contains(&"rendezvous")
+                );
             }
         }
         let t = pair_topology("cgnat", "open").unwrap().plan().unwrap();

@@ -50,12 +50,20 @@ pub enum CellError {
     },
 }
 
-/// Runs the cell `a` × `b` over `t` in a lab named after `index`, with `exe` as natscope.
-pub fn run_cell(index: usize, a: &str, b: &str, t: Transport, exe: &Path) -> GridCell {
+/// Runs the cell `a` × `b` over `t` in a lab named `prefix` + `index` + a random suffix, with
+/// `exe` as natscope.
+pub fn run_cell(
+    prefix: &str,
+    index: usize,
+    a: &str,
+    b: &str,
+    t: Transport,
+    exe: &Path,
+) -> GridCell {
     let t0 = Instant::now();
     let (expected, reason) =
         grid::expected(a, b, t).unwrap_or((PathTaken::Failed, "unknown preset".into()));
-    let result = punch_in_lab(index, a, b, t, exe);
+    let result = punch_in_lab(prefix, index, a, b, t, exe);
     let mut cell = GridCell {
         a: a.into(),
         b: b.into(),
@@ -111,6 +119,7 @@ fn judge(cell: &mut GridCell, report: ConnectReport) {
 
 /// The connector's `natscope.punch/v1` report, with the peers' stderr when it did not go direct.
 fn punch_in_lab(
+    prefix: &str,
     index: usize,
     a: &str,
     b: &str,
@@ -119,7 +128,7 @@ fn punch_in_lab(
 ) -> Result<Punched, CellError> {
     let topo = grid::pair_topology(a, b).ok_or(CellError::NoTopology)?;
     let lab = Lab::up(
-        &jobs::lab_name("gd", index),
+        &jobs::lab_name(prefix, index),
         topo.plan()?,
         LabOptions {
             natscope_bin: Some(exe.to_path_buf()),

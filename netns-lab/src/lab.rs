@@ -21,7 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{self, EngineHandle};
-use crate::engine::{MappingRow, Stats};
+use crate::engine::{FlowRow, MappingRow, Stats};
 use crate::links::{self, LinkError};
 use crate::netns::{self, Netns, NetnsError};
 use crate::registry::{self, Record};
@@ -583,6 +583,11 @@ impl Lab {
         let (_, e) = self.engines.iter().find(|(n, _)| n == node)?;
         let now = Instant::now();
         Some(e.with_router(|r| r.mappings(now)))
+    }
+    /// A userspace NAT's per-flow counters (the grid's path evidence).
+    pub fn nat_flows(&self, node: &str) -> Option<Vec<FlowRow>> {
+        let (_, e) = self.engines.iter().find(|(n, _)| n == node)?;
+        Some(e.with_router(|r| r.flows()))
     }
     /// A userspace NAT's counters.
     pub fn nat_stats(&self, node: &str) -> Option<Stats> {

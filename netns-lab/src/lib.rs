@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod app_run;
 pub mod bench;
 pub mod config;
 pub mod control;

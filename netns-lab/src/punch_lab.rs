@@ -121,9 +121,10 @@ impl<P: NodeProgram> PunchLab<P> {
 /// address: a listener's first registration must not race the server's bind (a SYN that arrives
 /// first is answered with RST, which the grid saw in about one run in three before this wait).
 pub fn serve<P: NodeProgram>(lab: &Lab, exe: &Path) -> Result<P, PunchLabError> {
-    let server = P::start(lab, "stun", exe, &["punch", "serve", "--listen", SERVER])?;
+    let node = server_node(lab);
+    let server = P::start(lab, node, exe, &["punch", "serve", "--listen", SERVER])?;
     let addr: SocketAddr = SERVER.parse().expect("SERVER is an address");
-    let ready = lab.node("stun")?.run(move || {
+    let ready = lab.node(node)?.run(move || {
         let deadline = Instant::now() + READY;
         while Instant::now() < deadline {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
@@ -137,6 +138,15 @@ pub fn serve<P: NodeProgram>(lab: &Lab, exe: &Path) -> Result<P, PunchLabError> 
         return Err(PunchLabError::ServerNotReady);
     }
     Ok(server)
+}
+
+/// The node the server runs on: the lab's reflector (`stun` in [`pair`], `rendezvous` in the
+/// grid's pair topology), the first node, which holds [`SERVER`]'s address.
+fn server_node(lab: &Lab) -> &str {
+    lab.nodes()
+        .iter()
+        .find(|n| n.role() == crate::topology::Role::Reflector)
+        .map_or("stun", |n| n.name())
 }
 
 /// `natscope punch listen --id ID --via SERVER EXTRA...` in node `b` of `lab`, once it reports
@@ -206,7 +216,7 @@ fn state<P: NodeProgram>(lab: &Lab, server: Option<&mut P>, listener: &mut P) ->
         })
         .collect();
     let snmp = lab
-        .node("stun")
+        .node(server_node(lab))
         .ok()
         .and_then(|n| n.run(tcp_counters).ok())
         .unwrap_or_default();

@@ -15,7 +15,12 @@
 //! Router::poll_timeout(&self) -> Option<Instant>       // next ARP retry / give-up
 //! Router::mappings(&self, now) -> Vec<MappingRow>      // Serialize
 //! Router::stats(&self) -> Stats                          // Serialize
+//! Router::flows(&self) -> Vec<FlowRow>                   // Serialize
 //! ```
+//!
+//! Flow counters ([`FlowRow`]) are the lab's own evidence of which path a program's traffic took
+//! (`lab grid --app`): per inside endpoint and remote endpoint, packets and bytes forwarded out,
+//! delivered in, and refused by the filter, so a judgment never has to trust the program.
 //!
 //! Deliberate limits: IPv4 only; IP fragments are dropped (translating them needs reassembly, as
 //! only the first fragment carries ports); frames over 1514 bytes are dropped, so the driver must
@@ -94,6 +99,36 @@ pub struct MappingRow {
     pub admits: Vec<String>,
 }
 
+/// Flows kept per router: enough for every socket a grid cell's programs open; past it new flows
+/// are counted in [`Stats::flows_untracked`] only, so a flood cannot grow the table without bound.
+pub const MAX_FLOWS: usize = 4096;
+
+/// Traffic of one flow through the router: an inside endpoint and a remote endpoint, with the
+/// external endpoint the NAT gave it. Counted after the NAT decision and before loss, so `in_*`
+/// is what the filter admitted into the LAN, and `in_refused` what it dropped (RFC 4787 §5).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRow {
+    pub proto: Protocol,
+    pub internal: SocketAddr,
+    /// The mapping's external endpoint (equal to `internal` in firewall mode); `None` when only
+    /// refused packets were seen.
+    pub external: Option<SocketAddr>,
+    pub remote: SocketAddr,
+    pub out_packets: u64,
+    pub out_bytes: u64,
+    pub in_packets: u64,
+    pub in_bytes: u64,
+    /// Inbound packets the filter refused on this flow's mapping.
+    pub in_refused: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    proto: Protocol,
+    internal: SocketAddr,
+    remote: SocketAddr,
+}
+
 /// What the engine did with the frames it was given.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -132,6 +167,9 @@ pub struct Stats {
     pub arp_requests: u64,
     /// RST|ACK sent for an unsolicited inbound SYN (`unsolicited_syn = reset`).
     pub tcp_resets: u64,
+    /// Packets of flows beyond [`MAX_FLOWS`], not in the flow counters.
+    #[serde(default)]
+    pub flows_untracked: u64,
 }
 
 /// The NAT router.
@@ -148,6 +186,7 @@ pub struct Router {
     /// Loss decisions only; port choice has the table's own generator.
     rng: StdRng,
     stats: Stats,
+    flows: HashMap<FlowKey, FlowRow>,
 }
 
 /// What to do with a datagram after the NAT decision.
@@ -171,11 +210,67 @@ impl Router {
             waiting: HashMap::new(),
             waiting_total: 0,
             stats: Stats::default(),
+            flows: HashMap::new(),
         }
     }
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Every flow's counters, sorted for stable output.
+    pub fn flows(&self) -> Vec<FlowRow> {
+        let mut rows: Vec<FlowRow> = self.flows.values().cloned().collect();
+        rows.sort_by_key(|r| (proto_rank(r.proto), r.internal, r.remote));
+        rows
+    }
+
+    /// Counts one packet of the flow `internal` ↔ `remote`: `out` (LAN to WAN) or in, delivered
+    /// (with the external endpoint it used) or refused.
+    fn count_flow(
+        &mut self,
+        proto: Protocol,
+        internal: SocketAddr,
+        remote: SocketAddr,
+        external: Option<SocketAddr>,
+        out: bool,
+        bytes: usize,
+    ) {
+        let key = FlowKey {
+            proto,
+            internal,
+            remote,
+        };
+        if !self.flows.contains_key(&key) && self.flows.len() >= MAX_FLOWS {
+            self.stats.flows_untracked += 1;
+            return;
+        }
+        let row = self.flows.entry(key).or_insert_with(|| FlowRow {
+            proto,
+            internal,
+            external: None,
+            remote,
+            out_packets: 0,
+            out_bytes: 0,
+            in_packets: 0,
+            in_bytes: 0,
+            in_refused: 0,
+        });
+        let bytes = bytes as u64;
+        match (out, external) {
+            (true, _) => {
+                row.out_packets += 1;
+                row.out_bytes += bytes;
+            }
+            (false, Some(_)) => {
+                row.in_packets += 1;
+                row.in_bytes += bytes;
+            }
+            (false, None) => row.in_refused += 1,
+        }
+        if external.is_some() {
+            row.external = external;
+        }
     }
 
     fn mac(&self, port: Port) -> [u8; 6] {
@@ -473,6 +568,31 @@ impl Router {
                 (Port::Lan, Port::Wan) => self.stats.forwarded_out += 1,
                 _ => self.stats.forwarded_in += 1,
             }
+            // A flow's endpoints: before translation on the way out, after it on the way in.
+            if let (Some((proto, sp, dp)), Ok(after)) =
+                (flow(transport, port == Port::Lan), d.transport())
+            {
+                let bytes = d.len();
+                match (port, to, flow(after, port == Port::Lan)) {
+                    (Port::Lan, Port::Wan, Some((_, xp, _))) => self.count_flow(
+                        proto,
+                        sa(src, sp),
+                        sa(dst, dp),
+                        Some(sa(d.src(), xp)),
+                        true,
+                        bytes,
+                    ),
+                    (Port::Wan, Port::Lan, Some((_, _, ip))) => self.count_flow(
+                        proto,
+                        sa(d.dst(), ip),
+                        sa(src, sp),
+                        Some(sa(dst, dp)),
+                        false,
+                        bytes,
+                    ),
+                    _ => {}
+                }
+            }
             self.forward(now, to, d, out);
         }
     }
@@ -545,8 +665,10 @@ impl Router {
                 Verdict::Forward(Port::Lan, d)
             }
             _ => {
-                if self.table.internal_of(now, proto, external).is_some() {
+                if let Some(internal) = self.table.internal_of(now, proto, external) {
                     self.stats.filtered += 1;
+                    let bytes = d.len();
+                    self.count_flow(proto, internal, sa(src, sp), None, false, bytes);
                 } else {
                     self.stats.no_mapping += 1;
                 }
@@ -673,6 +795,9 @@ impl Router {
         };
         if !admitted {
             self.stats.filtered += 1;
+            if let Some((proto, sp, dp)) = flow(t, false) {
+                self.count_flow(proto, sa(dst, dp), sa(src, sp), None, false, d.len());
+            }
             self.refuse_syn(now, t, src, dst, out);
             return Verdict::Drop;
         }

@@ -84,6 +84,11 @@ impl Datagram {
         })
     }
 
+    /// The IP packet's length in bytes, header included.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes
     }

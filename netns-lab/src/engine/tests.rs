@@ -935,3 +935,36 @@ fn truncated_and_lying_frames_do_not_panic() {
         assert!(r.stats().dropped_malformed > 0);
     }
 }
+
+/// The flow counters are the grid's evidence of a path: what left per remote, what the filter let
+/// in, and what it refused, each with the mapping's external endpoint.
+#[test]
+fn flows_count_out_in_and_refused_per_remote() {
+    let t0 = Instant::now();
+    let mut r = router(cfg(M::EndpointIndependent, F::AddressAndPortDependent));
+    let ext = send_out(&mut r, t0, "10.0.0.2:5000", "198.51.100.1:4000");
+    send_out(&mut r, t0, "10.0.0.2:5000", "198.51.100.1:4000");
+    assert!(send_in(&mut r, t0, "198.51.100.1:4000", ext).is_some());
+    // A remote the host never sent to is refused, and counted on the mapping it tried.
+    assert!(send_in(&mut r, t0, "192.0.2.7:9", ext).is_none());
+    let internal = std::net::SocketAddr::V4(ep("10.0.0.2:5000"));
+    let rows = r.flows();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let server = rows
+        .iter()
+        .find(|f| f.remote == "198.51.100.1:4000".parse().unwrap())
+        .unwrap();
+    assert_eq!(server.internal, internal);
+    assert_eq!(server.external, Some(std::net::SocketAddr::V4(ext)));
+    assert_eq!((server.out_packets, server.in_packets), (2, 1));
+    // 20 bytes of IP, 8 of UDP, 2 of payload.
+    assert_eq!((server.out_bytes, server.in_bytes), (60, 30));
+    assert_eq!(server.in_refused, 0);
+    let stranger = rows
+        .iter()
+        .find(|f| f.remote == "192.0.2.7:9".parse().unwrap())
+        .unwrap();
+    assert_eq!((stranger.in_packets, stranger.in_refused), (0, 1));
+    assert_eq!(stranger.external, None);
+    assert_eq!(stranger.internal, internal);
+}
