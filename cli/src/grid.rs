@@ -4,35 +4,26 @@
 //! outcome is compared with the one RFC 4787 reasoning predicts (`natscope_lab::grid`). Running
 //! and judging a cell is [`natscope_lab::grid_run`]; this file parses, schedules and renders.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
-use clap::builder::PossibleValue;
-use clap::{Args, ValueEnum};
+use anyhow::{anyhow, bail, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::app;
-use natscope_lab::app_run::{self, AppGrid, AppGridDocument};
+use natscope_lab::app_run::{self, AppGridDocument};
 use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
-use natscope_lab::grid_run::run_cell;
-use natscope_lab::presets;
+use natscope_lab::grid_run::run_grid;
 
 use crate::lab::PresetParser;
 use crate::{emit, jobs};
 
 /// `--transport`'s values as clap lists them: the core's one [`Transport`], by its own names.
-#[derive(Clone, Copy)]
-struct TransportArg(Transport);
-
-impl ValueEnum for TransportArg {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[TransportArg(Transport::Udp), TransportArg(Transport::Tcp)]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(PossibleValue::new(self.0.as_str()))
-    }
+fn transports() -> impl clap::builder::TypedValueParser<Value = Transport> {
+    let names = [Transport::Udp, Transport::Tcp].map(Transport::as_str);
+    PossibleValuesParser::new(names)
+        .map(|s| [Transport::Udp, Transport::Tcp][usize::from(s == "tcp")])
 }
 
 #[derive(Args)]
@@ -45,8 +36,8 @@ pub struct GridArgs {
     #[arg(long, value_delimiter = ',', value_parser = PresetParser { files: false })]
     presets: Vec<String>,
     /// Comma-separated transports.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["udp", "tcp"])]
-    transport: Vec<TransportArg>,
+    #[arg(long, value_delimiter = ',', default_values = ["udp", "tcp"], value_parser = transports())]
+    transport: Vec<Transport>,
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
@@ -93,16 +84,10 @@ enum GridCommand {
 
 pub fn run(a: GridArgs) -> Result<ExitCode> {
     if let Some(GridCommand::Merge { files, out }) = a.merge.as_deref() {
-        let mut docs = Vec::new();
-        for f in files {
-            let text = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            docs.push(
-                serde_json::from_slice(&text)
-                    .with_context(|| format!("{}: not a natscope.grid/v2 document", f.display()))?,
-            );
-        }
-        let doc = app_run::merge(docs).map_err(|e| anyhow!("{e}"))?;
-        return report(out, doc);
+        return report(
+            out,
+            app_run::merge_files(files).map_err(|e| anyhow!("{e}"))?,
+        );
     }
     let o = &a.out;
     if a.app.is_none() && (o.junit.is_some() || o.markdown.is_some() || o.html.is_some()) {
@@ -113,107 +98,35 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
         Some(path) => Some(app::load(path).map_err(|e| anyhow!("{e}"))?),
         None => None,
     };
-    let names: Vec<String> = if a.presets.is_empty() {
-        grid::DEFAULT_PRESETS
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    } else {
-        a.presets.clone()
-    };
-    for n in &names {
-        if grid::pair_topology(n, n).is_none() {
-            bail!(
-                "unknown preset `{n}`; presets: {}",
-                presets::names().join(", ")
-            );
-        }
-    }
-    let transports: Vec<Transport> = a.transport.iter().map(|t| t.0).collect();
-    let prefix = a
-        .lab_prefix
-        .clone()
-        .unwrap_or_else(|| if a.app.is_some() { "ga" } else { "gd" }.into());
-    if !(1..=4).contains(&prefix.len())
-        || !prefix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        bail!("--lab-prefix must be 1-4 characters a-z, 0-9");
-    }
+    let names = grid::preset_names(&a.presets).map_err(|e| anyhow!("{e}"))?;
+    let default_prefix = if a.app.is_some() { "ga" } else { "gd" };
+    let prefix = a.lab_prefix.as_deref().unwrap_or(default_prefix);
+    grid::check_prefix(prefix).map_err(|e| anyhow!("{e}"))?;
     let exe = jobs::prepare(a.jobs)?;
     if let Some(spec) = app {
-        return run_app(&a, spec, &names, &exe, &prefix);
+        let doc = app_run::run_grid(spec, &names, a.shard.as_deref(), a.jobs, prefix, &exe)
+            .map_err(|e| anyhow!("{e}"))?;
+        return report(&a.out, doc);
     }
-    let mut work = Vec::new();
-    for t in &transports {
-        for (i, x) in names.iter().enumerate() {
-            for y in &names[i..] {
-                work.push((x.clone(), y.clone(), *t));
-            }
-        }
-    }
-    let start = Instant::now();
-    let cells = jobs::run_parallel(&work, a.jobs, |i, (x, y, t)| {
-        run_cell(&prefix, i, x, y, *t, &exe)
-    })?;
-    let errors = cells.iter().any(|c| c.error.is_some());
-    let doc = GridDocument {
-        schema: grid::SCHEMA.to_string(),
-        natscope_version: natscope_probes::document::version(),
-        pass: cells.iter().all(|c| c.pass),
-        cells,
-        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-    };
+    let doc = run_grid(&names, &a.transport, a.jobs, prefix, &exe)?;
+    let errors = doc.cells.iter().any(|c| c.error.is_some());
     if a.out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {
-        emit(&render(&doc, &names, &transports));
+        emit(&render(&doc, &names, &a.transport));
     }
     Ok(jobs::exit_code(errors, doc.pass))
-}
-
-/// `--app`: every unordered pair of `names` with the app, judged by the lab.
-fn run_app(
-    a: &GridArgs,
-    spec: app::AppSpec,
-    names: &[String],
-    exe: &Path,
-    prefix: &str,
-) -> Result<ExitCode> {
-    let (k, n) = match &a.shard {
-        Some(s) => app_run::parse_shard(s).map_err(|e| anyhow!("{e}"))?,
-        None => (1, 1),
-    };
-    let pairs = app_run::shard(&app_run::pairs(names), k, n);
-    let start = Instant::now();
-    let name = spec.name.clone();
-    let grid =
-        AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| anyhow!("{e}"))?;
-    let cells = jobs::run_parallel(&pairs, a.jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
-    grid.finish();
-    let cells = cells?;
-    let doc = AppGridDocument {
-        schema: app_run::SCHEMA.to_string(),
-        app: name,
-        pass: cells.iter().all(|c| c.pass),
-        cells,
-        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-        shard: a.shard.clone(),
-        presets: names.to_vec(),
-    };
-    report(&a.out, doc)
 }
 
 /// Writes the files `out` asks for and prints the document or its table.
 fn report(out: &Outputs, doc: AppGridDocument) -> Result<ExitCode> {
     let errors = doc.cells.iter().any(|c| c.error.is_some());
-    let files = [(&out.junit, doc.junit()), (&out.markdown, doc.markdown())];
-    for (path, text) in files.into_iter().chain([(&out.html, doc.html())]) {
-        if let Some(p) = path {
-            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
-        }
-    }
+    doc.write_reports(
+        out.junit.as_deref(),
+        out.markdown.as_deref(),
+        out.html.as_deref(),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
     if out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{AppSpec, Placeholders, Ready, RoleCommand};
@@ -45,9 +46,14 @@ const TAIL_LINES: usize = 20;
 const SETUP_LIMIT: Duration = Duration::from_secs(300);
 
 /// The `natscope.grid/v2` document.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AppGridDocument {
+    /// Always [`SCHEMA`].
+    #[schemars(extend("const" = SCHEMA))]
     pub schema: String,
+    /// The version of natscope that wrote the document.
+    #[serde(default)]
+    pub natscope_version: String,
     /// The app file's `name`.
     pub app: String,
     pub cells: Vec<AppCell>,
@@ -62,7 +68,7 @@ pub struct AppGridDocument {
 }
 
 /// One cell: the app between a peer behind `a` and one behind `b`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AppCell {
     pub a: String,
     pub b: String,
@@ -89,7 +95,7 @@ pub struct AppCell {
 }
 
 /// Where a cell's time went.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Durations {
     /// Lab creation until the first command started.
     pub lab_up_ms: f64,
@@ -103,14 +109,14 @@ pub struct Durations {
 }
 
 /// The end of what one role wrote.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RoleLog {
     pub stdout_tail: String,
     pub stderr_tail: String,
 }
 
 /// Packets and bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,
@@ -124,7 +130,7 @@ impl Count {
 }
 
 /// One peer's side of the evidence, read at its gateway during the connect command's run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SideEvidence {
     /// The router the counts come from (the peer's own gateway); `None` for a peer with no NAT.
     pub router: Option<String>,
@@ -143,7 +149,7 @@ pub struct SideEvidence {
 }
 
 /// What the routers forwarded while the connect command ran.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Evidence {
     /// The rendezvous host's addresses (traffic to or from these went through it).
     pub rendezvous: Vec<Ipv4Addr>,
@@ -692,11 +698,15 @@ fn port_bound(r: Ready) -> bool {
         Ready::Tcp(p) => ("tcp", p, true),
         Ready::Wait(_) => return true,
     };
-    let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
-    sockets_on(&text, port, listen_only)
+    // IPv6 sockets (dual-stack ones included, as nebula's) are listed in the *6 tables only.
+    [file.to_string(), format!("{file}6")].iter().any(|f| {
+        let text =
+            std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).unwrap_or_default();
+        sockets_on(&text, port, listen_only)
+    })
 }
 
-/// In a `/proc/net/{udp,tcp}` table, whether a socket's local port is `port` (TCP: in LISTEN).
+/// In a `/proc/net/{udp,tcp}{,6}` table, whether a socket's local port is `port` (TCP: in LISTEN).
 fn sockets_on(table: &str, port: u16, listen_only: bool) -> bool {
     table.lines().skip(1).any(|l| {
         let mut f = l.split_whitespace();
@@ -866,6 +876,76 @@ pub fn shard<T: Clone>(cells: &[T], k: usize, n: usize) -> Vec<(usize, T)> {
         .collect()
 }
 
+/// Runs `spec` over every unordered pair of `names` (or shard `shard` = "K/N" of them), `jobs`
+/// cells at a time, in labs named `prefix`…, with `exe` as the natscope the nodes run.
+pub fn run_grid(
+    spec: AppSpec,
+    names: &[String],
+    shard: Option<&str>,
+    jobs: usize,
+    prefix: &str,
+    exe: &Path,
+) -> Result<AppGridDocument, String> {
+    let (k, n) = match shard {
+        Some(s) => parse_shard(s)?,
+        None => (1, 1),
+    };
+    let pairs = self::shard(&pairs(names), k, n);
+    let start = Instant::now();
+    let app = spec.name.clone();
+    let grid =
+        AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| e.to_string())?;
+    let cells = crate::jobs::run_parallel(&pairs, jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
+    grid.finish();
+    let cells = cells.map_err(|e| e.to_string())?;
+    Ok(AppGridDocument {
+        schema: SCHEMA.to_string(),
+        natscope_version: natscope_core::document::version(),
+        app,
+        pass: cells.iter().all(|c| c.pass),
+        cells,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+        shard: shard.map(str::to_string),
+        presets: names.to_vec(),
+    })
+}
+
+impl AppGridDocument {
+    /// Writes the JUnit, Markdown and HTML reports to the paths given.
+    pub fn write_reports(
+        &self,
+        junit: Option<&Path>,
+        markdown: Option<&Path>,
+        html: Option<&Path>,
+    ) -> Result<(), String> {
+        let reports = [
+            (junit, Self::junit as fn(&Self) -> String),
+            (markdown, Self::markdown),
+            (html, Self::html),
+        ];
+        for (path, render) in reports {
+            if let Some(p) = path {
+                std::fs::write(p, render(self))
+                    .map_err(|e| format!("writing {}: {e}", p.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `natscope.grid/v2` documents from `files` and [`merge`]s them.
+pub fn merge_files(files: &[PathBuf]) -> Result<AppGridDocument, String> {
+    let mut docs = Vec::new();
+    for f in files {
+        let text = std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()))?;
+        docs.push(
+            serde_json::from_slice(&text)
+                .map_err(|e| format!("{}: not a natscope.grid/v2 document: {e}", f.display()))?,
+        );
+    }
+    merge(docs)
+}
+
 /// Joins shards' documents into the document of the whole grid: one app, no cell twice, cells in
 /// the grid's order.
 pub fn merge(docs: Vec<AppGridDocument>) -> Result<AppGridDocument, String> {
@@ -902,6 +982,7 @@ pub fn merge(docs: Vec<AppGridDocument>) -> Result<AppGridDocument, String> {
     cells.sort_by_key(pos);
     Ok(AppGridDocument {
         schema: SCHEMA.into(),
+        natscope_version: natscope_core::document::version(),
         app,
         pass: cells.iter().all(|c| c.pass) && cells.len() == order.len(),
         cells,
@@ -1417,6 +1498,10 @@ mod tests {
                    1: 0100007F:0FA2 0200007F:1000 01 0\n";
         assert!(sockets_on(tcp, 4001, true));
         assert!(!sockets_on(tcp, 4002, true), "established, not listening");
+        // udp6 (a dual-stack socket bound to [::]:4242, as nebula's).
+        let udp6 = "  sl  local_address                         remote_address                        st\n\
+                    0: 00000000000000000000000000000000:1092 00000000000000000000000000000000:0000 07\n";
+        assert!(sockets_on(udp6, 4242, false));
     }
 
     fn doc() -> AppGridDocument {
@@ -1440,6 +1525,7 @@ mod tests {
         judge(&mut bad);
         AppGridDocument {
             schema: SCHEMA.into(),
+            natscope_version: natscope_core::document::version(),
             app: "demo|app".into(),
             pass: false,
             cells: vec![ok, bad],

@@ -69,6 +69,35 @@ pub use natscope_core::net::Transport;
 /// The default grid (issue 5 must-show 2): the presets the preset table marks `grid`.
 pub const DEFAULT_PRESETS: &[&str] = presets::GRID_PRESETS;
 
+/// The presets a grid pairs: `given`, or [`DEFAULT_PRESETS`] when none are given; an unknown
+/// one is an error naming the known ones.
+pub fn preset_names(given: &[String]) -> Result<Vec<String>, String> {
+    if given.is_empty() {
+        return Ok(DEFAULT_PRESETS.iter().map(|s| s.to_string()).collect());
+    }
+    match given.iter().find(|n| pair_topology(n, n).is_none()) {
+        Some(n) => Err(format!(
+            "unknown preset `{n}`; presets: {}",
+            presets::names().join(", ")
+        )),
+        None => Ok(given.to_vec()),
+    }
+}
+
+/// Checks a grid's lab name prefix (`--lab-prefix`): 1-4 characters a-z, 0-9, so every cell's lab
+/// name stays within the lab name rules.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    let ok = (1..=4).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err("--lab-prefix must be 1-4 characters a-z, 0-9".into())
+    }
+}
+
 /// The techniques the grid's peers use: `punch connect` without `--predict`, so no port prediction.
 const TECHNIQUES: Techniques = Techniques {
     port_prediction: false,

@@ -169,6 +169,36 @@ fn punch_in_lab(
     })
 }
 
+/// Runs the plain grid: natscope punch over every unordered pair of `names`, for each transport,
+/// `jobs` cells at a time, in labs named `prefix`…, with `exe` as the natscope the nodes run.
+pub fn run_grid(
+    names: &[String],
+    transports: &[Transport],
+    jobs: usize,
+    prefix: &str,
+    exe: &Path,
+) -> Result<grid::GridDocument, jobs::JobError> {
+    let mut work = Vec::new();
+    for t in transports {
+        for (i, x) in names.iter().enumerate() {
+            for y in &names[i..] {
+                work.push((x.clone(), y.clone(), *t));
+            }
+        }
+    }
+    let start = Instant::now();
+    let cells = jobs::run_parallel(&work, jobs, |i, (x, y, t)| {
+        run_cell(prefix, i, x, y, *t, exe)
+    })?;
+    Ok(grid::GridDocument {
+        schema: grid::SCHEMA.to_string(),
+        natscope_version: natscope_core::document::version(),
+        pass: cells.iter().all(|c| c.pass),
+        cells,
+        duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

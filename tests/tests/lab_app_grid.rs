@@ -79,6 +79,7 @@ fn grid(file: &Path, prefix: &str, presets: &str, extra: &[&str]) -> (AppGridDoc
     let doc: AppGridDocument = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not a natscope.grid/v2 document ({e}):\n{}", text(&out)));
     assert_eq!(doc.schema, "natscope.grid/v2");
+    natscope_tests::schema::assert_valid_text(&String::from_utf8_lossy(&out.stdout));
     assert!(
         namespaces(prefix).is_empty(),
         "namespaces left: {:?}",
@@ -186,6 +187,7 @@ fn the_lab_judges_the_path_not_the_app() {
         .unwrap();
     let merged: AppGridDocument = serde_json::from_slice(&merged.stdout)
         .unwrap_or_else(|e| panic!("merge: {e}\n{}", text(&merged)));
+    natscope_tests::schema::assert_valid(&serde_json::to_value(&merged).expect("json"));
     let judged = |d: &AppGridDocument| -> Vec<_> {
         d.cells
             .iter()

@@ -96,6 +96,10 @@ fn kinds() -> Vec<Kind> {
         ),
         kind!(natscope_lab::matrix::SCHEMA, MatrixDocument),
         kind!(natscope_lab::grid::SCHEMA, GridDocument),
+        kind!(
+            natscope_lab::app_run::SCHEMA,
+            natscope_lab::app_run::AppGridDocument
+        ),
         kind!(natscope_lab::STATUS_SCHEMA, StatusDocument),
         kind!(NAT_TABLE_SCHEMA, NatTableDocument),
         kind!(natscope_probes::punch::connector::SCHEMA, ConnectReport),

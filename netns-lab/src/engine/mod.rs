@@ -106,7 +106,7 @@ pub const MAX_FLOWS: usize = 4096;
 /// Traffic of one flow through the router: an inside endpoint and a remote endpoint, with the
 /// external endpoint the NAT gave it. Counted after the NAT decision and before loss, so `in_*`
 /// is what the filter admitted into the LAN, and `in_refused` what it dropped (RFC 4787 §5).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FlowRow {
     pub proto: Protocol,
     pub internal: SocketAddr,
