@@ -413,7 +413,7 @@ fn register(
     }
     if shared.link.is_some() {
         if let Some(l) = cfg.reflector.partner.clone() {
-            first.spawn(link_loop(shared.clone(), LinkVerifier::new(l)));
+            first.spawn(link_loop(shared.clone(), LinkVerifier::new(l, unix_ms())));
         }
     }
     Ok(())
@@ -608,7 +608,7 @@ async fn link_loop(shared: Arc<Shared>, mut verifier: LinkVerifier) {
         let Ok((n, from)) = sock.recv_from(&mut inb).await else {
             continue;
         };
-        let fwd = match verifier.verify(&inb[..n], unix_ms()) {
+        let fwd = match verifier.verify(from, &inb[..n], unix_ms()) {
             Ok(f) => f,
             Err(e) => {
                 bump(&shared.counters.link_refused);

@@ -872,8 +872,8 @@ mod tests {
             let Action::Forward { len } = action else {
                 panic!("{action:?}")
             };
-            let mut v = LinkVerifier::new(b_link.clone());
-            let fwd = v.verify(&link[..len], 1_000).unwrap();
+            let mut v = LinkVerifier::new(b_link.clone(), 1_000);
+            let fwd = v.verify(sa("192.0.2.1:3480"), &link[..len], 1_000).unwrap();
             let mut out = [0u8; MAX_RESPONSE];
             let (action, _) = b.answer_forwarded(&fwd, &mut out);
             let Action::Send { from, to, len, .. } = action else {
