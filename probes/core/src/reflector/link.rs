@@ -92,7 +92,7 @@ pub enum LinkError {
 }
 
 impl LinkConfig {
-    fn mac(&self) -> HmacSha256 {
+    pub(crate) fn mac(&self) -> HmacSha256 {
         // HMAC accepts keys of any length; this cannot fail.
         <HmacSha256 as Mac>::new_from_slice(&self.secret).expect("hmac takes any key length")
     }
