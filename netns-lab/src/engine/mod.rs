@@ -28,6 +28,7 @@
 //! ICMP errors of its own (TTL expiry is a silent drop).
 
 mod arp;
+pub mod fuzzing;
 mod packet;
 #[cfg(test)]
 mod tests;

@@ -225,3 +225,235 @@ fn reencode(typ: u16, addr: SocketAddr, xor: bool, tid: &crate::stun::Transactio
     assert_eq!(n, HEADER_LEN + 4 + vlen);
     buf[HEADER_LEN + 4..n].to_vec()
 }
+
+/// A cooperating pair's shared test secret and link endpoints (A = 192.0.2.1, B = 192.0.2.2).
+const LINK_SECRET: &[u8] = b"natscope-fuzz-link-secret";
+const LINK_NOW_MS: u64 = 1_700_000_000_000;
+
+fn link_config(listen: &str, partner: &str) -> crate::reflector::link::LinkConfig {
+    crate::reflector::link::LinkConfig {
+        listen: parse_addr(listen),
+        partner: parse_addr(partner),
+        secret: LINK_SECRET.to_vec(),
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    match s.parse() {
+        Ok(a) => a,
+        Err(e) => panic!("fuzz fixture address {s}: {e}"),
+    }
+}
+
+/// Feeds `bytes` to the cooperating link's verifier twice: as they are, and signed with the shared
+/// secret behind a fresh header, so the fuzzer reaches the address parsing the HMAC guards. Checks
+/// that an accepted message's parts re-encode to a message the verifier accepts with the same
+/// parts, that nothing is accepted twice, and that only the partner is heard. Returns whether the
+/// signed message was accepted.
+pub fn exercise_link(bytes: &[u8]) -> bool {
+    use crate::reflector::link::{LinkError, LinkVerifier};
+    use hmac::Mac;
+
+    let b_cfg = link_config("192.0.2.2:3480", "192.0.2.1:3480");
+    let a_cfg = link_config("192.0.2.1:3480", "192.0.2.2:3480");
+    let partner = a_cfg.listen;
+    let mut v = LinkVerifier::new(b_cfg.clone(), LINK_NOW_MS);
+    let _ = v.verify(partner, bytes, LINK_NOW_MS);
+
+    let mut signed = Vec::with_capacity(bytes.len() + 44);
+    signed.extend_from_slice(b"NSL1");
+    signed.extend_from_slice(&LINK_NOW_MS.to_be_bytes());
+    signed.extend_from_slice(bytes);
+    let mut mac = a_cfg.mac();
+    mac.update(&signed);
+    signed.extend_from_slice(&mac.finalize().into_bytes());
+
+    let mut v = LinkVerifier::new(b_cfg.clone(), LINK_NOW_MS);
+    assert_eq!(
+        v.verify(parse_addr("192.0.2.9:3480"), &signed, LINK_NOW_MS),
+        Err(LinkError::NotPartner)
+    );
+    let fwd = match v.verify(partner, &signed, LINK_NOW_MS) {
+        Ok(f) => f,
+        Err(LinkError::Malformed) => return false,
+        Err(e) => panic!("a correctly signed, fresh message refused as {e:?}"),
+    };
+    assert_eq!(
+        v.verify(partner, &signed, LINK_NOW_MS),
+        Err(LinkError::Replayed)
+    );
+    let mut again = vec![0u8; signed.len() + 64];
+    let Some(n) = a_cfg.encode_forward(
+        &mut again,
+        LINK_NOW_MS,
+        fwd.received_on,
+        fwd.client,
+        fwd.request,
+    ) else {
+        panic!("re-encoding an accepted message does not fit");
+    };
+    let mut v = LinkVerifier::new(b_cfg, LINK_NOW_MS);
+    let back = match v.verify(partner, &again[..n], LINK_NOW_MS) {
+        Ok(f) => f,
+        Err(e) => panic!("re-encoded message refused: {e:?}"),
+    };
+    assert_eq!(back, fwd, "link message round trip");
+    true
+}
+
+/// Runs one request through [`Reflector::answer`](crate::reflector::Reflector::answer) as a whole.
+/// Byte 0 picks the deployment (one address, two IPv4 addresses, two IPv6 addresses, a
+/// cooperating pair), the transport, which local address received it and the client; the rest is
+/// the request. Checks RFC 5780 §9's promises: an answer goes only to the requester's IP, leaves
+/// from an address this process owns, is a well-formed STUN message answering the same
+/// transaction, and is at most [`MAX_AMPLIFICATION_BYTES`](crate::reflector::MAX_AMPLIFICATION_BYTES)
+/// larger than the request; a forward verifies at the partner, which answers from its own IP.
+pub fn exercise_reflector(bytes: &[u8]) {
+    use crate::reflector::link::LinkVerifier;
+    use crate::reflector::{
+        Action, Reflector, ReflectorConfig, Transport, MAX_AMPLIFICATION_BYTES, MAX_RESPONSE,
+    };
+
+    let Some((&sel, request)) = bytes.split_first() else {
+        return;
+    };
+    let v6 = sel & 3 == 2;
+    let (primary, alternate) = if v6 {
+        ("[2001:db8::1]:3478", Some("[2001:db8::2]:3479"))
+    } else if sel & 3 == 0 {
+        ("192.0.2.1:3478", None)
+    } else {
+        ("192.0.2.1:3478", Some("192.0.2.2:3479"))
+    };
+    let cooperating = sel & 3 == 3;
+    let cfg = ReflectorConfig {
+        primary: parse_addr(primary),
+        alternate: alternate.map(parse_addr),
+        partner: cooperating.then(|| link_config("192.0.2.1:3480", "192.0.2.2:3480")),
+    };
+    let local = cfg.local_addresses();
+    let received_on = local[usize::from(sel >> 2 & 3) % local.len()];
+    let transport = if sel & 0x10 != 0 {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let client = match (v6, sel & 0x20 != 0) {
+        (true, _) => parse_addr("[2001:db8:1::7]:40000"),
+        (false, false) => parse_addr("198.51.100.7:40000"),
+        (false, true) => parse_addr("198.51.100.7:1"),
+    };
+    let core = Reflector::new(cfg.clone());
+    let mut out = [0u8; MAX_RESPONSE];
+    let (action, _kind) = core.answer(
+        transport,
+        client,
+        received_on,
+        request,
+        &mut out,
+        LINK_NOW_MS,
+    );
+    match action {
+        Action::Send { from, to, len, .. } => {
+            check_answer(&out[..len], request, from, to, client, &local, transport);
+            assert!(
+                len <= request.len() + MAX_AMPLIFICATION_BYTES,
+                "{len}-byte answer to a {}-byte request",
+                request.len()
+            );
+        }
+        Action::Forward { len } => {
+            assert!(cooperating, "forwarded without a partner");
+            assert_eq!(transport, Transport::Udp, "forwarded a TCP request");
+            let partner_cfg = ReflectorConfig {
+                primary: parse_addr("192.0.2.2:3478"),
+                alternate: Some(parse_addr("192.0.2.1:3479")),
+                partner: Some(link_config("192.0.2.2:3480", "192.0.2.1:3480")),
+            };
+            let mut v =
+                LinkVerifier::new(link_config("192.0.2.2:3480", "192.0.2.1:3480"), LINK_NOW_MS);
+            let fwd = match v.verify(parse_addr("192.0.2.1:3480"), &out[..len], LINK_NOW_MS) {
+                Ok(f) => f,
+                Err(e) => panic!("the partner refuses our forward: {e:?}"),
+            };
+            assert_eq!((fwd.client, fwd.received_on), (client, received_on));
+            let partner = Reflector::new(partner_cfg.clone());
+            let mut answer = [0u8; MAX_RESPONSE];
+            match partner.answer_forwarded(&fwd, &mut answer).0 {
+                Action::Send { from, to, len, .. } => check_answer(
+                    &answer[..len],
+                    request,
+                    from,
+                    to,
+                    client,
+                    &partner_cfg.local_addresses(),
+                    Transport::Udp,
+                ),
+                other => panic!("the partner does not answer a forward: {other:?}"),
+            }
+        }
+        Action::Drop(_) => {}
+    }
+}
+
+fn check_answer(
+    answer: &[u8],
+    request: &[u8],
+    from: SocketAddr,
+    to: SocketAddr,
+    client: SocketAddr,
+    local: &[SocketAddr],
+    transport: crate::reflector::Transport,
+) {
+    assert_eq!(to.ip(), client.ip(), "answer aimed at another ip");
+    if transport == crate::reflector::Transport::Tcp {
+        assert_eq!(to, client, "a tcp answer must go back on its connection");
+    }
+    assert!(local.contains(&from), "answer from {from}, not one of ours");
+    let msg = match Message::parse(answer) {
+        Ok(m) => m,
+        Err(e) => panic!("the answer does not parse: {e:?}"),
+    };
+    check_message(&msg);
+    assert_eq!(
+        msg.transaction_id().0[..],
+        request[4..HEADER_LEN],
+        "answer to another transaction"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{build_request, RequestOptions};
+    use crate::stun::TransactionId;
+
+    #[test]
+    fn the_reflector_and_link_entry_points_accept_real_traffic() {
+        let tid = TransactionId::random();
+        let mut req = [0u8; 256];
+        let opts = RequestOptions {
+            change: ChangeRequest::IP,
+            fingerprint: true,
+            ..Default::default()
+        };
+        let n = build_request(&mut req, &tid, &opts).unwrap();
+        for sel in 0..=255u8 {
+            let mut input = vec![sel];
+            input.extend_from_slice(&req[..n]);
+            exercise_reflector(&input);
+            exercise_reflector(&input[..input.len() / 2]);
+        }
+        // A well-formed link body: two addresses and a request.
+        let mut body = vec![8, 0, 1];
+        body.extend_from_slice(&3478u16.to_be_bytes());
+        body.extend_from_slice(&[192, 0, 2, 1, 8, 0, 1]);
+        body.extend_from_slice(&40000u16.to_be_bytes());
+        body.extend_from_slice(&[198, 51, 100, 7]);
+        body.extend_from_slice(&req[..n]);
+        assert!(exercise_link(&body));
+        for cut in 0..body.len() {
+            assert_eq!(exercise_link(&body[..cut]), cut >= 18, "{cut}");
+        }
+    }
+}

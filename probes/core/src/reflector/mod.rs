@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 
 use crate::stun::{
     attr, attr_type, ChangeRequest, Class, Message, MessageType, MessageWriter, TransactionId,
-    METHOD_BINDING,
+    HEADER_LEN, METHOD_BINDING,
 };
 
 /// Largest PADDING (RFC 5780 §7.6) the reflector will echo; larger requests get 400.
@@ -184,7 +184,16 @@ pub use crate::net::Transport;
 #[derive(Clone, Debug)]
 pub struct Reflector {
     cfg: ReflectorConfig,
+    /// For each server address a request can reach: the encoded attributes of a success answer
+    /// that depend only on that address and the CHANGE-REQUEST flags (see [`Tails`]).
+    tails: Vec<(SocketAddr, Tails)>,
 }
+
+/// RESPONSE-ORIGIN, OTHER-ADDRESS and SOFTWARE, encoded once per (address reached, CHANGE-REQUEST)
+/// at construction, indexed by `change_ip | change_port << 1`. A success answer is then its header,
+/// the two client addresses and one copy: what a bare Binding responder does, plus one `memcpy`,
+/// instead of five attribute encodings per request.
+type Tails = [Vec<u8>; 4];
 
 /// A parsed, validated request: everything the answer depends on.
 struct Plan {
@@ -204,7 +213,95 @@ enum Refusal {
 
 impl Reflector {
     pub fn new(cfg: ReflectorConfig) -> Self {
-        Self { cfg }
+        let mut r = Self {
+            cfg,
+            tails: Vec::new(),
+        };
+        r.tails = r
+            .cfg
+            .server_addresses()
+            .into_iter()
+            .map(|at| {
+                let tails = [0, 1, 2, 3].map(|i| {
+                    let change = ChangeRequest {
+                        change_ip: i & 1 != 0,
+                        change_port: i & 2 != 0,
+                    };
+                    r.encode_tail(at, r.select_source(at, change))
+                });
+                (at, tails)
+            })
+            .collect();
+        r
+    }
+
+    /// The fixed attributes of a success answer to a request that reached `received_on`, answered
+    /// from `source`, as [`write_success`](Self::write_success) would write them.
+    fn encode_tail(&self, received_on: SocketAddr, source: SocketAddr) -> Vec<u8> {
+        let mut buf = [0u8; MAX_RESPONSE];
+        let written = (|| {
+            let tid = TransactionId([0; 16]);
+            let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, &tid)?;
+            w.add_address(attr_type::RESPONSE_ORIGIN, source)?;
+            if let Some(o) = self.other_address(received_on) {
+                w.add_address(attr_type::OTHER_ADDRESS, o)?;
+            }
+            w.add_software(SOFTWARE)?;
+            Ok::<_, crate::stun::EncodeError>(w.finish())
+        })();
+        // Fewer than 100 bytes into a 2 KiB buffer: cannot fail; an empty tail disables the
+        // shortcut for this address rather than panicking.
+        written.map_or_else(|_| Vec::new(), |n| buf[HEADER_LEN..n].to_vec())
+    }
+
+    /// The shortcut for the common success answer (RFC 8489, no PADDING): header, XOR-MAPPED-
+    /// ADDRESS and MAPPED-ADDRESS of the client, the precomputed tail, and FINGERPRINT if asked.
+    /// Byte for byte what the general path writes (checked by a test); `None` falls back to it.
+    fn write_common(
+        &self,
+        plan: &Plan,
+        client: SocketAddr,
+        received_on: SocketAddr,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if plan.classic || plan.padding.is_some() {
+            return None;
+        }
+        let tails = &self.tails.iter().find(|(at, _)| *at == received_on)?.1;
+        let tail =
+            &tails[usize::from(plan.change.change_ip) | usize::from(plan.change.change_port) << 1];
+        if tail.is_empty() {
+            return None;
+        }
+        let a = attr::address_len(client);
+        let len = HEADER_LEN + 2 * (4 + a) + tail.len();
+        let total = len + if plan.fingerprint { 8 } else { 0 };
+        let out = out.get_mut(..total)?;
+        out[..2].copy_from_slice(&MessageType::BINDING_RESPONSE.to_u16().to_be_bytes());
+        out[2..4].copy_from_slice(&u16::try_from(total - HEADER_LEN).ok()?.to_be_bytes());
+        out[4..HEADER_LEN].copy_from_slice(&plan.tid.0);
+        let mut at = HEADER_LEN;
+        for (typ, addr) in [
+            (
+                attr_type::XOR_MAPPED_ADDRESS,
+                attr::xor_address(client, &plan.tid),
+            ),
+            (attr_type::MAPPED_ADDRESS, client),
+        ] {
+            out[at..at + 2].copy_from_slice(&typ.to_be_bytes());
+            out[at + 2..at + 4].copy_from_slice(&(a as u16).to_be_bytes());
+            attr::encode_address(addr, &mut out[at + 4..at + 4 + a]);
+            at += 4 + a;
+        }
+        out[at..len].copy_from_slice(tail);
+        if plan.fingerprint {
+            // RFC 8489 §14.7: the CRC covers the header whose length already counts FINGERPRINT.
+            let crc = crc32fast::hash(&out[..len]) ^ crate::stun::FINGERPRINT_XOR;
+            out[len..len + 2].copy_from_slice(&attr_type::FINGERPRINT.to_be_bytes());
+            out[len + 2..len + 4].copy_from_slice(&4u16.to_be_bytes());
+            out[len + 4..total].copy_from_slice(&crc.to_be_bytes());
+        }
+        Some(total)
     }
 
     pub fn config(&self) -> &ReflectorConfig {
@@ -431,6 +528,14 @@ impl Reflector {
             Some(p) => SocketAddr::new(client.ip(), p),
             None => client,
         };
+        if let Some(len) = self.write_common(plan, client, received_on, out) {
+            return Action::Send {
+                from: source,
+                to,
+                len,
+                error: false,
+            };
+        }
         let other = self.other_address(received_on);
         let result = (|| {
             let mut w = MessageWriter::new(out, MessageType::BINDING_RESPONSE, &plan.tid)?;
@@ -872,8 +977,8 @@ mod tests {
             let Action::Forward { len } = action else {
                 panic!("{action:?}")
             };
-            let mut v = LinkVerifier::new(b_link.clone());
-            let fwd = v.verify(&link[..len], 1_000).unwrap();
+            let mut v = LinkVerifier::new(b_link.clone(), 1_000);
+            let fwd = v.verify(sa("192.0.2.1:3480"), &link[..len], 1_000).unwrap();
             let mut out = [0u8; MAX_RESPONSE];
             let (action, _) = b.answer_forwarded(&fwd, &mut out);
             let Action::Send { from, to, len, .. } = action else {
@@ -900,6 +1005,70 @@ mod tests {
             },
         );
         assert!(matches!(action, Action::Send { from, .. } if from == sa("192.0.2.1:3479")));
+    }
+
+    #[test]
+    fn the_common_answer_shortcut_writes_what_the_general_path_writes() {
+        let v6 = Reflector::new(ReflectorConfig {
+            primary: sa("[2001:db8::1]:3478"),
+            alternate: Some(sa("[2001:db8::2]:3479")),
+            partner: None,
+        });
+        let single = Reflector::new(ReflectorConfig {
+            primary: sa("192.0.2.1:3478"),
+            alternate: None,
+            partner: None,
+        });
+        let mut shortcuts = 0;
+        for r in [two_ip(), v6, single] {
+            for received_on in r.config().server_addresses() {
+                for client in [sa("198.51.100.7:40000"), sa("[2001:db8::99]:1")] {
+                    for i in 0..4u8 {
+                        for fingerprint in [false, true] {
+                            let plan = Plan {
+                                tid: TransactionId::random(),
+                                classic: false,
+                                change: ChangeRequest {
+                                    change_ip: i & 1 != 0,
+                                    change_port: i & 2 != 0,
+                                },
+                                response_port: None,
+                                padding: None,
+                                fingerprint,
+                            };
+                            let source = r.select_source(received_on, plan.change);
+                            let mut fast = [0u8; MAX_RESPONSE];
+                            let Some(n) = r.write_common(&plan, client, received_on, &mut fast)
+                            else {
+                                panic!("no shortcut for {received_on}")
+                            };
+                            shortcuts += 1;
+                            // The general path, with the shortcut's tails taken away.
+                            let general = Reflector {
+                                cfg: r.cfg.clone(),
+                                tails: Vec::new(),
+                            };
+                            let mut slow = [0u8; MAX_RESPONSE];
+                            let Action::Send { len, .. } = general.write_success(
+                                &plan,
+                                client,
+                                received_on,
+                                source,
+                                &mut slow,
+                            ) else {
+                                panic!("general path refused")
+                            };
+                            assert_eq!(
+                                &fast[..n],
+                                &slow[..len],
+                                "{received_on} {client} {i} {fingerprint}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(shortcuts, (4 + 4 + 1) * 2 * 4 * 2);
     }
 
     #[test]

@@ -1,4 +1,9 @@
-//! Per-source-IP token buckets with a fixed memory footprint.
+//! Per-source token buckets with a fixed memory footprint.
+//!
+//! A source is an IPv4 address or an IPv6 /64: one IPv6 subscriber usually holds a whole /64
+//! (RFC 6177, RFC 7934 hand out /64s per host), so keying on the full IPv6 address would let one
+//! sender spread a flood over 2^64 addresses and never meet its bucket. IPv4-mapped IPv6
+//! addresses (a dual-stack socket) count as the IPv4 address they carry.
 //!
 //! A reflector on the internet meets spoofed floods from millions of addresses, so the table never
 //! grows: it is a fixed array of slots indexed by a keyed hash of the IP (the key is random per
@@ -11,7 +16,7 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Requests per second and burst allowed per source IP. `rate == 0` disables limiting.
+/// Requests per second and burst allowed per source (IPv4 address or IPv6 /64). `rate == 0` disables limiting.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
     pub per_second: u32,
@@ -65,12 +70,12 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token for `ip` if one is available.
+    /// Takes a token for `ip`'s source (its IPv4 address or IPv6 /64) if one is available.
     pub fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
         if self.slots.is_empty() {
             return true;
         }
-        let h = self.hasher.hash_one(ip) | 1; // never 0: 0 marks an empty slot
+        let h = self.hasher.hash_one(source_key(ip)) | 1; // never 0: 0 marks an empty slot
         let idx = (h as usize) & (self.slots.len() - 1);
         let burst = f64::from(self.limit.burst.max(1));
         let rate = f64::from(self.limit.per_second);
@@ -91,6 +96,15 @@ impl RateLimiter {
             slot.tokens = refilled;
             false
         }
+    }
+}
+
+/// What one bucket is keyed on: the IPv4 address, or the IPv6 address's /64 prefix. The two
+/// families never collide (the tag byte), and an IPv4-mapped IPv6 address is its IPv4 address.
+fn source_key(ip: IpAddr) -> (u8, u64) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => (4, u64::from(u32::from(v4))),
+        IpAddr::V6(v6) => (6, (u128::from(v6) >> 64) as u64),
     }
 }
 
@@ -139,6 +153,36 @@ mod tests {
             rl.allow(t0, ip("192.0.2.2")),
             "another ip keeps its own budget"
         );
+    }
+
+    #[test]
+    fn an_ipv6_flood_spread_over_one_slash64_is_limited_but_another_slash64_is_not() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(
+            RateLimit {
+                per_second: 10,
+                burst: 5,
+            },
+            t0,
+        );
+        // Every request from a different interface id of 2001:db8:0:1::/64.
+        let granted = (0..1000u64)
+            .filter(|&i| {
+                let addr = (0x2001_0db8_0000_0001u128 << 64) | u128::from(i * 0x9e37_79b9 + 1);
+                rl.allow(t0, IpAddr::V6(addr.into()))
+            })
+            .count();
+        assert_eq!(granted, 5, "one /64 shares one bucket");
+        assert!(
+            rl.allow(t0, ip("2001:db8:0:2::1")),
+            "the neighbouring /64 keeps its own budget"
+        );
+        assert!(!rl.allow(t0, ip("2001:db8:0:1:ffff::1")));
+        // A dual-stack socket's IPv4-mapped address is the IPv4 source.
+        for _ in 0..5 {
+            assert!(rl.allow(t0, ip("192.0.2.1")));
+        }
+        assert!(!rl.allow(t0, ip("::ffff:192.0.2.1")));
     }
 
     #[test]
