@@ -21,6 +21,7 @@ pub mod client;
 pub mod fuzzing;
 pub mod nat;
 pub mod net;
+pub mod portmap;
 pub mod probe;
 pub mod punch;
 pub mod reflector;
