@@ -13,7 +13,7 @@
 //! "every mapping of this protocol". Lengths are checked exactly: a known opcode with extra or missing bytes
 //! is an error, not something to guess about. An error answer may also be only the 8-byte common part
 //! (vers, op, result, epoch), as RFC 6886 §3.5's Unsupported Version answer is; [`Response::Error`] is
-//! that form, and any response with a non-zero result code and an opcode this codec does not know.
+//! that form, for any opcode (known or not) with a non-zero result code.
 
 use std::net::Ipv4Addr;
 
@@ -264,6 +264,16 @@ impl Response {
             return Err(Error::UnsupportedVersion(version));
         }
         if op < RESPONSE_BIT {
+            // RFC 6886 §3.5's figure showed the Unsupported Version answer with OP = 0; erratum
+            // 3618 corrected it to 128, but gateways built from the figure send 0. That exact
+            // 8-byte form is read as the answer it is; every other op < 128 is a request.
+            if op == OP_EXTERNAL_ADDRESS && bytes.len() == 8 && be16(bytes, 2) == 1 {
+                return Ok(Self::Error {
+                    opcode: OP_EXTERNAL_ADDRESS,
+                    result: ResultCode::UnsupportedVersion,
+                    epoch: be32(bytes, 4),
+                });
+            }
             return Err(Error::NotAResponse);
         }
         let opcode = op - RESPONSE_BIT;
@@ -581,6 +591,26 @@ mod tests {
             })
         );
         assert_eq!(r.map(|r| r.encode()), Ok(bytes.to_vec()));
+    }
+
+    #[test]
+    fn erratum_3618_unsupported_version_with_op_zero_is_accepted() {
+        let r = Response::parse(&[0, 0, 0, 1, 0, 0, 1, 0]);
+        assert_eq!(
+            r,
+            Ok(Response::Error {
+                opcode: 0,
+                result: ResultCode::UnsupportedVersion,
+                epoch: 256
+            })
+        );
+        // Encoded the corrected way (OP = 128), which reads back the same.
+        assert_eq!(r.map(|r| r.encode()), Ok(vec![0, 128, 0, 1, 0, 0, 1, 0]));
+        // Other results with op 0 are still requests, not answers.
+        assert_eq!(
+            Response::parse(&[0, 0, 0, 2, 0, 0, 1, 0]),
+            Err(Error::NotAResponse)
+        );
     }
 
     #[test]

@@ -422,6 +422,35 @@ impl Response {
     }
 }
 
+impl MapRequest {
+    /// The MAP fields of the answer to this request (server side): nonce, protocol and internal
+    /// port echoed, and the assigned external port and address — on an error, the suggested ones,
+    /// since an error answer copies the request's fields (RFC 6887 §7.2, §11.4).
+    pub fn answer(&self, assigned: Option<(u16, IpAddr)>) -> MapResponse {
+        let (port, address) = assigned.unwrap_or((
+            self.suggested_external_port,
+            self.suggested_external_address,
+        ));
+        MapResponse {
+            nonce: self.nonce,
+            protocol: self.protocol,
+            internal_port: self.internal_port,
+            assigned_external_port: port,
+            assigned_external_address: address,
+        }
+    }
+}
+
+impl MapResponse {
+    /// True when this answers `request` (client side, RFC 6887 §11.4): same nonce, protocol and
+    /// internal port. Anything else is someone else's answer (or a forgery) and is dropped.
+    pub fn answers(&self, request: &MapRequest) -> bool {
+        self.nonce == request.nonce
+            && self.protocol == request.protocol
+            && self.internal_port == request.internal_port
+    }
+}
+
 /// True when the request's client address is not the packet's source address: the server then
 /// answers ADDRESS_MISMATCH (RFC 6887 §8.3), which tells the client a NAT sits between them.
 pub fn address_mismatch(request: &Request, source: IpAddr) -> bool {
@@ -647,6 +676,37 @@ mod tests {
         if let Ok(r) = resp.as_mut() {
             assert_eq!(r.encode().and_then(|b| Response::parse(&b)), Ok(r.clone()));
         }
+    }
+
+    #[test]
+    fn answers_echo_the_request_and_match_only_it() {
+        let RequestOp::Map(m) = map_request().op else {
+            panic!("map_request is a MAP");
+        };
+        let ext = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+        let ok = m.answer(Some((40000, ext)));
+        assert!(ok.answers(&m));
+        assert_eq!(
+            (ok.assigned_external_port, ok.assigned_external_address),
+            (40000, ext)
+        );
+        let refused = m.answer(None);
+        assert_eq!(
+            (
+                refused.assigned_external_port,
+                refused.assigned_external_address
+            ),
+            (6000, ANY_V4)
+        );
+        let mut other = m;
+        other.nonce.0[11] ^= 1;
+        assert!(!ok.answers(&other));
+        other = m;
+        other.internal_port += 1;
+        assert!(!ok.answers(&other));
+        other = m;
+        other.protocol = 6;
+        assert!(!ok.answers(&other));
     }
 
     #[test]
