@@ -515,7 +515,8 @@ fn parse_options(mut rest: &[u8]) -> Result<Vec<PcpOption>, Error> {
 
 fn encode_options(out: &mut Vec<u8>, options: &[PcpOption]) -> Result<(), Error> {
     for o in options {
-        let len = u16::try_from(o.data.len()).map_err(|_| Error::Oversized(usize::MAX))?;
+        let len = u16::try_from(o.data.len())
+            .map_err(|_| Error::Oversized(out.len() + 4 + o.data.len()))?;
         out.extend_from_slice(&[o.code, 0]);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&o.data);
@@ -741,6 +742,20 @@ mod tests {
                 data: vec![]
             }])
         );
+    }
+
+    #[test]
+    fn encoders_refuse_more_than_1100_bytes() {
+        let mut req = map_request();
+        req.options = vec![PcpOption {
+            code: 128,
+            data: vec![0; 1100 - 60 - 4 + 1],
+        }];
+        assert_eq!(req.encode(), Err(Error::Oversized(1100 + 4)));
+        req.options[0].data.pop();
+        assert_eq!(req.encode().map(|b| b.len()), Ok(1100));
+        req.options[0].data = vec![0; 70_000];
+        assert_eq!(req.encode(), Err(Error::Oversized(60 + 4 + 70_000)));
     }
 
     #[test]
