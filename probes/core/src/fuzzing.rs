@@ -422,6 +422,38 @@ fn check_answer(
     );
 }
 
+/// Fuzz entry point for NAT-PMP (issue 12): parses `bytes` as a request and as a response; whatever
+/// parses must re-encode to bytes that parse to the same value.
+pub fn natpmp_parse(bytes: &[u8]) {
+    use crate::portmap::natpmp::{Request, Response};
+    if let Ok(req) = Request::parse(bytes) {
+        assert_eq!(Request::parse(&req.encode()), Ok(req));
+    }
+    if let Ok(resp) = Response::parse(bytes) {
+        assert_eq!(Response::parse(&resp.encode()), Ok(resp));
+    }
+}
+
+/// Fuzz entry point for PCP (issue 12): parses `bytes` as a request and as a response; whatever
+/// parses must re-encode (within 1100 bytes) to bytes that parse to the same value.
+pub fn pcp_parse(bytes: &[u8]) {
+    use crate::portmap::pcp::{Request, Response, MAX_MESSAGE};
+    if let Ok(req) = Request::parse(bytes) {
+        let Ok(again) = req.encode() else {
+            panic!("a parsed PCP request does not encode: {req:?}");
+        };
+        assert!(again.len() <= MAX_MESSAGE);
+        assert_eq!(Request::parse(&again), Ok(req));
+    }
+    if let Ok(resp) = Response::parse(bytes) {
+        let Ok(again) = resp.encode() else {
+            panic!("a parsed PCP response does not encode: {resp:?}");
+        };
+        assert!(again.len() <= MAX_MESSAGE);
+        assert_eq!(Response::parse(&again), Ok(resp));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ pub mod document;
 pub mod fuzzing;
 pub mod nat;
 pub mod net;
+pub mod portmap;
 pub mod probe;
 pub mod punch;
 pub mod reflector;
