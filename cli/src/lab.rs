@@ -47,7 +47,8 @@ pub enum LabCommand {
 
 #[derive(Args)]
 pub struct UpArgs {
-    /// A preset name (see `natscope lab up --list`) or a topology file ending in .toml.
+    /// A preset name (see `natscope lab up --list`), `pair:A,B` (one `lab grid` cell: `a` behind
+    /// preset A, `b` behind B, a public host `rendezvous`) or a topology file ending in .toml.
     #[arg(required_unless_present = "list")]
     source: Option<String>,
     /// The lab's name (1-10 characters a-z, 0-9); namespaces are nsc-NAME-NODE.
@@ -331,6 +332,7 @@ fn exec(a: ExecArgs) -> Result<ExitCode> {
     let rec = control::pick_node(a.lab, &a.node)?;
     let ns = natscope_lab::namespace_name(&rec.name, &a.node);
     netns::enter(&ns).map_err(|e| anyhow!("{e}"))?;
+    natscope_lab::resolver::enter(&rec.name, &a.node).map_err(|e| anyhow!("lab resolver: {e}"))?;
     let (program, args) = a
         .command
         .split_first()

@@ -21,6 +21,7 @@ mod plan;
 pub mod presets;
 pub mod punch_lab;
 pub mod registry;
+pub mod resolver;
 pub mod topology;
 
 pub use lab::{

@@ -117,7 +117,14 @@ pub fn read(lab: &str) -> Option<Record> {
     (record.name == lab).then_some(record)
 }
 
-/// Removes the lab's record and, if a supervisor left them, its control socket and log.
+/// Where a lab keeps the files its nodes see as `/etc/hosts` and `/etc/resolv.conf`
+/// ([`crate::resolver`]).
+pub fn etc_path(lab: &str) -> PathBuf {
+    PathBuf::from(DIR).join(format!("{lab}.etc"))
+}
+
+/// Removes the lab's record and, if a supervisor left them, its control socket and log, and
+/// its resolver files.
 pub fn remove(lab: &str) {
     if !valid(lab) {
         return;
@@ -125,6 +132,7 @@ pub fn remove(lab: &str) {
     for p in [path_of(lab), control_path(lab), log_path(lab)] {
         let _ = std::fs::remove_file(p);
     }
+    let _ = std::fs::remove_dir_all(etc_path(lab));
 }
 
 /// Every recorded lab, by name.
