@@ -221,11 +221,17 @@ mod tests {
                 .unwrap()
                 .addr
         };
-        for name in ["rendezvous", "a", "b", "nata", "natb", "stun"] {
+        for name in ["rendezvous", "a", "b", "nata", "natb"] {
             let line = format!("{}\t{name}\n", addr(name));
             assert!(text.contains(&line), "{line:?} missing from\n{text}");
         }
-        assert!(text.contains("\tnata-lan\n") && text.contains("\tstun-alt\n"));
+        let nata = plan.nodes.iter().find(|n| n.name == "nata").unwrap();
+        let lan = format!("{}\tnata-lan\n", nata.lan.unwrap().addr);
+        assert!(text.contains(&lan), "{lan:?} missing from\n{text}");
+        for r in plan.nodes.iter().filter(|n| n.role == Role::Reflector) {
+            let alt = format!("{}\t{}-alt\n", r.uplink[1].addr, r.name);
+            assert!(text.contains(&alt), "{alt:?} missing from\n{text}");
+        }
         assert!(text.starts_with("# natscope lab nebu1, node a:"));
         assert!(text.contains("127.0.0.1\tlocalhost\n"));
     }

@@ -103,7 +103,7 @@ fn programs_a_lab_spawns_see_its_names() {
     let before = host_state();
     let lab = pair_lab();
     let mut cmd = Command::new("getent");
-    cmd.args(["hosts", "b", "stun-alt"])
+    cmd.args(["hosts", "b", "nata-lan"])
         .stdout(std::process::Stdio::piped());
     let out = lab
         .node("a")
@@ -114,7 +114,14 @@ fn programs_a_lab_spawns_see_its_names() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains(&address_of(&lab, "b")), "{stdout}");
-    assert!(stdout.contains("198.51.100.2"), "stun-alt: {stdout}");
+    let lan = lab
+        .node("nata")
+        .expect("nata")
+        .plan()
+        .lan
+        .expect("a lan")
+        .addr;
+    assert!(stdout.contains(&format!("{lan}")), "nata-lan: {stdout}");
     // Each node's files are its lab's: the one written for `a` names this lab.
     let hosts = std::fs::read_to_string(resolver::node_dir(lab.name(), "a").join("hosts"))
         .expect("a's hosts file");
