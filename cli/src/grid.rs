@@ -8,23 +8,39 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::builder::PossibleValue;
+use clap::{Args, ValueEnum};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
 use natscope_lab::grid_run::run_cell;
 use natscope_lab::presets;
 
+use crate::lab::PresetParser;
 use crate::{emit, jobs};
+
+/// `--transport`'s values as clap lists them: the core's one [`Transport`], by its own names.
+#[derive(Clone, Copy)]
+struct TransportArg(Transport);
+
+impl ValueEnum for TransportArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[TransportArg(Transport::Udp), TransportArg(Transport::Tcp)]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.0.as_str()))
+    }
+}
 
 #[derive(Args)]
 pub struct GridArgs {
     /// Comma-separated presets (default: full-cone, restricted-cone, port-restricted-cone,
     /// symmetric, symmetric-sequential, cgnat).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = PresetParser { files: false })]
     presets: Vec<String>,
     /// Comma-separated transports.
-    #[arg(long, value_delimiter = ',', default_values_t = ["udp".to_string(), "tcp".to_string()])]
-    transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["udp", "tcp"])]
+    transport: Vec<TransportArg>,
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
@@ -50,14 +66,7 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
             );
         }
     }
-    let mut transports = Vec::new();
-    for t in &a.transport {
-        transports.push(match t.as_str() {
-            "udp" => Transport::Udp,
-            "tcp" => Transport::Tcp,
-            other => bail!("unknown transport `{other}` (udp, tcp)"),
-        });
-    }
+    let transports: Vec<Transport> = a.transport.iter().map(|t| t.0).collect();
     let exe = jobs::prepare(a.jobs)?;
     let mut work = Vec::new();
     for t in &transports {

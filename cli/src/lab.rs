@@ -9,7 +9,11 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use std::ffi::OsStr;
+
 use anyhow::{anyhow, bail, Context, Result};
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::error::ErrorKind;
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::control::{self, load_plan, Reply, Request};
@@ -21,10 +25,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::emit;
+use crate::logging::LogArgs;
 
 #[derive(Subcommand)]
 pub enum LabCommand {
     /// Bring a lab up from a preset or a TOML topology file and leave it running.
+    #[command(after_help = include_str!("../help/lab-up.txt"))]
     Up(UpArgs),
     /// List running labs: nodes, roles, addresses, NAT settings, mapping counts.
     Status(StatusArgs),
@@ -36,9 +42,11 @@ pub enum LabCommand {
     Down(DownArgs),
     /// For every preset, run `natscope probe` behind its NAT and compare each verdict with the
     /// preset's configured behavior.
+    #[command(after_help = include_str!("../help/lab-matrix.txt"))]
     Matrix(crate::matrix::MatrixArgs),
     /// Every pair of presets, each peer behind its own NAT: does `natscope punch` connect them
     /// directly, through the relay, or not at all — and is that what RFC 4787 predicts?
+    #[command(after_help = include_str!("../help/lab-grid.txt"))]
     Grid(crate::grid::GridArgs),
     /// The supervisor `lab up` starts (internal).
     #[command(hide = true)]
@@ -49,7 +57,7 @@ pub enum LabCommand {
 pub struct UpArgs {
     /// A preset name (see `natscope lab up --list`), `pair:A,B` (one `lab grid` cell: `a` behind
     /// preset A, `b` behind B, a public host `rendezvous`) or a topology file ending in .toml.
-    #[arg(required_unless_present = "list")]
+    #[arg(required_unless_present = "list", value_parser = PresetParser { files: true })]
     source: Option<String>,
     /// The lab's name (1-10 characters a-z, 0-9); namespaces are nsc-NAME-NODE.
     #[arg(long, default_value = "lab")]
@@ -66,6 +74,7 @@ pub struct UpArgs {
 pub struct StatusArgs {
     /// Only this lab.
     name: Option<String>,
+    /// Print one `natscope.lab/v1` JSON document (every lab, or the one named) instead of tables.
     #[arg(long)]
     json: bool,
 }
@@ -77,6 +86,8 @@ pub struct NatTableArgs {
     lab: Option<String>,
     /// The NAT node.
     node: String,
+    /// Print the mappings as one JSON document (proto, internal, external, expires_in_ms each)
+    /// instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -110,9 +121,43 @@ pub struct ServeArgs {
     name: String,
 }
 
-pub fn run(cmd: LabCommand) -> Result<ExitCode> {
+/// Preset names for clap, from the one table ([`presets::infos`]), so help and completions list
+/// them with their summaries. With `files`, any other value passes too (a topology file, or a name
+/// `load_plan` rejects with the list); without, clap rejects an unknown name before anything runs.
+#[derive(Clone)]
+pub struct PresetParser {
+    pub files: bool,
+}
+
+impl TypedValueParser for PresetParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<String, clap::Error> {
+        let v = value.to_string_lossy();
+        if self.files || presets::find(&v).is_some() {
+            return Ok(v.into_owned());
+        }
+        let known = presets::names().join(", ");
+        let msg = format!("unknown preset `{v}`; presets: {known}\n");
+        Err(clap::Error::raw(ErrorKind::InvalidValue, msg).with_cmd(cmd))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        let values = presets::infos().iter();
+        Some(Box::new(
+            values.map(|p| PossibleValue::new(p.name).help(p.summary)),
+        ))
+    }
+}
+
+pub fn run(cmd: LabCommand, log: &LogArgs) -> Result<ExitCode> {
     match cmd {
-        LabCommand::Up(a) => up(a),
+        LabCommand::Up(a) => up(a, log),
         LabCommand::Status(a) => status(a),
         LabCommand::NatTable(a) => nat_table(a),
         LabCommand::Exec(a) => exec(a),
@@ -123,7 +168,7 @@ pub fn run(cmd: LabCommand) -> Result<ExitCode> {
     }
 }
 
-fn up(a: UpArgs) -> Result<ExitCode> {
+fn up(a: UpArgs, log: &LogArgs) -> Result<ExitCode> {
     if a.list {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED)
@@ -143,7 +188,10 @@ fn up(a: UpArgs) -> Result<ExitCode> {
     netns::check_privileges().map_err(|e| anyhow!("{e}"))?;
     let exe = std::env::current_exe().context("cannot find the natscope executable")?;
     let mut supervisor = Command::new(&exe);
-    supervisor.args(["lab", "serve", &source, "--name", &a.name]);
+    // Its stderr is the lab's log (`control::launch`): `-v`/`-q` set how much goes there.
+    supervisor
+        .args(log.flags())
+        .args(["lab", "serve", &source, "--name", &a.name]);
     control::launch(&a.name, supervisor)?;
     let rec = registry::read(&a.name).ok_or_else(|| anyhow!("lab {} vanished", a.name))?;
     if a.json {
@@ -184,6 +232,7 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    tracing::info!(lab = %a.name, source = %a.source, "lab is up; supervising");
     control::supervise(lab, &control, || say("ready"))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -266,6 +315,8 @@ fn emit_status(doc: &StatusDocument) -> Result<()> {
 }
 
 fn status(a: StatusArgs) -> Result<ExitCode> {
+    // Labs whose supervisor was killed are removed, not listed (as the next `lab up` would).
+    let _ = registry::sweep_stale();
     let mut records = registry::list();
     if let Some(n) = &a.name {
         natscope_lab::check_lab_name(n).map_err(|e| anyhow!("{e}"))?;

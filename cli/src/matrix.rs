@@ -15,12 +15,13 @@ use natscope_lab::matrix_run::run_preset;
 use natscope_lab::presets;
 use serde_json::Value;
 
+use crate::lab::PresetParser;
 use crate::{emit, jobs};
 
 #[derive(Args)]
 pub struct MatrixArgs {
     /// Comma-separated presets (default: every preset).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = PresetParser { files: false })]
     presets: Vec<String>,
     /// Labs running at the same time.
     #[arg(long, default_value_t = 6)]

@@ -2,7 +2,7 @@
 //! verdicts with their evidence (DESIGN.md, "Output contracts"; the JSON schema is docs/probe.md).
 //!
 //! The classification itself is the probe engine's ([`natscope_probes::probe`]): this file resolves
-//! the server names, turns the timing flags into [`Timing`], drives the engine with a progress bar,
+//! the server names ([`natscope_probes::resolve`]), turns the timing flags into [`Timing`], drives the engine with a progress bar,
 //! and renders the report. With several servers the engine classifies the first one, and a Binding
 //! from one socket to every server shows whether the mapping changes with the destination (the
 //! RFC 4787 §4.1 question, answerable without RFC 5780 support on the servers).
@@ -16,7 +16,7 @@
 //! runtime error (bad address, unresolvable name, no permission).
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use natscope_probes::probe::{
     driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
     Probe, ProbeConfig, ProbeReport, Timing,
 };
+use natscope_probes::resolve::{server_address, Service};
 use serde::Serialize;
 
 /// Public STUN servers `--public` uses. They are contacted only when the user passes `--public`
@@ -102,7 +103,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     };
     let mut servers = Vec::with_capacity(names.len());
     for n in &names {
-        servers.push(resolve(n)?);
+        servers.push(server_address(n, Service::STUN)?);
     }
     let Some(&first) = servers.first() else {
         bail!("no server given");
@@ -251,49 +252,6 @@ fn apply_timing(t: &mut Timing, timeout_ms: Option<u64>, retries: Option<u32>) {
 /// SYN be retransmitted once (Linux retries after 1 s); with `--timeout MS`, 5×MS within 1–30 s.
 fn tcp_step_timeout(timeout_ms: Option<u64>) -> Duration {
     Duration::from_millis(timeout_ms.map_or(3000, |ms| ms.saturating_mul(5).clamp(1000, 30_000)))
-}
-
-/// Resolves `HOST:PORT` to one address, preferring IPv4 (the family most STUN servers serve).
-pub fn resolve(server: &str) -> Result<SocketAddr> {
-    let addr = match server.parse::<SocketAddr>() {
-        Ok(a) => a,
-        Err(_) => {
-            let Some((host, port)) = server.rsplit_once(':') else {
-                bail!("{server:?} has no port: give HOST:PORT (the standard stun port is 3478)");
-            };
-            if host.is_empty() {
-                bail!("{server:?} has no host: give HOST:PORT");
-            }
-            if host.contains(':') && !host.starts_with('[') {
-                bail!("{server:?}: write an ipv6 address in brackets, as [ADDRESS]:PORT");
-            }
-            let Ok(port) = port.parse::<u16>() else {
-                bail!("{server:?}: {port:?} is not a port number (1-65535)");
-            };
-            // Digits and dots that did not parse are a mistyped IPv4 address, not a name to look up.
-            if host.parse::<IpAddr>().is_ok()
-                || host.starts_with('[')
-                || host.chars().all(|c| c.is_ascii_digit() || c == '.')
-            {
-                bail!("{server:?} is not a valid ip address and port");
-            }
-            let addrs: Vec<SocketAddr> = (host, port)
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve {host:?}"))?
-                .collect();
-            let Some(a) = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) else {
-                bail!("{host:?} resolves to no address");
-            };
-            *a
-        }
-    };
-    if addr.port() == 0 {
-        bail!("{server:?}: port 0 is not a server port");
-    }
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        bail!("{server:?}: {} is not a server address", addr.ip());
-    }
-    Ok(addr)
 }
 
 /// A spinner on stderr while the probe runs; hidden when stderr is not a terminal.
@@ -1002,55 +960,6 @@ server problem: filtering test II: answer expected from 127.0.0.2:3479 came from
         assert_eq!(exit_code(&r), 0, "a named combination is a classification");
         r.classic = Classic::Unknown;
         assert_eq!(exit_code(&r), 1);
-    }
-
-    #[test]
-    fn server_addresses_parse_without_name_lookups() {
-        assert_eq!(resolve("127.0.0.1:3478").unwrap(), addr("127.0.0.1:3478"));
-        assert_eq!(resolve("[::1]:3478").unwrap(), addr("[::1]:3478"));
-        let errors = [
-            (
-                "127.0.0.1",
-                "\"127.0.0.1\" has no port: give HOST:PORT (the standard stun port is 3478)",
-            ),
-            (
-                "127.0.0.1:99999",
-                "\"127.0.0.1:99999\": \"99999\" is not a port number (1-65535)",
-            ),
-            (
-                "127.0.0.1:0",
-                "\"127.0.0.1:0\": port 0 is not a server port",
-            ),
-            (
-                "0.0.0.0:3478",
-                "\"0.0.0.0:3478\": 0.0.0.0 is not a server address",
-            ),
-            (
-                "224.0.0.1:3478",
-                "\"224.0.0.1:3478\": 224.0.0.1 is not a server address",
-            ),
-            (
-                "::1:3478",
-                "\"::1:3478\": write an ipv6 address in brackets, as [ADDRESS]:PORT",
-            ),
-            (
-                "300.1.1.1:3478",
-                "\"300.1.1.1:3478\" is not a valid ip address and port",
-            ),
-            (
-                "[::1:3478",
-                "\"[::1:3478\" is not a valid ip address and port",
-            ),
-            (":3478", "\":3478\" has no host: give HOST:PORT"),
-            (
-                "",
-                "\"\" has no port: give HOST:PORT (the standard stun port is 3478)",
-            ),
-        ];
-        for (input, want) in errors {
-            let got = resolve(input).map_err(|e| e.to_string());
-            assert_eq!(got, Err(want.to_string()), "{input:?}");
-        }
     }
 
     #[test]

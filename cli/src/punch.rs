@@ -13,14 +13,18 @@ use natscope_probes::punch::driver::{
     self, ConnectOptions, ConnectReport, ListenEvent, ListenOptions, PunchError, MAX_BIRTHDAY,
 };
 use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
+use natscope_probes::resolve::{server_address, Service};
 
 #[derive(Subcommand, Debug)]
 pub enum PunchCommand {
     /// Run the rendezvous + relay server (UDP and TCP on each address) until SIGTERM/Ctrl-C.
+    #[command(after_help = include_str!("../help/punch.txt"))]
     Serve(ServeArgs),
     /// Register an id and echo every message of the sessions peers open to it.
+    #[command(after_help = include_str!("../help/punch.txt"))]
     Listen(ListenArgs),
     /// Connect to a registered peer through NATs, send numbered messages, report the path.
+    #[command(after_help = include_str!("../help/punch.txt"))]
     Connect(ConnectArgs),
 }
 
@@ -36,9 +40,9 @@ pub struct ListenArgs {
     /// The id to register (1-64 characters of A-Z a-z 0-9 . _ -).
     #[arg(long)]
     id: String,
-    /// The rendezvous server.
-    #[arg(long, value_name = "SERVER:PORT")]
-    via: SocketAddr,
+    /// The rendezvous server, as HOST:PORT (a name is resolved, IPv4 preferred).
+    #[arg(long, value_name = "HOST:PORT")]
+    via: String,
     /// Exit 0 after serving this many sessions (default: forever).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
@@ -60,9 +64,9 @@ pub struct ListenArgs {
 pub struct ConnectArgs {
     /// The id of the peer to connect to.
     id: String,
-    /// The rendezvous server.
-    #[arg(long, value_name = "SERVER:PORT")]
-    via: SocketAddr,
+    /// The rendezvous server, as HOST:PORT (a name is resolved, IPv4 preferred).
+    #[arg(long, value_name = "HOST:PORT")]
+    via: String,
     /// Use TCP (simultaneous open) instead of UDP.
     #[arg(long)]
     tcp: bool,
@@ -104,18 +108,31 @@ pub fn run(cmd: PunchCommand) -> Result<ExitCode> {
     }
 }
 
-async fn shutdown_signal() {
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-    match term {
-        Ok(mut t) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM or SIGINT (Ctrl-C only where there are no unix signals): how a server is told to
+/// stop. Watched from this call on, inside a runtime, so a signal sent right after it is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let watched =
+            signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        async move {
+            match watched {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -163,7 +180,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     check_id(&a.id)?;
     let opts = ListenOptions {
         id: a.id.clone(),
-        server: a.via,
+        server: server_address(&a.via, Service::PUNCH)?,
         transport: transport(a.tcp),
         count: a.count,
         timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
@@ -244,7 +261,7 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
     }
     let opts = ConnectOptions {
         id: a.id.clone(),
-        server: a.via,
+        server: server_address(&a.via, Service::PUNCH)?,
         transport: transport(a.tcp),
         relay_first: a.relay_first,
         predict: a.predict,

@@ -64,17 +64,10 @@ pub enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+impl ReflectArgs {
+    /// `--log-format json`: the one subscriber (`crate::logging`) writes JSON lines.
+    pub fn json_logs(&self) -> bool {
+        matches!(self.log_format, LogFormat::Json)
     }
 }
 
@@ -165,31 +158,30 @@ fn log_counters(msg: &str, c: &CounterSnapshot) {
 
 pub fn run(args: ReflectArgs) -> Result<ExitCode> {
     let cfg = config(&args)?;
-    init_logging(args.log_format);
     for missing in cfg.reflector.missing_capabilities() {
         tracing::warn!("one-address server: clients cannot test {missing}");
     }
     let server = RunningReflector::start(cfg.clone()).context("cannot start the reflector")?;
-    tracing::info!(
-        udp = ?server.udp_addresses(),
-        tcp = ?server.tcp_addresses(),
-        partner = ?cfg.reflector.partner.as_ref().map(|p| p.partner),
-        rate_limit = cfg.rate_limit.per_second,
-        "serving"
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot watch SIGTERM")?;
+        // Signals are watched before "serving" is logged: a SIGTERM right after it stops cleanly.
+        let stop = crate::punch::shutdown_signal();
+        tokio::pin!(stop);
+        tracing::info!(
+            udp = ?server.udp_addresses(),
+            tcp = ?server.tcp_addresses(),
+            partner = ?cfg.reflector.partner.as_ref().map(|p| p.partner),
+            rate_limit = cfg.rate_limit.per_second,
+            "serving"
+        );
         let period = Duration::from_secs(args.stats_interval.max(1));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
+                _ = &mut stop => break,
                 _ = tick.tick(), if args.stats_interval > 0 => log_counters("counters", &server.counters()),
             }
         }

@@ -626,7 +626,7 @@ impl Lab {
             .iter()
             .filter_map(|n| netns::inode_of(&n.namespace))
             .collect();
-        registry::kill_all(&netns::processes_in(&inodes));
+        registry::kill_in(&inodes);
         for n in self.nodes.drain(..).rev() {
             let name = n.namespace.clone();
             if let Err(e) = n.ns.delete() {

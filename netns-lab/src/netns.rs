@@ -265,34 +265,154 @@ pub fn inode_of(name: &str) -> Option<u64> {
     std::fs::metadata(path_of(name)).ok().map(|m| m.ino())
 }
 
-/// PIDs of the processes whose network namespace is one of `inodes`.
+/// The network namespace of process `pid`: the inode `/proc/PID/ns/net` names (`net:[INODE]`).
+/// `None` once the process has exited (a zombie has no namespaces any more) or never existed.
+fn net_inode_of_pid(pid: i32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// PIDs of the processes whose network namespace is one of `inodes`: one scan of /proc, a
+/// snapshot that may be stale as soon as it returns (a PID may exit and be reused, a process may
+/// fork). To signal them, use [`members`], which holds each one by a pidfd.
 pub fn processes_in(inodes: &[u64]) -> Vec<i32> {
     let Ok(proc_dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut pids = Vec::new();
-    for entry in proc_dir.filter_map(|e| e.ok()) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+    proc_dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| net_inode_of_pid(*pid).is_some_and(|i| inodes.contains(&i)))
+        .collect()
+}
+
+/// A process held by a pidfd, so a signal sent through it reaches this process and never one
+/// that later gets the same PID (pidfd_open(2)). Hand-written on `rustix` because nix has no
+/// pidfd calls.
+#[derive(Debug)]
+pub struct Member {
+    pid: i32,
+    pidfd: std::os::fd::OwnedFd,
+}
+
+impl Member {
+    /// Opens a pidfd for `pid`; `None` if no such process exists any more.
+    pub fn open(pid: i32) -> Option<Self> {
+        let raw = rustix::process::Pid::from_raw(pid)?;
+        let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()).ok()?;
+        Some(Self { pid, pidfd })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `signal` to this process, whatever namespace it is in. False if it has exited.
+    pub fn signal(&self, signal: rustix::process::Signal) -> bool {
+        rustix::process::pidfd_send_signal(&self.pidfd, signal).is_ok()
+    }
+
+    /// Sends `signal` only if the process is still in one of the namespaces `inodes`. The check
+    /// reads /proc/PID *before* the signal goes through the pidfd: if the signal is delivered,
+    /// the process was alive at the check, so PID was still its own and the check was of it; if
+    /// it exited in between, the pidfd refuses the signal (ESRCH) and nobody else receives it.
+    pub fn signal_if_in(&self, inodes: &[u64], signal: rustix::process::Signal) -> bool {
+        net_inode_of_pid(self.pid).is_some_and(|i| inodes.contains(&i)) && self.signal(signal)
+    }
+
+    /// Whether the process has exited (a pidfd polls readable then; a zombie counts as exited,
+    /// it holds no namespace any more).
+    pub fn exited(&self) -> bool {
+        wait_exited(std::slice::from_ref(self), std::time::Duration::ZERO)
+    }
+}
+
+/// At most this many processes are held by pidfds at once ([`members`]), well below the usual
+/// limit of 1024 open files: a lab with more (a fork storm) is handled over several scans.
+pub const MEMBERS_PER_SCAN: usize = 256;
+
+/// One scan of a lab's namespaces ([`members`]).
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Processes in the namespaces, each held by a pidfd opened *before* its namespace was
+    /// checked (again), so every member is a process that was in one of them while its pidfd
+    /// already pointed at it.
+    pub members: Vec<Member>,
+    /// Processes the scan found but holds no pidfd for: beyond [`MEMBERS_PER_SCAN`], or
+    /// pidfd_open(2) failed for another reason than the process being gone. They are not
+    /// signalled this time; the next scan sees them again.
+    pub unheld: Vec<i32>,
+}
+
+impl Scan {
+    /// Whether the scan found nobody in the namespaces.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.unheld.is_empty()
+    }
+}
+
+/// The processes in the namespaces `inodes`, never the calling process.
+pub fn members(inodes: &[u64]) -> Scan {
+    let me = std::process::id() as i32;
+    let mut scan = Scan::default();
+    for pid in processes_in(inodes).into_iter().filter(|pid| *pid != me) {
+        if scan.members.len() >= MEMBERS_PER_SCAN {
+            scan.unheld.push(pid);
+            continue;
+        }
+        let Some(raw) = rustix::process::Pid::from_raw(pid) else {
             continue;
         };
-        let Ok(link) = std::fs::read_link(entry.path().join("ns/net")) else {
-            continue;
-        };
-        // "net:[4026532XXX]"
-        let ino = link
-            .to_str()
-            .and_then(|s| s.strip_prefix("net:["))
-            .and_then(|s| s.strip_suffix(']'))
-            .and_then(|s| s.parse::<u64>().ok());
-        if ino.is_some_and(|i| inodes.contains(&i)) {
-            pids.push(pid);
+        match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+            Ok(pidfd) => {
+                if net_inode_of_pid(pid).is_some_and(|i| inodes.contains(&i)) {
+                    scan.members.push(Member { pid, pidfd });
+                }
+            }
+            // Gone since the scan read its namespace.
+            Err(rustix::io::Errno::SRCH) => {}
+            Err(_) => scan.unheld.push(pid),
         }
     }
-    pids
+    scan
+}
+
+/// Waits up to `limit` for every one of `members` to exit (poll(2) on their pidfds, no sleeping
+/// in steps). True if all did.
+pub fn wait_exited(members: &[Member], limit: std::time::Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = std::time::Instant::now() + limit;
+    let mut pending: Vec<&Member> = members.iter().collect();
+    loop {
+        let mut fds: Vec<PollFd<'_>> = pending
+            .iter()
+            .map(|m| PollFd::new(&m.pidfd, PollFlags::IN))
+            .collect();
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        drop(fds);
+        let mut ready = ready.into_iter();
+        pending.retain(|_| !ready.next().unwrap_or(false));
+        if pending.is_empty() {
+            return true;
+        }
+        if left.is_zero() {
+            return false;
+        }
+    }
 }
 
 /// Fails with [`NetnsError::Permission`] unless this process may create network namespaces
@@ -308,5 +428,39 @@ pub fn check_privileges() -> Result<(), NetnsError> {
         Err(_) => Err(NetnsError::Permission(
             "the privilege check panicked".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::process::Signal;
+
+    /// A process is signalled only while it is in one of the given namespaces, and a pidfd
+    /// whose process has exited (and whose PID may be anyone's now) signals nobody.
+    #[test]
+    fn a_member_is_signalled_only_in_the_given_namespaces_and_only_while_it_lives() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("start sleep");
+        let pid = child.id() as i32;
+        let m = Member::open(pid).expect("pidfd of a live child");
+        let own = net_inode_of_pid(pid).expect("the child's namespace");
+        assert!(!m.signal_if_in(&[own.wrapping_add(1)], Signal::KILL));
+        assert!(!m.exited(), "a process of another namespace was signalled");
+        assert!(m.signal_if_in(&[own], Signal::KILL));
+        assert!(wait_exited(
+            std::slice::from_ref(&m),
+            std::time::Duration::from_secs(5)
+        ));
+        // A zombie counts as gone: it holds no namespace.
+        assert_eq!(net_inode_of_pid(pid), None);
+        child.wait().expect("reap");
+        assert!(
+            !m.signal(Signal::KILL),
+            "a reaped process's pidfd still signals"
+        );
+        assert!(!m.signal_if_in(&[own], Signal::KILL));
     }
 }

@@ -81,6 +81,23 @@ pub fn claim(record: &Record) -> std::io::Result<()> {
     create(record)
 }
 
+/// [`cleanup_stale`] under the same lock as [`claim`], for commands other than `lab up` that
+/// clean up after SIGKILLed supervisors (`lab status`): without the lock, a sweep could take a lab
+/// that `lab up` has just claimed under a stale record's name for that stale lab.
+pub fn sweep_stale() -> std::io::Result<Vec<String>> {
+    if !std::path::Path::new(DIR).exists() {
+        return Ok(Vec::new());
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(DIR).join(".lock"))?;
+    let _lock =
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+    Ok(cleanup_stale())
+}
+
 /// Writes the record of a new lab, exclusively: of two processes creating a lab of one name, one
 /// succeeds and the other gets [`std::io::ErrorKind::AlreadyExists`] and leaves the winner's
 /// record alone. The record appears whole (written to a file of this process's own, then
@@ -186,7 +203,7 @@ pub fn namespaces_of(lab: &str) -> Vec<String> {
 pub fn force_remove(lab: &str) -> usize {
     let names = namespaces_of(lab);
     let inodes: Vec<u64> = names.iter().filter_map(|n| netns::inode_of(n)).collect();
-    kill_all(&netns::processes_in(&inodes));
+    kill_in(&inodes);
     let mut removed = 0;
     for n in &names {
         if netns::remove_named(n).is_ok() {
@@ -197,32 +214,96 @@ pub fn force_remove(lab: &str) -> usize {
     removed
 }
 
-/// SIGTERM, a short grace period, then SIGKILL; never our own process.
-pub fn kill_all(pids: &[i32]) {
-    let me = std::process::id() as i32;
-    let pids: Vec<i32> = pids.iter().copied().filter(|p| *p != me).collect();
-    for p in &pids {
-        let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for p in &pids {
-        if alive(*p) {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+/// How long processes get between SIGTERM and SIGKILL.
+pub const GRACE: Duration = Duration::from_millis(500);
+/// How long a round waits for SIGKILLed processes to exit before the next scan.
+pub const KILL_WAIT: Duration = Duration::from_millis(200);
+/// The bound on [`kill_in`]: at most this many rounds…
+pub const MAX_ROUNDS: usize = 50;
+/// …and this much time after the first round's grace period.
+pub const MAX_TIME: Duration = Duration::from_secs(5);
+
+/// What [`kill_in`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Scans that found processes (each followed by signals).
+    pub rounds: usize,
+    /// Signals delivered, SIGTERM and SIGKILL together.
+    pub signals: usize,
+    /// Processes still in the namespaces when the bound ran out (empty: none is left).
+    pub survivors: Vec<i32>,
+}
+
+/// Removes every process from the namespaces `inodes`, and only those: scans /proc, holds each
+/// process found by a pidfd ([`netns::members`]), re-checks its namespace right before each
+/// signal, and scans again until a scan finds nobody — a process forked after a scan (a shell
+/// loop, a daemon's worker) is found by the next one. The first round sends SIGTERM and waits up
+/// to [`GRACE`] before SIGKILL; later rounds (what was forked meanwhile) get SIGKILL at once. Gives
+/// up after [`MAX_ROUNDS`] rounds or [`MAX_TIME`] past the first round and reports who survived
+/// (a process stuck in the kernel, or one forking faster than it is killed). A scan holds at most
+/// [`netns::MEMBERS_PER_SCAN`] processes; in a lab with more, the rest are left to the next scans
+/// (and get SIGKILL without a SIGTERM first). Never signals the calling process.
+pub fn kill_in(inodes: &[u64]) -> Reaped {
+    use rustix::process::Signal;
+    let mut reaped = Reaped::default();
+    let mut limit: Option<Instant> = None;
+    loop {
+        let scan = netns::members(inodes);
+        if scan.is_empty() {
+            return reaped;
         }
+        let members = &scan.members;
+        if reaped.rounds >= MAX_ROUNDS || limit.is_some_and(|l| Instant::now() >= l) {
+            reaped.survivors = members.iter().map(netns::Member::pid).collect();
+            reaped.survivors.extend(&scan.unheld);
+            tracing::warn!(
+                survivors = ?reaped.survivors,
+                rounds = reaped.rounds,
+                "processes survived the lab's teardown"
+            );
+            return reaped;
+        }
+        let count = |sig| {
+            members
+                .iter()
+                .filter(|m| m.signal_if_in(inodes, sig))
+                .count()
+        };
+        if reaped.rounds == 0 {
+            reaped.signals += count(Signal::TERM);
+            netns::wait_exited(members, GRACE);
+            limit = Some(Instant::now() + MAX_TIME);
+        }
+        reaped.signals += count(Signal::KILL);
+        if members.is_empty() {
+            // Nobody could be held this time (out of file descriptors?): do not spin.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        netns::wait_exited(members, KILL_WAIT);
+        reaped.rounds += 1;
     }
 }
 
-fn alive(pid: i32) -> bool {
-    // A zombie still answers kill(0); it holds no namespace any more, so count it as gone.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s.get(i + 2..i + 3))
-            .is_none_or(|st| st != "Z"),
-        Err(_) => false,
+/// SIGTERM, a short grace period, then SIGKILL to each of `pids` that still runs; never our own
+/// process. Each process is held by a pidfd from before the first signal, so the SIGKILL cannot
+/// reach another process that got a PID after its owner exited.
+pub fn kill_all(pids: &[i32]) {
+    use rustix::process::Signal;
+    let me = std::process::id() as i32;
+    let members: Vec<netns::Member> = pids
+        .iter()
+        .copied()
+        .filter(|p| *p != me)
+        .filter_map(netns::Member::open)
+        .collect();
+    for m in &members {
+        m.signal(Signal::TERM);
+    }
+    if netns::wait_exited(&members, GRACE) {
+        return;
+    }
+    for m in members.iter().filter(|m| !m.exited()) {
+        m.signal(Signal::KILL);
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`reflector`]: the RFC 5780 reflector on real UDP/TCP sockets.
 //! - [`probe`]: the probe on real sockets, the TCP mapping test, and the simulated NAT network.
 //! - [`punch`]: the punch server and peers on real sockets.
+//! - [`resolve`]: `HOST:PORT` as users type it to one server address (`probe`, `punch --via`).
 //! - [`selfcheck`]: the loopback RFC 5780 self-check of the reflector (`natscope demo`).
 //! - [`bench`](mod@bench): a closed-loop Binding load generator with a fixed-memory latency histogram.
 //!
@@ -17,6 +18,7 @@ pub mod client;
 pub mod probe;
 pub mod punch;
 pub mod reflector;
+pub mod resolve;
 pub mod selfcheck;
 
 pub use natscope_core::{fuzzing, nat, stun};

@@ -186,3 +186,186 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// PIDs of the live processes whose command line contains `marker` (a zombie's is empty), for
+/// tests that start processes with a marker no one else uses and then check none is left.
+pub fn processes_with(marker: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(marker)
+                .then_some(pid)
+        })
+        .filter(|pid| *pid != std::process::id() as i32)
+        .collect()
+}
+
+/// Kills every process [`processes_with`] `marker` when dropped (through pidfds,
+/// [`natscope_lab::registry::kill_all`]), so a failing test leaves none of its processes behind.
+pub struct KillMarked(pub String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        natscope_lab::registry::kill_all(&processes_with(&self.0));
+    }
+}
+
+/// Runs a command and returns its stdout with the fields that change by themselves (address
+/// lifetimes, route expiry, counters) removed.
+fn capture(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let mut words = Vec::new();
+        let mut skip = 0;
+        for w in line.split_whitespace() {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if matches!(
+                w,
+                "valid_lft" | "preferred_lft" | "expires" | "used" | "age"
+            ) {
+                skip = 1;
+                continue;
+            }
+            words.push(w);
+        }
+        lines.push(words.join(" "));
+    }
+    lines.join("\n")
+}
+
+/// Every readable sysctl under /proc/sys/net/{ipv4,ipv6,core} except counters.
+fn sysctls() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = ["ipv4", "ipv6", "core"]
+        .iter()
+        .map(|d| std::path::Path::new("/proc/sys/net").join(d))
+        .collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if let Ok(v) = std::fs::read_to_string(&p) {
+            let key = p.display().to_string();
+            // Randomness and hash seeds are not configuration.
+            if key.ends_with("/random") || key.contains("stable_secret") {
+                continue;
+            }
+            out.push((key, v));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What a lab must never change in the root namespace: links, addresses, routes, rules, the
+/// firewall and the network sysctls.
+#[derive(Debug, PartialEq)]
+pub struct RootState {
+    links: String,
+    addresses: String,
+    routes4: String,
+    routes6: String,
+    rules4: String,
+    rules6: String,
+    nft: String,
+    sysctls: Vec<(String, String)>,
+}
+
+impl RootState {
+    /// The root namespace now (needs `ip` and `nft`).
+    pub fn snapshot() -> Self {
+        Self {
+            links: capture(&["ip", "-d", "-o", "link", "show"]),
+            addresses: capture(&["ip", "-o", "addr", "show"]),
+            routes4: capture(&["ip", "-4", "route", "show", "table", "all"]),
+            routes6: capture(&["ip", "-6", "route", "show", "table", "all"]),
+            rules4: capture(&["ip", "-4", "rule", "show"]),
+            rules6: capture(&["ip", "-6", "rule", "show"]),
+            nft: capture(&["nft", "list", "ruleset"]),
+            sysctls: sysctls(),
+        }
+    }
+
+    /// Fails, naming what differs, unless the root namespace is as in `before`.
+    pub fn assert_unchanged_since(&self, before: &RootState) {
+        assert_eq!(before.links, self.links);
+        assert_eq!(before.addresses, self.addresses);
+        assert_eq!(before.routes4, self.routes4);
+        assert_eq!(before.routes6, self.routes6);
+        assert_eq!(before.rules4, self.rules4);
+        assert_eq!(before.rules6, self.rules6);
+        assert_eq!(before.nft, self.nft);
+        let changed: Vec<_> = before
+            .sysctls
+            .iter()
+            .zip(self.sysctls.iter())
+            .filter(|(b, a)| b != a)
+            .collect();
+        assert!(changed.is_empty(), "root sysctls changed: {changed:?}");
+        assert_eq!(before.sysctls.len(), self.sysctls.len());
+    }
+}
+
+/// A process by PID and start time, so a recycled PID is never taken for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeenProcess {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl SeenProcess {
+    pub fn of(pid: i32) -> Option<Self> {
+        natscope_lab::registry::start_time(pid).map(|start| Self { pid, start })
+    }
+
+    /// Still running: the same start time and not a zombie (a zombie holds no namespace and
+    /// waits only for its parent to read its status).
+    pub fn running(&self) -> bool {
+        if natscope_lab::registry::start_time(self.pid) != Some(self.start) {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_some_and(|state| state != "Z")
+    }
+}
+
+/// The processes of lab `name` now: its owner (from its record) and every process in its
+/// namespaces.
+pub fn processes_of_lab(name: &str) -> Vec<SeenProcess> {
+    use natscope_lab::{netns, registry};
+    let inodes: Vec<u64> = registry::namespaces_of(name)
+        .iter()
+        .filter_map(|n| netns::inode_of(n))
+        .collect();
+    registry::read(name)
+        .map(|r| r.owner_pid)
+        .into_iter()
+        .chain(netns::processes_in(&inodes))
+        .filter_map(SeenProcess::of)
+        .collect()
+}

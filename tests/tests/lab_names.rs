@@ -1,9 +1,12 @@
 //! Issue 15, must-show 3 (the names and the race), through the real `natscope` binary as root:
 //! a lab name that looks like a path is refused with one line before anything is touched, and of
-//! two `lab up`s of one name exactly one wins while the other exits 2 and leaves the winner be.
+//! two `lab up`s of one name exactly one wins while the other exits 2 and leaves the winner be;
+//! and (the last part) a process forked into a lab's namespace after its teardown has started is
+//! removed all the same.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use natscope_lab::registry::{self, Record};
 use natscope_tests::lab::*;
@@ -348,4 +351,126 @@ fn the_supervisor_answers_only_its_own_user() {
     // Root still is answered.
     let as_root = natscope(&["lab", "nat-table", "--lab", &name, "nat"]);
     assert_eq!(as_root.status.code(), Some(0), "{}", text(&as_root));
+}
+
+/// Issue 15, must-show 3, last part: processes that fork while the lab is being torn down are
+/// removed too. Three shells run in h1 through `lab exec`: one answers SIGTERM by forking a new
+/// child and exiting (so its child appears after the teardown's scan), one ignores SIGTERM and
+/// keeps forking through the grace period between SIGTERM and SIGKILL, and one forks as fast as
+/// it can (600 children at most). After `lab down` no
+/// process of theirs is left and no namespace of the lab is. A teardown that scans once and
+/// signals what it found leaves the children forked after the scan alive.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn processes_forked_after_teardown_starts_are_removed_too() {
+    require_root();
+    let name = lab_name("reapf");
+    let up = natscope(&["lab", "up", "open", "--name", &name]);
+    let _down = scopeguard(&name);
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up));
+    // A sleep duration nobody else uses marks every process of this test.
+    let marker = format!("3000.{:06}", rand::random::<u32>() % 1_000_000);
+    let _cleanup = KillMarked(marker.clone());
+    let forks_on_term = format!("trap 'sleep {marker} & exit 0' TERM; sleep {marker} & wait");
+    let keeps_forking = format!(
+        "trap '' TERM; i=0; while [ $i -lt 1000 ]; do sleep {marker} & i=$((i+1)); sleep 0.02; done"
+    );
+    // A fork storm, bounded: forks as fast as it can, through the whole first round.
+    let storm = format!(
+        "trap '' TERM; i=0; while [ $i -lt 600 ]; do sleep {marker} & i=$((i+1)); done; wait"
+    );
+    let mut shells: Vec<Child> = [forks_on_term, keeps_forking, storm]
+        .iter()
+        .map(|script| {
+            Command::new(natscope_bin())
+                .args([
+                    "lab", "exec", "--lab", &name, "h1", "--", "sh", "-c", script,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start a shell in the lab")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes_with(&marker).len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the shells did not start: {:?}",
+            processes_with(&marker)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let running = processes_with(&marker).len();
+    let in_lab = processes_of_lab(&name);
+
+    let down = natscope(&["lab", "down", &name]);
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down));
+    // The shells are this test's children: once killed they are zombies until reaped here.
+    for shell in &mut shells {
+        let _ = shell.kill();
+        let _ = shell.wait();
+    }
+    let left = processes_with(&marker);
+    assert!(
+        left.is_empty(),
+        "{} of the lab's processes outlived `lab down` ({running} ran before it): {left:?}",
+        left.len()
+    );
+    let still: Vec<&SeenProcess> = in_lab.iter().filter(|p| p.running()).collect();
+    assert!(
+        still.is_empty(),
+        "processes of the lab (supervisor, reflector) outlived it: {still:?}"
+    );
+    assert!(registry::namespaces_of(&name).is_empty());
+    assert!(registry::read(&name).is_none());
+}
+
+/// The teardown's loop itself ([`registry::kill_in`]), on a lab whose h1 runs a shell that ignores
+/// SIGTERM and forks as fast as it can: one scan is not enough (children appear after it), the
+/// loop ends with nobody left in the namespaces, and it says how many rounds it took.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn the_teardown_scans_again_until_a_fork_storm_is_gone() {
+    require_root();
+    let name = lab_name("reapk");
+    let up = natscope(&["lab", "up", "open", "--name", &name]);
+    let _down = scopeguard(&name);
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up));
+    let marker = format!("3000.{:06}", rand::random::<u32>() % 1_000_000);
+    let _cleanup = KillMarked(marker.clone());
+    let h1 = natscope_lab::namespace_name(&name, "h1");
+    let inodes = vec![natscope_lab::netns::inode_of(&h1).expect("h1's namespace")];
+    let storm = format!(
+        "trap '' TERM; i=0; while [ $i -lt 600 ]; do sleep {marker} & i=$((i+1)); done; wait"
+    );
+    let mut shell = Command::new(natscope_bin())
+        .args([
+            "lab", "exec", "--lab", &name, "h1", "--", "sh", "-c", &storm,
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the storm");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes_with(&marker).len() < 10 {
+        assert!(Instant::now() < deadline, "the storm did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let reaped = registry::kill_in(&inodes);
+    let took = started.elapsed();
+    let _ = shell.kill();
+    let _ = shell.wait();
+    println!(
+        "kill_in: {} rounds, {} signals, {} ms, survivors {:?}",
+        reaped.rounds,
+        reaped.signals,
+        took.as_millis(),
+        reaped.survivors
+    );
+    assert!(reaped.survivors.is_empty(), "{reaped:?}");
+    assert!(reaped.rounds >= 2, "one scan sufficed: {reaped:?}");
+    assert!(natscope_lab::netns::processes_in(&inodes).is_empty());
+    assert!(processes_with(&marker).is_empty());
 }

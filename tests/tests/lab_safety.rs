@@ -12,95 +12,6 @@ use natscope_lab::{presets, registry, Lab};
 use natscope_tests::lab::*;
 use natscope_tests::natscope_bin;
 
-/// Runs a command and returns its stdout with the fields that change by themselves (address
-/// lifetimes, route expiry, counters) removed.
-fn capture(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = Vec::new();
-    for line in text.lines() {
-        let mut words = Vec::new();
-        let mut skip = 0;
-        for w in line.split_whitespace() {
-            if skip > 0 {
-                skip -= 1;
-                continue;
-            }
-            if matches!(
-                w,
-                "valid_lft" | "preferred_lft" | "expires" | "used" | "age"
-            ) {
-                skip = 1;
-                continue;
-            }
-            words.push(w);
-        }
-        lines.push(words.join(" "));
-    }
-    lines.join("\n")
-}
-
-/// Every readable sysctl under /proc/sys/net/{ipv4,ipv6,core} except counters.
-fn sysctls() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut stack: Vec<std::path::PathBuf> = ["ipv4", "ipv6", "core"]
-        .iter()
-        .map(|d| std::path::Path::new("/proc/sys/net").join(d))
-        .collect();
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(rd) = std::fs::read_dir(&p) {
-                stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
-            }
-        } else if let Ok(v) = std::fs::read_to_string(&p) {
-            let key = p.display().to_string();
-            // Randomness and hash seeds are not configuration.
-            if key.ends_with("/random") || key.contains("stable_secret") {
-                continue;
-            }
-            out.push((key, v));
-        }
-    }
-    out.sort();
-    out
-}
-
-#[derive(Debug, PartialEq)]
-struct RootState {
-    links: String,
-    addresses: String,
-    routes4: String,
-    routes6: String,
-    rules4: String,
-    rules6: String,
-    nft: String,
-    sysctls: Vec<(String, String)>,
-}
-
-fn snapshot() -> RootState {
-    RootState {
-        links: capture(&["ip", "-d", "-o", "link", "show"]),
-        addresses: capture(&["ip", "-o", "addr", "show"]),
-        routes4: capture(&["ip", "-4", "route", "show", "table", "all"]),
-        routes6: capture(&["ip", "-6", "route", "show", "table", "all"]),
-        rules4: capture(&["ip", "-4", "rule", "show"]),
-        rules6: capture(&["ip", "-6", "rule", "show"]),
-        nft: capture(&["nft", "list", "ruleset"]),
-        sysctls: sysctls(),
-    }
-}
-
 fn reflector_pids() -> Vec<i32> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
@@ -135,7 +46,7 @@ fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 #[ignore = "needs root and network namespaces, and takes down every lab on the machine; run with --include-ignored (scripts/test does)"]
 fn labs_leave_root_unchanged_and_nothing_behind() {
     require_root();
-    let before = snapshot();
+    let before = RootState::snapshot();
     assert!(
         reflector_pids().is_empty(),
         "a lab reflector runs before the test"
@@ -243,20 +154,5 @@ fn labs_leave_root_unchanged_and_nothing_behind() {
         );
     }
 
-    let after = snapshot();
-    assert_eq!(before.links, after.links);
-    assert_eq!(before.addresses, after.addresses);
-    assert_eq!(before.routes4, after.routes4);
-    assert_eq!(before.routes6, after.routes6);
-    assert_eq!(before.rules4, after.rules4);
-    assert_eq!(before.rules6, after.rules6);
-    assert_eq!(before.nft, after.nft);
-    let changed: Vec<_> = before
-        .sysctls
-        .iter()
-        .zip(after.sysctls.iter())
-        .filter(|(b, a)| b != a)
-        .collect();
-    assert!(changed.is_empty(), "root sysctls changed: {changed:?}");
-    assert_eq!(before.sysctls.len(), after.sysctls.len());
+    RootState::snapshot().assert_unchanged_since(&before);
 }

@@ -225,13 +225,22 @@ fn opens(from: Known, to: Known) -> Result<(), Refusal> {
 }
 
 /// Whether `other` can reach `predicted` by aiming at its predicted next port: `predicted`'s
-/// mapping changes per destination, its next port is predictable, and its filter admits
-/// `other`'s source on that mapping (the one `predicted` uses towards `other`'s reflexive address).
+/// mapping changes per destination, its next port is predictable, its filter admits `other`'s
+/// source on that mapping (the one `predicted` opens towards `other`'s reflexive address), and
+/// `predicted`'s answers leave from that same mapping so that `other`'s filter admits them.
+///
+/// When `other`'s mapping is endpoint-independent, it sends from the very address `predicted`
+/// aimed at and every filter agrees. Otherwise `other` sends from a port nobody could name in
+/// advance: the predicted mapping must admit any port of `other`'s address (filtering not
+/// address-and-port-dependent), and `predicted`'s answer to that new port must reuse the mapping,
+/// which only an address-dependent mapping does — an address-and-port-dependent one opens yet
+/// another port, from which `other`'s filter drops it.
 fn prediction_opens(other: Known, predicted: Known) -> bool {
     predicted.mapping != M::EndpointIndependent
         && predicted.predictable_ports
-        && (predicted.filtering != F::AddressAndPortDependent
-            || other.mapping == M::EndpointIndependent)
+        && (other.mapping == M::EndpointIndependent
+            || (predicted.mapping == M::AddressDependent
+                && predicted.filtering != F::AddressAndPortDependent))
 }
 
 /// The expected UDP path between `a` and `b`.
@@ -406,6 +415,9 @@ mod tests {
         // Symmetric mapping with endpoint-independent filtering: the packet passes on the server
         // mapping; the answer comes from a new port, admitted by an ADF or EIF sender only.
         let apdm_eif = nat(Apdm, Eif, false);
+        // The same with predictable ports: prediction reaches it, but its answer to a symmetric
+        // peer's unpredictable port leaves from a new mapping that the peer's filter drops.
+        let apdm_eif_seq = nat(Apdm, Eif, true);
         let rows = [
             (full, sym_random, Direct, Direct),
             (restricted, sym_random, Direct, Direct),
@@ -420,6 +432,9 @@ mod tests {
             (apdm_eif, apdm_eif, Direct, Direct),
             (apdm_eif, sym_random, Relayed, Relayed),
             (apdm_eif, port_restricted, Relayed, Relayed),
+            (apdm_eif_seq, sym_random, Relayed, Relayed),
+            (apdm_eif_seq, port_restricted, Relayed, PortPrediction),
+            (ad, sym_random, Relayed, PortPrediction),
         ];
         for (a, b, plain, predicted) in rows {
             for (x, y) in [(a, b), (b, a)] {

@@ -306,7 +306,9 @@ fn reusable_tcp(local: SocketAddr) -> io::Result<TcpSocket> {
         TcpSocket::new_v6()?
     };
     // RFC 5382 hole punching: the direct connection must leave from the port the server saw.
+    // (Windows has no SO_REUSEPORT; its SO_REUSEADDR already allows the second bind.)
     s.set_reuseaddr(true)?;
+    #[cfg(unix)]
     s.set_reuseport(true)?;
     s.bind(local)?;
     Ok(s)

@@ -192,9 +192,13 @@ fn unix_ms() -> u64 {
 
 fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Not unix (Windows): no SO_REUSEPORT, and `start` defaults to one socket per address.
+    #[cfg(unix)]
     if reuse_port {
         s.set_reuse_port(true)?;
     }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     // Room for bursts without drops while both cores are busy.
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
@@ -223,8 +227,10 @@ impl RunningReflector {
         cfg.reflector
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let workers = if cfg.workers == 0 {
+        let workers = if cfg.workers == 0 && cfg!(unix) {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else if cfg.workers == 0 {
+            1
         } else {
             cfg.workers
         };

@@ -376,7 +376,8 @@ impl Connector {
         let n = self.opts.messages;
         let mut error = error;
         if error.is_none() {
-            while run.pushed < n && now >= run.next_push {
+            // Paced by the interval, and held back while the send queue is full.
+            while run.pushed < n && now >= run.next_push && run.session.has_room() {
                 run.session.push(app_message(run.pushed));
                 run.pushed += 1;
                 run.next_push += self.opts.interval;

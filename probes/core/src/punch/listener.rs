@@ -315,10 +315,13 @@ impl Listener {
         let mut done = Vec::new();
         for (id, (s, echoed)) in self.sessions.iter_mut() {
             s.handle_timeout(now);
-            while let Some(m) = s.poll_deliver() {
-                // Echo exactly what was delivered, in delivery order.
-                s.push(m);
-                *echoed += 1;
+            // Echo exactly what was delivered, in delivery order, while the echo queue has
+            // room; the rest stays in the receiver, whose window closes until the peer acks.
+            while s.has_room() {
+                let Some(m) = s.poll_deliver() else { break };
+                if s.push(m).is_some() {
+                    *echoed += 1;
+                }
             }
             s.handle_timeout(now);
             self.out.extend(std::iter::from_fn(|| s.poll_transmit()));
@@ -508,6 +511,7 @@ impl PeerMachine for Listener {
 mod tests {
     use super::*;
     use crate::punch::codec::PeerInfo;
+    use crate::punch::reliable::{ReliableConfig, SEND_QUEUE_WINDOWS};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("addr")
@@ -517,10 +521,14 @@ mod tests {
 
     /// A TCP listener registered at `t0`, as its driver would see it.
     fn registered(t0: Instant) -> Listener {
+        registered_over(t0, Transport::Tcp)
+    }
+
+    fn registered_over(t0: Instant, transport: Transport) -> Listener {
         let opts = ListenOptions {
             id: "bob".into(),
             server: sa(SERVER),
-            transport: Transport::Tcp,
+            transport,
             count: None,
             timeout: None,
             punch_window: Duration::from_millis(1500),
@@ -625,5 +633,56 @@ mod tests {
             })
             .count();
         assert_eq!(answers, MAX_LISTEN_SESSIONS + 1);
+    }
+
+    #[test]
+    fn a_peer_that_never_acknowledges_cannot_grow_the_listeners_memory() {
+        // Issue 14, H5: the listener echoes what it receives; a connector that sends and never
+        // acknowledges the echoes used to grow the echo queue by one message per message sent.
+        let t0 = Instant::now();
+        let mut l = registered_over(t0, Transport::Udp);
+        let (session, peer) = (SessionId(7), sa("203.0.113.2:5000"));
+        introduce(&mut l, t0, session, peer);
+        let sent = 20_000u64;
+        let mut now = t0;
+        for seq in 0..sent {
+            if seq % 100 == 0 {
+                now += Duration::from_millis(1);
+                l.handle_timeout(now);
+                while l.poll_transmit().is_some() {}
+            }
+            let data = PunchMessage::Data {
+                tid: TransactionId::from_rng(&mut StdRng::seed_from_u64(seq)),
+                session,
+                seq: Some(seq),
+                ack: 0,
+                payload: vec![0xab; 1000],
+            };
+            l.handle_datagram(now, peer, &data.to_vec().expect("enc"));
+        }
+        l.handle_timeout(now);
+        let (s, echoed) = l.sessions.get(&session).expect("the session is alive");
+        let window = ReliableConfig::default().window;
+        let bound = (SEND_QUEUE_WINDOWS + 2) * window;
+        assert!(
+            s.held_messages() <= bound,
+            "the session holds {} messages after {sent} unacknowledged ones (bound {bound})",
+            s.held_messages()
+        );
+        // It did echo until its queue filled, and then stopped.
+        assert_eq!(*echoed, (SEND_QUEUE_WINDOWS * window) as u64);
+        // Once the peer acknowledges the echoes, the messages that waited in the receiver are
+        // echoed too: flow control held them back, it did not drop them.
+        let ack = PunchMessage::Data {
+            tid: TransactionId::from_rng(&mut StdRng::seed_from_u64(sent)),
+            session,
+            seq: None,
+            ack: *echoed,
+            payload: vec![],
+        };
+        l.handle_datagram(now, peer, &ack.to_vec().expect("enc"));
+        l.handle_timeout(now);
+        let (_, echoed) = l.sessions.get(&session).expect("the session is alive");
+        assert_eq!(*echoed, ((SEND_QUEUE_WINDOWS + 1) * window) as u64);
     }
 }

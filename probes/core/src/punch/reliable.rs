@@ -8,6 +8,12 @@
 //! At most [`ReliableConfig::window`] messages are in flight. Receiver: delivers in sequence
 //! order, buffers up to `window` messages ahead, drops duplicates and anything beyond the window;
 //! its cumulative ack is the next sequence number it expects. Plain data, no clock reads.
+//!
+//! Both ends are bounded, so a peer cannot make the other side's memory grow: the sender holds at
+//! most [`SEND_QUEUE_WINDOWS`] windows (callers ask [`ReliableSender::has_room`] first), and the
+//! receiver's window shrinks by every message it delivered that the application has not taken yet
+//! (like TCP's receive window), so an application that stops reading — a listener whose echoes
+//! are never acknowledged — stops the acks, and the peer's sender stalls instead of piling up.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -47,6 +53,10 @@ pub struct Acked {
     pub transmissions: u32,
 }
 
+/// The sender's queue holds at most this many windows of messages: one in flight, the rest
+/// waiting for room in it.
+pub const SEND_QUEUE_WINDOWS: usize = 2;
+
 #[derive(Clone, Debug)]
 pub struct ReliableSender {
     config: ReliableConfig,
@@ -65,8 +75,18 @@ impl ReliableSender {
         }
     }
 
-    /// Queues an application message; returns its sequence number.
-    pub fn push(&mut self, payload: Vec<u8>) -> u64 {
+    /// Whether [`push`](Self::push) would queue another message: fewer than
+    /// [`SEND_QUEUE_WINDOWS`] windows are unacknowledged.
+    pub fn has_room(&self) -> bool {
+        self.queue.len() < SEND_QUEUE_WINDOWS * self.config.window
+    }
+
+    /// Queues an application message; returns its sequence number, or `None` (nothing queued)
+    /// when there is no room: the caller keeps the message until [`has_room`](Self::has_room).
+    pub fn push(&mut self, payload: Vec<u8>) -> Option<u64> {
+        if !self.has_room() {
+            return None;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queue.push_back(Outgoing {
@@ -76,7 +96,7 @@ impl ReliableSender {
             last_sent: None,
             transmissions: 0,
         });
-        seq
+        Some(seq)
     }
 
     /// The next message to put on the wire now, if any: a never-sent one inside the window, or
@@ -150,7 +170,8 @@ pub enum Received {
     Accepted,
     /// Already delivered or already buffered.
     Duplicate,
-    /// Too far ahead of the next expected message.
+    /// Too far ahead of the next expected message, or no room: the application has not taken
+    /// what was delivered (the peer retransmits later).
     OutOfWindow,
 }
 
@@ -179,7 +200,9 @@ impl ReliableReceiver {
             self.duplicates += 1;
             return Received::Duplicate;
         }
-        if seq >= self.next_expected + self.config.window as u64 {
+        // The receive window: what is delivered but not yet taken uses it up.
+        let window = self.config.window.saturating_sub(self.ready.len()) as u64;
+        if seq >= self.next_expected + window {
             return Received::OutOfWindow;
         }
         self.ahead.insert(seq, payload);
@@ -202,6 +225,11 @@ impl ReliableReceiver {
 
     pub fn duplicates(&self) -> u64 {
         self.duplicates
+    }
+
+    /// Messages held: delivered but not taken, and buffered ahead of a gap.
+    pub fn buffered(&self) -> usize {
+        self.ready.len() + self.ahead.len()
     }
 }
 
@@ -235,9 +263,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut tx = ReliableSender::new(cfg);
         let mut rx = ReliableReceiver::new(cfg);
-        for i in 0..n {
-            tx.push(i.to_be_bytes().to_vec());
-        }
+        let mut pushed = 0u64;
         let t0 = Instant::now();
         // (due, to_receiver, packet)
         let mut wire: Vec<(Instant, bool, Packet)> = Vec::new();
@@ -268,6 +294,10 @@ mod tests {
                     wire.push((now + Duration::from_millis(d), to_rx, pk));
                 }
             };
+            while pushed < n && tx.has_room() {
+                tx.push(pushed.to_be_bytes().to_vec());
+                pushed += 1;
+            }
             while let Some((seq, payload)) = tx.poll_send(now) {
                 send(&mut rng, &mut wire, true, Packet::Data(seq, payload));
             }
@@ -289,7 +319,7 @@ mod tests {
                     _ => {}
                 }
             }
-            if tx.unacked() == 0 {
+            if pushed == n && tx.unacked() == 0 {
                 return (delivered, ms);
             }
         }
@@ -396,5 +426,33 @@ mod tests {
         assert_eq!(d, vec![vec![0], vec![1], vec![2], vec![3]]);
         assert_eq!(rx.ack(), 4);
         assert_eq!(rx.on_data(0, vec![0]), Received::Duplicate);
+    }
+
+    #[test]
+    fn both_ends_stay_bounded_when_the_application_stops_reading() {
+        let cfg = ReliableConfig {
+            rto: Duration::from_millis(10),
+            window: 4,
+        };
+        let mut tx = ReliableSender::new(cfg);
+        let queued = std::iter::from_fn(|| tx.push(vec![0])).take(100).count();
+        assert_eq!(
+            queued,
+            SEND_QUEUE_WINDOWS * 4,
+            "the send queue refuses beyond its bound"
+        );
+        assert!(!tx.has_room());
+        let mut rx = ReliableReceiver::new(cfg);
+        // Nobody takes what is delivered: the window closes after four messages.
+        for seq in 0..4 {
+            assert_eq!(rx.on_data(seq, vec![0]), Received::Accepted);
+        }
+        assert_eq!(rx.on_data(4, vec![0]), Received::OutOfWindow);
+        assert_eq!(rx.ack(), 4, "the ack stops where the window closed");
+        assert_eq!(rx.buffered(), 4);
+        // Taking one reopens it by one.
+        assert!(rx.poll_deliver().is_some());
+        assert_eq!(rx.on_data(4, vec![0]), Received::Accepted);
+        assert_eq!(rx.on_data(5, vec![0]), Received::OutOfWindow);
     }
 }

@@ -254,9 +254,25 @@ impl Session {
     }
 
     fn add_target_capped(&mut self, a: SocketAddr, cap: usize) {
-        if a.port() != 0 && !self.targets.contains(&a) && self.targets.len() < cap {
+        if self.may_probe(a) && !self.targets.contains(&a) && self.targets.len() < cap {
             self.targets.push(a);
         }
+    }
+
+    /// Whether this session may aim its probes at `target`. Targets come from the server and
+    /// the peer, either of which may be hostile (issue 14, H3), so an introduction must not turn
+    /// the session into a packet source towards addresses no peer can have: unspecified,
+    /// multicast, broadcast, port 0, the other address family, and loopback unless this side or
+    /// its server is itself on loopback (a test or a one-host setup).
+    fn may_probe(&self, target: SocketAddr) -> bool {
+        let ip = target.ip();
+        let on_loopback = self.local.ip().is_loopback() || self.server.ip().is_loopback();
+        target.port() != 0
+            && ip.is_ipv4() == self.server.is_ipv4()
+            && !ip.is_unspecified()
+            && !ip.is_multicast()
+            && (on_loopback || !ip.is_loopback())
+            && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
     }
 
     /// Adds addresses to probe beyond [`MAX_TARGETS`] (birthday ports), up to `cap` in total.
@@ -271,9 +287,20 @@ impl Session {
         self.fail(e);
     }
 
-    /// Queues an application message.
-    pub fn push(&mut self, payload: Vec<u8>) -> u64 {
+    /// Queues an application message; `None` (nothing queued) while the send queue is full.
+    pub fn push(&mut self, payload: Vec<u8>) -> Option<u64> {
         self.tx.push(payload)
+    }
+
+    /// Whether [`push`](Self::push) would queue another message now.
+    pub fn has_room(&self) -> bool {
+        self.tx.has_room()
+    }
+
+    /// Application messages this session holds: unacknowledged sends, and received messages not
+    /// yet taken or waiting for a gap to fill. Bounded by the reliable layer's windows.
+    pub fn held_messages(&self) -> usize {
+        self.tx.unacked() + self.rx.buffered()
     }
 
     pub fn poll_deliver(&mut self) -> Option<Vec<u8>> {
@@ -875,6 +902,52 @@ mod tests {
         };
         s.handle_message(now, peer, hello);
         assert_eq!(s.route(), Some(Route::Direct(peer)));
+    }
+
+    #[test]
+    fn introductions_cannot_aim_probes_at_addresses_no_peer_has() {
+        let now = Instant::now();
+        let good = sa("203.0.113.2:5000");
+        let hostile = [
+            "127.0.0.1:22",
+            "224.0.0.251:5353",
+            "0.0.0.0:9",
+            "255.255.255.255:9",
+            "203.0.113.3:0",
+            "[::1]:5000",
+            "[2001:db8::1]:5000",
+        ];
+        let mut targets: Vec<SocketAddr> = hostile.iter().map(|a| sa(a)).collect();
+        targets.push(good);
+        let s = Session::new(
+            now,
+            SessionId(1),
+            Role::Listener,
+            SessionConfig::default(),
+            sa(SERVER),
+            PunchPlan {
+                local: sa("10.1.0.2:4000"),
+                start_in: Duration::ZERO,
+                targets,
+            },
+            StdRng::seed_from_u64(1),
+        );
+        assert_eq!(s.targets, vec![good]);
+        // On loopback (tests, one-host setups) loopback peers are fine.
+        let s = Session::new(
+            now,
+            SessionId(1),
+            Role::Listener,
+            SessionConfig::default(),
+            sa("127.0.0.1:3490"),
+            PunchPlan {
+                local: sa("127.0.0.1:4000"),
+                start_in: Duration::ZERO,
+                targets: vec![sa("127.0.0.1:5000")],
+            },
+            StdRng::seed_from_u64(1),
+        );
+        assert_eq!(s.targets, vec![sa("127.0.0.1:5000")]);
     }
 
     #[test]

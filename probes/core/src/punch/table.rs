@@ -5,8 +5,14 @@
 //! [`TableConfig::peer_ttl`] passes without a refresh (three missed keepalives). A session lives
 //! while either side refreshes it or sends data through the relay, and dies with its listener.
 //! Everything is in memory only; sizes are bounded so a flood of strangers cannot grow it.
+//!
+//! Expiry is amortized O(log n) per entry, not a scan per packet (issue 14, M1): every entry has
+//! exactly one deadline in a min-heap, pushed when it is created. A refresh only moves the entry's
+//! own `expires`; when its old deadline comes up, the entry is found fresh and its deadline pushed
+//! again. A generation number tells a deadline of a removed-and-recreated entry from the live one.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -59,6 +65,14 @@ struct PeerEntry {
     candidates: Vec<SocketAddr>,
     port_delta: Option<i32>,
     expires: Instant,
+    generation: u64,
+}
+
+/// What a deadline in the expiry heap belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    Peer(Transport, String),
+    Session(SessionId),
 }
 
 /// One side of a session, as the server knows it.
@@ -84,7 +98,14 @@ pub struct Introduction {
 pub struct RendezvousTable {
     config: TableConfig,
     peers: HashMap<(Transport, String), PeerEntry>,
-    sessions: HashMap<SessionId, (String, SessionEntry)>,
+    /// Each session with its listener's id and its generation.
+    sessions: HashMap<SessionId, (String, SessionEntry, u64)>,
+    /// Sessions by their listener's registration, so a registration's end takes its sessions
+    /// along without a scan (entries of sessions already gone are skipped).
+    by_listener: HashMap<(Transport, String), HashSet<SessionId>>,
+    /// One deadline per live entry: (when, generation, what).
+    deadlines: BinaryHeap<Reverse<(Instant, u64, Due)>>,
+    generation: u64,
 }
 
 impl RendezvousTable {
@@ -115,27 +136,39 @@ impl RendezvousTable {
     ) -> Result<(), TableError> {
         self.expire(now);
         let key = (endpoint.transport, id.to_string());
-        if !self.peers.contains_key(&key) && self.peers.len() >= self.config.max_peers {
+        let expires = now + self.config.peer_ttl;
+        if let Some(p) = self.peers.get_mut(&key) {
+            // Its deadline is already in the heap: moving `expires` is the whole refresh.
+            p.endpoint = endpoint;
+            p.candidates = candidates;
+            p.port_delta = port_delta;
+            p.expires = expires;
+            return Ok(());
+        }
+        if self.peers.len() >= self.config.max_peers {
             return Err(TableError::Full);
         }
+        let generation = self.schedule(expires, Due::Peer(key.0, key.1.clone()));
         self.peers.insert(
             key,
             PeerEntry {
                 endpoint,
                 candidates,
                 port_delta,
-                expires: now + self.config.peer_ttl,
+                expires,
+                generation,
             },
         );
         Ok(())
     }
 
-    /// Removes `id` if `from` is the endpoint it registered from (strangers cannot evict it).
+    /// Removes `id` if `from` is the endpoint it registered from (strangers cannot evict it),
+    /// with the sessions introduced to that registration — not those of the same id on the other
+    /// transport, which may be another peer's (issue 14, H2).
     pub fn unregister(&mut self, id: &str, from: Endpoint) -> bool {
         let key = (from.transport, id.to_string());
         if self.peers.get(&key).is_some_and(|p| p.endpoint == from) {
-            self.peers.remove(&key);
-            self.sessions.retain(|_, (l, _)| l != id);
+            self.remove_peer(&key);
             return true;
         }
         false
@@ -152,8 +185,15 @@ impl RendezvousTable {
         for id in gone {
             self.unregister(&id, endpoint);
         }
-        self.sessions
-            .retain(|_, (_, s)| s.connector != endpoint && s.listener != endpoint);
+        let ended: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, (_, s, _))| s.connector == endpoint || s.listener == endpoint)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.remove_session(id);
+        }
     }
 
     /// Whether `id` is registered on `transport` (for tests and status).
@@ -199,7 +239,10 @@ impl RendezvousTable {
             },
             connector_info: connector,
         };
-        self.sessions.insert(session, (target.to_string(), entry));
+        let generation = self.schedule(entry.expires, Due::Session(session));
+        self.sessions
+            .insert(session, (target.to_string(), entry, generation));
+        self.by_listener.entry(key).or_default().insert(session);
         Ok(intro)
     }
 
@@ -213,7 +256,7 @@ impl RendezvousTable {
         self.expire(now);
         let ttl = self.config.session_ttl;
         match self.sessions.get_mut(&session) {
-            Some((_, s)) if s.listener == from || s.connector == from => {
+            Some((_, s, _)) if s.listener == from || s.connector == from => {
                 s.expires = now + ttl;
                 Ok(())
             }
@@ -231,8 +274,8 @@ impl RendezvousTable {
     ) -> Result<Endpoint, TableError> {
         self.refresh_session(now, session, from)?;
         match self.sessions.get(&session) {
-            Some((_, s)) if s.listener == from => Ok(s.connector),
-            Some((_, s)) => Ok(s.listener),
+            Some((_, s, _)) if s.listener == from => Ok(s.connector),
+            Some((_, s, _)) => Ok(s.listener),
             None => Err(TableError::UnknownSession(session)),
         }
     }
@@ -242,28 +285,100 @@ impl RendezvousTable {
         if self
             .sessions
             .get(&session)
-            .is_some_and(|(_, s)| s.listener == from || s.connector == from)
+            .is_some_and(|(_, s, _)| s.listener == from || s.connector == from)
         {
-            self.sessions.remove(&session);
+            self.remove_session(session);
             return true;
         }
         false
     }
 
     /// Drops expired registrations, and sessions whose time ran out or whose listener is gone.
+    /// Looks only at deadlines that came up, and at stale ones on top: nothing is scanned.
     pub fn expire(&mut self, now: Instant) {
-        self.peers.retain(|_, p| p.expires > now);
-        let peers = &self.peers;
-        self.sessions.retain(|_, (id, s)| {
-            s.expires > now && peers.contains_key(&(s.listener.transport, id.clone()))
-        });
+        while let Some(Reverse((when, generation, due))) = self.deadlines.peek() {
+            let (when, generation) = (*when, *generation);
+            let expires = match due {
+                Due::Peer(t, id) => self
+                    .peers
+                    .get(&(*t, id.clone()))
+                    .filter(|p| p.generation == generation)
+                    .map(|p| p.expires),
+                Due::Session(id) => self
+                    .sessions
+                    .get(id)
+                    .filter(|(_, _, g)| *g == generation)
+                    .map(|(_, s, _)| s.expires),
+            };
+            if expires.is_some() && when > now {
+                break;
+            }
+            let Some(Reverse((_, _, due))) = self.deadlines.pop() else {
+                break;
+            };
+            match (expires, due) {
+                // A removed (or removed and recreated) entry's deadline.
+                (None, _) => {}
+                // Refreshed since: its deadline goes back in at the new time.
+                (Some(e), due) if e > now => self.deadlines.push(Reverse((e, generation, due))),
+                (Some(_), Due::Peer(t, id)) => self.remove_peer(&(t, id)),
+                (Some(_), Due::Session(id)) => self.remove_session(id),
+            }
+        }
+        // Deadlines of entries removed early (unregistered, closed) wait in the heap until they
+        // come up; rebuild it when they outnumber the live ones, so churn cannot grow it.
+        let live = self.peers.len() + self.sessions.len();
+        if self.deadlines.len() > 2 * live + 64 {
+            self.rebuild_deadlines();
+        }
     }
 
-    /// The earliest instant something expires, for a driver's timer.
+    /// The earliest instant something may expire, for a driver's timer. It can be early (an
+    /// entry refreshed or removed since), never late; waking then costs one heap step.
     pub fn next_expiry(&self) -> Option<Instant> {
-        let p = self.peers.values().map(|p| p.expires);
-        let s = self.sessions.values().map(|(_, s)| s.expires);
-        p.chain(s).min()
+        self.deadlines.peek().map(|Reverse((when, _, _))| *when)
+    }
+
+    fn rebuild_deadlines(&mut self) {
+        let peers = self
+            .peers
+            .iter()
+            .map(|((t, id), p)| Reverse((p.expires, p.generation, Due::Peer(*t, id.clone()))));
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(id, (_, s, g))| Reverse((s.expires, *g, Due::Session(*id))));
+        self.deadlines = peers.chain(sessions).collect();
+    }
+
+    /// Puts a new entry's deadline in the heap; returns the entry's generation.
+    fn schedule(&mut self, when: Instant, due: Due) -> u64 {
+        self.generation += 1;
+        self.deadlines.push(Reverse((when, self.generation, due)));
+        self.generation
+    }
+
+    /// Removes the registration under `key` and every session introduced to it (sessions die
+    /// with their listener's registration). Its deadline stays in the heap and is skipped there.
+    fn remove_peer(&mut self, key: &(Transport, String)) {
+        self.peers.remove(key);
+        for id in self.by_listener.remove(key).into_iter().flatten() {
+            self.sessions.remove(&id);
+        }
+    }
+
+    /// Removes a session and its entry in `by_listener`; its deadline is skipped in the heap.
+    fn remove_session(&mut self, session: SessionId) {
+        let Some((listener_id, s, _)) = self.sessions.remove(&session) else {
+            return;
+        };
+        let key = (s.listener.transport, listener_id);
+        if let Some(ids) = self.by_listener.get_mut(&key) {
+            ids.remove(&session);
+            if ids.is_empty() {
+                self.by_listener.remove(&key);
+            }
+        }
     }
 }
 
@@ -413,6 +528,26 @@ mod tests {
     }
 
     #[test]
+    fn unregistering_one_transport_leaves_the_same_id_on_the_other_alone() {
+        // The id "a" is held over UDP by one peer; someone else registers "a" over TCP (allowed:
+        // the transports are separate namespaces) and unregisters it again.
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        let owner = ep(Transport::Udp, "203.0.113.1:4000");
+        t.register(t0, "a", owner, vec![], None).expect("register");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        t.introduce(t0, "a", c, info("203.0.113.2:5000"), SessionId(1))
+            .expect("introduce");
+        let other = ep(Transport::Tcp, "198.51.100.66:6000");
+        t.register(t0, "a", other, vec![], None).expect("register");
+        assert!(t.unregister("a", other));
+        assert_eq!(t.session_count(), 1, "the UDP owner's session survives");
+        assert!(t.registered(t0, Transport::Udp, "a").is_some());
+        t.drop_endpoint(other);
+        assert_eq!(t.session_count(), 1);
+    }
+
+    #[test]
     fn the_table_is_bounded() {
         let t0 = Instant::now();
         let mut t = RendezvousTable::new(TableConfig {
@@ -430,5 +565,144 @@ mod tests {
         // Refreshing an existing id is always allowed.
         t.register(t0, "a", ep(Transport::Udp, "203.0.113.1:1"), vec![], None)
             .expect("a again");
+    }
+
+    /// The table's rules written the obvious way (a scan per call), to check the heap against.
+    #[derive(Default)]
+    struct Model {
+        peers: HashMap<(Transport, String), (Endpoint, Instant)>,
+        sessions: HashMap<SessionId, (String, SessionEntry)>,
+    }
+
+    impl Model {
+        fn expire(&mut self, now: Instant) {
+            self.peers.retain(|_, (_, e)| *e > now);
+            let peers = &self.peers;
+            self.sessions.retain(|_, (id, s)| {
+                s.expires > now && peers.contains_key(&(s.listener.transport, id.clone()))
+            });
+        }
+    }
+
+    #[test]
+    fn the_expiry_heap_agrees_with_a_scan_of_the_whole_table() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let cfg = TableConfig {
+            peer_ttl: Duration::from_millis(700),
+            session_ttl: Duration::from_millis(1000),
+            max_peers: 1000,
+            max_sessions: 1000,
+        };
+        for seed in 0..20 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut t = RendezvousTable::new(cfg);
+            let mut m = Model::default();
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut next_session = 0u64;
+            for _ in 0..3000 {
+                now += Duration::from_millis(rng.gen_range(0..60));
+                let transport = if rng.gen_bool(0.5) {
+                    Transport::Udp
+                } else {
+                    Transport::Tcp
+                };
+                let id = format!("p{}", rng.gen_range(0..6));
+                let e = ep(
+                    transport,
+                    &format!("203.0.113.{}:4000", rng.gen_range(1..4)),
+                );
+                match rng.gen_range(0..6) {
+                    0 | 1 => {
+                        t.register(now, &id, e, vec![], None).expect("room");
+                        m.expire(now);
+                        m.peers.insert((transport, id), (e, now + cfg.peer_ttl));
+                    }
+                    2 => {
+                        next_session += 1;
+                        let sid = SessionId(next_session);
+                        let got = t.introduce(now, &id, e, info("203.0.113.9:9"), sid);
+                        m.expire(now);
+                        let key = (transport, id.clone());
+                        match m.peers.get(&key) {
+                            Some((l, _)) => {
+                                assert!(got.is_ok());
+                                let entry = SessionEntry {
+                                    listener: *l,
+                                    connector: e,
+                                    expires: now + cfg.session_ttl,
+                                };
+                                m.sessions.insert(sid, (id, entry));
+                            }
+                            None => assert!(got.is_err()),
+                        }
+                    }
+                    3 if next_session > 0 => {
+                        let sid = SessionId(rng.gen_range(1..=next_session));
+                        let from = m.sessions.get(&sid).map_or(e, |(_, s)| s.connector);
+                        let got = t.refresh_session(now, sid, from);
+                        m.expire(now);
+                        match m.sessions.get_mut(&sid) {
+                            Some((_, s)) => {
+                                assert!(got.is_ok());
+                                s.expires = now + cfg.session_ttl;
+                            }
+                            None => assert!(got.is_err()),
+                        }
+                    }
+                    4 if next_session > 0 => {
+                        let sid = SessionId(rng.gen_range(1..=next_session));
+                        let from = m.sessions.get(&sid).map_or(e, |(_, s)| s.listener);
+                        let closed = t.close_session(sid, from);
+                        assert_eq!(closed, m.sessions.remove(&sid).is_some());
+                    }
+                    _ => {
+                        let removed = t.unregister(&id, e);
+                        let key = (transport, id.clone());
+                        let owner = m.peers.get(&key).is_some_and(|(p, _)| *p == e);
+                        assert_eq!(removed, owner);
+                        if owner {
+                            m.peers.remove(&key);
+                            m.sessions
+                                .retain(|_, (l, s)| !(*l == id && s.listener == e));
+                        }
+                    }
+                }
+                t.expire(now);
+                m.expire(now);
+                assert_eq!(t.peer_count(), m.peers.len(), "seed {seed}");
+                assert_eq!(t.session_count(), m.sessions.len(), "seed {seed}");
+                let earliest = m
+                    .peers
+                    .values()
+                    .map(|(_, e)| *e)
+                    .chain(m.sessions.values().map(|(_, s)| s.expires))
+                    .min();
+                // Never late: the heap's deadline is at or before the real earliest expiry.
+                match (t.next_expiry(), earliest) {
+                    (Some(h), Some(e)) => assert!(h <= e, "seed {seed}"),
+                    (h, e) => assert_eq!(h.is_some(), e.is_some(), "seed {seed}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn churn_does_not_grow_the_expiry_heap() {
+        let t0 = Instant::now();
+        let mut t = RendezvousTable::new(TableConfig::default());
+        let l = ep(Transport::Udp, "203.0.113.1:4000");
+        t.register(t0, "a", l, vec![], None).expect("register");
+        let c = ep(Transport::Udp, "203.0.113.2:5000");
+        for i in 0..100_000u64 {
+            let now = t0 + Duration::from_micros(i);
+            t.introduce(now, "a", c, info("203.0.113.2:5000"), SessionId(i))
+                .expect("introduce");
+            assert!(t.close_session(SessionId(i), c));
+        }
+        assert_eq!(t.session_count(), 0);
+        assert!(t.deadlines.len() <= 2 * t.peer_count() + 64 + 1);
+        assert!(t.by_listener.is_empty());
     }
 }
