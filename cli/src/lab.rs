@@ -55,7 +55,8 @@ pub enum LabCommand {
 
 #[derive(Args)]
 pub struct UpArgs {
-    /// A preset name (see `natscope lab up --list`) or a topology file ending in .toml.
+    /// A preset name (see `natscope lab up --list`), `pair:A,B` (one `lab grid` cell: `a` behind
+    /// preset A, `b` behind B, a public host `rendezvous`) or a topology file ending in .toml.
     #[arg(required_unless_present = "list", value_parser = PresetParser { files: true })]
     source: Option<String>,
     /// The lab's name (1-10 characters a-z, 0-9); namespaces are nsc-NAME-NODE.
@@ -386,6 +387,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
 fn exec(a: ExecArgs) -> Result<ExitCode> {
     let rec = control::pick_node(a.lab, &a.node)?;
     control::enter_node(&rec, &a.node)?;
+    natscope_lab::resolver::enter(&rec.name, &a.node).map_err(|e| anyhow!("lab resolver: {e}"))?;
     let (program, args) = a
         .command
         .split_first()

@@ -100,6 +100,8 @@ pub enum ControlError {
     /// Kept as text only, as `lab up` has always printed it.
     #[error("{0}")]
     Config(ConfigError),
+    #[error(transparent)]
+    Pair(#[from] presets::PairError),
     #[error("unknown preset `{name}`; presets: {known} (or give a .toml file)")]
     UnknownPreset { name: String, known: String },
     #[error("{name}: {error}")]
@@ -158,6 +160,13 @@ pub enum ControlError {
 pub fn load_plan(source: &str) -> Result<Plan, ControlError> {
     if source.ends_with(".toml") || source.contains('/') {
         return config::load_and_plan(Path::new(source)).map_err(ControlError::Config);
+    }
+    if let Some(spec) = source.strip_prefix(presets::PAIR_PREFIX) {
+        let topology = presets::pair(spec)?;
+        return topology.plan().map_err(|error| ControlError::Topology {
+            name: source.to_string(),
+            error,
+        });
     }
     let topology: Topology =
         presets::preset(source).ok_or_else(|| ControlError::UnknownPreset {

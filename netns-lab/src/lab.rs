@@ -135,12 +135,25 @@ impl LabNode {
     {
         self.ns.block_on(f)
     }
-    /// Starts a program inside the node. The caller owns the child (and must stop it); a lab's
+    /// Starts a program inside the node, with the lab's names in its `/etc/hosts` and no
+    /// outside DNS ([`crate::resolver`]). The caller owns the child (and must stop it); a lab's
     /// teardown also kills anything left in its namespaces.
     pub fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
-        self.ns
-            .run(move || cmd.spawn())
-            .map_err(|e| std::io::Error::other(e.to_string()))?
+        // A thread of its own: it enters the node's network namespace and a new mount namespace,
+        // which the child inherits, and ends with the spawn.
+        let namespace = self.namespace.clone();
+        let node = self.plan.name.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                netns::enter(&namespace).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let lab = registry::lab_of_namespace(&namespace).unwrap_or_default();
+                crate::resolver::enter(lab, &node)
+                    .map_err(|e| std::io::Error::other(format!("lab resolver: {e}")))?;
+                cmd.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread panicked")))
+        })
     }
     /// A UDP socket bound inside the node.
     pub fn udp_bind(&self, addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -313,6 +326,11 @@ impl Lab {
 
     fn build(&mut self, options: &LabOptions) -> Result<(), LabError> {
         let plan_nodes = self.plan.nodes.clone();
+        crate::resolver::write(&self.name, &plan_nodes).map_err(|e| LabError::Process {
+            node: INTERNET.to_string(),
+            what: "writing the lab's hosts files".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         for p in &plan_nodes {
             let namespace = namespace_name(&self.name, &p.name);
             let ns = Netns::create(&namespace)?;

@@ -23,6 +23,7 @@ mod plan;
 pub mod presets;
 pub mod punch_lab;
 pub mod registry;
+pub mod resolver;
 pub mod rootless;
 pub mod topology;
 

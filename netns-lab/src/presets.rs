@@ -444,6 +444,54 @@ pub fn preset(name: &str) -> Option<Topology> {
     })
 }
 
+/// How `natscope lab up` names a two-NAT lab: `pair:A,B`.
+pub const PAIR_PREFIX: &str = "pair:";
+
+/// The public host of a pair lab on which a P2P program's rendezvous (or relay, or lighthouse)
+/// runs.
+pub const RENDEZVOUS: &str = "rendezvous";
+
+/// Why a `pair:A,B` source names no lab.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PairError {
+    #[error("`pair:{0}` needs two presets separated by a comma, e.g. pair:full-cone,symmetric")]
+    Shape(String),
+    #[error("unknown preset `{name}` in pair:{spec}; presets: {known}")]
+    UnknownPreset {
+        name: String,
+        spec: String,
+        known: String,
+    },
+}
+
+/// The topology `lab up pair:A,B` builds: one cell of `lab grid` ([`crate::grid::pair_topology`]:
+/// reflector `stun`, peer `a` behind preset A's routers, `b` behind B's), plus the public host
+/// [`RENDEZVOUS`] when the cell has none, so one cell can be reproduced by hand. `spec` is what
+/// follows `pair:`.
+pub fn pair(spec: &str) -> Result<Topology, PairError> {
+    let shape = || PairError::Shape(spec.to_string());
+    let (a, b) = spec.split_once(',').ok_or_else(shape)?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() || b.is_empty() || b.contains(',') {
+        return Err(shape());
+    }
+    for name in [a, b] {
+        if find(name).is_none() {
+            return Err(PairError::UnknownPreset {
+                name: name.to_string(),
+                spec: spec.to_string(),
+                known: names().join(", "),
+            });
+        }
+    }
+    let mut topology = crate::grid::pair_topology(a, b).ok_or_else(shape)?;
+    if !topology.nodes.iter().any(|n| n.name() == RENDEZVOUS) {
+        topology.nodes.push(host(RENDEZVOUS, None));
+    }
+    topology.preset = Some(format!("{PAIR_PREFIX}{a},{b}"));
+    Ok(topology)
+}
+
 /// What a NAT probe run from `h1` against `stun` should report for a preset: the ground truth
 /// `lab matrix` compares the probe with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -473,6 +521,41 @@ pub fn expected(name: &str) -> Option<Expected> {
 mod tests {
     use super::*;
     use crate::topology::{Role, INTERNET};
+
+    #[test]
+    fn pair_is_a_grid_cell_with_a_public_rendezvous() {
+        let t = pair("full-cone, symmetric").unwrap();
+        assert_eq!(t.preset.as_deref(), Some("pair:full-cone,symmetric"));
+        let plan = t.plan().unwrap();
+        let node = |name: &str| plan.nodes.iter().find(|n| n.name == name).unwrap();
+        assert_eq!(node("a").upstream.as_deref(), Some("nata"));
+        assert_eq!(node("b").upstream.as_deref(), Some("natb"));
+        // A public host of its own, or the cell's own `rendezvous` (which may be its reflector).
+        assert!(matches!(
+            node(RENDEZVOUS).role,
+            Role::Host | Role::Reflector
+        ));
+        assert_eq!(node(RENDEZVOUS).upstream.as_deref(), Some(INTERNET));
+        // The cell itself, node for node, then the rendezvous host if the cell has none.
+        let cell = crate::grid::pair_topology("full-cone", "symmetric").unwrap();
+        let has_rendezvous = cell.nodes.iter().any(|n| n.name() == RENDEZVOUS);
+        assert_eq!(t.nodes[..cell.nodes.len()], cell.nodes[..]);
+        assert_eq!(
+            t.nodes.len(),
+            cell.nodes.len() + usize::from(!has_rendezvous)
+        );
+    }
+
+    #[test]
+    fn bad_pairs_are_one_line_errors() {
+        for spec in ["", "full-cone", "full-cone,", ",symmetric", "a,b,c"] {
+            let e = pair(spec).unwrap_err();
+            assert!(matches!(e, PairError::Shape(_)), "{spec}: {e}");
+        }
+        let e = pair("full-cone,nope").unwrap_err().to_string();
+        assert!(e.starts_with("unknown preset `nope` in pair:full-cone,nope; presets: open, "));
+        assert!(!e.contains('\n'));
+    }
 
     #[test]
     fn every_name_has_a_preset_info_and_expectation() {

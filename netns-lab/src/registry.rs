@@ -115,14 +115,15 @@ pub fn claim(record: &Record) -> std::io::Result<()> {
 /// clean up after SIGKILLed supervisors (`lab status`): without the lock, a sweep could take a lab
 /// that `lab up` has just claimed under a stale record's name for that stale lab.
 pub fn sweep_stale() -> std::io::Result<Vec<String>> {
-    if !std::path::Path::new(DIR).exists() {
+    let dir = dir();
+    if !dir.exists() {
         return Ok(Vec::new());
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(PathBuf::from(DIR).join(".lock"))?;
+        .open(dir.join(".lock"))?;
     let _lock =
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
     Ok(cleanup_stale())
@@ -164,7 +165,14 @@ pub fn read(lab: &str) -> Option<Record> {
     (record.name == lab).then_some(record)
 }
 
-/// Removes the lab's record and, if a supervisor left them, its control socket and log.
+/// Where a lab keeps the files its nodes see as `/etc/hosts` and `/etc/resolv.conf`
+/// ([`crate::resolver`]).
+pub fn etc_path(lab: &str) -> PathBuf {
+    dir().join(format!("{lab}.etc"))
+}
+
+/// Removes the lab's record and, if a supervisor left them, its control socket and log, and
+/// its resolver files.
 pub fn remove(lab: &str) {
     if !valid(lab) {
         return;
@@ -172,6 +180,7 @@ pub fn remove(lab: &str) {
     for p in [path_of(lab), control_path(lab), log_path(lab)] {
         let _ = std::fs::remove_file(p);
     }
+    let _ = std::fs::remove_dir_all(etc_path(lab));
 }
 
 /// Every recorded lab, by name.
