@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangement, Table};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -54,6 +54,11 @@ pub struct ProbeArgs {
     /// Probe the public STUN servers in PUBLIC_SERVERS (they see your address). Never implied.
     #[arg(long, conflicts_with = "servers")]
     public: bool,
+    /// Probe the first of PUBLIC_RFC5780_SERVERS (third parties' servers that sent OTHER-ADDRESS
+    /// when last checked; they see your address) that answers with OTHER-ADDRESS: a NAT type
+    /// without a server of your own (docs/deploy.md). Never implied.
+    #[arg(long, conflicts_with_all = ["servers", "public"])]
+    public_rfc5780: bool,
     /// Also test the TCP mapping (RFC 5382 §4.1): after the UDP probe, connections from one local
     /// port to A1:P1, A2:P1 and A2:P2 of the first server, one Binding each (STUN over TCP).
     #[arg(long)]
@@ -90,20 +95,14 @@ pub struct ProbeArgs {
     /// The bound on the UDP classification, in seconds (fractions allowed; default 5): under loss
     /// the probe retransmits and waits longer for evidence, never past this. Tests still open
     /// then are reported `unknown`. 0.1–600.
-    #[arg(long, value_name = "SECS", value_parser = max_time)]
+    #[arg(long, value_name = "SECS", value_parser = ProbeConfig::parse_max_time)]
     max_time: Option<Duration>,
 }
 
-/// `--max-time SECS`: 0.1–600 seconds.
-fn max_time(s: &str) -> std::result::Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.1..=600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 600")),
-    }
-}
-
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
-    let names: Vec<String> = if args.public {
+    let names: Vec<String> = if args.public_rfc5780 {
+        Vec::new()
+    } else if args.public {
         PUBLIC_SERVERS.iter().map(|s| s.to_string()).collect()
     } else if args.servers.is_empty() {
         bail!(
@@ -116,6 +115,9 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let mut servers = Vec::with_capacity(names.len());
     for n in &names {
         servers.push(server_address(n, Service::STUN)?);
+    }
+    if args.public_rfc5780 {
+        servers = vec![natscope_probes::client::pick_public_rfc5780().map_err(|e| anyhow!("{e}"))?];
     }
     let Some(&first) = servers.first() else {
         bail!("no server given");
@@ -1058,6 +1060,7 @@ server problem: 2 more left out";
 
     #[test]
     fn max_time_takes_seconds_within_bounds() {
+        let max_time = ProbeConfig::parse_max_time;
         assert_eq!(max_time("2.5"), Ok(Duration::from_millis(2500)));
         assert_eq!(max_time("600"), Ok(Duration::from_secs(600)));
         for bad in ["0", "0.05", "601", "-1", "NaN", "inf", "5s", ""] {

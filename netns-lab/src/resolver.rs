@@ -4,7 +4,7 @@
 //! answers a DNS query with a port-unreachable) instead of waiting on the host's stub resolver,
 //! which a lab namespace cannot reach.
 //!
-//! [`write`] puts one set of files per node under the lab's runtime directory
+//! [`write()`] puts one set of files per node under the lab's runtime directory
 //! ([`registry::etc_path`]) when the lab comes up; [`enter`] gives the calling thread its own
 //! mount namespace (`unshare(CLONE_NEWNS)` moves only the calling thread, like the network
 //! namespaces in [`crate::netns`]), turns propagation off for the whole tree in that namespace and

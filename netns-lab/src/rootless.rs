@@ -262,7 +262,7 @@ fn forbidden(what: &str, e: nix::Error) -> String {
     )
 }
 
-/// [`forbidden`] from the values of the three settings that can forbid unprivileged user
+/// `forbidden` from the values of the three settings that can forbid unprivileged user
 /// namespaces (`None`: this kernel has no such setting).
 pub fn explain(
     what: &str,

@@ -163,3 +163,74 @@ pub async fn transact_tcp(
             transmits: 1,
         }))
 }
+
+/// Public STUN servers that answered with RFC 5780's OTHER-ADDRESS, from the always-online-stun
+/// project's hourly check (`valid_nat_testing_hosts.txt`, read 2026-12-04). Third parties run
+/// them and their availability varies: `natscope probe --public-rfc5780` asks them all at once and
+/// classifies against the first in this order that answers with a usable OTHER-ADDRESS.
+pub const PUBLIC_RFC5780_SERVERS: [&str; 6] = [
+    "stun.hot-chilli.net:3478",
+    "stun.nextcloud.com:3478",
+    "stun.sip.us:3478",
+    "stun.voipgate.com:3478",
+    "stun.freeswitch.org:3478",
+    "stun.m-online.net:3478",
+];
+
+/// Of `servers`, the first (in their order) whose answer to one Binding request carries an
+/// OTHER-ADDRESS with another IP and another port, which RFC 5780's mapping and filtering tests
+/// need. All are asked at once, each with `rto`'s retransmissions; `None` when none qualifies.
+pub async fn first_rfc5780(servers: &[SocketAddr], rto: Rto) -> Option<SocketAddr> {
+    let asks = servers.iter().map(|&server| async move {
+        let any = match server {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let socket = UdpSocket::bind(any).await.ok()?;
+        let tid = TransactionId::random();
+        let r = transact_udp(&socket, server, tid, &RequestOptions::default(), rto)
+            .await
+            .ok()?;
+        let other = r.other_address?;
+        (other.ip() != server.ip() && other.port() != server.port()).then_some(server)
+    });
+    let answers = join_in_order(asks).await;
+    answers.into_iter().flatten().next()
+}
+
+/// For `natscope probe --public-rfc5780`: the first of [`PUBLIC_RFC5780_SERVERS`] that resolves
+/// and answers with a usable OTHER-ADDRESS, or one line saying none did.
+pub fn pick_public_rfc5780() -> Result<SocketAddr, String> {
+    let list = PUBLIC_RFC5780_SERVERS;
+    let resolved: Vec<SocketAddr> = list
+        .iter()
+        .filter_map(|n| crate::resolve::server_address(n, crate::resolve::Service::STUN).ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(first_rfc5780(&resolved, Rto::default()))
+        .ok_or_else(|| {
+            format!(
+                "none of the public RFC 5780 servers ({}) answered with OTHER-ADDRESS; run your own pair (docs/deploy.md)",
+                list.join(", ")
+            )
+        })
+}
+
+/// Awaits every future, keeping their order (a small join_all on tokio's own tasks).
+async fn join_in_order<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

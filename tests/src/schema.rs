@@ -4,7 +4,7 @@
 //! the schema does not describe (or the other way round) fails the test that saw it.
 //!
 //! The schema is picked by the document's own `schema` tag: `natscope.<kind>/v<N>` is
-//! docs/schema/<kind>.v<N>.json. This file needs only std, serde_json and jsonschema, so
+//! `docs/schema/<kind>.v<N>.json`. This file needs only std, serde_json and jsonschema, so
 //! `natscope`'s own tests (cli/tests), which cannot depend on this Linux-only crate, include it
 //! with `#[path]` and use the same function.
 

@@ -574,3 +574,27 @@ async fn one_address_reflector_on_port_zero_reports_its_real_port() {
     assert_eq!(resp.response_origin, resp.source, "{resp:?}");
     drop(running);
 }
+
+/// `probe --public-rfc5780` picks, of servers asked at once, the first in list order whose answer
+/// carries a usable OTHER-ADDRESS: not a silent one, not a one-address one (no OTHER-ADDRESS),
+/// even when those come first in the list.
+#[tokio::test]
+async fn the_public_rfc5780_pick_skips_silent_and_one_address_servers() {
+    use natscope_probes::client::{first_rfc5780, Rto};
+    let one_address = TestReflector::start_with(false, |_| {});
+    let full = TestReflector::start();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let silent = silent.local_addr().expect("addr");
+    let rto = Rto {
+        initial: Duration::from_millis(50),
+        max_transmits: 3,
+        last_wait_multiplier: 2,
+        max_rto: Duration::from_millis(200),
+    };
+    let picked = first_rfc5780(&[silent, one_address.primary, full.primary], rto).await;
+    assert_eq!(picked, Some(full.primary));
+    assert_eq!(
+        first_rfc5780(&[silent, one_address.primary], rto).await,
+        None
+    );
+}

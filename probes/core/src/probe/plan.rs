@@ -108,6 +108,17 @@ pub struct ProbeConfig {
 /// `probes/tests/probe_sim.rs`, `thirty_percent_loss_verdicts_are_correct_or_unknown`).
 pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(5);
 
+impl ProbeConfig {
+    /// Reads a [`max_time`](Self::max_time) given in seconds (`--max-time SECS`): a number from
+    /// 0.1 to 600, fractions allowed.
+    pub fn parse_max_time(s: &str) -> Result<Duration, String> {
+        match s.parse::<f64>() {
+            Ok(v) if (0.1..=600.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+            _ => Err(format!("{s:?} is not a number of seconds from 0.1 to 600")),
+        }
+    }
+}
+
 /// How far [`ProbeConfig::widen_with_loss`] may take a request's transmissions beyond its
 /// usual cap: 4 × 24 = 96 for a test, enough for the 10⁻⁶ miss target up to about 85 %
 /// round-trip loss; 4 × 7 = 28 for a liveness control.
@@ -119,7 +130,7 @@ pub const WIDEN_FACTOR: u32 = 4;
 pub const LIVENESS_MISS: f64 = 1e-3;
 
 /// While a negative test retransmits, an unpaced run whose measured round-trip loss is at least
-/// this adds loss samples ([`Step::LossSample`]), up to [`LOSS_SAMPLES_MAX`] in all and
+/// this adds loss samples (`Step::LossSample`), up to [`LOSS_SAMPLES_MAX`] in all and
 /// [`LOSS_SAMPLES_OPEN`] at a time. The miss chance is the Beta posterior's predictive, whose
 /// tail is heavy while the estimate rests on few transmissions: at 50 % loss the 10⁻⁶ target
 /// needs 32 silent transmissions when the estimate rests on 30, 23 when it rests on 120. One
