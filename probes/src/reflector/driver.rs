@@ -589,7 +589,12 @@ async fn udp_loop(shared: Arc<Shared>, index: usize, worker: usize) {
                     from: src, to, len, ..
                 } if src == local => outbox.push(to, len),
                 // Another address (CHANGE-REQUEST), the partner link, or nothing: as before.
-                other => shared.send(other, outbox.next_buffer(), worker).await,
+                // The counts so far go out first, so that whoever gets this answer also sees
+                // it counted (as the queued answers are, flushed after the tally below).
+                other => {
+                    tally.flush(&shared.counters);
+                    shared.send(other, outbox.next_buffer(), worker).await
+                }
             }
         }
         tally.flush(&shared.counters);
