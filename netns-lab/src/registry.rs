@@ -99,16 +99,19 @@ pub fn log_path(lab: &str) -> PathBuf {
 /// from removing a lab another process has just claimed (both saw the same stale record of the
 /// name; the first removed it and created its own, which the second then took for the stale one).
 pub fn claim(record: &Record) -> std::io::Result<()> {
-    let dir = ensure_dir()?;
+    let _lock = lock(&ensure_dir()?)?;
+    cleanup_stale();
+    create(record)
+}
+
+/// The exclusive lock on the lab directory `dir` that [`claim`] and [`sweep_stale`] hold.
+fn lock(dir: &std::path::Path) -> std::io::Result<Flock<std::fs::File>> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join(".lock"))?;
-    let _lock =
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
-    cleanup_stale();
-    create(record)
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))
 }
 
 /// [`cleanup_stale`] under the same lock as [`claim`], for commands other than `lab up` that
@@ -119,13 +122,7 @@ pub fn sweep_stale() -> std::io::Result<Vec<String>> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(".lock"))?;
-    let _lock =
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| std::io::Error::from(e))?;
+    let _lock = lock(&dir)?;
     Ok(cleanup_stale())
 }
 
