@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::netns;
@@ -390,15 +388,14 @@ pub fn down(lab: &str, grace: Duration) -> bool {
     }
     let record = read(lab);
     let known = record.is_some() || !namespaces_of(lab).is_empty();
-    if let Some(r) = &record {
-        if r.supervisor && owner_alive(r) {
-            let _ = kill(Pid::from_raw(r.owner_pid), Signal::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline && owner_alive(r) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if owner_alive(r) {
-                let _ = kill(Pid::from_raw(r.owner_pid), Signal::SIGKILL);
+    if let Some(r) = record.as_ref().filter(|r| r.supervisor) {
+        // The pidfd first, the start-time check second: if the check passes, the pidfd already
+        // pointed at the supervisor, so neither signal can reach a process that reused its PID.
+        if let Some(owner) = netns::Member::open(r.owner_pid).filter(|_| owner_alive(r)) {
+            use rustix::process::Signal;
+            owner.signal(Signal::TERM);
+            if !netns::wait_exited(std::slice::from_ref(&owner), grace) {
+                owner.signal(Signal::KILL);
             }
         }
     }
