@@ -194,7 +194,7 @@ pub async fn first_rfc5780(servers: &[SocketAddr], rto: Rto) -> Option<SocketAdd
         let other = r.other_address?;
         (other.ip() != server.ip() && other.port() != server.port()).then_some(server)
     });
-    let answers = join_in_order(asks).await;
+    let answers = futures::future::join_all(asks).await;
     answers.into_iter().flatten().next()
 }
 
@@ -217,20 +217,4 @@ pub fn pick_public_rfc5780() -> Result<SocketAddr, String> {
                 list.join(", ")
             )
         })
-}
-
-/// Awaits every future, keeping their order (a small join_all on tokio's own tasks).
-async fn join_in_order<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }

@@ -33,6 +33,7 @@ mod packet;
 #[cfg(test)]
 mod tests;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
@@ -242,21 +243,26 @@ impl Router {
             internal,
             remote,
         };
-        if !self.flows.contains_key(&key) && self.flows.len() >= MAX_FLOWS {
-            self.stats.flows_untracked += 1;
-            return;
-        }
-        let row = self.flows.entry(key).or_insert_with(|| FlowRow {
-            proto,
-            internal,
-            external: None,
-            remote,
-            out_packets: 0,
-            out_bytes: 0,
-            in_packets: 0,
-            in_bytes: 0,
-            in_refused: 0,
-        });
+        // One hash lookup per packet: this runs for every forwarded or refused packet.
+        let full = self.flows.len() >= MAX_FLOWS;
+        let row = match self.flows.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(_) if full => {
+                self.stats.flows_untracked += 1;
+                return;
+            }
+            Entry::Vacant(e) => e.insert(FlowRow {
+                proto,
+                internal,
+                external: None,
+                remote,
+                out_packets: 0,
+                out_bytes: 0,
+                in_packets: 0,
+                in_bytes: 0,
+                in_refused: 0,
+            }),
+        };
         let bytes = bytes as u64;
         match (out, external) {
             (true, _) => {

@@ -968,3 +968,23 @@ fn flows_count_out_in_and_refused_per_remote() {
     assert_eq!(stranger.external, None);
     assert_eq!(stranger.internal, internal);
 }
+
+/// The flow table is bounded: past [`MAX_FLOWS`] flows, packets of new ones are forwarded but only
+/// counted in `flows_untracked`, while the flows already tracked keep counting.
+#[test]
+fn flow_counters_stop_growing_at_their_bound() {
+    let t0 = Instant::now();
+    let mut r = router(cfg(M::EndpointIndependent, F::EndpointIndependent));
+    for i in 0..MAX_FLOWS + 10 {
+        let dst = format!("198.51.100.1:{}", 1000 + i);
+        send_out(&mut r, t0, "10.0.0.2:5000", &dst);
+    }
+    assert_eq!(r.flows().len(), MAX_FLOWS);
+    assert_eq!(r.stats().flows_untracked, 10);
+    send_out(&mut r, t0, "10.0.0.2:5000", "198.51.100.1:1000");
+    let first = r
+        .flows()
+        .into_iter()
+        .find(|f| f.remote == "198.51.100.1:1000".parse().unwrap());
+    assert_eq!(first.map(|f| f.out_packets), Some(2));
+}
