@@ -346,6 +346,18 @@ impl Transaction {
     }
 }
 
+/// A Binding success response to `tid` carrying XOR-MAPPED-ADDRESS `mapped`, as a plain server
+/// answers: for the tests of every machine that reads one (transactions, the probe, punch).
+#[cfg(test)]
+pub(crate) fn binding_success(tid: &TransactionId, mapped: SocketAddr) -> Vec<u8> {
+    let mut buf = [0u8; 128];
+    let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid).expect("writer");
+    w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, mapped)
+        .expect("attribute");
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,23 +378,13 @@ mod tests {
         }
     }
 
-    /// A success response to `tid` carrying XOR-MAPPED-ADDRESS `mapped`.
-    fn answer(tid: &TransactionId, mapped: SocketAddr) -> Vec<u8> {
-        let mut buf = [0u8; 256];
-        let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid).unwrap();
-        w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, mapped)
-            .unwrap();
-        let n = w.finish();
-        buf[..n].to_vec()
-    }
-
     #[test]
     fn an_answer_from_the_server_ends_the_transaction() {
         let now = Instant::now();
         let tid = TransactionId::random();
         let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
         assert!(tx.poll_transmit(now));
-        assert!(tx.handle_datagram(addr(SERVER), &answer(&tid, addr("198.51.100.1:1"))));
+        assert!(tx.handle_datagram(addr(SERVER), &binding_success(&tid, addr("198.51.100.1:1"))));
         match tx.event() {
             TransactionEvent::Done(r) => {
                 assert_eq!(r.source, Some(addr(SERVER)));
@@ -401,13 +403,16 @@ mod tests {
         let tid = TransactionId::random();
         let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
         assert!(tx.poll_transmit(now));
-        assert!(!tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1"))));
+        assert!(!tx.handle_datagram(
+            addr(ELSEWHERE),
+            &binding_success(&tid, addr("198.51.100.1:1"))
+        ));
         assert_eq!(tx.event(), TransactionEvent::Pending);
         assert_eq!(tx.wrong_source(), Some(addr(ELSEWHERE)));
         let retry = now + Duration::from_millis(100);
         assert_eq!(tx.poll_timeout(), Some(retry));
         assert!(tx.poll_transmit(retry), "still retransmitting");
-        assert!(tx.handle_datagram(addr(SERVER), &answer(&tid, addr("198.51.100.1:2"))));
+        assert!(tx.handle_datagram(addr(SERVER), &binding_success(&tid, addr("198.51.100.1:2"))));
         match tx.event() {
             TransactionEvent::Done(r) => assert_eq!(r.xor_mapped, Some(addr("198.51.100.1:2"))),
             e => panic!("{e:?}"),
@@ -423,7 +428,10 @@ mod tests {
         while let Some(at) = tx.poll_timeout() {
             now = now.max(at);
             if tx.poll_transmit(now) {
-                tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1")));
+                tx.handle_datagram(
+                    addr(ELSEWHERE),
+                    &binding_success(&tid, addr("198.51.100.1:1")),
+                );
             }
             tx.handle_timeout(now);
         }
@@ -461,7 +469,10 @@ mod tests {
             rto(),
         );
         assert!(tx.poll_transmit(now));
-        assert!(tx.handle_datagram(addr(ELSEWHERE), &answer(&tid, addr("198.51.100.1:1"))));
+        assert!(tx.handle_datagram(
+            addr(ELSEWHERE),
+            &binding_success(&tid, addr("198.51.100.1:1"))
+        ));
         match tx.event() {
             TransactionEvent::Done(r) => assert_eq!(r.source, Some(addr(ELSEWHERE))),
             e => panic!("{e:?}"),
@@ -475,7 +486,10 @@ mod tests {
         let mut tx = Transaction::new(now, tid, AnswerFrom::Exactly(addr(SERVER)), rto());
         assert!(tx.poll_transmit(now));
         let other = TransactionId::random();
-        assert!(!tx.handle_datagram(addr(SERVER), &answer(&other, addr("198.51.100.1:1"))));
+        assert!(!tx.handle_datagram(
+            addr(SERVER),
+            &binding_success(&other, addr("198.51.100.1:1"))
+        ));
         assert_eq!(tx.wrong_source(), None);
         assert_eq!(tx.event(), TransactionEvent::Pending);
     }

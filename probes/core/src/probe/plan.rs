@@ -1616,17 +1616,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::stun::{attr_type, MessageType, MessageWriter};
 
-    /// A Binding success response for `tid` reporting `mapped`.
-    fn answer(tid: &TransactionId, mapped: SocketAddr) -> Vec<u8> {
-        let mut buf = [0u8; 128];
-        let mut w = MessageWriter::new(&mut buf, MessageType::BINDING_RESPONSE, tid).unwrap();
-        w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, mapped)
-            .unwrap();
-        let n = w.finish();
-        buf[..n].to_vec()
-    }
+    use crate::client::binding_success as answer;
 
     /// Someone who sees the probe's transaction IDs answers the first request from 20,000
     /// addresses: the report keeps [`MAX_PROBLEMS`] lines and counts the rest, a repeat is not

@@ -730,16 +730,20 @@ mod tests {
             .collect()
     }
 
+    /// The `natscope.punch/v1` example in docs/punch.md.
+    fn documented_example() -> &'static str {
+        include_str!("../../../../docs/punch.md")
+            .split("```json\n")
+            .map(|rest| rest.split("\n```").next().unwrap_or_default())
+            .find(|block| block.contains("\"natscope.punch/v1\""))
+            .expect("docs/punch.md has the connect report example")
+    }
+
     /// docs/punch.md's `natscope.punch/v1` example is a report: it reads back typed, and the
     /// report writes the same fields, in the documented order, with the same values.
     #[test]
     fn the_documented_example_is_a_report_field_for_field() {
-        let doc = include_str!("../../../../docs/punch.md");
-        let example = doc
-            .split("```json\n")
-            .map(|rest| rest.split("\n```").next().unwrap_or_default())
-            .find(|block| block.contains("\"natscope.punch/v1\""))
-            .expect("docs/punch.md has the connect report example");
+        let example = documented_example();
         let r: ConnectReport = serde_json::from_str(example).expect("the example is a report");
         assert_eq!(r.path, PathTaken::Direct);
         assert_eq!(r.transport, Transport::Udp);
@@ -757,12 +761,7 @@ mod tests {
 
     #[test]
     fn a_document_of_another_schema_or_path_is_no_report() {
-        let doc = include_str!("../../../../docs/punch.md");
-        let example = doc
-            .split("```json\n")
-            .map(|rest| rest.split("\n```").next().unwrap_or_default())
-            .find(|block| block.contains("\"natscope.punch/v1\""))
-            .expect("docs/punch.md has the connect report example");
+        let example = documented_example();
         for (from, to) in [
             ("natscope.punch/v1", "natscope.punch/v2"),
             ("\"path\": \"direct\"", "\"path\": \"sideways\""),

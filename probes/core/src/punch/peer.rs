@@ -590,17 +590,7 @@ mod tests {
     /// The server's answer to the measurement's request `t`, seen from `mapped`.
     fn answer(t: &Transmit<usize>, mapped: SocketAddr) -> Vec<u8> {
         let req = crate::stun::Message::parse(&t.payload).expect("request");
-        let mut buf = [0u8; 64];
-        let mut w = crate::stun::MessageWriter::new(
-            &mut buf,
-            crate::stun::MessageType::BINDING_RESPONSE,
-            &req.transaction_id(),
-        )
-        .expect("writer");
-        w.add_xor_address(crate::stun::attr_type::XOR_MAPPED_ADDRESS, mapped)
-            .expect("attr");
-        let n = w.finish();
-        buf[..n].to_vec()
+        crate::client::binding_success(&req.transaction_id(), mapped)
     }
 
     #[test]
