@@ -31,6 +31,9 @@
 pub mod natpmp;
 pub mod pcp;
 
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 /// The transport a NAT-PMP mapping is for (PCP carries the IANA protocol number instead:
 /// [`MapProtocol::iana`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +51,55 @@ impl MapProtocol {
             Self::Udp => 17,
             Self::Tcp => 6,
         }
+    }
+}
+
+/// A port-mapping service a gateway may offer: the lab router's `port_mapping` knob, the probe's
+/// `port_mapping` report and the grid's presets name the three with these words.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum PortMappingService {
+    /// NAT-PMP (RFC 6886).
+    #[serde(rename = "nat-pmp")]
+    NatPmp,
+    /// PCP (RFC 6887).
+    #[serde(rename = "pcp")]
+    Pcp,
+    /// UPnP IGD (WANIPConnection/WANPPPConnection over SSDP and SOAP).
+    #[serde(rename = "upnp")]
+    Upnp,
+}
+
+impl PortMappingService {
+    /// All three, in the order reports list them.
+    pub const ALL: [Self; 3] = [Self::Upnp, Self::NatPmp, Self::Pcp];
+
+    /// The word used in files and JSON: `nat-pmp`, `pcp` or `upnp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NatPmp => "nat-pmp",
+            Self::Pcp => "pcp",
+            Self::Upnp => "upnp",
+        }
+    }
+}
+
+impl std::fmt::Display for PortMappingService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PortMappingService {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown port-mapping service {s:?} (expected nat-pmp, pcp or upnp)")
+            })
     }
 }
 
@@ -80,6 +132,16 @@ mod tests {
                 data: (0..rng.gen_range(0..40)).map(|_| rng.gen()).collect(),
             })
             .collect()
+    }
+
+    #[test]
+    fn service_words_round_trip_and_unknown_words_are_refused() {
+        for p in PortMappingService::ALL {
+            assert_eq!(p.as_str().parse::<PortMappingService>(), Ok(p));
+            let json = serde_json::to_string(&p).expect("serializes");
+            assert_eq!(json, format!("\"{}\"", p.as_str()));
+        }
+        assert!("natpmp".parse::<PortMappingService>().is_err());
     }
 
     #[test]
