@@ -574,7 +574,16 @@ mod tests {
         assert_eq!(names, ["internet", "stun", "nat", "h1", "h2"]);
         let nat = &status.nodes[2];
         assert_eq!(nat.namespace, "nsc-t-nat");
-        assert_eq!(nat.addresses, ["203.0.113.1/24", "10.1.0.1/24"]);
+        assert_eq!(
+            nat.addresses,
+            [
+                "203.0.113.1/24",
+                "10.1.0.1/24",
+                "2001:db8:0:2::1/64",
+                "2001:db8:0:2::2/64",
+                "2001:db8:101::1/64"
+            ]
+        );
         assert_eq!(nat.mappings, Some(3));
         assert_eq!(nat.router, plan.nodes[2].router);
         assert_eq!(status.nodes[3].mappings, None);

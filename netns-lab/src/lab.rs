@@ -334,7 +334,8 @@ impl Lab {
         for p in &plan_nodes {
             let namespace = namespace_name(&self.name, &p.name);
             let ns = Netns::create(&namespace)?;
-            ns.run(disable_ipv6)?;
+            let userspace_router = matches!(p.router, Some(RouterKind::Engine(_)));
+            ns.run(move || ipv6_sysctls(userspace_router))?;
             ns.block_on(|| async {
                 let h = links::connect()?;
                 links::set_up(&h, "lo").await.map(|_| ())
@@ -433,6 +434,7 @@ impl Lab {
             "eth0"
         };
         let plan = p.clone();
+        let routes6 = self.routes6();
         self.nodes[idx]
             .ns
             .block_on(move || async move {
@@ -441,6 +443,10 @@ impl Lab {
                     for a in &plan.uplink {
                         links::add_address(&h, "br0", a.addr, a.len).await?;
                     }
+                    for a in &plan.uplink6 {
+                        links::add_address6(&h, "br0", a.addr, a.len).await?;
+                    }
+                    add_routes6(&h, "br0", &plan, &routes6).await?;
                     return Ok(());
                 }
                 links::set_up(&h, uplink).await?;
@@ -452,6 +458,13 @@ impl Lab {
                         links::add_address(&h, driver::LAN, lan.addr, lan.len).await?;
                     }
                     links::add_default_route(&h, uplink, plan.gateway).await?;
+                    for a in &plan.uplink6 {
+                        links::add_address6(&h, uplink, a.addr, a.len).await?;
+                    }
+                    if let Some(lan) = plan.lan6 {
+                        links::add_address6(&h, driver::LAN, lan.addr, lan.len).await?;
+                    }
+                    add_routes6(&h, uplink, &plan, &routes6).await?;
                 }
                 Ok(())
             })?
@@ -480,6 +493,22 @@ impl Lab {
             None => {}
         }
         Ok(())
+    }
+
+    /// The static IPv6 routes of the internet segment: each top-level router's routed prefix via
+    /// its first WAN address (docs/lab.md, "IPv6": no router advertisements, no routing daemon).
+    fn routes6(&self) -> Vec<((std::net::Ipv6Addr, u8), std::net::Ipv6Addr)> {
+        self.plan
+            .nodes
+            .iter()
+            .filter(|n| n.upstream.as_deref() == Some(INTERNET))
+            .filter_map(|n| {
+                Some((
+                    (n.routed6?.network(), n.routed6?.len),
+                    n.uplink6.first()?.addr,
+                ))
+            })
+            .collect()
     }
 
     /// The `linux` preset: forwarding plus nftables masquerade, exactly what a stock Linux router
@@ -654,13 +683,55 @@ impl Drop for Lab {
     }
 }
 
-/// Per-namespace settings before any link exists: IPv6 off (the lab is IPv4; router
-/// solicitations and DAD would only add noise on the engine's interfaces). Runs on the namespace's
-/// thread, where /proc/sys/net is the namespace's own.
-fn disable_ipv6() {
+/// Per-namespace IPv6 settings before any link exists, so every link inherits them. Runs on the
+/// namespace's thread, where /proc/sys/net is the namespace's own (never the root's).
+///
+/// Nothing waits on the network: no router advertisements are accepted and no solicitations sent
+/// (routes are static), and no duplicate address detection (addresses are added `nodad` too). A
+/// userspace router's kernel has IPv6 off altogether: its engine answers neighbor discovery on
+/// `wan0` and `lan0` itself, and a kernel link-local address there would only add noise.
+fn ipv6_sysctls(userspace_router: bool) {
+    let settings: &[(&str, &str)] = if userspace_router {
+        &[("disable_ipv6", "1")]
+    } else {
+        &[
+            ("accept_ra", "0"),
+            ("router_solicitations", "0"),
+            ("accept_dad", "0"),
+            ("dad_transmits", "0"),
+            ("disable_ipv6", "0"),
+        ]
+    };
     for key in ["default", "all"] {
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
+        for (name, value) in settings {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/{name}"), value);
+        }
     }
+}
+
+/// A node's IPv6 routes: a default via its gateway behind a router; on the internet segment an
+/// on-link default plus each top-level router's routed prefix via that router.
+async fn add_routes6(
+    h: &rtnetlink::Handle,
+    link: &str,
+    plan: &PlannedNode,
+    routes6: &[((std::net::Ipv6Addr, u8), std::net::Ipv6Addr)],
+) -> Result<(), links::LinkError> {
+    if plan.uplink6.is_empty() {
+        return Ok(());
+    }
+    let default = (std::net::Ipv6Addr::UNSPECIFIED, 0);
+    if plan.gateway6.is_some() {
+        return links::add_route6(h, link, default, plan.gateway6).await;
+    }
+    links::add_route6(h, link, default, None).await?;
+    for (prefix, via) in routes6 {
+        // A router's own prefix is not routed back to itself.
+        if !plan.uplink6.iter().any(|a| a.addr == *via) {
+            links::add_route6(h, link, *prefix, Some(*via)).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Sends STUN Binding requests to `server` until one is answered or `limit` passes.
@@ -753,8 +824,8 @@ pub struct NodeStatus {
     pub role: Role,
     /// `nsc-<lab>-<node>`.
     pub namespace: String,
-    /// IPv4 CIDR strings, the primary address first (a NAT's first external address, then its
-    /// LAN address).
+    /// CIDR strings: IPv4 first, the primary address first (a NAT's first external address, then
+    /// its LAN address), then IPv6 in the same order.
     pub addresses: Vec<String>,
     /// NAT nodes: how they translate.
     pub router: Option<RouterKind>,
@@ -766,6 +837,8 @@ impl NodeStatus {
     pub fn of(lab: &str, p: &PlannedNode, mappings: Option<usize>) -> Self {
         let mut addresses: Vec<String> = p.uplink.iter().map(|n| n.to_string()).collect();
         addresses.extend(p.lan.map(|l| l.to_string()));
+        addresses.extend(p.uplink6.iter().map(|n| n.to_string()));
+        addresses.extend(p.lan6.map(|l| l.to_string()));
         Self {
             name: p.name.clone(),
             role: p.role,

@@ -2,7 +2,7 @@
 //! netlink socket acts on the namespace it was opened in), so nothing here can reach the root
 //! namespace. One small async function per `ip` verb the lab needs.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
 use futures::TryStreamExt;
@@ -60,6 +60,9 @@ pub async fn add_bridge(h: &Handle, name: &str, mac: [u8; 6]) -> Result<u32, Lin
                 .nf_call_iptables(false)
                 .nf_call_ip6tables(false)
                 .nf_call_arptables(false)
+                // No MLD snooping: without a querier it only delays neighbor solicitations, and
+                // the NAT engine must see every one on its `lan0`.
+                .mcast_snooping(false)
                 .address(mac.to_vec())
                 .mtu(MTU)
                 .up()
@@ -132,6 +135,39 @@ pub async fn add_default_route(
         Some(gw) => b.gateway(gw),
         None => b.scope(RouteScope::Link),
     };
+    h.route().add(b.build()).execute().await?;
+    Ok(())
+}
+
+/// An IPv6 address without duplicate address detection (`nodad`): the lab's plan makes every
+/// address unique, and DAD would hold the address tentative for a second or more.
+pub async fn add_address6(h: &Handle, link: &str, ip: Ipv6Addr, len: u8) -> Result<(), LinkError> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+    let idx = index_of(h, link).await?;
+    let mut req = h.address().add(idx, IpAddr::V6(ip), len);
+    let msg = req.message_mut();
+    msg.header.flags |= AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    req.execute().await?;
+    Ok(())
+}
+
+/// An IPv6 route to `prefix` out of `link`: via `gateway`, or on-link when `None` (the kernel
+/// then sends a neighbor solicitation for each destination).
+pub async fn add_route6(
+    h: &Handle,
+    link: &str,
+    prefix: (Ipv6Addr, u8),
+    gateway: Option<Ipv6Addr>,
+) -> Result<(), LinkError> {
+    let idx = index_of(h, link).await?;
+    let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(prefix.0, prefix.1)
+        .output_interface(idx);
+    if let Some(gw) = gateway {
+        b = b.gateway(gw);
+    }
     h.route().add(b.build()).execute().await?;
     Ok(())
 }

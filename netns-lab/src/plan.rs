@@ -6,14 +6,15 @@
 //! in docs/lab.md ("Topology files", "Address plan").
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use natscope_core::nat::PortAllocation;
 
 use crate::topology::{
-    EngineConfig, Ipv4Net, NodeSpec, Plan, PlannedNode, Role, RouterKind, Topology, TopologyError,
-    INTERNET, PUBLIC_NET, REFLECTOR_NET,
+    EngineConfig, Ipv4Net, Ipv6Mode, Ipv6Net, NodeSpec, Plan, PlannedNode, Role, RouterKind,
+    Topology, TopologyError, INTERNET, IPV6_MIN_TCP_TIMEOUT, IPV6_MIN_UDP_TIMEOUT, PUBLIC_NET,
+    PUBLIC_NET6, REFLECTOR_NET, REFLECTOR_NET6,
 };
 
 /// Most nodes a lab may have (each is a namespace with a thread and links).
@@ -224,6 +225,12 @@ fn check_engine(name: &str, cfg: &EngineConfig) -> Result<(), TopologyError> {
     if b.udp_timeout.is_zero() || b.tcp_timeout.is_zero() {
         return bad("udp and tcp timeouts must be positive");
     }
+    if cfg.ipv6_udp_timeout < IPV6_MIN_UDP_TIMEOUT {
+        return bad("ipv6_udp_timeout must be at least 2 min (RFC 6092 REC-30)");
+    }
+    if cfg.ipv6_tcp_timeout < IPV6_MIN_TCP_TIMEOUT {
+        return bad("ipv6_tcp_timeout must be at least 2 h 4 min (RFC 6092 REC-35)");
+    }
     Ok(())
 }
 
@@ -376,6 +383,13 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
         gateway: None,
         lan: None,
         router: None,
+        uplink6: vec![
+            Ipv6Net::new(internet_side6(REFLECTOR_NET6), REFLECTOR_NET6.len),
+            Ipv6Net::new(internet_side6(PUBLIC_NET6), PUBLIC_NET6.len),
+        ],
+        gateway6: None,
+        lan6: None,
+        routed6: None,
     }];
     let mut next_reflector = 1u32;
     let mut next_public = 1u32;
@@ -444,12 +458,118 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
             gateway,
             lan,
             router,
+            uplink6: Vec::new(),
+            gateway6: None,
+            lan6: None,
+            routed6: None,
         });
     }
+    assign_ipv6(nodes, &order, &mut planned)?;
     Ok(Plan {
         preset: topology.preset.clone(),
         nodes: planned,
     })
+}
+
+/// IPv6 addresses per node (docs/lab.md, "IPv6"): always two, so a program can be tested for
+/// binding one global address; the `k`-th nat of the plan (from 1) gets the routed prefix
+/// `2001:db8:(0x100 + k)::/48`. Static routes only: nothing waits for router advertisements.
+fn lan6_of(router: &RouterKind, k: u16) -> (Option<Ipv6Net>, Option<Ipv6Net>) {
+    let mode = match router {
+        RouterKind::Engine(cfg) => cfg.ipv6,
+        // The kernel router has no IPv6 mode yet: its lan is IPv4-only.
+        RouterKind::Linux => Ipv6Mode::None,
+    };
+    let routed = Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0x100 + k, 0, 0, 0, 0, 0), 48);
+    // RFC 4193 unique local space behind the translators (DESIGN.md: ULA behind NAT66/NPTv6).
+    let ula = Ipv6Addr::new(0xfd00, k, 0, 0, 0, 0, 0, 0);
+    let lan = match mode {
+        Ipv6Mode::None => return (None, None),
+        Ipv6Mode::Firewall => routed.network(),
+        Ipv6Mode::Nptv6 | Ipv6Mode::Nat66 => ula,
+    };
+    let own = Ipv6Net::new(lan, 64).host(1).map(|a| Ipv6Net::new(a, 64));
+    (own, Some(routed))
+}
+
+/// The internet node's own address on an internet segment: `::fe`, as .254 in IPv4.
+fn internet_side6(net: Ipv6Net) -> Ipv6Addr {
+    net.host(0xfe).unwrap_or(net.addr)
+}
+
+/// Addresses a node takes on its IPv6 uplink: two, or a nat's pool when that is larger.
+fn uplink6_count(node: &NodeSpec) -> u128 {
+    match node {
+        NodeSpec::Nat {
+            router: RouterKind::Engine(cfg),
+            ..
+        } => u128::from(cfg.external_addresses.max(2)),
+        _ => 2,
+    }
+}
+
+fn assign_ipv6(
+    nodes: &[NodeSpec],
+    order: &[usize],
+    planned: &mut [PlannedNode],
+) -> Result<(), TopologyError> {
+    let too_many = TopologyError::TooMany {
+        what: "ipv6 addresses on one segment",
+        max: 250,
+    };
+    let mut next_reflector = 1u128;
+    let mut next_public = 1u128;
+    let mut next_on_lan: Vec<u128> = vec![2; nodes.len()];
+    let mut k = 0u16;
+    // `planned` is the internet node followed by `nodes` in `order`.
+    for (slot, &i) in order.iter().enumerate() {
+        let node = &nodes[i];
+        let count = uplink6_count(node);
+        let (net, next) = match node.parent() {
+            _ if matches!(node, NodeSpec::Reflector { .. }) => {
+                (Some(REFLECTOR_NET6), &mut next_reflector)
+            }
+            None => (Some(PUBLIC_NET6), &mut next_public),
+            Some(parent) => {
+                let p = order
+                    .iter()
+                    .position(|&j| nodes[j].name() == parent)
+                    .ok_or_else(|| TopologyError::UnknownParent {
+                        node: node.name().to_string(),
+                        parent: parent.to_string(),
+                    })?;
+                let parent_lan = planned[p + 1].lan6;
+                planned[slot + 1].gateway6 = parent_lan.map(|l| l.addr);
+                (
+                    parent_lan.map(|l| Ipv6Net::new(l.network(), l.len)),
+                    &mut next_on_lan[order[p]],
+                )
+            }
+        };
+        if let Some(net) = net {
+            let mut addrs = Vec::new();
+            for _ in 0..count {
+                // Below ::fe, which is the internet node's on the internet segments.
+                let addr = net
+                    .host(*next)
+                    .filter(|_| *next < 0xfe)
+                    .ok_or(too_many.clone())?;
+                addrs.push(Ipv6Net::new(addr, net.len));
+                *next += 1;
+            }
+            planned[slot + 1].uplink6 = addrs;
+        }
+        if let NodeSpec::Nat { router, .. } = node {
+            k += 1;
+            // Without IPv6 upstream a router cannot offer it downstream.
+            if !planned[slot + 1].uplink6.is_empty() {
+                let (lan6, routed6) = lan6_of(router, k);
+                planned[slot + 1].lan6 = lan6;
+                planned[slot + 1].routed6 = routed6;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -592,6 +712,76 @@ mod tests {
         let public = node(&plan, "pub");
         assert_eq!(public.uplink, [net("203.0.113.3/24")]);
         assert_eq!(public.gateway, None);
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().expect("test prefix")
+    }
+
+    #[test]
+    fn ipv6_address_plan_is_exact() {
+        let mut nat66 = EngineConfig::new(NatBehavior::new(
+            MappingBehavior::EndpointIndependent,
+            FilteringBehavior::EndpointIndependent,
+        ));
+        nat66.ipv6 = Ipv6Mode::Nat66;
+        let mut v4only = nat66.clone();
+        v4only.ipv6 = Ipv6Mode::None;
+        let t = topo(vec![
+            refl("stun"),
+            nat("home", None, None, engine()),
+            host("h1", Some("home")),
+            nat("nat66", None, None, RouterKind::Engine(nat66)),
+            host("h2", Some("nat66")),
+            nat("v4", None, None, RouterKind::Engine(v4only)),
+            host("h3", Some("v4")),
+            nat("kernel", None, None, RouterKind::Linux),
+            host("pub", None),
+        ]);
+        let plan = t.plan().expect("valid");
+        assert_eq!(
+            node(&plan, "internet").uplink6,
+            [net6("2001:db8:0:1::fe/64"), net6("2001:db8:0:2::fe/64")]
+        );
+        let stun = node(&plan, "stun");
+        assert_eq!(
+            stun.uplink6,
+            [net6("2001:db8:0:1::1/64"), net6("2001:db8:0:1::2/64")]
+        );
+        assert_eq!((stun.gateway6, stun.lan6, stun.routed6), (None, None, None));
+
+        // A firewall-mode router: its lan is subnet 0 of its routed /48.
+        let home = node(&plan, "home");
+        assert_eq!(
+            home.uplink6,
+            [net6("2001:db8:0:2::1/64"), net6("2001:db8:0:2::2/64")]
+        );
+        assert_eq!(home.lan6, Some(net6("2001:db8:101::1/64")));
+        assert_eq!(home.routed6, Some(net6("2001:db8:101::/48")));
+        let h1 = node(&plan, "h1");
+        assert_eq!(
+            h1.uplink6,
+            [net6("2001:db8:101::2/64"), net6("2001:db8:101::3/64")]
+        );
+        assert_eq!(h1.gateway6, Some("2001:db8:101::1".parse().expect("ip")));
+
+        // A translator's lan is unique local space.
+        let n66 = node(&plan, "nat66");
+        assert_eq!(n66.lan6, Some(net6("fd00:2::1/64")));
+        assert_eq!(n66.routed6, Some(net6("2001:db8:102::/48")));
+        assert_eq!(node(&plan, "h2").uplink6[0], net6("fd00:2::2/64"));
+
+        // No IPv6 behind `ipv6 = "none"` and (for now) behind the kernel router.
+        for (router, host) in [("v4", "h3"), ("kernel", "")] {
+            let r = node(&plan, router);
+            assert_eq!((r.lan6, r.routed6), (None, None), "{router}");
+            assert_eq!(r.uplink6.len(), 2, "{router}");
+            if !host.is_empty() {
+                let h = node(&plan, host);
+                assert!(h.uplink6.is_empty() && h.gateway6.is_none(), "{host}");
+            }
+        }
+        assert_eq!(node(&plan, "pub").uplink6[0], net6("2001:db8:0:2::9/64"));
     }
 
     #[test]

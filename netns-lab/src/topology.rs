@@ -3,10 +3,10 @@
 //! concrete addresses (DESIGN.md address plan) before anything is created, so bad input is rejected
 //! while the root namespace has not been touched yet.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use natscope_core::nat::NatBehavior;
+use natscope_core::nat::{FilteringBehavior, NatBehavior};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +79,121 @@ impl std::str::FromStr for Ipv4Net {
     }
 }
 
+/// An IPv6 prefix, `addr/len`: a node's address with the prefix length of its segment, or a
+/// routed prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Net {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+}
+
+impl Ipv6Net {
+    pub fn new(addr: Ipv6Addr, len: u8) -> Self {
+        Self { addr, len }
+    }
+
+    fn mask(self) -> u128 {
+        if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len.min(128)))
+        }
+    }
+
+    /// The prefix itself (interface-identifier bits cleared).
+    pub fn network(self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.addr) & self.mask()
+    }
+
+    pub fn overlaps(self, other: Ipv6Net) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+
+    /// The `n`-th address of the prefix (`n = 1` is `prefix::1`), `None` past its end.
+    pub fn host(self, n: u128) -> Option<Ipv6Addr> {
+        let bits = 128 - u32::from(self.len.min(128));
+        let fits = bits >= 128 || n < (1u128 << bits);
+        fits.then(|| Ipv6Addr::from(u128::from(self.network()) | n))
+    }
+}
+
+impl std::fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Ipv6Net {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a prefix like 2001:db8:1::/64"))?;
+        let addr: Ipv6Addr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IPv6 address"))?;
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|l| *l <= 128)
+            .ok_or_else(|| format!("`{l}` is not a prefix length (0..=128)"))?;
+        Ok(Self { addr, len })
+    }
+}
+
+/// What a router does with IPv6 (docs/lab.md, "IPv6"). Every mode but `none` filters inbound
+/// traffic with the RFC 6092 stateful firewall configured by the `ipv6_*` knobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv6Mode {
+    /// No IPv6 on the LAN: the LAN's nodes get no IPv6 addresses and the router drops IPv6.
+    None,
+    /// Hosts have global addresses from the router's routed prefix; the router forwards without
+    /// translation through its RFC 6092 firewall (the home gateway IPv6 gives most people).
+    #[default]
+    Firewall,
+    /// RFC 6296 stateless 1:1 prefix translation of a ULA LAN to the router's routed prefix,
+    /// checksum-neutral, ports untouched; plus the firewall.
+    Nptv6,
+    /// Stateful NAT66: the RFC 4787 knobs of `behavior` applied to IPv6, onto the router's own
+    /// WAN addresses; plus the firewall's timers.
+    Nat66,
+}
+
+/// What an IPv6 firewall does with an unsolicited inbound TCP SYN (RFC 6092 REC-36/REC-37 allow
+/// silently dropping it or answering with ICMPv6 destination unreachable, administratively
+/// prohibited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv6UnsolicitedSyn {
+    #[default]
+    Drop,
+    AdminProhibited,
+}
+
+/// RFC 6092 REC-11/REC-17/REC-33: filtering in an unmanaged gateway is endpoint-independent.
+pub const IPV6_DEFAULT_FILTERING: FilteringBehavior = FilteringBehavior::EndpointIndependent;
+/// RFC 6092 REC-30 / RFC 4787 REQ-5: UDP state lives at least 2 minutes; 5 is the recommended
+/// default.
+pub const IPV6_MIN_UDP_TIMEOUT: Duration = Duration::from_secs(120);
+pub const IPV6_DEFAULT_UDP_TIMEOUT: Duration = Duration::from_secs(300);
+/// RFC 6092 REC-35 / RFC 5382 REQ-5: an established TCP connection lives at least 2 h 4 min.
+pub const IPV6_MIN_TCP_TIMEOUT: Duration = Duration::from_secs(7440);
+
+fn default_ipv6_filtering() -> FilteringBehavior {
+    IPV6_DEFAULT_FILTERING
+}
+fn default_ipv6_udp_timeout() -> Duration {
+    IPV6_DEFAULT_UDP_TIMEOUT
+}
+fn default_ipv6_tcp_timeout() -> Duration {
+    IPV6_MIN_TCP_TIMEOUT
+}
+
 /// What a NAT router does with an unsolicited inbound TCP SYN (RFC 5382 §5 REQ-4 asks for silence;
 /// some NATs answer with a reset, which defeats TCP simultaneous open).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -107,6 +222,21 @@ pub struct EngineConfig {
     pub delay: Duration,
     /// Seed for port choice and loss, so a lab run is reproducible (REQ-11).
     pub seed: u64,
+    /// What the router does with IPv6.
+    #[serde(default)]
+    pub ipv6: Ipv6Mode,
+    /// Inbound filtering of the IPv6 firewall (RFC 6092; endpoint-independent by default).
+    #[serde(default = "default_ipv6_filtering")]
+    pub ipv6_filtering: FilteringBehavior,
+    /// Idle lifetime of IPv6 UDP state (RFC 6092 REC-30: at least 2 min, default 5).
+    #[serde(default = "default_ipv6_udp_timeout")]
+    pub ipv6_udp_timeout: Duration,
+    /// Idle lifetime of an established IPv6 TCP connection (REC-35: at least 2 h 4 min).
+    #[serde(default = "default_ipv6_tcp_timeout")]
+    pub ipv6_tcp_timeout: Duration,
+    /// An unsolicited inbound IPv6 SYN: dropped, or answered with ICMPv6 admin-prohibited.
+    #[serde(default)]
+    pub ipv6_unsolicited_syn: Ipv6UnsolicitedSyn,
 }
 
 impl EngineConfig {
@@ -120,6 +250,11 @@ impl EngineConfig {
             loss: 0.0,
             delay: Duration::ZERO,
             seed: 1,
+            ipv6: Ipv6Mode::default(),
+            ipv6_filtering: IPV6_DEFAULT_FILTERING,
+            ipv6_udp_timeout: IPV6_DEFAULT_UDP_TIMEOUT,
+            ipv6_tcp_timeout: IPV6_MIN_TCP_TIMEOUT,
+            ipv6_unsolicited_syn: Ipv6UnsolicitedSyn::Drop,
         }
     }
 }
@@ -202,6 +337,16 @@ pub const PUBLIC_NET: Ipv4Net = Ipv4Net {
     addr: Ipv4Addr::new(203, 0, 113, 0),
     len: 24,
 };
+/// The internet segments' IPv6 prefixes (inside 2001:db8::/32, RFC 3849): reflectors in the
+/// first, NAT WAN addresses and public hosts in the second; both on-link on the internet bridge.
+pub const REFLECTOR_NET6: Ipv6Net = Ipv6Net {
+    addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 0),
+    len: 64,
+};
+pub const PUBLIC_NET6: Ipv6Net = Ipv6Net {
+    addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 0),
+    len: 64,
+};
 /// Shared address space between carrier and home NATs (RFC 6598).
 pub const CGNAT_NET: Ipv4Net = Ipv4Net {
     addr: Ipv4Addr::new(100, 64, 0, 0),
@@ -235,6 +380,21 @@ pub struct PlannedNode {
     pub lan: Option<Ipv4Net>,
     /// NAT routers: how they translate.
     pub router: Option<RouterKind>,
+    /// IPv6 addresses on the uplink (two per node, `/64` of the segment); empty when the node's
+    /// segment has no IPv6 (behind an `ipv6 = "none"` router).
+    #[serde(default)]
+    pub uplink6: Vec<Ipv6Net>,
+    /// IPv6 next hop (the parent router's LAN address); `None` on the internet segment, where
+    /// routes are static (docs/lab.md, "IPv6").
+    #[serde(default)]
+    pub gateway6: Option<Ipv6Addr>,
+    /// NAT routers with IPv6 on the LAN: the LAN's `/64`, `addr` = the router's own LAN address.
+    #[serde(default)]
+    pub lan6: Option<Ipv6Net>,
+    /// NAT routers with IPv6: the global `/48` routed to the router's first WAN address (the
+    /// LAN's prefix in `firewall` mode, the external prefix in `nptv6` mode).
+    #[serde(default)]
+    pub routed6: Option<Ipv6Net>,
 }
 
 /// A validated topology with addresses: what [`crate::Lab`] builds.
