@@ -220,6 +220,7 @@ pub fn start(
     lan: Ipv4Net,
     external: Vec<Ipv4Addr>,
     wan_gateway: Option<Ipv4Addr>,
+    ipv6: crate::engine::RouterAddrs6,
 ) -> Result<EngineHandle, DriverError> {
     let opened = ns.run(|| -> Result<Opened, DriverError> {
         Ok(Opened {
@@ -234,6 +235,7 @@ pub fn start(
         lan,
         external,
         wan_gateway,
+        ipv6,
     };
     let shared = Arc::new(Shared {
         router: Mutex::new(Router::new(config, addrs)),

@@ -476,12 +476,19 @@ impl Lab {
                     source: driver::DriverError::NoInterface(driver::LAN),
                 })?;
                 let external = p.uplink.iter().map(|n| n.addr).collect();
+                let ipv6 = crate::engine::RouterAddrs6 {
+                    wan: p.uplink6.iter().map(|n| n.addr).collect(),
+                    lan: p.lan6,
+                    routed: p.routed6,
+                    wan_gateway: p.gateway6,
+                };
                 let engine = driver::start(
                     &self.nodes[idx].ns,
                     config.clone(),
                     lan,
                     external,
                     p.gateway,
+                    ipv6,
                 )
                 .map_err(|source| LabError::Engine {
                     node: p.name.clone(),

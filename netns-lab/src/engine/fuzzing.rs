@@ -69,6 +69,7 @@ pub fn exercise(data: &[u8]) -> usize {
         lan: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 1), 24),
         external: vec![EXT],
         wan_gateway: Some(GW),
+        ipv6: Default::default(),
     };
     let mut r = Router::new(cfg, addrs);
     let mut now = Instant::now();

@@ -22,13 +22,21 @@
 //! (`lab grid --app`): per inside endpoint and remote endpoint, packets and bytes forwarded out,
 //! delivered in, and refused by the filter, so a judgment never has to trust the program.
 //!
-//! Deliberate limits: IPv4 only; IP fragments are dropped (translating them needs reassembly, as
+//! IPv6 (neighbor discovery, the RFC 6092 firewall, NPTv6, NAT66) is the `ipv6` module's; this
+//! module dispatches IPv6 frames to it.
+//!
+//! Deliberate limits: IP fragments are dropped (translating them needs reassembly, as
 //! only the first fragment carries ports); frames over 1514 bytes are dropped, so the driver must
 //! turn off GRO/GSO-sized frames on the lab links; the router answers no pings itself and sends no
 //! ICMP errors of its own (TTL expiry is a silent drop).
 
 mod arp;
 pub mod fuzzing;
+mod ipv6;
+mod ipv6_packet;
+#[cfg(test)]
+mod ipv6_tests;
+mod ndp;
 mod packet;
 #[cfg(test)]
 mod tests;
@@ -53,6 +61,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, Ipv4Net, UnsolicitedSyn};
 use arp::{Arp, Cache, Waiting};
+pub use ipv6::{Ipv6Stats, RouterAddrs6, SYN_GRACE};
 use packet::{Datagram, Quoted, Reject, Transport};
 
 /// Largest frame accepted: a 1500-byte MTU plus the Ethernet header.
@@ -77,6 +86,8 @@ pub struct RouterAddrs {
     pub external: Vec<Ipv4Addr>,
     /// Next hop for everything on the WAN side; `None` = destinations are on-link (ARP for them).
     pub wan_gateway: Option<Ipv4Addr>,
+    /// IPv6 addresses and prefixes (empty: the router has no IPv6).
+    pub ipv6: RouterAddrs6,
 }
 
 /// A frame to write out of `port`, not before `at`. It is not a `natscope_core::net::Transmit`:
@@ -172,6 +183,9 @@ pub struct Stats {
     /// Packets of flows beyond [`MAX_FLOWS`], not in the flow counters.
     #[serde(default)]
     pub flows_untracked: u64,
+    /// The IPv6 half (`dropped_not_ipv4` counts only other ethertypes now).
+    #[serde(default)]
+    pub ipv6: Ipv6Stats,
 }
 
 /// The NAT router.
@@ -189,6 +203,7 @@ pub struct Router {
     rng: StdRng,
     stats: Stats,
     flows: HashMap<FlowKey, FlowRow>,
+    v6: ipv6::State,
 }
 
 /// What to do with a datagram after the NAT decision.
@@ -201,6 +216,7 @@ impl Router {
     pub fn new(config: EngineConfig, addrs: RouterAddrs) -> Self {
         let external = addrs.external.iter().map(|ip| IpAddr::V4(*ip)).collect();
         Self {
+            v6: ipv6::State::new(&config, addrs.ipv6.clone()),
             table: NatTable::new(config.behavior.clone(), external, config.seed),
             firewall: Firewall::new(config.behavior.clone()),
             // A different stream from the table's, so loss does not shift port choices.
@@ -217,7 +233,10 @@ impl Router {
     }
 
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            ipv6: self.v6.stats,
+            ..self.stats
+        }
     }
 
     /// Every flow's counters, sorted for stable output.
@@ -332,6 +351,10 @@ impl Router {
                     Err(Reject::Malformed) => self.stats.dropped_malformed += 1,
                 }
             }
+            EtherTypes::Ipv6 => {
+                let ours = dst == self.mac(port);
+                self.handle_ipv6(now, port, src, ours, eth.payload(), out);
+            }
             _ => self.stats.dropped_not_ipv4 += 1,
         }
     }
@@ -409,16 +432,22 @@ impl Router {
         }
         self.table.sweep(now);
         self.firewall.sweep(now);
+        self.handle_timeout6(now, out);
     }
 
     /// When [`Router::handle_timeout`] next has work to do (an ARP retry or give-up); `None` while
     /// nothing waits for ARP. Mapping expiry is lazy, so the sweep in `handle_timeout` is only
     /// about memory and needs no deadline of its own.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.waiting
+        let v4 = self
+            .waiting
             .values()
             .map(|w| (w.last_request + arp::RETRY).min(w.since + arp::GIVE_UP))
-            .min()
+            .min();
+        match (v4, self.v6.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn request(&mut self, now: Instant, port: Port, target: Ipv4Addr, out: &mut Vec<Emit>) {
@@ -837,6 +866,7 @@ impl Router {
                 })
                 .collect()
         };
+        rows.extend(self.mappings6(now));
         rows.sort_by_key(|r| (r.internal, r.external, proto_rank(r.proto)));
         rows
     }

@@ -41,6 +41,7 @@ fn addrs() -> RouterAddrs {
         lan: Ipv4Net::new(ip("10.0.0.1"), 24),
         external: vec![EXT],
         wan_gateway: Some(GW),
+        ipv6: Default::default(),
     }
 }
 
@@ -705,6 +706,7 @@ fn firewall_mode_filters_without_translating() {
         lan: Ipv4Net::new(ip("198.51.100.129"), 25),
         external: vec![],
         wan_gateway: None,
+        ipv6: Default::default(),
         ..addrs()
     };
     let mut r = Router::new(c, a);
@@ -854,10 +856,13 @@ fn drops_are_counted_not_forwarded() {
     frag[6] = 0x20; // more fragments
     type Counter = fn(&Stats) -> u64;
     let unroutable: Counter = |s| s.dropped_unroutable;
-    let cases: [(Vec<u8>, Counter); 8] = [
+    let cases: [(Vec<u8>, Counter); 9] = [
         (from_host(&ttl1), |s| s.dropped_ttl),
         (from_host(&frag), |s| s.dropped_fragment),
         (eth(LAN_MAC, HOST_MAC, EtherTypes::Ipv6, &[0u8; 60]), |s| {
+            s.ipv6.dropped_malformed
+        }),
+        (eth(LAN_MAC, HOST_MAC, EtherTypes::Lldp, &[0u8; 60]), |s| {
             s.dropped_not_ipv4
         }),
         (from_host(&udp_dg(ep(HOST), ep(S1), &[0u8; 1473])), |s| {
