@@ -19,7 +19,8 @@ use toml::Spanned;
 use crate::plan::parents_first;
 use crate::presets;
 use crate::topology::{
-    Ipv4Net, NodeSpec, Plan, RouterKind, Topology, TopologyError, UnsolicitedSyn,
+    Ipv4Net, Ipv6Mode, Ipv6UnsolicitedSyn, NodeSpec, Plan, RouterKind, Topology, TopologyError,
+    UnsolicitedSyn,
 };
 
 /// Where in a topology file something went wrong.
@@ -176,6 +177,11 @@ struct NatDoc {
     loss: Option<f64>,
     delay_ms: Option<u64>,
     seed: Option<u64>,
+    ipv6: Option<Ipv6Mode>,
+    ipv6_filtering: Option<FilteringBehavior>,
+    ipv6_udp_timeout_s: Option<u64>,
+    ipv6_tcp_timeout_s: Option<u64>,
+    ipv6_unsolicited_syn: Option<Ipv6UnsolicitedSyn>,
 }
 
 impl NatDoc {
@@ -200,6 +206,11 @@ impl NatDoc {
             ("loss", self.loss.is_some()),
             ("delay_ms", self.delay_ms.is_some()),
             ("seed", self.seed.is_some()),
+            ("ipv6", self.ipv6.is_some()),
+            ("ipv6_filtering", self.ipv6_filtering.is_some()),
+            ("ipv6_udp_timeout_s", self.ipv6_udp_timeout_s.is_some()),
+            ("ipv6_tcp_timeout_s", self.ipv6_tcp_timeout_s.is_some()),
+            ("ipv6_unsolicited_syn", self.ipv6_unsolicited_syn.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -485,6 +496,21 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
     if let Some(v) = n.seed {
         cfg.seed = v;
     }
+    if let Some(v) = n.ipv6 {
+        cfg.ipv6 = v;
+    }
+    if let Some(v) = n.ipv6_filtering {
+        cfg.ipv6_filtering = v;
+    }
+    if let Some(s) = n.ipv6_udp_timeout_s {
+        cfg.ipv6_udp_timeout = Duration::from_secs(s);
+    }
+    if let Some(s) = n.ipv6_tcp_timeout_s {
+        cfg.ipv6_tcp_timeout = Duration::from_secs(s);
+    }
+    if let Some(v) = n.ipv6_unsolicited_syn {
+        cfg.ipv6_unsolicited_syn = v;
+    }
     Ok(RouterKind::Engine(cfg))
 }
 
@@ -663,6 +689,42 @@ behavior = "linux"
         let e = err("[[nat]]\nname = \"n\"\nbehavior = \"cone\"\n");
         assert!(e.starts_with("two-homes.toml:3:"), "{e}");
         assert!(e.contains("cone") && e.contains("full-cone"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_knobs_are_read_and_bad_values_located() {
+        let src =
+            "[[nat]]\nname = \"n\"\nipv6 = \"nptv6\"\nipv6_filtering = \"address-dependent\"\n\
+                   ipv6_udp_timeout_s = 600\nipv6_tcp_timeout_s = 9000\n\
+                   ipv6_unsolicited_syn = \"admin-prohibited\"\n";
+        let t = from_toml(src, "two-homes.toml").expect("valid");
+        let Some(NodeSpec::Nat {
+            router: RouterKind::Engine(cfg),
+            ..
+        }) = t.nodes.first()
+        else {
+            panic!("a nat");
+        };
+        assert_eq!(cfg.ipv6, Ipv6Mode::Nptv6);
+        assert_eq!(cfg.ipv6_filtering, FilteringBehavior::AddressDependent);
+        assert_eq!(cfg.ipv6_udp_timeout, Duration::from_secs(600));
+        assert_eq!(cfg.ipv6_tcp_timeout, Duration::from_secs(9000));
+        assert_eq!(
+            cfg.ipv6_unsolicited_syn,
+            Ipv6UnsolicitedSyn::AdminProhibited
+        );
+
+        let e = err("[[nat]]\nname = \"n\"\n  ipv6 = \"nat64\"\n");
+        assert!(e.starts_with("two-homes.toml:3:"), "{e}");
+        assert!(e.contains("nat64") && e.contains("nptv6"), "{e}");
+        let e = err("[[nat]]\nname = \"n\"\nipv6_unsolicited_syn = \"reset\"\n");
+        assert!(e.starts_with("two-homes.toml:3:"), "{e}");
+        assert!(e.contains("admin-prohibited"), "{e}");
+        // RFC 6092's minimum timers are enforced.
+        let e = err("[[nat]]\nname = \"n\"\nipv6_udp_timeout_s = 60\n");
+        assert!(e.contains("ipv6_udp_timeout must be at least 2 min"), "{e}");
+        let e = err("[[nat]]\nname = \"n\"\nbehavior = \"linux\"\nipv6 = \"none\"\n");
+        assert!(e.contains("takes no engine settings (found `ipv6`)"), "{e}");
     }
 
     #[test]

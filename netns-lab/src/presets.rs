@@ -15,7 +15,7 @@ use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAl
 use natscope_core::probe::{AllocationPattern, Classic};
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{EngineConfig, NodeSpec, RouterKind, Topology};
+use crate::topology::{EngineConfig, Ipv6Mode, NodeSpec, RouterKind, Topology};
 
 use FilteringBehavior as F;
 use MappingBehavior as M;
@@ -237,6 +237,80 @@ pub const PRESETS: &[Preset] = {
             ),
             grid: false,
         },
+        Preset {
+            name: "dual-stack",
+            summary: "ipv4 port-restricted cone; ipv6 global addresses behind an \
+                      endpoint-independent rfc 6092 firewall (the default home)",
+            layout: Layout::Router(|| RouterKind::Engine(dual_stack())),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "dual-stack-strict",
+            summary: "ipv4 port-restricted cone; ipv6 behind an address-and-port-dependent \
+                      firewall",
+            layout: Layout::Router(|| RouterKind::Engine(dual_stack_strict())),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "nptv6",
+            summary: "ipv4 port-restricted cone; ipv6 ula lan behind rfc 6296 prefix \
+                      translation and an endpoint-independent firewall",
+            layout: Layout::Router(|| RouterKind::Engine(nptv6())),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "nat66",
+            summary: "symmetric nat on both families: ipv4 napt and ipv6 nat66 \
+                      (address-and-port-dependent mapping and filtering, random ports)",
+            layout: Layout::Router(|| RouterKind::Engine(nat66())),
+            truth: truth(
+                APDM,
+                Some(F::AddressAndPortDependent),
+                false,
+                A::Random,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "ipv4-only",
+            summary: "ipv4 port-restricted cone; no ipv6 on the lan",
+            layout: Layout::Router(|| RouterKind::Engine(ipv4_only())),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
     ]
 };
 
@@ -349,6 +423,46 @@ fn blocked() -> EngineConfig {
     cfg
 }
 
+/// `dual-stack`: IPv4 EIM + APDF; IPv6 without translation behind the RFC 6092 firewall with
+/// its recommended endpoint-independent filtering (REC-11) and timers (UDP 5 min, TCP 2 h 4 min).
+/// Every other engine preset has the same IPv6 side; this name says so.
+fn dual_stack() -> EngineConfig {
+    let mut cfg = port_restricted_cone();
+    cfg.ipv6 = Ipv6Mode::Firewall;
+    cfg.ipv6_filtering = F::EndpointIndependent;
+    cfg
+}
+
+/// `dual-stack-strict`: as `dual-stack`, with address-and-port-dependent IPv6 filtering (what
+/// many ISP routers and patchbay's firewall do).
+fn dual_stack_strict() -> EngineConfig {
+    let mut cfg = dual_stack();
+    cfg.ipv6_filtering = F::AddressAndPortDependent;
+    cfg
+}
+
+/// `nptv6`: IPv4 EIM + APDF; the IPv6 LAN is unique local space, translated 1:1 to the routed
+/// prefix (RFC 6296), behind an endpoint-independent firewall.
+fn nptv6() -> EngineConfig {
+    let mut cfg = dual_stack();
+    cfg.ipv6 = Ipv6Mode::Nptv6;
+    cfg
+}
+
+/// `nat66`: `symmetric` on both families: NAT66 applies the same RFC 4787 knobs to IPv6.
+fn nat66() -> EngineConfig {
+    let mut cfg = symmetric();
+    cfg.ipv6 = Ipv6Mode::Nat66;
+    cfg
+}
+
+/// `ipv4-only`: `port-restricted-cone` with no IPv6 on the LAN.
+fn ipv4_only() -> EngineConfig {
+    let mut cfg = port_restricted_cone();
+    cfg.ipv6 = Ipv6Mode::None;
+    cfg
+}
+
 /// The router settings of the `nat` node of preset `name` (`linux`: the kernel's masquerade).
 /// Also the meaning of `behavior = "<name>"` in a topology file. `None` for `open`, `cgnat`
 /// (two routers: use `port-restricted-cone` or `full-cone`) and unknown names.
@@ -421,6 +535,11 @@ fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
 /// | `firewall` | no translation, APDF; hosts have public addresses |
 /// | `blocked` | drops all UDP; EIM + APDF otherwise |
 /// | `linux` | nftables masquerade |
+/// | `dual-stack` | EIM + APDF; IPv6 EIF firewall |
+/// | `dual-stack-strict` | EIM + APDF; IPv6 APDF firewall |
+/// | `nptv6` | EIM + APDF; IPv6 NPTv6 + EIF firewall |
+/// | `nat66` | APDM + APDF, random ports, on both families |
+/// | `ipv4-only` | EIM + APDF; no IPv6 on the LAN |
 pub fn preset(name: &str) -> Option<Topology> {
     let nodes = match find(name)?.layout {
         Layout::NoNat => vec![reflector(), host("h1", None), host("h2", None)],
