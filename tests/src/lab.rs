@@ -280,8 +280,35 @@ fn sysctls() -> Vec<(String, String)> {
     out
 }
 
-/// What a lab must never change in the root namespace: links, addresses, routes, rules, the
-/// firewall and the network sysctls.
+/// The configured entries of `ip -6 neigh show` output: permanent and no-ARP ones, which only an
+/// administrator (or a lab that broke the rules) adds. Learned entries (REACHABLE, STALE, …)
+/// come and go with the machine's own traffic and are left out; so are their counters.
+pub fn configured_neighbors(text: &str) -> String {
+    let mut lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let state = l.split_whitespace().last().unwrap_or_default();
+            matches!(state, "PERMANENT" | "NOARP")
+        })
+        .collect();
+    lines.sort_unstable();
+    lines.join("\n")
+}
+
+/// Every `/proc/sys/net/ipv6` key of a sysctl snapshot (what the IPv6 half of the safety check
+/// compares).
+pub fn ipv6_sysctls(sysctls: &[(String, String)]) -> Vec<&str> {
+    sysctls
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("/proc/sys/net/ipv6/"))
+        .collect()
+}
+
+/// What a lab must never change in the root namespace: links, addresses, routes, rules,
+/// configured and proxy neighbors (IPv6: a lab's NDP must stay in its namespaces), the firewall
+/// and the network sysctls (net.ipv4, net.ipv6, net.core).
 #[derive(Debug, PartialEq)]
 pub struct RootState {
     links: String,
@@ -290,6 +317,8 @@ pub struct RootState {
     routes6: String,
     rules4: String,
     rules6: String,
+    neighbors6: String,
+    proxy_neighbors6: String,
     nft: String,
     sysctls: Vec<(String, String)>,
 }
@@ -304,6 +333,8 @@ impl RootState {
             routes6: capture(&["ip", "-6", "route", "show", "table", "all"]),
             rules4: capture(&["ip", "-4", "rule", "show"]),
             rules6: capture(&["ip", "-6", "rule", "show"]),
+            neighbors6: configured_neighbors(&capture(&["ip", "-6", "neigh", "show"])),
+            proxy_neighbors6: capture(&["ip", "-6", "neigh", "show", "proxy"]),
             nft: capture(&["nft", "list", "ruleset"]),
             sysctls: sysctls(),
         }
@@ -317,7 +348,16 @@ impl RootState {
         assert_eq!(before.routes6, self.routes6);
         assert_eq!(before.rules4, self.rules4);
         assert_eq!(before.rules6, self.rules6);
+        assert_eq!(
+            before.neighbors6, self.neighbors6,
+            "root IPv6 neighbors changed"
+        );
+        assert_eq!(before.proxy_neighbors6, self.proxy_neighbors6);
         assert_eq!(before.nft, self.nft);
+        assert!(
+            !ipv6_sysctls(&self.sysctls).is_empty(),
+            "the snapshot must cover net.ipv6 (is IPv6 compiled out?)"
+        );
         let changed: Vec<_> = before
             .sysctls
             .iter()
@@ -326,6 +366,45 @@ impl RootState {
             .collect();
         assert!(changed.is_empty(), "root sysctls changed: {changed:?}");
         assert_eq!(before.sysctls.len(), self.sysctls.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_configured_neighbors_count() {
+        let text = "2001:db8::1 dev eth0 lladdr 02:00:00:00:00:01 router REACHABLE\n\
+                    fe80::1 dev eth0 lladdr 02:00:00:00:00:02 STALE\n\
+                    2001:db8::9 dev eth0 lladdr 02:00:00:00:00:09 PERMANENT\n\
+                    2001:db8::8 dev lo NOARP\n\
+                    fe80::3 dev eth0 FAILED\n";
+        assert_eq!(
+            configured_neighbors(text),
+            "2001:db8::8 dev lo NOARP\n2001:db8::9 dev eth0 lladdr 02:00:00:00:00:09 PERMANENT"
+        );
+        assert_eq!(configured_neighbors(""), "");
+        // Order does not matter; learned entries coming and going do not either.
+        let later = "2001:db8::9 dev eth0 lladdr 02:00:00:00:00:09 PERMANENT\n\
+                     2001:db8::8 dev lo NOARP\n\
+                     2001:db8::5 dev eth0 lladdr 02:00:00:00:00:05 DELAY\n";
+        assert_eq!(configured_neighbors(text), configured_neighbors(later));
+        // A lab's neighbor added to the root namespace would show.
+        let broken = format!("{text}2001:db8:101::2 dev br0 lladdr 02:00:00:00:01:02 PERMANENT\n");
+        assert_ne!(configured_neighbors(text), configured_neighbors(&broken));
+    }
+
+    #[test]
+    fn the_sysctl_snapshot_covers_ipv6() {
+        let all = sysctls();
+        let v6 = ipv6_sysctls(&all);
+        assert!(
+            v6.contains(&"/proc/sys/net/ipv6/conf/all/forwarding"),
+            "{} ipv6 keys",
+            v6.len()
+        );
+        assert!(v6.contains(&"/proc/sys/net/ipv6/conf/default/accept_ra"));
     }
 }
 
