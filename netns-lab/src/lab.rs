@@ -531,11 +531,31 @@ impl Lab {
         node.ns
             .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
             .map_err(|e| err("enabling forwarding", e))?;
+        let ipv6 = node.plan.lan6.is_some();
+        if ipv6 {
+            node.ns
+                .run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1"))?
+                .map_err(|e| err("enabling IPv6 forwarding", e))?;
+        }
+        // IPv6 is routed, not translated: a conntrack firewall admits replies (and the ICMPv6
+        // errors about them) only, i.e. address-and-port-dependent filtering, as a stock Linux
+        // router with this common rule set does.
+        let rules6 = if ipv6 {
+            format!(
+                "table inet natscope6 {{\n\
+                 chain forward {{ type filter hook forward priority filter; policy accept; meta nfproto ipv6 ct state established,related accept; meta nfproto ipv6 iifname \"{l}\" oifname \"{w}\" accept; meta nfproto ipv6 drop; }}\n\
+                 }}\n",
+                w = driver::WAN,
+                l = driver::LAN
+            )
+        } else {
+            String::new()
+        };
         let rules = format!(
             "table ip natscope {{\n\
              chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{w}\" masquerade; }}\n\
              chain forward {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{l}\" oifname \"{w}\" accept; }}\n\
-             }}\n",
+             }}\n{rules6}",
             w = driver::WAN,
             l = driver::LAN
         );

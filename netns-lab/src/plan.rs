@@ -477,8 +477,8 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
 fn lan6_of(router: &RouterKind, k: u16) -> (Option<Ipv6Net>, Option<Ipv6Net>) {
     let mode = match router {
         RouterKind::Engine(cfg) => cfg.ipv6,
-        // The kernel router has no IPv6 mode yet: its lan is IPv4-only.
-        RouterKind::Linux => Ipv6Mode::None,
+        // The kernel router forwards IPv6 through a conntrack firewall (nft, in its namespace).
+        RouterKind::Linux => Ipv6Mode::Firewall,
     };
     let routed = Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, 0x100 + k, 0, 0, 0, 0, 0), 48);
     // RFC 4193 unique local space behind the translators (DESIGN.md: ULA behind NAT66/NPTv6).
@@ -771,16 +771,14 @@ mod tests {
         assert_eq!(n66.routed6, Some(net6("2001:db8:102::/48")));
         assert_eq!(node(&plan, "h2").uplink6[0], net6("fd00:2::2/64"));
 
-        // No IPv6 behind `ipv6 = "none"` and (for now) behind the kernel router.
-        for (router, host) in [("v4", "h3"), ("kernel", "")] {
-            let r = node(&plan, router);
-            assert_eq!((r.lan6, r.routed6), (None, None), "{router}");
-            assert_eq!(r.uplink6.len(), 2, "{router}");
-            if !host.is_empty() {
-                let h = node(&plan, host);
-                assert!(h.uplink6.is_empty() && h.gateway6.is_none(), "{host}");
-            }
-        }
+        // No IPv6 behind `ipv6 = "none"`.
+        let v4 = node(&plan, "v4");
+        assert_eq!((v4.lan6, v4.routed6), (None, None));
+        assert_eq!(v4.uplink6.len(), 2);
+        let h3 = node(&plan, "h3");
+        assert!(h3.uplink6.is_empty() && h3.gateway6.is_none());
+        // The kernel router is an IPv6 firewall with a global lan.
+        assert_eq!(node(&plan, "kernel").lan6, Some(net6("2001:db8:104::1/64")));
         assert_eq!(node(&plan, "pub").uplink6[0], net6("2001:db8:0:2::9/64"));
     }
 

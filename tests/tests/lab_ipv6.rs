@@ -280,3 +280,19 @@ fn ipv4_only_lan_has_no_ipv6() {
     assert!(sent.is_err(), "no IPv6 route on an ipv4-only lan: {sent:?}");
     lab.down();
 }
+
+/// The kernel router (`linux`) routes IPv6 through an nftables conntrack firewall in its own
+/// namespace: replies only (address-and-port-dependent), ICMPv6 errors about its flows included.
+#[test]
+#[ignore = "needs root, network namespaces and nft; run with --include-ignored (scripts/test does)"]
+fn linux_router_is_an_ipv6_conntrack_firewall() {
+    require_root();
+    natscope_tests::require_tool("nft", "nftables");
+    let lab = up(RouterKind::Linux);
+    let (seen, h, r) = exchange(&lab);
+    assert_eq!(seen.outside, seen.inside, "routed, not translated");
+    unsolicited_is_dropped(&lab, seen.outside.ip());
+    assert_eq!(admitted(&lab, &seen, &h, &r), [true, false, false, false]);
+    icmp_error_comes_back(&lab);
+    lab.down();
+}

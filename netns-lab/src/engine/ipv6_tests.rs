@@ -565,3 +565,65 @@ fn hop_limit_fragments_and_disabled_ipv6_are_dropped() {
     assert!(send(&mut r, t, Port::Lan, &ok).is_empty());
     assert_eq!(r.stats().ipv6.dropped_disabled, 1);
 }
+
+/// The engine's own forwarding rate for 64-byte UDP payloads, IPv4 next to IPv6, on one core with
+/// no sockets (`cargo test -p natscope-lab --lib engine_rate -- --ignored --nocapture`). A debug
+/// build's numbers: compare the two families, not with `natscope bench lab`.
+#[test]
+#[ignore = "a benchmark: prints rates, asserts nothing about speed"]
+fn engine_rate_ipv4_and_ipv6() {
+    use pnet::packet::arp::ArpOperations;
+    let (mut r, host) = router(Ipv6Mode::Firewall, F::EndpointIndependent, |_| {});
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let v4 = |s: &str| s.parse::<std::net::Ipv4Addr>().expect("v4");
+    let dst4 = v4("198.51.100.1");
+    // Both next hops known.
+    r.handle_frame(
+        t,
+        Port::Lan,
+        &arp::arp_frame(
+            ArpOperations::Request,
+            (HOST_MAC, v4("10.0.0.2")),
+            ([0; 6], v4("10.0.0.1")),
+        ),
+        &mut out,
+    );
+    r.handle_frame(
+        t,
+        Port::Wan,
+        &arp::arp_frame(
+            ArpOperations::Request,
+            (R1_MAC, dst4),
+            ([0; 6], v4("203.0.113.1")),
+        ),
+        &mut out,
+    );
+    let mut dg4 = vec![0u8; 20 + 8 + 64];
+    dg4[0] = 0x45;
+    dg4[2..4].copy_from_slice(&92u16.to_be_bytes());
+    dg4[8] = 64;
+    dg4[9] = 17;
+    dg4[12..16].copy_from_slice(&v4("10.0.0.2").octets());
+    dg4[16..20].copy_from_slice(&dst4.octets());
+    dg4[20..22].copy_from_slice(&5000u16.to_be_bytes());
+    dg4[22..24].copy_from_slice(&9000u16.to_be_bytes());
+    dg4[24..26].copy_from_slice(&72u16.to_be_bytes());
+    let f4 = arp::frame(LAN_MAC, HOST_MAC, EtherTypes::Ipv4, &dg4);
+    let mut l4 = vec![0u8; 8 + 64];
+    l4[0..2].copy_from_slice(&5000u16.to_be_bytes());
+    l4[2..4].copy_from_slice(&9000u16.to_be_bytes());
+    l4[4..6].copy_from_slice(&72u16.to_be_bytes());
+    let f6 = frame(LAN_MAC, HOST_MAC, &packet(host, ip(R1), UDP, &l4));
+    let n = 200_000u32;
+    for (family, f) in [("ipv4", &f4), ("ipv6", &f6), ("ipv4", &f4), ("ipv6", &f6)] {
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            out.clear();
+            r.handle_frame(t, Port::Lan, f, &mut out);
+            assert_eq!(out.len(), 1, "{family}: forwarded");
+        }
+        let rate = f64::from(n) / start.elapsed().as_secs_f64();
+        println!("{family}: {rate:.0} frames/s");
+    }
+}
