@@ -267,15 +267,42 @@ pub fn udp_flood(
     secs: Duration,
     rate: Option<u64>,
 ) -> Result<Udp, BenchError> {
-    let dst = SocketAddr::from((sink_ip(lab)?, UDP_PORT));
+    udp_flood_over(lab, path, secs, rate, false)
+}
+
+/// [`udp_flood`] over IPv6 (`ipv6`: between the first IPv6 addresses of `h1` and `stun`), so the
+/// engine's two families can be compared on one lab.
+pub fn udp_flood_over(
+    lab: &Lab,
+    path: &'static str,
+    secs: Duration,
+    rate: Option<u64>,
+    ipv6: bool,
+) -> Result<Udp, BenchError> {
+    let first6 = |node: &str| -> Result<std::net::IpAddr, BenchError> {
+        let n = lab.node(node)?;
+        let a = n.plan().uplink6.first().ok_or(BenchError::NoAddress)?;
+        Ok(std::net::IpAddr::V6(a.addr))
+    };
+    let (dst, src) = if ipv6 {
+        (
+            SocketAddr::new(first6("stun")?, UDP_PORT),
+            SocketAddr::new(first6("h1")?, 0),
+        )
+    } else {
+        (SocketAddr::from((sink_ip(lab)?, UDP_PORT)), any_port())
+    };
     let sink = lab.node("stun")?.udp_bind(dst).map_err(io("UDP sink"))?;
     sink.set_read_timeout(Some(POLL))?;
     // A deep queue, so a receiver thread that loses its core for a few ms (2 cores, 3+ busy
     // threads) does not count as loss on the path.
     let _ = socket2::SockRef::from(&sink).set_recv_buffer_size(SINK_RCVBUF);
-    let tx = lab.node("h1")?.udp_bind(any_port())?;
+    let tx = lab.node("h1")?.udp_bind(src)?;
     tx.connect(dst)?;
-    let forwarded = || lab.nat_stats("nat").map(|s| s.forwarded_out);
+    let forwarded = || {
+        lab.nat_stats("nat")
+            .map(|s| s.forwarded_out + s.ipv6.forwarded_out)
+    };
     let before = forwarded();
     let done = AtomicBool::new(false);
     let (sent, errors, elapsed, received) = thread::scope(|s| {
