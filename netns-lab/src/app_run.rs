@@ -35,6 +35,7 @@ use crate::grid::{self, PathTaken, Transport};
 use crate::jobs::{self, CapturedOutput};
 use crate::topology::{Role, RouterKind};
 use crate::{Lab, LabOptions};
+use natscope_core::nat::Protocol;
 
 /// The schema of `lab grid --app --json`.
 pub const SCHEMA: &str = "natscope.grid/v2";
@@ -119,13 +120,46 @@ pub struct RoleLog {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Count {
     pub packets: u64,
+    /// IP packet bytes, headers included.
     pub bytes: u64,
+    /// The application's bytes: `bytes` less an IPv4 and transport header per packet (20 + 8
+    /// for UDP, 20 + 32 for TCP with the timestamps Linux sends; a kernel `linux` router's
+    /// counters do not tell the protocol, so UDP's). Bare TCP acknowledgements carry none.
+    #[serde(default)]
+    pub payload_bytes: u64,
+}
+
+/// IPv4 and transport header bytes per packet, by protocol (see [`Count::payload_bytes`]).
+fn header_bytes(proto: Protocol) -> u64 {
+    match proto {
+        Protocol::Tcp => 20 + 32,
+        _ => 20 + 8,
+    }
 }
 
 impl Count {
-    fn add(&mut self, packets: u64, bytes: u64) {
+    fn add(&mut self, proto: Protocol, packets: u64, bytes: u64) {
         self.packets += packets;
         self.bytes += bytes;
+        self.payload_bytes += bytes.saturating_sub(packets * header_bytes(proto));
+    }
+}
+
+/// A side's totals from its gateway's flows: a flow whose remote is one of the rendezvous
+/// host's addresses went through it, any other is a flow with the other peer (the pair topology
+/// has no third public party).
+fn tally(side: &mut SideEvidence, rendezvous: &[Ipv4Addr]) {
+    for f in &side.flows {
+        let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
+        if via {
+            side.to_rendezvous.add(f.proto, f.out_packets, f.out_bytes);
+            side.from_rendezvous.add(f.proto, f.in_packets, f.in_bytes);
+        } else {
+            side.to_peer.add(f.proto, f.out_packets, f.out_bytes);
+            side.from_peer_delivered
+                .add(f.proto, f.in_packets, f.in_bytes);
+            side.from_peer_refused += f.in_refused;
+        }
     }
 }
 
@@ -183,6 +217,9 @@ pub struct AppGrid {
     pub lab_prefix: String,
     /// natscope, for the rendezvous node's reflector.
     pub exe: PathBuf,
+    /// The transport the model's expectation is for (an app file's programs are judged as UDP;
+    /// the plain grid's built-in punch app runs over each transport).
+    pub transport: Transport,
 }
 
 impl AppGrid {
@@ -207,6 +244,7 @@ impl AppGrid {
             work,
             lab_prefix: lab_prefix.to_string(),
             exe: exe.to_path_buf(),
+            transport: Transport::Udp,
         };
         if let Some(setup) = &grid.app.setup {
             grid.run_setup(setup)?;
@@ -266,12 +304,29 @@ impl AppGrid {
         let _ = std::fs::remove_dir_all(&self.work);
     }
 
+    /// The same grid, its cells judged against the model's expectation over `t`.
+    pub fn with_transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+
     /// Runs the cell `a` × `b` (the `index`-th of the grid).
     pub fn run_cell(&self, index: usize, a: &str, b: &str) -> AppCell {
+        let (mut cell, stdout) = self.run_cell_unjudged(index, a, b);
+        cell.claimed = claim(&stdout);
+        judge(&mut cell);
+        cell
+    }
+
+    /// Runs the cell `a` × `b` (the `index`-th of the grid) and records what happened, but does
+    /// not judge it ([`judge`] does): the connect command's whole stdout comes back beside the
+    /// cell, for a runner that reads more than the last line's claim (the plain grid reads
+    /// punch's report from it).
+    pub fn run_cell_unjudged(&self, index: usize, a: &str, b: &str) -> (AppCell, String) {
         let t0 = Instant::now();
         let (expected, expected_from, reason) = match self.app.expectation(a, b) {
             Some(p) => (p, "app", format!("{}'s [expect] says {p}", self.app.file)),
-            None => match grid::expected(a, b, Transport::Udp) {
+            None => match grid::expected(a, b, self.transport) {
                 Some((p, why)) => (p, "model", why),
                 None => (PathTaken::Failed, "model", "unknown preset".into()),
             },
@@ -293,16 +348,21 @@ impl AppGrid {
             durations: Durations::default(),
             logs: BTreeMap::new(),
         };
-        if let Err(e) = self.cell_in_lab(index, &mut cell) {
+        let mut stdout = String::new();
+        if let Err(e) = self.cell_in_lab(index, &mut cell, &mut stdout) {
             cell.error = Some(e);
         }
-        judge(&mut cell);
         cell.durations.total_ms = ms(t0.elapsed());
-        cell
+        (cell, stdout)
     }
 
     /// Brings the lab up, runs the roles, takes the lab down; fills in what it saw.
-    fn cell_in_lab(&self, index: usize, cell: &mut AppCell) -> Result<(), String> {
+    fn cell_in_lab(
+        &self,
+        index: usize,
+        cell: &mut AppCell,
+        stdout: &mut String,
+    ) -> Result<(), String> {
         let t0 = Instant::now();
         let topo = grid::pair_topology(&cell.a, &cell.b).ok_or("no pair topology")?;
         let plan = topo.plan().map_err(|e| e.to_string())?;
@@ -321,7 +381,7 @@ impl AppGrid {
         cell.durations.lab_up_ms = ms(t0.elapsed());
         let t1 = Instant::now();
         let mut running: Vec<RoleProcess> = Vec::new();
-        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, t1);
+        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, t1, stdout);
         let t2 = Instant::now();
         for r in &mut running {
             r.stop();
@@ -341,6 +401,7 @@ impl AppGrid {
         cell: &mut AppCell,
         running: &mut Vec<RoleProcess>,
         t1: Instant,
+        stdout: &mut String,
     ) -> Result<(), String> {
         for (role, node, spec) in [
             ("server", RENDEZVOUS, self.app.server.as_ref()),
@@ -385,7 +446,7 @@ impl AppGrid {
             None => cell.timed_out = true,
         }
         running[last].stop();
-        cell.claimed = claim(&running[last].output.stdout());
+        *stdout = running[last].output.stdout();
         Ok(())
     }
 }
@@ -419,12 +480,13 @@ pub fn judge(cell: &mut AppCell) {
 /// The path `e` shows, or `None` when the lab saw neither a direct nor a relayed exchange.
 ///
 /// Direct needs, in **each** direction, packets from the other peer delivered into its LAN, and
-/// the direct path carrying at least as many bytes as the sender sent to the rendezvous host: a
-/// pair whose punch packets met but whose data (one way or both) still went through the relay
-/// was relayed.
+/// the direct path carrying at least as many application bytes ([`Count::payload_bytes`]) as the
+/// sender sent to the rendezvous host: a pair whose punch packets met but whose data (one way or
+/// both) still went through the relay was relayed, and so was a pair where one side only
+/// acknowledged a TCP stream the other side opened directly.
 pub fn observed_path(e: &Evidence) -> Option<PathTaken> {
     let carried = |direct: Count, sender: &SideEvidence| {
-        direct.packets > 0 && direct.bytes >= sender.to_rendezvous.bytes
+        direct.packets > 0 && direct.payload_bytes >= sender.to_rendezvous.payload_bytes
     };
     if carried(e.direct_a_to_b, &e.a) && carried(e.direct_b_to_a, &e.b) {
         return Some(PathTaken::Direct);
@@ -522,17 +584,7 @@ fn evidence(
             continue;
         };
         side.flows = difference(b, a);
-        for f in &side.flows {
-            let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
-            if via {
-                side.to_rendezvous.add(f.out_packets, f.out_bytes);
-                side.from_rendezvous.add(f.in_packets, f.in_bytes);
-            } else {
-                side.to_peer.add(f.out_packets, f.out_bytes);
-                side.from_peer_delivered.add(f.in_packets, f.in_bytes);
-                side.from_peer_refused += f.in_refused;
-            }
-        }
+        tally(side, &rendezvous);
     }
     // Delivered into a side's LAN: its gateway's count; a side without a NAT receives whatever
     // the other side's gateway sent it.
@@ -600,21 +652,27 @@ impl RoleProcess {
         }
         let n = lab.node(node).map_err(|e| e.to_string())?;
         loop {
-            let r = spec.ready;
-            let bound = n.run(move || port_bound(r)).unwrap_or(false);
-            if bound {
+            let ready = match &spec.ready {
+                Ready::Stdout(text) => self.output.stdout().contains(text.as_str()),
+                r => {
+                    let r = r.clone();
+                    n.run(move || port_bound(&r)).unwrap_or(false)
+                }
+            };
+            if ready {
                 return Ok(());
             }
             if self.exited() {
-                return Err(self.failure(&format!("exited before {} was bound", spec.ready)));
+                return Err(self.failure(&format!("exited before {} held", spec.ready)));
             }
             if Instant::now() >= deadline {
                 return Err(self.failure(&format!(
-                    "did not bind {} within {:?}",
+                    "did not get ready ({}) within {:?}",
                     spec.ready, spec.timeout
                 )));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // A check is a /proc read in the node's thread: cheap enough to look often.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -692,11 +750,11 @@ fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 
 /// Whether the calling thread's namespace has a UDP socket bound to, or a TCP socket listening
 /// on, the ready port (`/proc/thread-self/net/{udp,tcp}`: this thread's namespace's sockets).
-fn port_bound(r: Ready) -> bool {
-    let (file, port, listen_only) = match r {
+fn port_bound(r: &Ready) -> bool {
+    let (file, port, listen_only) = match *r {
         Ready::Udp(p) => ("udp", p, false),
         Ready::Tcp(p) => ("tcp", p, true),
-        Ready::Wait(_) => return true,
+        Ready::Wait(_) | Ready::Stdout(_) => return true,
     };
     // IPv6 sockets (dual-stack ones included, as nebula's) are listed in the *6 tables only.
     [file.to_string(), format!("{file}6")].iter().any(|f| {
@@ -818,13 +876,12 @@ pub fn linux_side(json: &str) -> Option<SideEvidence> {
         let Some(c) = item.get("counter") else {
             continue;
         };
-        got.insert(
-            c.get("name")?.as_str()?.to_string(),
-            Count {
-                packets: c.get("packets")?.as_u64()?,
-                bytes: c.get("bytes")?.as_u64()?,
-            },
-        );
+        got.insert(c.get("name")?.as_str()?.to_string(), {
+            let mut n = Count::default();
+            let (packets, bytes) = (c.get("packets")?.as_u64()?, c.get("bytes")?.as_u64()?);
+            n.add(Protocol::Udp, packets, bytes);
+            n
+        });
     }
     let get = |n: &str| got.get(n).copied();
     let delivered = get("from_peer_delivered")?;
@@ -1330,17 +1387,8 @@ mod tests {
             router: Some("nat".into()),
             ..Default::default()
         };
-        for f in &flows {
-            if f.remote.ip().to_string() == "198.51.100.1" {
-                s.to_rendezvous.add(f.out_packets, f.out_bytes);
-                s.from_rendezvous.add(f.in_packets, f.in_bytes);
-            } else {
-                s.to_peer.add(f.out_packets, f.out_bytes);
-                s.from_peer_delivered.add(f.in_packets, f.in_bytes);
-                s.from_peer_refused += f.in_refused;
-            }
-        }
         s.flows = flows;
+        tally(&mut s, &["198.51.100.1".parse().unwrap()]);
         s
     }
 
@@ -1414,6 +1462,36 @@ mod tests {
                 flow("198.51.100.1:4000", 1, 9, 0),
             ],
         );
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
+    }
+
+    /// Seen in the plain grid, restricted cone to symmetric over TCP: b's connection to a's
+    /// mapping got through and b sent on it, but a only acknowledged (its punch never accepted
+    /// the stream) while its data went through the relay. Raw bytes both ways were about even;
+    /// application bytes show a carried nothing directly.
+    #[test]
+    fn a_stream_one_side_only_acknowledges_is_not_direct() {
+        let tcp = |remote: &str, out: u64, out_bytes: u64, delivered: u64, in_bytes: u64| FlowRow {
+            proto: natscope_core::nat::Protocol::Tcp,
+            out_bytes,
+            in_bytes,
+            ..flow(remote, out, delivered, 0)
+        };
+        let e = ev(
+            vec![
+                tcp("198.51.100.1:3490", 52, 5448, 47, 5148),
+                tcp("203.0.113.2:12351", 105, 5636, 106, 6584),
+            ],
+            vec![
+                tcp("198.51.100.1:3490", 41, 4752, 47, 5108),
+                tcp("203.0.113.1:44419", 106, 6584, 105, 5636),
+            ],
+        );
+        assert!(
+            e.direct_a_to_b.bytes >= e.a.to_rendezvous.bytes,
+            "raw bytes"
+        );
+        assert_eq!(e.direct_a_to_b.payload_bytes, 5636 - 105 * 52);
         assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
     }
 
@@ -1578,7 +1656,8 @@ mod tests {
             s.to_peer,
             Count {
                 packets: 7,
-                bytes: 700
+                bytes: 700,
+                payload_bytes: 700 - 7 * 28
             }
         );
         assert_eq!(s.from_peer_delivered.packets, 5);

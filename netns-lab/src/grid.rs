@@ -43,6 +43,16 @@ pub struct GridCell {
     /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
     pub report: Option<ConnectReport>,
     pub duration_ms: f64,
+    /// The path the lab saw its routers forward, judged as `lab grid --app` judges any program
+    /// (`crate::app_run::observed_path`); a cell passes only when it agrees with `observed`.
+    #[serde(default)]
+    pub lab_observed: Option<PathTaken>,
+    /// What the routers forwarded while `punch connect` ran.
+    #[serde(default)]
+    pub evidence: Option<crate::app_run::Evidence>,
+    /// Where the cell's time went.
+    #[serde(default)]
+    pub durations: crate::app_run::Durations,
 }
 
 /// The schema name of `lab grid --json`.
