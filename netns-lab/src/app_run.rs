@@ -952,7 +952,9 @@ pub fn run_grid(
     let app = spec.name.clone();
     let grid =
         AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| e.to_string())?;
-    let cells = crate::jobs::run_parallel(&pairs, jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
+    let cells = crate::jobs::run_parallel_shown(&pairs, jobs, "cells", |_, (i, (x, y))| {
+        grid.run_cell(*i, x, y)
+    });
     grid.finish();
     let cells = cells.map_err(|e| e.to_string())?;
     Ok(AppGridDocument {

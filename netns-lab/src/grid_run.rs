@@ -151,7 +151,7 @@ pub fn run_grid(
         }
     }
     let start = Instant::now();
-    let cells = jobs::run_parallel(&work, jobs, |i, (g, x, y)| run_cell(g, i, x, y));
+    let cells = jobs::run_parallel_shown(&work, jobs, "cells", |i, (g, x, y)| run_cell(g, i, x, y));
     for g in grids {
         g.finish();
     }
