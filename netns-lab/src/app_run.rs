@@ -30,6 +30,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{AppSpec, Placeholders, Ready, RoleCommand};
+use crate::driver::WAN;
 use crate::engine::FlowRow;
 use crate::grid::{self, PathTaken, Transport};
 use crate::jobs::{self, CapturedOutput};
@@ -166,7 +167,8 @@ fn tally(side: &mut SideEvidence, rendezvous: &[Ipv4Addr]) {
 /// One peer's side of the evidence, read at its gateway during the connect command's run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SideEvidence {
-    /// The router the counts come from (the peer's own gateway); `None` for a peer with no NAT.
+    /// Where the counts come from: the peer's own gateway, or for a peer with no NAT in front
+    /// of it (`open`) the peer's own node (`a`, `b`: nftables counters in its namespace).
     pub router: Option<String>,
     /// Sent towards the other peer's public endpoints.
     pub to_peer: Count,
@@ -416,9 +418,18 @@ impl AppGrid {
         let rendezvous = rendezvous_addrs(lab);
         let mut kernel = Vec::new();
         for peer in ["a", "b"] {
-            if let Some((router, Some(RouterKind::Linux))) = gateway(lab, peer) {
-                install_counters(lab, &router, &rendezvous)?;
-                kernel.push(router);
+            match gateway(lab, peer) {
+                Some((router, Some(RouterKind::Linux))) => {
+                    install_counters(lab, &router, &counter_rules(WAN, &rendezvous))?;
+                    kernel.push(router);
+                }
+                // No NAT between the peer and the internet: nothing forwards its traffic, so
+                // count it where it is sent and received.
+                None => {
+                    install_counters(lab, peer, &host_counter_rules(&rendezvous))?;
+                    kernel.push(peer.to_string());
+                }
+                Some(_) => {}
             }
         }
         let before = snapshot(lab);
@@ -567,6 +578,10 @@ fn evidence(
     };
     for (peer, side) in [("a", &mut e.a), ("b", &mut e.b)] {
         let Some((router, kind)) = gateway(lab, peer) else {
+            if let Some(counted) = kernel.remove(peer) {
+                *side = counted;
+                side.router = Some(peer.to_string());
+            }
             continue;
         };
         if let Some(counted) = kernel.remove(&router) {
@@ -851,9 +866,31 @@ fn counter_rules(wan: &str, rendezvous: &[Ipv4Addr]) -> String {
     )
 }
 
-fn install_counters(lab: &Lab, router: &str, rendezvous: &[Ipv4Addr]) -> Result<(), String> {
-    let rules = counter_rules(crate::driver::WAN, rendezvous);
-    nft(lab, router, &["-f", "-"], &rules).map(|_| ())
+/// The evidence table's rules for a peer with no NAT (`open`), in the peer's own namespace:
+/// what it sends and what it receives, loopback left out. Nothing filters in front of it, so
+/// every packet from the other peer that arrives is delivered (`from_peer_seen` counts the same).
+fn host_counter_rules(rendezvous: &[Ipv4Addr]) -> String {
+    let set: Vec<String> = rendezvous.iter().map(Ipv4Addr::to_string).collect();
+    let set = format!("{{ {} }}", set.join(", "));
+    let counters: String = NFT_COUNTERS
+        .iter()
+        .map(|c| format!("counter {c} {{}}\n"))
+        .collect();
+    let l4 = "meta l4proto { tcp, udp }";
+    format!(
+        "table ip {NFT_TABLE} {{\n{counters}\
+         chain output {{ type filter hook output priority filter + 10; policy accept;\n\
+         oifname != \"lo\" ip daddr {set} {l4} counter name to_rendezvous\n\
+         oifname != \"lo\" ip daddr != {set} {l4} counter name to_peer\n}}\n\
+         chain input {{ type filter hook input priority filter + 10; policy accept;\n\
+         iifname != \"lo\" ip saddr {set} {l4} counter name from_rendezvous\n\
+         iifname != \"lo\" ip saddr != {set} {l4} counter name from_peer_delivered\n\
+         iifname != \"lo\" ip saddr != {set} {l4} counter name from_peer_seen\n}}\n}}\n"
+    )
+}
+
+fn install_counters(lab: &Lab, node: &str, rules: &str) -> Result<(), String> {
+    nft(lab, node, &["-f", "-"], rules).map(|_| ())
 }
 
 /// The counters' values, then the table removed again.
@@ -1680,6 +1717,12 @@ mod tests {
             "{rules}"
         );
         assert_eq!(rules.matches("counter name").count(), 5);
+        let host = host_counter_rules(&["198.51.100.1".parse().unwrap()]);
+        assert_eq!(host.matches("counter name").count(), 5, "{host}");
+        assert!(
+            host.contains("oifname != \"lo\" ip daddr != { 198.51.100.1 } meta l4proto { tcp, udp } counter name to_peer"),
+            "{host}"
+        );
     }
 
     #[test]

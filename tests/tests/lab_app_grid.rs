@@ -413,3 +413,42 @@ timeout_s = 90
         .any(|c| c.observed == Some(PathTaken::Direct)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Peers with no NAT in front of them (`open`: nothing forwards their traffic, so the lab counts
+/// it with nftables in the peers' own namespaces): a program that exchanges its data directly
+/// reads `direct`, one that relays reads `relayed`, each with its evidence.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn open_peers_are_judged_from_their_own_counters() {
+    require_root();
+    require_tool("python3", "python3");
+    require_tool("nft", "nftables");
+    let (doc, out) = grid(&apps().join("direct.toml"), "appo", "open", &[]);
+    let c = cell(&doc, "open", "open");
+    assert_eq!(
+        c.observed,
+        Some(PathTaken::Direct),
+        "{c:#?}\n{}",
+        text(&out)
+    );
+    assert!(c.pass, "{c:#?}");
+    let e = c.evidence.as_ref().unwrap();
+    assert_eq!(e.a.router.as_deref(), Some("a"), "{e:#?}");
+    assert_eq!(e.b.router.as_deref(), Some("b"), "{e:#?}");
+    assert!(
+        e.direct_a_to_b.packets >= 5 && e.direct_b_to_a.packets >= 5,
+        "{e:#?}"
+    );
+    assert!(e.unobserved.is_empty(), "{e:#?}");
+    let (doc, out) = grid(&apps().join("oneway.toml"), "appo", "open", &[]);
+    let c = cell(&doc, "open", "open");
+    assert_eq!(
+        c.observed,
+        Some(PathTaken::Relayed),
+        "{c:#?}\n{}",
+        text(&out)
+    );
+    let e = c.evidence.as_ref().unwrap();
+    assert_eq!(e.direct_b_to_a.packets, 0, "{e:#?}");
+    assert!(e.direct_a_to_b.packets >= 3, "a's punch arrives: {e:#?}");
+}
