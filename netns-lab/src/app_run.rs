@@ -935,6 +935,67 @@ pub fn linux_side(json: &str) -> Option<SideEvidence> {
     })
 }
 
+// ---- `lab flows` ----------------------------------------------------------------------------
+
+/// `natscope lab flows [--lab LAB] NODE [--json]`: the running lab's supervisor's flow counters
+/// for a userspace NAT node (what `--app` judges paths from), as a table or a JSON array.
+pub fn lab_flows(lab: Option<String>, node: &str, json: bool) -> Result<String, String> {
+    use crate::control::{self, Reply, Request};
+    let rec = control::pick_node(lab, node).map_err(|e| e.to_string())?;
+    let request = Request::Flows { node: node.into() };
+    let flows = match control::ask(&rec, &request) {
+        Some(Reply::Flows(f)) => f,
+        Some(Reply::Error(e)) => return Err(e),
+        _ => {
+            return Err(format!(
+                "the supervisor of lab {} does not answer",
+                rec.name
+            ))
+        }
+    };
+    if json {
+        return serde_json::to_string_pretty(&flows).map_err(|e| e.to_string());
+    }
+    Ok(format!(
+        "{} flows through {node} (lab {})\n{}",
+        flows.len(),
+        rec.name,
+        flows_table(&flows).trim_end()
+    ))
+}
+
+/// Flows as an aligned text table: endpoints, then packets/bytes out, delivered in, refused.
+pub fn flows_table(flows: &[FlowRow]) -> String {
+    let mut rows = vec![[
+        "proto", "internal", "external", "remote", "out", "in", "refused",
+    ]
+    .map(String::from)];
+    for f in flows {
+        rows.push([
+            format!("{:?}", f.proto).to_lowercase(),
+            f.internal.to_string(),
+            f.external.map_or("-".into(), |e| e.to_string()),
+            f.remote.to_string(),
+            format!("{} pkt / {} B", f.out_packets, f.out_bytes),
+            format!("{} pkt / {} B", f.in_packets, f.in_bytes),
+            f.in_refused.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string() + "\n"
+        })
+        .collect()
+}
+
 // ---- shards ---------------------------------------------------------------------------------
 
 /// Every unordered pair of `names` (same-preset pairs included), in the grid's order.
@@ -1582,6 +1643,23 @@ mod tests {
         judge(&mut c);
         assert_eq!(c.observed, None);
         assert!(!c.pass);
+    }
+
+    #[test]
+    fn flows_are_an_aligned_table() {
+        let t = flows_table(&[
+            flow("198.51.100.1:4000", 2, 1, 0),
+            flow("203.0.113.9:7000", 12, 0, 3),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("proto  internal"), "{t}");
+        assert!(
+            lines[2].contains("203.0.113.9:7000   12 pkt / 1200 B  0 pkt / 0 B    3"),
+            "{t}"
+        );
+        let col = |l: &str| l.find("10.0.0.2").unwrap();
+        assert_eq!(col(lines[1]), col(lines[2]));
     }
 
     #[test]

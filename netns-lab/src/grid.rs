@@ -55,6 +55,31 @@ pub struct GridCell {
     pub durations: crate::app_run::Durations,
 }
 
+impl GridCell {
+    /// The cell's word in tables: ✓/✗, punch's path (with its time to direct), the expected
+    /// path when it differs, and the lab's path when it saw another one.
+    pub fn mark(&self) -> String {
+        let o = match self.observed {
+            Some(PathTaken::Direct) => match self.time_to_direct_ms {
+                Some(ms) => format!("direct {ms:.0} ms"),
+                None => "direct".into(),
+            },
+            Some(p) => p.to_string(),
+            None => "error".into(),
+        };
+        let lab = match self.lab_observed {
+            l if l == self.observed || self.observed.is_none() => String::new(),
+            Some(l) => format!(" ⚑ lab saw {l}"),
+            None => " ⚑ lab saw nothing".into(),
+        };
+        if self.pass {
+            format!("✓ {o}{lab}")
+        } else {
+            format!("✗ {o} (want {}){lab}", self.expected)
+        }
+    }
+}
+
 /// The schema name of `lab grid --json`.
 pub const SCHEMA: &str = "natscope.grid/v1";
 
