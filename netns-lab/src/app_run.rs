@@ -381,9 +381,8 @@ impl AppGrid {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let p = self.placeholders(Some((&lab, &dir)));
         cell.durations.lab_up_ms = ms(t0.elapsed());
-        let t1 = Instant::now();
         let mut running: Vec<RoleProcess> = Vec::new();
-        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, t1, stdout);
+        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, stdout);
         let t2 = Instant::now();
         for r in &mut running {
             r.stop();
@@ -402,9 +401,9 @@ impl AppGrid {
         dir: &Path,
         cell: &mut AppCell,
         running: &mut Vec<RoleProcess>,
-        t1: Instant,
         stdout: &mut String,
     ) -> Result<(), String> {
+        let t1 = Instant::now();
         for (role, node, spec) in [
             ("server", RENDEZVOUS, self.app.server.as_ref()),
             ("listen", "b", self.app.listen.as_ref()),
