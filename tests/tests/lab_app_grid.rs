@@ -423,7 +423,7 @@ fn open_peers_are_judged_from_their_own_counters() {
     require_root();
     require_tool("python3", "python3");
     require_tool("nft", "nftables");
-    let (doc, out) = grid(&apps().join("direct.toml"), "appo", "open", &[]);
+    let (doc, out) = grid(&apps().join("direct.toml"), "appn", "open", &[]);
     let c = cell(&doc, "open", "open");
     assert_eq!(
         c.observed,
@@ -440,7 +440,7 @@ fn open_peers_are_judged_from_their_own_counters() {
         "{e:#?}"
     );
     assert!(e.unobserved.is_empty(), "{e:#?}");
-    let (doc, out) = grid(&apps().join("oneway.toml"), "appo", "open", &[]);
+    let (doc, out) = grid(&apps().join("oneway.toml"), "appn", "open", &[]);
     let c = cell(&doc, "open", "open");
     assert_eq!(
         c.observed,
