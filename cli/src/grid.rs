@@ -13,7 +13,7 @@ use clap::Args;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::app;
 use natscope_lab::app_run::{self, AppGridDocument};
-use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken, Transport};
+use natscope_lab::grid::{self, GridCell, GridDocument, Transport};
 use natscope_lab::grid_run::run_grid;
 
 use crate::lab::PresetParser;
@@ -161,22 +161,6 @@ fn table(corner: &str, names: &[String], mark: impl Fn(&str, &str) -> Option<Str
     table.to_string()
 }
 
-fn mark(c: &GridCell) -> String {
-    let o = match c.observed {
-        Some(PathTaken::Direct) => match c.time_to_direct_ms {
-            Some(ms) => format!("direct {ms:.0} ms"),
-            None => "direct".into(),
-        },
-        Some(p) => p.to_string(),
-        None => "error".into(),
-    };
-    if c.pass {
-        format!("✓ {o}")
-    } else {
-        format!("✗ {o} (want {})", c.expected)
-    }
-}
-
 fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> String {
     let mut parts = Vec::new();
     for t in transports {
@@ -185,7 +169,7 @@ fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> Str
                 .cells
                 .iter()
                 .find(|c| c.transport == *t && ((c.a == x && c.b == y) || (c.a == y && c.b == x)));
-            c.map(mark)
+            c.map(GridCell::mark)
         }));
     }
     for c in doc.cells.iter().filter(|c| !c.pass) {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use natscope_lab::netns;
 
-pub use natscope_lab::jobs::run_parallel;
+pub use natscope_lab::jobs::run_parallel_shown;
 
 /// Checked before any lab comes up: `--jobs` within 1..=32 and the privileges labs need. Returns
 /// the natscope executable that the labs' nodes run.

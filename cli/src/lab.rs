@@ -36,6 +36,8 @@ pub enum LabCommand {
     Status(StatusArgs),
     /// Print a NAT node's live mappings.
     NatTable(NatTableArgs),
+    /// Print a userspace NAT node's traffic per flow: out, delivered in, refused by its filter.
+    Flows(NatTableArgs),
     /// Run a program inside a lab node, stdio attached, exit status passed through.
     Exec(ExecArgs),
     /// Tear a lab down (or every lab, stale ones included, with --all).
@@ -86,8 +88,8 @@ pub struct NatTableArgs {
     lab: Option<String>,
     /// The NAT node.
     node: String,
-    /// Print the mappings as one JSON document (proto, internal, external, expires_in_ms each)
-    /// instead of a table.
+    /// Print JSON instead of a table (nat-table: one `natscope.nat-table/v1` document; flows:
+    /// an array of flows).
     #[arg(long)]
     json: bool,
 }
@@ -160,6 +162,11 @@ pub fn run(cmd: LabCommand, log: &LogArgs) -> Result<ExitCode> {
         LabCommand::Up(a) => up(a, log),
         LabCommand::Status(a) => status(a),
         LabCommand::NatTable(a) => nat_table(a),
+        LabCommand::Flows(a) => {
+            let text = natscope_lab::app_run::lab_flows(a.lab, &a.node, a.json);
+            emit(&text.map_err(|e| anyhow!("{e}"))?);
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::Exec(a) => exec(a),
         LabCommand::Down(a) => down(a),
         LabCommand::Matrix(a) => crate::matrix::run(a),

@@ -49,7 +49,7 @@ pub fn run(a: MatrixArgs) -> Result<ExitCode> {
     }
     let exe = jobs::prepare(a.jobs)?;
     let start = Instant::now();
-    let rows = jobs::run_parallel(&wanted, a.jobs, |i, (name, truth)| {
+    let rows = jobs::run_parallel_shown(&wanted, a.jobs, "presets", |i, (name, truth)| {
         run_preset(i, name, truth.clone(), &exe)
     })?;
     let errors = rows.iter().any(|r| r.error.is_some());

@@ -41,7 +41,7 @@ pub enum AppFileError {
 }
 
 /// When a started role counts as ready.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ready {
     /// A UDP socket bound to this port inside the role's node.
     Udp(u16),
@@ -49,6 +49,9 @@ pub enum Ready {
     Tcp(u16),
     /// A fixed wait.
     Wait(Duration),
+    /// This text appears in what the role wrote to stdout (a program that says when it is
+    /// registered, as `natscope punch listen` does).
+    Stdout(String),
 }
 
 impl std::fmt::Display for Ready {
@@ -57,6 +60,7 @@ impl std::fmt::Display for Ready {
             Ready::Udp(p) => write!(f, "udp:{p}"),
             Ready::Tcp(p) => write!(f, "tcp:{p}"),
             Ready::Wait(d) => write!(f, "{} ms", d.as_millis()),
+            Ready::Stdout(t) => write!(f, "stdout:{t}"),
         }
     }
 }
@@ -333,7 +337,8 @@ fn role(
         Some(s) => parse_ready(s.get_ref()).ok_or_else(|| {
             (
                 Some(s.span()),
-                "`ready` must be \"udp:PORT\", \"tcp:PORT\" or a wait in milliseconds".to_string(),
+                "`ready` must be \"udp:PORT\", \"tcp:PORT\", \"stdout:TEXT\" or a wait in milliseconds"
+                    .to_string(),
             )
         })?,
     };
@@ -367,6 +372,8 @@ fn parse_ready(r: &ReadyDoc) -> Option<Ready> {
                 Some(Ready::Udp(port(p)?))
             } else if let Some(p) = t.strip_prefix("tcp:") {
                 Some(Ready::Tcp(port(p)?))
+            } else if let Some(text) = t.strip_prefix("stdout:") {
+                (!text.is_empty()).then(|| Ready::Stdout(text.to_string()))
             } else {
                 ms(t.trim_end_matches("ms").trim().parse().ok()?)
             }
@@ -468,6 +475,10 @@ timeout_s = 30
             ("250", Ready::Wait(Duration::from_millis(250))),
             ("\"250\"", Ready::Wait(Duration::from_millis(250))),
             ("\"250ms\"", Ready::Wait(Duration::from_millis(250))),
+            (
+                "\"stdout:registered as b\"",
+                Ready::Stdout("registered as b".into()),
+            ),
         ] {
             let s = parse(&format!(
                 "[server]\nrun = \"x\"\nready = {text}\n[connect]\nrun = \"y\"\n"
@@ -550,6 +561,7 @@ timeout_s = 30
             "-5",
             "\"soon\"",
             "900000",
+            "\"stdout:\"",
         ] {
             let e = error(&format!(
                 "[listen]\nrun = \"x\"\nready = {bad}\n[connect]\nrun = \"y\"\n"

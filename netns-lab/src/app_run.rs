@@ -30,11 +30,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::app::{AppSpec, Placeholders, Ready, RoleCommand};
+use crate::driver::WAN;
 use crate::engine::FlowRow;
 use crate::grid::{self, PathTaken, Transport};
 use crate::jobs::{self, CapturedOutput};
 use crate::topology::{Role, RouterKind};
 use crate::{Lab, LabOptions};
+use natscope_core::nat::Protocol;
 
 /// The schema of `lab grid --app --json`.
 pub const SCHEMA: &str = "natscope.grid/v2";
@@ -119,20 +121,54 @@ pub struct RoleLog {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Count {
     pub packets: u64,
+    /// IP packet bytes, headers included.
     pub bytes: u64,
+    /// The application's bytes: `bytes` less an IPv4 and transport header per packet (20 + 8
+    /// for UDP, 20 + 32 for TCP with the timestamps Linux sends; a kernel `linux` router's
+    /// counters do not tell the protocol, so UDP's). Bare TCP acknowledgements carry none.
+    #[serde(default)]
+    pub payload_bytes: u64,
+}
+
+/// IPv4 and transport header bytes per packet, by protocol (see [`Count::payload_bytes`]).
+fn header_bytes(proto: Protocol) -> u64 {
+    match proto {
+        Protocol::Tcp => 20 + 32,
+        _ => 20 + 8,
+    }
 }
 
 impl Count {
-    fn add(&mut self, packets: u64, bytes: u64) {
+    fn add(&mut self, proto: Protocol, packets: u64, bytes: u64) {
         self.packets += packets;
         self.bytes += bytes;
+        self.payload_bytes += bytes.saturating_sub(packets * header_bytes(proto));
+    }
+}
+
+/// A side's totals from its gateway's flows: a flow whose remote is one of the rendezvous
+/// host's addresses went through it, any other is a flow with the other peer (the pair topology
+/// has no third public party).
+fn tally(side: &mut SideEvidence, rendezvous: &[Ipv4Addr]) {
+    for f in &side.flows {
+        let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
+        if via {
+            side.to_rendezvous.add(f.proto, f.out_packets, f.out_bytes);
+            side.from_rendezvous.add(f.proto, f.in_packets, f.in_bytes);
+        } else {
+            side.to_peer.add(f.proto, f.out_packets, f.out_bytes);
+            side.from_peer_delivered
+                .add(f.proto, f.in_packets, f.in_bytes);
+            side.from_peer_refused += f.in_refused;
+        }
     }
 }
 
 /// One peer's side of the evidence, read at its gateway during the connect command's run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SideEvidence {
-    /// The router the counts come from (the peer's own gateway); `None` for a peer with no NAT.
+    /// Where the counts come from: the peer's own gateway, or for a peer with no NAT in front
+    /// of it (`open`) the peer's own node (`a`, `b`: nftables counters in its namespace).
     pub router: Option<String>,
     /// Sent towards the other peer's public endpoints.
     pub to_peer: Count,
@@ -183,6 +219,9 @@ pub struct AppGrid {
     pub lab_prefix: String,
     /// natscope, for the rendezvous node's reflector.
     pub exe: PathBuf,
+    /// The transport the model's expectation is for (an app file's programs are judged as UDP;
+    /// the plain grid's built-in punch app runs over each transport).
+    pub transport: Transport,
 }
 
 impl AppGrid {
@@ -207,6 +246,7 @@ impl AppGrid {
             work,
             lab_prefix: lab_prefix.to_string(),
             exe: exe.to_path_buf(),
+            transport: Transport::Udp,
         };
         if let Some(setup) = &grid.app.setup {
             grid.run_setup(setup)?;
@@ -266,12 +306,29 @@ impl AppGrid {
         let _ = std::fs::remove_dir_all(&self.work);
     }
 
+    /// The same grid, its cells judged against the model's expectation over `t`.
+    pub fn with_transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+
     /// Runs the cell `a` × `b` (the `index`-th of the grid).
     pub fn run_cell(&self, index: usize, a: &str, b: &str) -> AppCell {
+        let (mut cell, stdout) = self.run_cell_unjudged(index, a, b);
+        cell.claimed = claim(&stdout);
+        judge(&mut cell);
+        cell
+    }
+
+    /// Runs the cell `a` × `b` (the `index`-th of the grid) and records what happened, but does
+    /// not judge it ([`judge`] does): the connect command's whole stdout comes back beside the
+    /// cell, for a runner that reads more than the last line's claim (the plain grid reads
+    /// punch's report from it).
+    pub fn run_cell_unjudged(&self, index: usize, a: &str, b: &str) -> (AppCell, String) {
         let t0 = Instant::now();
         let (expected, expected_from, reason) = match self.app.expectation(a, b) {
             Some(p) => (p, "app", format!("{}'s [expect] says {p}", self.app.file)),
-            None => match grid::expected(a, b, Transport::Udp) {
+            None => match grid::expected(a, b, self.transport) {
                 Some((p, why)) => (p, "model", why),
                 None => (PathTaken::Failed, "model", "unknown preset".into()),
             },
@@ -293,16 +350,21 @@ impl AppGrid {
             durations: Durations::default(),
             logs: BTreeMap::new(),
         };
-        if let Err(e) = self.cell_in_lab(index, &mut cell) {
+        let mut stdout = String::new();
+        if let Err(e) = self.cell_in_lab(index, &mut cell, &mut stdout) {
             cell.error = Some(e);
         }
-        judge(&mut cell);
         cell.durations.total_ms = ms(t0.elapsed());
-        cell
+        (cell, stdout)
     }
 
     /// Brings the lab up, runs the roles, takes the lab down; fills in what it saw.
-    fn cell_in_lab(&self, index: usize, cell: &mut AppCell) -> Result<(), String> {
+    fn cell_in_lab(
+        &self,
+        index: usize,
+        cell: &mut AppCell,
+        stdout: &mut String,
+    ) -> Result<(), String> {
         let t0 = Instant::now();
         let topo = grid::pair_topology(&cell.a, &cell.b).ok_or("no pair topology")?;
         let plan = topo.plan().map_err(|e| e.to_string())?;
@@ -319,9 +381,8 @@ impl AppGrid {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let p = self.placeholders(Some((&lab, &dir)));
         cell.durations.lab_up_ms = ms(t0.elapsed());
-        let t1 = Instant::now();
         let mut running: Vec<RoleProcess> = Vec::new();
-        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, t1);
+        let result = self.run_roles(&lab, &p, &dir, cell, &mut running, stdout);
         let t2 = Instant::now();
         for r in &mut running {
             r.stop();
@@ -340,8 +401,9 @@ impl AppGrid {
         dir: &Path,
         cell: &mut AppCell,
         running: &mut Vec<RoleProcess>,
-        t1: Instant,
+        stdout: &mut String,
     ) -> Result<(), String> {
+        let t1 = Instant::now();
         for (role, node, spec) in [
             ("server", RENDEZVOUS, self.app.server.as_ref()),
             ("listen", "b", self.app.listen.as_ref()),
@@ -355,9 +417,18 @@ impl AppGrid {
         let rendezvous = rendezvous_addrs(lab);
         let mut kernel = Vec::new();
         for peer in ["a", "b"] {
-            if let Some((router, Some(RouterKind::Linux))) = gateway(lab, peer) {
-                install_counters(lab, &router, &rendezvous)?;
-                kernel.push(router);
+            match gateway(lab, peer) {
+                Some((router, Some(RouterKind::Linux))) => {
+                    install_counters(lab, &router, &counter_rules(WAN, &rendezvous))?;
+                    kernel.push(router);
+                }
+                // No NAT between the peer and the internet: nothing forwards its traffic, so
+                // count it where it is sent and received.
+                None => {
+                    install_counters(lab, peer, &host_counter_rules(&rendezvous))?;
+                    kernel.push(peer.to_string());
+                }
+                Some(_) => {}
             }
         }
         let before = snapshot(lab);
@@ -385,7 +456,7 @@ impl AppGrid {
             None => cell.timed_out = true,
         }
         running[last].stop();
-        cell.claimed = claim(&running[last].output.stdout());
+        *stdout = running[last].output.stdout();
         Ok(())
     }
 }
@@ -419,12 +490,13 @@ pub fn judge(cell: &mut AppCell) {
 /// The path `e` shows, or `None` when the lab saw neither a direct nor a relayed exchange.
 ///
 /// Direct needs, in **each** direction, packets from the other peer delivered into its LAN, and
-/// the direct path carrying at least as many bytes as the sender sent to the rendezvous host: a
-/// pair whose punch packets met but whose data (one way or both) still went through the relay
-/// was relayed.
+/// the direct path carrying at least as many application bytes ([`Count::payload_bytes`]) as the
+/// sender sent to the rendezvous host: a pair whose punch packets met but whose data (one way or
+/// both) still went through the relay was relayed, and so was a pair where one side only
+/// acknowledged a TCP stream the other side opened directly.
 pub fn observed_path(e: &Evidence) -> Option<PathTaken> {
     let carried = |direct: Count, sender: &SideEvidence| {
-        direct.packets > 0 && direct.bytes >= sender.to_rendezvous.bytes
+        direct.packets > 0 && direct.payload_bytes >= sender.to_rendezvous.payload_bytes
     };
     if carried(e.direct_a_to_b, &e.a) && carried(e.direct_b_to_a, &e.b) {
         return Some(PathTaken::Direct);
@@ -505,6 +577,10 @@ fn evidence(
     };
     for (peer, side) in [("a", &mut e.a), ("b", &mut e.b)] {
         let Some((router, kind)) = gateway(lab, peer) else {
+            if let Some(counted) = kernel.remove(peer) {
+                *side = counted;
+                side.router = Some(peer.to_string());
+            }
             continue;
         };
         if let Some(counted) = kernel.remove(&router) {
@@ -522,17 +598,7 @@ fn evidence(
             continue;
         };
         side.flows = difference(b, a);
-        for f in &side.flows {
-            let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
-            if via {
-                side.to_rendezvous.add(f.out_packets, f.out_bytes);
-                side.from_rendezvous.add(f.in_packets, f.in_bytes);
-            } else {
-                side.to_peer.add(f.out_packets, f.out_bytes);
-                side.from_peer_delivered.add(f.in_packets, f.in_bytes);
-                side.from_peer_refused += f.in_refused;
-            }
-        }
+        tally(side, &rendezvous);
     }
     // Delivered into a side's LAN: its gateway's count; a side without a NAT receives whatever
     // the other side's gateway sent it.
@@ -600,21 +666,27 @@ impl RoleProcess {
         }
         let n = lab.node(node).map_err(|e| e.to_string())?;
         loop {
-            let r = spec.ready;
-            let bound = n.run(move || port_bound(r)).unwrap_or(false);
-            if bound {
+            let ready = match &spec.ready {
+                Ready::Stdout(text) => self.output.stdout().contains(text.as_str()),
+                r => {
+                    let r = r.clone();
+                    n.run(move || port_bound(&r)).unwrap_or(false)
+                }
+            };
+            if ready {
                 return Ok(());
             }
             if self.exited() {
-                return Err(self.failure(&format!("exited before {} was bound", spec.ready)));
+                return Err(self.failure(&format!("exited before {} held", spec.ready)));
             }
             if Instant::now() >= deadline {
                 return Err(self.failure(&format!(
-                    "did not bind {} within {:?}",
+                    "did not get ready ({}) within {:?}",
                     spec.ready, spec.timeout
                 )));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // A check is a /proc read in the node's thread: cheap enough to look often.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -692,11 +764,11 @@ fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 
 /// Whether the calling thread's namespace has a UDP socket bound to, or a TCP socket listening
 /// on, the ready port (`/proc/thread-self/net/{udp,tcp}`: this thread's namespace's sockets).
-fn port_bound(r: Ready) -> bool {
-    let (file, port, listen_only) = match r {
+fn port_bound(r: &Ready) -> bool {
+    let (file, port, listen_only) = match *r {
         Ready::Udp(p) => ("udp", p, false),
         Ready::Tcp(p) => ("tcp", p, true),
-        Ready::Wait(_) => return true,
+        Ready::Wait(_) | Ready::Stdout(_) => return true,
     };
     // IPv6 sockets (dual-stack ones included, as nebula's) are listed in the *6 tables only.
     [file.to_string(), format!("{file}6")].iter().any(|f| {
@@ -793,9 +865,31 @@ fn counter_rules(wan: &str, rendezvous: &[Ipv4Addr]) -> String {
     )
 }
 
-fn install_counters(lab: &Lab, router: &str, rendezvous: &[Ipv4Addr]) -> Result<(), String> {
-    let rules = counter_rules(crate::driver::WAN, rendezvous);
-    nft(lab, router, &["-f", "-"], &rules).map(|_| ())
+/// The evidence table's rules for a peer with no NAT (`open`), in the peer's own namespace:
+/// what it sends and what it receives, loopback left out. Nothing filters in front of it, so
+/// every packet from the other peer that arrives is delivered (`from_peer_seen` counts the same).
+fn host_counter_rules(rendezvous: &[Ipv4Addr]) -> String {
+    let set: Vec<String> = rendezvous.iter().map(Ipv4Addr::to_string).collect();
+    let set = format!("{{ {} }}", set.join(", "));
+    let counters: String = NFT_COUNTERS
+        .iter()
+        .map(|c| format!("counter {c} {{}}\n"))
+        .collect();
+    let l4 = "meta l4proto { tcp, udp }";
+    format!(
+        "table ip {NFT_TABLE} {{\n{counters}\
+         chain output {{ type filter hook output priority filter + 10; policy accept;\n\
+         oifname != \"lo\" ip daddr {set} {l4} counter name to_rendezvous\n\
+         oifname != \"lo\" ip daddr != {set} {l4} counter name to_peer\n}}\n\
+         chain input {{ type filter hook input priority filter + 10; policy accept;\n\
+         iifname != \"lo\" ip saddr {set} {l4} counter name from_rendezvous\n\
+         iifname != \"lo\" ip saddr != {set} {l4} counter name from_peer_delivered\n\
+         iifname != \"lo\" ip saddr != {set} {l4} counter name from_peer_seen\n}}\n}}\n"
+    )
+}
+
+fn install_counters(lab: &Lab, node: &str, rules: &str) -> Result<(), String> {
+    nft(lab, node, &["-f", "-"], rules).map(|_| ())
 }
 
 /// The counters' values, then the table removed again.
@@ -818,13 +912,12 @@ pub fn linux_side(json: &str) -> Option<SideEvidence> {
         let Some(c) = item.get("counter") else {
             continue;
         };
-        got.insert(
-            c.get("name")?.as_str()?.to_string(),
-            Count {
-                packets: c.get("packets")?.as_u64()?,
-                bytes: c.get("bytes")?.as_u64()?,
-            },
-        );
+        got.insert(c.get("name")?.as_str()?.to_string(), {
+            let mut n = Count::default();
+            let (packets, bytes) = (c.get("packets")?.as_u64()?, c.get("bytes")?.as_u64()?);
+            n.add(Protocol::Udp, packets, bytes);
+            n
+        });
     }
     let get = |n: &str| got.get(n).copied();
     let delivered = get("from_peer_delivered")?;
@@ -839,6 +932,67 @@ pub fn linux_side(json: &str) -> Option<SideEvidence> {
         from_rendezvous: get("from_rendezvous")?,
         flows: Vec::new(),
     })
+}
+
+// ---- `lab flows` ----------------------------------------------------------------------------
+
+/// `natscope lab flows [--lab LAB] NODE [--json]`: the running lab's supervisor's flow counters
+/// for a userspace NAT node (what `--app` judges paths from), as a table or a JSON array.
+pub fn lab_flows(lab: Option<String>, node: &str, json: bool) -> Result<String, String> {
+    use crate::control::{self, Reply, Request};
+    let rec = control::pick_node(lab, node).map_err(|e| e.to_string())?;
+    let request = Request::Flows { node: node.into() };
+    let flows = match control::ask(&rec, &request) {
+        Some(Reply::Flows(f)) => f,
+        Some(Reply::Error(e)) => return Err(e),
+        _ => {
+            return Err(format!(
+                "the supervisor of lab {} does not answer",
+                rec.name
+            ))
+        }
+    };
+    if json {
+        return serde_json::to_string_pretty(&flows).map_err(|e| e.to_string());
+    }
+    Ok(format!(
+        "{} flows through {node} (lab {})\n{}",
+        flows.len(),
+        rec.name,
+        flows_table(&flows).trim_end()
+    ))
+}
+
+/// Flows as an aligned text table: endpoints, then packets/bytes out, delivered in, refused.
+pub fn flows_table(flows: &[FlowRow]) -> String {
+    let mut rows = vec![[
+        "proto", "internal", "external", "remote", "out", "in", "refused",
+    ]
+    .map(String::from)];
+    for f in flows {
+        rows.push([
+            format!("{:?}", f.proto).to_lowercase(),
+            f.internal.to_string(),
+            f.external.map_or("-".into(), |e| e.to_string()),
+            f.remote.to_string(),
+            format!("{} pkt / {} B", f.out_packets, f.out_bytes),
+            format!("{} pkt / {} B", f.in_packets, f.in_bytes),
+            f.in_refused.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string() + "\n"
+        })
+        .collect()
 }
 
 // ---- shards ---------------------------------------------------------------------------------
@@ -895,7 +1049,9 @@ pub fn run_grid(
     let app = spec.name.clone();
     let grid =
         AppGrid::prepare(spec, &std::env::temp_dir(), prefix, exe).map_err(|e| e.to_string())?;
-    let cells = crate::jobs::run_parallel(&pairs, jobs, |_, (i, (x, y))| grid.run_cell(*i, x, y));
+    let cells = crate::jobs::run_parallel_shown(&pairs, jobs, "cells", |_, (i, (x, y))| {
+        grid.run_cell(*i, x, y)
+    });
     grid.finish();
     let cells = cells.map_err(|e| e.to_string())?;
     Ok(AppGridDocument {
@@ -1330,17 +1486,8 @@ mod tests {
             router: Some("nat".into()),
             ..Default::default()
         };
-        for f in &flows {
-            if f.remote.ip().to_string() == "198.51.100.1" {
-                s.to_rendezvous.add(f.out_packets, f.out_bytes);
-                s.from_rendezvous.add(f.in_packets, f.in_bytes);
-            } else {
-                s.to_peer.add(f.out_packets, f.out_bytes);
-                s.from_peer_delivered.add(f.in_packets, f.in_bytes);
-                s.from_peer_refused += f.in_refused;
-            }
-        }
         s.flows = flows;
+        tally(&mut s, &["198.51.100.1".parse().unwrap()]);
         s
     }
 
@@ -1417,6 +1564,36 @@ mod tests {
         assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
     }
 
+    /// Seen in the plain grid, restricted cone to symmetric over TCP: b's connection to a's
+    /// mapping got through and b sent on it, but a only acknowledged (its punch never accepted
+    /// the stream) while its data went through the relay. Raw bytes both ways were about even;
+    /// application bytes show a carried nothing directly.
+    #[test]
+    fn a_stream_one_side_only_acknowledges_is_not_direct() {
+        let tcp = |remote: &str, out: u64, out_bytes: u64, delivered: u64, in_bytes: u64| FlowRow {
+            proto: natscope_core::nat::Protocol::Tcp,
+            out_bytes,
+            in_bytes,
+            ..flow(remote, out, delivered, 0)
+        };
+        let e = ev(
+            vec![
+                tcp("198.51.100.1:3490", 52, 5448, 47, 5148),
+                tcp("203.0.113.2:12351", 105, 5636, 106, 6584),
+            ],
+            vec![
+                tcp("198.51.100.1:3490", 41, 4752, 47, 5108),
+                tcp("203.0.113.1:44419", 106, 6584, 105, 5636),
+            ],
+        );
+        assert!(
+            e.direct_a_to_b.bytes >= e.a.to_rendezvous.bytes,
+            "raw bytes"
+        );
+        assert_eq!(e.direct_a_to_b.payload_bytes, 5636 - 105 * 52);
+        assert_eq!(observed_path(&e), Some(PathTaken::Relayed));
+    }
+
     #[test]
     fn a_false_claim_is_flagged_and_fails_the_cell() {
         let relayed = ev(
@@ -1465,6 +1642,23 @@ mod tests {
         judge(&mut c);
         assert_eq!(c.observed, None);
         assert!(!c.pass);
+    }
+
+    #[test]
+    fn flows_are_an_aligned_table() {
+        let t = flows_table(&[
+            flow("198.51.100.1:4000", 2, 1, 0),
+            flow("203.0.113.9:7000", 12, 0, 3),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("proto  internal"), "{t}");
+        assert!(
+            lines[2].contains("203.0.113.9:7000   12 pkt / 1200 B  0 pkt / 0 B    3"),
+            "{t}"
+        );
+        let col = |l: &str| l.find("10.0.0.2").unwrap();
+        assert_eq!(col(lines[1]), col(lines[2]));
     }
 
     #[test]
@@ -1578,7 +1772,8 @@ mod tests {
             s.to_peer,
             Count {
                 packets: 7,
-                bytes: 700
+                bytes: 700,
+                payload_bytes: 700 - 7 * 28
             }
         );
         assert_eq!(s.from_peer_delivered.packets, 5);
@@ -1599,6 +1794,12 @@ mod tests {
             "{rules}"
         );
         assert_eq!(rules.matches("counter name").count(), 5);
+        let host = host_counter_rules(&["198.51.100.1".parse().unwrap()]);
+        assert_eq!(host.matches("counter name").count(), 5, "{host}");
+        assert!(
+            host.contains("oifname != \"lo\" ip daddr != { 198.51.100.1 } meta l4proto { tcp, udp } counter name to_peer"),
+            "{host}"
+        );
     }
 
     #[test]

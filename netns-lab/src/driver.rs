@@ -87,6 +87,13 @@ impl PacketSocket {
             Ok(_) => return Err(DriverError::NotEthernet(name)),
             Err(e) => return Err(DriverError::Socket(name, e)),
         }
+        // pnet made the shared file description non-blocking: without this the receive timeout
+        // never applies and each receive thread spins on EAGAIN (half a core per idle lab).
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(io)?;
         let tick = TimeVal::new(0, TICK.as_micros() as nix::sys::time::suseconds_t);
         setsockopt(&fd, sockopt::ReceiveTimeout, &tick).map_err(io)?;
         // Best effort: without CAP_NET_ADMIN the kernel caps it at rmem_max.

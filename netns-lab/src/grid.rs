@@ -43,6 +43,41 @@ pub struct GridCell {
     /// The connector's full `natscope.punch/v1` report, kept for cells that did not pass.
     pub report: Option<ConnectReport>,
     pub duration_ms: f64,
+    /// The path the lab saw its routers forward, judged as `lab grid --app` judges any program
+    /// (`crate::app_run::observed_path`); a cell passes only when it agrees with `observed`.
+    #[serde(default)]
+    pub lab_observed: Option<PathTaken>,
+    /// What the routers forwarded while `punch connect` ran.
+    #[serde(default)]
+    pub evidence: Option<crate::app_run::Evidence>,
+    /// Where the cell's time went.
+    #[serde(default)]
+    pub durations: crate::app_run::Durations,
+}
+
+impl GridCell {
+    /// The cell's word in tables: ✓/✗, punch's path (with its time to direct), the expected
+    /// path when it differs, and the lab's path when it saw another one.
+    pub fn mark(&self) -> String {
+        let o = match self.observed {
+            Some(PathTaken::Direct) => match self.time_to_direct_ms {
+                Some(ms) => format!("direct {ms:.0} ms"),
+                None => "direct".into(),
+            },
+            Some(p) => p.to_string(),
+            None => "error".into(),
+        };
+        let lab = match self.lab_observed {
+            l if l == self.observed || self.observed.is_none() => String::new(),
+            Some(l) => format!(" ⚑ lab saw {l}"),
+            None => " ⚑ lab saw nothing".into(),
+        };
+        if self.pass {
+            format!("✓ {o}{lab}")
+        } else {
+            format!("✗ {o} (want {}){lab}", self.expected)
+        }
+    }
 }
 
 /// The schema name of `lab grid --json`.

@@ -1,73 +1,45 @@
-//! One cell of `natscope lab grid`: a lab for a pair of presets ([`grid::pair_topology`]), punch
-//! run in it ([`crate::punch_lab`]), and the outcome judged against the one RFC 4787 / RFC 5382
-//! reasoning predicts ([`grid::expected`]): the path must match, and a connected pair must also
-//! have delivered every message, once each, in order.
+//! One cell of `natscope lab grid`: natscope punch run as a built-in app
+//! ([`punch_lab::app`]) by the same engine as `lab grid --app` ([`crate::app_run`]: the pair
+//! lab, the roles, the routers' counts), so there is one runner. The outcome is judged twice:
+//! punch's own report against what RFC 4787 / RFC 5382 reasoning predicts ([`grid::expected`]:
+//! the path must match, and a connected pair must have delivered every message, once each, in
+//! order), and the path the lab saw against the path punch reports (they must agree).
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use natscope_core::punch::connector::ConnectReport;
 
+use crate::app_run::{self, AppCell, AppGrid, AppGridError};
 use crate::grid::{self, GridCell, PathTaken, Transport};
-use crate::jobs;
-use crate::punch_lab::{self, Peer, PunchLab, PunchLabError};
-use crate::topology::TopologyError;
-use crate::{Lab, LabError, LabOptions};
+use crate::jobs::{self, JobError};
+use crate::punch_lab::{self, CONNECT_LIMIT};
 
-/// How long `punch connect` may take (it gives up after 8 s itself).
-const CONNECT_LIMIT: Duration = Duration::from_secs(20);
-
-/// What one punch run in a lab gave: the connector's report, and the two peers' stderr when the
-/// pair did not go direct.
-#[derive(Debug)]
-struct Punched {
-    report: ConnectReport,
-    diagnostics: Option<String>,
-}
-
-/// Why a cell could not run.
+/// Why a grid could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum CellError {
-    #[error("no pair topology")]
-    NoTopology,
-    #[error("{0}")]
-    Topology(#[from] TopologyError),
-    #[error("lab for {a} + {b}: {source}")]
-    Lab {
-        a: String,
-        b: String,
-        source: Box<LabError>,
-    },
-    #[error("{0}")]
-    Punch(#[from] PunchLabError),
-    #[error("punch connect did not finish within {CONNECT_LIMIT:?} ({why})")]
-    ConnectTimeout { why: String },
-    #[error("punch connect printed no report: {text} ({diagnostics})")]
-    NoReport {
-        text: String,
-        diagnostics: String,
-        source: serde_json::Error,
-    },
+pub enum GridError {
+    #[error(transparent)]
+    Jobs(#[from] JobError),
+    #[error(transparent)]
+    Prepare(#[from] AppGridError),
 }
 
-/// Runs the cell `a` × `b` over `t` in a lab named `prefix` + `index` + a random suffix, with
-/// `exe` as natscope.
-pub fn run_cell(
-    prefix: &str,
-    index: usize,
-    a: &str,
-    b: &str,
-    t: Transport,
-    exe: &Path,
-) -> GridCell {
+/// Runs the cell `a` × `b` (the `index`-th of the grid) of `grid`, the built-in punch app over
+/// `grid.transport`.
+pub fn run_cell(grid: &AppGrid, index: usize, a: &str, b: &str) -> GridCell {
     let t0 = Instant::now();
-    let (expected, reason) =
-        grid::expected(a, b, t).unwrap_or((PathTaken::Failed, "unknown preset".into()));
-    let result = punch_in_lab(prefix, index, a, b, t, exe);
+    let (mut app, stdout) = grid.run_cell_unjudged(index, a, b);
+    let report = punch_lab::connect_report(stdout.as_bytes());
+    // Punch's report is the program's claim; the app engine's judgment compares the lab's
+    // observation with it.
+    app.claimed = report.as_ref().ok().map(|r| r.path);
+    app_run::judge(&mut app);
+    let (expected, reason) = grid::expected(a, b, grid.transport)
+        .unwrap_or((PathTaken::Failed, "unknown preset".into()));
     let mut cell = GridCell {
         a: a.into(),
         b: b.into(),
-        transport: t,
+        transport: grid.transport,
         expected,
         observed: None,
         time_to_direct_ms: None,
@@ -79,23 +51,54 @@ pub fn run_cell(
         diagnostics: None,
         report: None,
         duration_ms: 0.0,
+        lab_observed: app.observed,
+        evidence: app.evidence.clone(),
+        durations: app.durations.clone(),
     };
-    match result {
-        Ok(Punched {
-            report,
-            diagnostics,
-        }) => {
-            cell.diagnostics = diagnostics;
-            judge(&mut cell, report);
+    let diagnostics = format!(
+        "connector: {}; listener: {}",
+        stderr_tail(&app, "connect"),
+        stderr_tail(&app, "listen")
+    );
+    match (&app.error, app.timed_out, report) {
+        (Some(e), _, _) => cell.error = Some(e.clone()),
+        (None, true, _) => {
+            cell.error = Some(format!(
+                "punch connect did not finish within {CONNECT_LIMIT:?} ({diagnostics})"
+            ))
         }
-        Err(e) => cell.error = Some(jobs::error_line(&e)),
+        (None, false, Err(e)) => {
+            cell.error = Some(format!(
+                "punch connect printed no report: {} ({diagnostics}): {e}",
+                stdout.trim()
+            ))
+        }
+        (None, false, Ok(report)) => {
+            cell.diagnostics = (report.path != PathTaken::Direct).then_some(diagnostics);
+            judge(&mut cell, report, &app);
+        }
     }
     cell.duration_ms = t0.elapsed().as_secs_f64() * 1000.0;
     cell
 }
 
-/// Fills the observation into `cell` from the connector's report and decides whether it passed.
-fn judge(cell: &mut GridCell, report: ConnectReport) {
+/// The last three lines `role` wrote to stderr, on one line.
+fn stderr_tail(app: &AppCell, role: &str) -> String {
+    let text = app
+        .logs
+        .get(role)
+        .map(|l| l.stderr_tail.as_str())
+        .unwrap_or("");
+    let lines: Vec<&str> = text.lines().collect();
+    match lines.len() {
+        0 => "(nothing on stderr)".into(),
+        n => lines[n.saturating_sub(3)..].join(" | "),
+    }
+}
+
+/// Fills the observation into `cell` from the connector's report and the lab's judgment of the
+/// same run (`app`), and decides whether it passed.
+fn judge(cell: &mut GridCell, report: ConnectReport, app: &AppCell) {
     cell.observed = Some(report.path);
     cell.time_to_direct_ms = report.time_to_direct_ms;
     cell.messages_sent = report.messages_sent;
@@ -105,68 +108,26 @@ fn judge(cell: &mut GridCell, report: ConnectReport) {
         || (report.messages_echoed == report.messages_sent
             && report.messages_sent > 0
             && report.in_order);
-    cell.pass = cell.observed == Some(cell.expected) && delivered;
+    let agrees = app.disagreement.is_none() && app.observed == Some(report.path);
+    cell.pass = cell.observed == Some(cell.expected) && delivered && agrees;
     if !delivered {
         cell.reason = format!(
             "{} (data: {}/{} echoed, in order: {})",
             cell.reason, cell.messages_echoed, cell.messages_sent, report.in_order
         );
     }
+    if !agrees {
+        let lab = app
+            .observed
+            .map_or("nothing it could judge".to_string(), |p| p.to_string());
+        cell.reason = format!(
+            "{} (punch reports {}, the lab saw {lab})",
+            cell.reason, report.path
+        );
+    }
     if !cell.pass {
         cell.report = Some(report);
     }
-}
-
-/// The connector's `natscope.punch/v1` report, with the peers' stderr when it did not go direct.
-fn punch_in_lab(
-    prefix: &str,
-    index: usize,
-    a: &str,
-    b: &str,
-    t: Transport,
-    exe: &Path,
-) -> Result<Punched, CellError> {
-    let topo = grid::pair_topology(a, b).ok_or(CellError::NoTopology)?;
-    let lab = Lab::up(
-        &jobs::lab_name(prefix, index),
-        topo.plan()?,
-        LabOptions {
-            natscope_bin: Some(exe.to_path_buf()),
-            ..Default::default()
-        },
-    )
-    .map_err(|source| CellError::Lab {
-        a: a.into(),
-        b: b.into(),
-        source: Box::new(source),
-    })?;
-    let tcp: &[&str] = if t == Transport::Tcp { &["--tcp"] } else { &[] };
-    let mut punch = PunchLab::<Peer>::start(lab, exe)?;
-    let mut listener = punch.listener(
-        "b",
-        &[&["--json", "--count", "1", "--timeout", "30"], tcp].concat(),
-    )?;
-    let mut connector = punch.connector("b", &[&["--timeout", "8"], tcp].concat())?;
-    let Some(stdout) = connector.output_within(CONNECT_LIMIT) else {
-        let why = format!("connector: {}", connector.stderr_tail());
-        return Err(CellError::ConnectTimeout { why });
-    };
-    let diagnostics = format!(
-        "connector: {}; listener: {}",
-        connector.stderr_tail(),
-        listener.stderr_tail()
-    );
-    punch.down();
-    let report = punch_lab::connect_report(&stdout).map_err(|source| CellError::NoReport {
-        text: String::from_utf8_lossy(&stdout).trim().to_string(),
-        diagnostics: diagnostics.clone(),
-        source,
-    })?;
-    let diagnostics = (report.path != PathTaken::Direct).then_some(diagnostics);
-    Ok(Punched {
-        report,
-        diagnostics,
-    })
 }
 
 /// Runs the plain grid: natscope punch over every unordered pair of `names`, for each transport,
@@ -177,19 +138,24 @@ pub fn run_grid(
     jobs: usize,
     prefix: &str,
     exe: &Path,
-) -> Result<grid::GridDocument, jobs::JobError> {
-    let mut work = Vec::new();
+) -> Result<grid::GridDocument, GridError> {
+    let mut grids = Vec::new();
     for t in transports {
-        for (i, x) in names.iter().enumerate() {
-            for y in &names[i..] {
-                work.push((x.clone(), y.clone(), *t));
-            }
+        let app = punch_lab::app(exe, *t);
+        grids.push(AppGrid::prepare(app, &std::env::temp_dir(), prefix, exe)?.with_transport(*t));
+    }
+    let mut work = Vec::new();
+    for g in &grids {
+        for (x, y) in app_run::pairs(names) {
+            work.push((g, x, y));
         }
     }
     let start = Instant::now();
-    let cells = jobs::run_parallel(&work, jobs, |i, (x, y, t)| {
-        run_cell(prefix, i, x, y, *t, exe)
-    })?;
+    let cells = jobs::run_parallel_shown(&work, jobs, "cells", |i, (g, x, y)| run_cell(g, i, x, y));
+    for g in grids {
+        g.finish();
+    }
+    let cells = cells?;
     Ok(grid::GridDocument {
         schema: grid::SCHEMA.to_string(),
         natscope_version: natscope_core::document::version(),
@@ -220,6 +186,30 @@ mod tests {
             diagnostics: None,
             report: None,
             duration_ms: 0.0,
+            lab_observed: None,
+            evidence: None,
+            durations: Default::default(),
+        }
+    }
+
+    /// The app engine's record of the same run: the lab saw `path`.
+    fn lab(path: PathTaken) -> AppCell {
+        AppCell {
+            a: "full-cone".into(),
+            b: "symmetric".into(),
+            expected: PathTaken::Direct,
+            expected_from: "model".into(),
+            reason: String::new(),
+            observed: Some(path),
+            claimed: Some(path),
+            disagreement: None,
+            pass: true,
+            exit_status: Some(0),
+            timed_out: false,
+            error: None,
+            evidence: None,
+            durations: Default::default(),
+            logs: Default::default(),
         }
     }
 
@@ -250,7 +240,7 @@ mod tests {
             time_to_direct_ms: Some(12.5),
             ..report(PathTaken::Direct, 5, 5, true)
         };
-        judge(&mut c, r);
+        judge(&mut c, r, &lab(PathTaken::Direct));
         assert!(c.pass);
         assert_eq!(c.observed, Some(PathTaken::Direct));
         assert_eq!(c.time_to_direct_ms, Some(12.5));
@@ -262,12 +252,16 @@ mod tests {
     fn a_lost_or_reordered_message_fails_a_connected_cell() {
         let mut c = cell(PathTaken::Relayed);
         let r = report(PathTaken::Relayed, 5, 4, true);
-        judge(&mut c, r.clone());
+        judge(&mut c, r.clone(), &lab(PathTaken::Relayed));
         assert!(!c.pass);
         assert_eq!(c.reason, "why (data: 4/5 echoed, in order: true)");
         assert_eq!(c.report, Some(r), "a failed cell keeps the report");
         let mut c = cell(PathTaken::Relayed);
-        judge(&mut c, report(PathTaken::Relayed, 5, 5, false));
+        judge(
+            &mut c,
+            report(PathTaken::Relayed, 5, 5, false),
+            &lab(PathTaken::Relayed),
+        );
         assert!(!c.pass);
         assert_eq!(c.reason, "why (data: 5/5 echoed, in order: false)");
     }
@@ -275,19 +269,53 @@ mod tests {
     #[test]
     fn a_failed_pair_needs_no_data_but_the_expected_path() {
         let mut c = cell(PathTaken::Failed);
-        judge(&mut c, report(PathTaken::Failed, 0, 0, true));
+        judge(
+            &mut c,
+            report(PathTaken::Failed, 0, 0, true),
+            &lab(PathTaken::Failed),
+        );
         assert!(c.pass);
         let mut c = cell(PathTaken::Direct);
-        judge(&mut c, report(PathTaken::Relayed, 3, 3, true));
+        judge(
+            &mut c,
+            report(PathTaken::Relayed, 3, 3, true),
+            &lab(PathTaken::Relayed),
+        );
         assert!(!c.pass, "the wrong path fails even with the data through");
         assert_eq!(c.observed, Some(PathTaken::Relayed));
+    }
+
+    #[test]
+    fn a_cell_fails_when_the_lab_saw_another_path_than_punch_reports() {
+        let mut c = cell(PathTaken::Direct);
+        judge(
+            &mut c,
+            report(PathTaken::Direct, 5, 5, true),
+            &lab(PathTaken::Relayed),
+        );
+        assert!(!c.pass);
+        assert_eq!(c.reason, "why (punch reports direct, the lab saw relayed)");
+        let mut unseen = lab(PathTaken::Direct);
+        unseen.observed = None;
+        unseen.disagreement = Some("the app says direct, the lab could not observe".into());
+        let mut c = cell(PathTaken::Direct);
+        judge(&mut c, report(PathTaken::Direct, 5, 5, true), &unseen);
+        assert!(!c.pass);
+        assert_eq!(
+            c.reason,
+            "why (punch reports direct, the lab saw nothing it could judge)"
+        );
     }
 
     /// A cell with its report, as `lab grid --json` writes it, reads back as the same cell.
     #[test]
     fn a_cell_with_its_report_reads_back_typed() {
         let mut c = cell(PathTaken::Direct);
-        judge(&mut c, report(PathTaken::Relayed, 3, 3, true));
+        judge(
+            &mut c,
+            report(PathTaken::Relayed, 3, 3, true),
+            &lab(PathTaken::Relayed),
+        );
         let text = serde_json::to_string_pretty(&c).expect("json");
         let back: GridCell = serde_json::from_str(&text).expect("reads back");
         assert_eq!(back, c);

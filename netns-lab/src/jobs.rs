@@ -2,8 +2,10 @@
 //! bounded pool of worker threads over a list of jobs (results back in job order), and a child
 //! process whose stdout is collected while its run is held to a deadline, a child's stdout and
 //! stderr captured as it runs ([`CapturedOutput`]), and a job's error as one line.
+//! [`run_parallel_shown`] also shows a progress bar (done/total, ETA) on stderr when stderr is a
+//! terminal, and nothing otherwise (a CI log or a pipe gets no control characters).
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -75,6 +77,39 @@ pub fn run_parallel<T: Sync, R: Send>(
     }
     done.sort_by_key(|(i, _)| *i);
     Ok(done.into_iter().map(|(_, r)| r).collect())
+}
+
+/// [`run_parallel`] with a progress bar of `what` (e.g. "cells") on stderr when stderr is a
+/// terminal ([`progress_bar`]).
+pub fn run_parallel_shown<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    what: &str,
+    work: impl Fn(usize, &T) -> R + Sync,
+) -> Result<Vec<R>, JobError> {
+    let bar = progress_bar(items.len(), what, std::io::stderr().is_terminal());
+    let out = run_parallel(items, jobs, |i, item| {
+        let r = work(i, item);
+        bar.inc(1);
+        r
+    });
+    bar.finish_and_clear();
+    out
+}
+
+/// A bar of `total` `what`s, done/total with the estimated time left, drawn on stderr when
+/// `terminal`; hidden (it draws nothing) otherwise.
+pub fn progress_bar(total: usize, what: &str, terminal: bool) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !terminal {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("[{bar:30}] {pos}/{len} {prefix}, ETA {eta} ") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(what.to_string());
+    bar
 }
 
 /// Waits for `child` (whose stdout must be piped) at most `limit`, reading its stdout meanwhile.
@@ -191,6 +226,19 @@ mod tests {
         .unwrap();
         let want: Vec<(usize, u64)> = (0..20).map(|i| (i as usize, i * 2)).collect();
         assert_eq!(got, want);
+    }
+
+    /// Off a terminal the bar is hidden (draws nothing); on one it counts done/total.
+    #[test]
+    fn the_progress_bar_draws_only_on_a_terminal() {
+        let off = progress_bar(42, "cells", false);
+        assert!(off.is_hidden());
+        let on = progress_bar(42, "cells", true);
+        assert_eq!(on.length(), Some(42));
+        on.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        on.inc(2);
+        assert_eq!(on.position(), 2);
+        assert_eq!(on.prefix(), "cells");
     }
 
     #[test]

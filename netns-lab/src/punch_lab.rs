@@ -4,16 +4,22 @@
 //! readiness checks (the server accepts TCP, the listener reports its registration), the same
 //! command lines.
 //!
-//! The programs are real `natscope` processes. How a caller holds them differs — the grid keeps a
-//! [`Peer`], the tests a process type that prints everything on failure — so the lab is generic
-//! over [`NodeProgram`].
+//! The programs are real `natscope` processes. The plain `lab grid` runs them as a built-in app
+//! ([`app`]) through the same engine as `lab grid --app` ([`crate::app_run`]); the tests hold
+//! them as a process type that prints everything on failure, so the lab is generic over
+//! [`NodeProgram`]. Either way the command lines come from [`serve_args`], [`listen_args`] and
+//! [`connect_args`], the one place punch's flags are spelled.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use natscope_core::net::Transport;
 use natscope_core::punch::connector::ConnectReport;
+
+use crate::app::{AppSpec, Ready, RoleCommand};
 
 use crate::jobs::CapturedOutput;
 use crate::netns::NetnsError;
@@ -54,6 +60,90 @@ pub trait NodeProgram: Sized {
     fn has_exited(&mut self) -> bool;
     /// What it said, for an error message (the end of its stderr, or more).
     fn describe(&mut self) -> String;
+}
+
+/// What `punch listen` prints on stdout once the server has its registration.
+pub const REGISTERED: &str = "registered";
+/// How long the grid's `punch connect` may run (it gives up after 8 s itself).
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(20);
+
+/// `punch serve`'s arguments: the server at [`SERVER`].
+pub fn serve_args() -> Vec<String> {
+    ["punch", "serve", "--listen", SERVER]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `punch listen`'s arguments: registered as `id` at [`SERVER`], then `extra`.
+pub fn listen_args(id: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["punch", "listen", "--id", id, "--via", SERVER]
+        .map(String::from)
+        .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `punch connect`'s arguments: to `id` through [`SERVER`], a JSON report, then `extra`.
+pub fn connect_args(id: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["punch", "connect", id, "--via", SERVER, "--json"]
+        .map(String::from)
+        .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// The plain `lab grid`'s program as an app ([`crate::app_run`] runs it like any app file):
+/// `punch serve` on `rendezvous` (ready when it accepts TCP), `punch listen` on `b` (ready when
+/// it reports its registration), `punch connect` on `a` over `t`, its `natscope.punch/v1`
+/// report on stdout.
+pub fn app(exe: &Path, t: Transport) -> AppSpec {
+    let tcp: &[&str] = if t == Transport::Tcp { &["--tcp"] } else { &[] };
+    let line = |args: Vec<String>| {
+        std::iter::once(exe.display().to_string())
+            .chain(args)
+            .map(|a| sh_quote(&a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let port = SERVER
+        .parse::<SocketAddr>()
+        .map_or(3490, |a: SocketAddr| a.port());
+    let listen = [&["--json", "--count", "1", "--timeout", "30"], tcp].concat();
+    let connect = [&["--timeout", "8"], tcp].concat();
+    AppSpec {
+        name: format!("natscope-punch-{}", t.as_str()),
+        file: "(built in: natscope punch)".into(),
+        dir: std::env::temp_dir(),
+        setup: None,
+        server: Some(RoleCommand {
+            run: line(serve_args()),
+            ready: Ready::Tcp(port),
+            timeout: READY,
+        }),
+        listen: Some(RoleCommand {
+            run: line(listen_args("b", &listen)),
+            ready: Ready::Stdout(REGISTERED.into()),
+            timeout: READY,
+        }),
+        connect: RoleCommand {
+            run: line(connect_args("b", &connect)),
+            ready: Ready::Wait(Duration::ZERO),
+            timeout: CONNECT_LIMIT,
+        },
+        expect: BTreeMap::new(),
+    }
+}
+
+/// `arg` as one `sh` word: as it is when it holds only characters the shell leaves alone, else
+/// in single quotes (a quote inside as `'\''`). Hand-written: eight lines, and the only quoting
+/// the crate needs (a program path with a space must not split).
+fn sh_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 /// A punch lab's topology: the reflector `stun`, then `a` behind `na` and `b` behind `nb`, the NATs
@@ -122,7 +212,9 @@ impl<P: NodeProgram> PunchLab<P> {
 /// first is answered with RST, which the grid saw in about one run in three before this wait).
 pub fn serve<P: NodeProgram>(lab: &Lab, exe: &Path) -> Result<P, PunchLabError> {
     let node = server_node(lab);
-    let server = P::start(lab, node, exe, &["punch", "serve", "--listen", SERVER])?;
+    let args = serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = P::start(lab, node, exe, &args)?;
     let addr: SocketAddr = SERVER.parse().expect("SERVER is an address");
     let ready = lab.node(node)?.run(move || {
         let deadline = Instant::now() + READY;
@@ -158,11 +250,11 @@ pub fn listener<P: NodeProgram>(
     id: &str,
     extra: &[&str],
 ) -> Result<P, PunchLabError> {
-    let mut args = vec!["punch", "listen", "--id", id, "--via", SERVER];
-    args.extend_from_slice(extra);
+    let args = listen_args(id, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut listener = P::start(lab, "b", exe, &args)?;
     let deadline = Instant::now() + READY;
-    while !listener.stdout_text().contains("registered") {
+    while !listener.stdout_text().contains(REGISTERED) {
         if listener.has_exited() || Instant::now() > deadline {
             let state = state(lab, server, &mut listener);
             return Err(PunchLabError::NotRegistered { state });
@@ -179,8 +271,8 @@ pub fn connector<P: NodeProgram>(
     id: &str,
     extra: &[&str],
 ) -> Result<P, PunchLabError> {
-    let mut args = vec!["punch", "connect", id, "--via", SERVER, "--json"];
-    args.extend_from_slice(extra);
+    let args = connect_args(id, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     P::start(lab, "a", exe, &args)
 }
 
@@ -346,5 +438,30 @@ mod tests {
         }
         assert!(t.plan().is_ok());
         assert!(SERVER.parse::<SocketAddr>().is_ok());
+    }
+
+    /// The built-in app spells the same command lines the tests' helpers run, quoted for `sh`.
+    #[test]
+    fn the_built_in_app_runs_punch_s_own_command_lines() {
+        let spec = app(Path::new("/opt/my tools/natscope"), Transport::Tcp);
+        assert_eq!(
+            spec.connect.run,
+            "'/opt/my tools/natscope' punch connect b --via 198.51.100.1:3490 --json --timeout 8 --tcp"
+        );
+        let listen = spec.listen.unwrap();
+        assert!(listen
+            .run
+            .ends_with("--id b --via 198.51.100.1:3490 --json --count 1 --timeout 30 --tcp"));
+        assert_eq!(listen.ready, Ready::Stdout(REGISTERED.into()));
+        let server = spec.server.unwrap();
+        assert_eq!(
+            server.run,
+            "'/opt/my tools/natscope' punch serve --listen 198.51.100.1:3490"
+        );
+        assert_eq!(server.ready, Ready::Tcp(3490));
+        let udp = app(Path::new("/bin/natscope"), Transport::Udp);
+        assert!(!udp.connect.run.contains("--tcp"));
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(sh_quote(""), "''");
     }
 }

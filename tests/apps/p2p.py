@@ -52,14 +52,20 @@ def server(host):
 def listen(server_ip, mode):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", LISTEN_PORT))
-    s.settimeout(0.2)
     srv = (server_ip, SERVER_PORT)
     last_reg = 0.0
+    # Punch towards a's mapping for a while, not only once: on a loaded machine a's first
+    # punch can come after b's first few, which a's filter then refuses.
+    peer, punch_until, last_punch = None, 0.0, 0.0
+    s.settimeout(0.05)
     while True:
         now = time.monotonic()
         if now - last_reg > 0.5:
             s.sendto(b"REG b", srv)
             last_reg = now
+        if peer is not None and now < punch_until and now - last_punch > 0.1:
+            s.sendto(b"PUNCH", peer)
+            last_punch = now
         try:
             data, src = s.recvfrom(2048)
         except socket.timeout:
@@ -67,12 +73,14 @@ def listen(server_ip, mode):
         f = data.decode(errors="replace").split(" ")
         if src == srv and f[0] == "PEER" and mode == "direct":
             peer = (f[1], int(f[2]))
+            punch_until = time.monotonic() + 3
             for _ in range(5):
                 s.sendto(b"PUNCH", peer)
                 time.sleep(0.02)
         elif src == srv and f[0] == "R" and len(f) >= 3 and f[2] == "D":
             s.sendto(f"R {f[1]} b E {f[3]}".encode(), srv)
         elif src != srv and f[0] == "D" and mode == "direct":
+            punch_until = 0.0  # data arrives directly: the path is open
             s.sendto(f"E {f[1]}".encode(), src)
         elif src != srv and f[0] == "PUNCH" and mode == "direct":
             s.sendto(b"PUNCH", src)

@@ -413,3 +413,87 @@ timeout_s = 90
         .any(|c| c.observed == Some(PathTaken::Direct)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Peers with no NAT in front of them (`open`: nothing forwards their traffic, so the lab counts
+/// it with nftables in the peers' own namespaces): a program that exchanges its data directly
+/// reads `direct`, one that relays reads `relayed`, each with its evidence.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn open_peers_are_judged_from_their_own_counters() {
+    require_root();
+    require_tool("python3", "python3");
+    require_tool("nft", "nftables");
+    let (doc, out) = grid(&apps().join("direct.toml"), "appn", "open", &[]);
+    let c = cell(&doc, "open", "open");
+    assert_eq!(
+        c.observed,
+        Some(PathTaken::Direct),
+        "{c:#?}\n{}",
+        text(&out)
+    );
+    assert!(c.pass, "{c:#?}");
+    let e = c.evidence.as_ref().unwrap();
+    assert_eq!(e.a.router.as_deref(), Some("a"), "{e:#?}");
+    assert_eq!(e.b.router.as_deref(), Some("b"), "{e:#?}");
+    assert!(
+        e.direct_a_to_b.packets >= 5 && e.direct_b_to_a.packets >= 5,
+        "{e:#?}"
+    );
+    assert!(e.unobserved.is_empty(), "{e:#?}");
+    let (doc, out) = grid(&apps().join("oneway.toml"), "appn", "open", &[]);
+    let c = cell(&doc, "open", "open");
+    assert_eq!(
+        c.observed,
+        Some(PathTaken::Relayed),
+        "{c:#?}\n{}",
+        text(&out)
+    );
+    let e = c.evidence.as_ref().unwrap();
+    assert_eq!(e.direct_b_to_a.packets, 0, "{e:#?}");
+    assert!(e.direct_a_to_b.packets >= 3, "a's punch arrives: {e:#?}");
+}
+
+/// `natscope lab flows NODE`: a running lab's flow counters (the evidence `--app` judges from),
+/// as a table and as JSON; a node without an engine is an error.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn lab_flows_prints_a_nat_node_s_flows() {
+    require_root();
+    let bash = require_tool("bash", "bash");
+    let name = format!("appf{}", std::process::id() % 100_000);
+    let natscope = |args: &[&str]| Command::new(natscope_bin()).args(args).output().unwrap();
+    let up = natscope(&["lab", "up", "pair:full-cone,symmetric", "--name", &name]);
+    assert_eq!(up.status.code(), Some(0), "{}", text(&up));
+    let send = natscope(&[
+        "lab",
+        "exec",
+        "--lab",
+        &name,
+        "a",
+        "--",
+        bash.to_str().unwrap(),
+        "-c",
+        "for i in 1 2 3; do echo hi > /dev/udp/198.51.100.1/3478; done",
+    ]);
+    let table = natscope(&["lab", "flows", "--lab", &name, "nata"]);
+    let json = natscope(&["lab", "flows", "--lab", &name, "nata", "--json"]);
+    let host = natscope(&["lab", "flows", "--lab", &name, "a"]);
+    let down = natscope(&["lab", "down", &name]);
+    assert_eq!(send.status.code(), Some(0), "{}", text(&send));
+    let t = String::from_utf8_lossy(&table.stdout);
+    assert!(t.contains("3 flows through nata"), "{}", text(&table));
+    assert!(t.contains("198.51.100.1:3478  1 pkt / 31 B"), "{t}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(rows.len(), 3, "{}", text(&json));
+    assert!(rows
+        .iter()
+        .all(|r| r["out_packets"] == 1 && r["remote"] == "198.51.100.1:3478"));
+    assert_ne!(host.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&host.stderr).contains("not a userspace nat node"),
+        "{}",
+        text(&host)
+    );
+    assert_eq!(down.status.code(), Some(0), "{}", text(&down));
+    assert!(namespaces(&name).is_empty());
+}
