@@ -140,7 +140,12 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let timing = cfg.timing;
     let family_cfg = |s: SocketAddr| {
         let mut c = probe_config(&args, s);
-        c.pacing = Pacing::decide(&[&servers[..], &[s]].concat(), choice);
+        let own = if servers.contains(&s) {
+            &servers[..]
+        } else {
+            std::slice::from_ref(&s)
+        };
+        c.pacing = Pacing::decide(own, choice);
         c
     };
 

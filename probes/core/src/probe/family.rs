@@ -233,7 +233,7 @@ pub fn translation(r: &ProbeReport) -> (Translation, String) {
         Some(false) => {
             return (
                 T::None,
-                format!("mapped address = local address and port ({local})"),
+                format!("the mapped address is the local address and port, {local}"),
             )
         }
         None => {
