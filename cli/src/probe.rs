@@ -138,15 +138,9 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let pacing = Pacing::decide(&servers, choice);
     let cfg = probe_config(&args, first);
     let timing = cfg.timing;
-    let family_cfg = |s: SocketAddr| {
-        let mut c = probe_config(&args, s);
-        let own = if servers.contains(&s) {
-            &servers[..]
-        } else {
-            std::slice::from_ref(&s)
-        };
-        c.pacing = Pacing::decide(own, choice);
-        c
+    let family_cfg = |s: SocketAddr| ProbeConfig {
+        pacing: families::pacing_for(&servers, s, choice),
+        ..probe_config(&args, s)
     };
 
     let bar = progress_bar(format!("probing {first}"));

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::driver;
 use super::family::{Families, Family, FamilyChoice};
+use super::pacing::{PaceChoice, Pacing};
 use super::plan::{Probe, ProbeConfig};
 use super::report::ProbeReport;
 use crate::resolve::{server_address, ResolveError, Service};
@@ -43,6 +44,16 @@ pub fn servers(input: &str, choice: FamilyChoice) -> Result<Families<SocketAddr>
     choice
         .select(found.ipv4, found.ipv6)
         .map_err(|e| format!("{input}: {e}"))
+}
+
+/// RFC 5780 §5 pacing for the run against `server`: decided over the named `servers` when it is
+/// one of them, else (the other family's address of a name) over `server` alone.
+pub fn pacing_for(servers: &[SocketAddr], server: SocketAddr, choice: PaceChoice) -> Pacing {
+    if servers.contains(&server) {
+        Pacing::decide(servers, choice)
+    } else {
+        Pacing::decide(&[server], choice)
+    }
 }
 
 /// The outcome of [`drive_families`].
