@@ -710,6 +710,41 @@ mod tests {
         c
     }
 
+    /// Both families: the side-by-side table (rows from the library), then the IPv6 translation
+    /// and outlook lines; nothing at all without an IPv6 run.
+    #[test]
+    fn families_side_by_side() {
+        let v4 = open_internet();
+        let mut r6 = open_internet();
+        let local = addr("[2001:db8:7::9]:40000");
+        (r6.local_address, r6.public_address) = (Some(local), Some(local));
+        r6.server.address = addr("[2001:db8:7::1]:3478");
+        r6.filtering = Behavior::AddressAndPortDependent;
+        r6.classic = Classic::SymmetricUdpFirewall;
+        let v6 = Ipv6Report::new(r6);
+        assert_eq!(render_families(&v4, Family::Ipv4, None, Wrap::None), "");
+        let got = render_families(&v4, Family::Ipv4, Some(&v6), Wrap::None);
+        let want = "
+┌───────────────────┬──────────────────────────────────────┬────────────────────────────────────────┐
+│                   ┆ IPv4                                 ┆ IPv6                                   │
+╞═══════════════════╪══════════════════════════════════════╪════════════════════════════════════════╡
+│ server            ┆ 127.0.0.1:3478                       ┆ [2001:db8:7::1]:3478                   │
+│ local address     ┆ 127.0.0.1:40000                      ┆ [2001:db8:7::9]:40000                  │
+│ public address    ┆ 127.0.0.1:40000                      ┆ [2001:db8:7::9]:40000                  │
+│ udp               ┆ answered                             ┆ answered                               │
+│ nat               ┆ no                                   ┆ no                                     │
+│ mapping           ┆ endpoint-independent                 ┆ endpoint-independent                   │
+│ filtering         ┆ endpoint-independent                 ┆ address-and-port-dependent             │
+│ port preservation ┆ yes                                  ┆ yes                                    │
+│ hairpinning       ┆ unknown                              ┆ unknown                                │
+│ classic           ┆ Open internet (no NAT, no filtering) ┆ No NAT, behind a stateful UDP firewall │
+│ translation       ┆ -                                    ┆ none                                   │
+└───────────────────┴──────────────────────────────────────┴────────────────────────────────────────┘
+IPv6 translation: none (the mapped address is the local address and port, [2001:db8:7::9]:40000)
+IPv6: direct connections work with peers that have IPv6 only by punching — your firewall admits only the exact address and port (APDF): both sides must punch";
+        assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
+    }
+
     #[test]
     fn table_of_an_open_internet_report() {
         let got = render_text(&open_internet(), Some(13), Wrap::None);
