@@ -431,6 +431,31 @@ mod tests {
         assert_eq!(prefix_translation(int, v6("2001:db8:9:3:a:b:c:e")), None);
     }
 
+    /// The traversal model needs no family input: an IPv6 host behind an RFC 6092 firewall (or
+    /// NPTv6) is an endpoint-independent mapping with that filtering, which the model already
+    /// reasons about. So a pair relayed over IPv4 (symmetric NAT with random ports against a
+    /// port-restricted cone) goes direct over IPv6 even behind two APDF firewalls: both sides send.
+    #[test]
+    fn the_traversal_model_covers_ipv6_firewalls_as_they_are() {
+        use crate::nat::{FilteringBehavior as F, MappingBehavior as M};
+        use crate::traversal::{udp, Path, PeerNat, Techniques};
+        let t = Techniques {
+            port_prediction: true,
+        };
+        let sym = PeerNat::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        let prc = PeerNat {
+            predictable_ports: true,
+            ..PeerNat::new(M::EndpointIndependent, F::AddressAndPortDependent)
+        };
+        assert_eq!(udp(sym, prc, t).path, Path::Relayed, "ipv4");
+        let apdf_firewall = PeerNat::new(M::EndpointIndependent, F::AddressAndPortDependent);
+        assert_eq!(
+            udp(apdf_firewall, apdf_firewall, t).path,
+            Path::Direct,
+            "ipv6"
+        );
+    }
+
     #[test]
     fn family_choice_selects_and_refuses() {
         let a4: SocketAddr = "192.0.2.1:3478".parse().unwrap();
