@@ -2,7 +2,7 @@
 //! verdicts with their evidence (DESIGN.md, "Output contracts"; the JSON schema is docs/probe.md).
 //!
 //! The classification itself is the probe engine's ([`natscope_probes::probe`]): this file resolves
-//! the server names ([`natscope_probes::resolve`]), turns the timing flags into [`Timing`], drives the engine with a progress bar,
+//! the server names ([`natscope_probes::resolve`]), turns the timing flags into the engine's `Timing`, drives the engine with a progress bar,
 //! and renders the report. With several servers the engine classifies the first one, and a Binding
 //! from one socket to every server shows whether the mapping changes with the destination (the
 //! RFC 4787 §4.1 question, answerable without RFC 5780 support on the servers).
@@ -26,8 +26,9 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangemen
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use natscope_probes::probe::comparison::{compare_mappings, MappingComparison};
 use natscope_probes::probe::{
-    driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
-    Probe, ProbeConfig, ProbeDocument, ProbeReport, Timing,
+    driver, families, family, Classic, Family, FamilyChoice, Ipv6Report, LifetimeConfig,
+    LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing, ProbeConfig, ProbeDocument,
+    ProbeReport,
 };
 use natscope_probes::resolve::{server_address, Service};
 
@@ -97,6 +98,10 @@ pub struct ProbeArgs {
     /// then are reported `unknown`. 0.1–600.
     #[arg(long, value_name = "SECS", value_parser = ProbeConfig::parse_max_time)]
     max_time: Option<Duration>,
+    /// Address families to classify at once: 4, 6, both, or auto (every family the first
+    /// server's name resolves to). --tcp, --lifetime and the comparison use the IPv4 run.
+    #[arg(long, value_name = "4|6|both|auto", default_value = "auto", value_parser = FamilyChoice::parse)]
+    family: FamilyChoice,
 }
 
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
@@ -122,44 +127,50 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let Some(&first) = servers.first() else {
         bail!("no server given");
     };
+    let named = names.first().filter(|_| !args.public_rfc5780);
+    let fams = families::servers(named.map_or(&first.to_string(), |n| n), args.family)
+        .map_err(anyhow::Error::msg)?;
     let choice = match (args.pace, args.no_pace) {
         (true, _) => PaceChoice::On,
         (_, true) => PaceChoice::Off,
         _ => PaceChoice::Default,
     };
     let pacing = Pacing::decide(&servers, choice);
-    let mut cfg = probe_config(&args, first);
-    cfg.pacing = pacing.clone();
+    let cfg = probe_config(&args, first);
     let timing = cfg.timing;
+    let family_cfg = |s: SocketAddr| ProbeConfig {
+        pacing: families::pacing_for(&servers, s, choice),
+        ..probe_config(&args, s)
+    };
 
     let bar = progress_bar(format!("probing {first}"));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let mut requests = 0u32;
-    let result = rt.block_on(driver::drive(
-        first,
+    let result = rt.block_on(families::drive_families(
+        fams,
         driver::DEADLINE.max(cfg.max_time * 2),
-        |start| Probe::new(start, cfg),
-        |p| {
-            requests = p.requests_sent();
-            bar.set_message(format!("probing {first}: {requests} requests sent"));
+        family_cfg,
+        |n| {
+            bar.set_message(format!("probing {first}: {n} requests sent"));
             bar.tick();
         },
     ));
     // One pacer for the whole run: each later test continues the engine's.
-    let (mut report, mut pacer) = match result {
-        Ok(p) => {
-            let r = p.report();
-            requests = r.requests_sent;
-            (r, p.pacer().clone())
+    let (mut report, mut pacer, fam, beside, mut requests) = match result {
+        Ok(run) => {
+            run.warnings.iter().for_each(|w| tracing::warn!("{w}"));
+            let r = run.primary.report();
+            let n = r.requests_sent + run.ipv6.as_ref().map_or(0, |v6| v6.requests_sent);
+            (r, run.primary.pacer().clone(), run.family, run.ipv6, n)
         }
         Err(e) => {
             bar.finish_and_clear();
-            bail!("cannot probe {first}: {e}{}", permission_hint(&e));
+            bail!("{e}{}", permission_hint(&e));
         }
     };
+    let first = report.server.address;
     if args.tcp {
         bar.set_message(format!("testing the tcp mapping against {first}"));
         let local_ip = match driver::route_source(first) {
@@ -209,15 +220,22 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         lt.apply_to(&mut report);
     }
 
+    let ipv6 = family::ipv6_of(fam, &report, beside);
     if args.json {
-        crate::emit(&render_json(&report, comparison.as_ref())?);
+        crate::emit(&render_json(
+            &report,
+            comparison.as_ref(),
+            Some(fam),
+            ipv6.as_ref(),
+        )?);
     } else {
         let wrap = if std::io::stdout().is_terminal() {
             Wrap::Terminal
         } else {
             Wrap::None
         };
-        crate::emit(&render_text(&report, Some(requests), wrap));
+        let both = render_families(&report, fam, ipv6.as_ref(), wrap);
+        crate::emit(&(render_text(&report, Some(requests), wrap) + &both));
     }
     Ok(ExitCode::from(exit_code(&report)))
 }
@@ -244,25 +262,11 @@ fn permission_hint(e: &std::io::Error) -> &'static str {
 fn probe_config(args: &ProbeArgs, server: SocketAddr) -> ProbeConfig {
     let mut cfg = ProbeConfig::new(server);
     cfg.hairpin = !args.no_hairpin;
-    apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    cfg.timing.apply_flags(args.timeout, args.retries);
     // `--retries N` is an exact cap: no widening past it under loss.
     cfg.widen_with_loss = args.retries.is_none();
     cfg.max_time = args.max_time.unwrap_or(cfg.max_time);
     cfg
-}
-
-/// `--timeout MS` and `--retries N` as engine timing (see their `--help`).
-fn apply_timing(t: &mut Timing, timeout_ms: Option<u64>, retries: Option<u32>) {
-    if let Some(ms) = timeout_ms {
-        let rto = Duration::from_millis(ms);
-        t.initial_rto = rto;
-        t.min_rto = t.min_rto.min(rto);
-        t.max_rto = t.max_rto.max(rto * 2);
-    }
-    if let Some(n) = retries {
-        t.reach_transmits = n + 1;
-        t.max_transmits = n + 1;
-    }
 }
 
 /// The bound on each `--tcp` step (connect, then one Binding): 3 s by default, which lets a lost
@@ -307,7 +311,7 @@ fn measure_lifetime(
     let mut cfg = LifetimeConfig::new(server);
     cfg.max = Duration::from_secs(args.lifetime_max);
     cfg.pacing = pacing.clone();
-    apply_timing(&mut cfg.timing, args.timeout, args.retries);
+    cfg.timing.apply_flags(args.timeout, args.retries);
     let deadline = LifetimeProbe::time_bound(&cfg);
     let bar = lifetime_bar();
     // The driver reports only at events (minutes apart while a binding idles); a ticker moves
@@ -377,12 +381,32 @@ fn lifetime_bar() -> ProgressBar {
 // ---------------------------------------------------------------------------------------------
 
 /// The `natscope.probe/v1` document (docs/probe.md), pretty-printed.
-pub fn render_json(r: &ProbeReport, comparison: Option<&MappingComparison>) -> Result<String> {
+pub fn render_json(
+    r: &ProbeReport,
+    comparison: Option<&MappingComparison>,
+    family: Option<Family>,
+    ipv6: Option<&Ipv6Report>,
+) -> Result<String> {
     let doc = ProbeDocument {
         report: r,
         mapping_comparison: comparison,
+        family,
+        ipv6,
     };
     serde_json::to_string_pretty(&doc).context("cannot encode the report as json")
+}
+
+/// Both families side by side (rows from the library), then the IPv6 translation and outlook.
+fn render_families(r: &ProbeReport, fam: Family, v6: Option<&Ipv6Report>, wrap: Wrap) -> String {
+    let Some(v6) = v6 else { return String::new() };
+    let mut t = table(wrap);
+    t.set_header(["", "IPv4", "IPv6"]);
+    family::rows((fam == Family::Ipv4).then_some(r), Some(v6))
+        .into_iter()
+        .for_each(|row| {
+            t.add_row(row);
+        });
+    format!("\n{t}\n{}", family::notes(v6).join("\n"))
 }
 
 /// Narrowest terminal the tables are wrapped to.
@@ -514,6 +538,7 @@ mod tests {
     use natscope_probes::probe::report::{
         OutlookRow, PortAllocationReport, ServerReport, TestReport, SCHEMA,
     };
+    use natscope_probes::probe::Timing;
     use natscope_probes::probe::{AllocationPattern, Behavior};
 
     fn addr(s: &str) -> SocketAddr {
@@ -685,6 +710,41 @@ mod tests {
         c
     }
 
+    /// Both families: the side-by-side table (rows from the library), then the IPv6 translation
+    /// and outlook lines; nothing at all without an IPv6 run.
+    #[test]
+    fn families_side_by_side() {
+        let v4 = open_internet();
+        let mut r6 = open_internet();
+        let local = addr("[2001:db8:7::9]:40000");
+        (r6.local_address, r6.public_address) = (Some(local), Some(local));
+        r6.server.address = addr("[2001:db8:7::1]:3478");
+        r6.filtering = Behavior::AddressAndPortDependent;
+        r6.classic = Classic::SymmetricUdpFirewall;
+        let v6 = Ipv6Report::new(r6);
+        assert_eq!(render_families(&v4, Family::Ipv4, None, Wrap::None), "");
+        let got = render_families(&v4, Family::Ipv4, Some(&v6), Wrap::None);
+        let want = "
+┌───────────────────┬──────────────────────────────────────┬────────────────────────────────────────┐
+│                   ┆ IPv4                                 ┆ IPv6                                   │
+╞═══════════════════╪══════════════════════════════════════╪════════════════════════════════════════╡
+│ server            ┆ 127.0.0.1:3478                       ┆ [2001:db8:7::1]:3478                   │
+│ local address     ┆ 127.0.0.1:40000                      ┆ [2001:db8:7::9]:40000                  │
+│ public address    ┆ 127.0.0.1:40000                      ┆ [2001:db8:7::9]:40000                  │
+│ udp               ┆ answered                             ┆ answered                               │
+│ nat               ┆ no                                   ┆ no                                     │
+│ mapping           ┆ endpoint-independent                 ┆ endpoint-independent                   │
+│ filtering         ┆ endpoint-independent                 ┆ address-and-port-dependent             │
+│ port preservation ┆ yes                                  ┆ yes                                    │
+│ hairpinning       ┆ unknown                              ┆ unknown                                │
+│ classic           ┆ Open internet (no NAT, no filtering) ┆ No NAT, behind a stateful UDP firewall │
+│ translation       ┆ -                                    ┆ none                                   │
+└───────────────────┴──────────────────────────────────────┴────────────────────────────────────────┘
+IPv6 translation: none (the mapped address is the local address and port, [2001:db8:7::9]:40000)
+IPv6: direct connections work with peers that have IPv6 only by punching — your firewall admits only the exact address and port (APDF): both sides must punch";
+        assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
+    }
+
     #[test]
     fn table_of_an_open_internet_report() {
         let got = render_text(&open_internet(), Some(13), Wrap::None);
@@ -755,7 +815,7 @@ server problem: 2 more left out";
 
     #[test]
     fn json_of_an_open_internet_report() {
-        let got = render_json(&open_internet(), None).unwrap();
+        let got = render_json(&open_internet(), None, None, None).unwrap();
         let want = r#"{
   "schema": "natscope.probe/v1",
   "natscope_version": "0.1.0-test",
@@ -889,7 +949,8 @@ server problem: 2 more left out";
     fn json_has_every_documented_field() {
         use serde_json::Value;
         let doc: Value =
-            serde_json::from_str(&render_json(&open_internet(), None).unwrap()).unwrap();
+            serde_json::from_str(&render_json(&open_internet(), None, None, None).unwrap())
+                .unwrap();
         let is_str = |v: &Value| v.is_string();
         let is_tri = |v: &Value| v.is_boolean() || v.is_null();
         let is_num = |v: &Value| v.is_number();
@@ -981,7 +1042,7 @@ server problem: 2 more left out";
         ] {
             r.classic = c;
             let doc: serde_json::Value =
-                serde_json::from_str(&render_json(&r, None).unwrap()).unwrap();
+                serde_json::from_str(&render_json(&r, None, None, None).unwrap()).unwrap();
             assert_eq!(doc["classic"], want);
         }
     }
@@ -989,7 +1050,7 @@ server problem: 2 more left out";
     #[test]
     fn json_with_several_servers_carries_the_comparison_last() {
         let c = comparison(Some(true));
-        let got = render_json(&open_internet(), Some(&c)).unwrap();
+        let got = render_json(&open_internet(), Some(&c), None, None).unwrap();
         let doc: serde_json::Value = serde_json::from_str(&got).unwrap();
         assert_eq!(doc["schema"], "natscope.probe/v1");
         assert_eq!(
@@ -1038,15 +1099,15 @@ server problem: 2 more left out";
     fn timeout_and_retries_set_the_engine_timing() {
         let default = Timing::default();
         let mut t = default;
-        apply_timing(&mut t, None, None);
+        t.apply_flags(None, None);
         assert_eq!(t, default);
-        apply_timing(&mut t, Some(20), Some(2));
+        t.apply_flags(Some(20), Some(2));
         assert_eq!(t.initial_rto, Duration::from_millis(20));
         assert_eq!(t.min_rto, Duration::from_millis(20).min(default.min_rto));
         assert_eq!(t.max_rto, default.max_rto);
         assert_eq!((t.reach_transmits, t.max_transmits), (3, 3));
         let mut slow = default;
-        apply_timing(&mut slow, Some(5000), Some(0));
+        slow.apply_flags(Some(5000), Some(0));
         assert_eq!(
             slow.max_rto,
             Duration::from_secs(10),
@@ -1054,7 +1115,7 @@ server problem: 2 more left out";
         );
         assert_eq!((slow.reach_transmits, slow.max_transmits), (1, 1));
         let mut fast = default;
-        apply_timing(&mut fast, Some(5), None);
+        fast.apply_flags(Some(5), None);
         assert_eq!(fast.min_rto, Duration::from_millis(5));
     }
 

@@ -5,26 +5,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig, RunningReflector};
-use natscope_probes::reflector::link::LinkConfig;
+use natscope_probes::reflector::driver::{CounterSnapshot, DriverConfig};
+use natscope_probes::reflector::families::{read_secret, FamilyAddresses, RunningFamilies};
 use natscope_probes::reflector::rate_limit::RateLimit;
 use natscope_probes::reflector::tcp::TcpLimits;
-use natscope_probes::reflector::ReflectorConfig;
 
 /// Environment variable holding the cooperating link's shared secret.
 pub const SECRET_ENV: &str = "NATSCOPE_LINK_SECRET";
-const MIN_SECRET: usize = 16;
 
 #[derive(Args, Debug)]
 pub struct ReflectArgs {
-    /// Primary address A1:P1 (the address clients use).
+    /// Primary address A1:P1 (the address clients use). Once per family: an IPv4 and an IPv6
+    /// primary serve RFC 5780 on both, each family from its own addresses.
+    #[arg(long, value_name = "IP:PORT", required = true)]
+    primary: Vec<SocketAddr>,
+    /// Alternate address A2:P2 (OTHER-ADDRESS), at most one per family. Omit for a one-address
+    /// server.
     #[arg(long, value_name = "IP:PORT")]
-    primary: SocketAddr,
-    /// Alternate address A2:P2 (OTHER-ADDRESS). Omit for a one-address server.
-    #[arg(long, value_name = "IP:PORT")]
-    alternate: Option<SocketAddr>,
+    alternate: Vec<SocketAddr>,
     /// The alternate IP is a partner host running its own `natscope reflect` (RFC 5780 §2.3);
     /// this process serves only the primary IP and forwards change-IP requests to the partner.
     #[arg(long, requires = "alternate")]
@@ -71,64 +71,30 @@ impl ReflectArgs {
     }
 }
 
-fn read_secret(file: Option<&PathBuf>) -> Result<Vec<u8>> {
-    let secret = match file {
-        Some(f) => {
-            let mut s = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-            while s.last().is_some_and(|b| b.is_ascii_whitespace()) {
-                s.pop();
-            }
-            s
-        }
-        None => match std::env::var_os(SECRET_ENV) {
-            Some(v) => v.into_encoded_bytes(),
-            None => {
-                bail!("--cooperate needs a shared secret: set {SECRET_ENV} or pass --secret-file")
-            }
-        },
+/// One driver configuration per family (`natscope_probes::reflector::families`).
+pub fn config(args: &ReflectArgs) -> Result<Vec<DriverConfig>> {
+    let addrs = FamilyAddresses {
+        primaries: args.primary.clone(),
+        alternates: args.alternate.clone(),
+        cooperate: args.cooperate.then_some(args.link_port),
     };
-    if secret.len() < MIN_SECRET {
-        bail!(
-            "the link secret is {} bytes; use at least {MIN_SECRET} (e.g. `openssl rand -hex 16`)",
-            secret.len()
-        );
-    }
-    Ok(secret)
-}
-
-pub fn config(args: &ReflectArgs) -> Result<DriverConfig> {
-    for a in std::iter::once(args.primary).chain(args.alternate) {
-        if a.ip().is_unspecified() {
-            bail!("{a}: give a concrete ip, not a wildcard (responses must name the address they leave from)");
-        }
-    }
-    let partner = if args.cooperate {
-        let Some(alt) = args.alternate else {
-            bail!("--cooperate needs --alternate PARTNER_IP:P2");
-        };
-        Some(LinkConfig {
-            listen: SocketAddr::new(args.primary.ip(), args.link_port),
-            partner: SocketAddr::new(alt.ip(), args.link_port),
-            secret: read_secret(args.secret_file.as_ref())?,
+    let env = || std::env::var_os(SECRET_ENV).map(|v| v.into_encoded_bytes());
+    let secret = || read_secret(args.secret_file.as_deref(), env(), SECRET_ENV);
+    let cfgs = addrs.configs(secret).map_err(anyhow::Error::msg)?;
+    Ok(cfgs
+        .into_iter()
+        .map(|reflector| {
+            let mut cfg = DriverConfig::new(reflector);
+            cfg.rate_limit = RateLimit {
+                per_second: args.rate_limit,
+                burst: args.burst.max(1),
+            };
+            cfg.workers = args.workers;
+            cfg.tcp = !args.no_tcp;
+            cfg.tcp_limits.max_per_source = args.tcp_per_source.max(1);
+            cfg
         })
-    } else {
-        None
-    };
-    let reflector = ReflectorConfig {
-        primary: args.primary,
-        alternate: args.alternate,
-        partner,
-    };
-    reflector.validate().map_err(anyhow::Error::msg)?;
-    let mut cfg = DriverConfig::new(reflector);
-    cfg.rate_limit = RateLimit {
-        per_second: args.rate_limit,
-        burst: args.burst.max(1),
-    };
-    cfg.workers = args.workers;
-    cfg.tcp = !args.no_tcp;
-    cfg.tcp_limits.max_per_source = args.tcp_per_source.max(1);
-    Ok(cfg)
+        .collect())
 }
 
 fn log_counters(msg: &str, c: &CounterSnapshot) {
@@ -157,11 +123,19 @@ fn log_counters(msg: &str, c: &CounterSnapshot) {
 }
 
 pub fn run(args: ReflectArgs) -> Result<ExitCode> {
-    let cfg = config(&args)?;
-    for missing in cfg.reflector.missing_capabilities() {
+    let cfgs = config(&args)?;
+    for missing in cfgs.iter().flat_map(|c| c.reflector.missing_capabilities()) {
         tracing::warn!("one-address server: clients cannot test {missing}");
     }
-    let server = RunningReflector::start(cfg.clone()).context("cannot start the reflector")?;
+    let partners: Vec<_> = cfgs
+        .iter()
+        .filter_map(|c| c.reflector.partner.as_ref())
+        .map(|p| p.partner)
+        .collect();
+    let (rate_limit, server) = (
+        args.rate_limit,
+        RunningFamilies::start(cfgs).context("cannot start the reflector")?,
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -173,8 +147,8 @@ pub fn run(args: ReflectArgs) -> Result<ExitCode> {
         tracing::info!(
             udp = ?server.udp_addresses(),
             tcp = ?server.tcp_addresses(),
-            partner = ?cfg.reflector.partner.as_ref().map(|p| p.partner),
-            rate_limit = cfg.rate_limit.per_second,
+            partner = ?partners,
+            rate_limit,
             "serving"
         );
         let period = Duration::from_secs(args.stats_interval.max(1));
@@ -207,7 +181,8 @@ mod tests {
         let argv = ["reflect", "--primary", "127.0.0.1:3478"]
             .iter()
             .chain(extra);
-        config(&Cli::try_parse_from(argv).expect("arguments parse").args).expect("config")
+        config(&Cli::try_parse_from(argv).expect("arguments parse").args).expect("config")[0]
+            .clone()
     }
 
     #[test]

@@ -79,6 +79,7 @@ fn truth(path: &Path) -> Truth {
             Classic::SymmetricUdpFirewall,
         ),
         Path::UdpBlocked => (true, None, Unknown, Unknown, Classic::UdpBlocked),
+        Path::Nptv6(_) => unreachable!("an IPv6 world: probes/tests/probe_ipv6_sim.rs"),
     }
 }
 

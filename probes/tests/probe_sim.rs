@@ -150,6 +150,7 @@ fn truth(path: &Path) -> Verdicts {
                 hairpinning: None,
             }
         }
+        Path::Nptv6(_) => unreachable!("an IPv6 world: probes/tests/probe_ipv6_sim.rs"),
         Path::UdpBlocked => Verdicts {
             udp_blocked: true,
             nat: None,
@@ -202,7 +203,7 @@ fn lossless_grid_verdicts_equal_the_simulated_truth() {
             // Port preservation: the NAT kept S0's port and every sample's (or there is no NAT).
             let preserving = match path {
                 Path::Nat(b) => b.allocation == PortAllocation::Preserve,
-                Path::Open | Path::Firewall(_) => true,
+                Path::Open | Path::Firewall(_) | Path::Nptv6(_) => true,
                 Path::UdpBlocked => false,
             };
             if *path != Path::UdpBlocked {

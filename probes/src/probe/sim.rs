@@ -20,13 +20,18 @@
 //! A hairpinning NAT loops inside-to-inside packets back with the sender's external address as
 //! source (RFC 4787 REQ-9) and without inbound filtering; see [`SimNet::send`].
 //!
+//! IPv6 (`SimConfig::ipv6`, issue 13): the same worlds with IPv6 addresses — a firewall in front
+//! of a public address ([`Path::Firewall`], RFC 6092), stateful NAT66 ([`Path::Nat`] with IPv6
+//! external addresses) and stateless prefix translation ([`Path::Nptv6`], RFC 6296 with its
+//! checksum-neutral mapping, behind a firewall); the server listens on two IPv6 addresses.
+//!
 //! [`SimNet`] is the network alone (any sans-IO client can drive it: bind, send, deliver due
 //! datagrams); [`run_probe`] drives a [`Probe`] through it to completion and returns its report;
 //! [`run_machine`] does the same for any [`ProbeMachine`] (e.g. [`run_lifetime`]).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -57,6 +62,56 @@ pub const SERVER_PRIMARY: SocketAddr =
 pub const SERVER_ALTERNATE: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 2), 3479));
 
+/// IPv6 worlds: the client's address behind NAT66 or NPTv6 (inside the NPTv6 internal prefix).
+pub const PRIVATE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0x203, 0x405, 1, 0, 0, 0, 2);
+/// NPTv6's internal prefix (a /48; RFC 6296 §3.3's example prefixes).
+pub const NPT_INTERNAL_PREFIX: [u16; 3] = [0xfd01, 0x203, 0x405];
+/// NPTv6's external prefix (a /48).
+pub const NPT_EXTERNAL_PREFIX: [u16; 3] = [0x2001, 0xdb8, 1];
+/// NAT66's external address (and the ones after it).
+pub const NAT_EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+/// The client's public IPv6 address with no translation (open or behind a firewall).
+pub const PUBLIC_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 1, 0, 0, 0, 2);
+/// The reflector's IPv6 primary address A1:P1.
+pub const SERVER_PRIMARY6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
+    Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 1),
+    3478,
+    0,
+    0,
+));
+/// The reflector's IPv6 alternate address A2:P2.
+pub const SERVER_ALTERNATE6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
+    Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 2),
+    3479,
+    0,
+    0,
+));
+
+/// RFC 6296 §3.2 for /48 prefixes: replace the 48-bit prefix of `a` (which must be `from`) with
+/// `to` and add the one's-complement difference of the two prefixes to the subnet word, so the
+/// address's checksum contribution is unchanged. `None` when `a` is not in `from`.
+pub fn nptv6_translate(a: Ipv6Addr, from: [u16; 3], to: [u16; 3]) -> Option<Ipv6Addr> {
+    let mut w = a.segments();
+    if w[..3] != from {
+        return None;
+    }
+    let fold = |mut v: u32| {
+        while v > 0xFFFF {
+            v = (v & 0xFFFF) + (v >> 16);
+        }
+        v
+    };
+    let sum = |p: [u16; 3]| fold(p.iter().map(|&x| u32::from(x)).sum());
+    // subnet + sum(from) − sum(to), in one's complement (−x is !x).
+    let mut v = fold(u32::from(w[3]) + sum(from) + (0xFFFF - sum(to))) as u16;
+    if v == 0xFFFF {
+        v = 0;
+    }
+    w[..3].copy_from_slice(&to);
+    w[3] = v;
+    Some(Ipv6Addr::from(w))
+}
+
 /// Local ports handed to client sockets, like Linux's default ephemeral range.
 pub const EPHEMERAL_PORTS: (u16, u16) = (32768, 60999);
 /// Smallest distance between two client sockets' local ports. A port-preserving NAT falls back to
@@ -75,8 +130,11 @@ pub enum Path {
     /// A public address behind a stateful UDP firewall that admits inbound packets by this
     /// filtering rule (RFC 4787 §5 keys, identity mapping): "symmetric UDP firewall" for ADF/APDF.
     Firewall(FilteringBehavior),
-    /// A NAT with every RFC 4787 knob of [`NatBehavior`].
+    /// A NAT with every RFC 4787 knob of [`NatBehavior`] (NAT66 in an IPv6 world).
     Nat(NatBehavior),
+    /// IPv6 only: stateless prefix translation (RFC 6296, [`NPT_INTERNAL_PREFIX`] ↔
+    /// [`NPT_EXTERNAL_PREFIX`], ports kept, no hairpinning) behind a firewall with this filtering.
+    Nptv6(FilteringBehavior),
     /// Every UDP datagram from the client is dropped.
     UdpBlocked,
 }
@@ -142,6 +200,8 @@ pub struct SimConfig {
     pub loss: f64,
     /// A stalled receive path on the client host (see [`Stall`]).
     pub stall: Option<Stall>,
+    /// An IPv6 world: every address above is its IPv6 counterpart (`*6` constants).
+    pub ipv6: bool,
     pub seed: u64,
     /// Bounds on a [`run_probe`] loop: events processed and virtual time.
     pub max_steps: u64,
@@ -161,6 +221,7 @@ impl SimConfig {
             jitter: Duration::ZERO,
             loss: 0.0,
             stall: None,
+            ipv6: false,
             seed,
             max_steps: 200_000,
             max_virtual_time: Duration::from_secs(600),
@@ -257,7 +318,14 @@ impl SimNat {
         remote: SocketAddr,
     ) -> Result<SocketAddr, NatError> {
         if self.tainted.remove(&internal) {
-            let ip = IpAddr::V4(Ipv4Addr::from(ALIAS_BASE + self.next_alias));
+            let ip = if internal.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::from(ALIAS_BASE + self.next_alias))
+            } else {
+                IpAddr::V6(
+                    Ipv6Addr::new(0xfdff, 0, 0, 0, 0, 0, 0, 0)
+                        | Ipv6Addr::from(u128::from(self.next_alias)),
+                )
+            };
             self.next_alias += 1;
             let alias = SocketAddr::new(ip, internal.port());
             // Earlier mappings stay live until they expire, and their answers still come home.
@@ -303,6 +371,8 @@ enum Edge {
     Open,
     Firewall(Firewall),
     Nat(Box<SimNat>),
+    /// Stateless prefix translation in front of a firewall keyed on internal addresses.
+    Nptv6(Firewall),
     Blocked,
 }
 
@@ -363,10 +433,15 @@ struct Server {
 }
 
 impl Server {
-    fn new(mode: ServerMode) -> Self {
-        let alternate = (mode != ServerMode::SingleAddress).then_some(SERVER_ALTERNATE);
+    fn new(mode: ServerMode, ipv6: bool) -> Self {
+        let (primary, alternate) = if ipv6 {
+            (SERVER_PRIMARY6, SERVER_ALTERNATE6)
+        } else {
+            (SERVER_PRIMARY, SERVER_ALTERNATE)
+        };
+        let alternate = (mode != ServerMode::SingleAddress).then_some(alternate);
         let core = Reflector::new(ReflectorConfig {
-            primary: SERVER_PRIMARY,
+            primary,
             alternate,
             partner: None,
         });
@@ -502,23 +577,32 @@ pub struct SimNet {
 
 impl SimNet {
     pub fn new(cfg: &SimConfig) -> Self {
+        let v6 = cfg.ipv6;
+        let (public, private) = if v6 {
+            (IpAddr::V6(PUBLIC_CLIENT_IP6), IpAddr::V6(PRIVATE_IP6))
+        } else {
+            (IpAddr::V4(PUBLIC_CLIENT_IP), IpAddr::V4(PRIVATE_IP))
+        };
+        // The lab's firewall with RFC 4787-recommended defaults: a 120 s UDP timeout (REQ-5),
+        // refreshed by outbound packets only (REQ-6).
+        let firewall = |f: FilteringBehavior| {
+            Firewall::new(NatBehavior::new(MappingBehavior::EndpointIndependent, f))
+        };
         let (edge, client_ip) = match &cfg.path {
-            Path::Open => (Edge::Open, PUBLIC_CLIENT_IP),
-            Path::Firewall(f) => (
-                // The lab's firewall with RFC 4787-recommended defaults: a 120 s UDP timeout
-                // (REQ-5), refreshed by outbound packets only (REQ-6).
-                Edge::Firewall(Firewall::new(NatBehavior::new(
-                    MappingBehavior::EndpointIndependent,
-                    *f,
-                ))),
-                PUBLIC_CLIENT_IP,
-            ),
+            Path::Open => (Edge::Open, public),
+            Path::Firewall(f) => (Edge::Firewall(firewall(*f)), public),
+            Path::Nptv6(f) => (Edge::Nptv6(firewall(*f)), private),
             Path::Nat(b) => (
                 Edge::Nat(Box::new(SimNat::new(
                     NatTable::new(
                         b.clone(),
                         (0..cfg.nat_external_ips.max(1))
                             .map(|i| {
+                                if v6 {
+                                    let mut w = NAT_EXTERNAL_IP6.segments();
+                                    w[7] += u16::from(i);
+                                    return IpAddr::V6(Ipv6Addr::from(w));
+                                }
                                 let [a, b, c, d] = NAT_EXTERNAL_IP.octets();
                                 IpAddr::V4(Ipv4Addr::new(a, b, c, d + i))
                             })
@@ -527,9 +611,9 @@ impl SimNet {
                     ),
                     cfg.conntrack_remap,
                 ))),
-                PRIVATE_IP,
+                private,
             ),
-            Path::UdpBlocked => (Edge::Blocked, PRIVATE_IP),
+            Path::UdpBlocked => (Edge::Blocked, private),
         };
         Self {
             delay: cfg.one_way_delay,
@@ -537,8 +621,8 @@ impl SimNet {
             loss: cfg.loss,
             alg: cfg.alg,
             edge,
-            server: Server::new(cfg.server),
-            client_ip: IpAddr::V4(client_ip),
+            server: Server::new(cfg.server, v6),
+            client_ip,
             bound: Vec::new(),
             queue: BinaryHeap::new(),
             seq: 0,
@@ -611,6 +695,21 @@ impl SimNet {
             Edge::Firewall(fw) => {
                 fw.outbound(now, Protocol::Udp, local, to);
                 local
+            }
+            Edge::Nptv6(fw) => {
+                let external = match local.ip() {
+                    IpAddr::V6(ip) => nptv6_translate(ip, NPT_INTERNAL_PREFIX, NPT_EXTERNAL_PREFIX),
+                    IpAddr::V4(_) => None,
+                };
+                // Its own external prefix is not routed back inside: no hairpinning.
+                let own =
+                    matches!(to.ip(), IpAddr::V6(d) if d.segments()[..3] == NPT_EXTERNAL_PREFIX);
+                let Some(external) = external.filter(|_| !own) else {
+                    self.stats.undeliverable += 1;
+                    return;
+                };
+                fw.outbound(now, Protocol::Udp, local, to);
+                SocketAddr::new(IpAddr::V6(external), local.port())
             }
             Edge::Nat(nat) => {
                 let Ok(ext) = nat.outbound(now, local, to) else {
@@ -729,6 +828,21 @@ impl SimNet {
                 }
             }
             Edge::Nat(_) => None,
+            Edge::Nptv6(fw) => {
+                let internal = match dst.ip() {
+                    IpAddr::V6(ip) => nptv6_translate(ip, NPT_EXTERNAL_PREFIX, NPT_INTERNAL_PREFIX),
+                    IpAddr::V4(_) => None,
+                }
+                .map(|ip| SocketAddr::new(IpAddr::V6(ip), dst.port()));
+                match internal {
+                    Some(i) if fw.inbound(now, Protocol::Udp, src, i) => Some(i),
+                    Some(_) => {
+                        self.stats.filtered += 1;
+                        return;
+                    }
+                    None => None,
+                }
+            }
         };
         match internal {
             Some(internal) => self.deliver_inside(out, internal, src, payload),
@@ -798,6 +912,13 @@ pub fn run_probe(cfg: &SimConfig, probe_cfg: ProbeConfig) -> SimRun {
 /// A probe configuration aimed at the simulated server, with a seeded transaction-ID generator.
 pub fn probe_config(seed: u64) -> ProbeConfig {
     let mut c = ProbeConfig::new(SERVER_PRIMARY);
+    c.seed = Some(seed);
+    c
+}
+
+/// [`probe_config`] for an IPv6 world (`SimConfig::ipv6`): aimed at [`SERVER_PRIMARY6`].
+pub fn probe_config6(seed: u64) -> ProbeConfig {
+    let mut c = ProbeConfig::new(SERVER_PRIMARY6);
     c.seed = Some(seed);
     c
 }

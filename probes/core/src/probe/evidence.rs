@@ -34,6 +34,23 @@ pub struct Timing {
     pub target_miss: f64,
 }
 
+impl Timing {
+    /// `natscope probe --timeout MS --retries N` as engine timing: MS is the initial RTO (the
+    /// floor drops to it, the cap rises to twice it); N caps every request at 1+N transmissions.
+    pub fn apply_flags(&mut self, timeout_ms: Option<u64>, retries: Option<u32>) {
+        if let Some(ms) = timeout_ms {
+            let rto = Duration::from_millis(ms);
+            self.initial_rto = rto;
+            self.min_rto = self.min_rto.min(rto);
+            self.max_rto = self.max_rto.max(rto * 2);
+        }
+        if let Some(n) = retries {
+            self.reach_transmits = n + 1;
+            self.max_transmits = n + 1;
+        }
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Self {

@@ -18,6 +18,7 @@
 
 pub mod comparison;
 pub mod evidence;
+pub mod family;
 #[cfg(test)]
 mod layering;
 pub mod lifetime;
@@ -30,6 +31,7 @@ pub mod tcp;
 
 pub use comparison::{ComparedServer, MappingComparison};
 pub use evidence::Timing;
+pub use family::{Families, Family, FamilyChoice, Ipv6Report, Translation};
 pub use lifetime::{LifetimeConfig, LifetimeProbe, LifetimeReport};
 pub use machine::ProbeMachine;
 pub use pacing::{PaceChoice, Pacer, Pacing};
@@ -48,4 +50,13 @@ pub struct ProbeDocument<'a> {
     /// One socket's mapped address as several servers saw it (`--server` given more than once).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mapping_comparison: Option<&'a MappingComparison>,
+    // Issue 13, both families: the top-level fields stay one family's report (IPv4 when it was
+    // probed, else IPv6), so v1 readers keep working; `family` says which, and `ipv6` carries the
+    // IPv6 run whenever there was one (docs/probe.md, "Both families").
+    /// The family the top-level fields describe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
+    /// The IPv6 run: its whole report, the translation verdict and the IPv6 outlook.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<&'a Ipv6Report>,
 }

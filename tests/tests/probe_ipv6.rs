@@ -1,0 +1,297 @@
+//! `natscope probe` over IPv6 and on both families at once (issue 13), inside a network namespace
+//! this test creates (loopback only: two IPv6 documentation addresses on `lo` with `nodad`, and
+//! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families: over IPv6 with no
+//! translation the probe reports `translation: none`, endpoint-independent filtering and the EIF
+//! outlook in the documented JSON; both families run concurrently, and the benchmark for the note
+//! (a dual-stack classification against IPv4 alone) is printed.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use natscope_lab::netns::Netns;
+use natscope_probes::probe::families::drive_families;
+use natscope_probes::probe::{Families, Family, Ipv6Report, ProbeConfig, Translation};
+use natscope_tests::schema::assert_valid_text;
+use natscope_tests::{
+    natscope_bin, require_root, require_tool, wait_until_answering, ChildProcess,
+};
+
+/// A namespace of this test's own (`v6pr` prefix), deleted on drop.
+struct TestNs(Option<Netns>);
+
+impl TestNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("v6pr-{tag}-{}", std::process::id());
+        let ns = Netns::create(&name).expect("create the test namespace");
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["-n", &name])
+                .args(args)
+                .output()
+                .expect("ip runs");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["link", "set", "lo", "up"]);
+        for a in ["2001:db8:7::1/128", "2001:db8:7::2/128"] {
+            ip(&["addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        Self(Some(ns))
+    }
+
+    fn ns(&self) -> &Netns {
+        self.0.as_ref().expect("namespace is live")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if let Some(ns) = self.0.take() {
+            let _ = ns.delete();
+        }
+    }
+}
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const V4: (&str, &str) = ("127.0.0.1:3478", "127.0.0.2:3479");
+const V6: (&str, &str) = ("[2001:db8:7::1]:3478", "[2001:db8:7::2]:3479");
+
+/// `natscope reflect` on both families inside `t`, answering before this returns.
+fn reflector(t: &TestNs) -> ChildProcess {
+    let bin = natscope_bin();
+    let mut args = vec!["reflect".to_string(), "--no-tcp".into()];
+    for (p, alt) in [V4, V6] {
+        args.extend([
+            "--primary".into(),
+            p.into(),
+            "--alternate".into(),
+            alt.into(),
+        ]);
+    }
+    let child = t
+        .ns()
+        .run(move || {
+            let mut cmd = Command::new(bin);
+            cmd.args(&args);
+            ChildProcess::spawn(cmd)
+        })
+        .expect("namespace worker")
+        .expect("natscope reflect starts");
+    t.ns()
+        .run(|| {
+            for p in [a(V4.0), a(V6.0)] {
+                wait_until_answering(p, p.ip(), Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        })
+        .expect("namespace worker");
+    child
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn probe_over_ipv6_reports_no_translation_and_the_eif_outlook() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let t = TestNs::new("prb6");
+    let _reflector = reflector(&t);
+    let bin = natscope_bin();
+    let out = t
+        .ns()
+        .run(move || {
+            Command::new(bin)
+                .args(["probe", "--json", V6.0])
+                .output()
+                .expect("natscope probe runs")
+        })
+        .expect("namespace worker");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = assert_valid_text(&text);
+    assert_eq!(doc["family"], "ipv6", "{doc:#}");
+    assert_eq!(doc["nat_detected"], false);
+    assert_eq!(doc["ipv6"]["translation"], "none", "{doc:#}");
+    assert_eq!(doc["ipv6"]["report"]["filtering"], "endpoint-independent");
+    assert_eq!(doc["ipv6"]["report"]["server"]["other_address"], V6.1);
+    let outlook = doc["ipv6"]["outlook"].as_str().unwrap_or_default();
+    assert!(
+        outlook.contains("anyone you have talked to (EIF)"),
+        "{outlook}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn both_families_run_at_once_and_cost_about_one() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let t = TestNs::new("dual");
+    let _reflector = reflector(&t);
+    let (v4_ms, dual_ms, sum_ms) = t
+        .ns()
+        .block_on(|| async {
+            let run = |fams: Families<SocketAddr>| async move {
+                let start = Instant::now();
+                let run = drive_families(fams, Duration::from_secs(30), ProbeConfig::new, |_| {})
+                    .await
+                    .expect("probe runs");
+                (start.elapsed().as_secs_f64() * 1000.0, run)
+            };
+            let (mut v4, mut dual, mut sums) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..15 {
+                let (ms, r) = run(Families {
+                    ipv4: Some(a(V4.0)),
+                    ipv6: None,
+                })
+                .await;
+                assert_eq!((r.family, r.ipv6.is_none()), (Family::Ipv4, true));
+                v4.push(ms);
+                let (ms, r) = run(Families {
+                    ipv4: Some(a(V4.0)),
+                    ipv6: Some(a(V6.0)),
+                })
+                .await;
+                assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+                let v6 = Ipv6Report::new(r.ipv6.expect("the ipv6 run"));
+                sums.push(r.primary.report().duration_ms + v6.report.duration_ms);
+                assert_eq!(
+                    v6.translation,
+                    Translation::None,
+                    "{}",
+                    v6.translation_evidence
+                );
+                assert_eq!(r.primary.report().server.address, a(V4.0));
+                dual.push(ms);
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            (median(v4), median(dual), median(sums))
+        })
+        .expect("namespace worker");
+    let ratio = dual_ms / v4_ms;
+    eprintln!(
+        "probe time, loopback in a namespace, median of 15: ipv4 alone {v4_ms:.1} ms, both families {dual_ms:.1} ms (ratio {ratio:.2}); the two runs' own durations add up to {sum_ms:.1} ms"
+    );
+    // The families overlap: one after the other, the whole would take at least the sum of the
+    // two runs' durations (each from its first request to its last answer).
+    assert!(
+        dual_ms < sum_ms,
+        "both families took {dual_ms:.1} ms, not less than their runs' sum {sum_ms:.1} ms: not concurrent"
+    );
+}
+
+/// An RFC 5780 reflector (the sans-IO core on four sockets) whose answers leave `delay` after the
+/// request arrived: a path with a real round trip, which loopback lacks (this kernel has no netem).
+async fn delaying_reflector(primary: SocketAddr, alternate: SocketAddr, delay: Duration) {
+    use natscope_probes::reflector::{Action, Reflector, ReflectorConfig, Transport};
+    use std::sync::Arc;
+    let core = Arc::new(Reflector::new(ReflectorConfig {
+        primary,
+        alternate: Some(alternate),
+        partner: None,
+    }));
+    let addrs = core.config().server_addresses();
+    let mut socks = Vec::new();
+    for a in &addrs {
+        socks.push(Arc::new(
+            tokio::net::UdpSocket::bind(a)
+                .await
+                .expect("bind reflector"),
+        ));
+    }
+    for (i, sock) in socks.iter().enumerate() {
+        let (core, socks, addrs, sock) = (core.clone(), socks.clone(), addrs.clone(), sock.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut out = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let (action, _) =
+                    core.answer(Transport::Udp, from, addrs[i], &buf[..n], &mut out, 0);
+                if let Action::Send {
+                    from: src, to, len, ..
+                } = action
+                {
+                    let Some(j) = addrs.iter().position(|a| *a == src) else {
+                        continue;
+                    };
+                    let (s, bytes) = (socks[j].clone(), out[..len].to_vec());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = s.send_to(&bytes, to).await;
+                    });
+                }
+            }
+        });
+    }
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn on_a_path_with_round_trips_both_families_cost_about_one() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let t = TestNs::new("rtt");
+    let (v4_ms, dual_ms) = t
+        .ns()
+        .block_on(|| async {
+            let delay = Duration::from_millis(10);
+            delaying_reflector(a("127.0.0.1:4478"), a("127.0.0.2:4479"), delay).await;
+            delaying_reflector(a("[2001:db8:7::1]:4478"), a("[2001:db8:7::2]:4479"), delay).await;
+            let run = |fams: Families<SocketAddr>| async move {
+                let start = Instant::now();
+                let r = drive_families(fams, Duration::from_secs(30), ProbeConfig::new, |_| {})
+                    .await
+                    .expect("probe runs");
+                assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+                assert_eq!(
+                    r.primary.report().filtering,
+                    natscope_probes::probe::Behavior::EndpointIndependent
+                );
+                start.elapsed().as_secs_f64() * 1000.0
+            };
+            let (mut v4, mut dual) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                v4.push(
+                    run(Families {
+                        ipv4: Some(a("127.0.0.1:4478")),
+                        ipv6: None,
+                    })
+                    .await,
+                );
+                dual.push(
+                    run(Families {
+                        ipv4: Some(a("127.0.0.1:4478")),
+                        ipv6: Some(a("[2001:db8:7::1]:4478")),
+                    })
+                    .await,
+                );
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            (median(v4), median(dual))
+        })
+        .expect("namespace worker");
+    let ratio = dual_ms / v4_ms;
+    eprintln!(
+        "probe time, 20 ms round trips (loopback in a namespace, answers delayed 10 ms), median of 5: ipv4 alone {v4_ms:.1} ms, both families {dual_ms:.1} ms, ratio {ratio:.2}"
+    );
+    assert!(
+        ratio < 1.3,
+        "both families took {ratio:.2}x one (target < 1.3x)"
+    );
+}

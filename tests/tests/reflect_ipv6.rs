@@ -1,0 +1,182 @@
+//! `natscope reflect` serving RFC 5780 on both families at once (issue 13, must-show 4): inside a
+//! network namespace this test creates (loopback only: two IPv6 documentation addresses added to
+//! `lo` with `nodad`, and 127.0.0.1/127.0.0.2), one process with an IPv4 and an IPv6 primary and
+//! alternate answers every request of every family from the address RFC 5780 §6 says —
+//! the other IP and/or port *of the same family* for CHANGE-REQUEST — with RESPONSE-ORIGIN equal
+//! to the real source, OTHER-ADDRESS the same family's alternate, and XOR-MAPPED-ADDRESS the
+//! client.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use natscope_lab::netns::Netns;
+use natscope_probes::client::{BindingResponse, RequestOptions};
+use natscope_probes::stun::{ChangeRequest, TransactionId};
+use natscope_tests::{
+    binding_request, expected_source, natscope_bin, require_root, require_tool,
+    wait_until_answering, ChildProcess,
+};
+
+/// A namespace of this test's own (`v6pr` prefix), deleted on drop.
+struct TestNs(Option<Netns>);
+
+impl TestNs {
+    fn new(tag: &str) -> Self {
+        let name = format!("v6pr-{tag}-{}", std::process::id());
+        let ns = Netns::create(&name).expect("create the test namespace");
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["-n", &name])
+                .args(args)
+                .output()
+                .expect("ip runs");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["link", "set", "lo", "up"]);
+        for a in ["2001:db8:7::1/128", "2001:db8:7::2/128"] {
+            ip(&["addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        Self(Some(ns))
+    }
+
+    fn ns(&self) -> &Netns {
+        self.0.as_ref().expect("namespace is live")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if let Some(ns) = self.0.take() {
+            let _ = ns.delete();
+        }
+    }
+}
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// One request from `client` to `to` with `change`; the answer and where it really came from.
+fn ask(client: &UdpSocket, to: SocketAddr, change: ChangeRequest) -> BindingResponse {
+    let tid = TransactionId::random();
+    let req = binding_request(
+        &tid,
+        &RequestOptions {
+            change,
+            ..Default::default()
+        },
+    );
+    let mut buf = [0u8; 2048];
+    for _ in 0..5 {
+        client.send_to(&req, to).expect("send");
+        if let Ok((n, from)) = client.recv_from(&mut buf) {
+            if let Ok(r) = BindingResponse::parse(&buf[..n], &tid, Some(from)) {
+                return r;
+            }
+        }
+    }
+    panic!("no answer from {to} to {change:?}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn reflect_answers_rfc5780_on_both_families_from_the_right_addresses() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let bin = natscope_bin();
+    let t = TestNs::new("refl");
+    let families = [
+        (a("127.0.0.1:3478"), a("127.0.0.2:3479")),
+        (a("[2001:db8:7::1]:3478"), a("[2001:db8:7::2]:3479")),
+    ];
+    let mut args: Vec<String> = vec!["reflect".into(), "--no-tcp".into()];
+    for (p, alt) in families {
+        args.extend([
+            "--primary".into(),
+            p.to_string(),
+            "--alternate".into(),
+            alt.to_string(),
+        ]);
+    }
+    let child = t
+        .ns()
+        .run(move || {
+            let mut cmd = Command::new(bin);
+            cmd.args(&args);
+            ChildProcess::spawn(cmd)
+        })
+        .expect("namespace worker")
+        .expect("natscope reflect starts");
+    let checked = t
+        .ns()
+        .run(move || {
+            let mut checked = 0;
+            for (primary, alternate) in families {
+                let ip = primary.ip();
+                wait_until_answering(primary, ip, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let client = UdpSocket::bind(SocketAddr::new(ip, 0)).expect("bind client");
+                client
+                    .set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                let me = client.local_addr().unwrap();
+                let servers = [
+                    primary,
+                    SocketAddr::new(primary.ip(), alternate.port()),
+                    SocketAddr::new(alternate.ip(), primary.port()),
+                    alternate,
+                ];
+                for to in servers {
+                    for change in [
+                        ChangeRequest::NONE,
+                        ChangeRequest::IP,
+                        ChangeRequest::PORT,
+                        ChangeRequest::BOTH,
+                    ] {
+                        let r = ask(&client, to, change);
+                        let want = expected_source(
+                            primary,
+                            alternate,
+                            to,
+                            change.change_ip,
+                            change.change_port,
+                        );
+                        let ctx = format!("{to} {change:?}");
+                        assert_eq!(r.source, Some(want), "real source, {ctx}");
+                        assert_eq!(r.response_origin, Some(want), "RESPONSE-ORIGIN, {ctx}");
+                        assert_eq!(r.xor_mapped, Some(me), "XOR-MAPPED-ADDRESS, {ctx}");
+                        // RFC 5780 §6: OTHER-ADDRESS is the other IP and port of the family the
+                        // request came over.
+                        let other = SocketAddr::new(
+                            if to.ip() == primary.ip() {
+                                alternate.ip()
+                            } else {
+                                primary.ip()
+                            },
+                            if to.port() == primary.port() {
+                                alternate.port()
+                            } else {
+                                primary.port()
+                            },
+                        );
+                        assert_eq!(r.other_address, Some(other), "OTHER-ADDRESS, {ctx}");
+                        assert_eq!(
+                            r.other_address.map(|o| o.is_ipv4()),
+                            Some(matches!(ip, IpAddr::V4(_))),
+                            "same family, {ctx}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+            checked
+        })
+        .expect("namespace worker");
+    drop(child);
+    assert_eq!(checked, 2 * 4 * 4);
+}
