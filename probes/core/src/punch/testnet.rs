@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use super::codec::PunchMessage;
 use super::connector::{ConnectOptions, ConnectReport, Connector};
+use super::identity::Identity;
 use super::listener::{ListenEvent, ListenOptions, Listener};
 use super::peer::{PeerMachine, PunchError};
 use super::server::{RendezvousServer, ServerConfig};
@@ -96,6 +97,7 @@ fn name(m: &PunchMessage) -> &'static str {
         PunchMessage::Refresh { .. } => "Refresh",
         PunchMessage::RefreshOk { .. } => "RefreshOk",
         PunchMessage::Close { .. } => "Close",
+        PunchMessage::Sealed { .. } => "Sealed",
         PunchMessage::Error { .. } => "Error",
     }
 }
@@ -132,6 +134,7 @@ impl Net {
             timeout: None,
             punch_window: Duration::from_millis(1500),
             predict: false,
+            identity: Identity::from_seed([10 + i as u8; 32]),
         };
         let mut l = Listener::new(self.now, opts, StdRng::seed_from_u64(100 + i as u64));
         l.start(self.now, local, None);
@@ -231,7 +234,11 @@ impl Net {
             *self.delivered.entry(name(&m)).or_default() += 1;
             let to_connector = self.connectors.iter().any(|(a, _)| *a == d.to);
             let relayed = d.from == sa(SERVER) && to_connector;
-            if relayed && matches!(m, PunchMessage::Data { seq: Some(_), .. }) {
+            // Sealed (issue 14): the relay carries DATA and CLOSE only, and a box holding a DATA
+            // with a payload is the one longer than 8 + 60 + 16 bytes (an ack-only DATA is 44).
+            let sealed_data =
+                matches!(&m, PunchMessage::Sealed { sealed: Some(b), .. } if b.len() > 84);
+            if relayed && (sealed_data || matches!(m, PunchMessage::Data { seq: Some(_), .. })) {
                 *self.delivered.entry("Data relayed").or_default() += 1;
             }
         }
