@@ -126,6 +126,59 @@ enum Phase {
     Done,
 }
 
+/// The human line of an event (`punch listen` without `--json`); here rather than in the CLI,
+/// whose line budget is spent.
+impl std::fmt::Display for ListenEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenEvent::Predicted {
+                measured_ports,
+                delta: Some(d),
+            } => write!(f, "port allocation delta {d} (ports {measured_ports:?})"),
+            ListenEvent::Predicted { measured_ports, .. } => {
+                write!(
+                    f,
+                    "no predictable port allocation (ports {measured_ports:?})"
+                )
+            }
+            ListenEvent::Registered {
+                id,
+                transport,
+                local,
+                reflexive,
+                key,
+            } => write!(
+                f,
+                "registered {id} over {transport}: local {local}, reflexive {reflexive}, key {key}"
+            ),
+            ListenEvent::SessionStarted { session, peer } => {
+                write!(f, "session {session}: peer {peer}, punching")
+            }
+            ListenEvent::SessionEnded {
+                session,
+                path,
+                peer,
+                messages_echoed,
+                switched_to_direct,
+                error,
+            } => {
+                write!(f, "session {session}: {path}")?;
+                if let Some(p) = peer {
+                    write!(f, " via {p}")?;
+                }
+                if *switched_to_direct {
+                    write!(f, " (switched from relay)")?;
+                }
+                write!(f, ", {messages_echoed} messages echoed")?;
+                if let Some(e) = error {
+                    write!(f, ", ended: {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// One `punch listen`, from REGISTER to UNREGISTER.
 #[derive(Debug)]
 pub struct Listener {
