@@ -450,7 +450,10 @@ impl Listener {
                 },
                 messages_echoed: echoed,
                 switched_to_direct: s.switched_to_direct(),
-                error: s.error().map(|e| e.to_string()),
+                error: s.error().map(|e| match s.rejected_packets() {
+                    0 => e.to_string(),
+                    n => format!("{n} packets of this session failed authentication (tampered with or injected on the way) and were dropped: {e}"),
+                }),
             });
             if self.ended.len() == RECENT_ENDED {
                 self.ended.pop_front();
