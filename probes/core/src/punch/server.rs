@@ -164,10 +164,10 @@ impl RendezvousServer {
                 ),
                 Err((c, e)) => self.error(from, tid, method::REGISTER, c, e),
             },
-            PunchMessage::Unregister { tid, id, proof } => {
-                if identity::verify(&proof, Purpose::Unregister, &tid, &id) {
-                    self.table.unregister_as(&id, from, &proof.key);
-                }
+            PunchMessage::Unregister { tid, id, proof }
+                if identity::verify(&proof, Purpose::Unregister, &tid, &id) =>
+            {
+                self.table.unregister_as(&id, from, &proof.key);
             }
             PunchMessage::Connect {
                 tid,

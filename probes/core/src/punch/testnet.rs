@@ -600,7 +600,7 @@ mod identity_attacks {
             net.server.table().key_of(Transport::Udp, "bob"),
             Some(bob_key())
         );
-        assert!(net.delivered.get("Error").is_some(), "{:?}", net.delivered);
+        assert!(net.delivered.contains_key("Error"), "{:?}", net.delivered);
         // A connector that names bob's key reaches bob.
         let c = net.connect(pinned(20));
         finish(&mut net, c);
