@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_probes::punch::driver::{
-    self, ConnectOptions, ConnectReport, ListenEvent, ListenLine, ListenOptions, PunchError,
-    MAX_BIRTHDAY,
+    self, ConnectOptions, ConnectReport, ListenLine, ListenOptions, PunchError, MAX_BIRTHDAY,
 };
 use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
 use natscope_probes::resolve::{server_address, Service};
@@ -56,6 +55,9 @@ pub struct ListenArgs {
     /// Port prediction: measure this side's allocation delta and register it.
     #[arg(long)]
     predict: bool,
+    /// Key pair file (created 0600 if missing; default: a new key each run).
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
     /// One JSON object per line for each event (natscope.punch-listen/v1).
     #[arg(long)]
     json: bool,
@@ -92,6 +94,12 @@ pub struct ConnectArgs {
     /// How long direct paths are tried before the relay, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1500)]
     punch_window_ms: u64,
+    /// Key pair file (created 0600 if missing; default: a new key each run).
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+    /// Accept only the peer with this key (as `punch listen` prints it), whatever the server says.
+    #[arg(long, value_name = "KEY")]
+    peer_key: Option<driver::PeerKey>,
     /// Print one JSON document (natscope.punch/v1).
     #[arg(long)]
     json: bool,
@@ -187,6 +195,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
         punch_window: Duration::from_millis(1500),
         predict: a.predict,
+        identity: driver::load_identity(a.key.as_deref())?,
     };
     if a.tcp && a.predict {
         bail!("--predict applies to udp only");
@@ -199,46 +208,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
             }
             return;
         }
-        let line = match ev {
-            ListenEvent::Predicted {
-                measured_ports,
-                delta,
-            } => match delta {
-                Some(d) => format!("port allocation delta {d} (ports {measured_ports:?})"),
-                None => format!("no predictable port allocation (ports {measured_ports:?})"),
-            },
-            ListenEvent::Registered {
-                id,
-                transport,
-                local,
-                reflexive,
-            } => format!("registered {id} over {transport}: local {local}, reflexive {reflexive}"),
-            ListenEvent::SessionStarted { session, peer } => {
-                format!("session {session}: peer {peer}, punching")
-            }
-            ListenEvent::SessionEnded {
-                session,
-                path,
-                peer,
-                messages_echoed,
-                switched_to_direct,
-                error,
-            } => {
-                let mut s = format!("session {session}: {path}");
-                if let Some(p) = peer {
-                    s += &format!(" via {p}");
-                }
-                if switched_to_direct {
-                    s += " (switched from relay)";
-                }
-                s += &format!(", {messages_echoed} messages echoed");
-                if let Some(e) = error {
-                    s += &format!(", ended: {e}");
-                }
-                s
-            }
-        };
-        crate::emit(&line);
+        crate::emit(&ev.to_string());
     })
     .await;
     match result {
@@ -269,6 +239,8 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         interval: Duration::from_millis(a.interval_ms),
         timeout: seconds(a.timeout, "timeout")?,
         punch_window: Duration::from_millis(a.punch_window_ms.clamp(50, 60_000)),
+        identity: driver::load_identity(a.key.as_deref())?,
+        peer_key: a.peer_key,
     };
     let report = match driver::connect(&opts).await {
         Ok(r) => r,

@@ -37,6 +37,7 @@ fn main() {
                 candidates: vec![],
                 port_delta: None,
                 punch_window_ms: None,
+                key: None,
             };
             t.introduce(t0, &format!("peer{i}"), c, info, SessionId(u64::from(i)))
                 .expect("room");

@@ -38,6 +38,7 @@ use crate::stun::framing::{frame, Frame, MAX_FRAME};
 use natscope_core::net::Transmit;
 
 pub use super::connector::{Attempts, ConnectOptions, ConnectReport, MAX_BIRTHDAY};
+pub use super::identity::{decode_hex32, Identity, PeerKey};
 pub use super::listener::{
     ListenEvent, ListenLine, ListenOptions, KEEPALIVE, LISTEN_SCHEMA, MAX_LISTEN_SESSIONS,
 };
@@ -657,5 +658,56 @@ pub async fn listen(
             _ = &mut shutdown => l.shutdown(),
             ev = net.next_event(wake) => net.feed(&mut l, ev),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key files (issue 14): the core holds the identity; reading and writing its file is here.
+
+/// The peer's key pair: from `path` (created with mode 0600 when missing), or ephemeral when no
+/// file is named. A file others can read or write is refused, as ssh refuses such a key.
+pub fn load_identity(path: Option<&std::path::Path>) -> Result<Identity, PunchError> {
+    let Some(path) = path else {
+        return Ok(Identity::generate(&mut StdRng::from_entropy()));
+    };
+    let shown = path.display();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(PunchError::Io(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("key file {shown} is accessible by others (mode {mode:03o}): run chmod 600 {shown}"),
+                    )));
+                }
+            }
+            let seed = decode_hex32(&text).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("key file {shown} is not one line of 64 hex digits"),
+                )
+            })?;
+            Ok(Identity::from_seed(seed))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = Identity::generate(&mut StdRng::from_entropy());
+            let text: String = id.seed().iter().map(|b| format!("{b:02x}")).collect();
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            let mut f = o.open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot create key file {shown}: {e}"))
+            })?;
+            std::io::Write::write_all(&mut f, format!("{text}\n").as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(PunchError::Io(io::Error::new(
+            e.kind(),
+            format!("cannot read key file {shown}: {e}"),
+        ))),
     }
 }

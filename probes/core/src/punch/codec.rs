@@ -14,6 +14,7 @@ use crate::stun::{
     attr_type, Class, EncodeError, Message, MessageType, MessageWriter, ParseError, TransactionId,
 };
 
+use super::identity::{KeyProof, PeerKey, MAX_HANDSHAKE};
 use super::{valid_id, SessionId, MAX_CANDIDATES, MAX_ID_LEN, MAX_PAYLOAD};
 
 /// Method numbers (12 bits).
@@ -34,6 +35,9 @@ pub mod method {
     pub const REFRESH: u16 = 0x0C7;
     /// End of a session: indication.
     pub const CLOSE: u16 = 0x0C8;
+    /// Peer identity (issue 14): a sealed peer-to-peer message, or a Noise handshake message,
+    /// direct or through the relay: indication.
+    pub const SEALED: u16 = 0x0C9;
 }
 
 /// Attribute types (all comprehension-optional).
@@ -58,6 +62,16 @@ pub mod attr {
     pub const PORT_DELTA: u16 = 0xC009;
     /// The connector's punch window in milliseconds, u32, so both sides punch equally long.
     pub const PUNCH_WINDOW: u16 = 0xC00A;
+    // Peer identity (issue 14), one block: see `punch::identity`.
+    /// A Noise handshake message (IK msg1 or msg2), at most 128 bytes.
+    pub const HANDSHAKE: u16 = 0xC00B;
+    /// A sealed message: 8-byte nonce, then the Noise transport ciphertext of a whole message.
+    pub const SEALED_BOX: u16 = 0xC00C;
+    /// An Ed25519 public key, 32 bytes (REGISTER, UNREGISTER, and the listener's in CONNECT's
+    /// answer).
+    pub const PEER_KEY: u16 = 0xC00D;
+    /// The Ed25519 signature proving PEER-KEY, 64 bytes.
+    pub const SIGNATURE: u16 = 0xC00E;
 }
 
 /// Why bytes are not a punch message.
@@ -94,6 +108,9 @@ pub struct PeerInfo {
     pub port_delta: Option<i32>,
     /// How long the connector punches (told to the listener so both use the same window).
     pub punch_window_ms: Option<u32>,
+    /// The listener's registered key (CONNECT's answer only): the key the connector's Noise
+    /// handshake expects unless `--peer-key` names one.
+    pub key: Option<PeerKey>,
 }
 
 /// One protocol message.
@@ -104,6 +121,7 @@ pub enum PunchMessage {
         id: String,
         candidates: Vec<SocketAddr>,
         port_delta: Option<i32>,
+        proof: KeyProof,
     },
     RegisterOk {
         tid: TransactionId,
@@ -112,6 +130,7 @@ pub enum PunchMessage {
     Unregister {
         tid: TransactionId,
         id: String,
+        proof: KeyProof,
     },
     Connect {
         tid: TransactionId,
@@ -165,6 +184,13 @@ pub enum PunchMessage {
         tid: TransactionId,
         session: SessionId,
     },
+    /// A Noise handshake message and/or a sealed peer-to-peer message (issue 14).
+    Sealed {
+        tid: TransactionId,
+        session: SessionId,
+        handshake: Option<Vec<u8>>,
+        sealed: Option<Vec<u8>>,
+    },
     /// An error response to `method` (400 bad request, 404 unknown peer, 437 unknown session).
     Error {
         tid: TransactionId,
@@ -178,6 +204,8 @@ pub enum PunchMessage {
 pub mod code {
     pub const BAD_REQUEST: u16 = 400;
     pub const UNKNOWN_PEER: u16 = 404;
+    /// REGISTER of an id another key holds, or a key proof that does not verify (issue 14).
+    pub const FORBIDDEN: u16 = 403;
     pub const UNKNOWN_SESSION: u16 = 437;
 }
 
@@ -200,6 +228,7 @@ impl PunchMessage {
             | PunchMessage::Refresh { tid, .. }
             | PunchMessage::RefreshOk { tid }
             | PunchMessage::Close { tid, .. }
+            | PunchMessage::Sealed { tid, .. }
             | PunchMessage::Error { tid, .. } => *tid,
         }
     }
@@ -214,7 +243,8 @@ impl PunchMessage {
             | PunchMessage::ProbeOk { session, .. }
             | PunchMessage::Data { session, .. }
             | PunchMessage::Refresh { session, .. }
-            | PunchMessage::Close { session, .. } => Some(*session),
+            | PunchMessage::Close { session, .. }
+            | PunchMessage::Sealed { session, .. } => Some(*session),
             _ => None,
         }
     }
@@ -244,6 +274,7 @@ impl PunchMessage {
             M::Refresh { .. } => (Class::Request, method::REFRESH),
             M::RefreshOk { .. } => (Class::SuccessResponse, method::REFRESH),
             M::Close { .. } => (Class::Indication, method::CLOSE),
+            M::Sealed { .. } => (Class::Indication, method::SEALED),
             M::Error { method, .. } => (Class::ErrorResponse, *method),
         };
         let tid = self.tid();
@@ -253,6 +284,7 @@ impl PunchMessage {
                 id,
                 candidates,
                 port_delta,
+                proof,
                 ..
             } => {
                 w.add_raw(attr::PEER_ID, id.as_bytes())?;
@@ -260,11 +292,15 @@ impl PunchMessage {
                 if let Some(d) = port_delta {
                     w.add_raw(attr::PORT_DELTA, &d.to_be_bytes())?;
                 }
+                add_proof(&mut w, proof)?;
             }
             M::RegisterOk { mapped, .. } => {
                 w.add_xor_address(attr_type::XOR_MAPPED_ADDRESS, *mapped)?;
             }
-            M::Unregister { id, .. } => w.add_raw(attr::PEER_ID, id.as_bytes())?,
+            M::Unregister { id, proof, .. } => {
+                w.add_raw(attr::PEER_ID, id.as_bytes())?;
+                add_proof(&mut w, proof)?;
+            }
             M::Connect {
                 target,
                 candidates,
@@ -332,6 +368,20 @@ impl PunchMessage {
                 }
             }
             M::RefreshOk { .. } => {}
+            M::Sealed {
+                session,
+                handshake,
+                sealed,
+                ..
+            } => {
+                w.add_raw(attr::SESSION, &session.0.to_be_bytes())?;
+                if let Some(h) = handshake {
+                    w.add_raw(attr::HANDSHAKE, h)?;
+                }
+                if let Some(b) = sealed {
+                    w.add_raw(attr::SEALED_BOX, b)?;
+                }
+            }
             M::Error { code, reason, .. } => w.add_error_code(*code, reason)?,
         }
         Ok(w.finish())
@@ -353,12 +403,17 @@ impl PunchMessage {
                 id: id(&msg)?,
                 candidates: candidates(&msg)?,
                 port_delta: port_delta(&msg)?,
+                proof: proof(&msg)?,
             },
             (Class::SuccessResponse, method::REGISTER) => M::RegisterOk {
                 tid,
                 mapped: xor_mapped(&msg)?,
             },
-            (Class::Indication, method::UNREGISTER) => M::Unregister { tid, id: id(&msg)? },
+            (Class::Indication, method::UNREGISTER) => M::Unregister {
+                tid,
+                id: id(&msg)?,
+                proof: proof(&msg)?,
+            },
             (Class::Request, method::CONNECT) => M::Connect {
                 tid,
                 target: id(&msg)?,
@@ -422,6 +477,22 @@ impl PunchMessage {
                 tid,
                 session: session(&msg)?,
             },
+            (Class::Indication, method::SEALED) => {
+                let handshake = msg.attribute(attr::HANDSHAKE).map(|a| a.value.to_vec());
+                if handshake.as_ref().is_some_and(|h| h.len() > MAX_HANDSHAKE) {
+                    return Err(DecodeError::Malformed(attr::HANDSHAKE));
+                }
+                let sealed = msg.attribute(attr::SEALED_BOX).map(|a| a.value.to_vec());
+                if handshake.is_none() && sealed.is_none() {
+                    return Err(DecodeError::Missing(attr::SEALED_BOX));
+                }
+                M::Sealed {
+                    tid,
+                    session: session(&msg)?,
+                    handshake,
+                    sealed,
+                }
+            }
             (
                 Class::ErrorResponse,
                 m @ (method::REGISTER | method::CONNECT | method::REFRESH | method::INTRODUCE),
@@ -464,7 +535,38 @@ fn add_peer(w: &mut MessageWriter<'_>, p: &PeerInfo) -> Result<(), EncodeError> 
     if let Some(ms) = p.punch_window_ms {
         w.add_raw(attr::PUNCH_WINDOW, &ms.to_be_bytes())?;
     }
+    if let Some(k) = p.key {
+        w.add_raw(attr::PEER_KEY, &k.0)?;
+    }
     Ok(())
+}
+
+fn add_proof(w: &mut MessageWriter<'_>, p: &KeyProof) -> Result<(), EncodeError> {
+    w.add_raw(attr::PEER_KEY, &p.key.0)?;
+    w.add_raw(attr::SIGNATURE, &p.signature)
+}
+
+fn key(m: &Message<'_>) -> Result<Option<PeerKey>, DecodeError> {
+    match m.attribute(attr::PEER_KEY) {
+        None => Ok(None),
+        Some(a) => a
+            .value
+            .try_into()
+            .map(|k| Some(PeerKey(k)))
+            .map_err(|_| DecodeError::Malformed(attr::PEER_KEY)),
+    }
+}
+
+fn proof(m: &Message<'_>) -> Result<KeyProof, DecodeError> {
+    let key = key(m)?.ok_or(DecodeError::Missing(attr::PEER_KEY))?;
+    let a = m
+        .attribute(attr::SIGNATURE)
+        .ok_or(DecodeError::Missing(attr::SIGNATURE))?;
+    let signature = a
+        .value
+        .try_into()
+        .map_err(|_| DecodeError::Malformed(attr::SIGNATURE))?;
+    Ok(KeyProof { key, signature })
 }
 
 fn id(m: &Message<'_>) -> Result<String, DecodeError> {
@@ -499,6 +601,7 @@ fn peer(m: &Message<'_>) -> Result<PeerInfo, DecodeError> {
         candidates: candidates(m)?,
         port_delta: port_delta(m)?,
         punch_window_ms: punch_window(m)?,
+        key: key(m)?,
     })
 }
 
@@ -561,6 +664,11 @@ mod tests {
             candidates: vec![sa("10.1.0.2:4000"), sa("[fd00::1]:9")],
             port_delta: Some(-2),
             punch_window_ms: Some(1500),
+            key: Some(PeerKey([7; 32])),
+        };
+        let proof = KeyProof {
+            key: PeerKey([9; 32]),
+            signature: [3; 64],
         };
         use PunchMessage as M;
         vec![
@@ -569,6 +677,7 @@ mod tests {
                 id: "alice".into(),
                 candidates: vec![sa("10.1.0.2:5000")],
                 port_delta: Some(2),
+                proof,
             },
             M::RegisterOk {
                 tid,
@@ -577,6 +686,19 @@ mod tests {
             M::Unregister {
                 tid,
                 id: "a.b_c-d".into(),
+                proof,
+            },
+            M::Sealed {
+                tid,
+                session: s,
+                handshake: Some(vec![1; 48]),
+                sealed: Some(vec![2; 100]),
+            },
+            M::Sealed {
+                tid,
+                session: s,
+                handshake: None,
+                sealed: Some(vec![2; 30]),
             },
             M::Connect {
                 tid,

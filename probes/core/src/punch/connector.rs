@@ -21,6 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::codec::{code, PeerInfo, PunchMessage};
+use super::identity::{Channel, Identity, PeerKey};
 use super::peer::{
     birthday_targets, session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError,
     Request, StreamCommand, PREDICT_STEPS,
@@ -46,6 +47,10 @@ pub struct ConnectOptions {
     /// Bound on the whole connect.
     pub timeout: Duration,
     pub punch_window: Duration,
+    /// Our key pair (ephemeral unless `--key` names a file).
+    pub identity: Identity,
+    /// `--peer-key`: the only key we accept for the peer, whatever the server says.
+    pub peer_key: Option<PeerKey>,
 }
 
 impl Default for ConnectOptions {
@@ -61,6 +66,8 @@ impl Default for ConnectOptions {
             interval: Duration::ZERO,
             timeout: Duration::from_secs(5),
             punch_window: Duration::from_millis(1500),
+            identity: Identity::generate(&mut rand::thread_rng()),
+            peer_key: None,
         }
     }
 }
@@ -197,6 +204,23 @@ enum Phase {
     Done,
 }
 
+/// The one error line of a session that failed: when the peer never proved its key, or packets
+/// failed authentication, that is the news (a substituted peer or a tampering relay), not the
+/// timeout it caused.
+fn authentication_failure(id: &str, key: Option<PeerKey>, s: &Session, error: String) -> String {
+    let rejected = s.rejected_packets();
+    let key = key.map_or_else(|| "?".to_string(), |k| k.to_string());
+    match s.channel() {
+        Some(c) if !c.is_ready() => format!(
+            "peer `{id}` never proved key {key} (no valid Noise handshake; {rejected} forged or tampered packets dropped): refusing to talk to anyone else ({error})"
+        ),
+        Some(_) if rejected > 0 => format!(
+            "{rejected} packets of this session failed authentication (tampered with or injected on the way, e.g. by the relay) and were dropped: {error}"
+        ),
+        _ => error,
+    }
+}
+
 /// One `punch connect`, from CONNECT to the report.
 #[derive(Debug)]
 pub struct Connector {
@@ -210,6 +234,8 @@ pub struct Connector {
     out: VecDeque<Transmit<SocketAddr>>,
     streams: DirectStreams,
     outcome: Option<Result<ConnectReport, PunchError>>,
+    /// The key the session's handshake expects.
+    peer_key: Option<PeerKey>,
 }
 
 impl Connector {
@@ -230,6 +256,7 @@ impl Connector {
             out: VecDeque::new(),
             streams: DirectStreams::default(),
             outcome: None,
+            peer_key: None,
         }
     }
 
@@ -312,6 +339,20 @@ impl Connector {
             } => return self.fail(PunchError::Refused(server, format!("{c} {reason}"))),
             _ => return self.fail(PunchError::Refused(server, "unexpected answer".into())),
         };
+        // Whom the handshake must reach: the pinned key, else the one the server vouches for.
+        let key = match (self.opts.peer_key, peer.key) {
+            (Some(pinned), Some(said)) if pinned != said => {
+                let e = PunchError::WrongKey(self.opts.id.clone(), server, said, pinned);
+                return self.fail(e);
+            }
+            (Some(pinned), _) => pinned,
+            (None, Some(said)) => said,
+            (None, None) => return self.fail(PunchError::NoKey(server, self.opts.id.clone())),
+        };
+        let Some(channel) = Channel::initiator(&self.opts.identity, &key, &mut self.rng) else {
+            return self.fail(PunchError::NoKey(server, self.opts.id.clone()));
+        };
+        self.peer_key = Some(key);
         let a = &mut self.attempts;
         a.session = Some(session_id.to_string());
         a.rendezvous_ms = Some(ms(now - self.started));
@@ -333,7 +374,8 @@ impl Connector {
             server,
             plan,
             session_rng,
-        );
+        )
+        .secure(channel);
         if opts.transport == Transport::Udp {
             let birthday = opts.birthday.min(MAX_BIRTHDAY);
             let bday = birthday_targets(&peer, birthday, &mut self.rng);
@@ -415,6 +457,8 @@ impl Connector {
                 } else {
                     return;
                 }
+                error = error
+                    .map(|e| authentication_failure(&self.opts.id, self.peer_key, &run.session, e));
             }
         }
         self.finish(error);
@@ -653,6 +697,7 @@ mod tests {
                 candidates: vec![],
                 port_delta: None,
                 punch_window_ms: None,
+                key: Some(super::super::identity::Identity::from_seed([5; 32]).public()),
             },
             start_in_ms: 20,
         };

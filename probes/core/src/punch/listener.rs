@@ -24,6 +24,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{method, PunchMessage};
+use super::identity::{Channel, Identity, Purpose};
 use super::peer::{
     session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError, Request,
     StreamCommand,
@@ -46,6 +47,8 @@ pub struct ListenOptions {
     /// Port prediction: measure our allocation delta and register it, so connectors probe
     /// ahead of our server-reflexive port.
     pub predict: bool,
+    /// Our key pair: it proves the registration and answers connectors' Noise handshakes.
+    pub identity: Identity,
 }
 
 /// What the listener reports as it runs.
@@ -63,6 +66,8 @@ pub enum ListenEvent {
         transport: Transport,
         local: String,
         reflexive: String,
+        /// Our public key: what a connector passes as `--peer-key` to accept only us.
+        key: String,
     },
     /// The server introduced a connecting peer; punching towards it has begun.
     SessionStarted { session: String, peer: String },
@@ -119,6 +124,59 @@ enum Phase {
     Registering(Request),
     Serving,
     Done,
+}
+
+/// The human line of an event (`punch listen` without `--json`); here rather than in the CLI,
+/// whose line budget is spent.
+impl std::fmt::Display for ListenEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenEvent::Predicted {
+                measured_ports,
+                delta: Some(d),
+            } => write!(f, "port allocation delta {d} (ports {measured_ports:?})"),
+            ListenEvent::Predicted { measured_ports, .. } => {
+                write!(
+                    f,
+                    "no predictable port allocation (ports {measured_ports:?})"
+                )
+            }
+            ListenEvent::Registered {
+                id,
+                transport,
+                local,
+                reflexive,
+                key,
+            } => write!(
+                f,
+                "registered {id} over {transport}: local {local}, reflexive {reflexive}, key {key}"
+            ),
+            ListenEvent::SessionStarted { session, peer } => {
+                write!(f, "session {session}: peer {peer}, punching")
+            }
+            ListenEvent::SessionEnded {
+                session,
+                path,
+                peer,
+                messages_echoed,
+                switched_to_direct,
+                error,
+            } => {
+                write!(f, "session {session}: {path}")?;
+                if let Some(p) = peer {
+                    write!(f, " via {p}")?;
+                }
+                if *switched_to_direct {
+                    write!(f, " (switched from relay)")?;
+                }
+                write!(f, ", {messages_echoed} messages echoed")?;
+                if let Some(e) = error {
+                    write!(f, ", ended: {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One `punch listen`, from REGISTER to UNREGISTER.
@@ -192,11 +250,16 @@ impl Listener {
     }
 
     fn register(&mut self) -> PunchMessage {
+        let tid = TransactionId::from_rng(&mut self.rng);
         PunchMessage::Register {
-            tid: TransactionId::from_rng(&mut self.rng),
+            tid,
             id: self.opts.id.clone(),
             candidates: vec![self.local],
             port_delta: self.port_delta,
+            proof: self
+                .opts
+                .identity
+                .prove(Purpose::Register, &tid, &self.opts.id),
         }
     }
 
@@ -239,9 +302,14 @@ impl Listener {
             self.streams.stop(id);
         }
         if registered {
+            let tid = TransactionId::from_rng(&mut self.rng);
             let bye = PunchMessage::Unregister {
-                tid: TransactionId::from_rng(&mut self.rng),
+                tid,
                 id: self.opts.id.clone(),
+                proof: self
+                    .opts
+                    .identity
+                    .prove(Purpose::Unregister, &tid, &self.opts.id),
             };
             let server = self.opts.server;
             self.send(server, &bye);
@@ -258,6 +326,7 @@ impl Listener {
                     transport: self.opts.transport,
                     local: self.local.to_string(),
                     reflexive: mapped.to_string(),
+                    key: self.opts.identity.public().to_string(),
                 });
                 self.phase = Phase::Serving;
                 self.next_keepalive = now + KEEPALIVE;
@@ -315,6 +384,12 @@ impl Listener {
                         },
                         StdRng::seed_from_u64(self.rng.gen()),
                     );
+                    // Every session answers the connector's Noise handshake with our key.
+                    let Some(channel) = Channel::responder(&self.opts.identity, &mut self.rng)
+                    else {
+                        return;
+                    };
+                    let s = s.secure(channel);
                     if self.opts.transport == Transport::Tcp {
                         let start = now + start_in;
                         self.streams
@@ -375,7 +450,10 @@ impl Listener {
                 },
                 messages_echoed: echoed,
                 switched_to_direct: s.switched_to_direct(),
-                error: s.error().map(|e| e.to_string()),
+                error: s.error().map(|e| match s.rejected_packets() {
+                    0 => e.to_string(),
+                    n => format!("{n} packets of this session failed authentication (tampered with or injected on the way) and were dropped: {e}"),
+                }),
             });
             if self.ended.len() == RECENT_ENDED {
                 self.ended.pop_front();
@@ -539,6 +617,7 @@ impl PeerMachine for Listener {
 mod tests {
     use super::*;
     use crate::punch::codec::PeerInfo;
+    use crate::punch::identity::TestPeer;
     use crate::punch::reliable::{ReliableConfig, SEND_QUEUE_WINDOWS};
 
     fn sa(s: &str) -> SocketAddr {
@@ -561,6 +640,7 @@ mod tests {
             timeout: None,
             punch_window: Duration::from_millis(1500),
             predict: false,
+            identity: Identity::from_seed([1; 32]),
         };
         let mut l = Listener::new(t0, opts, StdRng::seed_from_u64(1));
         l.start(t0, sa("10.1.0.2:4000"), None);
@@ -588,10 +668,32 @@ mod tests {
                 candidates: vec![],
                 port_delta: None,
                 punch_window_ms: Some(1000),
+                key: None,
             },
             start_in_ms: 20,
         };
         l.handle_datagram(now, sa(SERVER), &m.to_vec().expect("enc"));
+    }
+
+    /// [`introduce`], then the connector's Noise handshake through the relay: the peer that can
+    /// seal what the session accepts. The listener's transmits so far are left queued.
+    fn introduce_secure(
+        l: &mut Listener,
+        now: Instant,
+        session: SessionId,
+        peer: SocketAddr,
+    ) -> TestPeer {
+        introduce(l, now, session, peer);
+        let mut c = TestPeer::new(&l.opts.identity.public(), session);
+        l.handle_datagram(now, sa(SERVER), &c.msg1());
+        let mut queued = Vec::new();
+        while let Some(t) = l.poll_transmit() {
+            c.take_msg2(&t.payload);
+            queued.push(t);
+        }
+        assert!(c.take_msg2(&[]), "the listener answered the handshake");
+        l.out.extend(queued);
+        c
     }
 
     #[test]
@@ -599,7 +701,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = registered(t0);
         let (s, peer) = (SessionId(7), sa("203.0.113.2:5000"));
-        introduce(&mut l, t0, s, peer);
+        let mut c = introduce_secure(&mut l, t0, s, peer);
         let start = t0 + Duration::from_millis(20);
         let until = start + Duration::from_millis(1000);
         let open = StreamCommand::Open {
@@ -624,7 +726,7 @@ mod tests {
         while l.poll_transmit().is_some() {}
         l.handle_stream_up(now, s, peer, 1);
         let hello = std::iter::from_fn(|| l.poll_transmit()).find(|t| t.destination == peer);
-        let hello = hello.map(|t| PunchMessage::decode(&t.payload).expect("decode"));
+        let hello = hello.and_then(|t| c.open(&t.payload));
         assert!(matches!(hello, Some(PunchMessage::Probe { session, .. }) if session == s));
         // A connection accepted from anyone but the peer's server-reflexive address is refused;
         // the peer's is taken and the attempts stop, and no retry follows after that.
@@ -670,7 +772,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = registered_over(t0, Transport::Udp);
         let (session, peer) = (SessionId(7), sa("203.0.113.2:5000"));
-        introduce(&mut l, t0, session, peer);
+        let mut c = introduce_secure(&mut l, t0, session, peer);
         let sent = 20_000u64;
         let mut now = t0;
         for seq in 0..sent {
@@ -686,7 +788,7 @@ mod tests {
                 ack: 0,
                 payload: vec![0xab; 1000],
             };
-            l.handle_datagram(now, peer, &data.to_vec().expect("enc"));
+            l.handle_datagram(now, peer, &c.seal(&data));
         }
         l.handle_timeout(now);
         let (s, echoed) = l.sessions.get(&session).expect("the session is alive");
@@ -708,7 +810,7 @@ mod tests {
             ack: *echoed,
             payload: vec![],
         };
-        l.handle_datagram(now, peer, &ack.to_vec().expect("enc"));
+        l.handle_datagram(now, peer, &c.seal(&ack));
         l.handle_timeout(now);
         let (_, echoed) = l.sessions.get(&session).expect("the session is alive");
         assert_eq!(*echoed, ((SEND_QUEUE_WINDOWS + 1) * window) as u64);

@@ -16,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{PeerInfo, PunchMessage};
+use super::identity::PeerKey;
 use super::session::SessionConfig;
 use super::{SessionId, Transport};
 use crate::client::{
@@ -39,6 +40,10 @@ pub enum PunchError {
     ServerGone(SocketAddr, Duration),
     #[error("rendezvous server {0} closed the connection")]
     ServerClosed(SocketAddr),
+    #[error("rendezvous server {1} introduced `{0}` with key {2}, not the --peer-key {3}: refusing (the id is held by someone else, or the server substitutes peers)")]
+    WrongKey(String, SocketAddr, PeerKey, PeerKey),
+    #[error("rendezvous server {0} does not vouch for any key for `{1}` (an old server?); pass --peer-key")]
+    NoKey(SocketAddr, String),
     #[error("gave up after {0:?} with {1} of {2} sessions served")]
     ListenTimeout(Duration, u64, u64),
     /// A socket error in the driver (the machines themselves never produce one).
@@ -544,6 +549,7 @@ mod tests {
             candidates: vec!["10.2.0.2:5000".parse().expect("addr")],
             port_delta: delta,
             punch_window_ms: None,
+            key: None,
         }
     }
 

@@ -20,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use super::codec::{code, method, PeerInfo, PunchMessage};
+use super::identity::{self, KeyProof, Purpose};
 use super::table::{Endpoint, RendezvousTable, TableConfig, TableError};
 use super::{SessionId, Transport};
 use crate::net::Transmit;
@@ -152,7 +153,8 @@ impl RendezvousServer {
                 id,
                 candidates,
                 port_delta,
-            } => match self.table.register(now, &id, from, candidates, port_delta) {
+                proof,
+            } => match self.register(now, from, tid, &id, candidates, port_delta, proof) {
                 Ok(()) => self.send(
                     from,
                     &PunchMessage::RegisterOk {
@@ -160,16 +162,12 @@ impl RendezvousServer {
                         mapped: from.remote,
                     },
                 ),
-                Err(e) => self.error(
-                    from,
-                    tid,
-                    method::REGISTER,
-                    code::BAD_REQUEST,
-                    e.to_string(),
-                ),
+                Err((c, e)) => self.error(from, tid, method::REGISTER, c, e),
             },
-            PunchMessage::Unregister { id, .. } => {
-                self.table.unregister(&id, from);
+            PunchMessage::Unregister { tid, id, proof }
+                if identity::verify(&proof, Purpose::Unregister, &tid, &id) =>
+            {
+                self.table.unregister_as(&id, from, &proof.key);
             }
             PunchMessage::Connect {
                 tid,
@@ -183,6 +181,7 @@ impl RendezvousServer {
                     candidates,
                     port_delta,
                     punch_window_ms,
+                    key: None,
                 };
                 self.connect(now, from, tid, &target, info)
             }
@@ -202,7 +201,7 @@ impl RendezvousServer {
                     ),
                 }
             }
-            PunchMessage::Data { session, .. } => {
+            PunchMessage::Data { session, .. } | PunchMessage::Sealed { session, .. } => {
                 if let Ok(to) = self.table.relay_target(now, session, from) {
                     if to.transport == from.transport {
                         self.out.push_back(transmit(to, bytes.to_vec()));
@@ -217,6 +216,32 @@ impl RendezvousServer {
             }
             // Responses and peer-to-peer messages have no business at the server.
             _ => {}
+        }
+    }
+
+    /// Peer identity (issue 14): REGISTER with a key proof that verifies, for an id no other key
+    /// holds. The error is the code and reason to answer with.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        now: Instant,
+        from: Endpoint,
+        tid: TransactionId,
+        id: &str,
+        candidates: Vec<SocketAddr>,
+        port_delta: Option<i32>,
+        proof: KeyProof,
+    ) -> Result<(), (u16, String)> {
+        if !identity::verify(&proof, Purpose::Register, &tid, id) {
+            return Err((code::FORBIDDEN, "the key proof does not verify".into()));
+        }
+        match self
+            .table
+            .register_as(now, id, from, candidates, port_delta, proof.key)
+        {
+            Ok(()) => Ok(()),
+            Err(e @ TableError::IdHeld(_)) => Err((code::FORBIDDEN, e.to_string())),
+            Err(e) => Err((code::BAD_REQUEST, e.to_string())),
         }
     }
 
@@ -364,11 +389,14 @@ mod tests {
         let mut s = server();
         let l = ep("203.0.113.1:4000");
         let c = ep("203.0.113.2:5000");
+        let tid = TransactionId::random();
+        let me = crate::punch::identity::Identity::from_seed([1; 32]);
         let reg = PunchMessage::Register {
-            tid: TransactionId::random(),
+            tid,
             id: "alice".into(),
             candidates: vec!["10.1.0.2:4000".parse().expect("addr")],
             port_delta: None,
+            proof: me.prove(crate::punch::identity::Purpose::Register, &tid, "alice"),
         };
         s.handle(t0, l, &reg.to_vec().expect("enc"));
         let out = drain(&mut s);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 
 use super::codec::{code, method, PunchMessage};
+use super::identity::{Channel, Handshake};
 use super::reliable::{ReliableConfig, ReliableReceiver, ReliableSender};
 use super::SessionId;
 use crate::net::Transmit;
@@ -159,7 +160,20 @@ pub struct Session {
     stats: SessionStats,
     /// Transaction ids of probes, data and close messages.
     rng: StdRng,
+    /// The end-to-end channel (issue 14): with one, every peer-to-peer message is sealed and
+    /// anything unsealed, forged, tampered or replayed is dropped. `None` only in the unit tests
+    /// of the punching logic below.
+    channel: Option<Channel>,
+    /// Connector: when msg1 goes to the relay again while the handshake is not done.
+    next_handshake: Instant,
+    /// A TCP hello that waits for the handshake.
+    pending_hello: Option<SocketAddr>,
+    /// Peer-to-peer messages that came unsealed while the session is secure: dropped.
+    unsealed_dropped: u64,
 }
+
+/// How often the connector repeats its handshake message through the relay until answered.
+const HANDSHAKE_RTO: Duration = Duration::from_millis(200);
 
 impl Session {
     /// A session told by the server at `now` to start punching `plan.start_in` later toward
@@ -207,6 +221,10 @@ impl Session {
             error: None,
             stats: SessionStats::default(),
             rng,
+            channel: None,
+            next_handshake: now,
+            pending_hello: None,
+            unsealed_dropped: 0,
         };
         for t in targets {
             s.add_target(t);
@@ -219,6 +237,29 @@ impl Session {
 
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// Runs the session over an end-to-end channel: nothing goes to the peer before the Noise
+    /// handshake completed, and nothing from it counts unless it opens (issue 14).
+    pub fn secure(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
+    /// The end-to-end channel, if the session has one.
+    pub fn channel(&self) -> Option<&Channel> {
+        self.channel.as_ref()
+    }
+
+    /// Packets for this session that failed authentication (forged, tampered, replayed, or sent
+    /// unsealed): all dropped.
+    pub fn rejected_packets(&self) -> u64 {
+        self.unsealed_dropped + self.channel.as_ref().map_or(0, Channel::auth_failures)
+    }
+
+    /// Whether messages may go to the peer: always without a channel, else once it is up.
+    fn can_send(&self) -> bool {
+        self.channel.as_ref().is_none_or(Channel::is_ready)
     }
     pub fn route(&self) -> Option<Route> {
         self.route
@@ -312,6 +353,54 @@ impl Session {
     }
 
     fn send(&mut self, to: SocketAddr, m: &PunchMessage) {
+        let Ok(payload) = m.to_vec() else { return };
+        let peer_bound = matches!(
+            m,
+            PunchMessage::Probe { .. }
+                | PunchMessage::ProbeOk { .. }
+                | PunchMessage::Data { .. }
+                | PunchMessage::Close { .. }
+        );
+        let payload = match self.channel.as_mut() {
+            Some(ch) if peer_bound => {
+                // Sealed whole (header, transaction id, session, sequence numbers, payload),
+                // with our handshake message beside it until the peer proved it has the keys.
+                let Some(sealed) = ch.seal(&payload) else {
+                    return;
+                };
+                let outer = PunchMessage::Sealed {
+                    tid: TransactionId::from_rng(&mut self.rng),
+                    session: self.id,
+                    handshake: ch.handshake_out().map(<[u8]>::to_vec),
+                    sealed: Some(sealed),
+                };
+                let Ok(bytes) = outer.to_vec() else { return };
+                bytes
+            }
+            _ => payload,
+        };
+        self.out.push_back(Transmit {
+            source: self.local,
+            destination: to,
+            payload,
+        });
+    }
+
+    /// Our handshake message alone (msg1 from the connector, msg2 from the listener) to `to`.
+    fn send_handshake(&mut self, to: SocketAddr) {
+        let Some(h) = self
+            .channel
+            .as_ref()
+            .and_then(|c| c.handshake_out().map(<[u8]>::to_vec))
+        else {
+            return;
+        };
+        let m = PunchMessage::Sealed {
+            tid: TransactionId::from_rng(&mut self.rng),
+            session: self.id,
+            handshake: Some(h),
+            sealed: None,
+        };
         if let Ok(payload) = m.to_vec() {
             self.out.push_back(Transmit {
                 source: self.local,
@@ -364,6 +453,17 @@ impl Session {
         }
         let server = self.server;
         self.send(server, &m);
+        if self.channel.is_some() {
+            // The sealed copy above is relayed to the peer; the server itself needs it in clear
+            // to forget the session (the peer ignores the relayed clear copy).
+            if let Ok(payload) = m.to_vec() {
+                self.out.push_back(Transmit {
+                    source: self.local,
+                    destination: server,
+                    payload,
+                });
+            }
+        }
         self.closed = true;
     }
 
@@ -371,6 +471,61 @@ impl Session {
         if self.closed || self.error.is_some() {
             return;
         }
+        let Some(ch) = self.channel.as_mut() else {
+            return self.handle_inner(now, from, msg);
+        };
+        match msg {
+            PunchMessage::Sealed {
+                session,
+                handshake,
+                sealed,
+                ..
+            } if session == self.id => {
+                if let Some(h) = handshake {
+                    let answer = match (self.role, ch.is_ready()) {
+                        (Role::Listener, _) => ch.handle_handshake(&h),
+                        (Role::Connector, false) => ch.handle_handshake(&h),
+                        // The listener repeats msg2 until it hears from us: nothing to do.
+                        (Role::Connector, true) => None,
+                    };
+                    if self.role == Role::Listener
+                        && matches!(answer, Some(Handshake::Completed | Handshake::Repeated))
+                    {
+                        // msg2 back where msg1 came from (the relay); our probes carry it too.
+                        self.send_handshake(from);
+                    }
+                }
+                let Some(ch) = self.channel.as_mut() else {
+                    return;
+                };
+                let Some(plain) = sealed.and_then(|b| ch.open(&b)) else {
+                    return;
+                };
+                match PunchMessage::decode(&plain) {
+                    Ok(
+                        inner @ (PunchMessage::Probe { .. }
+                        | PunchMessage::ProbeOk { .. }
+                        | PunchMessage::Data { .. }
+                        | PunchMessage::Close { .. }),
+                    ) if inner.session() == Some(self.id) => self.handle_inner(now, from, inner),
+                    _ => self.unsealed_dropped += 1,
+                }
+            }
+            PunchMessage::Probe { .. }
+            | PunchMessage::ProbeOk { .. }
+            | PunchMessage::Data { .. }
+            | PunchMessage::Close { .. }
+            | PunchMessage::Sealed { .. } => {
+                // Unsealed peer-to-peer messages (or another session's): whoever knows the
+                // session id can send them, so they count for nothing (issue 14, M2).
+                self.unsealed_dropped += 1;
+            }
+            other => self.handle_inner(now, from, other),
+        }
+    }
+
+    /// A message from the peer (opened, when the session is secure) or from the server.
+    fn handle_inner(&mut self, now: Instant, from: SocketAddr, msg: PunchMessage) {
         let from_server = from == self.server;
         // Over TCP every message not from the server arrives on a direct stream: the first one
         // of this session (the hello PROBE, its answer, or data) makes that stream the direct
@@ -513,8 +668,23 @@ impl Session {
         if self.closed || self.error.is_some() {
             return;
         }
+        // The connector's handshake goes through the relay until the listener answers it.
+        if self.role == Role::Connector
+            && !self.can_send()
+            && self.channel.is_some()
+            && now >= self.next_handshake
+        {
+            self.next_handshake = now + HANDSHAKE_RTO;
+            let server = self.server;
+            self.send_handshake(server);
+        }
+        if let (true, Some(p)) = (self.can_send(), self.pending_hello) {
+            self.pending_hello = None;
+            self.hello(p);
+        }
         // Probe rounds during the punch window.
         if self.config.probe
+            && self.can_send()
             && now >= self.start_at
             && self.probing(now)
             && self.direct.is_none()
@@ -572,6 +742,9 @@ impl Session {
 
     fn flush_data(&mut self, now: Instant) {
         let Some(route) = self.route else { return };
+        if !self.can_send() {
+            return;
+        }
         let (to, direct) = match route {
             Route::Relay => (self.server, false),
             Route::Direct(a) => (a, true),
@@ -612,6 +785,9 @@ impl Session {
             return None;
         }
         let mut t = self.next_keepalive;
+        if self.role == Role::Connector && self.channel.is_some() && !self.can_send() {
+            t = t.min(self.next_handshake);
+        }
         if self.config.probe && self.direct.is_none() && self.probing(self.next_probe) {
             t = t.min(self.next_probe.max(self.start_at));
         }
@@ -629,6 +805,10 @@ impl Session {
     /// A hello on a new direct TCP stream: a PROBE, so the peer's session takes the stream as
     /// its direct path when it arrives (see [`Session::handle_message`]).
     pub fn hello(&mut self, peer: SocketAddr) {
+        if !self.can_send() {
+            self.pending_hello = Some(peer);
+            return;
+        }
         let m = PunchMessage::Probe {
             tid: TransactionId::from_rng(&mut self.rng),
             session: self.id,

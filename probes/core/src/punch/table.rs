@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::codec::PeerInfo;
+use super::identity::{self, PeerKey};
 use super::{SessionId, Transport};
 
 /// Where a peer is reachable from the server: the transport, the server's own socket address the
@@ -57,6 +58,8 @@ pub enum TableError {
     UnknownSession(SessionId),
     #[error("table full")]
     Full,
+    #[error("id `{0}` is held by another key")]
+    IdHeld(String),
 }
 
 #[derive(Clone, Debug)]
@@ -106,6 +109,8 @@ pub struct RendezvousTable {
     /// One deadline per live entry: (when, generation, what).
     deadlines: BinaryHeap<Reverse<(Instant, u64, Due)>>,
     generation: u64,
+    /// The key each registration proved (issue 14), beside `peers` so the entry stays as it was.
+    keys: HashMap<(Transport, String), PeerKey>,
 }
 
 impl RendezvousTable {
@@ -174,6 +179,43 @@ impl RendezvousTable {
         false
     }
 
+    // Peer identity (issue 14): the server verified `key`'s signature; these bind the id to it.
+
+    /// [`register`](Self::register) by the holder of `key` (whose proof the server verified):
+    /// refused while the id is registered on this transport by another key (H1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_as(
+        &mut self,
+        now: Instant,
+        id: &str,
+        endpoint: Endpoint,
+        candidates: Vec<SocketAddr>,
+        port_delta: Option<i32>,
+        key: PeerKey,
+    ) -> Result<(), TableError> {
+        self.expire(now);
+        let k = (endpoint.transport, id.to_string());
+        if let Some(held) = self.keys.get(&k) {
+            if !identity::may_hold(held, &key) {
+                return Err(TableError::IdHeld(id.to_string()));
+            }
+        }
+        self.register(now, id, endpoint, candidates, port_delta)?;
+        self.keys.insert(k, key);
+        Ok(())
+    }
+
+    /// [`unregister`](Self::unregister) only by the key that holds the id, from its endpoint (H2).
+    pub fn unregister_as(&mut self, id: &str, from: Endpoint, key: &PeerKey) -> bool {
+        let k = (from.transport, id.to_string());
+        self.keys.get(&k).is_some_and(|held| held == key) && self.unregister(id, from)
+    }
+
+    /// The key that holds `id` on `transport`.
+    pub fn key_of(&self, transport: Transport, id: &str) -> Option<PeerKey> {
+        self.keys.get(&(transport, id.to_string())).copied()
+    }
+
     /// Forgets everything registered from `endpoint` (its TCP connection closed).
     pub fn drop_endpoint(&mut self, endpoint: Endpoint) {
         let gone: Vec<String> = self
@@ -236,6 +278,7 @@ impl RendezvousTable {
                 candidates: peer.candidates.clone(),
                 port_delta: peer.port_delta,
                 punch_window_ms: None,
+                key: self.keys.get(&key).copied(),
             },
             connector_info: connector,
         };
@@ -362,6 +405,7 @@ impl RendezvousTable {
     /// with their listener's registration). Its deadline stays in the heap and is skipped there.
     fn remove_peer(&mut self, key: &(Transport, String)) {
         self.peers.remove(key);
+        self.keys.remove(key);
         for id in self.by_listener.remove(key).into_iter().flatten() {
             self.sessions.remove(&id);
         }
@@ -400,6 +444,7 @@ mod tests {
             candidates: vec![],
             port_delta: None,
             punch_window_ms: None,
+            key: None,
         }
     }
 

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use super::codec::PunchMessage;
 use super::connector::{ConnectOptions, ConnectReport, Connector};
+use super::identity::Identity;
 use super::listener::{ListenEvent, ListenOptions, Listener};
 use super::peer::{PeerMachine, PunchError};
 use super::server::{RendezvousServer, ServerConfig};
@@ -62,6 +63,8 @@ pub(crate) struct Net {
     pub direct_open: bool,
     /// Drops every message it matches, on top of `conditions` (a peer that never answers).
     pub drop_if: Option<fn(&PunchMessage) -> bool>,
+    /// A malicious server: rewrites every message the server sends (issue 14).
+    pub server_tamper: Option<fn(SocketAddr, &mut PunchMessage)>,
     rng: StdRng,
     seq: u64,
     in_flight: BTreeMap<(Instant, u64), Datagram>,
@@ -96,6 +99,7 @@ fn name(m: &PunchMessage) -> &'static str {
         PunchMessage::Refresh { .. } => "Refresh",
         PunchMessage::RefreshOk { .. } => "RefreshOk",
         PunchMessage::Close { .. } => "Close",
+        PunchMessage::Sealed { .. } => "Sealed",
         PunchMessage::Error { .. } => "Error",
     }
 }
@@ -107,6 +111,7 @@ impl Net {
             conditions,
             direct_open: true,
             drop_if: None,
+            server_tamper: None,
             rng: StdRng::seed_from_u64(seed),
             seq: 0,
             in_flight: BTreeMap::new(),
@@ -132,6 +137,7 @@ impl Net {
             timeout: None,
             punch_window: Duration::from_millis(1500),
             predict: false,
+            identity: Identity::from_seed([10 + i as u8; 32]),
         };
         let mut l = Listener::new(self.now, opts, StdRng::seed_from_u64(100 + i as u64));
         l.start(self.now, local, None);
@@ -156,8 +162,14 @@ impl Net {
         j
     }
 
-    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, mut payload: Vec<u8>) {
         let server = sa(SERVER);
+        if let (true, Some(f)) = (from == server, self.server_tamper) {
+            if let Ok(mut m) = PunchMessage::decode(&payload) {
+                f(to, &mut m);
+                payload = m.to_vec().expect("a tampered message encodes");
+            }
+        }
         if from != server && to != server && !self.direct_open {
             return;
         }
@@ -231,7 +243,11 @@ impl Net {
             *self.delivered.entry(name(&m)).or_default() += 1;
             let to_connector = self.connectors.iter().any(|(a, _)| *a == d.to);
             let relayed = d.from == sa(SERVER) && to_connector;
-            if relayed && matches!(m, PunchMessage::Data { seq: Some(_), .. }) {
+            // Sealed (issue 14): the relay carries DATA and CLOSE only, and a box holding a DATA
+            // with a payload is the one longer than 8 + 60 + 16 bytes (an ack-only DATA is 44).
+            let sealed_data =
+                matches!(&m, PunchMessage::Sealed { sealed: Some(b), .. } if b.len() > 84);
+            if relayed && (sealed_data || matches!(m, PunchMessage::Data { seq: Some(_), .. })) {
                 *self.delivered.entry("Data relayed").or_default() += 1;
             }
         }
@@ -521,5 +537,271 @@ mod tests {
             net.listen_outcomes[0].is_none(),
             "the listener never gave up"
         );
+    }
+}
+
+/// Issue 14's attacks on the punch peers, on the virtual clock: each of these passed (the attack
+/// worked) before the peers had keys and sealed their messages.
+#[cfg(test)]
+mod identity_attacks {
+    use super::*;
+    use crate::punch::codec::code;
+    use crate::punch::identity::{Identity, PeerKey, Purpose};
+    use crate::punch::SessionId;
+    use crate::stun::TransactionId;
+
+    fn bob_key() -> PeerKey {
+        // `Net::listen`'s first listener.
+        Identity::from_seed([10; 32]).public()
+    }
+
+    fn pinned(messages: u64) -> ConnectOptions {
+        ConnectOptions {
+            id: "bob".into(),
+            messages,
+            timeout: Duration::from_secs(8),
+            peer_key: Some(bob_key()),
+            ..ConnectOptions::default()
+        }
+    }
+
+    fn finish(net: &mut Net, c: usize) {
+        let until = net.now + Duration::from_secs(30);
+        net.run(until, |n| n.reports[c].is_some());
+    }
+
+    fn register_as(net: &mut Net, who: &Identity, from: &str, id: &str) {
+        let tid = TransactionId::from_rng(&mut StdRng::seed_from_u64(7));
+        let m = PunchMessage::Register {
+            tid,
+            id: id.into(),
+            candidates: vec![],
+            port_delta: None,
+            proof: who.prove(Purpose::Register, &tid, id),
+        };
+        net.enqueue(sa(from), sa(SERVER), m.to_vec().expect("enc"));
+    }
+
+    #[test]
+    fn an_id_held_by_one_key_cannot_be_hijacked_and_the_connector_reaches_the_key_it_named() {
+        let mut net = Net::new(1, Conditions::CLEAN);
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        // Mallory registers "bob" with her own (valid) key from elsewhere: refused, 403.
+        let mallory = Identity::from_seed([66; 32]);
+        register_as(&mut net, &mallory, "203.0.113.66:4000", "bob");
+        net.run_for(Duration::from_millis(50));
+        let bob = net
+            .server
+            .table()
+            .registered(net.now, Transport::Udp, "bob");
+        assert_eq!(bob.map(|e| e.remote), Some(net.listeners[0].0));
+        assert_eq!(
+            net.server.table().key_of(Transport::Udp, "bob"),
+            Some(bob_key())
+        );
+        assert!(net.delivered.contains_key("Error"), "{:?}", net.delivered);
+        // A connector that names bob's key reaches bob.
+        let c = net.connect(pinned(20));
+        finish(&mut net, c);
+        let r = net.report(c);
+        assert_eq!(r.path, PathTaken::Direct, "{r:#?}");
+        assert_eq!(r.messages_echoed, 20);
+        assert!(r.in_order);
+    }
+
+    #[test]
+    fn an_unregister_without_the_holders_key_kills_nothing_on_any_transport() {
+        let mut net = Net::new(2, Conditions::CLEAN);
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        let bob_at = net.listeners[0].0;
+        let mallory = Identity::from_seed([66; 32]);
+        // From bob's own (spoofed) address, with a valid signature by another key.
+        let tid = TransactionId::from_rng(&mut StdRng::seed_from_u64(8));
+        let bye = PunchMessage::Unregister {
+            tid,
+            id: "bob".into(),
+            proof: mallory.prove(Purpose::Unregister, &tid, "bob"),
+        };
+        net.enqueue(bob_at, sa(SERVER), bye.to_vec().expect("enc"));
+        // Over TCP, where mallory holds "bob" on her own connection, which then closes.
+        let ep = Endpoint {
+            transport: Transport::Tcp,
+            local: sa(SERVER),
+            remote: sa("203.0.113.66:4000"),
+        };
+        let tid = TransactionId::from_rng(&mut StdRng::seed_from_u64(9));
+        let reg = PunchMessage::Register {
+            tid,
+            id: "bob".into(),
+            candidates: vec![],
+            port_delta: None,
+            proof: mallory.prove(Purpose::Register, &tid, "bob"),
+        };
+        let now = net.now;
+        net.server.handle(now, ep, &reg.to_vec().expect("enc"));
+        net.server.connection_closed(ep);
+        net.run_for(Duration::from_millis(50));
+        let bob = net
+            .server
+            .table()
+            .registered(net.now, Transport::Udp, "bob");
+        assert_eq!(bob.map(|e| e.remote), Some(bob_at));
+        // Bob's own UNREGISTER still works.
+        let tid = TransactionId::from_rng(&mut StdRng::seed_from_u64(10));
+        let me = Identity::from_seed([10; 32]);
+        let bye = PunchMessage::Unregister {
+            tid,
+            id: "bob".into(),
+            proof: me.prove(Purpose::Unregister, &tid, "bob"),
+        };
+        net.enqueue(bob_at, sa(SERVER), bye.to_vec().expect("enc"));
+        net.run_for(Duration::from_millis(5));
+        assert_eq!(
+            net.server
+                .table()
+                .registered(net.now, Transport::Udp, "bob"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_server_that_substitutes_the_peer_is_refused_with_one_line() {
+        let mut net = Net::new(3, Conditions::CLEAN);
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        // The server answers CONNECT with mallory's key and address instead of bob's.
+        net.server_tamper = Some(|_, m| {
+            if let PunchMessage::ConnectOk { peer, .. } = m {
+                peer.key = Some(Identity::from_seed([66; 32]).public());
+                peer.reflexive = sa("203.0.113.66:4000");
+                peer.candidates = vec![sa("203.0.113.66:4000")];
+            }
+        });
+        let c = net.connect(pinned(5));
+        finish(&mut net, c);
+        let e = match &net.reports[c] {
+            Some(Err(e)) => e.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(e.contains("not the --peer-key"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        // Without a pinned key the connector believes the server about the key, but then only
+        // the holder of that key can answer the handshake: bob cannot, and mallory is not on
+        // the path, so the connector still never talks to anyone but a key's holder.
+        let c = net.connect(ConnectOptions {
+            peer_key: None,
+            ..pinned(5)
+        });
+        finish(&mut net, c);
+        let r = net.report(c);
+        assert_eq!(r.path, PathTaken::Failed, "{r:#?}");
+        let e = r.attempts.error.clone().unwrap_or_default();
+        assert!(e.contains("never proved key"), "{e}");
+        assert_eq!(r.messages_echoed, 0);
+    }
+
+    #[test]
+    fn relayed_data_tampered_by_the_server_is_detected_and_never_delivered() {
+        let mut net = Net::new(4, Conditions::CLEAN);
+        net.direct_open = false;
+        net.listen("bob", None);
+        net.run_for(Duration::from_millis(100));
+        // The relay flips a bit in every sealed payload it forwards to the connector (the
+        // handshake is intact): the echoes.
+        net.server_tamper = Some(|to, m| {
+            if let (
+                true,
+                PunchMessage::Sealed {
+                    sealed: Some(b), ..
+                },
+            ) = (to == sa("203.0.113.100:5000"), m)
+            {
+                let last = b.len() - 1;
+                b[last] ^= 1;
+            }
+        });
+        let c = net.connect(ConnectOptions {
+            relay_first: true,
+            ..pinned(10)
+        });
+        finish(&mut net, c);
+        let r = net.report(c);
+        assert_eq!(r.path, PathTaken::Failed, "{r:#?}");
+        assert_eq!(
+            r.messages_echoed, 0,
+            "nothing tampered was delivered: {r:#?}"
+        );
+        let e = r.attempts.error.clone().unwrap_or_default();
+        assert!(e.contains("failed authentication"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn packets_injected_with_a_known_session_id_are_dropped() {
+        let mut net = Net::new(5, Conditions::CLEAN);
+        net.direct_open = false;
+        net.listen("bob", Some(1));
+        net.run_for(Duration::from_millis(100));
+        let c = net.connect(ConnectOptions {
+            relay_first: true,
+            interval: Duration::from_millis(20),
+            ..pinned(30)
+        });
+        let until = net.now + Duration::from_secs(2);
+        net.run(until, |n| !n.started(0).is_empty());
+        let session = SessionId(u64::from_str_radix(net.started(0)[0], 16).expect("hex"));
+        let (bob, alice) = (net.listeners[0].0, net.connectors[c].0);
+        net.run_for(Duration::from_millis(100));
+        // An attacker who saw the session id (on the relay's path) forges DATA, CLOSE and
+        // sealed garbage toward both peers, from the server's and from the peers' addresses.
+        let mut n = 0u8;
+        let mut forged = |m: &dyn Fn(TransactionId) -> PunchMessage| {
+            n += 1;
+            let tid = TransactionId::from_rng(&mut StdRng::seed_from_u64(u64::from(n)));
+            m(tid).to_vec().expect("enc")
+        };
+        let evil: Vec<Vec<u8>> = vec![
+            forged(&|tid| PunchMessage::Data {
+                tid,
+                session,
+                seq: Some(1),
+                ack: 0,
+                payload: b"natscope-punch evil!".to_vec(),
+            }),
+            forged(&|tid| PunchMessage::Close { tid, session }),
+            forged(&|tid| PunchMessage::Sealed {
+                tid,
+                session,
+                handshake: None,
+                sealed: Some(vec![0; 90]),
+            }),
+            forged(&|tid| PunchMessage::Probe { tid, session }),
+        ];
+        for bytes in &evil {
+            for (from, to) in [
+                (sa(SERVER), bob),
+                (sa(SERVER), alice),
+                (alice, bob),
+                (bob, alice),
+            ] {
+                net.enqueue(from, to, bytes.clone());
+            }
+        }
+        finish(&mut net, c);
+        let r = net.report(c);
+        assert_eq!(r.messages_echoed, 30, "{r:#?}");
+        assert!(r.in_order, "{r:#?}");
+        assert_eq!(r.attempts.error, None);
+        let until = net.now + Duration::from_secs(5);
+        net.run(until, |n| n.listen_outcomes[0].is_some());
+        assert_eq!(net.ended(0).len(), 1);
+        assert_eq!(
+            net.ended(0)[0].1,
+            30,
+            "the listener echoed only the real messages"
+        );
+        let _ = code::FORBIDDEN;
     }
 }
