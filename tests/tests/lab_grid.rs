@@ -99,3 +99,36 @@ fn grid_shows_its_progress_on_a_terminal() {
     assert!(text.contains("3/3 cells as expected"), "{text}");
     assert_eq!(out.status.code(), Some(0), "{text}");
 }
+
+/// Issue 11: `open` × `open` (no NAT on either side; the lab counts in the peers' own
+/// namespaces): punch goes direct over both transports and the lab reads `direct` too.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn open_to_open_reads_direct_over_udp_and_tcp() {
+    require_root();
+    natscope_tests::require_tool("nft", "nftables");
+    let out = Command::new(natscope_bin())
+        .args(["lab", "grid", "--json", "--presets", "open"])
+        .args(["--lab-prefix", "appg"])
+        .output()
+        .expect("run natscope lab grid");
+    let doc: GridDocument = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(doc.cells.len(), 2);
+    for c in &doc.cells {
+        assert_eq!(c.observed, Some(PathTaken::Direct), "{c:#?}");
+        assert_eq!(c.lab_observed, Some(PathTaken::Direct), "{c:#?}");
+        let e = c.evidence.as_ref().expect("evidence");
+        assert_eq!(
+            (e.a.router.as_deref(), e.b.router.as_deref()),
+            (Some("a"), Some("b")),
+            "{e:#?}"
+        );
+        assert!(c.pass, "{c:#?}");
+    }
+}
