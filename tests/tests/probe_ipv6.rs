@@ -2,7 +2,7 @@
 //! this test creates (loopback only: two IPv6 documentation addresses on `lo` with `nodad`, and
 //! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families: over IPv6 with no
 //! translation the probe reports `translation: none`, endpoint-independent filtering and the EIF
-//! outlook in the documented JSON; both families run concurrently, and the benchmark for the note
+//! outlook in the documented JSON, and behind an nftables conntrack firewall APDF; both families run concurrently, and the benchmark for the note
 //! (a dual-stack classification against IPv4 alone) is printed.
 
 use std::net::SocketAddr;
@@ -127,6 +127,68 @@ fn probe_over_ipv6_reports_no_translation_and_the_eif_outlook() {
     let outlook = doc["ipv6"]["outlook"].as_str().unwrap_or_default();
     assert!(
         outlook.contains("anyone you have talked to (EIF)"),
+        "{outlook}"
+    );
+}
+
+/// A real stateful firewall in front of the host (nftables conntrack in the test's namespace:
+/// replies on a known flow pass, a new flow from the server's ports is dropped — what an RFC 6092
+/// gateway with address-and-port-dependent filtering does): over IPv6 the probe finds no
+/// translation and APDF filtering, and the outlook says both sides must punch.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn probe_over_ipv6_behind_a_stateful_firewall_finds_apdf() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let nft = require_tool("nft", "nftables");
+    let t = TestNs::new("fw6");
+    let ruleset = "table inet v6pr {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    ct state established,related accept
+    udp sport { 3478, 3479 } ct state new drop
+  }
+}
+";
+    let mut cmd = Command::new(nft);
+    cmd.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let status = t
+        .ns()
+        .run(move || {
+            use std::io::Write;
+            let mut child = cmd.spawn().expect("nft runs");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(ruleset.as_bytes())
+                .expect("write the ruleset");
+            child.wait().expect("nft exits")
+        })
+        .expect("namespace worker");
+    assert!(status.success(), "nft refused the ruleset");
+    let _reflector = reflector(&t);
+    let bin = natscope_bin();
+    let out = t
+        .ns()
+        .run(move || {
+            Command::new(bin)
+                .args(["probe", "--json", V6.0])
+                .output()
+                .expect("natscope probe runs")
+        })
+        .expect("namespace worker");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let doc = assert_valid_text(&text);
+    assert_eq!(doc["ipv6"]["translation"], "none", "{doc:#}");
+    assert_eq!(
+        doc["ipv6"]["report"]["filtering"], "address-and-port-dependent",
+        "{doc:#}"
+    );
+    assert_eq!(doc["classic"], "symmetric-udp-firewall");
+    let outlook = doc["ipv6"]["outlook"].as_str().unwrap_or_default();
+    assert!(
+        outlook.contains("only the exact address and port (APDF): both sides must punch"),
         "{outlook}"
     );
 }
