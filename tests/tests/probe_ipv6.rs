@@ -1,9 +1,10 @@
 //! `natscope probe` over IPv6 and on both families at once (issue 13), inside a network namespace
 //! this test creates (loopback only: two IPv6 documentation addresses on `lo` with `nodad`, and
-//! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families: over IPv6 with no
+//! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families. Over IPv6 with no
 //! translation the probe reports `translation: none`, endpoint-independent filtering and the EIF
-//! outlook in the documented JSON, and behind an nftables conntrack firewall APDF; both families run concurrently, and the benchmark for the note
-//! (a dual-stack classification against IPv4 alone) is printed.
+//! outlook in the documented JSON; behind an nftables conntrack firewall, APDF. Both families run
+//! concurrently, and the benchmark for the note (a dual-stack classification against IPv4 alone,
+//! on bare loopback and with 20 ms round trips) is printed.
 
 use std::net::SocketAddr;
 use std::process::Command;
