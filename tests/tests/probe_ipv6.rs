@@ -196,7 +196,7 @@ fn probe_over_ipv6_behind_a_stateful_firewall_finds_apdf() {
 
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
-fn both_families_run_at_once_and_cost_about_one() {
+fn both_families_on_bare_loopback_are_classified_together() {
     require_root();
     require_tool("ip", "iproute2");
     let t = TestNs::new("dual");
@@ -248,12 +248,9 @@ fn both_families_run_at_once_and_cost_about_one() {
     eprintln!(
         "probe time, loopback in a namespace, median of 15: ipv4 alone {v4_ms:.1} ms, both families {dual_ms:.1} ms (ratio {ratio:.2}); the two runs' own durations add up to {sum_ms:.1} ms"
     );
-    // The families overlap: one after the other, the whole would take at least the sum of the
-    // two runs' durations (each from its first request to its last answer).
-    assert!(
-        dual_ms < sum_ms,
-        "both families took {dual_ms:.1} ms, not less than their runs' sum {sum_ms:.1} ms: not concurrent"
-    );
+    // Printed, not asserted: a few ms of CPU on a loaded host says little about overlap;
+    // `on_a_path_with_round_trips_both_families_cost_about_one` asserts it where round trips
+    // dominate, as on a real network.
 }
 
 /// An RFC 5780 reflector (the sans-IO core on four sockets) whose answers leave `delay` after the
