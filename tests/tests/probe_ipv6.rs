@@ -1,9 +1,10 @@
 //! `natscope probe` over IPv6 and on both families at once (issue 13), inside a network namespace
 //! this test creates (loopback only: two IPv6 documentation addresses on `lo` with `nodad`, and
-//! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families: over IPv6 with no
+//! 127.0.0.1/127.0.0.2) against `natscope reflect` serving both families. Over IPv6 with no
 //! translation the probe reports `translation: none`, endpoint-independent filtering and the EIF
-//! outlook in the documented JSON; both families run concurrently, and the benchmark for the note
-//! (a dual-stack classification against IPv4 alone) is printed.
+//! outlook in the documented JSON; behind an nftables conntrack firewall, APDF. Both families run
+//! concurrently, and the benchmark for the note (a dual-stack classification against IPv4 alone,
+//! on bare loopback and with 20 ms round trips) is printed.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -131,9 +132,71 @@ fn probe_over_ipv6_reports_no_translation_and_the_eif_outlook() {
     );
 }
 
+/// A real stateful firewall in front of the host (nftables conntrack in the test's namespace:
+/// replies on a known flow pass, a new flow from the server's ports is dropped — what an RFC 6092
+/// gateway with address-and-port-dependent filtering does): over IPv6 the probe finds no
+/// translation and APDF filtering, and the outlook says both sides must punch.
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
-fn both_families_run_at_once_and_cost_about_one() {
+fn probe_over_ipv6_behind_a_stateful_firewall_finds_apdf() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let nft = require_tool("nft", "nftables");
+    let t = TestNs::new("fw6");
+    let ruleset = "table inet v6pr {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    ct state established,related accept
+    udp sport { 3478, 3479 } ct state new drop
+  }
+}
+";
+    let mut cmd = Command::new(nft);
+    cmd.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let status = t
+        .ns()
+        .run(move || {
+            use std::io::Write;
+            let mut child = cmd.spawn().expect("nft runs");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(ruleset.as_bytes())
+                .expect("write the ruleset");
+            child.wait().expect("nft exits")
+        })
+        .expect("namespace worker");
+    assert!(status.success(), "nft refused the ruleset");
+    let _reflector = reflector(&t);
+    let bin = natscope_bin();
+    let out = t
+        .ns()
+        .run(move || {
+            Command::new(bin)
+                .args(["probe", "--json", V6.0])
+                .output()
+                .expect("natscope probe runs")
+        })
+        .expect("namespace worker");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let doc = assert_valid_text(&text);
+    assert_eq!(doc["ipv6"]["translation"], "none", "{doc:#}");
+    assert_eq!(
+        doc["ipv6"]["report"]["filtering"], "address-and-port-dependent",
+        "{doc:#}"
+    );
+    assert_eq!(doc["classic"], "symmetric-udp-firewall");
+    let outlook = doc["ipv6"]["outlook"].as_str().unwrap_or_default();
+    assert!(
+        outlook.contains("only the exact address and port (APDF): both sides must punch"),
+        "{outlook}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn both_families_on_bare_loopback_are_classified_together() {
     require_root();
     require_tool("ip", "iproute2");
     let t = TestNs::new("dual");
@@ -185,12 +248,9 @@ fn both_families_run_at_once_and_cost_about_one() {
     eprintln!(
         "probe time, loopback in a namespace, median of 15: ipv4 alone {v4_ms:.1} ms, both families {dual_ms:.1} ms (ratio {ratio:.2}); the two runs' own durations add up to {sum_ms:.1} ms"
     );
-    // The families overlap: one after the other, the whole would take at least the sum of the
-    // two runs' durations (each from its first request to its last answer).
-    assert!(
-        dual_ms < sum_ms,
-        "both families took {dual_ms:.1} ms, not less than their runs' sum {sum_ms:.1} ms: not concurrent"
-    );
+    // Printed, not asserted: a few ms of CPU on a loaded host says little about overlap;
+    // `on_a_path_with_round_trips_both_families_cost_about_one` asserts it where round trips
+    // dominate, as on a real network.
 }
 
 /// An RFC 5780 reflector (the sans-IO core on four sockets) whose answers leave `delay` after the
