@@ -97,6 +97,12 @@ pub struct ProbeArgs {
     /// then are reported `unknown`. 0.1–600.
     #[arg(long, value_name = "SECS", value_parser = ProbeConfig::parse_max_time)]
     max_time: Option<Duration>,
+    /// Skip asking the default gateway for NAT-PMP and PCP (on by default, overlapped with STUN).
+    #[arg(long, conflicts_with = "map")]
+    no_port_mapping: bool,
+    /// Create a short-lived UDP mapping (PCP, else NAT-PMP), prove the server reaches it, delete it.
+    #[arg(long)]
+    map: bool,
 }
 
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
@@ -138,9 +144,10 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the runtime")?;
     let mut requests = 0u32;
-    let result = rt.block_on(driver::drive(
+    let result = rt.block_on(driver::drive_with_port_mapping(
         first,
         driver::DEADLINE.max(cfg.max_time * 2),
+        natscope_probes::portmap::Options::from_flags(args.no_port_mapping, args.map),
         |start| Probe::new(start, cfg),
         |p| {
             requests = p.requests_sent();
@@ -150,9 +157,10 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     ));
     // One pacer for the whole run: each later test continues the engine's.
     let (mut report, mut pacer) = match result {
-        Ok(p) => {
-            let r = p.report();
+        Ok((p, pm)) => {
+            let mut r = p.report();
             requests = r.requests_sent;
+            pm.into_iter().for_each(|pm| r.apply_port_mapping(pm));
             (r, p.pacer().clone())
         }
         Err(e) => {
@@ -447,7 +455,7 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
 
     let mut tests = table(wrap);
     tests.set_header(["test", "verdict", "evidence", "requests", "answers", "time"]);
-    for t in &r.tests {
+    for t in r.tests.iter().chain(&r.port_mapping_rows()) {
         tests.add_row([
             t.name.clone(),
             t.verdict.clone(),
@@ -596,6 +604,9 @@ mod tests {
             max_time_ms: 5000.0,
             time_bound_reached: false,
             loss_transmissions: 15,
+            port_mapping: None,
+            double_nat: None,
+            cgnat: None,
         };
         for (t, n) in r
             .tests
@@ -879,7 +890,10 @@ server problem: 2 more left out";
   "tcp_port_preservation": null,
   "max_time_ms": 5000.0,
   "time_bound_reached": false,
-  "loss_transmissions": 15
+  "loss_transmissions": 15,
+  "port_mapping": null,
+  "double_nat": null,
+  "cgnat": null
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }

@@ -41,6 +41,33 @@ pub async fn run(cfg: ProbeConfig, progress: impl FnMut(&Probe)) -> io::Result<P
         .map(|p| p.report())
 }
 
+/// [`drive`], with the gateway's port-mapping services asked at the same time (issue 12,
+/// [`crate::portmap::probe`]); `--map`'s mapping is made and checked after both. The section is
+/// `None` when `opts` does not enable it; the caller adds it with
+/// [`ProbeReport::apply_port_mapping`].
+pub async fn drive_with_port_mapping<M: ProbeMachine>(
+    server: SocketAddr,
+    deadline: Duration,
+    opts: crate::portmap::Options,
+    make: impl FnOnce(Instant) -> M,
+    progress: impl FnMut(&M),
+) -> io::Result<(M, Option<crate::portmap::PortMappingReport>)> {
+    let discovery = crate::portmap::Options { map: false, ..opts };
+    let pm = async {
+        if opts.enabled {
+            Some(crate::portmap::probe(discovery, server).await)
+        } else {
+            None
+        }
+    };
+    let (probe, mut pm) = tokio::join!(drive(server, deadline, make, progress), pm);
+    let probe = probe?;
+    if let (Some(report), true) = (pm.as_mut(), opts.map) {
+        crate::portmap::map_best(report, server).await;
+    }
+    Ok((probe, pm))
+}
+
 /// Drives the machine `make` builds until it is done; returns it for its report.
 pub async fn drive<M: ProbeMachine>(
     server: SocketAddr,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
+use crate::portmap::{PortMappingReport, PortMappingService};
 use crate::traversal::{self, Path, PeerNat, Techniques};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
@@ -306,6 +307,120 @@ pub struct ProbeReport {
     pub time_bound_reached: bool,
     /// Transmissions of answered requests that `loss_estimate` is measured over.
     pub loss_transmissions: u32,
+    // Port mapping (issue 12; added to v1 after `loss_transmissions`).
+    /// What the default gateway's port-mapping services said (`null` with `--no-port-mapping`).
+    #[serde(default)]
+    pub port_mapping: Option<PortMappingReport>,
+    /// Two NATs in a row: the gateway's external address is private or shared, differs from the
+    /// STUN-mapped address, or PCP said ADDRESS_MISMATCH; `null` without evidence either way.
+    #[serde(default)]
+    pub double_nat: Option<bool>,
+    /// A carrier-grade NAT: the mapped or external address is in 100.64.0.0/10, or a second
+    /// translation is seen beyond a non-private address; `null` without evidence either way.
+    #[serde(default)]
+    pub cgnat: Option<bool>,
+}
+
+// Port mapping (issue 12): the section's verdicts and table rows.
+impl ProbeReport {
+    /// Adds the port-mapping section: judges the claimed external addresses against the STUN
+    /// mapped address ([`PortMappingReport::judge`]), sets `double_nat` and `cgnat`, and adds a
+    /// working mapped port to the outlook's reasoning ([`outlook_with`]).
+    pub fn apply_port_mapping(&mut self, mut pm: PortMappingReport) {
+        let v = pm.judge(
+            self.public_address.map(|a| a.ip()),
+            self.local_address.map(|a| a.ip()),
+        );
+        self.double_nat = v.double_nat;
+        self.cgnat = v.cgnat;
+        if let Some(m) = pm.mapped.as_ref().filter(|m| m.inbound_verified) {
+            let us = NatShape {
+                mapping: self.mapping,
+                filtering: self.filtering,
+                predictable: matches!(
+                    self.port_allocation.pattern,
+                    AllocationPattern::Preserving | AllocationPattern::Sequential
+                ),
+            };
+            self.outlook = outlook_with(us, Some(m.protocol));
+        }
+        self.port_mapping = Some(pm);
+    }
+
+    /// The port-mapping section as rows of the tests table: one per protocol, one for the mapped
+    /// port, one for the path verdicts (problems in its evidence). Empty without the section.
+    pub fn port_mapping_rows(&self) -> Vec<TestReport> {
+        let Some(pm) = &self.port_mapping else {
+            return Vec::new();
+        };
+        let row = |name: String, verdict: &str, evidence: String| TestReport {
+            name,
+            verdict: verdict.into(),
+            evidence,
+            requests_sent: 0,
+            duration_ms: 0.0,
+            answers: None,
+            miss_chance: None,
+        };
+        let mut rows = Vec::new();
+        for service in crate::portmap::PortMappingService::ALL {
+            let Some(s) = pm.services.iter().find(|s| s.service == service) else {
+                rows.push(row(service.to_string(), "not probed", "-".into()));
+                continue;
+            };
+            let verdict = match s.available {
+                Some(true) => "available",
+                Some(false) => "no",
+                None => "unknown",
+            };
+            let evidence = match (s.external_address, s.address_mismatch) {
+                (_, true) => "answered ADDRESS_MISMATCH: a NAT between us and it".to_string(),
+                (Some(a), _) => format!("external address {a}"),
+                (None, _) if s.available == Some(true) => "answered".into(),
+                (None, _) => format!("no answer from {}", show_ip(pm.gateway)),
+            };
+            rows.push(TestReport {
+                requests_sent: s.requests_sent,
+                duration_ms: s.duration_ms,
+                answers: Some(s.answers),
+                ..row(service.to_string(), verdict, evidence)
+            });
+        }
+        if let Some(m) = &pm.mapped {
+            rows.push(row(
+                "mapped port".into(),
+                if m.inbound_verified {
+                    "inbound verified"
+                } else {
+                    "inbound not verified"
+                },
+                format!(
+                    "{} {} → {} for {} s, deleted after the check",
+                    m.protocol, m.internal, m.external, m.lifetime_s
+                ),
+            ));
+        }
+        let word = |b: Option<bool>| match b {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        };
+        let mut evidence = format!(
+            "gateway {}, external address {}, cgnat {}",
+            show_ip(pm.gateway),
+            show_ip(pm.external_address),
+            word(self.cgnat)
+        );
+        for p in &pm.problems {
+            evidence += &format!("; {p}");
+        }
+        rows.push(row("double nat".into(), word(self.double_nat), evidence));
+        rows
+    }
+}
+
+fn show_ip(a: Option<std::net::IpAddr>) -> String {
+    a.map_or_else(|| "-".into(), |a| a.to_string())
 }
 
 /// A field whose value is one of a closed set of names, read by one of the `deserialize_with`
@@ -453,10 +568,24 @@ fn direct_udp(path: Path) -> &'static str {
 /// The outlook row for a peer named `peer` behind `them`: the traversal model's UDP path from
 /// `us` (side A), port prediction allowed, with its peer-free reason.
 pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookRow {
+    outlook_row_mapped(us, None, peer, them)
+}
+
+/// [`outlook_row`] for a host whose gateway grants it a working mapped port over `mapped`.
+fn outlook_row_mapped(
+    us: NatShape,
+    mapped: Option<PortMappingService>,
+    peer: &'static str,
+    them: NatShape,
+) -> OutlookRow {
     let port_prediction = Techniques {
         port_prediction: true,
     };
-    let e = traversal::udp(us.into(), them.into(), port_prediction);
+    let us = PeerNat {
+        port_mapping: mapped,
+        ..us.into()
+    };
+    let e = traversal::udp(us, them.into(), port_prediction);
     OutlookRow {
         peer,
         direct_udp: direct_udp(e.path),
@@ -466,9 +595,15 @@ pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookR
 
 /// Direct UDP outlook between `us` and each common peer NAT ([`crate::traversal`]).
 pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
+    outlook_with(us, None)
+}
+
+/// The outlook of a host whose gateway grants it a working mapped port over `mapped` (issue 12):
+/// the traversal model makes that host reachable like an open host.
+pub fn outlook_with(us: NatShape, mapped: Option<PortMappingService>) -> Vec<OutlookRow> {
     PEERS
         .iter()
-        .map(|&(peer, them)| outlook_row(us, peer, them))
+        .map(|&(peer, them)| outlook_row_mapped(us, mapped, peer, them))
         .collect()
 }
 
@@ -761,6 +896,9 @@ mod tests {
             max_time_ms: 5000.0,
             time_bound_reached: true,
             loss_transmissions: 24,
+            port_mapping: None,
+            double_nat: None,
+            cgnat: None,
         }
     }
 
