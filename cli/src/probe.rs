@@ -26,8 +26,8 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangemen
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use natscope_probes::probe::comparison::{compare_mappings, MappingComparison};
 use natscope_probes::probe::{
-    driver, Classic, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing,
-    Probe, ProbeConfig, ProbeDocument, ProbeReport, Timing,
+    driver, LifetimeConfig, LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing, Probe,
+    ProbeConfig, ProbeDocument, ProbeReport, Timing,
 };
 use natscope_probes::resolve::{server_address, Service};
 
@@ -97,10 +97,10 @@ pub struct ProbeArgs {
     /// then are reported `unknown`. 0.1–600.
     #[arg(long, value_name = "SECS", value_parser = ProbeConfig::parse_max_time)]
     max_time: Option<Duration>,
-    /// Skip asking the default gateway for NAT-PMP and PCP (on by default, overlapped with STUN).
+    /// Skip asking the default gateway for NAT-PMP and PCP (asked by default, beside the STUN tests).
     #[arg(long, conflicts_with = "map")]
     no_port_mapping: bool,
-    /// Create a short-lived UDP mapping (PCP, else NAT-PMP), prove the server reaches it, delete it.
+    /// Create a short-lived UDP mapping (PCP, else NAT-PMP), prove it inbound, then delete it.
     #[arg(long)]
     map: bool,
 }
@@ -227,16 +227,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         };
         crate::emit(&render_text(&report, Some(requests), wrap));
     }
-    Ok(ExitCode::from(exit_code(&report)))
-}
-
-/// 0 when a classification was made; 1 when UDP is blocked or the classic name is unknown.
-pub fn exit_code(r: &ProbeReport) -> u8 {
-    if r.udp_blocked || r.classic == Classic::Unknown {
-        1
-    } else {
-        0
-    }
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 /// "Permission denied" on a UDP send means a local firewall rule or sandbox: say so.
@@ -522,7 +513,7 @@ mod tests {
     use natscope_probes::probe::report::{
         OutlookRow, PortAllocationReport, ServerReport, TestReport, SCHEMA,
     };
-    use natscope_probes::probe::{AllocationPattern, Behavior};
+    use natscope_probes::probe::{AllocationPattern, Behavior, Classic};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -761,7 +752,7 @@ server problem: 2 more left out";
             last,
             "hint: nothing answered 127.0.0.1:3478; check that a stun server listens there on udp, else udp is blocked on this path"
         );
-        assert_eq!(exit_code(&r), 1);
+        assert_eq!(r.exit_code(), 1);
     }
 
     #[test]
@@ -1041,11 +1032,11 @@ server problem: 2 more left out";
     #[test]
     fn exit_codes_follow_the_classification() {
         let mut r = open_internet();
-        assert_eq!(exit_code(&r), 0);
+        assert_eq!(r.exit_code(), 0);
         r.classic = Classic::NoClassicName;
-        assert_eq!(exit_code(&r), 0, "a named combination is a classification");
+        assert_eq!(r.exit_code(), 0, "a named combination is a classification");
         r.classic = Classic::Unknown;
-        assert_eq!(exit_code(&r), 1);
+        assert_eq!(r.exit_code(), 1);
     }
 
     #[test]

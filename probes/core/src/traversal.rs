@@ -579,6 +579,92 @@ mod tests {
         }
     }
 
+    fn mapped(p: PeerNat, service: PortMappingService) -> PeerNat {
+        PeerNat {
+            port_mapping: Some(service),
+            ..p
+        }
+    }
+
+    /// Issue 12: a side with a working mapped port is reachable like an open host, so the pairs
+    /// that were relayed become direct, with the mapped port as the reason; pairs already direct
+    /// keep their reason, blocked UDP stays blocked, and TCP (the mapping is UDP) is unchanged.
+    #[test]
+    fn a_mapped_port_makes_its_side_reachable() {
+        let sym_random = nat(Apdm, Apdf, false);
+        let port_restricted = nat(Eim, Apdf, true);
+        let sym_pcp = mapped(sym_random, PortMappingService::Pcp);
+        for t in [Techniques::default(), PREDICT] {
+            assert_eq!(udp(sym_random, sym_random, t).path, Path::Relayed);
+            let e = udp(sym_pcp, sym_random, t);
+            assert_eq!(e.path, Path::Direct);
+            assert_eq!(
+                e.reason,
+                Reason::MappedPort {
+                    side: Side::A,
+                    service: PortMappingService::Pcp
+                }
+            );
+            assert_eq!(
+                e.words("sym+pcp", "sym"),
+                "sym+pcp's gateway maps it a port over PCP, so sym reaches it there like an open host"
+            );
+            assert!(e.summary().starts_with("PCP available:"));
+            let e = udp(sym_random, sym_pcp, t);
+            assert_eq!(e.path, Path::Direct);
+            assert_eq!(
+                e.summary(),
+                "the peer's gateway maps it a port, so we reach it there like an open host"
+            );
+            let upnp = mapped(sym_random, PortMappingService::Upnp);
+            assert_eq!(udp(upnp, port_restricted, t).path, Path::Direct);
+            // Already direct: the model's own reason stays.
+            let full = mapped(nat(Eim, Eif, true), PortMappingService::NatPmp);
+            assert_eq!(
+                udp(full, sym_random, t).reason,
+                udp(nat(Eim, Eif, true), sym_random, t).reason
+            );
+            // Our own behavior unknown, but the mapped port is enough.
+            let unknown = mapped(PeerNat::default(), PortMappingService::Pcp);
+            assert_eq!(udp(unknown, sym_random, t).path, Path::Direct);
+            let blocked = PeerNat {
+                udp_blocked: true,
+                ..sym_pcp
+            };
+            assert_eq!(udp(blocked, sym_random, t).path, Path::Blocked);
+        }
+        assert_eq!(
+            tcp(sym_pcp, sym_random).path,
+            Path::Relayed,
+            "the mapping is UDP"
+        );
+    }
+
+    #[test]
+    fn the_model_with_mapped_ports_is_symmetric_and_only_adds_paths() {
+        let all: Vec<PeerNat> = [Eim, Adm, Apdm]
+            .into_iter()
+            .flat_map(|m| [Eif, Adf, Apdf].map(|f| (m, f)))
+            .flat_map(|(m, f)| [true, false].map(|p| nat(m, f, p)))
+            .collect();
+        for &a in &all {
+            for &b in &all {
+                for t in [Techniques::default(), PREDICT] {
+                    let am = mapped(a, PortMappingService::Pcp);
+                    assert_eq!(udp(am, b, t).path, Path::Direct, "{a:?} {b:?}");
+                    assert_eq!(udp(am, b, t).path, udp(b, am, t).path);
+                    if udp(a, b, t).path == Path::Direct {
+                        assert_eq!(
+                            udp(am, b, t),
+                            udp(a, b, t),
+                            "a direct pair keeps its reason"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn words_name_the_sides() {
         let e = udp(nat(Eim, Apdf, true), nat(Apdm, Apdf, false), PREDICT);

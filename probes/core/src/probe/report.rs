@@ -321,11 +321,20 @@ pub struct ProbeReport {
     pub cgnat: Option<bool>,
 }
 
+impl ProbeReport {
+    /// `natscope probe`'s exit status: 0 when a classification was made; 1 when UDP is blocked or
+    /// the classic name is unknown.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.udp_blocked || self.classic == Classic::Unknown)
+    }
+}
+
 // Port mapping (issue 12): the section's verdicts and table rows.
 impl ProbeReport {
     /// Adds the port-mapping section: judges the claimed external addresses against the STUN
     /// mapped address ([`PortMappingReport::judge`]), sets `double_nat` and `cgnat`, and adds a
-    /// working mapped port to the outlook's reasoning ([`outlook_with`]).
+    /// working mapped port to the outlook's reasoning ([`outlook_with`]): one `--map` verified
+    /// inbound, or without `--map` a protocol that can map, answering behind a single NAT.
     pub fn apply_port_mapping(&mut self, mut pm: PortMappingReport) {
         let v = pm.judge(
             self.public_address.map(|a| a.ip()),
@@ -333,7 +342,12 @@ impl ProbeReport {
         );
         self.double_nat = v.double_nat;
         self.cgnat = v.cgnat;
-        if let Some(m) = pm.mapped.as_ref().filter(|m| m.inbound_verified) {
+        // A mapping `--map` verified; without one, a service that can map behind a single NAT.
+        let working = match &pm.mapped {
+            Some(m) => m.inbound_verified.then_some(m.protocol),
+            None => pm.best_service().filter(|_| v.double_nat == Some(false)),
+        };
+        if let Some(service) = working {
             let us = NatShape {
                 mapping: self.mapping,
                 filtering: self.filtering,
@@ -342,7 +356,7 @@ impl ProbeReport {
                     AllocationPattern::Preserving | AllocationPattern::Sequential
                 ),
             };
-            self.outlook = outlook_with(us, Some(m.protocol));
+            self.outlook = outlook_with(us, Some(service));
         }
         self.port_mapping = Some(pm);
     }
@@ -746,8 +760,15 @@ mod tests {
             "---|".repeat(peers.len())
         );
         let mut reasons: Vec<(&str, String)> = Vec::new();
-        for (label, us) in ours {
-            let rows = outlook(us);
+        // Issue 12: a symmetric NAT whose gateway maps a port over PCP.
+        let pcp = (
+            "APDM + APDF, random ports, PCP mapped port",
+            shape(AddressAndPortDependent, AddressAndPortDependent, false),
+            Some(PortMappingService::Pcp),
+        );
+        let ours = ours.into_iter().map(|(l, s)| (l, s, None));
+        for (label, us, mapped) in ours.chain([pcp]) {
+            let rows = outlook_with(us, mapped);
             let words: Vec<&str> = rows.iter().map(|r| r.direct_udp).collect();
             out += &format!("| {label} | {} |\n", words.join(" | "));
             for r in rows {
