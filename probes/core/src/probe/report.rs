@@ -357,6 +357,21 @@ impl ProbeReport {
                 ),
             };
             self.outlook = outlook_with(us, Some(service));
+            let name = match service {
+                PortMappingService::Pcp => "PCP",
+                PortMappingService::NatPmp => "NAT-PMP",
+                PortMappingService::Upnp => "UPnP",
+            };
+            self.summary += &format!(
+                "; {name} available: the gateway hands out mappings, so direct connections work with every peer type"
+            );
+        }
+        match (v.double_nat, v.cgnat) {
+            (_, Some(true)) => {
+                self.summary += "; carrier-grade NAT (RFC 6598 space or a second translation)"
+            }
+            (Some(true), _) => self.summary += "; double NAT (the gateway is behind another NAT)",
+            _ => {}
         }
         self.port_mapping = Some(pm);
     }
@@ -963,5 +978,100 @@ mod tests {
         assert!(with("/outlook/0/peer", "a friend".into()).is_err());
         assert!(with("/port_allocation/pattern", "wild".into()).is_err());
         assert!(with("/address_pooling", "arbitrary".into()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod port_mapping_tests {
+    use super::*;
+    use crate::portmap::{MappedPort, Outcome};
+
+    fn symmetric_report() -> ProbeReport {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let us = NatShape {
+            mapping: Behavior::AddressAndPortDependent,
+            filtering: Behavior::AddressAndPortDependent,
+            predictable: false,
+        };
+        let mut r: ProbeReport = serde_json::from_value(serde_json::json!({
+            "schema": SCHEMA, "local_address": "10.0.0.2:4000", "public_address": "203.0.113.7:6000",
+            "nat_detected": true, "udp_blocked": false, "mapping": "address-and-port-dependent",
+            "filtering": "address-and-port-dependent", "port_preservation": false,
+            "port_allocation": {"pattern": "random", "delta": null, "samples": [], "predictability": ""},
+            "hairpinning": null, "binding_lifetime_s": null, "tcp_mapping": "unknown",
+            "alg_detected": false, "classic": "symmetric",
+            "server": {"address": "198.51.100.1:3478", "other_address": null, "problems": []},
+            "tests": [], "outlook": [], "loss_estimate": 0.0, "negative_confidence": null,
+            "retry_budget_ms": 0.0, "summary": "Symmetric NAT", "requests_sent": 0, "duration_ms": 0.0,
+            "pacing": {"enabled": false, "max_new_per_second": null, "reason": ""},
+            "address_pooling": null, "tcp_port_preservation": null, "max_time_ms": 5000.0,
+            "time_bound_reached": false, "loss_transmissions": 0
+        }))
+        .expect("an older document without the port-mapping fields reads");
+        assert_eq!(r.port_mapping, None);
+        r.outlook = outlook(us);
+        assert_eq!(r.public_address, Some(a("203.0.113.7:6000")));
+        r
+    }
+
+    fn pm(external: &str, verified: Option<bool>) -> PortMappingReport {
+        let o = Outcome {
+            available: Some(true),
+            external_address: Some(external.parse().unwrap()),
+            ..Outcome::default()
+        };
+        let mut pm = PortMappingReport::new(
+            Some("10.0.0.1".parse().unwrap()),
+            &[(PortMappingService::Pcp, &o)],
+        );
+        pm.mapped = verified.map(|inbound_verified| MappedPort {
+            protocol: PortMappingService::Pcp,
+            internal: "10.0.0.2:5000".parse().unwrap(),
+            external: "203.0.113.7:5000".parse().unwrap(),
+            lifetime_s: 120,
+            inbound_verified,
+        });
+        pm
+    }
+
+    #[test]
+    fn a_working_mapping_opens_the_outlook_and_a_failed_one_does_not() {
+        let plain = symmetric_report();
+        let direct = |r: &ProbeReport| r.outlook.iter().filter(|o| o.direct_udp == "yes").count();
+        assert!(direct(&plain) < PEERS.len());
+        for (verified, opens) in [(None, true), (Some(true), true), (Some(false), false)] {
+            let mut r = symmetric_report();
+            r.apply_port_mapping(pm("203.0.113.7", verified));
+            assert_eq!(r.double_nat, Some(false));
+            assert_eq!(r.cgnat, Some(false));
+            assert_eq!(direct(&r) == PEERS.len(), opens, "{verified:?}");
+            assert_eq!(r.summary.contains("PCP available"), opens, "{}", r.summary);
+            if opens {
+                assert!(r
+                    .outlook
+                    .iter()
+                    .any(|o| o.reason.starts_with("PCP available:")));
+            }
+        }
+        // Behind a second NAT the inner gateway's mapping does not help.
+        let mut r = symmetric_report();
+        r.apply_port_mapping(pm("100.64.0.9", None));
+        assert_eq!((r.double_nat, r.cgnat), (Some(true), Some(true)));
+        assert_eq!(direct(&r), direct(&plain));
+        assert!(r
+            .summary
+            .ends_with("; carrier-grade NAT (RFC 6598 space or a second translation)"));
+        let rows = r.port_mapping_rows();
+        let names: Vec<&str> = rows.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["upnp", "nat-pmp", "pcp", "double nat"]);
+        assert_eq!(rows[0].verdict, "not probed");
+        assert_eq!(rows[2].evidence, "external address 100.64.0.9");
+        assert!(
+            rows[3].evidence.contains("UPnP not probed"),
+            "{:?}",
+            rows[3]
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<ProbeReport>(&json).unwrap(), r);
     }
 }
