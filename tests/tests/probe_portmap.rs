@@ -23,6 +23,9 @@ use natscope_tests::lab::require_root;
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The STUN server: beyond the gateway (on its loopback), so the host's route to it is the
+/// default route; a server on the host's own link has no gateway on its path.
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 const STUN_PORT: u16 = 3478;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -58,6 +61,7 @@ impl Pair {
         ]);
         ip(&["-n", &h, "addr", "add", "10.77.0.2/24", "dev", "v0"]);
         ip(&["-n", &g, "addr", "add", "10.77.0.1/24", "dev", "v1"]);
+        ip(&["-n", &g, "addr", "add", "10.88.0.1/32", "dev", "lo"]);
         for (ns, dev) in [(&h, "v0"), (&g, "v1"), (&h, "lo"), (&g, "lo")] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
@@ -208,7 +212,7 @@ fn reflector(pair: &Pair) -> RunningReflector {
     pair.gw()
         .run(|| {
             let mut cfg = DriverConfig::new(ReflectorConfig {
-                primary: SocketAddr::new(IpAddr::V4(GW), STUN_PORT),
+                primary: SocketAddr::new(IpAddr::V4(SERVER), STUN_PORT),
                 alternate: None,
                 partner: None,
             });
@@ -220,7 +224,10 @@ fn reflector(pair: &Pair) -> RunningReflector {
 }
 
 fn probe(pair: &Pair, map: bool) -> (portmap::PortMappingReport, Duration) {
-    let stun = SocketAddr::new(IpAddr::V4(GW), STUN_PORT);
+    probe_via(pair, map, SocketAddr::new(IpAddr::V4(SERVER), STUN_PORT))
+}
+
+fn probe_via(pair: &Pair, map: bool, stun: SocketAddr) -> (portmap::PortMappingReport, Duration) {
     pair.host()
         .block_on(move || async move {
             let t0 = Instant::now();
@@ -311,4 +318,21 @@ fn a_silent_gateway_costs_the_budget_and_a_closed_port_less() {
     assert_eq!((r.nat_pmp, r.pcp), (Some(false), Some(false)), "{r:?}");
     assert!(closed < Duration::from_millis(200), "{closed:?}");
     eprintln!("silent gateway: {silent:?}; closed port: {closed:?}");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn a_server_without_a_gateway_on_its_path_asks_nothing() {
+    require_root();
+    let pair = Pair::new();
+    let gw = Responder::start(&pair, Gateway::Serves { port_offset: 0 });
+    for server in ["10.77.0.1:3478", "127.0.0.1:3478"] {
+        let (r, _) = probe_via(&pair, false, server.parse().unwrap());
+        assert_eq!((r.gateway, r.nat_pmp, r.pcp), (None, None, None), "{r:?}");
+        assert!(
+            r.problems[0].starts_with("port mapping not probed"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(gw.stop(), 0, "nothing was asked");
 }

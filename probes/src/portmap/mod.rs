@@ -6,7 +6,9 @@
 //! Gateway discovery reads the kernel's IPv4 routing table as text, from
 //! `/proc/thread-self/net/route` (the calling thread's network namespace, which is what a lab node's
 //! thread has entered; `/proc/net/route` follows the process's main thread instead), falling back
-//! to `/proc/net/route`: the default route with the lowest metric and the gateway flag. IPv4 only:
+//! to `/proc/net/route`: the next hop of the route towards the STUN server (longest prefix, then
+//! lowest metric), since that gateway's NAT is the one the probe classifies; a server on loopback
+//! or on a directly connected network has no gateway on its path and nothing is asked. IPv4 only:
 //! NAT-PMP is IPv4-only, and a PCP server reached over IPv6 (`/proc/net/ipv6_route`) is not probed
 //! yet. Reading the file needs no netlink socket and no privilege.
 //!
@@ -69,26 +71,82 @@ impl Options {
 /// The default IPv4 gateway in `/proc/net/route`'s text: the lowest-metric default route with
 /// the gateway flag (RTF_GATEWAY, 0x2) and the route up (RTF_UP, 0x1).
 pub fn parse_proc_route(text: &str) -> Option<Ipv4Addr> {
+    route_to(text, Ipv4Addr::UNSPECIFIED)
+        .filter(|r| r.prefix_len == 0)
+        .and_then(|r| r.gateway)
+}
+
+/// The route `/proc/net/route`'s text gives towards `dest`: longest prefix, then lowest metric,
+/// among routes that are up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The next hop; `None` for a directly connected network.
+    pub gateway: Option<Ipv4Addr>,
+    /// The route's prefix length (0 for the default route).
+    pub prefix_len: u32,
+}
+
+/// See [`Route`].
+pub fn route_to(text: &str, dest: Ipv4Addr) -> Option<Route> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let hex = |i: usize| f.get(i).and_then(|s| u32::from_str_radix(s, 16).ok());
-            let (dest, gw, flags, metric, mask) = (hex(1)?, hex(2)?, hex(3)?, f.get(6)?, hex(7)?);
+            let (net, gw, flags, metric, mask) = (hex(1)?, hex(2)?, hex(3)?, f.get(6)?, hex(7)?);
             let metric: u32 = metric.parse().ok()?;
             // The file prints the kernel's network-order words in host order (little-endian).
-            (dest == 0 && mask == 0 && flags & 0x3 == 0x3 && gw != 0)
-                .then(|| (metric, Ipv4Addr::from(gw.swap_bytes())))
+            let (net, gw, mask) = (net.swap_bytes(), gw.swap_bytes(), mask.swap_bytes());
+            let up = flags & 0x1 != 0;
+            let via = flags & 0x2 != 0 && gw != 0;
+            (up && u32::from(dest) & mask == net & mask).then(|| {
+                let route = Route {
+                    gateway: via.then(|| Ipv4Addr::from(gw)),
+                    prefix_len: mask.count_ones(),
+                };
+                (route, metric)
+            })
         })
-        .min_by_key(|(metric, _)| *metric)
-        .map(|(_, gw)| gw)
+        .min_by_key(|(r, metric)| (std::cmp::Reverse(r.prefix_len), *metric))
+        .map(|(r, _)| r)
+}
+
+fn routing_table() -> io::Result<String> {
+    std::fs::read_to_string("/proc/thread-self/net/route")
+        .or_else(|_| std::fs::read_to_string("/proc/net/route"))
 }
 
 /// The default IPv4 gateway of the calling thread's network namespace.
 pub fn default_gateway() -> io::Result<Option<Ipv4Addr>> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/route")
-        .or_else(|_| std::fs::read_to_string("/proc/net/route"))?;
-    Ok(parse_proc_route(&text))
+    Ok(parse_proc_route(&routing_table()?))
+}
+
+/// The gateway to ask: the next hop towards the STUN server (its NAT is the one the probe
+/// classifies), or an error line saying why there is none. A server on loopback or on a directly
+/// connected network has no gateway on its path, so nothing is asked (and tests against a local
+/// reflector never reach the machine's real router). An IPv6 server: the IPv4 default gateway.
+pub fn gateway_towards(server: SocketAddr) -> Result<Ipv4Addr, String> {
+    let text = routing_table().map_err(|e| format!("cannot read the routing table: {e}"))?;
+    let none = |why: &str| Err(format!("port mapping not probed: {why}"));
+    match server.ip().to_canonical() {
+        IpAddr::V4(v4) if v4.is_loopback() => {
+            none("the server is on loopback, so no gateway is on its path")
+        }
+        IpAddr::V4(v4) => match route_to(&text, v4) {
+            Some(Route {
+                gateway: Some(g), ..
+            }) => Ok(g),
+            Some(_) => {
+                none("the server is on a directly connected network, so no gateway is on its path")
+            }
+            None => none("no IPv4 route towards the server"),
+        },
+        IpAddr::V6(v6) if v6.is_loopback() => {
+            none("the server is on loopback, so no gateway is on its path")
+        }
+        IpAddr::V6(_) => parse_proc_route(&text)
+            .map_or_else(|| none("no IPv4 default gateway in the routing table"), Ok),
+    }
 }
 
 /// The operations the driver needs from a client machine (both have the same shape).
@@ -177,20 +235,9 @@ async fn socket_to(gateway: IpAddr) -> io::Result<(UdpSocket, SocketAddr)> {
 pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport {
     let gateway = match opts.gateway {
         Some(g) => g,
-        None => match default_gateway() {
-            Ok(Some(g)) => IpAddr::V4(g),
-            Ok(None) => {
-                return PortMappingReport::not_run(
-                    None,
-                    "no IPv4 default gateway in the routing table: port mapping not probed".into(),
-                )
-            }
-            Err(e) => {
-                return PortMappingReport::not_run(
-                    None,
-                    format!("cannot read the routing table: {e}"),
-                )
-            }
+        None => match gateway_towards(stun_server) {
+            Ok(g) => IpAddr::V4(g),
+            Err(why) => return PortMappingReport::not_run(None, why),
         },
     };
     let (pmp, pcp) = match discover(gateway).await {
@@ -429,6 +476,19 @@ mod tests {
         assert_eq!(parse_proc_route(only_link), None);
         assert_eq!(parse_proc_route(""), None);
         assert_eq!(parse_proc_route("x\nfoo bar\n\t\t\n"), None);
+        let to = |d: [u8; 4]| route_to(ROUTE, Ipv4Addr::from(d));
+        assert_eq!(
+            to([192, 0, 2, 77]),
+            Some(Route {
+                gateway: None,
+                prefix_len: 24
+            }),
+            "on-link"
+        );
+        assert_eq!(
+            to([8, 8, 8, 8]).and_then(|r| r.gateway),
+            Some(Ipv4Addr::new(192, 0, 2, 1))
+        );
         // A default route that is down (no RTF_UP) is not used.
         let down = ROUTE.replace("0003\t0\t0\t100", "0002\t0\t0\t100");
         assert_eq!(parse_proc_route(&down), Some(Ipv4Addr::new(192, 168, 1, 1)));
