@@ -26,9 +26,8 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, CellAlignment, ContentArrangemen
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use natscope_probes::probe::comparison::{compare_mappings, MappingComparison};
 use natscope_probes::probe::{
-    driver, families, family, Classic, Family, FamilyChoice, Ipv6Report, LifetimeConfig,
-    LifetimeProbe, LifetimeReport, PaceChoice, Pacer, Pacing, ProbeConfig, ProbeDocument,
-    ProbeReport,
+    driver, families, family, Family, FamilyChoice, Ipv6Report, LifetimeConfig, LifetimeProbe,
+    LifetimeReport, PaceChoice, Pacer, Pacing, ProbeConfig, ProbeDocument, ProbeReport,
 };
 use natscope_probes::resolve::{server_address, Service};
 
@@ -102,6 +101,12 @@ pub struct ProbeArgs {
     /// server's name resolves to). --tcp, --lifetime and the comparison use the IPv4 run.
     #[arg(long, value_name = "4|6|both|auto", default_value = "auto", value_parser = FamilyChoice::parse)]
     family: FamilyChoice,
+    /// Skip asking the default gateway for NAT-PMP and PCP (asked by default, beside the STUN tests).
+    #[arg(long, conflicts_with = "map")]
+    no_port_mapping: bool,
+    /// Create a short-lived UDP mapping (PCP, else NAT-PMP), prove it inbound, then delete it.
+    #[arg(long)]
+    map: bool,
 }
 
 pub fn run(args: ProbeArgs) -> Result<ExitCode> {
@@ -151,6 +156,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let result = rt.block_on(families::drive_families(
         fams,
         driver::DEADLINE.max(cfg.max_time * 2),
+        natscope_probes::portmap::Options::from_flags(args.no_port_mapping, args.map),
         family_cfg,
         |n| {
             bar.set_message(format!("probing {first}: {n} requests sent"));
@@ -161,8 +167,11 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
     let (mut report, mut pacer, fam, beside, mut requests) = match result {
         Ok(run) => {
             run.warnings.iter().for_each(|w| tracing::warn!("{w}"));
-            let r = run.primary.report();
+            let mut r = run.primary.report();
             let n = r.requests_sent + run.ipv6.as_ref().map_or(0, |v6| v6.requests_sent);
+            run.port_mapping
+                .into_iter()
+                .for_each(|pm| r.apply_port_mapping(pm));
             (r, run.primary.pacer().clone(), run.family, run.ipv6, n)
         }
         Err(e) => {
@@ -237,16 +246,7 @@ pub fn run(args: ProbeArgs) -> Result<ExitCode> {
         let both = render_families(&report, fam, ipv6.as_ref(), wrap);
         crate::emit(&(render_text(&report, Some(requests), wrap) + &both));
     }
-    Ok(ExitCode::from(exit_code(&report)))
-}
-
-/// 0 when a classification was made; 1 when UDP is blocked or the classic name is unknown.
-pub fn exit_code(r: &ProbeReport) -> u8 {
-    if r.udp_blocked || r.classic == Classic::Unknown {
-        1
-    } else {
-        0
-    }
+    Ok(ExitCode::from(report.exit_code()))
 }
 
 /// "Permission denied" on a UDP send means a local firewall rule or sandbox: say so.
@@ -471,7 +471,7 @@ pub fn render_text(r: &ProbeReport, requests: Option<u32>, wrap: Wrap) -> String
 
     let mut tests = table(wrap);
     tests.set_header(["test", "verdict", "evidence", "requests", "answers", "time"]);
-    for t in &r.tests {
+    for t in r.tests.iter().chain(&r.port_mapping_rows()) {
         tests.add_row([
             t.name.clone(),
             t.verdict.clone(),
@@ -539,7 +539,7 @@ mod tests {
         OutlookRow, PortAllocationReport, ServerReport, TestReport, SCHEMA,
     };
     use natscope_probes::probe::Timing;
-    use natscope_probes::probe::{AllocationPattern, Behavior};
+    use natscope_probes::probe::{AllocationPattern, Behavior, Classic};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -621,6 +621,9 @@ mod tests {
             max_time_ms: 5000.0,
             time_bound_reached: false,
             loss_transmissions: 15,
+            port_mapping: None,
+            double_nat: None,
+            cgnat: None,
         };
         for (t, n) in r
             .tests
@@ -810,7 +813,7 @@ server problem: 2 more left out";
             last,
             "hint: nothing answered 127.0.0.1:3478; check that a stun server listens there on udp, else udp is blocked on this path"
         );
-        assert_eq!(exit_code(&r), 1);
+        assert_eq!(r.exit_code(), 1);
     }
 
     #[test]
@@ -939,7 +942,10 @@ server problem: 2 more left out";
   "tcp_port_preservation": null,
   "max_time_ms": 5000.0,
   "time_bound_reached": false,
-  "loss_transmissions": 15
+  "loss_transmissions": 15,
+  "port_mapping": null,
+  "double_nat": null,
+  "cgnat": null
 }"#;
         assert_eq!(got, want, "\n--- got:\n{got}\n--- want:\n{want}");
     }
@@ -1088,11 +1094,11 @@ server problem: 2 more left out";
     #[test]
     fn exit_codes_follow_the_classification() {
         let mut r = open_internet();
-        assert_eq!(exit_code(&r), 0);
+        assert_eq!(r.exit_code(), 0);
         r.classic = Classic::NoClassicName;
-        assert_eq!(exit_code(&r), 0, "a named combination is a classification");
+        assert_eq!(r.exit_code(), 0, "a named combination is a classification");
         r.classic = Classic::Unknown;
-        assert_eq!(exit_code(&r), 1);
+        assert_eq!(r.exit_code(), 1);
     }
 
     #[test]

@@ -153,6 +153,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
             AllocationPattern::Preserving | AllocationPattern::Sequential
         ),
         udp_blocked: e.classic == Classic::UdpBlocked,
+        ..PeerNat::default()
     })
 }
 

@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod portmap;
 pub mod probe;
 pub mod punch;
 pub mod reflector;

@@ -11,11 +11,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use natscope_lab::netns::Netns;
+use natscope_probes::portmap;
 use natscope_probes::probe::families::drive_families;
 use natscope_probes::probe::{Families, Family, Ipv6Report, ProbeConfig, Translation};
 use natscope_tests::schema::assert_valid_text;
 use natscope_tests::{
     natscope_bin, require_root, require_tool, wait_until_answering, ChildProcess,
+};
+
+/// These tests classify the families; the gateway's port-mapping services are not asked.
+const NO_PORT_MAPPING: portmap::Options = portmap::Options {
+    enabled: false,
+    map: false,
+    gateway: None,
 };
 
 /// A namespace of this test's own (`v6pr` prefix), deleted on drop.
@@ -206,9 +214,15 @@ fn both_families_on_bare_loopback_are_classified_together() {
         .block_on(|| async {
             let run = |fams: Families<SocketAddr>| async move {
                 let start = Instant::now();
-                let run = drive_families(fams, Duration::from_secs(30), ProbeConfig::new, |_| {})
-                    .await
-                    .expect("probe runs");
+                let run = drive_families(
+                    fams,
+                    Duration::from_secs(30),
+                    NO_PORT_MAPPING,
+                    ProbeConfig::new,
+                    |_| {},
+                )
+                .await
+                .expect("probe runs");
                 (start.elapsed().as_secs_f64() * 1000.0, run)
             };
             let (mut v4, mut dual, mut sums) = (Vec::new(), Vec::new(), Vec::new());
@@ -312,9 +326,15 @@ fn on_a_path_with_round_trips_both_families_cost_about_one() {
             delaying_reflector(a("[2001:db8:7::1]:4478"), a("[2001:db8:7::2]:4479"), delay).await;
             let run = |fams: Families<SocketAddr>| async move {
                 let start = Instant::now();
-                let r = drive_families(fams, Duration::from_secs(30), ProbeConfig::new, |_| {})
-                    .await
-                    .expect("probe runs");
+                let r = drive_families(
+                    fams,
+                    Duration::from_secs(30),
+                    NO_PORT_MAPPING,
+                    ProbeConfig::new,
+                    |_| {},
+                )
+                .await
+                .expect("probe runs");
                 assert!(r.warnings.is_empty(), "{:?}", r.warnings);
                 assert_eq!(
                     r.primary.report().filtering,

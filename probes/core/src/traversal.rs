@@ -25,6 +25,13 @@
 //! endpoint-independent but whose next external port is predictable lets the other aim at the
 //! mapping it will use; that opens when its filter admits the other's source on it.
 //!
+//! A mapped port (issue 12): a peer whose gateway granted it a port over PCP, NAT-PMP or UPnP IGD
+//! ([`PeerNat::port_mapping`]) is reachable on that port from anywhere, and its outbound packets
+//! leave from it (RFC 6887 §11: a MAP mapping serves both directions), so for UDP it behaves like
+//! an open host, whatever its NAT does to other ports: a symmetric NAT that speaks PCP is as good
+//! as no NAT. One reachable side is enough for a direct path (the other learns its real source
+//! from the first packet). The mapping is for UDP only, so TCP is unchanged.
+//!
 //! TCP (RFC 5382 simultaneous open): a socket in simultaneous open accepts segments only from the
 //! exact address it connected to, so both mappings must be endpoint-independent; then each SYN comes
 //! from that address and each filter admits it once its own SYN has left.
@@ -32,6 +39,7 @@
 use serde::Serialize;
 
 use crate::nat::{FilteringBehavior as F, MappingBehavior as M};
+use crate::portmap::PortMappingService;
 
 /// What the model knows of the NAT (or firewall, or nothing) in front of one peer. `None` is
 /// unknown. No translation at all counts as an endpoint-independent mapping.
@@ -49,6 +57,9 @@ pub struct PeerNat {
     pub predictable_ports: bool,
     /// The path drops all UDP (so there is no UDP relay either).
     pub udp_blocked: bool,
+    /// The peer's gateway granted it a working UDP port over this protocol (and no second NAT
+    /// undoes it): the peer is reachable there like an open host.
+    pub port_mapping: Option<PortMappingService>,
 }
 
 impl PeerNat {
@@ -133,6 +144,12 @@ pub enum Reason {
     SimultaneousOpen,
     /// `side` maps the peer connection to a new port (TCP).
     NewPortPerConnection { side: Side },
+    /// `side`'s gateway granted it a port over `service`, which makes it reachable like an open
+    /// host; without it the path would not be direct.
+    MappedPort {
+        side: Side,
+        service: PortMappingService,
+    },
 }
 
 /// The expected path for one transport and its reason.
@@ -249,6 +266,29 @@ pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
     if a.udp_blocked || b.udp_blocked {
         return e(Path::Blocked, Reason::UdpBlocked);
     }
+    let mapped = match (a.port_mapping, b.port_mapping) {
+        (Some(service), _) => Some((Side::A, service)),
+        (None, Some(service)) => Some((Side::B, service)),
+        (None, None) => None,
+    };
+    if let Some((side, service)) = mapped {
+        let plain = udp(
+            PeerNat {
+                port_mapping: None,
+                ..a
+            },
+            PeerNat {
+                port_mapping: None,
+                ..b
+            },
+            techniques,
+        );
+        return if plain.path == Path::Direct {
+            plain
+        } else {
+            e(Path::Direct, Reason::MappedPort { side, service })
+        };
+    }
     let (ka, kb) = match (known(a), known(b)) {
         (Some(ka), Some(kb)) => (ka, kb),
         (None, _) => return e(Path::Unknown, Reason::UnknownBehavior { side: Side::A }),
@@ -301,6 +341,15 @@ pub fn tcp(a: PeerNat, b: PeerNat) -> Expectation {
                 },
             },
         ),
+    }
+}
+
+/// A port-mapping protocol's name in prose.
+fn service_name(s: PortMappingService) -> &'static str {
+    match s {
+        PortMappingService::Pcp => "PCP",
+        PortMappingService::NatPmp => "NAT-PMP",
+        PortMappingService::Upnp => "UPnP IGD",
     }
 }
 
@@ -360,6 +409,12 @@ impl Expectation {
                 "{} maps the peer connection to a new port, and a TCP socket accepts segments only from the exact address it connected to",
                 name(side)
             ),
+            Reason::MappedPort { side, service } => format!(
+                "{}'s gateway maps it a port over {}, so {} reaches it there like an open host",
+                name(side),
+                service_name(service),
+                other(side)
+            ),
         }
     }
 
@@ -381,6 +436,14 @@ impl Expectation {
             Reason::NoDirection { .. } => "each side's packets miss the other's per-destination mapping or are filtered; use a relay",
             Reason::SimultaneousOpen => "both mappings are endpoint-independent (RFC 5382 simultaneous open)",
             Reason::NewPortPerConnection { .. } => "a mapping changes per connection, and a TCP socket accepts segments only from the address it connected to",
+            Reason::MappedPort { side: Side::A, service } => match service {
+                PortMappingService::Pcp => "PCP available: our gateway maps us a port, so the peer reaches us there like an open host",
+                PortMappingService::NatPmp => "NAT-PMP available: our gateway maps us a port, so the peer reaches us there like an open host",
+                PortMappingService::Upnp => "UPnP available: our gateway maps us a port, so the peer reaches us there like an open host",
+            },
+            Reason::MappedPort { side: Side::B, .. } => {
+                "the peer's gateway maps it a port, so we reach it there like an open host"
+            }
         }
     }
 }
@@ -512,6 +575,92 @@ mod tests {
                     plain == predicted
                         || (plain, predicted) == (Path::Relayed, Path::PortPrediction)
                 );
+            }
+        }
+    }
+
+    fn mapped(p: PeerNat, service: PortMappingService) -> PeerNat {
+        PeerNat {
+            port_mapping: Some(service),
+            ..p
+        }
+    }
+
+    /// Issue 12: a side with a working mapped port is reachable like an open host, so the pairs
+    /// that were relayed become direct, with the mapped port as the reason; pairs already direct
+    /// keep their reason, blocked UDP stays blocked, and TCP (the mapping is UDP) is unchanged.
+    #[test]
+    fn a_mapped_port_makes_its_side_reachable() {
+        let sym_random = nat(Apdm, Apdf, false);
+        let port_restricted = nat(Eim, Apdf, true);
+        let sym_pcp = mapped(sym_random, PortMappingService::Pcp);
+        for t in [Techniques::default(), PREDICT] {
+            assert_eq!(udp(sym_random, sym_random, t).path, Path::Relayed);
+            let e = udp(sym_pcp, sym_random, t);
+            assert_eq!(e.path, Path::Direct);
+            assert_eq!(
+                e.reason,
+                Reason::MappedPort {
+                    side: Side::A,
+                    service: PortMappingService::Pcp
+                }
+            );
+            assert_eq!(
+                e.words("sym+pcp", "sym"),
+                "sym+pcp's gateway maps it a port over PCP, so sym reaches it there like an open host"
+            );
+            assert!(e.summary().starts_with("PCP available:"));
+            let e = udp(sym_random, sym_pcp, t);
+            assert_eq!(e.path, Path::Direct);
+            assert_eq!(
+                e.summary(),
+                "the peer's gateway maps it a port, so we reach it there like an open host"
+            );
+            let upnp = mapped(sym_random, PortMappingService::Upnp);
+            assert_eq!(udp(upnp, port_restricted, t).path, Path::Direct);
+            // Already direct: the model's own reason stays.
+            let full = mapped(nat(Eim, Eif, true), PortMappingService::NatPmp);
+            assert_eq!(
+                udp(full, sym_random, t).reason,
+                udp(nat(Eim, Eif, true), sym_random, t).reason
+            );
+            // Our own behavior unknown, but the mapped port is enough.
+            let unknown = mapped(PeerNat::default(), PortMappingService::Pcp);
+            assert_eq!(udp(unknown, sym_random, t).path, Path::Direct);
+            let blocked = PeerNat {
+                udp_blocked: true,
+                ..sym_pcp
+            };
+            assert_eq!(udp(blocked, sym_random, t).path, Path::Blocked);
+        }
+        assert_eq!(
+            tcp(sym_pcp, sym_random).path,
+            Path::Relayed,
+            "the mapping is UDP"
+        );
+    }
+
+    #[test]
+    fn the_model_with_mapped_ports_is_symmetric_and_only_adds_paths() {
+        let all: Vec<PeerNat> = [Eim, Adm, Apdm]
+            .into_iter()
+            .flat_map(|m| [Eif, Adf, Apdf].map(|f| (m, f)))
+            .flat_map(|(m, f)| [true, false].map(|p| nat(m, f, p)))
+            .collect();
+        for &a in &all {
+            for &b in &all {
+                for t in [Techniques::default(), PREDICT] {
+                    let am = mapped(a, PortMappingService::Pcp);
+                    assert_eq!(udp(am, b, t).path, Path::Direct, "{a:?} {b:?}");
+                    assert_eq!(udp(am, b, t).path, udp(b, am, t).path);
+                    if udp(a, b, t).path == Path::Direct {
+                        assert_eq!(
+                            udp(am, b, t),
+                            udp(a, b, t),
+                            "a direct pair keeps its reason"
+                        );
+                    }
+                }
             }
         }
     }

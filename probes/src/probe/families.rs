@@ -67,16 +67,34 @@ pub struct FamilyRun {
     pub ipv6: Option<ProbeReport>,
     /// A family that could not be probed while the other could (lowercase, one line each).
     pub warnings: Vec<String>,
+    /// The gateway's port-mapping services (issue 12), asked beside the STUN tests when `portmap`
+    /// enables it; the caller adds it to the primary report with
+    /// [`ProbeReport::apply_port_mapping`].
+    pub port_mapping: Option<crate::portmap::PortMappingReport>,
 }
 
 /// Probes every family in `servers` at once, each with the configuration `cfg` makes for its
-/// server; `progress` gets the requests sent so far, all families together.
+/// server; `progress` gets the requests sent so far, all families together. The gateway's
+/// port-mapping services are asked at the same time when `portmap` enables it (towards the IPv4
+/// server, else the IPv6 one); `--map`'s mapping is made and checked after both.
 pub async fn drive_families(
     servers: Families<SocketAddr>,
     deadline: Duration,
+    portmap: crate::portmap::Options,
     cfg: impl Fn(SocketAddr) -> ProbeConfig,
     progress: impl Fn(u32),
 ) -> io::Result<FamilyRun> {
+    let pm_server = servers.ipv4.or(servers.ipv6);
+    let discovery = crate::portmap::Options {
+        map: false,
+        ..portmap
+    };
+    let pm = async {
+        match pm_server {
+            Some(server) if portmap.enabled => Some(crate::portmap::probe(discovery, server).await),
+            _ => None,
+        }
+    };
     let sent = [Cell::new(0u32), Cell::new(0u32)];
     let one = |i: usize, server: Option<SocketAddr>| {
         let (sent, cfg, progress) = (&sent, &cfg, &progress);
@@ -96,7 +114,7 @@ pub async fn drive_families(
             Some(run)
         }
     };
-    let (v4, v6) = tokio::join!(one(0, servers.ipv4), one(1, servers.ipv6));
+    let (v4, v6, mut port_mapping) = tokio::join!(one(0, servers.ipv4), one(1, servers.ipv6), pm);
     let mut warnings = Vec::new();
     let mut warn = |e: io::Error| warnings.push(e.to_string());
     let (primary, family, ipv6) = match (v4, v6) {
@@ -120,11 +138,15 @@ pub async fn drive_families(
         (Some(Err(e)), _) | (None, Some(Err(e))) => return Err(e),
         (None, None) => return Err(io::Error::other("no server address to probe")),
     };
+    if let (Some(report), Some(server), true) = (port_mapping.as_mut(), pm_server, portmap.map) {
+        crate::portmap::map_best(report, server).await;
+    }
     Ok(FamilyRun {
         primary,
         family,
         ipv6,
         warnings,
+        port_mapping,
     })
 }
 

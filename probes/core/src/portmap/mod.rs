@@ -3,6 +3,9 @@
 //!
 //! - [`natpmp`]: NAT-PMP (RFC 6886): external-address and UDP/TCP map requests and responses.
 //! - [`pcp`]: PCP (RFC 6887): ANNOUNCE and MAP requests and responses, options, version negotiation.
+//! - [`pmp_client`], [`pcp_client`]: the probe's client machines over those codecs (one per
+//!   protocol, sans-IO, on the [`exchange`] retransmission schedule), ending in an [`Outcome`].
+//! - [`report`]: the probe's `port_mapping` section and the `double_nat` / `cgnat` verdicts.
 //!
 //! Every parser takes `&[u8]` and returns a typed message or a typed error; none panics, and none
 //! allocates more than its (bounded) input. Every encoder's bytes parse back to the same value
@@ -28,8 +31,20 @@
 //! 36 bytes of MAP fields, TLV options), so owning them costs less than an adapter around any of
 //! these, and keeps the core's "no socket" rule a compiler fact.
 
+pub mod exchange;
 pub mod natpmp;
 pub mod pcp;
+pub mod pcp_client;
+pub mod pmp_client;
+pub mod report;
+
+#[cfg(test)]
+mod client_tests;
+
+pub use exchange::{GrantedMapping, Outcome, Retransmit};
+pub use pcp_client::PcpClient;
+pub use pmp_client::NatPmpClient;
+pub use report::{MappedPort, PathVerdicts, PortMappingReport, ServiceReport};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

@@ -1183,6 +1183,9 @@ impl Probe {
             max_time_ms: ms(self.cfg.max_time),
             time_bound_reached: self.bound_reached,
             loss_transmissions: self.evidence.transmissions(),
+            port_mapping: None,
+            double_nat: None,
+            cgnat: None,
         }
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::evidence::Schedule;
 use super::pacing::Pacing;
 use crate::nat::{FilteringBehavior, MappingBehavior};
+use crate::portmap::{PortMappingReport, PortMappingService};
 use crate::traversal::{self, Path, PeerNat, Techniques};
 
 pub const SCHEMA: &str = "natscope.probe/v1";
@@ -306,6 +307,149 @@ pub struct ProbeReport {
     pub time_bound_reached: bool,
     /// Transmissions of answered requests that `loss_estimate` is measured over.
     pub loss_transmissions: u32,
+    // Port mapping (issue 12; added to v1 after `loss_transmissions`).
+    /// What the default gateway's port-mapping services said (`null` with `--no-port-mapping`).
+    #[serde(default)]
+    pub port_mapping: Option<PortMappingReport>,
+    /// Two NATs in a row: the gateway's external address is private or shared, differs from the
+    /// STUN-mapped address, or PCP said ADDRESS_MISMATCH; `null` without evidence either way.
+    #[serde(default)]
+    pub double_nat: Option<bool>,
+    /// A carrier-grade NAT: the mapped or external address is in 100.64.0.0/10, or a second
+    /// translation is seen beyond a non-private address; `null` without evidence either way.
+    #[serde(default)]
+    pub cgnat: Option<bool>,
+}
+
+impl ProbeReport {
+    /// `natscope probe`'s exit status: 0 when a classification was made; 1 when UDP is blocked or
+    /// the classic name is unknown.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.udp_blocked || self.classic == Classic::Unknown)
+    }
+}
+
+// Port mapping (issue 12): the section's verdicts and table rows.
+impl ProbeReport {
+    /// Adds the port-mapping section: judges the claimed external addresses against the STUN
+    /// mapped address ([`PortMappingReport::judge`]), sets `double_nat` and `cgnat`, and adds a
+    /// working mapped port to the outlook's reasoning ([`outlook_with`]): one `--map` verified
+    /// inbound, or without `--map` a protocol that can map, answering behind a single NAT.
+    pub fn apply_port_mapping(&mut self, mut pm: PortMappingReport) {
+        let v = pm.judge(
+            self.public_address.map(|a| a.ip()),
+            self.local_address.map(|a| a.ip()),
+        );
+        self.double_nat = v.double_nat;
+        self.cgnat = v.cgnat;
+        // A mapping `--map` verified; without one, a service that can map behind a single NAT.
+        let working = match &pm.mapped {
+            Some(m) => m.inbound_verified.then_some(m.protocol),
+            None => pm.best_service().filter(|_| v.double_nat == Some(false)),
+        };
+        if let Some(service) = working {
+            let us = NatShape {
+                mapping: self.mapping,
+                filtering: self.filtering,
+                predictable: matches!(
+                    self.port_allocation.pattern,
+                    AllocationPattern::Preserving | AllocationPattern::Sequential
+                ),
+            };
+            self.outlook = outlook_with(us, Some(service));
+            let name = match service {
+                PortMappingService::Pcp => "PCP",
+                PortMappingService::NatPmp => "NAT-PMP",
+                PortMappingService::Upnp => "UPnP",
+            };
+            self.summary += &format!(
+                "; {name} available: the gateway hands out mappings, so direct connections work with every peer type"
+            );
+        }
+        match (v.double_nat, v.cgnat) {
+            (_, Some(true)) => {
+                self.summary += "; carrier-grade NAT (RFC 6598 space or a second translation)"
+            }
+            (Some(true), _) => self.summary += "; double NAT (the gateway is behind another NAT)",
+            _ => {}
+        }
+        self.port_mapping = Some(pm);
+    }
+
+    /// The port-mapping section as rows of the tests table: one per protocol, one for the mapped
+    /// port, one for the path verdicts (problems in its evidence). Empty without the section.
+    pub fn port_mapping_rows(&self) -> Vec<TestReport> {
+        let Some(pm) = &self.port_mapping else {
+            return Vec::new();
+        };
+        let row = |name: String, verdict: &str, evidence: String| TestReport {
+            name,
+            verdict: verdict.into(),
+            evidence,
+            requests_sent: 0,
+            duration_ms: 0.0,
+            answers: None,
+            miss_chance: None,
+        };
+        let mut rows = Vec::new();
+        for service in crate::portmap::PortMappingService::ALL {
+            let Some(s) = pm.services.iter().find(|s| s.service == service) else {
+                rows.push(row(service.to_string(), "not probed", "-".into()));
+                continue;
+            };
+            let verdict = match s.available {
+                Some(true) => "available",
+                Some(false) => "no",
+                None => "unknown",
+            };
+            let evidence = match (s.external_address, s.address_mismatch) {
+                (_, true) => "answered ADDRESS_MISMATCH: a NAT between us and it".to_string(),
+                (Some(a), _) => format!("external address {a}"),
+                (None, _) if s.available == Some(true) => "answered".into(),
+                (None, _) => format!("no answer from {}", show_ip(pm.gateway)),
+            };
+            rows.push(TestReport {
+                requests_sent: s.requests_sent,
+                duration_ms: s.duration_ms,
+                answers: Some(s.answers),
+                ..row(service.to_string(), verdict, evidence)
+            });
+        }
+        if let Some(m) = &pm.mapped {
+            rows.push(row(
+                "mapped port".into(),
+                if m.inbound_verified {
+                    "inbound verified"
+                } else {
+                    "inbound not verified"
+                },
+                format!(
+                    "{} {} → {} for {} s, deleted after the check",
+                    m.protocol, m.internal, m.external, m.lifetime_s
+                ),
+            ));
+        }
+        let word = |b: Option<bool>| match b {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
+        };
+        let mut evidence = format!(
+            "gateway {}, external address {}, cgnat {}",
+            show_ip(pm.gateway),
+            show_ip(pm.external_address),
+            word(self.cgnat)
+        );
+        for p in &pm.problems {
+            evidence += &format!("; {p}");
+        }
+        rows.push(row("double nat".into(), word(self.double_nat), evidence));
+        rows
+    }
+}
+
+fn show_ip(a: Option<std::net::IpAddr>) -> String {
+    a.map_or_else(|| "-".into(), |a| a.to_string())
 }
 
 /// A field whose value is one of a closed set of names, read by one of the `deserialize_with`
@@ -453,10 +597,24 @@ fn direct_udp(path: Path) -> &'static str {
 /// The outlook row for a peer named `peer` behind `them`: the traversal model's UDP path from
 /// `us` (side A), port prediction allowed, with its peer-free reason.
 pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookRow {
+    outlook_row_mapped(us, None, peer, them)
+}
+
+/// [`outlook_row`] for a host whose gateway grants it a working mapped port over `mapped`.
+fn outlook_row_mapped(
+    us: NatShape,
+    mapped: Option<PortMappingService>,
+    peer: &'static str,
+    them: NatShape,
+) -> OutlookRow {
     let port_prediction = Techniques {
         port_prediction: true,
     };
-    let e = traversal::udp(us.into(), them.into(), port_prediction);
+    let us = PeerNat {
+        port_mapping: mapped,
+        ..us.into()
+    };
+    let e = traversal::udp(us, them.into(), port_prediction);
     OutlookRow {
         peer,
         direct_udp: direct_udp(e.path),
@@ -466,9 +624,15 @@ pub fn outlook_row(us: NatShape, peer: &'static str, them: NatShape) -> OutlookR
 
 /// Direct UDP outlook between `us` and each common peer NAT ([`crate::traversal`]).
 pub fn outlook(us: NatShape) -> Vec<OutlookRow> {
+    outlook_with(us, None)
+}
+
+/// The outlook of a host whose gateway grants it a working mapped port over `mapped` (issue 12):
+/// the traversal model makes that host reachable like an open host.
+pub fn outlook_with(us: NatShape, mapped: Option<PortMappingService>) -> Vec<OutlookRow> {
     PEERS
         .iter()
-        .map(|&(peer, them)| outlook_row(us, peer, them))
+        .map(|&(peer, them)| outlook_row_mapped(us, mapped, peer, them))
         .collect()
 }
 
@@ -611,8 +775,15 @@ mod tests {
             "---|".repeat(peers.len())
         );
         let mut reasons: Vec<(&str, String)> = Vec::new();
-        for (label, us) in ours {
-            let rows = outlook(us);
+        // Issue 12: a symmetric NAT whose gateway maps a port over PCP.
+        let pcp = (
+            "APDM + APDF, random ports, PCP mapped port",
+            shape(AddressAndPortDependent, AddressAndPortDependent, false),
+            Some(PortMappingService::Pcp),
+        );
+        let ours = ours.into_iter().map(|(l, s)| (l, s, None));
+        for (label, us, mapped) in ours.chain([pcp]) {
+            let rows = outlook_with(us, mapped);
             let words: Vec<&str> = rows.iter().map(|r| r.direct_udp).collect();
             out += &format!("| {label} | {} |\n", words.join(" | "));
             for r in rows {
@@ -761,6 +932,9 @@ mod tests {
             max_time_ms: 5000.0,
             time_bound_reached: true,
             loss_transmissions: 24,
+            port_mapping: None,
+            double_nat: None,
+            cgnat: None,
         }
     }
 
@@ -804,5 +978,100 @@ mod tests {
         assert!(with("/outlook/0/peer", "a friend".into()).is_err());
         assert!(with("/port_allocation/pattern", "wild".into()).is_err());
         assert!(with("/address_pooling", "arbitrary".into()).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod port_mapping_tests {
+    use super::*;
+    use crate::portmap::{MappedPort, Outcome};
+
+    fn symmetric_report() -> ProbeReport {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let us = NatShape {
+            mapping: Behavior::AddressAndPortDependent,
+            filtering: Behavior::AddressAndPortDependent,
+            predictable: false,
+        };
+        let mut r: ProbeReport = serde_json::from_value(serde_json::json!({
+            "schema": SCHEMA, "local_address": "10.0.0.2:4000", "public_address": "203.0.113.7:6000",
+            "nat_detected": true, "udp_blocked": false, "mapping": "address-and-port-dependent",
+            "filtering": "address-and-port-dependent", "port_preservation": false,
+            "port_allocation": {"pattern": "random", "delta": null, "samples": [], "predictability": ""},
+            "hairpinning": null, "binding_lifetime_s": null, "tcp_mapping": "unknown",
+            "alg_detected": false, "classic": "symmetric",
+            "server": {"address": "198.51.100.1:3478", "other_address": null, "problems": []},
+            "tests": [], "outlook": [], "loss_estimate": 0.0, "negative_confidence": null,
+            "retry_budget_ms": 0.0, "summary": "Symmetric NAT", "requests_sent": 0, "duration_ms": 0.0,
+            "pacing": {"enabled": false, "max_new_per_second": null, "reason": ""},
+            "address_pooling": null, "tcp_port_preservation": null, "max_time_ms": 5000.0,
+            "time_bound_reached": false, "loss_transmissions": 0
+        }))
+        .expect("an older document without the port-mapping fields reads");
+        assert_eq!(r.port_mapping, None);
+        r.outlook = outlook(us);
+        assert_eq!(r.public_address, Some(a("203.0.113.7:6000")));
+        r
+    }
+
+    fn pm(external: &str, verified: Option<bool>) -> PortMappingReport {
+        let o = Outcome {
+            available: Some(true),
+            external_address: Some(external.parse().unwrap()),
+            ..Outcome::default()
+        };
+        let mut pm = PortMappingReport::new(
+            Some("10.0.0.1".parse().unwrap()),
+            &[(PortMappingService::Pcp, &o)],
+        );
+        pm.mapped = verified.map(|inbound_verified| MappedPort {
+            protocol: PortMappingService::Pcp,
+            internal: "10.0.0.2:5000".parse().unwrap(),
+            external: "203.0.113.7:5000".parse().unwrap(),
+            lifetime_s: 120,
+            inbound_verified,
+        });
+        pm
+    }
+
+    #[test]
+    fn a_working_mapping_opens_the_outlook_and_a_failed_one_does_not() {
+        let plain = symmetric_report();
+        let direct = |r: &ProbeReport| r.outlook.iter().filter(|o| o.direct_udp == "yes").count();
+        assert!(direct(&plain) < PEERS.len());
+        for (verified, opens) in [(None, true), (Some(true), true), (Some(false), false)] {
+            let mut r = symmetric_report();
+            r.apply_port_mapping(pm("203.0.113.7", verified));
+            assert_eq!(r.double_nat, Some(false));
+            assert_eq!(r.cgnat, Some(false));
+            assert_eq!(direct(&r) == PEERS.len(), opens, "{verified:?}");
+            assert_eq!(r.summary.contains("PCP available"), opens, "{}", r.summary);
+            if opens {
+                assert!(r
+                    .outlook
+                    .iter()
+                    .any(|o| o.reason.starts_with("PCP available:")));
+            }
+        }
+        // Behind a second NAT the inner gateway's mapping does not help.
+        let mut r = symmetric_report();
+        r.apply_port_mapping(pm("100.64.0.9", None));
+        assert_eq!((r.double_nat, r.cgnat), (Some(true), Some(true)));
+        assert_eq!(direct(&r), direct(&plain));
+        assert!(r
+            .summary
+            .ends_with("; carrier-grade NAT (RFC 6598 space or a second translation)"));
+        let rows = r.port_mapping_rows();
+        let names: Vec<&str> = rows.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["upnp", "nat-pmp", "pcp", "double nat"]);
+        assert_eq!(rows[0].verdict, "not probed");
+        assert_eq!(rows[2].evidence, "external address 100.64.0.9");
+        assert!(
+            rows[3].evidence.contains("UPnP not probed"),
+            "{:?}",
+            rows[3]
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<ProbeReport>(&json).unwrap(), r);
     }
 }
