@@ -118,6 +118,11 @@ impl LabNode {
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.plan.uplink.first().map(|n| n.addr)
     }
+    /// The node's IPv6 addresses on its uplink, primary first (two per node; none behind an
+    /// `ipv6 = "none"` router). A reflector's are where an IPv6 STUN server belongs.
+    pub fn addresses6(&self) -> Vec<std::net::Ipv6Addr> {
+        self.plan.uplink6.iter().map(|n| n.addr).collect()
+    }
     /// Runs `f` inside the node's namespace (sockets created there belong to the node).
     pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
     where

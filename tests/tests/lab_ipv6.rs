@@ -36,11 +36,11 @@ fn preset_router(name: &str) -> RouterKind {
 
 /// A node's first IPv6 address.
 fn v6(lab: &Lab, node: &str) -> Ipv6Addr {
-    lab.node(node).expect("node").plan().uplink6[0].addr
+    lab.node(node).expect("node").addresses6()[0]
 }
 
 fn v6_2(lab: &Lab, node: &str) -> Ipv6Addr {
-    lab.node(node).expect("node").plan().uplink6[1].addr
+    lab.node(node).expect("node").addresses6()[1]
 }
 
 fn sa(ip: Ipv6Addr, port: u16) -> SocketAddr {
