@@ -118,6 +118,11 @@ impl LabNode {
     pub fn address(&self) -> Option<Ipv4Addr> {
         self.plan.uplink.first().map(|n| n.addr)
     }
+    /// The node's IPv6 addresses on its uplink, primary first (two per node; none behind an
+    /// `ipv6 = "none"` router). A reflector's are where an IPv6 STUN server belongs.
+    pub fn addresses6(&self) -> Vec<std::net::Ipv6Addr> {
+        self.plan.uplink6.iter().map(|n| n.addr).collect()
+    }
     /// Runs `f` inside the node's namespace (sockets created there belong to the node).
     pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
     where
@@ -481,6 +486,7 @@ impl Lab {
                     lan: p.lan6,
                     routed: p.routed6,
                     wan_gateway: p.gateway6,
+                    routes: p.routes6.clone(),
                 };
                 let engine = driver::start(
                     &self.nodes[idx].ns,
@@ -502,19 +508,17 @@ impl Lab {
         Ok(())
     }
 
-    /// The static IPv6 routes of the internet segment: each top-level router's routed prefix via
-    /// its first WAN address (docs/lab.md, "IPv6": no router advertisements, no routing daemon).
+    /// The static IPv6 routes of the internet segment: each reachable routed prefix via the
+    /// top-level router in front of it (docs/lab.md, "IPv6": no router advertisements, no routing
+    /// daemon). The planner puts them on the internet node; every internet-segment node copies
+    /// them.
     fn routes6(&self) -> Vec<((std::net::Ipv6Addr, u8), std::net::Ipv6Addr)> {
         self.plan
             .nodes
             .iter()
-            .filter(|n| n.upstream.as_deref() == Some(INTERNET))
-            .filter_map(|n| {
-                Some((
-                    (n.routed6?.network(), n.routed6?.len),
-                    n.uplink6.first()?.addr,
-                ))
-            })
+            .filter(|n| n.role == Role::Internet)
+            .flat_map(|n| n.routes6.iter())
+            .map(|(prefix, via)| ((prefix.network(), prefix.len), *via))
             .collect()
     }
 

@@ -390,6 +390,7 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
         gateway6: None,
         lan6: None,
         routed6: None,
+        routes6: Vec::new(),
     }];
     let mut next_reflector = 1u32;
     let mut next_public = 1u32;
@@ -462,9 +463,11 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
             gateway6: None,
             lan6: None,
             routed6: None,
+            routes6: Vec::new(),
         });
     }
     assign_ipv6(nodes, &order, &mut planned)?;
+    route_ipv6(&mut planned);
     Ok(Plan {
         preset: topology.preset.clone(),
         nodes: planned,
@@ -570,6 +573,56 @@ fn assign_ipv6(
         }
     }
     Ok(())
+}
+
+/// Whether a router passes other routers' global prefixes through unchanged: an engine in
+/// `firewall` mode (translators rewrite them; the kernel router keeps no delegated routes).
+fn routes_through(node: &PlannedNode) -> bool {
+    matches!(&node.router, Some(RouterKind::Engine(cfg)) if cfg.ipv6 == Ipv6Mode::Firewall)
+        && node.lan6.is_some()
+}
+
+/// Static routes for every routed prefix (docs/lab.md, "IPv6"): the internet node (whose routes
+/// every internet-segment node copies) reaches a prefix via the top-level router in front of it,
+/// and each firewall router on the way down via the next router. A prefix behind a translating
+/// or kernel router further up is not routed (it is unreachable from the internet, as in life).
+fn route_ipv6(planned: &mut [PlannedNode]) {
+    let index = |name: &str, planned: &[PlannedNode]| planned.iter().position(|n| n.name == name);
+    for i in 0..planned.len() {
+        let Some(prefix) = planned[i].routed6 else {
+            continue;
+        };
+        // Walk up from the owner: (router, its first WAN address) pairs, owner first.
+        let mut chain = vec![i];
+        let mut at = i;
+        while let Some(up) = planned[at].upstream.as_deref() {
+            if up == INTERNET {
+                break;
+            }
+            let Some(p) = index(up, planned) else { break };
+            chain.push(p);
+            at = p;
+        }
+        if planned[at].upstream.as_deref() != Some(INTERNET) {
+            continue;
+        }
+        // Every router above the owner must pass the prefix through.
+        if !chain[1..].iter().all(|&r| routes_through(&planned[r])) {
+            continue;
+        }
+        for pair in chain.windows(2) {
+            let (below, above) = (pair[0], pair[1]);
+            if let Some(via) = planned[below].uplink6.first().map(|a| a.addr) {
+                planned[above].routes6.push((prefix, via));
+            }
+        }
+        if let (Some(via), Some(inet)) = (
+            planned[at].uplink6.first().map(|a| a.addr),
+            index(INTERNET, planned),
+        ) {
+            planned[inet].routes6.push((prefix, via));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -780,6 +833,59 @@ mod tests {
         // The kernel router is an IPv6 firewall with a global lan.
         assert_eq!(node(&plan, "kernel").lan6, Some(net6("2001:db8:104::1/64")));
         assert_eq!(node(&plan, "pub").uplink6[0], net6("2001:db8:0:2::9/64"));
+        // Every top-level router's prefix is routed from the internet, via the router.
+        let inet = node(&plan, "internet");
+        assert!(inet.routes6.contains(&(
+            net6("2001:db8:101::/48"),
+            "2001:db8:0:2::1".parse().expect("ip")
+        )));
+        assert_eq!(
+            inet.routes6.len(),
+            3,
+            "home, nat66 and kernel: {:?}",
+            inet.routes6
+        );
+    }
+
+    /// A router behind a firewall-mode carrier gets its prefix routed down the chain; behind a
+    /// translating carrier it does not.
+    #[test]
+    fn nested_prefixes_are_routed_through_firewall_routers_only() {
+        let t = topo(vec![
+            nat("carrier", None, None, engine()),
+            nat("home", Some("carrier"), None, engine()),
+            host("h1", Some("home")),
+        ]);
+        let plan = t.plan().expect("valid");
+        let home = node(&plan, "home");
+        assert_eq!(home.routed6, Some(net6("2001:db8:102::/48")));
+        let home_wan: Ipv6Addr = home.uplink6[0].addr;
+        assert_eq!(home_wan, "2001:db8:101::2".parse::<Ipv6Addr>().expect("ip"));
+        assert_eq!(
+            node(&plan, "carrier").routes6,
+            [(net6("2001:db8:102::/48"), home_wan)]
+        );
+        let carrier_wan = node(&plan, "carrier").uplink6[0].addr;
+        assert!(node(&plan, "internet")
+            .routes6
+            .contains(&(net6("2001:db8:102::/48"), carrier_wan)));
+
+        let mut nat66 = EngineConfig::new(NatBehavior::new(
+            MappingBehavior::EndpointIndependent,
+            FilteringBehavior::EndpointIndependent,
+        ));
+        nat66.ipv6 = Ipv6Mode::Nat66;
+        let t = topo(vec![
+            nat("carrier", None, None, RouterKind::Engine(nat66)),
+            nat("home", Some("carrier"), None, engine()),
+        ]);
+        let plan = t.plan().expect("valid");
+        assert!(node(&plan, "carrier").routes6.is_empty());
+        assert_eq!(
+            node(&plan, "internet").routes6.len(),
+            1,
+            "only the carrier's own"
+        );
     }
 
     #[test]

@@ -395,6 +395,11 @@ pub struct PlannedNode {
     /// LAN's prefix in `firewall` mode, the external prefix in `nptv6` mode).
     #[serde(default)]
     pub routed6: Option<Ipv6Net>,
+    /// Static IPv6 routes this node holds besides its default: on the internet node, every
+    /// reachable routed prefix via the top-level router in front of it; on a firewall-mode router,
+    /// the routed prefixes of routers behind it via the next router down (docs/lab.md, "IPv6").
+    #[serde(default)]
+    pub routes6: Vec<(Ipv6Net, Ipv6Addr)>,
 }
 
 /// A validated topology with addresses: what [`crate::Lab`] builds.

@@ -36,11 +36,11 @@ fn preset_router(name: &str) -> RouterKind {
 
 /// A node's first IPv6 address.
 fn v6(lab: &Lab, node: &str) -> Ipv6Addr {
-    lab.node(node).expect("node").plan().uplink6[0].addr
+    lab.node(node).expect("node").addresses6()[0]
 }
 
 fn v6_2(lab: &Lab, node: &str) -> Ipv6Addr {
-    lab.node(node).expect("node").plan().uplink6[1].addr
+    lab.node(node).expect("node").addresses6()[1]
 }
 
 fn sa(ip: Ipv6Addr, port: u16) -> SocketAddr {
@@ -294,5 +294,31 @@ fn linux_router_is_an_ipv6_conntrack_firewall() {
     unsolicited_is_dropped(&lab, seen.outside.ip());
     assert_eq!(admitted(&lab, &seen, &h, &r), [true, false, false, false]);
     icmp_error_comes_back(&lab);
+    lab.down();
+}
+
+/// `cgnat`: the home router's prefix is routed through the carrier (both firewall-mode for
+/// IPv6), so `h1`'s global address works end to end, untranslated, through both filters.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn ipv6_passes_two_nested_firewalls_untranslated() {
+    require_root();
+    let plan = presets::preset("cgnat")
+        .expect("preset")
+        .plan()
+        .expect("plan");
+    let lab = Lab::up(&lab_name("v6la"), plan, options()).expect("lab up");
+    let p = port();
+    let r1 = udp(&lab, "stun", sa(v6(&lab, "stun"), p));
+    let inside = sa(v6(&lab, "h1"), port());
+    let h = udp(&lab, "h1", inside);
+    assert_eq!(observed_source(&h, &r1), inside, "routed, not translated");
+    assert!(reaches(&r1, inside, &h, true), "the reply comes back");
+    let never = udp(&lab, "h1", sa(v6(&lab, "h1"), port()));
+    let never_addr = never.local_addr().expect("addr");
+    assert!(
+        !reaches(&r1, never_addr, &never, false),
+        "unsolicited is dropped"
+    );
     lab.down();
 }

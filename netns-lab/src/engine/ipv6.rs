@@ -57,6 +57,8 @@ pub struct RouterAddrs6 {
     pub routed: Option<Ipv6Net>,
     /// Next hop on the WAN side; `None`: destinations are on-link.
     pub wan_gateway: Option<Ipv6Addr>,
+    /// `firewall` mode: prefixes of routers behind this one, via their WAN address on our LAN.
+    pub routes: Vec<(Ipv6Net, Ipv6Addr)>,
 }
 
 /// What the engine did with IPv6 frames (a part of [`super::Stats`]).
@@ -174,6 +176,21 @@ impl State {
             Port::Lan => self.addrs.lan.is_some_and(|l| l.addr == ip),
             Port::Wan => self.addrs.wan.contains(&ip),
         }
+    }
+
+    /// The next hop on the LAN for an address of a router behind this one (firewall mode).
+    fn delegated(&self, ip: Ipv6Addr) -> Option<Ipv6Addr> {
+        self.addrs
+            .routes
+            .iter()
+            .find(|(prefix, _)| prefix.contains(ip))
+            .map(|(_, via)| *via)
+    }
+
+    /// An inside address: a host of the LAN prefix other than the router itself, or (firewall
+    /// mode) an address behind a router on the LAN.
+    fn inside(&self, ip: Ipv6Addr) -> bool {
+        self.lan_host(ip) || self.delegated(ip).is_some()
     }
 
     /// A host of the LAN prefix other than the router itself.
@@ -438,7 +455,7 @@ impl Router {
         out: &mut Vec<Emit>,
     ) {
         let hop = match port {
-            Port::Lan => dst,
+            Port::Lan => self.v6.delegated(dst).unwrap_or(dst),
             Port::Wan => self.v6.addrs.wan_gateway.unwrap_or(dst),
         };
         if let Some(mac) = self.v6.neighbors(port).get(hop) {
@@ -490,7 +507,7 @@ impl Router {
         }
         let (src, dst) = (p.src(), p.dst());
         let inbound_ok = match mode {
-            Ipv6Mode::Firewall => self.v6.lan_host(dst),
+            Ipv6Mode::Firewall => self.v6.inside(dst),
             Ipv6Mode::Nptv6 => self.v6.npt.is_some_and(|n| n.is_external(dst)),
             Ipv6Mode::Nat66 => self.v6.addrs.wan.contains(&dst),
             Ipv6Mode::None => false,
@@ -500,8 +517,9 @@ impl Router {
             && !special(dst)
             && match port {
                 Port::Lan => {
-                    self.v6.lan_host(src)
+                    (self.v6.lan_host(src) || mode == Ipv6Mode::Firewall && self.v6.inside(src))
                         && !lan.is_some_and(|l| l.contains(dst))
+                        && self.v6.delegated(dst).is_none()
                         && !self.v6.addrs.wan.contains(&dst)
                 }
                 Port::Wan => inbound_ok,

@@ -67,6 +67,11 @@ fn router(
             lan: Some(lan),
             routed: Some(Ipv6Net::new(ip("2001:db8:101::"), 48)),
             wan_gateway: None,
+            // A router behind this one, at ::9 of the LAN, with its own routed prefix.
+            routes: vec![(
+                Ipv6Net::new(ip("2001:db8:102::"), 48),
+                ip("2001:db8:101::9"),
+            )],
         },
     };
     let mut r = Router::new(c, addrs);
@@ -181,6 +186,52 @@ fn answers_neighbor_solicitations_for_its_own_addresses_only() {
         assert_eq!(out.len(), 1, "{target}");
     }
     assert_eq!(r.stats().ipv6.neighbor_advertisements, 4);
+}
+
+/// Firewall mode routes a nested router's prefix: out from behind it, and back to it via its
+/// WAN address on our LAN, through the same firewall.
+#[test]
+fn a_nested_routers_prefix_is_routed_via_that_router() {
+    const CHILD_MAC: [u8; 6] = [2, 0, 0, 0, 1, 9];
+    let (mut r, _) = router(Ipv6Mode::Firewall, F::AddressAndPortDependent, |_| {});
+    let t = Instant::now();
+    let (na, _) = ndp::advertisement(
+        ip("2001:db8:101::9"),
+        CHILD_MAC,
+        ip("2001:db8:101::1"),
+        LAN_MAC,
+    );
+    let mut out = Vec::new();
+    r.handle_frame(t, Port::Lan, &frame(LAN_MAC, CHILD_MAC, &na), &mut out);
+    let deep = ep("[2001:db8:102::5]:4000");
+    let remote = ep("[2001:db8:0:1::1]:3478");
+    let mut out = Vec::new();
+    r.handle_frame(
+        t,
+        Port::Lan,
+        &frame(LAN_MAC, CHILD_MAC, &udp(deep, remote)),
+        &mut out,
+    );
+    assert_eq!(decode(out).len(), 1, "out from behind the child router");
+    let mut out = Vec::new();
+    r.handle_frame(
+        t,
+        Port::Wan,
+        &frame(WAN_MAC, R1_MAC, &udp(remote, deep)),
+        &mut out,
+    );
+    assert_eq!(out.len(), 1, "the reply goes back");
+    assert_eq!(&out[0].frame[0..6], &CHILD_MAC, "via the child router");
+    // Unsolicited to the nested prefix: the firewall still applies.
+    let never = ep("[2001:db8:102::5]:4001");
+    let mut out = Vec::new();
+    r.handle_frame(
+        t,
+        Port::Wan,
+        &frame(WAN_MAC, R1_MAC, &udp(remote, never)),
+        &mut out,
+    );
+    assert!(out.is_empty());
 }
 
 #[test]
