@@ -67,9 +67,9 @@ pub struct ListenArgs {
 pub struct ConnectArgs {
     /// The id of the peer to connect to.
     id: String,
-    /// The rendezvous server, as HOST:PORT (a name is resolved, IPv4 preferred).
-    #[arg(long, value_name = "HOST:PORT")]
-    via: String,
+    /// A rendezvous server, as HOST:PORT (repeat: the first that answers and knows the id).
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    via: Vec<String>,
     /// Use TCP (simultaneous open) instead of UDP.
     #[arg(long)]
     tcp: bool,
@@ -230,7 +230,7 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
     }
     let opts = ConnectOptions {
         id: a.id.clone(),
-        server: server_address(&a.via, Service::PUNCH)?,
+        server: server_address(&a.via[0], Service::PUNCH)?,
         transport: transport(a.tcp),
         relay_first: a.relay_first,
         predict: a.predict,
@@ -242,7 +242,12 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         identity: driver::load_identity(a.key.as_deref())?,
         peer_key: a.peer_key,
     };
-    let report = match driver::connect(&opts).await {
+    let via: Result<Vec<_>, _> = a
+        .via
+        .iter()
+        .map(|v| server_address(v, Service::PUNCH))
+        .collect();
+    let report = match driver::connect_any(&opts, &via?).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };

@@ -626,6 +626,36 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
     }
 }
 
+/// [`connect`] through the first of `servers` that answers and knows `opts.id` (issue 14, "no
+/// single rendezvous"): a server that is down or has no such peer is skipped; the last one's
+/// error is returned when none serves. A key mismatch or a failed session is not retried
+/// elsewhere: that is the peer's answer, not the server's absence.
+pub async fn connect_any(
+    opts: &ConnectOptions,
+    servers: &[SocketAddr],
+) -> Result<ConnectReport, PunchError> {
+    let mut last = None;
+    for server in servers {
+        let o = ConnectOptions {
+            server: *server,
+            ..opts.clone()
+        };
+        match connect(&o).await {
+            Err(
+                e @ (PunchError::Unreachable(..)
+                | PunchError::ConnectionRefused(_)
+                | PunchError::UnknownPeer(..)
+                | PunchError::ServerClosed(_)),
+            ) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or(PunchError::Io(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "no rendezvous server given",
+    ))))
+}
+
 /// Registers `opts.id`, serves sessions (echoing every application message) until `count`
 /// sessions ended or `shutdown` resolves (then unregisters). Returns how many were served.
 pub async fn listen(
