@@ -40,9 +40,9 @@ pub struct ListenArgs {
     /// The id to register (1-64 characters of A-Z a-z 0-9 . _ -).
     #[arg(long)]
     id: String,
-    /// The rendezvous server, as HOST:PORT (a name is resolved, IPv4 preferred).
-    #[arg(long, value_name = "HOST:PORT")]
-    via: String,
+    /// A rendezvous server, as HOST:PORT (repeat to register with each).
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    via: Vec<String>,
     /// Exit 0 after serving this many sessions (default: forever).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
@@ -67,9 +67,9 @@ pub struct ListenArgs {
 pub struct ConnectArgs {
     /// The id of the peer to connect to.
     id: String,
-    /// The rendezvous server, as HOST:PORT (a name is resolved, IPv4 preferred).
-    #[arg(long, value_name = "HOST:PORT")]
-    via: String,
+    /// A rendezvous server, as HOST:PORT (repeat: the first that answers and knows the id).
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    via: Vec<String>,
     /// Use TCP (simultaneous open) instead of UDP.
     #[arg(long)]
     tcp: bool,
@@ -189,7 +189,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     check_id(&a.id)?;
     let opts = ListenOptions {
         id: a.id.clone(),
-        server: server_address(&a.via, Service::PUNCH)?,
+        server: server_address(&a.via[0], Service::PUNCH)?,
         transport: transport(a.tcp),
         count: a.count,
         timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
@@ -201,7 +201,12 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         bail!("--predict applies to udp only");
     }
     let json = a.json;
-    let result = driver::listen(&opts, shutdown_signal(), |ev| {
+    let via: Result<Vec<_>, _> = a
+        .via
+        .iter()
+        .map(|v| server_address(v, Service::PUNCH))
+        .collect();
+    let result = driver::listen_all(&opts, &via?, shutdown_signal(), |ev| {
         if json {
             if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
                 crate::emit(&line);
@@ -230,7 +235,7 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
     }
     let opts = ConnectOptions {
         id: a.id.clone(),
-        server: server_address(&a.via, Service::PUNCH)?,
+        server: server_address(&a.via[0], Service::PUNCH)?,
         transport: transport(a.tcp),
         relay_first: a.relay_first,
         predict: a.predict,
@@ -242,7 +247,12 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         identity: driver::load_identity(a.key.as_deref())?,
         peer_key: a.peer_key,
     };
-    let report = match driver::connect(&opts).await {
+    let via: Result<Vec<_>, _> = a
+        .via
+        .iter()
+        .map(|v| server_address(v, Service::PUNCH))
+        .collect();
+    let report = match driver::connect_any(&opts, &via?).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };

@@ -147,3 +147,83 @@ fn a_hijacked_id_is_refused_and_a_pinned_connector_reaches_only_the_key_it_named
         bob.diagnostics()
     );
 }
+
+#[test]
+fn a_connector_given_several_servers_uses_one_that_answers() {
+    // Issue 14 item 2 (partial): a server killed before the connect is skipped.
+    let (mut dead, dead_addr) = server();
+    dead.kill();
+    let (_live, addr) = server();
+    let mut bob = natscope(&[
+        "punch", "listen", "--id", "bob", "--via", &addr, "--count", "1",
+    ]);
+    wait_for(
+        &mut bob,
+        |p| p.stdout().contains("registered"),
+        "registered",
+    );
+    let key = printed_key(&bob);
+    let args = [
+        "punch",
+        "connect",
+        "bob",
+        "--via",
+        &dead_addr,
+        "--via",
+        &addr,
+        "--peer-key",
+        &key,
+    ];
+    let mut c = natscope(&args);
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(20)),
+        0,
+        "{}",
+        c.diagnostics()
+    );
+    assert_eq!(
+        finish(&mut bob, Duration::from_secs(15)),
+        0,
+        "{}",
+        bob.diagnostics()
+    );
+}
+
+#[test]
+fn a_listener_registers_with_every_server_and_is_reached_through_any() {
+    // Issue 14 item 2 (partial): two `punch serve` with no shared state; the listener registers
+    // with both; one is killed and the listener is still reached through the other.
+    let (mut first, a) = server();
+    let (_second, b) = server();
+    let largs = [
+        "punch", "listen", "--id", "bob", "--via", &a, "--via", &b, "--count", "2",
+    ];
+    let mut bob = natscope(&largs);
+    wait_for(
+        &mut bob,
+        |p| p.stdout().matches("registered").count() == 2,
+        "registered twice",
+    );
+    let key = printed_key(&bob);
+    let mut c = natscope(&["punch", "connect", "bob", "--via", &a, "--peer-key", &key]);
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(20)),
+        0,
+        "{}",
+        c.diagnostics()
+    );
+    first.kill();
+    let mut c = natscope(&["punch", "connect", "bob", "--via", &b, "--peer-key", &key]);
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(20)),
+        0,
+        "{}",
+        c.diagnostics()
+    );
+    assert_eq!(
+        finish(&mut bob, Duration::from_secs(15)),
+        0,
+        "{}",
+        bob.diagnostics()
+    );
+}

@@ -626,6 +626,96 @@ pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError>
     }
 }
 
+/// [`listen`] registered with every one of `servers` at once (one socket and one registration
+/// each, the same key), so connectors may come through any of them (issue 14, "no single
+/// rendezvous"). `opts.count` counts sessions across all servers. A server that fails only ends
+/// its own registration; the error is returned when every one failed.
+pub async fn listen_all(
+    opts: &ListenOptions,
+    servers: &[SocketAddr],
+    shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    if servers.len() <= 1 {
+        let o = ListenOptions {
+            server: servers.first().copied().unwrap_or(opts.server),
+            ..opts.clone()
+        };
+        return listen(&o, shutdown, on_event).await;
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let served = std::cell::Cell::new(0u64);
+    let on_event = std::cell::RefCell::new(on_event);
+    let each = servers.iter().map(|server| {
+        let o = ListenOptions {
+            server: *server,
+            count: None,
+            ..opts.clone()
+        };
+        let mut stopped = stopped.clone();
+        let (stop, served, on_event) = (&stop, &served, &on_event);
+        async move {
+            let until_stopped = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            listen(&o, until_stopped, |e| {
+                if matches!(e, ListenEvent::SessionEnded { .. }) {
+                    served.set(served.get() + 1);
+                    if opts.count.is_some_and(|c| served.get() >= c) {
+                        let _ = stop.send(true);
+                    }
+                }
+                (on_event.borrow_mut())(e);
+            })
+            .await
+        }
+    });
+    let all = futures::future::join_all(each);
+    tokio::pin!(all);
+    tokio::pin!(shutdown);
+    let results = tokio::select! {
+        r = &mut all => r,
+        _ = &mut shutdown => {
+            let _ = stop.send(true);
+            all.await
+        }
+    };
+    if results.iter().any(Result::is_ok) {
+        return Ok(served.get());
+    }
+    results.into_iter().last().unwrap_or(Ok(0))
+}
+
+/// [`connect`] through the first of `servers` that answers and knows `opts.id` (issue 14, "no
+/// single rendezvous"): a server that is down or has no such peer is skipped; the last one's
+/// error is returned when none serves. A key mismatch or a failed session is not retried
+/// elsewhere: that is the peer's answer, not the server's absence.
+pub async fn connect_any(
+    opts: &ConnectOptions,
+    servers: &[SocketAddr],
+) -> Result<ConnectReport, PunchError> {
+    let mut last = None;
+    for server in servers {
+        let o = ConnectOptions {
+            server: *server,
+            ..opts.clone()
+        };
+        match connect(&o).await {
+            Err(
+                e @ (PunchError::Unreachable(..)
+                | PunchError::ConnectionRefused(_)
+                | PunchError::UnknownPeer(..)
+                | PunchError::ServerClosed(_)),
+            ) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or(PunchError::Io(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "no rendezvous server given",
+    ))))
+}
+
 /// Registers `opts.id`, serves sessions (echoing every application message) until `count`
 /// sessions ended or `shutdown` resolves (then unregisters). Returns how many were served.
 pub async fn listen(
