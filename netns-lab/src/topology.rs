@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use natscope_core::nat::NatBehavior;
+pub use natscope_core::portmap::PortMappingService;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -147,6 +148,8 @@ pub enum NodeSpec {
         parent: Option<String>,
         lan: Option<Ipv4Net>,
         router: RouterKind,
+        /// Port-mapping services the router offers on its LAN (issue 12); empty: none.
+        port_mapping: Vec<PortMappingService>,
     },
     /// An end host.
     Host {
@@ -235,6 +238,9 @@ pub struct PlannedNode {
     pub lan: Option<Ipv4Net>,
     /// NAT routers: how they translate.
     pub router: Option<RouterKind>,
+    /// NAT routers: the port-mapping services they offer on their LAN (issue 12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mapping: Vec<PortMappingService>,
 }
 
 /// A validated topology with addresses: what [`crate::Lab`] builds.
