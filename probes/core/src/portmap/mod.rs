@@ -28,6 +28,7 @@
 //! 36 bytes of MAP fields, TLV options), so owning them costs less than an adapter around any of
 //! these, and keeps the core's "no socket" rule a compiler fact.
 
+pub mod igd;
 pub mod natpmp;
 pub mod pcp;
 
