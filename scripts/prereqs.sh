@@ -45,7 +45,18 @@ need_tools() {
   if command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${missing[*]}" >&2
     as_root apt-get update >&2 || return 1
+    # miniupnpd's package must not start a daemon in the root namespace: the lab runs its own
+    # inside a router (netns-lab/src/miniupnpd.rs). "no" is the default; say it anyway.
+    case " ${missing[*]} " in *" miniupnpd-nftables "*)
+      echo 'miniupnpd miniupnpd/start_daemon boolean false' | as_root debconf-set-selections || return 1 ;;
+    esac
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2 || return 1
+    case " ${missing[*]} " in *" miniupnpd-nftables "*)
+      if pgrep -x miniupnpd >/dev/null; then
+        echo "$prereq_script: installing miniupnpd-nftables started a miniupnpd; stop it (systemctl disable --now miniupnpd)" >&2
+        return 1
+      fi ;;
+    esac
     return 0
   fi
   echo "$prereq_script: missing tools: ${tools[*]}" >&2

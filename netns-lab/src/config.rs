@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use natscope_core::nat::{FilteringBehavior, MappingBehavior, Pooling, PortAllocation};
+use natscope_core::portmap::PortMappingService;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -182,6 +183,7 @@ struct NatDoc {
     ipv6_udp_timeout_s: Option<u64>,
     ipv6_tcp_timeout_s: Option<u64>,
     ipv6_unsolicited_syn: Option<Ipv6UnsolicitedSyn>,
+    port_mapping: Option<Vec<PortMappingService>>,
 }
 
 impl NatDoc {
@@ -364,6 +366,7 @@ fn build(doc: FileDoc) -> Result<(Topology, Spans), BuildError> {
             parent: n.parent.map(Spanned::into_inner),
             lan: n.lan.map(|l| l.into_inner().0),
             router,
+            port_mapping: n.port_mapping.unwrap_or_default(),
         });
     }
     for h in doc.host {
@@ -609,18 +612,21 @@ parent = "home2"
                     parent: None,
                     lan: None,
                     router: RouterKind::Engine(carrier),
+                    port_mapping: Vec::new(),
                 },
                 NodeSpec::Nat {
                     name: "home1".into(),
                     parent: Some("carrier".into()),
                     lan: Some(Ipv4Net::new([10, 1, 0, 0].into(), 24)),
                     router: RouterKind::Engine(home1),
+                    port_mapping: Vec::new(),
                 },
                 NodeSpec::Nat {
                     name: "home2".into(),
                     parent: Some("carrier".into()),
                     lan: None,
                     router: RouterKind::Engine(home2),
+                    port_mapping: Vec::new(),
                 },
                 NodeSpec::Host {
                     name: "alice".into(),

@@ -217,11 +217,13 @@ pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
                     parent,
                     lan,
                     router,
+                    port_mapping,
                 } => nodes.push(NodeSpec::Nat {
                     name: rename(&name),
                     parent: parent.as_deref().map(rename),
                     lan,
                     router,
+                    port_mapping,
                 }),
             }
         }

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use natscope_core::client::{build_request, RequestOptions};
+use natscope_core::portmap::PortMappingService;
 use natscope_core::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
 use schemars::JsonSchema;
@@ -206,7 +207,21 @@ impl LabBuilder {
             parent: parent.map(Into::into),
             lan: None,
             router,
+            port_mapping: Vec::new(),
         });
+        self
+    }
+    /// The port-mapping services of the router added last (a `linux` router runs miniupnpd).
+    pub fn port_mapping(mut self, services: &[PortMappingService]) -> Self {
+        if let Some(NodeSpec::Nat { port_mapping, .. }) = self
+            .topology
+            .nodes
+            .iter_mut()
+            .rev()
+            .find(|n| matches!(n, NodeSpec::Nat { .. }))
+        {
+            *port_mapping = services.to_vec();
+        }
         self
     }
     pub fn host(mut self, name: &str, parent: Option<&str>) -> Self {
@@ -502,7 +517,12 @@ impl Lab {
                 })?;
                 self.engines.push((p.name.clone(), engine));
             }
-            Some(RouterKind::Linux) => self.start_kernel_nat(idx)?,
+            Some(RouterKind::Linux) => {
+                self.start_kernel_nat(idx)?;
+                if !p.port_mapping.is_empty() {
+                    self.start_miniupnpd(idx)?;
+                }
+            }
             None => {}
         }
         Ok(())
@@ -555,10 +575,12 @@ impl Lab {
         } else {
             String::new()
         };
+        // `ct status dnat accept`: inbound that a port mapping admitted (miniupnpd's DNAT rules,
+        // [`crate::miniupnpd`]); without a port-mapping service there are no DNAT rules.
         let rules = format!(
             "table ip natscope {{\n\
              chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{w}\" masquerade; }}\n\
-             chain forward {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{l}\" oifname \"{w}\" accept; }}\n\
+             chain forward {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{l}\" oifname \"{w}\" accept; ct status dnat accept; }}\n\
              }}\n{rules6}",
             w = driver::WAN,
             l = driver::LAN
@@ -587,6 +609,37 @@ impl Lab {
                 std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
             ));
         }
+        Ok(())
+    }
+
+    /// miniupnpd on a `linux` router with `port_mapping` ([`crate::miniupnpd`]), tracked and
+    /// stopped by pid like the reflectors.
+    fn start_miniupnpd(&mut self, idx: usize) -> Result<(), LabError> {
+        let node = &self.nodes[idx];
+        let name = node.plan.name.clone();
+        let lan = node.plan.lan.ok_or_else(|| LabError::Engine {
+            node: name.clone(),
+            source: driver::DriverError::NoInterface(driver::LAN),
+        })?;
+        let router = crate::miniupnpd::Router {
+            lab: &self.name,
+            node: &name,
+            lan_if: driver::LAN,
+            wan_if: driver::WAN,
+            lan_addr: lan.addr,
+            services: &node.plan.port_mapping,
+        };
+        let child = crate::miniupnpd::start(
+            &router,
+            |cmd| node.spawn(cmd),
+            |check| node.run(check).unwrap_or(false),
+        )
+        .map_err(|e| LabError::Process {
+            node: name.clone(),
+            what: "miniupnpd".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.children.push((name, child));
         Ok(())
     }
 

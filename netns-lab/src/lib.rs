@@ -18,6 +18,7 @@ mod lab;
 pub mod links;
 pub mod matrix;
 pub mod matrix_run;
+pub mod miniupnpd;
 pub mod netns;
 mod plan;
 pub mod presets;

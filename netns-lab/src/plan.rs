@@ -89,6 +89,36 @@ fn uplink_count(node: &NodeSpec) -> usize {
     }
 }
 
+/// A `linux` router with port mapping runs miniupnpd 2.3.1, which needs a WAN address it does not
+/// call reserved: only the internet segment's [`crate::miniupnpd::WAN_NET`] has one.
+fn check_miniupnpd(
+    name: &str,
+    nested: bool,
+    services: &[natscope_core::portmap::PortMappingService],
+) -> Result<(), TopologyError> {
+    if services.is_empty() {
+        return Ok(());
+    }
+    let bad = |why: String| TopologyError::BadNat {
+        node: name.to_string(),
+        why,
+    };
+    if nested {
+        return Err(bad(
+            "a `linux` router with port_mapping runs miniupnpd 2.3.1, which \
+                        refuses private and shared WAN addresses: it must sit on the internet"
+                .to_string(),
+        ));
+    }
+    crate::miniupnpd::check(services).map_err(bad)
+}
+
+/// Whether `node` is a `linux` router running miniupnpd (its WAN address comes from
+/// [`crate::miniupnpd::WAN_NET`]).
+fn runs_miniupnpd(node: &NodeSpec) -> bool {
+    matches!(node, NodeSpec::Nat { router: RouterKind::Linux, port_mapping, .. } if !port_mapping.is_empty())
+}
+
 fn validate(topology: &Topology) -> Result<(), TopologyError> {
     let nodes = &topology.nodes;
     if nodes.len() > MAX_NODES {
@@ -149,6 +179,19 @@ fn validate(topology: &Topology) -> Result<(), TopologyError> {
                         .to_string(),
                 });
             }
+        }
+    }
+
+    for node in nodes {
+        if let NodeSpec::Nat {
+            name,
+            parent,
+            router: RouterKind::Linux,
+            port_mapping,
+            ..
+        } = node
+        {
+            check_miniupnpd(name, parent.is_some(), port_mapping)?;
         }
     }
 
@@ -391,8 +434,10 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
         lan6: None,
         routed6: None,
         routes6: Vec::new(),
+        port_mapping: Vec::new(),
     }];
     let mut next_reflector = 1u32;
+    let mut next_miniupnpd = 1u32;
     let mut next_public = 1u32;
     // Next free host number on each nat's lan, indexed like `nodes`.
     let mut next_on_lan: Vec<u32> = vec![2; nodes.len()];
@@ -409,6 +454,14 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
                         max: MAX_REFLECTORS,
                     },
                 )?;
+                (addrs, INTERNET.to_string(), None)
+            }
+            (_, None) if runs_miniupnpd(node) => {
+                let addrs = take(crate::miniupnpd::WAN_NET, &mut next_miniupnpd, count, 254)
+                    .ok_or(TopologyError::TooMany {
+                        what: "linux routers with port_mapping",
+                        max: 253,
+                    })?;
                 (addrs, INTERNET.to_string(), None)
             }
             (_, None) => {
@@ -443,12 +496,16 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
                 (addrs, parent.to_string(), gateway)
             }
         };
-        let (role, lan, router) = match node {
-            NodeSpec::Reflector { .. } => (Role::Reflector, None, None),
-            NodeSpec::Host { .. } => (Role::Host, None, None),
-            NodeSpec::Nat { router, .. } => {
+        let (role, lan, router, port_mapping) = match node {
+            NodeSpec::Reflector { .. } => (Role::Reflector, None, None, Vec::new()),
+            NodeSpec::Host { .. } => (Role::Host, None, None, Vec::new()),
+            NodeSpec::Nat {
+                router,
+                port_mapping,
+                ..
+            } => {
                 let lan = lans[i].and_then(|net| net.host(1).map(|a| Ipv4Net::new(a, net.len)));
-                (Role::Nat, lan, Some(router.clone()))
+                (Role::Nat, lan, Some(router.clone()), port_mapping.clone())
             }
         };
         planned.push(PlannedNode {
@@ -464,6 +521,7 @@ fn assign(topology: &Topology) -> Result<Plan, TopologyError> {
             lan6: None,
             routed6: None,
             routes6: Vec::new(),
+            port_mapping,
         });
     }
     assign_ipv6(nodes, &order, &mut planned)?;
@@ -657,6 +715,7 @@ mod tests {
             parent: parent.map(Into::into),
             lan: lan.map(|l| l.parse().expect("test subnet")),
             router,
+            port_mapping: Vec::new(),
         }
     }
 

@@ -517,6 +517,7 @@ fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
         parent: parent.map(str::to_string),
         lan: None,
         router,
+        port_mapping: Vec::new(),
     }
 }
 

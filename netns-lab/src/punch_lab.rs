@@ -158,6 +158,7 @@ pub fn pair(a: RouterKind, b: RouterKind) -> Topology {
             parent: None,
             lan: None,
             router,
+            port_mapping: Vec::new(),
         });
         nodes.push(NodeSpec::Host {
             name: host.into(),

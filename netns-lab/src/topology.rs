@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use natscope_core::nat::{FilteringBehavior, NatBehavior};
+pub use natscope_core::portmap::PortMappingService;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -282,6 +283,8 @@ pub enum NodeSpec {
         parent: Option<String>,
         lan: Option<Ipv4Net>,
         router: RouterKind,
+        /// Port-mapping services the router offers on its LAN (issue 12); empty: none.
+        port_mapping: Vec<PortMappingService>,
     },
     /// An end host.
     Host {
@@ -400,6 +403,9 @@ pub struct PlannedNode {
     /// the routed prefixes of routers behind it via the next router down (docs/lab.md, "IPv6").
     #[serde(default)]
     pub routes6: Vec<(Ipv6Net, Ipv6Addr)>,
+    /// NAT routers: the port-mapping services they offer on their LAN (issue 12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mapping: Vec<PortMappingService>,
 }
 
 /// A validated topology with addresses: what [`crate::Lab`] builds.

@@ -5,6 +5,7 @@
 //! - [`probe`]: the probe on real sockets, the TCP mapping test, and the simulated NAT network.
 //! - [`punch`]: the punch server and peers on real sockets.
 //! - [`resolve`]: `HOST:PORT` as users type it to one server address (`probe`, `punch --via`).
+//! - [`upnp`]: the UPnP IGD client (SSDP, device description, SOAP port mapping).
 //! - [`selfcheck`]: the loopback RFC 5780 self-check of the reflector (`natscope demo`).
 //! - [`bench`](mod@bench): a closed-loop Binding load generator with a fixed-memory latency histogram.
 //!
@@ -21,5 +22,6 @@ pub mod punch;
 pub mod reflector;
 pub mod resolve;
 pub mod selfcheck;
+pub mod upnp;
 
 pub use natscope_core::{document, fuzzing, nat, stun};

@@ -6,6 +6,7 @@
 //! - [`pmp_client`], [`pcp_client`]: the probe's client machines over those codecs (one per
 //!   protocol, sans-IO, on the [`exchange`] retransmission schedule), ending in an [`Outcome`].
 //! - [`report`]: the probe's `port_mapping` section and the `double_nat` / `cgnat` verdicts.
+//! - [`igd`]: UPnP IGD, client direction: SSDP search, device description, SOAP actions.
 //!
 //! Every parser takes `&[u8]` and returns a typed message or a typed error; none panics, and none
 //! allocates more than its (bounded) input. Every encoder's bytes parse back to the same value
@@ -22,8 +23,7 @@
 //! - `crab_nat` 0.7.3: an async client on tokio's `UdpSocket` (tokio unconditional); no
 //!   request parsing or response encoding, no ANNOUNCE, no options.
 //! - `igd-next` 0.16: UPnP IGD only (SSDP + SOAP client, tokio/hyper behind features); no
-//!   NAT-PMP/PCP. It is the candidate for the probe driver's UPnP side in `natscope-probes`, not
-//!   for the core.
+//!   NAT-PMP/PCP. Evaluated for the UPnP side and not used: [`igd`] says why.
 //! - `natpmp` 0.5: a NAT-PMP client that owns a `std::net::UdpSocket` (tokio/async-std optional);
 //!   client direction only, no PCP.
 //!
@@ -32,6 +32,7 @@
 //! these, and keeps the core's "no socket" rule a compiler fact.
 
 pub mod exchange;
+pub mod igd;
 pub mod natpmp;
 pub mod pcp;
 pub mod pcp_client;
