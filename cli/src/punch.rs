@@ -13,7 +13,7 @@ use natscope_probes::punch::driver::{
     self, ConnectOptions, ConnectReport, ListenEvent, ListenLine, ListenOptions, PunchError,
     MAX_BIRTHDAY,
 };
-use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
+use natscope_probes::punch::{valid_id, Transport};
 use natscope_probes::resolve::{server_address, Service};
 
 #[derive(Subcommand, Debug)]
@@ -31,9 +31,8 @@ pub enum PunchCommand {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address to serve on, UDP and TCP (repeat for several).
-    #[arg(long, value_name = "IP:PORT", default_values_t = [SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))])]
-    listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub limits: natscope_probes::punch::limits::ServeLimits,
 }
 
 #[derive(Args, Debug)]
@@ -160,7 +159,7 @@ fn transport(tcp: bool) -> Transport {
 }
 
 async fn serve(a: ServeArgs) -> Result<ExitCode> {
-    driver::serve(&a.listen, shutdown_signal(), |bound| {
+    driver::serve_with(&a.limits.listen, &a.limits, shutdown_signal(), |bound| {
         let list: Vec<String> = bound.iter().map(|b| b.to_string()).collect();
         eprintln!(
             "natscope: punch server on {} (udp and tcp)",
