@@ -2,7 +2,6 @@
 //! Glue only: argument parsing, the runtime, signals and rendering; the protocol lives in
 //! `natscope_probes::punch`.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -335,6 +334,7 @@ mod tests {
     use super::*;
     use natscope_probes::punch::driver::Attempts;
     use natscope_probes::punch::PathTaken;
+    use std::net::SocketAddr;
 
     #[test]
     fn the_human_table_is_exact() {

@@ -541,3 +541,51 @@ fn abusive_sources_get_their_quota_and_an_honest_pair_keeps_its_speed() {
         "median rtt {loaded_rtt:?} under abuse vs {idle_rtt:?} idle"
     );
 }
+
+/// The benchmark of the note (not a pass/fail test): CPU per relayed packet in the server core,
+/// one thread, 100-byte payloads. `cargo test -p natscope-tests --test punch_abuse relay_cpu --
+/// --ignored --nocapture` (add `--release` for the number that matters).
+#[test]
+#[ignore = "benchmark: run by hand with --ignored --nocapture"]
+fn relay_cpu_per_packet() {
+    let t0 = Instant::now();
+    let mut rng = StdRng::seed_from_u64(9);
+    let config = ServerConfig {
+        table: natscope_probes::punch::table::TableConfig {
+            circuit: natscope_probes::punch::table::CircuitLimits {
+                bytes: u64::MAX,
+                rate: u64::MAX / 4,
+                burst: u64::MAX / 4,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let mut s = RendezvousServer::new(config, StdRng::seed_from_u64(10));
+    let (l, c) = (udp(sa("203.0.113.1:4000")), udp(sa("203.0.113.2:5000")));
+    verified(&mut s, t0, l, &register(&mut rng, "bob"));
+    let session = verified(&mut s, t0, c, &connect(&mut rng, "bob"))
+        .iter()
+        .find_map(|(_, b)| PunchMessage::decode(b).ok()?.session())
+        .expect("session");
+    let packet = data(session, 1, 100);
+    let n = 1_000_000u32;
+    let started = Instant::now();
+    let mut relayed = 0u32;
+    for i in 0..n {
+        let from = if i % 2 == 0 { c } else { l };
+        s.handle(t0, from, &packet);
+        while s.poll_transmit().is_some() {
+            relayed += 1;
+        }
+    }
+    let el = started.elapsed();
+    assert_eq!(relayed, n);
+    eprintln!(
+        "{n} packets of {} bytes relayed in {el:?}: {:.0} packets/s, {:.0} ns per packet",
+        packet.len(),
+        f64::from(n) / el.as_secs_f64(),
+        el.as_nanos() as f64 / f64::from(n)
+    );
+}

@@ -768,4 +768,60 @@ mod tests {
         s.handle(t0, c, &[0u8; 20]);
         assert!(drain(&mut s).is_empty());
     }
+    #[test]
+    fn a_circuit_over_its_bytes_ends_and_its_peers_hear_why() {
+        let t0 = Instant::now();
+        let mut config = ServerConfig::default();
+        config.table.circuit.bytes = 1000;
+        let mut s = RendezvousServer::new(config, StdRng::seed_from_u64(5));
+        let (l, c) = (ep("203.0.113.1:4000"), ep("203.0.113.2:5000"));
+        let reg = PunchMessage::Register {
+            tid: TransactionId::random(),
+            id: "bob".into(),
+            candidates: vec![],
+            port_delta: None,
+        };
+        let reg = with_cookie(&mut s, t0, l, &reg);
+        s.handle(t0, l, &reg);
+        let conn = PunchMessage::Connect {
+            tid: TransactionId::random(),
+            target: "bob".into(),
+            candidates: vec![],
+            port_delta: None,
+            punch_window_ms: None,
+        };
+        drain(&mut s);
+        let conn = with_cookie(&mut s, t0, c, &conn);
+        s.handle(t0, c, &conn);
+        let id = drain(&mut s)
+            .iter()
+            .find_map(|(_, m)| m.session())
+            .expect("session");
+        let data = PunchMessage::Data {
+            tid: TransactionId::random(),
+            session: id,
+            seq: Some(0),
+            ack: 0,
+            payload: vec![0; 300],
+        }
+        .to_vec()
+        .expect("enc");
+        let mut relayed = 0;
+        for _ in 0..10 {
+            s.handle(t0, c, &data);
+            relayed += drain(&mut s).len();
+        }
+        assert_eq!(relayed, 1000 / data.len(), "as many as fit in 1000 bytes");
+        assert_eq!(s.counters().refused.circuit, 1);
+        assert_eq!(s.table().session_count(), 0, "the circuit ended");
+        let r = PunchMessage::Refresh {
+            tid: TransactionId::random(),
+            session: id,
+        };
+        s.handle(t0, c, &r.to_vec().expect("enc"));
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [(_, PunchMessage::Error { code: refusal::CIRCUIT, reason, .. })] if reason.contains("bytes")
+        ));
+    }
 }
