@@ -130,7 +130,7 @@ fn main() -> ExitCode {
 fn logging_defaults(c: &Command) -> (logging::Level, bool) {
     match c {
         Command::Reflect(a) => (logging::Level::INFO, a.json_logs()),
-        Command::Punch(punch::PunchCommand::Serve(_)) => (logging::Level::INFO, false),
+        Command::Punch(punch::PunchCommand::Serve(a)) => a.limits.log_defaults(),
         #[cfg(all(feature = "lab", target_os = "linux"))]
         Command::Lab(lab::LabCommand::Serve(_)) => (logging::Level::INFO, false),
         _ => (logging::Level::WARN, false),

@@ -2,7 +2,6 @@
 //! Glue only: argument parsing, the runtime, signals and rendering; the protocol lives in
 //! `natscope_probes::punch`.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_probes::punch::driver::{
     self, ConnectOptions, ConnectReport, ListenLine, ListenOptions, PunchError, MAX_BIRTHDAY,
 };
-use natscope_probes::punch::{valid_id, Transport, DEFAULT_PORT};
+use natscope_probes::punch::{valid_id, Transport};
 use natscope_probes::resolve::{server_address, Service};
 
 #[derive(Subcommand, Debug)]
@@ -30,9 +29,8 @@ pub enum PunchCommand {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address to serve on, UDP and TCP (repeat for several).
-    #[arg(long, value_name = "IP:PORT", default_values_t = [SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))])]
-    listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub limits: natscope_probes::punch::limits::ServeLimits,
 }
 
 #[derive(Args, Debug)]
@@ -168,7 +166,7 @@ fn transport(tcp: bool) -> Transport {
 }
 
 async fn serve(a: ServeArgs) -> Result<ExitCode> {
-    driver::serve(&a.listen, shutdown_signal(), |bound| {
+    driver::serve_with(&a.limits.listen, &a.limits, shutdown_signal(), |bound| {
         let list: Vec<String> = bound.iter().map(|b| b.to_string()).collect();
         eprintln!(
             "natscope: punch server on {} (udp and tcp)",
@@ -318,6 +316,7 @@ mod tests {
     use super::*;
     use natscope_probes::punch::driver::Attempts;
     use natscope_probes::punch::PathTaken;
+    use std::net::SocketAddr;
 
     #[test]
     fn the_human_table_is_exact() {

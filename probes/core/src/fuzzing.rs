@@ -454,6 +454,413 @@ pub fn pcp_parse(bytes: &[u8]) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Punch (issue 14): the codec, message sequences into the rendezvous server, and into the
+// listener and connector machines. Inputs are read as a little program so the fuzzer reaches
+// deep states (a valid cookie, a live session) that random bytes never would.
+
+/// A reader of fuzzer bytes that yields zeros once they run out.
+struct Ops<'a>(&'a [u8]);
+
+impl<'a> Ops<'a> {
+    fn byte(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((b, rest)) => {
+                self.0 = rest;
+                *b
+            }
+            None => 0,
+        }
+    }
+    fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.0.len());
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        a
+    }
+    fn done(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Decodes `bytes` as a punch message; what decodes re-encodes to something that decodes to the
+/// same message, and the cookie helpers never panic and keep the message what it was.
+pub fn punch_codec(bytes: &[u8]) {
+    use crate::punch::codec::{self, PunchMessage, COOKIE_LEN, MAX_MESSAGE};
+    let c = codec::cookie(bytes);
+    if let Ok(m) = PunchMessage::decode(bytes) {
+        let Ok(again) = m.to_vec() else {
+            panic!("a decoded punch message does not encode: {m:?}");
+        };
+        assert!(again.len() <= MAX_MESSAGE);
+        assert_eq!(PunchMessage::decode(&again).as_ref(), Ok(&m));
+        let k = [0x5a; COOKIE_LEN];
+        if let Some(with) = codec::with_cookie(&again, &k) {
+            assert_eq!(codec::cookie(&with), Some(k));
+            assert_eq!(PunchMessage::decode(&with).as_ref(), Ok(&m));
+            let k2 = [0xa5; COOKIE_LEN];
+            let Some(re) = codec::replace_cookie(&with, &k2) else {
+                panic!("cannot replace the cookie just added");
+            };
+            assert_eq!(codec::cookie(&re), Some(k2));
+            assert_eq!(PunchMessage::decode(&re).as_ref(), Ok(&m));
+        }
+        let _ = codec::challenged(bytes, &m);
+    }
+    if let Some(c) = c {
+        let _ = codec::replace_cookie(bytes, &c);
+    }
+}
+
+/// A sequence of datagrams from a few sources into the rendezvous server, with time passing
+/// and TCP connections closing. Invariants: the server never answers a source that has not
+/// proved it receives with more bytes than it was sent, never sends to an address no peer can
+/// have, and its tables stay within their bounds.
+pub fn punch_server(bytes: &[u8]) {
+    use crate::punch::codec::{self, PunchMessage, COOKIE_LEN};
+    use crate::punch::identity::{Identity, Purpose};
+    use crate::punch::server::{RendezvousServer, ServerConfig};
+    use crate::punch::table::{Endpoint, TableConfig};
+    use crate::punch::{SessionId, Transport};
+    use rand::SeedableRng;
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+
+    let mut ops = Ops(bytes);
+    let config = ServerConfig {
+        table: TableConfig {
+            max_peers: 8,
+            max_sessions: 8,
+            peers_per_source: 3,
+            sessions_per_source: 3,
+            sessions_per_peer: 4,
+            ..TableConfig::default()
+        },
+        ..ServerConfig::default()
+    };
+    let mut s = RendezvousServer::new(config, rand::rngs::StdRng::seed_from_u64(1));
+    let local: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+    let sources: [SocketAddr; 6] = [
+        "203.0.113.1:4000".parse().expect("addr"),
+        "203.0.113.1:4001".parse().expect("addr"),
+        "203.0.113.2:5000".parse().expect("addr"),
+        "[2001:db8::1]:6000".parse().expect("addr"),
+        "127.0.0.1:7000".parse().expect("addr"),
+        "0.0.0.0:1".parse().expect("addr"),
+    ];
+    let mut now = Instant::now();
+    let mut cookies: [Option<[u8; COOKIE_LEN]>; 12] = [None; 12];
+    let mut proved: HashSet<Endpoint> = HashSet::new();
+    let mut sessions: Vec<SessionId> = Vec::new();
+    let ids = ["a", "b", "c"];
+    while !ops.done() {
+        let op = ops.byte();
+        let si = usize::from(ops.byte()) % 12;
+        let from = Endpoint {
+            transport: if si >= 6 {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            local,
+            remote: sources[si % 6],
+        };
+        let tid = {
+            let mut t = [ops.byte(); 16];
+            t[..4].copy_from_slice(&crate::stun::MAGIC_COOKIE.to_be_bytes());
+            crate::stun::TransactionId(t)
+        };
+        let msg = match op % 8 {
+            0 => None,
+            1 => {
+                // Three keys over three ids: a REGISTER may be the holder's, a hijack, or a
+                // proof for another id (which must not verify).
+                let id = ids[usize::from(ops.byte()) % 3];
+                let key = Identity::from_seed([ops.byte() % 3; 32]);
+                let proven = if ops.byte() % 4 == 0 { "other" } else { id };
+                Some(PunchMessage::Register {
+                    tid,
+                    id: id.into(),
+                    candidates: vec![sources[usize::from(ops.byte()) % 6]],
+                    port_delta: None,
+                    proof: key.prove(Purpose::Register, &tid, proven),
+                })
+            }
+            2 => Some(PunchMessage::Connect {
+                tid,
+                target: ids[usize::from(ops.byte()) % 3].into(),
+                candidates: vec![sources[usize::from(ops.byte()) % 6]],
+                port_delta: None,
+                punch_window_ms: Some(u32::from(ops.byte()) * 100),
+            }),
+            3 | 4 => {
+                let session = sessions
+                    .get(usize::from(ops.byte()) % sessions.len().max(1))
+                    .copied()
+                    .unwrap_or(SessionId(0));
+                let n = usize::from(ops.byte()) * 4;
+                Some(match op % 8 {
+                    3 => PunchMessage::Data {
+                        tid,
+                        session,
+                        seq: Some(0),
+                        ack: 0,
+                        payload: vec![0; n.min(crate::punch::MAX_PAYLOAD)],
+                    },
+                    _ => PunchMessage::Refresh { tid, session },
+                })
+            }
+            5 => {
+                now += Duration::from_millis(u64::from(ops.byte()) * 250);
+                s.handle_timeout(now);
+                None
+            }
+            6 => {
+                s.connection_closed(from);
+                None
+            }
+            _ => Some(PunchMessage::Close {
+                tid,
+                session: sessions.first().copied().unwrap_or(SessionId(0)),
+            }),
+        };
+        let input = match (op % 8, msg) {
+            (0, _) => {
+                let n = usize::from(ops.byte());
+                ops.bytes(n).to_vec()
+            }
+            (_, Some(m)) => {
+                let Ok(b) = m.to_vec() else { continue };
+                let k = cookies[si].unwrap_or([0; COOKIE_LEN]);
+                codec::with_cookie(&b, &k).unwrap_or(b)
+            }
+            (_, None) => Vec::new(),
+        };
+        if !input.is_empty() {
+            s.handle(now, from, &input);
+        }
+        let mut answered = 0usize;
+        while let Some(t) = s.poll_transmit() {
+            assert!(
+                RendezvousServer::admissible(t.source.local, t.destination),
+                "sent to {}",
+                t.destination
+            );
+            let to = Endpoint {
+                transport: t.source.transport,
+                local: t.source.local,
+                remote: t.destination,
+            };
+            if to == from {
+                answered += t.payload.len();
+            } else {
+                assert!(
+                    proved.contains(&to),
+                    "sent to {to:?}, which never proved it receives"
+                );
+            }
+            if let Some(c) = codec::cookie(&t.payload) {
+                if to == from {
+                    cookies[si] = Some(c);
+                }
+            }
+            if let Ok(m) = PunchMessage::decode(&t.payload) {
+                if let PunchMessage::ConnectOk { session, .. } = m {
+                    if sessions.len() < 16 {
+                        sessions.push(session);
+                    }
+                }
+                if matches!(
+                    m,
+                    PunchMessage::RegisterOk { .. } | PunchMessage::ConnectOk { .. }
+                ) {
+                    proved.insert(to);
+                }
+            }
+        }
+        if from.transport == Transport::Tcp {
+            proved.insert(from);
+        }
+        if !proved.contains(&from) {
+            assert!(
+                answered <= input.len(),
+                "{answered} bytes answered to {input_len} from an unproved source",
+                input_len = input.len()
+            );
+        }
+        assert!(s.table().peer_count() <= 8);
+        assert!(s.table().session_count() <= 8);
+    }
+}
+
+/// Datagrams into a listener and a connector from their server and from strangers; answers
+/// from "the server" echo the transaction id of the machine's latest request, so sessions start.
+/// Invariants: no panic, every transmit goes to an address a peer can have, and the queues and
+/// tables stay bounded however long the input.
+pub fn punch_peers(bytes: &[u8]) {
+    use crate::punch::codec::{PeerInfo, PunchMessage};
+    use crate::punch::connector::{ConnectOptions, Connector};
+    use crate::punch::identity::Identity;
+    use crate::punch::listener::{ListenOptions, Listener};
+    use crate::punch::peer::PeerMachine;
+    use crate::punch::{SessionId, Transport};
+    use rand::SeedableRng;
+    use std::time::{Duration, Instant};
+
+    let server: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+    let me: SocketAddr = "203.0.113.1:4000".parse().expect("addr");
+    let addrs: [SocketAddr; 6] = [
+        "203.0.113.2:5000".parse().expect("addr"),
+        "10.0.0.2:5000".parse().expect("addr"),
+        "127.0.0.1:5000".parse().expect("addr"),
+        "224.0.0.1:5000".parse().expect("addr"),
+        "0.0.0.0:5000".parse().expect("addr"),
+        "203.0.113.3:0".parse().expect("addr"),
+    ];
+    let mut ops = Ops(bytes);
+    let mut now = Instant::now();
+    let listener = ListenOptions {
+        id: "bob".into(),
+        server,
+        transport: Transport::Udp,
+        count: None,
+        timeout: None,
+        punch_window: Duration::from_millis(1500),
+        predict: false,
+        identity: Identity::from_seed([2; 32]),
+    };
+    let listener_key = listener.identity.public();
+    let connector = ConnectOptions {
+        id: "bob".into(),
+        server,
+        messages: 5,
+        timeout: Duration::from_secs(30),
+        ..ConnectOptions::default()
+    };
+    let mut l = Listener::new(now, listener, rand::rngs::StdRng::seed_from_u64(2));
+    let mut c = Connector::new(now, connector, rand::rngs::StdRng::seed_from_u64(3));
+    l.start(now, me, None);
+    c.start(now, me, None);
+    let mut last_tid = [crate::stun::TransactionId([0; 16]); 2];
+    let mut sent = 0u64;
+    while !ops.done() {
+        let which = ops.byte();
+        let op = ops.byte();
+        let tid = last_tid[usize::from(which & 1)];
+        let session = SessionId(u64::from(ops.byte() % 4));
+        let peer = PeerInfo {
+            reflexive: addrs[usize::from(ops.byte()) % 6],
+            candidates: (0..ops.byte() % 9)
+                .map(|i| addrs[usize::from(i) % 6])
+                .collect(),
+            port_delta: Some(i32::from(ops.byte() as i8)),
+            punch_window_ms: Some(u32::from(ops.byte()) * 1000),
+            // The listener's real key, another key, or none (a server that names no key).
+            key: match ops.byte() % 3 {
+                0 => Some(listener_key),
+                1 => Some(Identity::from_seed([9; 32]).public()),
+                _ => None,
+            },
+        };
+        let (from, m) = match op % 8 {
+            0 => (
+                server,
+                Some(PunchMessage::RegisterOk {
+                    tid,
+                    mapped: peer.reflexive,
+                }),
+            ),
+            1 => (
+                server,
+                Some(PunchMessage::ConnectOk {
+                    tid,
+                    session,
+                    mapped: me,
+                    peer,
+                    start_in_ms: u32::from(ops.byte()),
+                }),
+            ),
+            2 => (
+                server,
+                Some(PunchMessage::Introduce {
+                    tid,
+                    session,
+                    peer,
+                    start_in_ms: u32::from(ops.byte()),
+                }),
+            ),
+            // A datagram's source is a real address (the kernel delivers nothing from port 0,
+            // multicast or unspecified); the bad ones only come as candidates.
+            3 => (
+                addrs[usize::from(ops.byte()) % 3],
+                Some(PunchMessage::Data {
+                    tid,
+                    session,
+                    seq: Some(u64::from(ops.byte())),
+                    ack: u64::from(ops.byte()),
+                    payload: vec![1; usize::from(ops.byte())],
+                }),
+            ),
+            4 => (
+                addrs[usize::from(ops.byte()) % 3],
+                Some(PunchMessage::Probe { tid, session }),
+            ),
+            5 => {
+                now += Duration::from_millis(u64::from(ops.byte()) * 20);
+                (server, None)
+            }
+            6 => {
+                let n = usize::from(ops.byte());
+                let raw = ops.bytes(n).to_vec();
+                l.handle_datagram(now, server, &raw);
+                c.handle_datagram(now, server, &raw);
+                (server, None)
+            }
+            _ => (
+                if which & 2 == 0 { server } else { addrs[0] },
+                Some(PunchMessage::Error {
+                    tid,
+                    method: crate::punch::codec::method::REFRESH,
+                    code: 400 + u16::from(ops.byte()),
+                    reason: String::new(),
+                }),
+            ),
+        };
+        if let Some(m) = m {
+            if let Ok(b) = m.to_vec() {
+                if which & 1 == 0 {
+                    l.handle_datagram(now, from, &b);
+                } else {
+                    c.handle_datagram(now, from, &b);
+                }
+            }
+        }
+        l.handle_timeout(now);
+        c.handle_timeout(now);
+        for (i, t) in std::iter::from_fn(|| l.poll_transmit())
+            .map(|t| (0, t))
+            .chain(std::iter::from_fn(|| c.poll_transmit()).map(|t| (1, t)))
+        {
+            sent += 1;
+            let ip = t.destination.ip();
+            assert!(
+                !ip.is_unspecified() && !ip.is_multicast() && t.destination.port() != 0,
+                "sent to {}",
+                t.destination
+            );
+            if t.destination == server {
+                if let Ok(m) = PunchMessage::decode(&t.payload) {
+                    last_tid[i] = m.tid();
+                }
+            }
+        }
+        while l.poll_stream().is_some() || c.poll_stream().is_some() {}
+        while l.poll_event().is_some() {}
+    }
+    // Bounded work: far fewer packets than a flood (a sanity bound per input byte).
+    assert!(sent <= 1_000 + 200 * bytes.len() as u64, "{sent} packets");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,6 +893,24 @@ mod tests {
         assert!(exercise_link(&body));
         for cut in 0..body.len() {
             assert_eq!(exercise_link(&body[..cut]), cut >= 18, "{cut}");
+        }
+    }
+
+    #[test]
+    fn punch_entry_points_run_on_simple_programs() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            let input: Vec<u8> = (0..256)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect();
+            punch_codec(&input);
+            punch_server(&input);
+            punch_peers(&input);
         }
     }
 }

@@ -27,15 +27,17 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use super::connector::Connector;
+use super::limits::ServeLimits;
 use super::listener::Listener;
 use super::peer::{
     AttemptEnd, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS,
 };
-use super::server::{RendezvousServer, ServerConfig, ServerSocket};
+use super::server::{RendezvousServer, ServerSocket};
 use super::table::Endpoint;
 use super::{SessionId, Transport};
 use crate::stun::framing::{frame, Frame, MAX_FRAME};
 use natscope_core::net::Transmit;
+use natscope_core::reflector::tcp::ConnectionSlots;
 
 pub use super::connector::{Attempts, ConnectOptions, ConnectReport, MAX_BIRTHDAY};
 pub use super::identity::{decode_hex32, Identity, PeerKey};
@@ -48,16 +50,31 @@ pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
 // Server
 
 /// Runs the rendezvous + relay server on UDP and TCP at every address in `listen` until
-/// `shutdown` resolves. Nothing is written to disk.
+/// `shutdown` resolves, with the default limits. Nothing is written to disk.
 pub async fn serve(
     listen: &[SocketAddr],
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&[SocketAddr]),
 ) -> io::Result<()> {
+    serve_with(listen, &ServeLimits::default(), shutdown, on_ready).await
+}
+
+/// [`serve`] within `limits`: the core's quotas and circuits, and over TCP a connection cap (in
+/// total and per source), an idle and an absolute timeout, and a back-off when accept fails
+/// (EMFILE/ENFILE: out of descriptors) instead of a spinning loop. The counters are logged
+/// through `tracing` every `limits.stats_interval` seconds and at the end.
+pub async fn serve_with(
+    listen: &[SocketAddr],
+    limits: &ServeLimits,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&[SocketAddr]),
+) -> io::Result<()> {
     let core = Arc::new(Mutex::new(RendezvousServer::new(
-        ServerConfig::default(),
+        limits.server_config(),
         StdRng::from_entropy(),
     )));
+    let tcp_limits = limits.tcp();
+    let slots = Arc::new(Mutex::new(ConnectionSlots::new(&tcp_limits)));
     let tcp_writers: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>> = Arc::default();
     let mut udp = HashMap::new();
     let mut tcp = Vec::new();
@@ -79,6 +96,7 @@ pub async fn serve(
         core,
         udp: udp.clone(),
         tcp: tcp_writers,
+        tcp_counters: SharedTcpCounters::default(),
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (local, sock) in udp.iter() {
@@ -99,17 +117,56 @@ pub async fn serve(
         });
     }
     for listener in tcp {
-        let ctx = ctx.clone();
+        let (ctx, slots) = (ctx.clone(), slots.clone());
         tasks.spawn(async move {
+            let mut backoff = ACCEPT_BACKOFF;
             loop {
-                let Ok((stream, from)) = listener.accept().await else {
-                    continue;
+                let (stream, from) = match listener.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors (EMFILE/ENFILE) or the like: wait, longer each time
+                        // in a row, rather than spin on an accept that keeps failing.
+                        tracing::warn!(error = %e, wait = ?backoff, "punch server: accept failed");
+                        ctx.tcp_counters.bump(|c| c.accept_errors += 1);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
                 };
+                backoff = ACCEPT_BACKOFF;
                 let Ok(local) = stream.local_addr() else {
                     continue;
                 };
-                let ctx = ctx.clone();
-                tokio::spawn(async move { ctx.serve_tcp(stream, local, from).await });
+                if lock(&slots).admit(from.ip()).is_err() {
+                    ctx.tcp_counters.bump(|c| c.refused += 1);
+                    continue;
+                }
+                ctx.tcp_counters.bump(|c| c.accepted += 1);
+                let (ctx, slots) = (ctx.clone(), slots.clone());
+                tokio::spawn(async move {
+                    let lifetime = tcp_limits.lifetime;
+                    let served = ctx.serve_tcp(stream, local, from, tcp_limits.idle);
+                    if tokio::time::timeout(lifetime, served).await.is_err() {
+                        ctx.tcp_counters.bump(|c| c.timed_out += 1);
+                        ctx.lock().connection_closed(Endpoint {
+                            transport: Transport::Tcp,
+                            local,
+                            remote: from,
+                        });
+                        lock(&ctx.tcp).remove(&from);
+                    }
+                    lock(&slots).release(from.ip());
+                });
+            }
+        });
+    }
+    if limits.stats_interval > 0 {
+        let ctx = ctx.clone();
+        let every = Duration::from_secs(limits.stats_interval);
+        tasks.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                ctx.log_counters();
             }
         });
     }
@@ -130,7 +187,34 @@ pub async fn serve(
     on_ready(&bound);
     shutdown.await;
     tasks.abort_all();
+    ctx.log_counters();
     Ok(())
+}
+
+/// First and longest wait after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the TCP side of the server did (the core counts the rest).
+#[derive(Clone, Copy, Debug, Default)]
+struct TcpCounters {
+    accepted: u64,
+    refused: u64,
+    timed_out: u64,
+    accept_errors: u64,
+}
+
+#[derive(Clone, Default)]
+struct SharedTcpCounters(Arc<Mutex<TcpCounters>>);
+
+impl SharedTcpCounters {
+    fn bump(&self, f: impl FnOnce(&mut TcpCounters)) {
+        f(&mut lock(&self.0));
+    }
 }
 
 #[derive(Clone)]
@@ -138,9 +222,38 @@ struct ServerCtx {
     core: Arc<Mutex<RendezvousServer>>,
     udp: Arc<HashMap<SocketAddr, Arc<UdpSocket>>>,
     tcp: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>,
+    tcp_counters: SharedTcpCounters,
 }
 
 impl ServerCtx {
+    /// One log line with every counter (structured fields, so `--log-format json` keeps them).
+    fn log_counters(&self) {
+        let c = self.lock().counters().clone();
+        let t = *lock(&self.tcp_counters.0);
+        let r = &c.refused;
+        tracing::info!(
+            registrations = c.registrations,
+            connects = c.connects,
+            bindings = c.bindings,
+            challenges = c.challenges,
+            relayed_packets = c.relayed_packets,
+            relayed_bytes = c.relayed_bytes,
+            refused_malformed = r.malformed,
+            refused_forbidden = r.forbidden,
+            refused_unverified = r.unverified,
+            refused_rate = r.rate,
+            refused_quota = r.quota,
+            refused_unknown_peer = r.unknown_peer,
+            refused_unknown_session = r.unknown_session,
+            refused_circuit = r.circuit,
+            tcp_accepted = t.accepted,
+            tcp_refused = t.refused,
+            tcp_timed_out = t.timed_out,
+            tcp_accept_errors = t.accept_errors,
+            "punch server counters"
+        );
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RendezvousServer> {
         // A panic elsewhere cannot leave the table half-written in a way that matters here.
         self.core.lock().unwrap_or_else(|e| e.into_inner())
@@ -180,7 +293,13 @@ impl ServerCtx {
         }
     }
 
-    async fn serve_tcp(&self, stream: TcpStream, local: SocketAddr, remote: SocketAddr) {
+    async fn serve_tcp(
+        &self,
+        stream: TcpStream,
+        local: SocketAddr,
+        remote: SocketAddr,
+        idle: Duration,
+    ) {
         let ep = Endpoint {
             transport: Transport::Tcp,
             local,
@@ -194,7 +313,8 @@ impl ServerCtx {
             .unwrap_or_else(|e| e.into_inner())
             .insert(remote, tx);
         let mut buf = Vec::with_capacity(MAX_FRAME);
-        while let Some(msg) = next_frame(&mut rd, &mut buf).await {
+        // A connection silent for `idle` is closed (its registrations and sessions go with it).
+        while let Ok(Some(msg)) = tokio::time::timeout(idle, next_frame(&mut rd, &mut buf)).await {
             self.handle(ep, &msg).await;
         }
         self.tcp

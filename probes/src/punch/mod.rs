@@ -4,3 +4,4 @@
 pub use natscope_core::punch::*;
 
 pub mod driver;
+pub mod limits;

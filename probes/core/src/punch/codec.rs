@@ -519,6 +519,90 @@ impl PunchMessage {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Return routability and refusals (issue 14, the server's part). A block of its own so it merges
+// beside other changes to the messages: the cookie travels as one extra attribute that the
+// decoder above never looks at, so no message variant changes.
+
+/// The server's stateless cookie (see `punch::cookie`), echoed by REGISTER and CONNECT.
+/// Comprehension-optional like every attribute of ours.
+pub const COOKIE_ATTR: u16 = 0xC0F1;
+/// Bytes in a cookie: a 4-byte time slot and a 12-byte truncated HMAC-SHA256.
+pub const COOKIE_LEN: usize = 16;
+
+/// The refusal codes of the server (RFC 8489 §14.8 classes, TURN's numbers where one fits).
+pub mod refusal {
+    /// No valid cookie: the error carries one ([`super::COOKIE_ATTR`]); resend with it.
+    pub const COOKIE: u16 = 401;
+    /// The address may not be used (loopback, multicast, unspecified, outside the session).
+    pub const FORBIDDEN: u16 = 403;
+    /// This source's quota (registrations, sessions, rate) is used up (TURN's 486).
+    pub const QUOTA: u16 = 486;
+    /// A relay circuit ran out of bytes, time or rate (the peers report it).
+    pub const CIRCUIT: u16 = 487;
+    /// The server as a whole is full (TURN's 508).
+    pub const CAPACITY: u16 = 508;
+}
+
+/// The cookie in `bytes`, if it carries one of the right length.
+pub fn cookie(bytes: &[u8]) -> Option<[u8; COOKIE_LEN]> {
+    let m = Message::parse(bytes).ok()?;
+    m.attribute(COOKIE_ATTR)?.value.try_into().ok()
+}
+
+/// `bytes` (one encoded message without a cookie) with `cookie` appended as the last attribute.
+/// The punch messages carry no MESSAGE-INTEGRITY or FINGERPRINT, so appending only means fixing
+/// the header's length. `None` if `bytes` is not a message or already holds a cookie.
+pub fn with_cookie(bytes: &[u8], cookie: &[u8; COOKIE_LEN]) -> Option<Vec<u8>> {
+    let m = Message::parse(bytes).ok()?;
+    if m.attribute(COOKIE_ATTR).is_some() || bytes.len() < 20 {
+        return None;
+    }
+    let mut out = bytes.to_vec();
+    out.extend_from_slice(&COOKIE_ATTR.to_be_bytes());
+    out.extend_from_slice(&(COOKIE_LEN as u16).to_be_bytes());
+    out.extend_from_slice(cookie);
+    let len = u16::try_from(out.len() - 20).ok()?;
+    out[2..4].copy_from_slice(&len.to_be_bytes());
+    Some(out)
+}
+
+/// `bytes` with its cookie replaced by `cookie` (or one appended).
+pub fn replace_cookie(bytes: &[u8], cookie: &[u8; COOKIE_LEN]) -> Option<Vec<u8>> {
+    let m = Message::parse(bytes).ok()?;
+    match m.attribute(COOKIE_ATTR) {
+        None => with_cookie(bytes, cookie),
+        Some(_) => {
+            // The cookie attribute is the last one (`with_cookie` puts it there).
+            let at = bytes.len().checked_sub(COOKIE_LEN)?;
+            let mut out = bytes.to_vec();
+            out[at..].copy_from_slice(cookie);
+            (self::cookie(&out) == Some(*cookie)).then_some(out)
+        }
+    }
+}
+
+/// The server's challenge to a REGISTER/CONNECT without a valid cookie: an error response
+/// (`refusal::COOKIE`, no reason text) carrying the cookie to echo; 48 bytes, never more than
+/// a request that carries a cookie attribute (a peer's first request carries a zero one).
+pub fn challenge(tid: TransactionId, m: u16, cookie: &[u8; COOKIE_LEN]) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 64];
+    let mut w =
+        MessageWriter::new(&mut buf, MessageType::new(Class::ErrorResponse, m), &tid).ok()?;
+    w.add_error_code(refusal::COOKIE, "").ok()?;
+    w.add_raw(COOKIE_ATTR, cookie).ok()?;
+    let n = w.finish();
+    Some(buf[..n].to_vec())
+}
+
+/// The cookie of a server's challenge: `Some` when `bytes` is a `refusal::COOKIE` error.
+pub fn challenged(bytes: &[u8], m: &PunchMessage) -> Option<[u8; COOKIE_LEN]> {
+    match m {
+        PunchMessage::Error { code, .. } if *code == refusal::COOKIE => cookie(bytes),
+        _ => None,
+    }
+}
+
 fn add_candidates(w: &mut MessageWriter<'_>, c: &[SocketAddr]) -> Result<(), EncodeError> {
     for a in c.iter().take(MAX_CANDIDATES) {
         w.add_address(attr::CANDIDATE, *a)?;

@@ -586,6 +586,9 @@ impl PeerMachine for Connector {
             Phase::Rendezvous(r) => {
                 // Anything but the answer (from the server, with our transaction id) is dropped.
                 if from == self.opts.server && r.answered_by(&m) {
+                    if r.on_challenge(now, bytes, &m) {
+                        return self.handle_timeout(now);
+                    }
                     self.rendezvous_answer(now, m);
                 }
             }

@@ -184,6 +184,8 @@ impl std::fmt::Display for ListenEvent {
 pub struct Listener {
     opts: ListenOptions,
     rng: StdRng,
+    /// The server's latest return-routability cookie, echoed by every keepalive REGISTER.
+    cookie: [u8; super::codec::COOKIE_LEN],
     started: Instant,
     local: SocketAddr,
     port_delta: Option<i32>,
@@ -206,6 +208,7 @@ impl Listener {
         Self {
             opts,
             rng,
+            cookie: [0; super::codec::COOKIE_LEN],
             started,
             local: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             port_delta: None,
@@ -260,6 +263,23 @@ impl Listener {
                 .opts
                 .identity
                 .prove(Purpose::Register, &tid, &self.opts.id),
+        }
+    }
+
+    /// A REGISTER with the server's cookie: the keepalive, and the answer to a new challenge.
+    fn keepalive(&mut self) {
+        let r = self.register();
+        if let Some(payload) = r
+            .to_vec()
+            .ok()
+            .and_then(|b| super::codec::with_cookie(&b, &self.cookie))
+        {
+            let destination = self.opts.server;
+            self.out.push_back(Transmit {
+                source: self.local,
+                destination,
+                payload,
+            });
         }
     }
 
@@ -343,12 +363,20 @@ impl Listener {
     fn message(&mut self, now: Instant, from: SocketAddr, m: PunchMessage) {
         if from == self.opts.server {
             match m {
-                PunchMessage::RegisterOk { .. }
-                | PunchMessage::Error {
+                PunchMessage::RegisterOk { .. } => {
+                    self.last_server = now;
+                    return;
+                }
+                PunchMessage::Error {
                     method: method::REGISTER,
+                    code,
                     ..
                 } => {
                     self.last_server = now;
+                    if code == super::codec::refusal::COOKIE {
+                        // A new cookie (taken in `handle_datagram`): register again with it.
+                        self.keepalive();
+                    }
                     return;
                 }
                 PunchMessage::Introduce {
@@ -472,9 +500,7 @@ impl Listener {
         }
         if now >= self.next_keepalive {
             // Re-registering is the keepalive; it also re-creates the entry after a server restart.
-            let r = self.register();
-            let server = self.opts.server;
-            self.send(server, &r);
+            self.keepalive();
             self.next_keepalive = now + KEEPALIVE;
         }
         let server_idle = KEEPALIVE * 3 + Duration::from_millis(500);
@@ -534,11 +560,19 @@ impl PeerMachine for Listener {
     /// A datagram (UDP) or a framed message (TCP) from `from`.
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let m = PunchMessage::decode(bytes);
-        match &self.phase {
+        if from == self.opts.server {
+            if let Some(c) = super::codec::cookie(bytes) {
+                self.cookie = c;
+            }
+        }
+        match &mut self.phase {
             Phase::Registering(r) => {
                 // Anything but the answer (from the server, with our transaction id) is dropped.
                 if let Ok(m) = m {
                     if from == self.opts.server && r.answered_by(&m) {
+                        if r.on_challenge(now, bytes, &m) {
+                            return self.handle_timeout(now);
+                        }
                         self.registered(now, m);
                     }
                 }

@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod connector;
+pub mod cookie;
 pub mod identity;
 pub mod listener;
 pub mod peer;

@@ -25,6 +25,8 @@ use crate::client::{
 use crate::net::Transmit;
 use crate::stun::TransactionId;
 
+use super::codec::COOKIE_LEN;
+
 /// Errors of the punch peers. `exit_code` maps them onto natscope's 1/2 convention.
 #[derive(Debug, thiserror::Error)]
 pub enum PunchError {
@@ -456,9 +458,12 @@ impl Request {
         wait: Duration,
         transport: Transport,
     ) -> Option<Self> {
+        // A zero cookie until the server hands out one: it keeps the request at least as large
+        // as the server's challenge, which is then all a first request gets over UDP.
+        let bytes = super::codec::with_cookie(&msg.to_vec().ok()?, &[0; COOKIE_LEN])?;
         Some(Self {
             tid: msg.tid(),
-            bytes: msg.to_vec().ok()?,
+            bytes,
             wait,
             deadline: now + wait,
             next: now,
@@ -470,6 +475,23 @@ impl Request {
     /// Whether `m` answers this request.
     pub(crate) fn answered_by(&self, m: &PunchMessage) -> bool {
         m.tid() == self.tid
+    }
+
+    /// The server's cookie challenge (`raw` decoded as `m`, an answer to this request): takes
+    /// the cookie and makes the request due again at once. The one place the peers handle the
+    /// server's return-routability check (issue 14); `false` for any other answer.
+    pub(crate) fn on_challenge(&mut self, now: Instant, raw: &[u8], m: &PunchMessage) -> bool {
+        let Some(c) = super::codec::challenged(raw, m) else {
+            return false;
+        };
+        if let Some(b) = super::codec::replace_cookie(&self.bytes, &c) {
+            // A duplicated challenge (the same cookie again) changes nothing.
+            if b != self.bytes {
+                self.bytes = b;
+                self.next = now;
+            }
+        }
+        true
     }
 
     /// The bytes to (re)send at `now`, or `Err(wait)` once the wait is over unanswered.

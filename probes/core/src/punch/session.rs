@@ -99,6 +99,8 @@ pub enum SessionError {
     PeerClosed,
     #[error("peer closed its direct connection (it left)")]
     PeerConnectionClosed,
+    #[error("rendezvous server {0} refused the relay: {1} {2}")]
+    RelayRefused(SocketAddr, u16, String),
 }
 
 /// Counters for the report.
@@ -633,6 +635,21 @@ impl Session {
                 self.stats.server_lost = true;
                 if !self.route.is_some_and(Route::is_direct) {
                     self.fail(SessionError::ServerLostSession(from));
+                }
+            }
+            // The relay ended this session's circuit (bytes or time): say so, unless direct.
+            PunchMessage::Error {
+                tid,
+                method: method::REFRESH,
+                code,
+                reason,
+            } if from_server
+                && code == super::codec::refusal::CIRCUIT
+                && self.refreshes.contains(&tid) =>
+            {
+                self.stats.server_lost = true;
+                if !self.route.is_some_and(Route::is_direct) {
+                    self.fail(SessionError::RelayRefused(from, code, reason));
                 }
             }
             _ => {}

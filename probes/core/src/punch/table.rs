@@ -13,7 +13,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::codec::PeerInfo;
@@ -37,6 +37,39 @@ pub struct TableConfig {
     pub session_ttl: Duration,
     pub max_peers: usize,
     pub max_sessions: usize,
+    /// Registrations held at once per source (IPv4 address or IPv6 /64).
+    pub peers_per_source: usize,
+    /// Sessions a source may hold open as a connector at once.
+    pub sessions_per_source: usize,
+    /// Sessions one registration may be introduced to at once (a listener's own table holds
+    /// 64; the server never asks it for more than this).
+    pub sessions_per_peer: usize,
+    /// Relay circuit limits: bytes relayed in a session (both ways), its lifetime, and its rate.
+    pub circuit: CircuitLimits,
+}
+
+/// What one relayed session (a circuit) may use before the relay ends it with
+/// `codec::refusal::CIRCUIT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CircuitLimits {
+    /// Bytes relayed, both directions together.
+    pub bytes: u64,
+    /// From the introduction on, however busy.
+    pub duration: Duration,
+    /// Sustained bytes per second (a token bucket of [`CircuitLimits::burst`] bytes).
+    pub rate: u64,
+    pub burst: u64,
+}
+
+impl Default for CircuitLimits {
+    fn default() -> Self {
+        Self {
+            bytes: 64 << 20,
+            duration: Duration::from_secs(30 * 60),
+            rate: 1 << 20,
+            burst: 256 << 10,
+        }
+    }
 }
 
 impl Default for TableConfig {
@@ -46,6 +79,10 @@ impl Default for TableConfig {
             session_ttl: Duration::from_secs(10),
             max_peers: 10_000,
             max_sessions: 10_000,
+            peers_per_source: 8,
+            sessions_per_source: 16,
+            sessions_per_peer: 32,
+            circuit: CircuitLimits::default(),
         }
     }
 }
@@ -60,6 +97,24 @@ pub enum TableError {
     Full,
     #[error("id `{0}` is held by another key")]
     IdHeld(String),
+    #[error("quota of this source reached: {0}")]
+    SourceQuota(&'static str),
+    #[error("the peer has as many sessions as it may hold")]
+    PeerQuota,
+    #[error("relay circuit limit reached: {0}")]
+    Circuit(&'static str),
+}
+
+/// The source a quota is keyed on: the IPv4 address, or the IPv6 /64 (one host usually owns a
+/// whole /64); an IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    crate::reflector::tcp::source_key(ip)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SourceUse {
+    peers: usize,
+    sessions: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +141,15 @@ pub struct SessionEntry {
     pub expires: Instant,
 }
 
+/// A session's relay accounting (its circuit).
+#[derive(Clone, Copy, Debug)]
+struct Circuit {
+    created: Instant,
+    bytes: u64,
+    tokens: u64,
+    last: Instant,
+}
+
 /// What [`RendezvousTable::introduce`] decided: a session and what to tell each side.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Introduction {
@@ -103,6 +167,12 @@ pub struct RendezvousTable {
     peers: HashMap<(Transport, String), PeerEntry>,
     /// Each session with its listener's id and its generation.
     sessions: HashMap<SessionId, (String, SessionEntry, u64)>,
+    circuits: HashMap<SessionId, Circuit>,
+    /// Registrations and sessions by the endpoints they involve, so a closed TCP connection
+    /// takes its entries along without a scan of the table.
+    by_endpoint: HashMap<Endpoint, (HashSet<String>, HashSet<SessionId>)>,
+    /// Registrations and connector sessions per source, for the quotas.
+    per_source: HashMap<IpAddr, SourceUse>,
     /// Sessions by their listener's registration, so a registration's end takes its sessions
     /// along without a scan (entries of sessions already gone are skipped).
     by_listener: HashMap<(Transport, String), HashSet<SessionId>>,
@@ -142,7 +212,21 @@ impl RendezvousTable {
         self.expire(now);
         let key = (endpoint.transport, id.to_string());
         let expires = now + self.config.peer_ttl;
-        if let Some(p) = self.peers.get_mut(&key) {
+        let src = source_key(endpoint.remote.ip());
+        if let Some(p) = self.peers.get(&key) {
+            let old = p.endpoint;
+            if old != endpoint {
+                if source_key(old.remote.ip()) != src
+                    && self.used(src).peers >= self.config.peers_per_source
+                {
+                    return Err(TableError::SourceQuota("registrations"));
+                }
+                self.unindex_peer(old, &key.1);
+                self.index_peer(endpoint, &key.1);
+            }
+            let Some(p) = self.peers.get_mut(&key) else {
+                return Err(TableError::UnknownPeer(key.1));
+            };
             // Its deadline is already in the heap: moving `expires` is the whole refresh.
             p.endpoint = endpoint;
             p.candidates = candidates;
@@ -153,6 +237,10 @@ impl RendezvousTable {
         if self.peers.len() >= self.config.max_peers {
             return Err(TableError::Full);
         }
+        if self.used(src).peers >= self.config.peers_per_source {
+            return Err(TableError::SourceQuota("registrations"));
+        }
+        self.index_peer(endpoint, &key.1);
         let generation = self.schedule(expires, Due::Peer(key.0, key.1.clone()));
         self.peers.insert(
             key,
@@ -217,25 +305,69 @@ impl RendezvousTable {
     }
 
     /// Forgets everything registered from `endpoint` (its TCP connection closed).
+    /// Looks up the endpoint's own entries in an index: no scan of the table (issue 14, M1).
     pub fn drop_endpoint(&mut self, endpoint: Endpoint) {
-        let gone: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.endpoint == endpoint)
-            .map(|((_, id), _)| id.clone())
-            .collect();
-        for id in gone {
+        let Some((ids, sessions)) = self.by_endpoint.remove(&endpoint) else {
+            return;
+        };
+        for id in ids {
             self.unregister(&id, endpoint);
         }
-        let ended: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, (_, s, _))| s.connector == endpoint || s.listener == endpoint)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ended {
+        for id in sessions {
             self.remove_session(id);
         }
+    }
+
+    /// How many registrations and connector sessions `ip`'s source holds.
+    fn used(&self, src: IpAddr) -> SourceUse {
+        self.per_source.get(&src).copied().unwrap_or_default()
+    }
+
+    fn source_delta(&mut self, ep: Endpoint, peers: isize, sessions: isize) {
+        let src = source_key(ep.remote.ip());
+        let u = self.per_source.entry(src).or_default();
+        u.peers = u.peers.saturating_add_signed(peers);
+        u.sessions = u.sessions.saturating_add_signed(sessions);
+        if u.peers == 0 && u.sessions == 0 {
+            self.per_source.remove(&src);
+        }
+    }
+
+    fn index_peer(&mut self, ep: Endpoint, id: &str) {
+        self.by_endpoint
+            .entry(ep)
+            .or_default()
+            .0
+            .insert(id.to_string());
+        self.source_delta(ep, 1, 0);
+    }
+
+    fn unindex_peer(&mut self, ep: Endpoint, id: &str) {
+        if let Some(e) = self.by_endpoint.get_mut(&ep) {
+            e.0.remove(id);
+            if e.0.is_empty() && e.1.is_empty() {
+                self.by_endpoint.remove(&ep);
+            }
+        }
+        self.source_delta(ep, -1, 0);
+    }
+
+    fn index_session(&mut self, ep: Endpoint, id: SessionId) {
+        self.by_endpoint.entry(ep).or_default().1.insert(id);
+    }
+
+    fn unindex_session(&mut self, ep: Endpoint, id: SessionId) {
+        if let Some(e) = self.by_endpoint.get_mut(&ep) {
+            e.1.remove(&id);
+            if e.0.is_empty() && e.1.is_empty() {
+                self.by_endpoint.remove(&ep);
+            }
+        }
+    }
+
+    /// Registrations, sessions, and index entries held (the bounded-memory tests compare them).
+    pub fn index_sizes(&self) -> (usize, usize) {
+        (self.by_endpoint.len(), self.per_source.len())
     }
 
     /// Whether `id` is registered on `transport` (for tests and status).
@@ -265,6 +397,16 @@ impl RendezvousTable {
         if self.sessions.len() >= self.config.max_sessions {
             return Err(TableError::Full);
         }
+        if self.used(source_key(from.remote.ip())).sessions >= self.config.sessions_per_source {
+            return Err(TableError::SourceQuota("sessions"));
+        }
+        if self
+            .by_listener
+            .get(&key)
+            .is_some_and(|s| s.len() >= self.config.sessions_per_peer)
+        {
+            return Err(TableError::PeerQuota);
+        }
         let entry = SessionEntry {
             listener: peer.endpoint,
             connector: from,
@@ -286,6 +428,18 @@ impl RendezvousTable {
         self.sessions
             .insert(session, (target.to_string(), entry, generation));
         self.by_listener.entry(key).or_default().insert(session);
+        self.index_session(entry.listener, session);
+        self.index_session(from, session);
+        self.source_delta(from, 0, 1);
+        self.circuits.insert(
+            session,
+            Circuit {
+                created: now,
+                bytes: 0,
+                tokens: self.config.circuit.burst,
+                last: now,
+            },
+        );
         Ok(intro)
     }
 
@@ -321,6 +475,51 @@ impl RendezvousTable {
             Some((_, s, _)) => Ok(s.listener),
             None => Err(TableError::UnknownSession(session)),
         }
+    }
+
+    /// [`relay_target`](Self::relay_target) for `len` bytes of relayed data, within the session's
+    /// circuit limits. Over a limit the session ends here (`TableError::Circuit`): the server
+    /// refuses it from then on and the peers report the refusal.
+    pub fn relay(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        from: Endpoint,
+        len: usize,
+    ) -> Result<Endpoint, TableError> {
+        let to = self.relay_target(now, session, from)?;
+        let limits = self.config.circuit;
+        let len = len as u64;
+        let Some(c) = self.circuits.get_mut(&session) else {
+            return Ok(to);
+        };
+        let over = if now.saturating_duration_since(c.created) >= limits.duration {
+            Some("duration")
+        } else if c.bytes.saturating_add(len) > limits.bytes {
+            Some("bytes")
+        } else {
+            let dt = now.saturating_duration_since(c.last);
+            let refill = (dt.as_nanos().saturating_mul(u128::from(limits.rate)) / 1_000_000_000)
+                .min(u128::from(u64::MAX)) as u64;
+            if refill > 0 {
+                c.tokens = c.tokens.saturating_add(refill).min(limits.burst);
+                c.last = now;
+            }
+            if c.tokens < len {
+                // Over the rate: this packet is dropped, the circuit stays.
+                return Err(TableError::Circuit("rate"));
+            }
+            c.tokens -= len;
+            None
+        };
+        if let Some(why) = over {
+            self.remove_session(session);
+            return Err(TableError::Circuit(why));
+        }
+        if let Some(c) = self.circuits.get_mut(&session) {
+            c.bytes += len;
+        }
+        Ok(to)
     }
 
     /// Removes a session if `from` is one of its sides.
@@ -404,10 +603,12 @@ impl RendezvousTable {
     /// Removes the registration under `key` and every session introduced to it (sessions die
     /// with their listener's registration). Its deadline stays in the heap and is skipped there.
     fn remove_peer(&mut self, key: &(Transport, String)) {
-        self.peers.remove(key);
+        if let Some(p) = self.peers.remove(key) {
+            self.unindex_peer(p.endpoint, &key.1);
+        }
         self.keys.remove(key);
         for id in self.by_listener.remove(key).into_iter().flatten() {
-            self.sessions.remove(&id);
+            self.remove_session(id);
         }
     }
 
@@ -416,6 +617,10 @@ impl RendezvousTable {
         let Some((listener_id, s, _)) = self.sessions.remove(&session) else {
             return;
         };
+        self.circuits.remove(&session);
+        self.unindex_session(s.listener, session);
+        self.unindex_session(s.connector, session);
+        self.source_delta(s.connector, 0, -1);
         let key = (s.listener.transport, listener_id);
         if let Some(ids) = self.by_listener.get_mut(&key) {
             ids.remove(&session);
@@ -638,6 +843,10 @@ mod tests {
             session_ttl: Duration::from_millis(1000),
             max_peers: 1000,
             max_sessions: 1000,
+            peers_per_source: 1000,
+            sessions_per_source: 1000,
+            sessions_per_peer: 1000,
+            ..TableConfig::default()
         };
         for seed in 0..20 {
             let mut rng = StdRng::seed_from_u64(seed);

@@ -167,7 +167,12 @@ impl Net {
         if let (true, Some(f)) = (from == server, self.server_tamper) {
             if let Ok(mut m) = PunchMessage::decode(&payload) {
                 f(to, &mut m);
-                payload = m.to_vec().expect("a tampered message encodes");
+                let tampered = m.to_vec().expect("a tampered message encodes");
+                // The server's cookie is an attribute outside `PunchMessage`: keep it.
+                payload = match super::codec::cookie(&payload) {
+                    Some(c) => super::codec::with_cookie(&tampered, &c).expect("cookie fits"),
+                    None => tampered,
+                };
             }
         }
         if from != server && to != server && !self.direct_open {

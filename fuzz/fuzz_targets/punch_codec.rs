@@ -1,0 +1,9 @@
+//! Punch (issue 14): see `natscope_core::fuzzing::punch_codec`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    natscope_core::fuzzing::punch_codec(data);
+});
