@@ -24,7 +24,12 @@
 //! socket, which itself never sent anything to the server, so only the mapping can let it in. An
 //! answer on the asking socket instead means the server ignored RESPONSE-PORT: a problem line.
 //!
-//! UPnP IGD is not probed here; its client is `upnp`'s (the report says "UPnP not probed").
+//! UPnP IGD runs beside them through [`crate::upnp`] (SSDP, device description,
+//! GetExternalIPAddress), given [`UPNP_DISCOVERY`]: a UPnP device waits a random 0 to MX seconds
+//! before answering an M-SEARCH, even a unicast one, and MX = 1 s is the smallest the
+//! specification allows, so a shorter budget would call a slow gateway's UPnP absent. The wait
+//! overlaps the STUN tests like the other two protocols'. Its outcome is reported in the same
+//! shape as theirs.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -45,6 +50,11 @@ const GUARD: Duration = Duration::from_secs(10);
 pub const MAP_LIFETIME_S: u32 = 120;
 /// The lifetime of the throwaway PCP mapping discovery makes to learn the external address.
 const DISCOVERY_MAP_LIFETIME_S: u32 = 30;
+/// How long UPnP discovery waits for the gateway's SSDP answer and description (see the module
+/// comment: MX = 1 s, plus the description fetch).
+pub const UPNP_DISCOVERY: Duration = Duration::from_millis(1200);
+/// Bound on each UPnP SOAP action.
+const UPNP_ACTION: Duration = Duration::from_secs(2);
 
 /// What the probe asks of the gateway.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -240,7 +250,8 @@ pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport 
             Err(why) => return PortMappingReport::not_run(None, why),
         },
     };
-    let (pmp, pcp) = match discover(gateway).await {
+    let (found, upnp) = tokio::join!(discover(gateway), discover_upnp(gateway));
+    let (pmp, pcp) = match found {
         Ok(o) => o,
         Err(e) => {
             return PortMappingReport::not_run(
@@ -252,6 +263,7 @@ pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport 
     let mut report = PortMappingReport::new(
         Some(gateway),
         &[
+            (PortMappingService::Upnp, &upnp),
             (PortMappingService::NatPmp, &pmp),
             (PortMappingService::Pcp, &pcp),
         ],
@@ -282,6 +294,51 @@ pub async fn map_best(report: &mut PortMappingReport, stun_server: SocketAddr) {
             .problems
             .push("--map: no port-mapping protocol answered, so no mapping was made".into()),
     }
+}
+
+/// UPnP IGD discovery and GetExternalIPAddress, as an [`Outcome`] like the other two protocols'
+/// (`requests_sent` counts the HTTP requests; the SSDP searches repeat every 100 ms until
+/// answered). Only an IPv4 gateway is asked.
+pub async fn discover_upnp(gateway: IpAddr) -> Outcome {
+    let start = Instant::now();
+    let mut o = Outcome::default();
+    let IpAddr::V4(gw) = gateway else {
+        o.problems
+            .push("UPnP: the gateway is not an IPv4 address".into());
+        return o;
+    };
+    let local = match socket_to(gateway).await {
+        Ok((_, SocketAddr::V4(l))) => *l.ip(),
+        Ok(_) => return o,
+        Err(e) => {
+            o.problems
+                .push(format!("UPnP: no socket towards {gateway}: {e}"));
+            return o;
+        }
+    };
+    match crate::upnp::discover(gw, local, UPNP_DISCOVERY).await {
+        Ok(igd) => {
+            o.available = Some(true);
+            o.answers = 1;
+            o.requests_sent = 2;
+            o.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            match igd.external_address(UPNP_ACTION).await {
+                Ok(a) => {
+                    o.answers += 1;
+                    o.external_address = Some(IpAddr::V4(a));
+                }
+                Err(e) => o.problems.push(format!("UPnP GetExternalIPAddress: {e}")),
+            }
+        }
+        Err(e) => {
+            o.available = Some(false);
+            o.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            if !matches!(e, crate::upnp::UpnpError::NoAnswer(..)) {
+                o.problems.push(format!("UPnP: {e}"));
+            }
+        }
+    }
+    o
 }
 
 /// Discovery: NAT-PMP's external address, and PCP's ANNOUNCE, then a throwaway MAP of the PCP
@@ -362,8 +419,7 @@ pub async fn map_and_verify(
             finish(c.outcome(), granted, verified, &mut problems)
         }
         PortMappingService::Upnp => {
-            problems.push("--map: UPnP IGD mappings are not supported yet".into());
-            None
+            upnp_map_and_verify(gateway, &mapped_sock, stun_server, &mut problems).await
         }
     };
     Ok((
@@ -376,6 +432,72 @@ pub async fn map_and_verify(
         }),
         problems,
     ))
+}
+
+/// `--map` over UPnP IGD: AddAnyPortMapping (or AddPortMapping) of `mapped`'s port, the inbound
+/// check, DeletePortMapping.
+async fn upnp_map_and_verify(
+    gateway: IpAddr,
+    mapped: &UdpSocket,
+    stun_server: SocketAddr,
+    problems: &mut Vec<String>,
+) -> Option<(GrantedMapping, bool)> {
+    let (IpAddr::V4(gw), Ok(SocketAddr::V4(internal))) = (gateway, mapped.local_addr()) else {
+        problems.push("--map: UPnP IGD maps IPv4 only".into());
+        return None;
+    };
+    let igd = match crate::upnp::discover(gw, *internal.ip(), UPNP_DISCOVERY).await {
+        Ok(igd) => igd,
+        Err(e) => {
+            problems.push(format!("--map: UPnP: {e}"));
+            return None;
+        }
+    };
+    let lifetime = Duration::from_secs(u64::from(MAP_LIFETIME_S));
+    let added = igd
+        .add_any_port_mapping(
+            MapProtocol::Udp,
+            internal,
+            internal.port(),
+            lifetime,
+            "natscope probe --map",
+            UPNP_ACTION,
+        )
+        .await;
+    let port = match added {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(format!("--map: UPnP: {e}"));
+            return None;
+        }
+    };
+    // UPnP has no external address in its mapping answer: the one GetExternalIPAddress claims.
+    let external_ip = match igd.external_address(UPNP_ACTION).await {
+        Ok(a) => IpAddr::V4(a),
+        Err(e) => {
+            problems.push(format!("--map: UPnP GetExternalIPAddress: {e}"));
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        }
+    };
+    let verified = verify_inbound(mapped, port, stun_server).await;
+    let deleted = igd
+        .delete_port_mapping(MapProtocol::Udp, port, UPNP_ACTION)
+        .await;
+    let outcome = Outcome {
+        deleted: Some(deleted.is_ok()),
+        problems: deleted
+            .err()
+            .map(|e| format!("UPnP DeletePortMapping: {e}"))
+            .into_iter()
+            .collect(),
+        ..Outcome::default()
+    };
+    let granted = GrantedMapping {
+        internal_port: internal.port(),
+        external: SocketAddr::new(external_ip, port),
+        lifetime_s: MAP_LIFETIME_S,
+    };
+    finish(&outcome, Some(granted), Some(verified), problems)
 }
 
 type Verified = Result<(), String>;

@@ -277,16 +277,20 @@ impl PortMappingReport {
         v
     }
 
-    /// The best protocol to create a mapping with: PCP, then NAT-PMP (UPnP's client will add
-    /// itself here), among those that answered.
+    /// The best protocol to create a mapping with: PCP, then NAT-PMP, then UPnP IGD (a SOAP
+    /// exchange over TCP, the slowest), among those that answered.
     pub fn best_service(&self) -> Option<PortMappingService> {
-        [PortMappingService::Pcp, PortMappingService::NatPmp]
-            .into_iter()
-            .find(|s| {
-                self.services
-                    .iter()
-                    .any(|r| r.service == *s && r.available == Some(true) && !r.address_mismatch)
-            })
+        [
+            PortMappingService::Pcp,
+            PortMappingService::NatPmp,
+            PortMappingService::Upnp,
+        ]
+        .into_iter()
+        .find(|s| {
+            self.services
+                .iter()
+                .any(|r| r.service == *s && r.available == Some(true) && !r.address_mismatch)
+        })
     }
 }
 
