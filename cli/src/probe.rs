@@ -104,7 +104,7 @@ pub struct ProbeArgs {
     /// Skip asking the default gateway for NAT-PMP and PCP (asked by default, beside the STUN tests).
     #[arg(long, conflicts_with = "map")]
     no_port_mapping: bool,
-    /// Create a short-lived UDP mapping (PCP, else NAT-PMP), prove it inbound, then delete it.
+    /// Create a short-lived UDP mapping (PCP, NAT-PMP or UPnP), prove it inbound, then delete it.
     #[arg(long)]
     map: bool,
 }

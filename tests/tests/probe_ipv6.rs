@@ -24,6 +24,7 @@ const NO_PORT_MAPPING: portmap::Options = portmap::Options {
     enabled: false,
     map: false,
     gateway: None,
+    skip_upnp: true,
 };
 
 /// A namespace of this test's own (`v6pr` prefix), deleted on drop.

@@ -231,10 +231,13 @@ fn probe_via(pair: &Pair, map: bool, stun: SocketAddr) -> (portmap::PortMappingR
     pair.host()
         .block_on(move || async move {
             let t0 = Instant::now();
+            // The fake gateway speaks NAT-PMP and PCP only; its UPnP side would only add the
+            // search's wait (tests/tests/probe_portmap_lab.rs asks a real UPnP gateway).
             let opts = Options {
                 enabled: true,
                 map,
                 gateway: None,
+                skip_upnp: true,
             };
             let r = portmap::probe(opts, stun).await;
             (r, t0.elapsed())

@@ -53,6 +53,8 @@ const DISCOVERY_MAP_LIFETIME_S: u32 = 30;
 /// How long UPnP discovery waits for the gateway's SSDP answer and description (see the module
 /// comment: MX = 1 s, plus the description fetch).
 pub const UPNP_DISCOVERY: Duration = Duration::from_millis(1200);
+/// UPnP discovery's wait in a default probe: the budget the other protocols get.
+pub const UPNP_QUICK: Duration = Duration::from_millis(250);
 /// Bound on each UPnP SOAP action.
 const UPNP_ACTION: Duration = Duration::from_secs(2);
 
@@ -65,6 +67,9 @@ pub struct Options {
     pub map: bool,
     /// Ask this gateway instead of the default route's (tests).
     pub gateway: Option<IpAddr>,
+    /// Leave UPnP IGD out (tests of a gateway that speaks only NAT-PMP and PCP): `upnp` is then
+    /// `null` with the problem "UPnP not probed".
+    pub skip_upnp: bool,
 }
 
 impl Options {
@@ -74,6 +79,7 @@ impl Options {
             enabled: !no_port_mapping,
             map,
             gateway: None,
+            skip_upnp: false,
         }
     }
 }
@@ -239,10 +245,20 @@ async fn socket_to(gateway: IpAddr) -> io::Result<(UdpSocket, SocketAddr)> {
     Ok((s, local))
 }
 
-/// Asks the gateway over NAT-PMP and PCP at once (see the module comment). With `opts.map`,
-/// `stun_server` is the server that proves the mapping inbound; the mapping is made after
-/// discovery, with the best protocol that answered.
+/// Asks the gateway over UPnP IGD, NAT-PMP and PCP at once (see the module comment). With
+/// `opts.map`, `stun_server` is the server that proves the mapping inbound; the mapping is made
+/// after discovery, with the best protocol that answered.
 pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport {
+    let mut report = discover_report(opts, stun_server).await;
+    if opts.map {
+        map_best(&mut report, stun_server).await;
+    }
+    report
+}
+
+/// [`probe`]'s discovery alone (no mapping is made, whatever `opts.map`); `opts.map` only gives
+/// UPnP its longer wait ([`upnp_wait`]), since the mapping that follows needs its answer.
+pub async fn discover_report(opts: Options, stun_server: SocketAddr) -> PortMappingReport {
     let gateway = match opts.gateway {
         Some(g) => g,
         None => match gateway_towards(stun_server) {
@@ -250,7 +266,13 @@ pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport 
             Err(why) => return PortMappingReport::not_run(None, why),
         },
     };
-    let (found, upnp) = tokio::join!(discover(gateway), discover_upnp(gateway));
+    let upnp = async {
+        match opts.skip_upnp {
+            true => None,
+            false => Some(discover_upnp(gateway, upnp_wait(opts)).await),
+        }
+    };
+    let (found, upnp) = tokio::join!(discover(gateway), upnp);
     let (pmp, pcp) = match found {
         Ok(o) => o,
         Err(e) => {
@@ -260,18 +282,25 @@ pub async fn probe(opts: Options, stun_server: SocketAddr) -> PortMappingReport 
             )
         }
     };
-    let mut report = PortMappingReport::new(
-        Some(gateway),
-        &[
-            (PortMappingService::Upnp, &upnp),
-            (PortMappingService::NatPmp, &pmp),
-            (PortMappingService::Pcp, &pcp),
-        ],
-    );
-    if opts.map {
-        map_best(&mut report, stun_server).await;
+    let mut outcomes = vec![
+        (PortMappingService::NatPmp, &pmp),
+        (PortMappingService::Pcp, &pcp),
+    ];
+    if let Some(u) = &upnp {
+        outcomes.push((PortMappingService::Upnp, u));
     }
-    report
+    PortMappingReport::new(Some(gateway), &outcomes)
+}
+
+/// How long UPnP discovery waits: [`UPNP_DISCOVERY`] when a mapping will be asked for (`--map`),
+/// else the ~250 ms every other protocol gets. A device may delay its SSDP answer by up to MX =
+/// 1 s, so silence within the short wait is reported as unknown, not as "no UPnP".
+pub fn upnp_wait(opts: Options) -> Duration {
+    if opts.map {
+        UPNP_DISCOVERY
+    } else {
+        UPNP_QUICK
+    }
 }
 
 /// `--map` after discovery: maps, verifies and deletes with the best protocol that answered
@@ -299,7 +328,7 @@ pub async fn map_best(report: &mut PortMappingReport, stun_server: SocketAddr) {
 /// UPnP IGD discovery and GetExternalIPAddress, as an [`Outcome`] like the other two protocols'
 /// (`requests_sent` counts the HTTP requests; the SSDP searches repeat every 100 ms until
 /// answered). Only an IPv4 gateway is asked.
-pub async fn discover_upnp(gateway: IpAddr) -> Outcome {
+pub async fn discover_upnp(gateway: IpAddr, wait: Duration) -> Outcome {
     let start = Instant::now();
     let mut o = Outcome::default();
     let IpAddr::V4(gw) = gateway else {
@@ -316,7 +345,7 @@ pub async fn discover_upnp(gateway: IpAddr) -> Outcome {
             return o;
         }
     };
-    match crate::upnp::discover(gw, local, UPNP_DISCOVERY).await {
+    match crate::upnp::discover(gw, local, wait).await {
         Ok(igd) => {
             o.available = Some(true);
             o.answers = 1;
@@ -329,6 +358,15 @@ pub async fn discover_upnp(gateway: IpAddr) -> Outcome {
                 }
                 Err(e) => o.problems.push(format!("UPnP GetExternalIPAddress: {e}")),
             }
+        }
+        Err(crate::upnp::UpnpError::NoAnswer(..)) if wait < UPNP_DISCOVERY => {
+            // Too short to tell: a device may wait up to 1 s before it answers.
+            o.duration_ms = start.elapsed().as_secs_f64() * 1e3;
+            o.problems.push(format!(
+                "UPnP: no SSDP answer within {} ms, which a device may legally take (up to 1 s); unknown — --map waits {} ms",
+                wait.as_millis(),
+                UPNP_DISCOVERY.as_millis()
+            ));
         }
         Err(e) => {
             o.available = Some(false);

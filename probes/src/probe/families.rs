@@ -85,13 +85,11 @@ pub async fn drive_families(
     progress: impl Fn(u32),
 ) -> io::Result<FamilyRun> {
     let pm_server = servers.ipv4.or(servers.ipv6);
-    let discovery = crate::portmap::Options {
-        map: false,
-        ..portmap
-    };
     let pm = async {
         match pm_server {
-            Some(server) if portmap.enabled => Some(crate::portmap::probe(discovery, server).await),
+            Some(server) if portmap.enabled => {
+                Some(crate::portmap::discover_report(portmap, server).await)
+            }
             _ => None,
         }
     };
