@@ -3,6 +3,8 @@
 //!
 //! - [`natpmp`]: NAT-PMP (RFC 6886): external-address and UDP/TCP map requests and responses.
 //! - [`pcp`]: PCP (RFC 6887): ANNOUNCE and MAP requests and responses, options, version negotiation.
+//! - [`server`]: the gateway side of both, answering from a [`crate::nat::table::NatTable`] (the lab
+//!   router's port-mapping service).
 //!
 //! Every parser takes `&[u8]` and returns a typed message or a typed error; none panics, and none
 //! allocates more than its (bounded) input. Every encoder's bytes parse back to the same value
@@ -30,6 +32,7 @@
 
 pub mod natpmp;
 pub mod pcp;
+pub mod server;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
