@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use natscope_core::nat::NatBehavior;
+use natscope_core::portmap::PortMappingService;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +108,10 @@ pub struct EngineConfig {
     pub delay: Duration,
     /// Seed for port choice and loss, so a lab run is reproducible (REQ-11).
     pub seed: u64,
+    /// Port-mapping services the router offers on its LAN address (NAT-PMP and PCP on UDP 5351,
+    /// UPnP IGD over SSDP and HTTP); empty: none, as most routers in the presets.
+    #[serde(default)]
+    pub port_mapping: Vec<PortMappingService>,
 }
 
 impl EngineConfig {
@@ -120,6 +125,7 @@ impl EngineConfig {
             loss: 0.0,
             delay: Duration::ZERO,
             seed: 1,
+            port_mapping: Vec::new(),
         }
     }
 }

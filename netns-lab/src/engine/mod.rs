@@ -30,6 +30,7 @@
 mod arp;
 pub mod fuzzing;
 mod packet;
+mod portmap;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +42,7 @@ use std::time::Instant;
 use natscope_core::nat::firewall::Firewall;
 use natscope_core::nat::table::NatTable;
 use natscope_core::nat::{Protocol, RemoteKey};
+use natscope_core::portmap::PortMappingService;
 use pnet::packet::arp::ArpOperations;
 use pnet::packet::ethernet::{EtherTypes, EthernetPacket};
 use pnet::packet::ip::{IpNextHeaderProtocol, IpNextHeaderProtocols};
@@ -99,6 +101,10 @@ pub struct MappingRow {
     pub expires_in_ms: u64,
     /// Remotes the filter admits: `ip:port`, with `*` for a part the filtering ignores.
     pub admits: Vec<String>,
+    /// The port-mapping protocol whose request made (or took over) this mapping; absent for a
+    /// mapping made by traffic alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<PortMappingService>,
 }
 
 /// Flows kept per router: enough for every socket a grid cell's programs open; past it new flows
@@ -172,6 +178,11 @@ pub struct Stats {
     /// Packets of flows beyond [`MAX_FLOWS`], not in the flow counters.
     #[serde(default)]
     pub flows_untracked: u64,
+    /// NAT-PMP, PCP and UPnP requests answered with success, and with an error result.
+    #[serde(default)]
+    pub port_mapping_answered: u64,
+    #[serde(default)]
+    pub port_mapping_refused: u64,
 }
 
 /// The NAT router.
@@ -189,6 +200,8 @@ pub struct Router {
     rng: StdRng,
     stats: Stats,
     flows: HashMap<FlowKey, FlowRow>,
+    /// The NAT-PMP/PCP server, made at the first request (its epoch starts there).
+    portmap: Option<natscope_core::portmap::server::Server>,
 }
 
 /// What to do with a datagram after the NAT decision.
@@ -213,6 +226,7 @@ impl Router {
             waiting_total: 0,
             stats: Stats::default(),
             flows: HashMap::new(),
+            portmap: None,
         }
     }
 
@@ -536,6 +550,10 @@ impl Router {
         };
         let (src, dst) = (d.src(), d.dst());
         let lan = self.addrs.lan;
+        if port == Port::Lan && dst == lan.addr && self.serve_port_mapping(now, &d, transport, out)
+        {
+            return;
+        }
         let ours = |ip| self.config.translate && self.addrs.external.contains(&ip);
         let special = |ip: Ipv4Addr| {
             ip.is_multicast() || ip.is_broadcast() || ip.is_unspecified() || ip.is_loopback()
@@ -823,6 +841,7 @@ impl Router {
                     external: m.external,
                     expires_in_ms: ms(m.expires),
                     admits: m.admits(now).map(remote_key).collect(),
+                    requested_by: m.requested_at(now).map(|r| r.service),
                 })
                 .collect()
         } else {
@@ -834,6 +853,7 @@ impl Router {
                     external: p.internal,
                     expires_in_ms: ms(p.expires),
                     admits: vec![remote_key(p.remote)],
+                    requested_by: None,
                 })
                 .collect()
         };
