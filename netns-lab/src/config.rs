@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use natscope_core::nat::{FilteringBehavior, MappingBehavior, Pooling, PortAllocation};
+use natscope_core::portmap::PortMappingService;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -176,6 +177,8 @@ struct NatDoc {
     loss: Option<f64>,
     delay_ms: Option<u64>,
     seed: Option<u64>,
+    /// Port-mapping services on the router's LAN address: any of "nat-pmp", "pcp", "upnp".
+    port_mapping: Option<Spanned<Vec<PortMappingService>>>,
 }
 
 impl NatDoc {
@@ -200,6 +203,7 @@ impl NatDoc {
             ("loss", self.loss.is_some()),
             ("delay_ms", self.delay_ms.is_some()),
             ("seed", self.seed.is_some()),
+            ("port_mapping", self.port_mapping.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -485,6 +489,25 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
     if let Some(v) = n.seed {
         cfg.seed = v;
     }
+    if let Some(services) = &n.port_mapping {
+        let mut list = services.get_ref().clone();
+        list.sort();
+        if list.windows(2).any(|w| w[0] == w[1]) {
+            return Err((
+                services.span(),
+                "port_mapping names a service twice".to_string(),
+            ));
+        }
+        if !cfg.translate && !list.is_empty() {
+            return Err((
+                services.span(),
+                "port_mapping needs a translating nat (translate = true): a firewall has no \
+                 external address to map"
+                    .to_string(),
+            ));
+        }
+        cfg.port_mapping = list;
+    }
     Ok(RouterKind::Engine(cfg))
 }
 
@@ -755,6 +778,34 @@ behavior = "linux"
             }
         }
         assert!(seen >= 1);
+    }
+
+    #[test]
+    fn port_mapping_knob_reads_services_and_locates_bad_words() {
+        let t = from_toml(
+            "[[nat]]\nname = \"n\"\nbehavior = \"symmetric\"\nport_mapping = [\"upnp\", \"nat-pmp\"]\n",
+            "two-homes.toml",
+        )
+        .expect("loads");
+        let Some(NodeSpec::Nat {
+            router: RouterKind::Engine(cfg),
+            ..
+        }) = t.nodes.first()
+        else {
+            panic!("no engine nat: {t:?}");
+        };
+        assert_eq!(
+            cfg.port_mapping,
+            [PortMappingService::NatPmp, PortMappingService::Upnp]
+        );
+        let e = err("[[nat]]\nname = \"n\"\nport_mapping = [\"pcp\", \"natpmp\"]\n");
+        assert!(e.starts_with("two-homes.toml:3:24: "), "{e}");
+        assert!(e.contains("natpmp") && e.contains("nat-pmp"), "{e}");
+        let e = err("[[nat]]\nname = \"n\"\nport_mapping = [\"pcp\", \"pcp\"]\n");
+        assert!(e.starts_with("two-homes.toml:3:16: "), "{e}");
+        assert!(e.contains("twice"), "{e}");
+        let e = err("[[nat]]\nname = \"n\"\nbehavior = \"linux\"\nport_mapping = [\"pcp\"]\n");
+        assert!(e.contains("port_mapping"), "{e}");
     }
 
     #[test]
