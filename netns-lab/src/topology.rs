@@ -110,7 +110,7 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Port-mapping services the router offers on its LAN address (NAT-PMP and PCP on UDP 5351,
     /// UPnP IGD over SSDP and HTTP); empty: none, as most routers in the presets.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mapping: Vec<PortMappingService>,
 }
 
