@@ -427,6 +427,9 @@ impl Lab {
     fn configure(&mut self, p: &PlannedNode) -> Result<(), LabError> {
         let idx = self.node_index(&p.name)?;
         let kernel_addresses = !matches!(p.router, Some(RouterKind::Engine(_)));
+        // A userspace router serving UPnP IGD answers HTTP from its kernel (crate::upnp).
+        let kernel_lan = matches!(&p.router, Some(RouterKind::Engine(c))
+            if c.port_mapping.contains(&natscope_core::portmap::PortMappingService::Upnp));
         let uplink = if p.role == Role::Nat {
             driver::WAN
         } else {
@@ -452,6 +455,8 @@ impl Lab {
                         links::add_address(&h, driver::LAN, lan.addr, lan.len).await?;
                     }
                     links::add_default_route(&h, uplink, plan.gateway).await?;
+                } else if let (true, Some(lan)) = (kernel_lan, plan.lan) {
+                    links::add_address(&h, driver::LAN, lan.addr, lan.len).await?;
                 }
                 Ok(())
             })?

@@ -121,3 +121,80 @@ fn natpmpc_maps_a_port_through_a_symmetric_nat_and_deletes_it() {
         "deleted: nothing gets in"
     );
 }
+
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn upnpc_discovers_the_router_maps_a_port_and_deletes_it() {
+    require_root();
+    require_tool("upnpc", "miniupnpc");
+    let lab = symmetric_lab(&["upnp"]);
+    let ext_ip = external_ip(&lab);
+    let ext = SocketAddr::from((ext_ip, WANT_PORT));
+    let host_ip = lab.node("h1").expect("h1").address().expect("h1 address");
+    assert!(
+        !public_reaches(&lab, ext, false),
+        "control: nothing gets in before the mapping"
+    );
+
+    // SSDP discovery (multicast M-SEARCH), the description, then GetExternalIPAddress. `-i`:
+    // miniupnpc calls an IGD "not connected?" when its external address is reserved, and the
+    // lab's public segment is a documentation range (203.0.113.0/24); the router itself reports
+    // Connected (igd.rs tests), so the client is told to go on.
+    let o = run_in(&lab, "h1", "upnpc", &["-i", "-s"]);
+    let out = say(&o);
+    assert!(out.contains("/rootDesc.xml"), "{out}");
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("ExternalIPAddress = {ext_ip}")),
+        "{out}"
+    );
+
+    let (want, local, host) = (
+        WANT_PORT.to_string(),
+        LOCAL_PORT.to_string(),
+        host_ip.to_string(),
+    );
+    let o = run_in(
+        &lab,
+        "h1",
+        "upnpc",
+        &["-i", "-a", &host, &local, &want, "UDP", "120"],
+    );
+    let out = say(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "external {ext_ip}:{WANT_PORT} UDP is redirected to internal {host_ip}:{LOCAL_PORT}"
+        )),
+        "{out}"
+    );
+    let table = lab.nat_table("nat").expect("nat table");
+    assert!(
+        table.iter().any(|m| m.external == ext
+            && m.requested_by.map(|s| s.to_string()).as_deref() == Some("upnp")),
+        "{table:?}"
+    );
+    assert!(
+        public_reaches(&lab, ext, true),
+        "the mapping admits a stranger"
+    );
+
+    // The same external port for another internal port is a conflict (718), not a second mapping.
+    let o = run_in(
+        &lab,
+        "h1",
+        "upnpc",
+        &["-i", "-a", &host, "5556", &want, "UDP", "120"],
+    );
+    assert!(say(&o).contains("718"), "{}", say(&o));
+
+    let o = run_in(&lab, "h1", "upnpc", &["-i", "-d", &want, "UDP"]);
+    let out = say(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        !public_reaches(&lab, ext, false),
+        "deleted: nothing gets in"
+    );
+    let o = run_in(&lab, "h1", "upnpc", &["-i", "-d", &want, "UDP"]);
+    assert!(say(&o).contains("714"), "deleting twice: {}", say(&o));
+}

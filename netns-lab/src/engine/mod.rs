@@ -202,6 +202,8 @@ pub struct Router {
     flows: HashMap<FlowKey, FlowRow>,
     /// The NAT-PMP/PCP server, made at the first request (its epoch starts there).
     portmap: Option<natscope_core::portmap::server::Server>,
+    /// The UPnP IGD, made at the first SSDP or HTTP request.
+    igd: Option<natscope_core::portmap::igd::Igd>,
 }
 
 /// What to do with a datagram after the NAT decision.
@@ -227,6 +229,7 @@ impl Router {
             stats: Stats::default(),
             flows: HashMap::new(),
             portmap: None,
+            igd: None,
         }
     }
 

@@ -11,8 +11,10 @@
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
+use natscope_core::portmap::igd::{Http, Igd};
 use natscope_core::portmap::natpmp::SERVER_PORT;
 use natscope_core::portmap::server::{Served, Server};
+use natscope_core::portmap::PortMappingService;
 use pnet::packet::ip::IpNextHeaderProtocols;
 use pnet::packet::ipv4::MutableIpv4Packet;
 use pnet::packet::udp::MutableUdpPacket;
@@ -21,6 +23,43 @@ use super::packet::{Datagram, Transport};
 use super::{Emit, Port, Router};
 
 impl Router {
+    /// Whether the router serves UPnP IGD (the driver then opens its kernel sockets).
+    pub fn serves_upnp(&self) -> bool {
+        self.config.port_mapping.contains(&PortMappingService::Upnp)
+    }
+
+    fn igd(&mut self, now: Instant) -> Option<&mut Igd> {
+        if !self.serves_upnp() {
+            return None;
+        }
+        let (lan, seed) = (self.addrs.lan.addr, self.config.seed);
+        Some(self.igd.get_or_insert_with(|| Igd::new(lan, seed, now)))
+    }
+
+    /// An SSDP datagram the driver received on the LAN: the M-SEARCH answer to send back, if any.
+    pub fn upnp_ssdp(&mut self, now: Instant, datagram: &[u8]) -> Option<Vec<u8>> {
+        self.igd(now)?.ssdp(datagram)
+    }
+
+    /// The bytes of one HTTP request received so far from `client` on the LAN address.
+    pub fn upnp_http(&mut self, now: Instant, client: SocketAddr, request: &[u8]) -> Http {
+        if self.igd(now).is_none() {
+            return Http::Respond(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec());
+        }
+        let Some(igd) = self.igd.as_mut() else {
+            return Http::Incomplete;
+        };
+        let answer = igd.http(now, &mut self.table, client, request);
+        if let Http::Respond(bytes) = &answer {
+            if bytes.starts_with(b"HTTP/1.1 200") {
+                self.stats.port_mapping_answered += 1;
+            } else {
+                self.stats.port_mapping_refused += 1;
+            }
+        }
+        answer
+    }
+
     /// Answers a NAT-PMP or PCP request addressed to the router's LAN address. Returns whether the
     /// datagram was consumed (it was a request to the service and the service is on).
     pub(super) fn serve_port_mapping(

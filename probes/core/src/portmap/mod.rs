@@ -3,6 +3,7 @@
 //!
 //! - [`natpmp`]: NAT-PMP (RFC 6886): external-address and UDP/TCP map requests and responses.
 //! - [`pcp`]: PCP (RFC 6887): ANNOUNCE and MAP requests and responses, options, version negotiation.
+//! - [`igd`]: the gateway side of UPnP IGD (SSDP answers, description, WANIPConnection:2 SOAP).
 //! - [`server`]: the gateway side of both, answering from a [`crate::nat::table::NatTable`] (the lab
 //!   router's port-mapping service).
 //!
@@ -30,6 +31,7 @@
 //! 36 bytes of MAP fields, TLV options), so owning them costs less than an adapter around any of
 //! these, and keeps the core's "no socket" rule a compiler fact.
 
+pub mod igd;
 pub mod natpmp;
 pub mod pcp;
 pub mod server;
