@@ -891,6 +891,9 @@ mod tests {
             .find(|n| n.name == "carrier")
             .expect("carrier");
         assert_eq!(carrier.lan.map(|l| l.network()), Some(DOUBLE_NAT_LAN.addr));
+        let nat = plan.nodes.iter().find(|n| n.name == "nat").expect("nat");
+        // docs/lab.md, "Port mapping", names this address.
+        assert_eq!(nat.uplink[0].addr, std::net::Ipv4Addr::new(192, 168, 1, 2));
         let plan = preset("cgnat+all").expect("preset").plan().expect("plans");
         let nat = plan.nodes.iter().find(|n| n.name == "nat").expect("nat");
         assert!(crate::topology::CGNAT_NET.contains(nat.uplink[0].addr));

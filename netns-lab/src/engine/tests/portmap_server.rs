@@ -179,3 +179,61 @@ fn without_the_knob_the_router_stays_silent() {
     );
     assert_eq!(r.stats().dropped_unroutable, 1);
 }
+
+#[test]
+fn upnp_mappings_land_in_the_engine_table_and_expire() {
+    use natscope_core::portmap::igd::Http;
+    let t0 = Instant::now();
+    let mut r = with(
+        &[S::Upnp],
+        M::AddressAndPortDependent,
+        F::AddressAndPortDependent,
+    );
+    assert!(r.serves_upnp());
+    let body = "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body>\
+        <u:AddPortMapping xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:1\"><NewRemoteHost></NewRemoteHost>\
+        <NewExternalPort>7000</NewExternalPort><NewProtocol>UDP</NewProtocol><NewInternalPort>5000</NewInternalPort>\
+        <NewInternalClient>10.0.0.2</NewInternalClient><NewEnabled>1</NewEnabled>\
+        <NewPortMappingDescription>x</NewPortMappingDescription><NewLeaseDuration>5</NewLeaseDuration>\
+        </u:AddPortMapping></s:Body></s:Envelope>";
+    let req = format!(
+        "POST /ctl/IPConn HTTP/1.1\r\nContent-Length: {}\r\nSOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping\"\r\n\r\n{body}",
+        body.len()
+    );
+    let client = SocketAddr::V4(ep("10.0.0.2:40000"));
+    let Http::Respond(answer) = r.upnp_http(t0, client, req.as_bytes()) else {
+        panic!("no answer");
+    };
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let ext = ep("203.0.113.1:7000");
+    assert_eq!(
+        send_in(&mut r, t0 + Duration::from_secs(4), S1, ext),
+        Some(ep(HOST))
+    );
+    assert!(r
+        .mappings(t0)
+        .iter()
+        .any(|m| m.requested_by == Some(S::Upnp)));
+    assert_eq!(
+        send_in(&mut r, t0 + Duration::from_secs(5), S1, ext),
+        None,
+        "lease over"
+    );
+    // A router without the knob answers no UPnP.
+    let mut plain = with(&[S::NatPmp], M::EndpointIndependent, F::EndpointIndependent);
+    assert!(!plain.serves_upnp());
+    assert!(
+        matches!(plain.upnp_http(t0, client, req.as_bytes()), Http::Respond(b) if b.starts_with(b"HTTP/1.1 404"))
+    );
+    assert_eq!(
+        plain.upnp_ssdp(
+            t0,
+            b"M-SEARCH * HTTP/1.1\r\nMAN: \"ssdp:discover\"\r\nST: ssdp:all\r\n\r\n"
+        ),
+        None
+    );
+}

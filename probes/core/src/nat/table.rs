@@ -601,6 +601,121 @@ mod tests {
         )
     }
 
+    fn request(port: u16, exact: bool, secs: u64, nonce: Option<[u8; 12]>) -> MapRequest {
+        MapRequest {
+            proto: Protocol::Udp,
+            internal: sa(INSIDE),
+            external_port: port,
+            exact,
+            lifetime: Duration::from_secs(secs),
+            service: PortMappingService::Pcp,
+            nonce,
+        }
+    }
+
+    #[test]
+    fn requested_mappings_are_endpoint_independent_for_their_lifetime() {
+        let t0 = Instant::now();
+        let mut t = table(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        let ext = t
+            .map_requested(t0, request(6000, false, 30, Some([1; 12])))
+            .unwrap();
+        assert_eq!(ext, sa("203.0.113.1:6000"));
+        // Outbound to any remote leaves through it, though the mapping behavior is APDM.
+        assert_eq!(t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)), Ok(ext));
+        assert_eq!(
+            t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S2_P2)),
+            Ok(ext)
+        );
+        // Inbound from a remote never sent to, though the filter is APDF.
+        assert_eq!(
+            t.inbound(t0, Protocol::Udp, sa(S1_P2), ext),
+            Some(sa(INSIDE))
+        );
+        let row = t.mappings(t0).find(|m| m.external == ext).unwrap();
+        assert_eq!(
+            row.admits(t0).collect::<Vec<_>>(),
+            [RemoteKey {
+                ip: None,
+                port: None
+            }]
+        );
+        // Another nonce owns nothing; the owner refreshes.
+        assert_eq!(
+            t.map_requested(t0, request(0, false, 30, Some([2; 12]))),
+            Err(RequestError::NotOwner)
+        );
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), Some([2; 12])),
+            Err(RequestError::NotOwner)
+        );
+        // Past the lifetime, traffic keeps it as an ordinary mapping: the filter is back.
+        let later = t0 + Duration::from_secs(31);
+        assert_eq!(
+            t.outbound(
+                t0 + Duration::from_secs(29),
+                Protocol::Udp,
+                sa(INSIDE),
+                sa(S1)
+            ),
+            Ok(ext)
+        );
+        assert_eq!(t.inbound(later, Protocol::Udp, sa(S2), ext), None);
+        assert_eq!(
+            t.inbound(later, Protocol::Udp, sa(S1), ext),
+            Some(sa(INSIDE))
+        );
+        assert!(t.requested(later, Protocol::Udp, sa(INSIDE)).is_none());
+    }
+
+    #[test]
+    fn a_taken_port_is_refused_or_replaced_and_deletion_frees_it() {
+        let t0 = Instant::now();
+        let mut t = table(M::EndpointIndependent, F::AddressAndPortDependent);
+        // Another host's traffic holds 6000.
+        t.outbound(t0, Protocol::Udp, sa("10.0.0.3:6000"), sa(S1))
+            .unwrap();
+        assert_eq!(
+            t.map_requested(t0, request(6000, true, 30, None)),
+            Err(RequestError::PortTaken)
+        );
+        let other = t.map_requested(t0, request(6000, false, 30, None)).unwrap();
+        assert_ne!(other.port(), 6000);
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(true)
+        );
+        assert_eq!(t.inbound(t0, Protocol::Udp, sa(S1), other), None);
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(false)
+        );
+        // A mapping made by traffic alone is not deleted by a request.
+        let implicit = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(false)
+        );
+        assert_eq!(
+            t.inbound(t0, Protocol::Udp, sa(S1), implicit),
+            Some(sa(INSIDE))
+        );
+    }
+
+    #[test]
+    fn a_host_holds_a_bounded_number_of_requested_mappings() {
+        let t0 = Instant::now();
+        let mut t = table(M::EndpointIndependent, F::EndpointIndependent);
+        for port in 0..MAX_REQUESTED_PER_HOST as u16 {
+            let mut r = request(0, false, 30, None);
+            r.internal = SocketAddr::new(r.internal.ip(), 2000 + port);
+            t.map_requested(t0, r).unwrap();
+        }
+        let mut r = request(0, false, 30, None);
+        r.internal = sa("10.0.0.2:9999");
+        assert_eq!(t.map_requested(t0, r), Err(RequestError::Quota));
+    }
+
     #[test]
     fn mapping_rows_rfc4787_section4_1() {
         // (behavior, second destination, same external as towards S1?)
