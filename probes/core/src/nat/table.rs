@@ -346,7 +346,7 @@ impl NatTable {
             }
         }
         let want_port =
-            r.external_port != 0 && existing.map_or(true, |(ext, _)| ext.port() != r.external_port);
+            r.external_port != 0 && existing.is_none_or(|(ext, _)| ext.port() != r.external_port);
         let external = if want_port {
             let ip = match existing {
                 Some((ext, _)) => ext.ip(),
