@@ -364,21 +364,15 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header([
-        "proto",
-        "internal",
-        "external",
-        "expires in",
-        "requested by",
-    ]);
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["proto", "internal", "external", "expires in"]);
     let rows = &table.mappings;
     for r in rows {
         t.add_row([
             wire(&r.proto),
             r.internal.to_string(),
-            r.external.to_string(),
+            r.external_via(),
             format!("{:.1} s", r.expires_in_ms as f64 / 1000.0),
-            r.requested_by.map_or(String::new(), |s| s.to_string()),
         ]);
     }
     emit(&format!(

@@ -20,7 +20,7 @@ use pnet::packet::ipv4::MutableIpv4Packet;
 use pnet::packet::udp::MutableUdpPacket;
 
 use super::packet::{Datagram, Transport};
-use super::{Emit, Port, Router};
+use super::{Emit, MappingRow, Port, Router};
 
 impl Router {
     /// Whether the router serves UPnP IGD (the driver then opens its kernel sockets).
@@ -100,6 +100,17 @@ impl Router {
             }
         }
         true
+    }
+}
+
+impl MappingRow {
+    /// The external endpoint as `lab nat-table` shows it: with ` via PROTOCOL` when a
+    /// port-mapping request made the mapping.
+    pub fn external_via(&self) -> String {
+        match self.requested_by {
+            Some(s) => format!("{} via {s}", self.external),
+            None => self.external.to_string(),
+        }
     }
 }
 
