@@ -136,6 +136,37 @@ fn upnpc_discovers_the_router_maps_a_port_and_deletes_it() {
         "control: nothing gets in before the mapping"
     );
 
+    // The router's kernel holds the LAN address for HTTP but routes nothing: traffic through the
+    // router still goes through the engine (translated), and the host gets no ICMP errors from
+    // the kernel on a connected socket.
+    let (public, _) = reflector_ips(&lab);
+    let server = udp(&lab, "stun", (public, 0).into());
+    let to = server.local_addr().expect("addr");
+    let client = lab
+        .node("h1")
+        .expect("h1")
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("ns")
+        .expect("socket");
+    client.set_read_timeout(Some(ARRIVAL)).expect("timeout");
+    for _ in 0..3 {
+        client.send(b"out").expect("send");
+    }
+    let (_, seen) = recv_within(&server, ARRIVAL).expect("reaches the public host");
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(ext_ip),
+        "translated by the engine"
+    );
+    server.send_to(b"back", seen).expect("reply");
+    let mut buf = [0u8; 16];
+    let n = client.recv(&mut buf).expect("the reply, not an ICMP error");
+    assert_eq!(&buf[..n], b"back");
+
     // SSDP discovery (multicast M-SEARCH), the description, then GetExternalIPAddress. `-i`:
     // miniupnpc calls an IGD "not connected?" when its external address is reserved, and the
     // lab's public segment is a documentation range (203.0.113.0/24); the router itself reports
