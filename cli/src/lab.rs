@@ -378,7 +378,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
         t.add_row([
             wire(&r.proto),
             r.internal.to_string(),
-            r.external.to_string(),
+            r.external_via(),
             format!("{:.1} s", r.expires_in_ms as f64 / 1000.0),
         ]);
     }

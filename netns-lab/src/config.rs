@@ -183,7 +183,8 @@ struct NatDoc {
     ipv6_udp_timeout_s: Option<u64>,
     ipv6_tcp_timeout_s: Option<u64>,
     ipv6_unsolicited_syn: Option<Ipv6UnsolicitedSyn>,
-    port_mapping: Option<Vec<PortMappingService>>,
+    /// Port-mapping services on the router's LAN address: any of "nat-pmp", "pcp", "upnp".
+    port_mapping: Option<Spanned<Vec<PortMappingService>>>,
 }
 
 impl NatDoc {
@@ -365,8 +366,13 @@ fn build(doc: FileDoc) -> Result<(Topology, Spans), BuildError> {
             name: n.name.into_inner(),
             parent: n.parent.map(Spanned::into_inner),
             lan: n.lan.map(|l| l.into_inner().0),
+            // The knob is one key: an engine router serves it itself (its `EngineConfig`, set by
+            // `router`), a `linux` router runs miniupnpd for it (`crate::miniupnpd`).
+            port_mapping: match router {
+                RouterKind::Linux => n.port_mapping.map(Spanned::into_inner).unwrap_or_default(),
+                RouterKind::Engine(_) => Vec::new(),
+            },
             router,
-            port_mapping: n.port_mapping.unwrap_or_default(),
         });
     }
     for h in doc.host {
@@ -513,6 +519,25 @@ fn router(n: &NatDoc) -> Result<RouterKind, BuildError> {
     }
     if let Some(v) = n.ipv6_unsolicited_syn {
         cfg.ipv6_unsolicited_syn = v;
+    }
+    if let Some(services) = &n.port_mapping {
+        let mut list = services.get_ref().clone();
+        list.sort();
+        if list.windows(2).any(|w| w[0] == w[1]) {
+            return Err((
+                services.span(),
+                "port_mapping names a service twice".to_string(),
+            ));
+        }
+        if !cfg.translate && !list.is_empty() {
+            return Err((
+                services.span(),
+                "port_mapping needs a translating nat (translate = true): a firewall has no \
+                 external address to map"
+                    .to_string(),
+            ));
+        }
+        cfg.port_mapping = list;
     }
     Ok(RouterKind::Engine(cfg))
 }
@@ -823,6 +848,38 @@ behavior = "linux"
             }
         }
         assert!(seen >= 1);
+    }
+
+    #[test]
+    fn port_mapping_knob_reads_services_and_locates_bad_words() {
+        let t = from_toml(
+            "[[nat]]\nname = \"n\"\nbehavior = \"symmetric\"\nport_mapping = [\"upnp\", \"nat-pmp\"]\n",
+            "two-homes.toml",
+        )
+        .expect("loads");
+        let Some(NodeSpec::Nat {
+            router: RouterKind::Engine(cfg),
+            ..
+        }) = t.nodes.first()
+        else {
+            panic!("no engine nat: {t:?}");
+        };
+        assert_eq!(
+            cfg.port_mapping,
+            [PortMappingService::NatPmp, PortMappingService::Upnp]
+        );
+        let e = err("[[nat]]\nname = \"n\"\nport_mapping = [\"pcp\", \"natpmp\"]\n");
+        assert!(e.starts_with("two-homes.toml:3:24: "), "{e}");
+        assert!(e.contains("natpmp") && e.contains("nat-pmp"), "{e}");
+        let e = err("[[nat]]\nname = \"n\"\nport_mapping = [\"pcp\", \"pcp\"]\n");
+        assert!(e.starts_with("two-homes.toml:3:16: "), "{e}");
+        assert!(e.contains("twice"), "{e}");
+        // A `linux` router takes the knob too, through miniupnpd, with miniupnpd's limits.
+        let e = err("[[nat]]\nname = \"n\"\nbehavior = \"linux\"\nport_mapping = [\"pcp\"]\n");
+        assert!(
+            e.contains("miniupnpd") && e.contains("both or neither"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -511,6 +511,7 @@ mod tests {
             external: "203.0.113.1:4000".parse().unwrap(),
             expires_in_ms: 1500,
             admits: vec!["*:*".into()],
+            requested_by: None,
         };
         let mut stats = BTreeMap::new();
         stats.insert(

@@ -268,6 +268,18 @@ pub fn start(
             .spawn(move || timer_loop(&s))
             .map_err(|e| DriverError::Socket(WAN, e))?,
     );
+    if lock(&shared.router).serves_upnp() {
+        let (a, s) = (shared.clone(), shared.clone());
+        let access: crate::upnp::Access = Arc::new(move |f| f(&mut lock(&a.router)));
+        let stopped: crate::upnp::Stopped = Arc::new(move || s.stop.load(Ordering::Relaxed));
+        match crate::upnp::start(ns, lan.addr, access, stopped) {
+            Ok(t) => threads.extend(t),
+            Err(e) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                return Err(DriverError::Socket(LAN, e));
+            }
+        }
+    }
     Ok(EngineHandle { shared, threads })
 }
 

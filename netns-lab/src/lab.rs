@@ -448,6 +448,9 @@ impl Lab {
     fn configure(&mut self, p: &PlannedNode) -> Result<(), LabError> {
         let idx = self.node_index(&p.name)?;
         let kernel_addresses = !matches!(p.router, Some(RouterKind::Engine(_)));
+        // A userspace router serving UPnP IGD answers HTTP from its kernel (crate::upnp).
+        let kernel_lan = matches!(&p.router, Some(RouterKind::Engine(c))
+            if c.port_mapping.contains(&natscope_core::portmap::PortMappingService::Upnp));
         let uplink = if p.role == Role::Nat {
             driver::WAN
         } else {
@@ -485,6 +488,8 @@ impl Lab {
                         links::add_address6(&h, driver::LAN, lan.addr, lan.len).await?;
                     }
                     add_routes6(&h, uplink, &plan, &routes6).await?;
+                } else if let (true, Some(lan)) = (kernel_lan, plan.lan) {
+                    links::add_address(&h, driver::LAN, lan.addr, lan.len).await?;
                 }
                 Ok(())
             })?

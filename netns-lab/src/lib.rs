@@ -27,6 +27,7 @@ pub mod registry;
 pub mod resolver;
 pub mod rootless;
 pub mod topology;
+pub mod upnp;
 
 pub use lab::{
     check_lab_name, namespace_name, Lab, LabBuilder, LabError, LabNode, LabOptions, LabStatus,

@@ -15,7 +15,8 @@ use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAl
 use natscope_core::probe::{AllocationPattern, Classic};
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{EngineConfig, Ipv6Mode, NodeSpec, RouterKind, Topology};
+use crate::topology::{EngineConfig, Ipv4Net, Ipv6Mode, NodeSpec, RouterKind, Topology};
+use natscope_core::portmap::PortMappingService as S;
 
 use FilteringBehavior as F;
 use MappingBehavior as M;
@@ -28,10 +29,12 @@ pub enum Layout {
     /// One router `nat` in front of the hosts; its settings are also what `behavior = "<name>"`
     /// means in a topology file.
     Router(fn() -> RouterKind),
-    /// A `carrier` router on the internet and a `nat` router behind it.
+    /// A `carrier` router on the internet and a `nat` router behind it; `carrier_lan` pins the
+    /// carrier's LAN (default: the planner's 100.64/10 shared space, RFC 6598).
     Nested {
         carrier: fn() -> EngineConfig,
         nat: fn() -> EngineConfig,
+        carrier_lan: Option<Ipv4Net>,
     },
 }
 
@@ -190,6 +193,7 @@ pub const PRESETS: &[Preset] = {
             layout: Layout::Nested {
                 carrier,
                 nat: port_restricted_cone,
+                carrier_lan: None,
             },
             truth: truth(
                 EIM,
@@ -227,6 +231,101 @@ pub const PRESETS: &[Preset] = {
             name: "linux",
             summary: "the kernel's nftables masquerade (a stock linux router)",
             layout: Layout::Router(|| RouterKind::Linux),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "full-cone+nat-pmp",
+            summary: "full-cone that serves nat-pmp on its lan address",
+            layout: Layout::Router(|| RouterKind::Engine(mapping(full_cone(), &[S::NatPmp]))),
+            truth: truth(
+                EIM,
+                Some(F::EndpointIndependent),
+                true,
+                A::Preserving,
+                true,
+                Classic::FullCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "port-restricted-cone+upnp",
+            summary: "port-restricted-cone that serves upnp igd on its lan address",
+            layout: Layout::Router(|| {
+                RouterKind::Engine(mapping(port_restricted_cone(), &[S::Upnp]))
+            }),
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "symmetric+pcp",
+            summary: "symmetric that serves pcp on its lan address",
+            layout: Layout::Router(|| RouterKind::Engine(mapping(symmetric(), &[S::Pcp]))),
+            truth: truth(
+                APDM,
+                Some(F::AddressAndPortDependent),
+                false,
+                A::Random,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "symmetric+upnp",
+            summary: "symmetric that serves upnp igd on its lan address",
+            layout: Layout::Router(|| RouterKind::Engine(mapping(symmetric(), &[S::Upnp]))),
+            truth: truth(
+                APDM,
+                Some(F::AddressAndPortDependent),
+                false,
+                A::Random,
+                false,
+                Classic::Symmetric,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "double-nat+all",
+            summary: "a private home nat (192.168.1.0/24 lan, no port mapping) in front of a \
+                      port-restricted-cone nat serving nat-pmp, pcp and upnp",
+            layout: Layout::Nested {
+                carrier: port_restricted_cone,
+                nat: all_services,
+                carrier_lan: Some(DOUBLE_NAT_LAN),
+            },
+            truth: truth(
+                EIM,
+                Some(F::AddressAndPortDependent),
+                true,
+                A::Preserving,
+                false,
+                Classic::PortRestrictedCone,
+            ),
+            grid: false,
+        },
+        Preset {
+            name: "cgnat+all",
+            summary: "cgnat whose home nat serves nat-pmp, pcp and upnp (the carrier maps nothing)",
+            layout: Layout::Nested {
+                carrier,
+                nat: all_services,
+                carrier_lan: None,
+            },
             truth: truth(
                 EIM,
                 Some(F::AddressAndPortDependent),
@@ -404,6 +503,24 @@ fn address_dependent() -> EngineConfig {
     engine(M::AddressDependent, F::AddressDependent)
 }
 
+/// `config` serving the port-mapping `services` on its LAN address.
+fn mapping(mut config: EngineConfig, services: &[S]) -> EngineConfig {
+    config.port_mapping = services.to_vec();
+    config
+}
+
+/// The inner router of `double-nat+all` and `cgnat+all`: port-restricted-cone serving all three.
+fn all_services() -> EngineConfig {
+    mapping(port_restricted_cone(), &[S::NatPmp, S::Pcp, S::Upnp])
+}
+
+/// The outer router's LAN in `double-nat+all`: RFC 1918 space, as an ISP's home gateway hands out,
+/// so the inner router's external address (what its port-mapping services report) is private.
+pub const DOUBLE_NAT_LAN: Ipv4Net = Ipv4Net {
+    addr: std::net::Ipv4Addr::new(192, 168, 1, 0),
+    len: 24,
+};
+
 /// `cgnat`'s carrier: EIM + EIF, port preservation.
 fn carrier() -> EngineConfig {
     engine(M::EndpointIndependent, F::EndpointIndependent)
@@ -536,6 +653,12 @@ fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
 /// | `firewall` | no translation, APDF; hosts have public addresses |
 /// | `blocked` | drops all UDP; EIM + APDF otherwise |
 /// | `linux` | nftables masquerade |
+/// | `full-cone+nat-pmp` | `full-cone`, serving NAT-PMP |
+/// | `port-restricted-cone+upnp` | `port-restricted-cone`, serving UPnP IGD |
+/// | `symmetric+pcp` | `symmetric`, serving PCP |
+/// | `symmetric+upnp` | `symmetric`, serving UPnP IGD |
+/// | `double-nat+all` | `carrier` EIM + APDF with LAN 192.168.1.0/24; `nat` EIM + APDF serving all three |
+/// | `cgnat+all` | `cgnat` whose `nat` serves NAT-PMP, PCP and UPnP IGD |
 /// | `dual-stack` | EIM + APDF; IPv6 EIF firewall |
 /// | `dual-stack-strict` | EIM + APDF; IPv6 APDF firewall |
 /// | `nptv6` | EIM + APDF; IPv6 NPTv6 + EIF firewall |
@@ -544,9 +667,19 @@ fn nat(name: &str, parent: Option<&str>, router: RouterKind) -> NodeSpec {
 pub fn preset(name: &str) -> Option<Topology> {
     let nodes = match find(name)?.layout {
         Layout::NoNat => vec![reflector(), host("h1", None), host("h2", None)],
-        Layout::Nested { carrier, nat: home } => vec![
+        Layout::Nested {
+            carrier,
+            nat: home,
+            carrier_lan,
+        } => vec![
             reflector(),
-            nat("carrier", None, RouterKind::Engine(carrier())),
+            NodeSpec::Nat {
+                name: "carrier".to_string(),
+                parent: None,
+                lan: carrier_lan,
+                router: RouterKind::Engine(carrier()),
+                port_mapping: Vec::new(),
+            },
             nat("nat", Some("carrier"), RouterKind::Engine(home())),
             host("h1", Some("nat")),
             host("h2", Some("nat")),
@@ -738,13 +871,13 @@ mod tests {
             let cfg = nat_config(name);
             let b = &cfg.behavior;
             assert_eq!(b.udp_timeout.as_secs(), 120, "{name}");
-            assert_eq!(b.hairpinning, *name == "full-cone", "{name}");
+            assert_eq!(b.hairpinning, name.starts_with("full-cone"), "{name}");
             assert_eq!(cfg.translate, *name != "firewall", "{name}");
             assert_eq!(cfg.block_udp, *name == "blocked", "{name}");
             let want = expected(name).expect("expected");
             match *name {
                 "firewall" | "blocked" => {}
-                "cgnat" => {
+                "cgnat" | "cgnat+all" | "double-nat+all" => {
                     assert_eq!(b.mapping, M::EndpointIndependent);
                     assert_eq!(b.filtering, F::AddressAndPortDependent);
                 }
@@ -838,13 +971,53 @@ mod tests {
         let routers: Vec<&str> = names()
             .iter()
             .copied()
-            .filter(|n| !matches!(*n, "open" | "cgnat"))
+            .filter(|n| !matches!(*n, "open" | "cgnat" | "double-nat+all" | "cgnat+all"))
             .collect();
         assert_eq!(ROUTER_BEHAVIORS, routers);
         for p in PRESETS {
             assert_eq!(find(p.name).map(|f| f.name), Some(p.name));
             assert_eq!(expected(p.name), Some(p.truth));
         }
+    }
+
+    /// A preset's name says which services its (inner) router offers, and no other router maps.
+    #[test]
+    fn port_mapping_presets_serve_what_their_names_say() {
+        for name in names() {
+            let want: Vec<S> = match name.split_once('+') {
+                Some((_, "all")) => vec![S::NatPmp, S::Pcp, S::Upnp],
+                Some((_, words)) => words.split('+').map(|w| w.parse().expect(w)).collect(),
+                None => vec![],
+            };
+            let topology = preset(name).expect("preset");
+            for node in &topology.nodes {
+                if let NodeSpec::Nat {
+                    name: node,
+                    router: RouterKind::Engine(cfg),
+                    ..
+                } = node
+                {
+                    let expect = if node == "nat" { &want[..] } else { &[] };
+                    assert_eq!(cfg.port_mapping, expect, "{name}: {node}");
+                }
+            }
+        }
+        let plan = preset("double-nat+all")
+            .expect("preset")
+            .plan()
+            .expect("plans");
+        let carrier = plan
+            .nodes
+            .iter()
+            .find(|n| n.name == "carrier")
+            .expect("carrier");
+        assert_eq!(carrier.lan.map(|l| l.network()), Some(DOUBLE_NAT_LAN.addr));
+        let nat = plan.nodes.iter().find(|n| n.name == "nat").expect("nat");
+        // docs/lab.md, "Port mapping", names this address.
+        assert_eq!(nat.uplink[0].addr, std::net::Ipv4Addr::new(192, 168, 1, 2));
+        let plan = preset("cgnat+all").expect("preset").plan().expect("plans");
+        let nat = plan.nodes.iter().find(|n| n.name == "nat").expect("nat");
+        assert!(crate::topology::CGNAT_NET.contains(nat.uplink[0].addr));
     }
 
     /// docs/lab.md's truth table and grid description are this table, row for row.

@@ -238,6 +238,10 @@ pub struct EngineConfig {
     /// An unsolicited inbound IPv6 SYN: dropped, or answered with ICMPv6 admin-prohibited.
     #[serde(default)]
     pub ipv6_unsolicited_syn: Ipv6UnsolicitedSyn,
+    /// Port-mapping services the router offers on its LAN address (NAT-PMP and PCP on UDP 5351,
+    /// UPnP IGD over SSDP and HTTP); empty: none, as most routers in the presets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mapping: Vec<PortMappingService>,
 }
 
 impl EngineConfig {
@@ -256,6 +260,7 @@ impl EngineConfig {
             ipv6_udp_timeout: IPV6_DEFAULT_UDP_TIMEOUT,
             ipv6_tcp_timeout: IPV6_MIN_TCP_TIMEOUT,
             ipv6_unsolicited_syn: Ipv6UnsolicitedSyn::Drop,
+            port_mapping: Vec::new(),
         }
     }
 }

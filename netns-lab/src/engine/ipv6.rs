@@ -762,6 +762,7 @@ impl Router {
                     external: m.external,
                     expires_in_ms: ms(m.expires),
                     admits: m.admits(now).map(remote_key).collect(),
+                    requested_by: m.requested_at(now).map(|r| r.service),
                 })
                 .collect(),
             None => self
@@ -774,6 +775,7 @@ impl Router {
                     external: p.internal,
                     expires_in_ms: ms(p.expires),
                     admits: vec![remote_key(p.remote)],
+                    requested_by: None,
                 })
                 .collect(),
         }

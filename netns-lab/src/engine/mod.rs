@@ -38,6 +38,7 @@ mod ipv6_packet;
 mod ipv6_tests;
 mod ndp;
 mod packet;
+mod portmap;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +50,7 @@ use std::time::Instant;
 use natscope_core::nat::firewall::Firewall;
 use natscope_core::nat::table::NatTable;
 use natscope_core::nat::{Protocol, RemoteKey};
+use natscope_core::portmap::PortMappingService;
 use pnet::packet::arp::ArpOperations;
 use pnet::packet::ethernet::{EtherTypes, EthernetPacket};
 use pnet::packet::ip::{IpNextHeaderProtocol, IpNextHeaderProtocols};
@@ -110,6 +112,10 @@ pub struct MappingRow {
     pub expires_in_ms: u64,
     /// Remotes the filter admits: `ip:port`, with `*` for a part the filtering ignores.
     pub admits: Vec<String>,
+    /// The port-mapping protocol whose request made (or took over) this mapping; absent for a
+    /// mapping made by traffic alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<PortMappingService>,
 }
 
 /// Flows kept per router: enough for every socket a grid cell's programs open; past it new flows
@@ -186,6 +192,11 @@ pub struct Stats {
     /// The IPv6 half (`dropped_not_ipv4` counts only other ethertypes now).
     #[serde(default)]
     pub ipv6: Ipv6Stats,
+    /// NAT-PMP, PCP and UPnP requests answered with success, and with an error result.
+    #[serde(default)]
+    pub port_mapping_answered: u64,
+    #[serde(default)]
+    pub port_mapping_refused: u64,
 }
 
 /// The NAT router.
@@ -204,6 +215,10 @@ pub struct Router {
     stats: Stats,
     flows: HashMap<FlowKey, FlowRow>,
     v6: ipv6::State,
+    /// The NAT-PMP/PCP server, made at the first request (its epoch starts there).
+    portmap: Option<natscope_core::portmap::server::Server>,
+    /// The UPnP IGD, made at the first SSDP or HTTP request.
+    igd: Option<natscope_core::portmap::igd_server::Igd>,
 }
 
 /// What to do with a datagram after the NAT decision.
@@ -229,6 +244,8 @@ impl Router {
             waiting_total: 0,
             stats: Stats::default(),
             flows: HashMap::new(),
+            portmap: None,
+            igd: None,
         }
     }
 
@@ -565,6 +582,10 @@ impl Router {
         };
         let (src, dst) = (d.src(), d.dst());
         let lan = self.addrs.lan;
+        if port == Port::Lan && dst == lan.addr && self.serve_port_mapping(now, &d, transport, out)
+        {
+            return;
+        }
         let ours = |ip| self.config.translate && self.addrs.external.contains(&ip);
         let special = |ip: Ipv4Addr| {
             ip.is_multicast() || ip.is_broadcast() || ip.is_unspecified() || ip.is_loopback()
@@ -852,6 +873,7 @@ impl Router {
                     external: m.external,
                     expires_in_ms: ms(m.expires),
                     admits: m.admits(now).map(remote_key).collect(),
+                    requested_by: m.requested_at(now).map(|r| r.service),
                 })
                 .collect()
         } else {
@@ -863,6 +885,7 @@ impl Router {
                     external: p.internal,
                     expires_in_ms: ms(p.expires),
                     admits: vec![remote_key(p.remote)],
+                    requested_by: None,
                 })
                 .collect()
         };

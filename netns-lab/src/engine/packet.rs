@@ -126,6 +126,16 @@ impl Datagram {
         &mut self.bytes[self.hl..]
     }
 
+    /// A UDP datagram's payload (as long as the UDP length says), for the router's own services.
+    pub fn udp_payload(&self) -> Option<&[u8]> {
+        if self.proto() != IpNextHeaderProtocols::Udp {
+            return None;
+        }
+        let u = UdpPacket::new(self.l4())?;
+        let len = usize::from(u.get_length());
+        self.l4().get(8..len)
+    }
+
     /// The transport summary, or `Err(Malformed)` when the header is truncated.
     pub fn transport(&self) -> Result<Transport, Reject> {
         let l4 = self.l4();

@@ -16,6 +16,9 @@ use pnet::packet::udp::{self, MutableUdpPacket, UdpPacket};
 use pnet::packet::Packet;
 
 use super::*;
+
+// The port-mapping services (engine/portmap.rs), in their own file so merges stay small.
+mod portmap_server;
 use crate::topology::{EngineConfig, Ipv4Net, UnsolicitedSyn};
 
 const LAN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

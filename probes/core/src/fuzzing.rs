@@ -861,6 +861,54 @@ pub fn punch_peers(bytes: &[u8]) {
     assert!(sent <= 1_000 + 200 * bytes.len() as u64, "{sent} packets");
 }
 
+/// Fuzz entry point for the UPnP IGD's SSDP side (issue 12): any datagram; an answer, when there
+/// is one, is a 200 with the description's location, and nothing panics.
+pub fn igd_ssdp(bytes: &[u8]) {
+    use crate::portmap::igd_server::Igd;
+    use std::net::Ipv4Addr;
+    let igd = Igd::new(Ipv4Addr::new(10, 1, 0, 1), 1, std::time::Instant::now());
+    if let Some(answer) = igd.ssdp(bytes) {
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(answer.windows(9).any(|w| w == b"LOCATION:"));
+    }
+}
+
+/// Fuzz entry point for the UPnP IGD's HTTP and SOAP side (issue 12): `bytes` as a SOAP body on
+/// its own, and as a whole HTTP request (also prefixed with a valid control head, so the SOAP
+/// parser is reached) against a NAT table. Every answer is a complete HTTP response; nothing panics.
+pub fn igd_http(bytes: &[u8]) {
+    use crate::nat::table::NatTable;
+    use crate::nat::{FilteringBehavior, MappingBehavior, NatBehavior};
+    use crate::portmap::igd_server::{parse_soap, Http, Igd};
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    let _ = parse_soap(bytes);
+    let now = std::time::Instant::now();
+    let mut igd = Igd::new(Ipv4Addr::new(10, 1, 0, 1), 1, now);
+    let behavior = NatBehavior::new(
+        MappingBehavior::EndpointIndependent,
+        FilteringBehavior::AddressAndPortDependent,
+    );
+    let mut table = NatTable::new(behavior, vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))], 1);
+    let client = SocketAddr::from(([10, 1, 0, 2], 40000));
+    let action = [
+        "AddPortMapping",
+        "DeletePortMapping",
+        "GetSpecificPortMappingEntry",
+    ][usize::from(bytes.first().copied().unwrap_or(0)) % 3];
+    let mut framed = format!(
+        "POST /ctl/IPConn HTTP/1.1\r\nContent-Length: {}\r\nSOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:2#{action}\"\r\n\r\n",
+        bytes.len()
+    )
+    .into_bytes();
+    framed.extend_from_slice(bytes);
+    for request in [bytes, &framed[..]] {
+        if let Http::Respond(answer) = igd.http(now, &mut table, client, request) {
+            assert!(answer.starts_with(b"HTTP/1.1 "));
+            assert!(answer.windows(4).any(|w| w == b"\r\n\r\n"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{NatBehavior, Pooling, PortAllocation, Protocol, RemoteKey};
+use crate::portmap::PortMappingService;
 
 /// Cap on remembered filter permissions per mapping; the oldest is forgotten first.
 const MAX_PERMISSIONS: usize = 64;
@@ -35,17 +36,77 @@ pub struct Mapping {
     pub expires: Instant,
     /// Remotes the filter admits, with their own expiry.
     permissions: Vec<(RemoteKey, Instant)>,
+    /// Set when a port-mapping request (NAT-PMP, PCP, UPnP IGD) made or took over this mapping.
+    pub requested: Option<Requested>,
+}
+
+/// What a port-mapping request asked of a mapping: while `until` has not passed, the mapping
+/// admits inbound from anyone whatever the filtering (RFC 6886 §3.3, RFC 6887 §11: an explicit
+/// mapping is endpoint-independent), and outbound traffic of its internal endpoint uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requested {
+    pub service: PortMappingService,
+    /// The PCP MAP nonce of the client that owns it (RFC 6887 §11.1); `None` for NAT-PMP and UPnP.
+    pub nonce: Option<[u8; 12]>,
+    /// End of the granted lifetime.
+    pub until: Instant,
 }
 
 impl Mapping {
-    /// The filter keys this mapping admits at `now` (blank fields match anything).
+    /// The filter keys this mapping admits at `now` (blank fields match anything; a requested
+    /// mapping admits everyone, one fully blank key).
     pub fn admits(&self, now: Instant) -> impl Iterator<Item = RemoteKey> + '_ {
-        self.permissions
-            .iter()
-            .filter(move |(_, exp)| *exp > now)
-            .map(|(k, _)| *k)
+        let anyone = self.requested_at(now).is_some().then_some(RemoteKey {
+            ip: None,
+            port: None,
+        });
+        anyone.into_iter().chain(
+            self.permissions
+                .iter()
+                .filter(move |(_, exp)| *exp > now && anyone.is_none())
+                .map(|(k, _)| *k),
+        )
+    }
+
+    /// The port-mapping request behind this mapping, if its lifetime has not run out at `now`.
+    pub fn requested_at(&self, now: Instant) -> Option<&Requested> {
+        self.requested.as_ref().filter(|r| r.until > now)
     }
 }
+
+/// A port-mapping request for [`NatTable::map_requested`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapRequest {
+    pub proto: Protocol,
+    pub internal: SocketAddr,
+    /// The external port asked for; 0 for no preference.
+    pub external_port: u16,
+    /// `true`: the exact port or nothing (UPnP AddPortMapping); `false`: another port when that
+    /// one is taken (NAT-PMP, PCP MAP without PREFER_FAILURE, UPnP AddAnyPortMapping).
+    pub exact: bool,
+    pub lifetime: std::time::Duration,
+    pub service: PortMappingService,
+    pub nonce: Option<[u8; 12]>,
+}
+
+/// Why a port-mapping request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Nat(#[from] NatError),
+    /// The exact external port asked for is in use (UPnP ConflictInMappingEntry).
+    #[error("the external port is in use")]
+    PortTaken,
+    /// Another PCP client's nonce owns the mapping (RFC 6887 §11.3 NOT_AUTHORIZED).
+    #[error("the mapping belongs to another nonce")]
+    NotOwner,
+    /// The internal host holds [`MAX_REQUESTED_PER_HOST`] requested mappings already.
+    #[error("too many requested mappings for this host")]
+    Quota,
+}
+
+/// Requested mappings one internal host may hold: bounds what a LAN client can make the table hold.
+pub const MAX_REQUESTED_PER_HOST: usize = 128;
 
 /// Why an outbound packet could not be translated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -104,10 +165,16 @@ impl NatTable {
         internal: SocketAddr,
         remote: SocketAddr,
     ) -> Result<SocketAddr, NatError> {
-        let key = MapKey {
-            proto,
-            internal,
-            remote: self.behavior.mapping.key(remote),
+        // A requested mapping is endpoint-independent, so its internal endpoint's traffic to any
+        // remote leaves through it, whatever the mapping behavior (RFC 6887 §11.1).
+        let explicit = Self::explicit_key(proto, internal);
+        let key = match self.mappings.get(&explicit) {
+            Some(m) if m.requested_at(now).is_some() => explicit,
+            _ => MapKey {
+                proto,
+                internal,
+                remote: self.behavior.mapping.key(remote),
+            },
         };
         self.expire_key(now, &key);
         let timeout = self.behavior.timeout(proto);
@@ -123,13 +190,15 @@ impl NatTable {
                     external,
                     expires: now + timeout,
                     permissions: Vec::new(),
+                    requested: None,
                 },
             );
         }
         let Some(m) = self.mappings.get_mut(&key) else {
             return Err(NatError::PortsExhausted);
         };
-        m.expires = now + timeout;
+        // Traffic never shortens a requested lifetime.
+        m.expires = m.expires.max(now + timeout);
         if let Some(p) = m.permissions.iter_mut().find(|(k, _)| *k == filter_key) {
             p.1 = now + timeout;
         } else {
@@ -158,15 +227,15 @@ impl NatTable {
         let timeout = self.behavior.timeout(proto);
         let refresh = self.behavior.inbound_refresh;
         let m = self.mappings.get_mut(&key)?;
-        let admitted = m
-            .permissions
-            .iter()
-            .any(|(k, exp)| *k == filter_key && *exp > now);
+        let admitted = m.requested_at(now).is_some()
+            || m.permissions
+                .iter()
+                .any(|(k, exp)| *k == filter_key && *exp > now);
         if !admitted {
             return None;
         }
         if refresh {
-            m.expires = now + timeout;
+            m.expires = m.expires.max(now + timeout);
             for p in m.permissions.iter_mut().filter(|(k, _)| *k == filter_key) {
                 p.1 = now + timeout;
             }
@@ -207,6 +276,174 @@ impl NatTable {
         Some(m.external)
     }
 
+    fn explicit_key(proto: Protocol, internal: SocketAddr) -> MapKey {
+        MapKey {
+            proto,
+            internal,
+            remote: RemoteKey {
+                ip: None,
+                port: None,
+            },
+        }
+    }
+
+    /// The live mapping a port-mapping request made for `internal`, if any.
+    pub fn requested(
+        &self,
+        now: Instant,
+        proto: Protocol,
+        internal: SocketAddr,
+    ) -> Option<&Mapping> {
+        self.mappings
+            .get(&Self::explicit_key(proto, internal))
+            .filter(|m| m.expires > now && m.requested_at(now).is_some())
+    }
+
+    /// The live requested mapping on `external`, if any (UPnP addresses mappings by external port).
+    pub fn requested_on(
+        &self,
+        now: Instant,
+        proto: Protocol,
+        external: SocketAddr,
+    ) -> Option<&Mapping> {
+        let key = self.by_external.get(&(proto, external))?;
+        self.mappings
+            .get(key)
+            .filter(|m| m.expires > now && m.requested_at(now).is_some())
+    }
+
+    /// Creates, refreshes or takes over the mapping of `r.internal` as a requested one (NAT-PMP
+    /// RFC 6886 §3.3, PCP RFC 6887 §11.3, UPnP AddPortMapping). An existing mapping of that
+    /// internal endpoint keeps its external port unless the request names another port that is
+    /// free; a port held by someone else is refused when `exact` and replaced otherwise. The
+    /// granted lifetime is `r.lifetime` from `now`. Returns the external endpoint.
+    pub fn map_requested(
+        &mut self,
+        now: Instant,
+        r: MapRequest,
+    ) -> Result<SocketAddr, RequestError> {
+        let key = Self::explicit_key(r.proto, r.internal);
+        self.expire_key(now, &key);
+        let existing = self
+            .mappings
+            .get(&key)
+            .map(|m| (m.external, m.requested_at(now).copied()));
+        if let Some((_, Some(owner))) = existing {
+            if let (Some(have), Some(asked)) = (owner.nonce, r.nonce) {
+                if have != asked {
+                    return Err(RequestError::NotOwner);
+                }
+            }
+        }
+        if existing.is_none() {
+            let held = self
+                .mappings
+                .values()
+                .filter(|m| m.internal.ip() == r.internal.ip() && m.requested_at(now).is_some())
+                .count();
+            if held >= MAX_REQUESTED_PER_HOST {
+                return Err(RequestError::Quota);
+            }
+        }
+        let want_port =
+            r.external_port != 0 && existing.is_none_or(|(ext, _)| ext.port() != r.external_port);
+        let external = if want_port {
+            let ip = match existing {
+                Some((ext, _)) => ext.ip(),
+                None => self.external_ip_for(r.internal.ip())?,
+            };
+            let port = r.external_port;
+            if self.port_free(now, r.proto, ip, port, port) {
+                Some(SocketAddr::new(ip, port))
+            } else if r.exact {
+                return Err(RequestError::PortTaken);
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let external = match (external, existing) {
+            (Some(ext), _) => {
+                if let Some((old, _)) = existing {
+                    self.by_external.remove(&(r.proto, old));
+                }
+                ext
+            }
+            (None, Some((old, _))) => old,
+            (None, None) => self.allocate(now, r.proto, r.internal)?,
+        };
+        self.by_external.insert((r.proto, external), key);
+        let until = now + r.lifetime;
+        let requested = Some(Requested {
+            service: r.service,
+            nonce: r
+                .nonce
+                .or(existing.and_then(|(_, q)| q.and_then(|q| q.nonce))),
+            until,
+        });
+        let m = self.mappings.entry(key).or_insert_with(|| Mapping {
+            proto: r.proto,
+            internal: r.internal,
+            external,
+            expires: until,
+            permissions: Vec::new(),
+            requested: None,
+        });
+        m.external = external;
+        m.expires = until;
+        m.requested = requested;
+        Ok(external)
+    }
+
+    /// Deletes the requested mapping of `internal` (lifetime 0: RFC 6886 §3.4, RFC 6887 §15,
+    /// UPnP DeletePortMapping). A mapping made by traffic alone is left alone; a PCP nonce must
+    /// match the owner's. Returns whether a mapping was deleted.
+    pub fn unmap_requested(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        internal: SocketAddr,
+        nonce: Option<[u8; 12]>,
+    ) -> Result<bool, RequestError> {
+        let key = Self::explicit_key(proto, internal);
+        let Some(owner) = self
+            .mappings
+            .get(&key)
+            .and_then(|m| m.requested_at(now).copied())
+        else {
+            return Ok(false);
+        };
+        if let (Some(have), Some(asked)) = (owner.nonce, nonce) {
+            if have != asked {
+                return Err(RequestError::NotOwner);
+            }
+        }
+        if let Some(m) = self.mappings.remove(&key) {
+            self.by_external.remove(&(m.proto, m.external));
+        }
+        Ok(true)
+    }
+
+    /// Internal endpoints of `host`'s live requested `proto` mappings (NAT-PMP's delete-all).
+    pub fn requested_of_host(
+        &self,
+        now: Instant,
+        proto: Protocol,
+        host: IpAddr,
+    ) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .mappings
+            .values()
+            .filter(|m| {
+                m.proto == proto && m.internal.ip() == host && m.requested_at(now).is_some()
+            })
+            .map(|m| m.internal)
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Removes the mapping under `key` if it has expired; returns whether it did.
     fn expire_key(&mut self, now: Instant, key: &MapKey) -> bool {
         match self.mappings.get(key) {
@@ -238,7 +475,9 @@ impl NatTable {
         self.mappings.values().filter(move |m| m.expires > now)
     }
 
-    fn external_ip_for(&mut self, internal: IpAddr) -> Result<IpAddr, NatError> {
+    /// The external IP `internal`'s mappings use (paired pooling keeps it per host): what a
+    /// port-mapping server reports as the external address.
+    pub fn external_ip_for(&mut self, internal: IpAddr) -> Result<IpAddr, NatError> {
         let family: Vec<IpAddr> = self
             .external_ips
             .iter()
@@ -360,6 +599,121 @@ mod tests {
             vec!["203.0.113.1".parse().unwrap()],
             7,
         )
+    }
+
+    fn request(port: u16, exact: bool, secs: u64, nonce: Option<[u8; 12]>) -> MapRequest {
+        MapRequest {
+            proto: Protocol::Udp,
+            internal: sa(INSIDE),
+            external_port: port,
+            exact,
+            lifetime: Duration::from_secs(secs),
+            service: PortMappingService::Pcp,
+            nonce,
+        }
+    }
+
+    #[test]
+    fn requested_mappings_are_endpoint_independent_for_their_lifetime() {
+        let t0 = Instant::now();
+        let mut t = table(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        let ext = t
+            .map_requested(t0, request(6000, false, 30, Some([1; 12])))
+            .unwrap();
+        assert_eq!(ext, sa("203.0.113.1:6000"));
+        // Outbound to any remote leaves through it, though the mapping behavior is APDM.
+        assert_eq!(t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)), Ok(ext));
+        assert_eq!(
+            t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S2_P2)),
+            Ok(ext)
+        );
+        // Inbound from a remote never sent to, though the filter is APDF.
+        assert_eq!(
+            t.inbound(t0, Protocol::Udp, sa(S1_P2), ext),
+            Some(sa(INSIDE))
+        );
+        let row = t.mappings(t0).find(|m| m.external == ext).unwrap();
+        assert_eq!(
+            row.admits(t0).collect::<Vec<_>>(),
+            [RemoteKey {
+                ip: None,
+                port: None
+            }]
+        );
+        // Another nonce owns nothing; the owner refreshes.
+        assert_eq!(
+            t.map_requested(t0, request(0, false, 30, Some([2; 12]))),
+            Err(RequestError::NotOwner)
+        );
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), Some([2; 12])),
+            Err(RequestError::NotOwner)
+        );
+        // Past the lifetime, traffic keeps it as an ordinary mapping: the filter is back.
+        let later = t0 + Duration::from_secs(31);
+        assert_eq!(
+            t.outbound(
+                t0 + Duration::from_secs(29),
+                Protocol::Udp,
+                sa(INSIDE),
+                sa(S1)
+            ),
+            Ok(ext)
+        );
+        assert_eq!(t.inbound(later, Protocol::Udp, sa(S2), ext), None);
+        assert_eq!(
+            t.inbound(later, Protocol::Udp, sa(S1), ext),
+            Some(sa(INSIDE))
+        );
+        assert!(t.requested(later, Protocol::Udp, sa(INSIDE)).is_none());
+    }
+
+    #[test]
+    fn a_taken_port_is_refused_or_replaced_and_deletion_frees_it() {
+        let t0 = Instant::now();
+        let mut t = table(M::EndpointIndependent, F::AddressAndPortDependent);
+        // Another host's traffic holds 6000.
+        t.outbound(t0, Protocol::Udp, sa("10.0.0.3:6000"), sa(S1))
+            .unwrap();
+        assert_eq!(
+            t.map_requested(t0, request(6000, true, 30, None)),
+            Err(RequestError::PortTaken)
+        );
+        let other = t.map_requested(t0, request(6000, false, 30, None)).unwrap();
+        assert_ne!(other.port(), 6000);
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(true)
+        );
+        assert_eq!(t.inbound(t0, Protocol::Udp, sa(S1), other), None);
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(false)
+        );
+        // A mapping made by traffic alone is not deleted by a request.
+        let implicit = t.outbound(t0, Protocol::Udp, sa(INSIDE), sa(S1)).unwrap();
+        assert_eq!(
+            t.unmap_requested(t0, Protocol::Udp, sa(INSIDE), None),
+            Ok(false)
+        );
+        assert_eq!(
+            t.inbound(t0, Protocol::Udp, sa(S1), implicit),
+            Some(sa(INSIDE))
+        );
+    }
+
+    #[test]
+    fn a_host_holds_a_bounded_number_of_requested_mappings() {
+        let t0 = Instant::now();
+        let mut t = table(M::EndpointIndependent, F::EndpointIndependent);
+        for port in 0..MAX_REQUESTED_PER_HOST as u16 {
+            let mut r = request(0, false, 30, None);
+            r.internal = SocketAddr::new(r.internal.ip(), 2000 + port);
+            t.map_requested(t0, r).unwrap();
+        }
+        let mut r = request(0, false, 30, None);
+        r.internal = sa("10.0.0.2:9999");
+        assert_eq!(t.map_requested(t0, r), Err(RequestError::Quota));
     }
 
     #[test]

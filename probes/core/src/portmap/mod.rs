@@ -7,6 +7,11 @@
 //!   protocol, sans-IO, on the [`exchange`] retransmission schedule), ending in an [`Outcome`].
 //! - [`report`]: the probe's `port_mapping` section and the `double_nat` / `cgnat` verdicts.
 //! - [`igd`]: UPnP IGD, client direction: SSDP search, device description, SOAP actions.
+//! - [`igd_server`]: the gateway side of UPnP IGD (SSDP answers, description, WANIPConnection:2
+//!   SOAP). It and [`igd`] were written at the same time and share no parser yet (quick-xml and
+//!   httparse here, roxmltree there): one codec for both directions is the next step.
+//! - [`server`]: the gateway side of NAT-PMP and PCP, answering from a
+//!   [`crate::nat::table::NatTable`] (the lab router's port-mapping service).
 //!
 //! Every parser takes `&[u8]` and returns a typed message or a typed error; none panics, and none
 //! allocates more than its (bounded) input. Every encoder's bytes parse back to the same value
@@ -33,11 +38,13 @@
 
 pub mod exchange;
 pub mod igd;
+pub mod igd_server;
 pub mod natpmp;
 pub mod pcp;
 pub mod pcp_client;
 pub mod pmp_client;
 pub mod report;
+pub mod server;
 
 #[cfg(test)]
 mod client_tests;
