@@ -669,10 +669,17 @@ impl Lab {
         ])
         .arg(primary.to_string())
         .arg("--alternate")
-        .arg(alternate.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg(alternate.to_string());
+        // Dual-stack labs: the same RFC 5780 service on the reflector's two IPv6 addresses.
+        if let (Some(b1), Some(b2)) = (p.uplink6.first(), p.uplink6.get(1)) {
+            cmd.arg("--primary")
+                .arg(SocketAddr::from((b1.addr, STUN_PORT)).to_string())
+                .arg("--alternate")
+                .arg(SocketAddr::from((b2.addr, STUN_ALT_PORT)).to_string());
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let what = format!("starting {} reflect", bin.display());
         let child = self.nodes[idx]
             .spawn(cmd)
@@ -711,6 +718,19 @@ impl Lab {
             )),
             _ => Err(LabError::NoSuchNode(format!(
                 "{reflector} (not a reflector)"
+            ))),
+        }
+    }
+    /// The IPv6 primary and alternate STUN addresses of `reflector` (dual-stack labs).
+    pub fn stun_addresses6(&self, reflector: &str) -> Result<(SocketAddr, SocketAddr), LabError> {
+        let n = self.node(reflector)?;
+        match (n.plan.uplink6.first(), n.plan.uplink6.get(1)) {
+            (Some(a), Some(b)) if n.role() == Role::Reflector => Ok((
+                SocketAddr::from((a.addr, STUN_PORT)),
+                SocketAddr::from((b.addr, STUN_ALT_PORT)),
+            )),
+            _ => Err(LabError::NoSuchNode(format!(
+                "{reflector} (not a reflector with IPv6)"
             ))),
         }
     }

@@ -42,7 +42,8 @@ const WAN_IP: &str = "urn:schemas-upnp-org:service:WANIPConnection:2";
 const WAN_CIF: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
 const IGD: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:2";
 const HEADERS: usize = 32;
-const MAX_ARGS: usize = 16;
+/// Most arguments one SOAP action may carry; more is a fault, not an allocation.
+pub const MAX_ARGS: usize = 16;
 
 /// What an HTTP exchange came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
