@@ -543,3 +543,44 @@ impl Unprivileged {
             .collect()
     }
 }
+
+/// A namespace of a test's own (`v6pr-TAG-PID`) whose loopback holds 127.0.0.1 and the two IPv6
+/// addresses 2001:db8:7::1 and ::2 (added `nodad`, so usable at once): one host with two
+/// addresses per family, for the reflector's RFC 5780 tests. Deleted on drop.
+pub struct DualLoopbackNs(Option<natscope_lab::netns::Netns>);
+
+impl DualLoopbackNs {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("v6pr-{tag}-{}", std::process::id());
+        let ns = natscope_lab::netns::Netns::create(&name).expect("create the test namespace");
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(["-n", &name])
+                .args(args)
+                .output()
+                .expect("ip runs");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["link", "set", "lo", "up"]);
+        for a in ["2001:db8:7::1/128", "2001:db8:7::2/128"] {
+            ip(&["addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        Self(Some(ns))
+    }
+
+    pub fn ns(&self) -> &natscope_lab::netns::Netns {
+        self.0.as_ref().expect("namespace is live")
+    }
+}
+
+impl Drop for DualLoopbackNs {
+    fn drop(&mut self) {
+        if let Some(ns) = self.0.take() {
+            let _ = ns.delete();
+        }
+    }
+}

@@ -126,3 +126,31 @@ pub fn wait_for(p: &mut ChildProcess, ready: impl Fn(&ChildProcess) -> bool, wha
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `natscope ARGS…` on this host (loopback tests, no lab).
+pub fn natscope_here(args: &[&str]) -> ChildProcess {
+    let mut cmd = Command::new(natscope_bin());
+    cmd.args(args);
+    ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The exit code of `p`, which must end within `within`.
+pub fn finish(p: &mut ChildProcess, within: Duration) -> i32 {
+    let s = p
+        .wait_timeout(within)
+        .unwrap_or_else(|| panic!("still running after {within:?}\n{}", p.diagnostics()));
+    s.code().unwrap_or(-1)
+}
+
+/// `natscope punch serve` on a fresh loopback port, once it serves; and its address.
+pub fn loopback_server() -> (ChildProcess, String) {
+    let port = crate::free_port(&[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+    let mut s = natscope_here(&["punch", "serve", "--listen", &addr]);
+    wait_for(
+        &mut s,
+        |p| p.stderr().contains("punch server on"),
+        "serving",
+    );
+    (s, addr)
+}

@@ -2,38 +2,13 @@
 //! the JSON document, and a listener that outlives its server.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use natscope_probes::punch::connector::ConnectReport;
-use natscope_tests::punch::wait_for;
-use natscope_tests::{free_port, natscope_bin, ChildProcess};
-
-fn natscope(args: &[&str]) -> ChildProcess {
-    let mut cmd = Command::new(natscope_bin());
-    cmd.args(args);
-    ChildProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn finish(p: &mut ChildProcess, within: Duration) -> i32 {
-    let s = p
-        .wait_timeout(within)
-        .unwrap_or_else(|| panic!("still running after {within:?}\n{}", p.diagnostics()));
-    s.code().unwrap_or(-1)
-}
-
-/// A server on a fresh loopback port.
-fn server() -> (ChildProcess, String) {
-    let port = free_port(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
-    let mut s = natscope(&["punch", "serve", "--listen", &addr]);
-    wait_for(
-        &mut s,
-        |p| p.stderr().contains("punch server on"),
-        "serving",
-    );
-    (s, addr)
-}
+use natscope_tests::free_port;
+use natscope_tests::punch::{
+    finish, loopback_server as server, natscope_here as natscope, wait_for,
+};
 
 #[test]
 fn bad_arguments_and_an_unreachable_server_exit_2_with_one_line() {

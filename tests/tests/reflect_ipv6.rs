@@ -10,7 +10,6 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use natscope_lab::netns::Netns;
 use natscope_probes::client::{BindingResponse, RequestOptions};
 use natscope_probes::stun::{ChangeRequest, TransactionId};
 use natscope_tests::{
@@ -18,44 +17,7 @@ use natscope_tests::{
     wait_until_answering, ChildProcess,
 };
 
-/// A namespace of this test's own (`v6pr` prefix), deleted on drop.
-struct TestNs(Option<Netns>);
-
-impl TestNs {
-    fn new(tag: &str) -> Self {
-        let name = format!("v6pr-{tag}-{}", std::process::id());
-        let ns = Netns::create(&name).expect("create the test namespace");
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(["-n", &name])
-                .args(args)
-                .output()
-                .expect("ip runs");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["link", "set", "lo", "up"]);
-        for a in ["2001:db8:7::1/128", "2001:db8:7::2/128"] {
-            ip(&["addr", "add", a, "dev", "lo", "nodad"]);
-        }
-        Self(Some(ns))
-    }
-
-    fn ns(&self) -> &Netns {
-        self.0.as_ref().expect("namespace is live")
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        if let Some(ns) = self.0.take() {
-            let _ = ns.delete();
-        }
-    }
-}
+use natscope_tests::lab::DualLoopbackNs as TestNs;
 
 fn a(s: &str) -> SocketAddr {
     s.parse().unwrap()
