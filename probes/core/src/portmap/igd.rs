@@ -271,7 +271,8 @@ fn proto_word(p: MapProtocol) -> &'static str {
     }
 }
 
-fn xml_escape(s: &str) -> String {
+/// `s` as XML character data (the client's SOAP arguments and the lab gateway's answers).
+pub(crate) fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -479,7 +480,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_xml(body: &[u8]) -> Result<roxmltree::Document<'_>, IgdError> {
+/// `body` as an XML document, DTDs refused, at most [`MAX_HTTP`] bytes: the one XML reader of
+/// both IGD directions (this client and the lab gateway, `super::igd_server`).
+pub(crate) fn parse_xml(body: &[u8]) -> Result<roxmltree::Document<'_>, IgdError> {
     if body.len() > MAX_HTTP {
         return Err(IgdError::TooLarge(MAX_HTTP));
     }

@@ -3,9 +3,10 @@
 //! the router's [`NatTable`] like the NAT-PMP/PCP [`super::server`]. The lab driver owns the
 //! sockets (a UDP socket on 1900 and a TCP listener on the router's LAN address) and passes bytes.
 //!
-//! Parsing uses `httparse` (the request head) and `quick-xml` (the SOAP body), both streaming and
-//! allocation-bounded; every input is capped ([`MAX_REQUEST`]), and anything malformed gets an
-//! HTTP 400 or a SOAP fault, never a panic (`fuzzing::igd_*` and the fuzz targets check it).
+//! Parsing uses `httparse` (the request head) and, for the SOAP body, the XML reader the client
+//! uses too ([`super::igd`]: roxmltree, DTDs refused), so both directions read XML one way. Every
+//! input is capped ([`MAX_REQUEST`]), and anything malformed gets an HTTP 400 or a SOAP fault,
+//! never a panic (`fuzzing::igd_*` and the fuzz targets check it).
 //!
 //! Served actions (UPnP-gw-WANIPConnection-v2): GetExternalIPAddress, AddPortMapping (the exact
 //! port or ConflictInMappingEntry 718), AddAnyPortMapping (another port when taken),
@@ -17,9 +18,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
-
-use quick_xml::events::Event;
-use quick_xml::Reader;
 
 use super::PortMappingService;
 use crate::nat::table::{MapRequest, NatTable, RequestError};
@@ -414,74 +412,28 @@ impl Call {
 /// arguments (namespaces ignored, as UPnP control points differ in their prefixes). `None` for
 /// anything that is not such an envelope, more than [`MAX_ARGS`] arguments, or bad XML.
 pub fn parse_soap(body: &[u8]) -> Option<Call> {
-    let text = std::str::from_utf8(body.get(..body.len().min(MAX_REQUEST))?).ok()?;
-    let mut reader = Reader::from_str(text);
-    let mut depth = 0usize;
-    let mut body_depth = None;
-    let mut call: Option<Call> = None;
-    let mut current: Option<String> = None;
-    loop {
-        match reader.read_event().ok()? {
-            Event::Start(e) => {
-                depth += 1;
-                let name = std::str::from_utf8(e.local_name().into_inner())
-                    .ok()?
-                    .to_string();
-                match (body_depth, &mut call) {
-                    (None, _) if name == "Body" => body_depth = Some(depth),
-                    (Some(b), None) if depth == b + 1 => {
-                        call = Some(Call {
-                            action: name,
-                            args: vec![],
-                        })
-                    }
-                    (Some(b), Some(c)) if depth == b + 2 => {
-                        if c.args.len() >= MAX_ARGS {
-                            return None;
-                        }
-                        c.args.push((name.clone(), String::new()));
-                        current = Some(name);
-                    }
-                    _ => {}
-                }
-            }
-            Event::Empty(e) => {
-                let name = std::str::from_utf8(e.local_name().into_inner())
-                    .ok()?
-                    .to_string();
-                match (body_depth, &mut call) {
-                    (Some(b), None) if depth == b => {
-                        call = Some(Call {
-                            action: name,
-                            args: vec![],
-                        })
-                    }
-                    (Some(b), Some(c)) if depth == b + 1 => {
-                        if c.args.len() >= MAX_ARGS {
-                            return None;
-                        }
-                        c.args.push((name, String::new()));
-                    }
-                    _ => {}
-                }
-            }
-            Event::Text(t) => {
-                if let (Some(_), Some(c)) = (&current, &mut call) {
-                    let v = t.unescape().ok()?;
-                    if let Some(last) = c.args.last_mut() {
-                        last.1.push_str(&v);
-                    }
-                }
-            }
-            Event::End(_) => {
-                current = None;
-                depth = depth.checked_sub(1)?;
-            }
-            Event::Eof => break,
-            _ => {}
+    let doc = super::igd::parse_xml(body.get(..body.len().min(MAX_REQUEST))?).ok()?;
+    let element = |n: &roxmltree::Node<'_, '_>| n.is_element();
+    let soap_body = doc
+        .root_element()
+        .children()
+        .find(|c| c.is_element() && c.tag_name().name() == "Body")?;
+    let action = soap_body.children().find(element)?;
+    let mut args = Vec::new();
+    for a in action.children().filter(element) {
+        if args.len() >= MAX_ARGS {
+            return None;
         }
+        let text: String = a
+            .children()
+            .filter_map(|t| t.is_text().then(|| t.text()).flatten())
+            .collect();
+        args.push((a.tag_name().name().to_string(), text));
     }
-    call
+    Some(Call {
+        action: action.tag_name().name().to_string(),
+        args,
+    })
 }
 
 /// UPnP control errors (UPnP Device Architecture §3.2.2, WANIPConnection:2 §2.4).
@@ -572,7 +524,7 @@ fn plain(status: u16, reason: &str) -> Vec<u8> {
 }
 
 fn escape(s: &str) -> String {
-    quick_xml::escape::escape(s).into_owned()
+    super::igd::xml_escape(s)
 }
 
 const ENVELOPE: &str = r#"<?xml version="1.0"?>

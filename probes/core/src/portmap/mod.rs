@@ -8,8 +8,9 @@
 //! - [`report`]: the probe's `port_mapping` section and the `double_nat` / `cgnat` verdicts.
 //! - [`igd`]: UPnP IGD, client direction: SSDP search, device description, SOAP actions.
 //! - [`igd_server`]: the gateway side of UPnP IGD (SSDP answers, description, WANIPConnection:2
-//!   SOAP). It and [`igd`] were written at the same time and share no parser yet (quick-xml and
-//!   httparse here, roxmltree there): one codec for both directions is the next step.
+//!   SOAP); it reads XML with [`igd`]'s reader and escapes with its escaper. The HTTP heads are
+//!   still read two ways (`httparse` for the gateway's requests, [`igd`]'s own reader for the
+//!   client's responses).
 //! - [`server`]: the gateway side of NAT-PMP and PCP, answering from a
 //!   [`crate::nat::table::NatTable`] (the lab router's port-mapping service).
 //!
