@@ -21,7 +21,7 @@
 //! Filtering is per mapping, as in the NAT model ([`crate::nat::table::NatTable`]) and in Linux
 //! conntrack; each NAT has one external address (paired pooling, RFC 4787 REQ-2).
 //!
-//! Port prediction (off unless [`Techniques::port_prediction`]): a peer whose mapping is not
+//! Port prediction ([`Techniques::port_prediction`]; on in `natscope punch`, [`Techniques::PUNCH`]): a peer whose mapping is not
 //! endpoint-independent but whose next external port is predictable lets the other aim at the
 //! mapping it will use; that opens when its filter admits the other's source on it.
 //!
@@ -77,6 +77,16 @@ impl PeerNat {
 pub struct Techniques {
     /// Aim at the peer's predicted next port when its mapping is not endpoint-independent.
     pub port_prediction: bool,
+}
+
+impl Techniques {
+    /// What `natscope punch` does by default: both peers measure their allocation and register
+    /// it over UDP (`--no-predict` turns it off), so the other aims at the predicted ports. The
+    /// punch machines' default options (`punch::connector::ConnectOptions`,
+    /// `punch::listener::ListenOptions`) and the lab grid's expectations both come from here.
+    pub const PUNCH: Techniques = Techniques {
+        port_prediction: true,
+    };
 }
 
 /// One of the two peers of a pair.
