@@ -50,9 +50,12 @@ pub struct ListenArgs {
     /// Give up (exit 1) after SECS seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
-    /// Port prediction: measure this side's allocation delta and register it.
+    /// Port prediction is on by default for UDP; kept for compatibility, this changes nothing.
     #[arg(long)]
     predict: bool,
+    /// Skip port prediction (measuring this side's allocation delta and registering it).
+    #[arg(long, conflicts_with = "predict")]
+    no_predict: bool,
     /// Key pair file (created 0600 if missing; default: a new key each run).
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
@@ -74,9 +77,12 @@ pub struct ConnectArgs {
     /// Start on the relay at once; move to a direct path when one appears.
     #[arg(long)]
     relay_first: bool,
-    /// Port prediction: measure this side's allocation delta and let the peer probe ahead.
+    /// Port prediction is on by default for UDP; kept for compatibility, this changes nothing.
     #[arg(long)]
     predict: bool,
+    /// Skip port prediction (measuring this side's allocation delta so the peer probes ahead).
+    #[arg(long, conflicts_with = "predict")]
+    no_predict: bool,
     /// Birthday technique: also probe up to N random ports of the peer's address (UDP).
     #[arg(long, value_name = "N", default_value_t = 0)]
     birthday: usize,
@@ -192,7 +198,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         count: a.count,
         timeout: a.timeout.map(|t| seconds(t, "timeout")).transpose()?,
         punch_window: Duration::from_millis(1500),
-        predict: a.predict,
+        predict: !a.no_predict && !a.tcp,
         identity: driver::load_identity(a.key.as_deref())?,
     };
     if a.tcp && a.predict {
@@ -236,7 +242,7 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         server: server_address(&a.via[0], Service::PUNCH)?,
         transport: transport(a.tcp),
         relay_first: a.relay_first,
-        predict: a.predict,
+        predict: !a.no_predict && !a.tcp,
         birthday: a.birthday,
         messages: a.messages,
         interval: Duration::from_millis(a.interval_ms),

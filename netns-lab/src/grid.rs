@@ -133,10 +133,9 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     }
 }
 
-/// The techniques the grid's peers use: `punch connect` without `--predict`, so no port prediction.
-const TECHNIQUES: Techniques = Techniques {
-    port_prediction: false,
-};
+/// The techniques the grid's peers use: `natscope punch`'s own defaults (port prediction on both
+/// sides over UDP), from the one place the punch machines take them too.
+const TECHNIQUES: Techniques = Techniques::PUNCH;
 
 /// One peer's path to the internet, end to end (a nested NAT counts as its composition), as the
 /// traversal model sees it: no translation is the identity mapping, which is endpoint-independent,
@@ -160,7 +159,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
 /// The grid's outcome for a traversal path; `None` when the model cannot say.
 fn outcome(path: Path) -> Option<PathTaken> {
     match path {
-        // A predicted port is a direct path too; the grid's techniques never ask for one.
+        // A predicted port is a direct path too.
         Path::Direct | Path::PortPrediction => Some(PathTaken::Direct),
         Path::Relayed => Some(PathTaken::Relayed),
         Path::Blocked => Some(PathTaken::Failed),
@@ -169,8 +168,8 @@ fn outcome(path: Path) -> Option<PathTaken> {
 }
 
 /// The expected outcome of `punch connect` from a peer behind `a` to a peer behind `b` (NATs
-/// named `a.0` and `b.0` in the reason), and why: the traversal model's path without port
-/// prediction.
+/// named `a.0` and `b.0` in the reason), and why: the traversal model's path with the techniques
+/// `natscope punch` uses by default ([`Techniques::PUNCH`]).
 pub fn expected_between(
     a: (&str, PeerNat),
     b: (&str, PeerNat),
@@ -264,14 +263,14 @@ mod tests {
         }
     }
 
-    /// Whether the outlook's `direct_udp` word and the grid's outcome say the same thing. The
-    /// grid does not predict ports, so where the outlook needs prediction the grid relays; a
+    /// Whether the outlook's `direct_udp` word and the grid's outcome say the same thing. Punch
+    /// predicts ports by default, so where the outlook needs prediction the grid goes direct; a
     /// probe behind a blocked path knows no behavior, where the grid knows nothing connects.
     fn agree(direct_udp: &str, grid: Option<PathTaken>) -> bool {
         matches!(
             (direct_udp, grid),
-            ("yes", Some(Direct))
-                | ("no" | "with-port-prediction", Some(Relayed))
+            ("yes" | "with-port-prediction", Some(Direct))
+                | ("no", Some(Relayed))
                 | ("unknown", Some(Failed) | None)
         )
     }
@@ -407,10 +406,15 @@ mod tests {
             ("port-restricted-cone", "symmetric", Relayed),
             ("port-restricted-cone", "port-restricted-cone", Direct),
             ("symmetric", "symmetric", Relayed),
-            ("symmetric-sequential", "port-restricted-cone", Relayed),
+            // Punch predicts by default: the cone aims at the sequential NAT's next port.
+            ("symmetric-sequential", "port-restricted-cone", Direct),
+            // Two address-and-port-dependent mappings: no prediction joins them.
+            ("symmetric-sequential", "symmetric", Relayed),
+            ("symmetric-sequential", "symmetric-sequential", Relayed),
             ("cgnat", "port-restricted-cone", Direct),
             ("cgnat", "symmetric", Relayed),
-            ("address-dependent", "port-restricted-cone", Relayed),
+            // Its allocation is predictable, so prediction opens it too.
+            ("address-dependent", "port-restricted-cone", Direct),
             ("address-dependent", "full-cone", Direct),
             ("open", "symmetric", Direct),
             ("firewall", "symmetric", Relayed),

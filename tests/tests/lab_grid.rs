@@ -132,3 +132,51 @@ fn open_to_open_reads_direct_over_udp_and_tcp() {
         assert!(c.pass, "{c:#?}");
     }
 }
+
+/// Issue 14, must-show 3: punch predicts ports by default, so in the grid the sequential symmetric
+/// NAT goes direct with every side whose mapping is endpoint-independent (the model says so
+/// through prediction, and both punch's report and the lab's routers agree); two
+/// address-and-port-dependent mappings still relay, with every message delivered.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn sequential_symmetric_pairs_go_direct_through_prediction() {
+    require_root();
+    let out = Command::new(natscope_bin())
+        .args(["lab", "grid", "--json", "--transport", "udp"])
+        .args([
+            "--presets",
+            "port-restricted-cone,symmetric-sequential,cgnat",
+        ])
+        .args(["--lab-prefix", "pred"])
+        .output()
+        .expect("run natscope lab grid");
+    let doc: GridDocument = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(doc.cells.len(), 6);
+    let cell = |a: &str, b: &str| {
+        doc.cells
+            .iter()
+            .find(|c| c.a == a && c.b == b)
+            .unwrap_or_else(|| panic!("no cell {a} × {b}"))
+    };
+    for (a, b) in [
+        ("port-restricted-cone", "symmetric-sequential"),
+        ("symmetric-sequential", "cgnat"),
+    ] {
+        let c = cell(a, b);
+        assert_eq!(c.expected, PathTaken::Direct, "{c:#?}");
+        assert!(c.reason.contains("predict"), "{c:#?}");
+        assert_eq!(c.observed, Some(PathTaken::Direct), "{c:#?}");
+        assert_eq!(c.lab_observed, Some(PathTaken::Direct), "{c:#?}");
+        assert_eq!(c.messages_echoed, c.messages_sent, "{c:#?}");
+    }
+    let c = cell("symmetric-sequential", "symmetric-sequential");
+    assert_eq!(c.observed, Some(PathTaken::Relayed), "{c:#?}");
+    assert!(doc.cells.iter().all(|c| c.pass), "{:#?}", doc.cells);
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -113,44 +113,57 @@ fn unknown_peer_is_a_clear_failure() {
     lab.down();
 }
 
-/// Port prediction: the sequential symmetric NAT gives the next mapping the next port, so the
-/// cone side probes the measured delta ahead of the server-reflexive port and hits the mapping
-/// the symmetric side opened toward it. Without `--predict` the same pair is relayed.
+/// Port prediction, on by default (issue 14, item 5): the sequential symmetric NAT gives the next
+/// mapping the next port, so the cone side probes the measured delta ahead of the
+/// server-reflexive port and hits the mapping the symmetric side opened toward it. With
+/// `--no-predict` the same pair is relayed; `--predict` is still accepted and changes nothing.
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn udp_port_prediction_through_a_sequential_symmetric_nat() {
     require_root();
     // Connector behind the sequential symmetric NAT predicts its own ports.
     let lab = PunchLab::up(
-        "ppra",
+        "pred",
         router("symmetric-sequential"),
         router("port-restricted-cone"),
     );
-    let _l = lab.listener("bob", &["--count", "2"]);
-    let (code, c) = lab.connect("bob", &["--messages", "20"]);
+    let _l = lab.listener("bob", &["--count", "3"]);
+    let (code, c) = lab.connect("bob", &["--messages", "20", "--no-predict"]);
     assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(report(&c).path, PathTaken::Relayed, "{}", c.diagnostics());
-    let (code, c) = lab.connect("bob", &["--messages", "20", "--predict"]);
     let r = report(&c);
-    assert_eq!(code, 0, "{}", c.diagnostics());
-    assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
-    let delta = r.attempts.predict.as_ref().and_then(|p| p.delta);
-    assert_eq!(delta, Some(1), "{}", c.diagnostics());
-    assert_all_echoed(&r, &c);
+    assert_eq!(r.path, PathTaken::Relayed, "{}", c.diagnostics());
+    assert!(r.attempts.predict.is_none(), "{}", c.diagnostics());
+    for extra in [&[][..], &["--predict"][..]] {
+        let (code, c) = lab.connect("bob", &[&["--messages", "20"][..], extra].concat());
+        let r = report(&c);
+        assert_eq!(code, 0, "{}", c.diagnostics());
+        assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
+        let delta = r.attempts.predict.as_ref().and_then(|p| p.delta);
+        assert_eq!(delta, Some(1), "{}", c.diagnostics());
+        assert_all_echoed(&r, &c);
+    }
     lab.down();
 
-    // Listener behind it: it registers its delta and the connector probes ahead of its port.
+    // Listener behind it: it registers its delta (by default) and the connector probes ahead of
+    // its port; `--no-predict` on the listener relays.
     let lab = PunchLab::up(
-        "pprb",
+        "pred",
         router("port-restricted-cone"),
         router("symmetric-sequential"),
     );
-    let _l = lab.listener("bob", &["--count", "1", "--predict"]);
-    let (code, c) = lab.connect("bob", &["--messages", "20"]);
+    let mut l = lab.listener("bob", &["--count", "1"]);
+    let (code, c) = lab.connect("bob", &["--messages", "20", "--no-predict"]);
     let r = report(&c);
     assert_eq!(code, 0, "{}", c.diagnostics());
     assert_eq!(r.path, PathTaken::Direct, "{}", c.diagnostics());
     assert_eq!(r.attempts.peer_port_delta, Some(1), "{}", c.diagnostics());
+    let _ = l.wait_timeout(std::time::Duration::from_secs(10));
+    let _l = lab.listener("carol", &["--count", "1", "--no-predict"]);
+    let (code, c) = lab.connect("carol", &["--messages", "20", "--no-predict"]);
+    let r = report(&c);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    assert_eq!(r.path, PathTaken::Relayed, "{}", c.diagnostics());
+    assert_eq!(r.attempts.peer_port_delta, None, "{}", c.diagnostics());
     lab.down();
 }
 

@@ -21,7 +21,7 @@
 //! Filtering is per mapping, as in the NAT model ([`crate::nat::table::NatTable`]) and in Linux
 //! conntrack; each NAT has one external address (paired pooling, RFC 4787 REQ-2).
 //!
-//! Port prediction (off unless [`Techniques::port_prediction`]): a peer whose mapping is not
+//! Port prediction ([`Techniques::port_prediction`]; on in `natscope punch`, [`Techniques::PUNCH`]): a peer whose mapping is not
 //! endpoint-independent but whose next external port is predictable lets the other aim at the
 //! mapping it will use; that opens when its filter admits the other's source on it.
 //!
@@ -77,6 +77,16 @@ impl PeerNat {
 pub struct Techniques {
     /// Aim at the peer's predicted next port when its mapping is not endpoint-independent.
     pub port_prediction: bool,
+}
+
+impl Techniques {
+    /// What `natscope punch` does by default: both peers measure their allocation and register
+    /// it over UDP (`--no-predict` turns it off), so the other aims at the predicted ports. The
+    /// punch machines' default options (`punch::connector::ConnectOptions`,
+    /// `punch::listener::ListenOptions`) and the lab grid's expectations both come from here.
+    pub const PUNCH: Techniques = Techniques {
+        port_prediction: true,
+    };
 }
 
 /// One of the two peers of a pair.
@@ -322,6 +332,69 @@ pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
     }
 }
 
+/// Sockets the hard side of a birthday opening binds, each sending once to the easy side's
+/// reflexive address (the classic 256).
+pub const BIRTHDAY_SOCKETS: u32 = 256;
+/// The ports a random allocation draws from (1024-65535).
+const BIRTHDAY_PORT_RANGE: f64 = 64_512.0;
+
+/// The birthday technique for one pair (issue 14, item 5): which side is "hard", how many packets
+/// the opening may cost, and how likely it is to find the path. Not yet run by `natscope punch`
+/// (its peers have one socket each); this is the model the grid and punch are to share.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct BirthdayPlan {
+    /// The side whose mapping changes per destination at random ports: it binds
+    /// [`BIRTHDAY_SOCKETS`] sockets and sends once from each to the other's reflexive address,
+    /// so its NAT holds that many mappings that admit the other side.
+    pub hard: Side,
+    pub sockets: u32,
+    /// Random ports of the hard side's address the easy side (endpoint-independent mapping, so
+    /// it sends from the very address the hard side's mappings admit) probes.
+    pub probes: u32,
+    /// Most packets the opening sends, both sides together: `sockets + probes`.
+    pub packet_bound: u32,
+    /// The chance a probe hits one of the hard side's mappings:
+    /// `1 - (1 - sockets / 64512)^probes` (ports drawn uniformly, probes distinct or not).
+    pub success: f64,
+}
+
+/// The birthday plan for a UDP pair that would otherwise relay: one side's mapping is not
+/// endpoint-independent and its ports are not predictable (random symmetric), the other's mapping
+/// is endpoint-independent (its port-dependent filter is what stops the plain punch). `None` when
+/// the pair goes direct without it, when both sides are hard (each probe then opens yet another
+/// mapping on the prober's own NAT), or an input is unknown.
+pub fn birthday(a: PeerNat, b: PeerNat, probes: u32) -> Option<BirthdayPlan> {
+    if udp(a, b, Techniques::PUNCH).path != Path::Relayed {
+        return None;
+    }
+    let (ka, kb) = (known(a)?, known(b)?);
+    let hard = |k: Known| k.mapping != M::EndpointIndependent && !k.predictable_ports;
+    let easy = |k: Known| k.mapping == M::EndpointIndependent;
+    let side = match (hard(ka) && easy(kb), hard(kb) && easy(ka)) {
+        (true, _) => Side::A,
+        (_, true) => Side::B,
+        _ => return None,
+    };
+    let sockets = BIRTHDAY_SOCKETS;
+    let miss = 1.0 - f64::from(sockets) / BIRTHDAY_PORT_RANGE;
+    Some(BirthdayPlan {
+        hard: side,
+        sockets,
+        probes,
+        packet_bound: sockets + probes,
+        success: 1.0 - miss.powf(f64::from(probes)),
+    })
+}
+
+/// The fewest easy-side probes for which a birthday opening with [`BIRTHDAY_SOCKETS`] succeeds
+/// with at least probability `p` (0 < p < 1).
+pub fn birthday_probes_for(p: f64) -> u32 {
+    let miss = 1.0 - f64::from(BIRTHDAY_SOCKETS) / BIRTHDAY_PORT_RANGE;
+    ((1.0 - p.clamp(0.0, 0.999_999)).ln() / miss.ln())
+        .ceil()
+        .max(0.0) as u32
+}
+
 /// The expected TCP path between `a` and `b` (RFC 5382 simultaneous open, or the relay).
 pub fn tcp(a: PeerNat, b: PeerNat) -> Expectation {
     let e = |path, reason| Expectation { path, reason };
@@ -450,6 +523,31 @@ impl Expectation {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn birthday_is_for_a_random_symmetric_side_facing_an_endpoint_independent_mapping() {
+        let sym = PeerNat::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
+        let prc = PeerNat::new(M::EndpointIndependent, F::AddressAndPortDependent);
+        let plan = birthday(sym, prc, 1024).expect("symmetric × port-restricted");
+        assert_eq!(plan.hard, Side::A);
+        assert_eq!(plan.packet_bound, 256 + 1024);
+        assert!((plan.success - 0.983).abs() < 0.001, "{plan:?}");
+        assert_eq!(birthday(prc, sym, 1024).map(|p| p.hard), Some(Side::B));
+        // Two hard sides: no birthday; a pair that goes direct anyway: none needed.
+        assert_eq!(birthday(sym, sym, 1024), None);
+        assert_eq!(birthday(prc, prc, 1024), None);
+        // A predictable symmetric side goes direct through prediction instead.
+        let seq = PeerNat {
+            predictable_ports: true,
+            ..sym
+        };
+        assert_eq!(birthday(seq, prc, 1024), None);
+        // ≥ 90 % needs 580 probes; ≥ 99 %, 1,159.
+        assert_eq!(birthday_probes_for(0.9), 580);
+        assert!(birthday(sym, prc, 580).expect("plan").success >= 0.9);
+        assert!(birthday(sym, prc, 579).expect("plan").success < 0.9);
+        assert_eq!(birthday_probes_for(0.99), 1159);
+    }
     use super::*;
     use F::{AddressAndPortDependent as Apdf, AddressDependent as Adf, EndpointIndependent as Eif};
     use M::{AddressAndPortDependent as Apdm, AddressDependent as Adm, EndpointIndependent as Eim};

@@ -38,6 +38,8 @@ pub struct ConnectOptions {
     pub server: SocketAddr,
     pub transport: Transport,
     pub relay_first: bool,
+    /// Port prediction (UDP): measure our allocation delta and send it, so the listener probes
+    /// ahead of our server-reflexive port. On by default ([`crate::traversal::Techniques::PUNCH`]).
     pub predict: bool,
     /// Birthday technique: probe up to this many random ports of the peer's IP (0: off).
     pub birthday: usize,
@@ -60,7 +62,8 @@ impl Default for ConnectOptions {
             server: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), super::DEFAULT_PORT),
             transport: Transport::Udp,
             relay_first: false,
-            predict: false,
+            // UDP only: the driver measures nothing over TCP.
+            predict: crate::traversal::Techniques::PUNCH.port_prediction,
             birthday: 0,
             messages: 20,
             interval: Duration::ZERO,

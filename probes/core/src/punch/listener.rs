@@ -45,7 +45,8 @@ pub struct ListenOptions {
     pub timeout: Option<Duration>,
     pub punch_window: Duration,
     /// Port prediction: measure our allocation delta and register it, so connectors probe
-    /// ahead of our server-reflexive port.
+    /// ahead of our server-reflexive port (UDP; on in `natscope punch`,
+    /// [`crate::traversal::Techniques::PUNCH`], unless `--no-predict`).
     pub predict: bool,
     /// Our key pair: it proves the registration and answers connectors' Noise handshakes.
     pub identity: Identity,

@@ -13,7 +13,9 @@
 //! joins the candidates (peer-reflexive: what makes a one-directional opening enough, as with a
 //! cone on one side and a symmetric NAT on the other), with an immediate probe back. A PROBE
 //! answered from the address it was sent to proves the path both ways: the first such address
-//! becomes the direct path. Over TCP the driver establishes the direct stream itself and calls
+//! becomes the direct path. A PROBE that arrives after the window is still answered and probed
+//! back once: the peer takes the path on the answer, so this side takes it too when the probe back
+//! is answered (a relay fallback then upgrades like relay-first). Over TCP the driver establishes the direct stream itself and calls
 //! [`Session::set_direct`].
 
 use std::collections::{HashMap, VecDeque};
@@ -428,7 +430,9 @@ impl Session {
         self.last_peer = now;
         let upgrade = match self.route {
             None => true,
-            Some(Route::Relay) => self.config.relay_first,
+            // Relay-first upgrades; over UDP so does a relay fallback whose peer proved a path
+            // after the window (see the PROBE handling), the same way: nothing lost or repeated.
+            Some(Route::Relay) => self.config.relay_first || self.config.probe,
             Some(Route::Direct(_)) => false,
         };
         if upgrade {
@@ -561,7 +565,11 @@ impl Session {
                 // Triggered check (RFC 8445 §7.3.1.4): the peer's probe just came through, so
                 // our side's filter may only now admit its answers; probing back at once finds
                 // the path without waiting for the next round (bounded by the peer's probes).
-                if self.config.probe && self.direct.is_none() && self.probing(now) {
+                // After the window too: the peer proved its probes reach us, and it goes direct
+                // on our answer, so we must be able to take that path as well, or the two sides
+                // would end on different paths (the peer direct, we relayed). One probe back per
+                // probe of the authenticated peer: nothing an outsider can trigger or amplify.
+                if self.config.probe && self.direct.is_none() {
                     self.probe(now, from);
                 }
             }
@@ -576,7 +584,9 @@ impl Session {
                 self.probes.remove(&tid);
                 self.last_peer = now;
                 self.stats.probes_answered += 1;
-                if self.direct.is_none() && (now < self.punch_until || self.config.relay_first) {
+                // Any time: after the window only the probes back above are answered, and the
+                // path they prove is the one the peer has taken (set_direct upgrades the relay).
+                if self.direct.is_none() {
                     self.stats.probe_rtt = Some(now - sent);
                     self.set_direct(now, from);
                 }

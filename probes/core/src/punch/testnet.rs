@@ -55,6 +55,10 @@ struct Datagram {
     payload: Vec<u8>,
 }
 
+/// See [`Net::path`].
+pub(crate) type PathHook =
+    Box<dyn FnMut(Instant, &mut SocketAddr, &mut SocketAddr, &PunchMessage) -> bool>;
+
 /// The server, its peers, and the datagrams in flight between them.
 pub(crate) struct Net {
     pub now: Instant,
@@ -65,6 +69,10 @@ pub(crate) struct Net {
     pub drop_if: Option<fn(&PunchMessage) -> bool>,
     /// A malicious server: rewrites every message the server sends (issue 14).
     pub server_tamper: Option<fn(SocketAddr, &mut PunchMessage)>,
+    /// The NATs between the machines: sees each datagram as sent (`now`, source, destination,
+    /// message), may rewrite its addresses (a NAT's translation) and drops it by returning false
+    /// (a filter, or a delay modelled as loss until some time).
+    pub path: Option<PathHook>,
     rng: StdRng,
     seq: u64,
     in_flight: BTreeMap<(Instant, u64), Datagram>,
@@ -112,6 +120,7 @@ impl Net {
             direct_open: true,
             drop_if: None,
             server_tamper: None,
+            path: None,
             rng: StdRng::seed_from_u64(seed),
             seq: 0,
             in_flight: BTreeMap::new(),
@@ -162,7 +171,7 @@ impl Net {
         j
     }
 
-    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, mut payload: Vec<u8>) {
+    fn enqueue(&mut self, mut from: SocketAddr, mut to: SocketAddr, mut payload: Vec<u8>) {
         let server = sa(SERVER);
         if let (true, Some(f)) = (from == server, self.server_tamper) {
             if let Ok(mut m) = PunchMessage::decode(&payload) {
@@ -180,6 +189,11 @@ impl Net {
         }
         if let (Some(f), Ok(m)) = (self.drop_if, PunchMessage::decode(&payload)) {
             if f(&m) {
+                return;
+            }
+        }
+        if let (Some(f), Ok(m)) = (self.path.as_mut(), PunchMessage::decode(&payload)) {
+            if !f(self.now, &mut from, &mut to, &m) {
                 return;
             }
         }
@@ -808,5 +822,82 @@ mod identity_attacks {
             "the listener echoed only the real messages"
         );
         let _ = code::FORBIDDEN;
+    }
+}
+
+/// Paths that open late, on the virtual clock, with the NATs in [`Net::path`].
+#[cfg(test)]
+mod late_paths {
+    use super::*;
+
+    /// Full cone (connector) × symmetric NAT (listener) over UDP, with the listener's side
+    /// starting late (its INTRODUCE is lost for 600 ms) and its probes reaching the connector
+    /// only after the connector's punch window closed. The connector answers them, so the
+    /// listener proves the direct path; the connector must then take that path too (probing
+    /// back to the listener's peer-reflexive source), not stay on the relay while the listener
+    /// goes direct (the grid's lab-observed bug: the listener direct, `punch connect` relayed).
+    #[test]
+    fn a_path_the_peer_proves_after_the_connectors_window_is_taken_by_both_sides() {
+        let mut net = Net::new(7, Conditions::CLEAN);
+        let bob = net.listeners.len();
+        net.listen("bob", Some(1));
+        net.run_for(Duration::from_millis(100));
+        let t0 = net.now;
+        let (bob_in, alice) = (net.listeners[bob].0, sa("203.0.113.100:5000"));
+        // The port the symmetric NAT gives the listener's mapping toward the connector.
+        let bob_out = sa("203.0.113.10:4999");
+        let mut opened = false;
+        net.path = Some(Box::new(move |now, from, to, m| {
+            let server = sa(SERVER);
+            if *from == server || *to == server {
+                // The listener hears of the session late.
+                return !(*to == bob_in
+                    && matches!(m, PunchMessage::Introduce { .. })
+                    && now < t0 + Duration::from_millis(600));
+            }
+            if *from == bob_in {
+                // Symmetric: a new port toward the connector; late probes (the connector's
+                // window is over when they arrive).
+                *from = bob_out;
+                opened = true;
+                return now >= t0 + Duration::from_millis(1700);
+            }
+            if *to == bob_out && opened {
+                // Port-dependent filter: only the connector, which the listener sent to.
+                *to = bob_in;
+                return true;
+            }
+            // The server-facing mapping admits only the server.
+            *to != bob_in
+        }));
+        let c = net.connect(ConnectOptions {
+            interval: Duration::from_millis(100),
+            id: "bob".into(),
+            messages: 40,
+            timeout: Duration::from_secs(20),
+            ..ConnectOptions::default()
+        });
+        assert_eq!(net.connectors[c].0, alice);
+        let until = net.now + Duration::from_secs(30);
+        net.run(until, |n| n.reports[c].is_some());
+        let r = net.report(c).clone();
+        assert_eq!((r.messages_echoed, r.in_order), (40, true), "{r:#?}");
+        let until = net.now + Duration::from_secs(5);
+        net.run(until, |n| n.listen_outcomes[bob].is_some());
+        let ended: Vec<_> = net.events[bob]
+            .iter()
+            .filter_map(|e| match e {
+                ListenEvent::SessionEnded { path, .. } => Some(*path),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, vec![PathTaken::Direct], "the listener went direct");
+        assert_eq!(
+            r.path,
+            PathTaken::Direct,
+            "the connector takes the path its peer proved: {r:#?}"
+        );
+        assert!(r.switched_to_direct, "from the relay, after its window");
+        assert!(r.attempts.data_sent_direct > 0);
     }
 }
