@@ -591,4 +591,58 @@ mod tests {
         seen.observe_ipv6(None);
         assert!(failed(&v4only, &seen).is_empty());
     }
+
+    /// docs/lab.md's port-mapping and IPv6 truth tables, row for row.
+    fn docs_rows() -> (Vec<String>, Vec<String>) {
+        let word = |v: Value| match v {
+            Value::Null => "—".to_string(),
+            Value::Bool(true) => "yes".into(),
+            Value::Bool(false) => "no".into(),
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let (mut pm, mut v6) = (Vec::new(), Vec::new());
+        for p in presets::names() {
+            let e = Verdicts::expected(p).unwrap();
+            if let Some(s) = e.port_mapping {
+                let answers: Vec<&str> = [("nat-pmp", s.nat_pmp), ("pcp", s.pcp), ("upnp", s.upnp)]
+                    .into_iter()
+                    .filter(|(_, on)| *on == Some(true))
+                    .map(|(n, _)| n)
+                    .collect();
+                pm.push(format!(
+                    "| `{p}` | {} | {} | {} | {} |",
+                    answers.join(", "),
+                    word(serde_json::to_value(e.external_address).unwrap()),
+                    word(serde_json::to_value(e.double_nat).unwrap()),
+                    word(serde_json::to_value(e.cgnat).unwrap()),
+                ));
+            }
+            if e.compares_ipv6() {
+                let v = |x: Result<Value, serde_json::Error>| word(x.unwrap());
+                v6.push(format!(
+                    "| `{p}` | {} | {} | {} | {} |",
+                    v(serde_json::to_value(e.ipv6)),
+                    v(serde_json::to_value(e.ipv6_mapping)),
+                    v(serde_json::to_value(e.ipv6_filtering)),
+                    v(serde_json::to_value(e.ipv6_translation)),
+                ));
+            }
+        }
+        (pm, v6)
+    }
+
+    #[test]
+    fn the_docs_show_the_port_mapping_and_ipv6_truth() {
+        let docs = include_str!("../../docs/lab.md");
+        let (pm, v6) = docs_rows();
+        if std::env::var_os("NATSCOPE_PRINT_ROWS").is_some() {
+            println!("{}\n\n{}", pm.join("\n"), v6.join("\n"));
+        }
+        assert_eq!(pm.len(), 6, "the six port-mapping presets");
+        assert!(v6.len() >= 5, "at least the five IPv6 presets");
+        for row in pm.iter().chain(&v6) {
+            assert!(docs.lines().any(|l| l == row), "docs/lab.md lacks {row}");
+        }
+    }
 }
