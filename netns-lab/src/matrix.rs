@@ -360,6 +360,10 @@ pub struct MatrixRow {
     pub error: Option<String>,
     /// The probe's whole `natscope.probe/v1` document, kept for rows that did not pass.
     pub probe: Option<ProbeReport>,
+    /// The IPv6 probe's `ipv6` object (translation verdict and whole report), kept likewise
+    /// (added to v1 after `probe`; left out when `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_ipv6: Option<Ipv6Report>,
     pub duration_ms: f64,
 }
 

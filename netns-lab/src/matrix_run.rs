@@ -50,6 +50,8 @@ pub enum RowError {
     Failed(std::process::ExitStatus),
     #[error("the probe's JSON: {0}")]
     Json(serde_json::Error),
+    #[error("over IPv6, {0}")]
+    Ipv6(Box<RowError>),
 }
 
 impl From<LabError> for RowError {
@@ -70,10 +72,15 @@ pub fn run_preset(index: usize, preset: &str, expected: Verdicts, exe: &Path) ->
                 observed.observe_ipv6(v6.as_ref());
             }
             let checks = matrix::compare_verdicts(&expected, Some(&observed));
-            let keep = checks.iter().any(|c| !c.pass).then_some(report);
+            let failed = checks.iter().any(|c| !c.pass);
+            let keep = failed.then_some((report, v6));
             (Some(observed), checks, None, keep)
         }
         Err(e) => (None, Vec::new(), Some(jobs::error_line(&e)), None),
+    };
+    let (probe, probe_ipv6) = match probe {
+        Some((report, v6)) => (Some(report), v6),
+        None => (None, None),
     };
     MatrixRow {
         preset: preset.to_string(),
@@ -83,6 +90,7 @@ pub fn run_preset(index: usize, preset: &str, expected: Verdicts, exe: &Path) ->
         checks,
         error,
         probe,
+        probe_ipv6,
         duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
     }
 }
@@ -129,17 +137,19 @@ fn probe_in_lab(
             v6 = Some(spawn_probe(exe, h1, primary6, &["--no-port-mapping"])?);
         }
     }
-    let report = finish(&mut v4)?;
-    let ipv6 = match v6.as_mut() {
-        Some(child) => {
+    // Both are waited for (each within PROBE_LIMIT) before either error is returned, so no probe
+    // outlives its lab.
+    let report = finish(&mut v4);
+    let ipv6 = v6
+        .as_mut()
+        .map(|child| {
             let doc: serde_json::Value = finish(child)?;
-            let v6 = serde_json::from_value(doc["ipv6"].clone()).map_err(RowError::Json)?;
-            Some(v6)
-        }
-        None => None,
-    };
+            serde_json::from_value(doc["ipv6"].clone()).map_err(RowError::Json)
+        })
+        .transpose()
+        .map_err(|e| RowError::Ipv6(Box::new(e)));
     lab.down();
-    Ok((report, ipv6))
+    Ok((report?, ipv6?))
 }
 
 /// `EXE probe SERVER --json EXTRA…` as a process in `node`.
