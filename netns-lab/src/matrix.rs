@@ -39,6 +39,7 @@ pub const FIELDS: &[&str] = &[
     "external_address",
     "double_nat",
     "cgnat",
+    "mapped_inbound",
     "ipv6",
     "ipv6_mapping",
     "ipv6_filtering",
@@ -46,7 +47,13 @@ pub const FIELDS: &[&str] = &[
 ];
 
 /// The fields compared only where a router of the preset serves a port-mapping protocol.
-const PORT_MAPPING_FIELDS: &[&str] = &["port_mapping", "external_address", "double_nat", "cgnat"];
+const PORT_MAPPING_FIELDS: &[&str] = &[
+    "port_mapping",
+    "external_address",
+    "double_nat",
+    "cgnat",
+    "mapped_inbound",
+];
 
 /// The fields compared only where the preset's truth says what IPv6 should show.
 const IPV6_FIELDS: &[&str] = &["ipv6", "ipv6_mapping", "ipv6_filtering", "ipv6_translation"];
@@ -81,6 +88,10 @@ pub struct Verdicts {
     pub double_nat: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgnat: Option<bool>,
+    /// `--map`'s mapping proved inbound (`port_mapping.mapped.inbound_verified`): `true` behind
+    /// one NAT, `false` behind a second one that the mapping does not reach through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_inbound: Option<bool>,
     // IPv6 (issue 13; added to v1 after `cgnat`): a second probe from `h1` against the
     // reflector's IPv6 address. Compared only where the preset's truth has an IPv6 side.
     /// Whether IPv6 reached the reflector (`false`: `h1` has no IPv6 route, or UDP was blocked;
@@ -142,6 +153,7 @@ impl Verdicts {
             external_address: e.port_mapping.and(external),
             double_nat: e.port_mapping.map(|p| p.double_nat),
             cgnat: e.port_mapping.and_then(|p| p.cgnat),
+            mapped_inbound: e.port_mapping.map(|p| !p.double_nat),
             ipv6: match e.ipv6 {
                 Ipv6Truth::NotCompared => None,
                 Ipv6Truth::NoPath => Some(false),
@@ -197,6 +209,11 @@ impl Verdicts {
                 .and_then(|p| p.external_address),
             double_nat: report.double_nat,
             cgnat: report.cgnat,
+            mapped_inbound: report
+                .port_mapping
+                .as_ref()
+                .and_then(|p| p.mapped.as_ref())
+                .map(|m| m.inbound_verified),
             ipv6: None,
             ipv6_mapping: None,
             ipv6_filtering: None,
@@ -237,6 +254,10 @@ impl Verdicts {
             ),
             ("double_nat", v(serde_json::to_value(self.double_nat))),
             ("cgnat", v(serde_json::to_value(self.cgnat))),
+            (
+                "mapped_inbound",
+                v(serde_json::to_value(self.mapped_inbound)),
+            ),
             ("ipv6", v(serde_json::to_value(self.ipv6))),
             ("ipv6_mapping", v(serde_json::to_value(self.ipv6_mapping))),
             (
@@ -409,6 +430,7 @@ mod tests {
             external_address: None,
             double_nat: None,
             cgnat: None,
+            mapped_inbound: None,
             ipv6: Some(true),
             ipv6_mapping: Some(EndpointIndependent),
             ipv6_filtering: Some(EndpointIndependent),
@@ -532,6 +554,9 @@ mod tests {
         let cgnat = Verdicts::expected("cgnat+all").unwrap();
         assert_eq!(cgnat.external_address, Some("100.64.0.2".parse().unwrap()));
         assert_eq!((cgnat.double_nat, cgnat.cgnat), (Some(true), Some(true)));
+        // `--map`'s mapping is made on the inner router: it proves inbound behind one NAT only.
+        assert_eq!(pmp.mapped_inbound, Some(true));
+        assert_eq!(cgnat.mapped_inbound, Some(false));
         // Presets that map nothing compare none of the port-mapping fields.
         let plain = Verdicts::expected("symmetric").unwrap();
         assert!(!plain.compares_port_mapping());
@@ -615,11 +640,12 @@ mod tests {
                     .map(|(n, _)| n)
                     .collect();
                 pm.push(format!(
-                    "| `{p}` | {} | {} | {} | {} |",
+                    "| `{p}` | {} | {} | {} | {} | {} |",
                     answers.join(", "),
                     word(serde_json::to_value(e.external_address).unwrap()),
                     word(serde_json::to_value(e.double_nat).unwrap()),
                     word(serde_json::to_value(e.cgnat).unwrap()),
+                    word(serde_json::to_value(e.mapped_inbound).unwrap()),
                 ));
             }
             if e.compares_ipv6() {

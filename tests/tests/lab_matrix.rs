@@ -51,7 +51,13 @@ fn matrix_over_every_preset_passes() {
             );
         }
     };
-    let port_mapping = ["port_mapping", "external_address", "double_nat", "cgnat"];
+    let port_mapping = [
+        "port_mapping",
+        "external_address",
+        "double_nat",
+        "cgnat",
+        "mapped_inbound",
+    ];
     for p in [
         "full-cone+nat-pmp",
         "port-restricted-cone+upnp",
