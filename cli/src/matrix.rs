@@ -79,19 +79,43 @@ fn short(v: &Value) -> String {
         Value::Null => "-".into(),
         Value::Bool(true) => "yes".into(),
         Value::Bool(false) => "no".into(),
+        // Port-mapping protocols: those that answered, `name?` for unknown.
+        Value::Object(m) => {
+            let on = |(k, v): (&String, &Value)| match v {
+                Value::Bool(true) => Some(k.replace('_', "-")),
+                Value::Null => Some(format!("{}?", k.replace('_', "-"))),
+                _ => None,
+            };
+            let s: Vec<String> = m.iter().filter_map(on).collect();
+            if s.is_empty() {
+                "none".into()
+            } else {
+                s.join("+")
+            }
+        }
         other => other.to_string(),
     }
 }
 
 fn render(doc: &MatrixDocument) -> String {
     let mut t = Table::new();
+    // Only the columns some row compared (port mapping and IPv6 apply to a few presets).
+    let fields: Vec<&str> = matrix::FIELDS
+        .iter()
+        .copied()
+        .filter(|f| {
+            doc.rows
+                .iter()
+                .any(|r| r.checks.iter().any(|c| c.field == *f))
+        })
+        .collect();
     let mut header = vec!["preset".to_string()];
-    header.extend(matrix::FIELDS.iter().map(|f| f.replace('_', " ")));
+    header.extend(fields.iter().map(|f| f.replace('_', " ")));
     header.push("result".into());
     t.load_preset(UTF8_FULL_CONDENSED).set_header(header);
     for r in &doc.rows {
         let mut cells = vec![r.preset.clone()];
-        for f in matrix::FIELDS {
+        for f in &fields {
             cells.push(match r.checks.iter().find(|c| c.field == *f) {
                 Some(c) if c.pass => format!("✓ {}", short(&c.observed)),
                 Some(c) => format!("✗ {} (want {})", short(&c.observed), short(&c.expected)),

@@ -12,7 +12,7 @@
 //! paired pooling, one external address, no loss or delay, seed 1. Only `full-cone` hairpins.
 
 use natscope_core::nat::{FilteringBehavior, MappingBehavior, NatBehavior, PortAllocation};
-use natscope_core::probe::{AllocationPattern, Classic};
+use natscope_core::probe::{AllocationPattern, Classic, Translation};
 use serde::{Deserialize, Serialize};
 
 use crate::topology::{EngineConfig, Ipv4Net, Ipv6Mode, NodeSpec, RouterKind, Topology};
@@ -74,8 +74,32 @@ const fn truth(
         allocation,
         hairpinning,
         classic,
+        port_mapping: None,
+        ipv6: Ipv6Truth::NotCompared,
     }
 }
+
+impl Expected {
+    /// This truth with the port-mapping verdicts a probe should reach through the preset's
+    /// mapping router (the services themselves are the router's `port_mapping`).
+    const fn mapped(mut self, double_nat: bool, cgnat: Option<bool>) -> Self {
+        self.port_mapping = Some(PortMappingTruth { double_nat, cgnat });
+        self
+    }
+
+    /// This truth with what a probe over IPv6 should see.
+    const fn v6(mut self, ipv6: Ipv6Truth) -> Self {
+        self.ipv6 = ipv6;
+        self
+    }
+}
+
+/// The RFC 6092 firewall without translation, endpoint-independent filtering (REC-11).
+const V6_EIF: Ipv6Truth = Ipv6Truth::Present {
+    mapping: M::EndpointIndependent,
+    filtering: F::EndpointIndependent,
+    translation: Translation::None,
+};
 
 /// Every preset, in listing order: the one table the names, the topologies, `behavior = ...`,
 /// the matrix's truth and the grid's default set come from.
@@ -100,7 +124,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::OpenInternet,
-            ),
+            )
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -114,7 +139,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 true,
                 Classic::FullCone,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -128,7 +154,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::RestrictedCone,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -142,7 +169,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -156,7 +184,8 @@ pub const PRESETS: &[Preset] = {
                 A::Random,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -170,7 +199,8 @@ pub const PRESETS: &[Preset] = {
                 A::Sequential,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -184,7 +214,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -202,7 +233,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(V6_EIF),
             grid: true,
         },
         Preset {
@@ -217,14 +249,16 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::SymmetricUdpFirewall,
-            ),
+            )
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
             name: "blocked",
             summary: "a nat that drops all udp",
             layout: Layout::Router(|| RouterKind::Engine(blocked())),
-            truth: truth(None, None, false, A::Unknown, false, Classic::UdpBlocked),
+            truth: truth(None, None, false, A::Unknown, false, Classic::UdpBlocked)
+                .v6(Ipv6Truth::NoPath),
             grid: false,
         },
         Preset {
@@ -238,7 +272,12 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(Ipv6Truth::Present {
+                mapping: M::EndpointIndependent,
+                filtering: F::AddressAndPortDependent,
+                translation: Translation::None,
+            }),
             grid: false,
         },
         Preset {
@@ -252,7 +291,9 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 true,
                 Classic::FullCone,
-            ),
+            )
+            .mapped(false, Some(false))
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -268,7 +309,9 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .mapped(false, Some(false))
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -282,7 +325,9 @@ pub const PRESETS: &[Preset] = {
                 A::Random,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .mapped(false, Some(false))
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -296,7 +341,9 @@ pub const PRESETS: &[Preset] = {
                 A::Random,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .mapped(false, Some(false))
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -315,7 +362,9 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .mapped(true, None)
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -333,7 +382,9 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .mapped(true, Some(true))
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -348,7 +399,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(V6_EIF),
             grid: false,
         },
         Preset {
@@ -363,7 +415,12 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(Ipv6Truth::Present {
+                mapping: M::EndpointIndependent,
+                filtering: F::AddressAndPortDependent,
+                translation: Translation::None,
+            }),
             grid: false,
         },
         Preset {
@@ -378,7 +435,12 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(Ipv6Truth::Present {
+                mapping: M::EndpointIndependent,
+                filtering: F::EndpointIndependent,
+                translation: Translation::Nptv6,
+            }),
             grid: false,
         },
         Preset {
@@ -393,7 +455,12 @@ pub const PRESETS: &[Preset] = {
                 A::Random,
                 false,
                 Classic::Symmetric,
-            ),
+            )
+            .v6(Ipv6Truth::Present {
+                mapping: M::AddressAndPortDependent,
+                filtering: F::AddressAndPortDependent,
+                translation: Translation::Nat66,
+            }),
             grid: false,
         },
         Preset {
@@ -407,7 +474,8 @@ pub const PRESETS: &[Preset] = {
                 A::Preserving,
                 false,
                 Classic::PortRestrictedCone,
-            ),
+            )
+            .v6(Ipv6Truth::NoPath),
             grid: false,
         },
     ]
@@ -763,6 +831,42 @@ pub struct Expected {
     pub hairpinning: bool,
     /// The classic RFC 3489 name the probe reports.
     pub classic: Classic,
+    /// What the probe's port-mapping discovery should conclude; `None` where no router of the
+    /// preset serves a port-mapping protocol (not compared: with nothing answering, UPnP's
+    /// silence within the probe's short wait is `unknown`, not `false`).
+    pub port_mapping: Option<PortMappingTruth>,
+    /// What a probe over IPv6 from `h1` against `stun`'s IPv6 address should see.
+    pub ipv6: Ipv6Truth,
+}
+
+/// The port-mapping verdicts of a preset whose (inner) router serves NAT-PMP, PCP or UPnP IGD.
+/// Which protocols answer and the external address they claim come from the router's settings
+/// and the address plan, so they are not repeated here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMappingTruth {
+    /// A second NAT beyond the mapping router (`double-nat+all`, `cgnat+all`).
+    pub double_nat: bool,
+    /// That second NAT is a carrier's: the mapping router's external address is in 100.64/10
+    /// (RFC 6598). `None` where the probe cannot tell (`double-nat+all`: an RFC 1918 external
+    /// address behind another public one is a home router's or a carrier's that uses private
+    /// space, so the probe says `null`, not `false`).
+    pub cgnat: Option<bool>,
+}
+
+/// What a probe over IPv6 from `h1` should see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ipv6Truth {
+    /// Not part of the matrix for this preset.
+    NotCompared,
+    /// IPv6 carries no UDP from `h1` to the reflector: no IPv6 route (`ipv4-only`), or the
+    /// router drops UDP on both families (`blocked`).
+    NoPath,
+    /// IPv6 reaches the reflector through the router's IPv6 mode.
+    Present {
+        mapping: MappingBehavior,
+        filtering: FilteringBehavior,
+        translation: Translation,
+    },
 }
 
 /// The truth a probe from `h1` should observe in preset `name` (its [`Preset::truth`]).

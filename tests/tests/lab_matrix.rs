@@ -1,5 +1,8 @@
 //! Issue 5, must-show 1: `natscope lab matrix` over every preset passes — the probe, run as a real
 //! process behind each preset's NAT, agrees with the NAT's configured behavior on every verdict.
+//! Issue 12, must-show 3: the port-mapping presets' rows compare the protocols served, the external
+//! address, `double_nat` and `cgnat`. Issue 13, must-show 2: the IPv6 presets' rows compare both
+//! families (IPv6 reachability, mapping, filtering and translation).
 
 use std::process::Command;
 
@@ -39,6 +42,59 @@ fn matrix_over_every_preset_passes() {
     for r in &doc.rows {
         assert!(r.checks.len() >= 9, "{r:?}");
     }
+    let compared = |preset: &str, fields: &[&str]| {
+        let row = doc.rows.iter().find(|r| r.preset == preset).expect(preset);
+        for f in fields {
+            assert!(
+                row.checks.iter().any(|c| c.field == *f && c.pass),
+                "{preset}: {f} not compared: {row:?}"
+            );
+        }
+    };
+    let port_mapping = [
+        "port_mapping",
+        "external_address",
+        "double_nat",
+        "cgnat",
+        "mapped_inbound",
+    ];
+    for p in [
+        "full-cone+nat-pmp",
+        "port-restricted-cone+upnp",
+        "symmetric+pcp",
+        "symmetric+upnp",
+        "double-nat+all",
+        "cgnat+all",
+    ] {
+        compared(p, &port_mapping);
+    }
+    let ipv6 = ["ipv6", "ipv6_mapping", "ipv6_filtering", "ipv6_translation"];
+    for p in [
+        "dual-stack",
+        "dual-stack-strict",
+        "nptv6",
+        "nat66",
+        "ipv4-only",
+    ] {
+        compared(p, &ipv6);
+    }
+    // The truths those checks hold: what each preset serves and where it sits.
+    let cgnat = doc
+        .rows
+        .iter()
+        .find(|r| r.preset == "cgnat+all")
+        .expect("row");
+    assert_eq!(cgnat.expected.cgnat, Some(true));
+    assert_eq!(
+        cgnat.observed.as_ref().and_then(|o| o.external_address),
+        Some("100.64.0.2".parse().expect("ip"))
+    );
+    let v4only = doc
+        .rows
+        .iter()
+        .find(|r| r.preset == "ipv4-only")
+        .expect("row");
+    assert_eq!(v4only.observed.as_ref().and_then(|o| o.ipv6), Some(false));
 }
 
 #[test]
