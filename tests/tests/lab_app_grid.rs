@@ -207,10 +207,13 @@ fn the_lab_judges_the_path_not_the_app() {
     assert!(merged.pass);
 
     // The kernel's own NAT, counted with nftables inside the router: behind `linux` the punch
-    // goes direct to a full cone. Between two `linux` routers the same program relays: the first
-    // punch packet holds the conntrack tuple the other side's masquerade would need, so that side
-    // picks another port (a clash RFC 4787 does not model) and each side's filter refuses the
-    // other's packets. The lab sees that, and agrees with the program.
+    // goes direct to a full cone. Between two `linux` routers the outcome is a race the program
+    // runs, not a property of the NATs: when one side's first punch reaches the other router
+    // before that side's own first packet left, it holds the conntrack tuple that side's
+    // masquerade would need, so that side picks another port (a clash RFC 4787 does not model)
+    // and its filter refuses the other's packets; when the first packets cross in flight, both
+    // keep their ports and the path opens. Either way the lab must see what the program saw,
+    // and its counts must show why.
     let (doc, out) = grid(&apps().join("direct.toml"), "appk", "linux,full-cone", &[]);
     let c = cell(&doc, "linux", FC);
     assert_eq!(
@@ -226,14 +229,20 @@ fn the_lab_judges_the_path_not_the_app() {
         "{e:#?}"
     );
     let c = cell(&doc, "linux", "linux");
-    assert_eq!(c.observed, Some(PathTaken::Relayed), "{c:#?}");
-    assert_eq!(c.claimed, Some(PathTaken::Relayed));
+    assert!(c.observed.is_some(), "{c:#?}");
+    assert_eq!(c.claimed, c.observed, "{c:#?}");
     assert!(c.disagreement.is_none(), "{c:#?}");
     let e = c.evidence.as_ref().unwrap();
-    assert!(
-        e.a.from_peer_refused > 0 && e.b.from_peer_refused > 0,
-        "{e:#?}"
-    );
+    match c.observed {
+        Some(PathTaken::Direct) => assert!(
+            e.direct_a_to_b.packets >= 5 && e.direct_b_to_a.packets >= 5,
+            "{e:#?}"
+        ),
+        _ => assert!(
+            e.a.from_peer_refused > 0 && e.b.from_peer_refused > 0,
+            "{e:#?}"
+        ),
+    }
 
     // (b) one-way punch packets, then the relay: relayed, and the evidence shows the punch.
     let (doc, out) = grid(&apps().join("oneway.toml"), "appo", PRESETS, &[]);
