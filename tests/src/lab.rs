@@ -187,6 +187,17 @@ pub fn text(o: &std::process::Output) -> String {
     )
 }
 
+/// Runs `natscope lab grid --json` with `args`, checks the document against the published schema
+/// and returns it with the process's output (for exit-status assertions).
+pub fn run_grid(args: &[&str]) -> (natscope_lab::grid::GridDocument, std::process::Output) {
+    let out = natscope(&[&["lab", "grid", "--json"], args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    crate::schema::assert_valid_text(&stdout);
+    let doc = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not a natscope.grid document ({e}):\n{}", text(&out)));
+    (doc, out)
+}
+
 /// PIDs of the live processes whose command line contains `marker` (a zombie's is empty), for
 /// tests that start processes with a marker no one else uses and then check none is left.
 pub fn processes_with(marker: &str) -> Vec<i32> {

@@ -9,26 +9,15 @@
 
 use std::process::Command;
 
-use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken};
-use natscope_tests::lab::require_root;
+use natscope_lab::grid::{self, GridCell, PathTaken};
+use natscope_tests::lab::{require_root, run_grid};
 use natscope_tests::natscope_bin;
 
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn grid_of_six_presets_matches_rfc4787_reasoning_over_udp_and_tcp() {
     require_root();
-    let out = Command::new(natscope_bin())
-        .args(["lab", "grid", "--json", "--lab-prefix", "appg"])
-        .output()
-        .expect("run natscope lab grid");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    natscope_tests::schema::assert_valid_text(&stdout);
-    let doc: GridDocument = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "not a natscope.grid/v1 document ({e}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let (doc, out) = run_grid(&["--lab-prefix", "appg"]);
     assert_eq!(doc.schema, "natscope.grid/v1");
     let cells = &doc.cells;
     let n = grid::DEFAULT_PRESETS.len();
@@ -107,18 +96,7 @@ fn grid_shows_its_progress_on_a_terminal() {
 fn open_to_open_reads_direct_over_udp_and_tcp() {
     require_root();
     natscope_tests::require_tool("nft", "nftables");
-    let out = Command::new(natscope_bin())
-        .args(["lab", "grid", "--json", "--presets", "open"])
-        .args(["--lab-prefix", "appg"])
-        .output()
-        .expect("run natscope lab grid");
-    let doc: GridDocument = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let (doc, _) = run_grid(&["--presets", "open", "--lab-prefix", "appg"]);
     assert_eq!(doc.cells.len(), 2);
     for c in &doc.cells {
         assert_eq!(c.observed, Some(PathTaken::Direct), "{c:#?}");
@@ -141,22 +119,14 @@ fn open_to_open_reads_direct_over_udp_and_tcp() {
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn sequential_symmetric_pairs_go_direct_through_prediction() {
     require_root();
-    let out = Command::new(natscope_bin())
-        .args(["lab", "grid", "--json", "--transport", "udp"])
-        .args([
-            "--presets",
-            "port-restricted-cone,symmetric-sequential,cgnat",
-        ])
-        .args(["--lab-prefix", "pred"])
-        .output()
-        .expect("run natscope lab grid");
-    let doc: GridDocument = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let (doc, out) = run_grid(&[
+        "--transport",
+        "udp",
+        "--presets",
+        "port-restricted-cone,symmetric-sequential,cgnat",
+        "--lab-prefix",
+        "pred",
+    ]);
     assert_eq!(doc.cells.len(), 6);
     let cell = |a: &str, b: &str| {
         doc.cells
