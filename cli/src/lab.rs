@@ -18,11 +18,10 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::control::{self, load_plan, NatTableDocument, Reply, Request};
 use natscope_lab::registry::control_path;
-use natscope_lab::topology::RouterKind;
-use natscope_lab::{netns, presets, registry, Lab, LabOptions, LabStatus, StatusDocument};
-use natscope_probes::nat::PortAllocation;
-use serde::Serialize;
-use serde_json::Value;
+
+use natscope_lab::{
+    netns, presets, registry, wire_name, Lab, LabOptions, LabStatus, StatusDocument,
+};
 
 use crate::emit;
 use crate::logging::LogArgs;
@@ -250,43 +249,6 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
 
 /// The JSON spelling of a value that serializes to a string (a kebab-case enum), so the tables
 /// say the same word as `--json`.
-fn wire<T: Serialize>(v: &T) -> String {
-    match serde_json::to_value(v) {
-        Ok(Value::String(s)) => s,
-        _ => "?".into(),
-    }
-}
-
-fn settings_of(router: Option<&RouterKind>) -> String {
-    let c = match router {
-        None => return String::new(),
-        Some(RouterKind::Linux) => return "linux nftables masquerade".into(),
-        Some(RouterKind::Engine(c)) => c,
-    };
-    let b = &c.behavior;
-    let mut parts = vec![];
-    if c.translate {
-        parts.push(format!("mapping {}", wire(&b.mapping)));
-    } else {
-        parts.push("firewall (no translation)".to_string());
-    }
-    parts.push(format!("filtering {}", wire(&b.filtering)));
-    if c.translate {
-        let ports = match b.allocation {
-            PortAllocation::Preserve => "preserve".to_string(),
-            PortAllocation::Sequential { step } => format!("sequential (step {step})"),
-            PortAllocation::Random => "random".to_string(),
-        };
-        parts.push(format!("ports {ports}"));
-        let hairpinning = if b.hairpinning { "on" } else { "off" };
-        parts.push(format!("hairpinning {hairpinning}"));
-    }
-    if c.block_udp {
-        parts.push("udp blocked".into());
-    }
-    parts.join(", ")
-}
-
 fn render_lab(lab: &LabStatus) -> String {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header([
@@ -299,9 +261,9 @@ fn render_lab(lab: &LabStatus) -> String {
     for n in &lab.nodes {
         t.add_row([
             n.name.clone(),
-            wire(&n.role),
+            wire_name(&n.role),
             n.addresses.join(" "),
-            settings_of(n.router.as_ref()),
+            n.settings(),
             n.mappings.map(|m| m.to_string()).unwrap_or_default(),
         ]);
     }
@@ -376,7 +338,7 @@ fn nat_table(a: NatTableArgs) -> Result<ExitCode> {
     let rows = &table.mappings;
     for r in rows {
         t.add_row([
-            wire(&r.proto),
+            wire_name(&r.proto),
             r.internal.to_string(),
             r.external_via(),
             format!("{:.1} s", r.expires_in_ms as f64 / 1000.0),

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use natscope_core::client::{build_request, RequestOptions};
+use natscope_core::nat::PortAllocation;
 use natscope_core::portmap::PortMappingService;
 use natscope_core::stun::{Message, MessageType, TransactionId};
 use rand::Rng;
@@ -27,7 +28,7 @@ use crate::links::{self, LinkError};
 use crate::netns::{self, Netns, NetnsError};
 use crate::registry::{self, Record};
 use crate::topology::{
-    NodeSpec, Plan, PlannedNode, Role, RouterKind, Topology, TopologyError, INTERNET,
+    Ipv6Mode, NodeSpec, Plan, PlannedNode, Role, RouterKind, Topology, TopologyError, INTERNET,
     STUN_ALT_PORT, STUN_PORT,
 };
 
@@ -940,9 +941,71 @@ pub struct NodeStatus {
     pub router: Option<RouterKind>,
     /// Live mappings of a userspace NAT.
     pub mappings: Option<usize>,
+    /// NAT nodes: the port-mapping services they offer on their LAN (the engine's own, or
+    /// miniupnpd's on a `linux` router); left out when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mapping: Vec<PortMappingService>,
+}
+
+/// A serde enum's wire name (`endpoint-independent`), so prose and JSON use the same words.
+pub fn wire_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
 }
 
 impl NodeStatus {
+    /// A router's settings in words, for `lab status`'s table: how it maps and filters IPv4, what
+    /// it does with IPv6, and the port-mapping services it offers. Empty for other nodes.
+    pub fn settings(&self) -> String {
+        let mut parts = vec![];
+        match &self.router {
+            None => return String::new(),
+            // Its IPv6 is the conntrack firewall of `table inet natscope6`: admits replies only.
+            Some(RouterKind::Linux) => parts.extend([
+                "linux nftables masquerade".to_string(),
+                "ipv6 conntrack firewall (address-and-port-dependent)".to_string(),
+            ]),
+            Some(RouterKind::Engine(c)) => {
+                let b = &c.behavior;
+                if c.translate {
+                    parts.push(format!("mapping {}", wire_name(&b.mapping)));
+                } else {
+                    parts.push("firewall (no translation)".to_string());
+                }
+                parts.push(format!("filtering {}", wire_name(&b.filtering)));
+                if c.translate {
+                    parts.push(match b.allocation {
+                        PortAllocation::Preserve => "ports preserve".to_string(),
+                        PortAllocation::Sequential { step } => {
+                            format!("ports sequential (step {step})")
+                        }
+                        PortAllocation::Random => "ports random".to_string(),
+                    });
+                    let on = if b.hairpinning { "on" } else { "off" };
+                    parts.push(format!("hairpinning {on}"));
+                }
+                if c.block_udp {
+                    parts.push("udp blocked".into());
+                }
+                parts.push(match c.ipv6 {
+                    Ipv6Mode::None => "no ipv6".to_string(),
+                    mode => format!(
+                        "ipv6 {} (filtering {})",
+                        wire_name(&mode),
+                        wire_name(&c.ipv6_filtering)
+                    ),
+                });
+            }
+        }
+        if !self.port_mapping.is_empty() {
+            let names: Vec<String> = self.port_mapping.iter().map(wire_name).collect();
+            parts.push(format!("port mapping {}", names.join(" ")));
+        }
+        parts.join(", ")
+    }
+
     pub fn of(lab: &str, p: &PlannedNode, mappings: Option<usize>) -> Self {
         let mut addresses: Vec<String> = p.uplink.iter().map(|n| n.to_string()).collect();
         addresses.extend(p.lan.map(|l| l.to_string()));
@@ -955,6 +1018,52 @@ impl NodeStatus {
             addresses,
             router: p.router.clone(),
             mappings,
+            port_mapping: match &p.router {
+                Some(RouterKind::Engine(c)) => c.port_mapping.clone(),
+                _ => p.port_mapping.clone(),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    /// The `settings` column of `lab status` for the router of `preset`.
+    fn settings(preset: &str, router: &str) -> String {
+        let plan = presets::preset(preset).expect("preset").plan().expect("plan");
+        let node = plan.nodes.iter().find(|n| n.name == router).expect("router");
+        NodeStatus::of("t", node, None).settings()
+    }
+
+    #[test]
+    fn status_names_each_family_and_the_port_mapping_services() {
+        assert_eq!(
+            settings("symmetric+pcp", "nat"),
+            "mapping address-and-port-dependent, filtering address-and-port-dependent, \
+             ports random, hairpinning off, ipv6 firewall (filtering endpoint-independent), \
+             port mapping pcp"
+        );
+        assert!(
+            settings("dual-stack-strict", "nat")
+                .ends_with("ipv6 firewall (filtering address-and-port-dependent)"),
+            "{}",
+            settings("dual-stack-strict", "nat")
+        );
+        assert!(settings("ipv4-only", "nat").ends_with("no ipv6"));
+        assert!(settings("nptv6", "nat").contains("ipv6 nptv6"));
+        // A kernel router's services are miniupnpd's: they live on the node, not in an engine.
+        let linux = presets::preset("linux").expect("preset").plan().expect("plan");
+        let mut node = linux.nodes.iter().find(|n| n.name == "nat").unwrap().clone();
+        node.port_mapping = vec![PortMappingService::Pcp, PortMappingService::Upnp];
+        assert_eq!(
+            NodeStatus::of("t", &node, None).settings(),
+            "linux nftables masquerade, ipv6 conntrack firewall (address-and-port-dependent), \
+             port mapping pcp upnp"
+        );
+        let host = linux.nodes.iter().find(|n| n.name == "h1").unwrap();
+        assert_eq!(NodeStatus::of("t", host, None).settings(), "");
     }
 }

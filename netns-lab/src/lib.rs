@@ -30,6 +30,6 @@ pub mod topology;
 pub mod upnp;
 
 pub use lab::{
-    check_lab_name, namespace_name, Lab, LabBuilder, LabError, LabNode, LabOptions, LabStatus,
-    NodeStatus, StatusDocument, STATUS_SCHEMA,
+    check_lab_name, namespace_name, wire_name, Lab, LabBuilder, LabError, LabNode, LabOptions,
+    LabStatus, NodeStatus, StatusDocument, STATUS_SCHEMA,
 };
