@@ -340,7 +340,7 @@ pub fn reply(lab: &Lab, request: &Request) -> Reply {
         Request::NatTable { node } => match lab.nat_table(node) {
             Some(mappings) => Reply::NatTable(NatTableDocument::new(mappings)),
             None => Reply::Error(format!(
-                "`{node}` is not a userspace nat node of lab {}",
+                "`{node}` is not a nat router of lab {}",
                 lab.name()
             )),
         },

@@ -8,7 +8,7 @@
 //! its engine reads `wan0` and `lan0` with packet sockets and answers ARP itself.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -735,11 +735,47 @@ impl Lab {
             ))),
         }
     }
-    /// A userspace NAT's live mappings; `None` for nodes without an engine.
+    /// A NAT router's live mappings: a userspace NAT's own table, or a `linux` router's
+    /// conntrack entries and miniupnpd leases ([`crate::conntrack`]); `None` for other nodes.
     pub fn nat_table(&self, node: &str) -> Option<Vec<MappingRow>> {
-        let (_, e) = self.engines.iter().find(|(n, _)| n == node)?;
-        let now = Instant::now();
-        Some(e.with_router(|r| r.mappings(now)))
+        if let Some((_, e)) = self.engines.iter().find(|(n, _)| n == node) {
+            let now = Instant::now();
+            return Some(e.with_router(|r| r.mappings(now)));
+        }
+        let n = self.node(node).ok()?;
+        let p = &n.plan;
+        if !matches!(p.router, Some(RouterKind::Linux)) {
+            return None;
+        }
+        let conntrack = n
+            .run(|| std::fs::read_to_string("/proc/thread-self/net/nf_conntrack"))
+            .ok()?
+            .unwrap_or_default();
+        let leases = std::fs::read_to_string(crate::miniupnpd::leases_path(&self.name, node))
+            .unwrap_or_default();
+        let mut own: Vec<IpAddr> = p.uplink.iter().map(|n| IpAddr::V4(n.addr)).collect();
+        own.extend(p.lan.map(|n| IpAddr::V4(n.addr)));
+        own.extend(p.uplink6.iter().map(|n| IpAddr::V6(n.addr)));
+        own.extend(p.lan6.map(|n| IpAddr::V6(n.addr)));
+        let (lan, lan6) = (p.lan, p.lan6.or(p.routed6));
+        let inside = move |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => lan.is_some_and(|n| n.contains(v4)),
+            IpAddr::V6(v6) => lan6.is_some_and(|n| n.contains(v6)),
+        };
+        let view = crate::conntrack::RouterView {
+            own: &own,
+            external: *own.first()?,
+            inside: &inside,
+        };
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Some(crate::conntrack::mappings(
+            &conntrack,
+            &crate::conntrack::parse_leases(&leases),
+            &view,
+            now_unix,
+        ))
     }
     /// A userspace NAT's per-flow counters (the grid's path evidence).
     pub fn nat_flows(&self, node: &str) -> Option<Vec<FlowRow>> {
@@ -1033,8 +1069,15 @@ mod tests {
 
     /// The `settings` column of `lab status` for the router of `preset`.
     fn settings(preset: &str, router: &str) -> String {
-        let plan = presets::preset(preset).expect("preset").plan().expect("plan");
-        let node = plan.nodes.iter().find(|n| n.name == router).expect("router");
+        let plan = presets::preset(preset)
+            .expect("preset")
+            .plan()
+            .expect("plan");
+        let node = plan
+            .nodes
+            .iter()
+            .find(|n| n.name == router)
+            .expect("router");
         NodeStatus::of("t", node, None).settings()
     }
 
@@ -1055,8 +1098,16 @@ mod tests {
         assert!(settings("ipv4-only", "nat").ends_with("no ipv6"));
         assert!(settings("nptv6", "nat").contains("ipv6 nptv6"));
         // A kernel router's services are miniupnpd's: they live on the node, not in an engine.
-        let linux = presets::preset("linux").expect("preset").plan().expect("plan");
-        let mut node = linux.nodes.iter().find(|n| n.name == "nat").unwrap().clone();
+        let linux = presets::preset("linux")
+            .expect("preset")
+            .plan()
+            .expect("plan");
+        let mut node = linux
+            .nodes
+            .iter()
+            .find(|n| n.name == "nat")
+            .unwrap()
+            .clone();
         node.port_mapping = vec![PortMappingService::Pcp, PortMappingService::Upnp];
         assert_eq!(
             NodeStatus::of("t", &node, None).settings(),

@@ -8,6 +8,7 @@ pub mod app;
 pub mod app_run;
 pub mod bench;
 pub mod config;
+pub mod conntrack;
 pub mod control;
 pub mod driver;
 pub mod engine;

@@ -122,6 +122,11 @@ pub fn state_dir(lab: &str, node: &str) -> PathBuf {
     crate::registry::etc_path(lab).join(format!("miniupnpd-{node}"))
 }
 
+/// miniupnpd's lease file (one line per mapping it granted; read by `lab nat-table`).
+pub fn leases_path(lab: &str, node: &str) -> PathBuf {
+    state_dir(lab, node).join("leases")
+}
+
 /// A deterministic UUID for the device description (miniupnpd wants one), from the node name.
 fn uuid_for(lab: &str, node: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -178,7 +183,7 @@ pub fn start(
     let dir = state_dir(r.lab, r.node);
     std::fs::create_dir_all(&dir).map_err(io("creating miniupnpd's directory"))?;
     let conf = dir.join("miniupnpd.conf");
-    let leases = dir.join("leases");
+    let leases = leases_path(r.lab, r.node);
     let log = dir.join("miniupnpd.log");
     std::fs::write(
         &conf,

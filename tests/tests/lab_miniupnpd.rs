@@ -90,6 +90,15 @@ fn addresses(lab: &Lab) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
     (ext, gw_lan, host)
 }
 
+/// What `lab nat-table` says of the router's mapping at `external`: which protocol asked for it
+/// (from miniupnpd's leases), or `None` when there is no such row.
+fn requested(lab: &Lab, external: SocketAddr) -> Option<Option<PortMappingService>> {
+    let rows = lab.nat_table("gw").expect("a linux router has a nat table");
+    rows.iter()
+        .find(|r| r.external == external)
+        .map(|r| r.requested_by)
+}
+
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_deleted() {
@@ -128,6 +137,12 @@ fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_del
     assert!(
         arrives(&lab, &inside, external, ARRIVAL),
         "a datagram to the mapped {external} did not reach {host}:{iport}"
+    );
+    assert_eq!(
+        requested(&lab, external),
+        Some(Some(PortMappingService::Upnp)),
+        "{:#?}",
+        lab.nat_table("gw")
     );
 
     let (ok, out) = run(&lab, "h", &["upnpc", "-d", &e, "UDP"]);
@@ -175,6 +190,13 @@ fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_d
         arrives(&lab, &inside, external, ARRIVAL),
         "a datagram to the mapped {external} did not reach {host}:{iport}"
     );
+    // The router's table marks the mapping as NAT-PMP's (miniupnpd's lease).
+    assert_eq!(
+        requested(&lab, external),
+        Some(Some(PortMappingService::NatPmp)),
+        "{:#?}",
+        lab.nat_table("gw")
+    );
 
     // NAT-PMP deletes with lifetime 0 (RFC 6886 §3.4).
     let (ok, out) = run(&lab, "h", &["natpmpc", "-g", &gw, "-a", &e, &i, "udp", "0"]);
@@ -182,6 +204,14 @@ fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_d
     assert!(
         !arrives(&lab, &inside, external, SILENCE),
         "inbound still arrives at {external} after the mapping was deleted"
+    );
+    // The lease is gone; what is left at that port is the conntrack entry of the last datagram,
+    // an ordinary (unrequested) connection now.
+    assert_ne!(
+        requested(&lab, external),
+        Some(Some(PortMappingService::NatPmp)),
+        "{:#?}",
+        lab.nat_table("gw")
     );
     lab.down();
 }
