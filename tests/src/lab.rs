@@ -169,6 +169,59 @@ pub fn up_engine_lab(prefix: &str, config: natscope_lab::topology::EngineConfig)
         .expect("lab up")
 }
 
+/// A lab with a `linux` router `gw` running the real miniupnpd with `services` (Debian's
+/// `miniupnpd-nftables`), a host `h` behind it and a host `pub` on the internet; add more nodes
+/// (a reflector) before `.up()`.
+pub fn miniupnpd_lab(
+    prefix: &str,
+    services: &[natscope_lab::topology::PortMappingService],
+) -> natscope_lab::LabBuilder {
+    crate::require_root();
+    crate::require_tool("miniupnpd", "miniupnpd-nftables");
+    crate::require_tool("nft", "nftables");
+    Lab::builder(&lab_name(prefix))
+        .natscope_bin(natscope_bin())
+        .router("gw", None, natscope_lab::topology::RouterKind::Linux)
+        .port_mapping(services)
+        .host("h", Some("gw"))
+        .host("pub", None)
+}
+
+/// `gw`'s external and LAN addresses and `h`'s, in a [`miniupnpd_lab`].
+pub fn gw_addresses(lab: &Lab) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
+    let gw = lab.node("gw").expect("gw");
+    let ext = gw.address().expect("gw's external address");
+    let lan = gw.plan().lan.expect("gw's lan").addr;
+    let host = lab.node("h").expect("h").address().expect("h's address");
+    (ext, lan, host)
+}
+
+/// Whether a datagram from a fresh socket on the public host `pub` to `external` arrives on
+/// `inside` within `wait` (sent again every 200 ms: the first may wait for ARP).
+pub fn arrives_from_pub(
+    lab: &Lab,
+    inside: &UdpSocket,
+    external: SocketAddr,
+    wait: Duration,
+) -> bool {
+    let sender = udp(lab, "pub", SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    let payload = rand::thread_rng().gen::<u64>().to_be_bytes();
+    inside
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let _ = sender.send_to(&payload, external);
+        let mut buf = [0u8; 64];
+        if let Ok((n, _)) = inside.recv_from(&mut buf) {
+            if buf[..n] == payload {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// Runs the built `natscope` with `args` and returns what it did.
 pub fn natscope(args: &[&str]) -> std::process::Output {
     std::process::Command::new(crate::natscope_bin())

@@ -4,7 +4,7 @@
 //! host to the mapped external port reaches the host, and deleting the mapping stops it.
 //! Needs root, namespaces and the three packages: `#[ignore]`d, run with `--include-ignored`.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,21 +19,6 @@ const ALL: [PortMappingService; 3] = [
     PortMappingService::Pcp,
     PortMappingService::Upnp,
 ];
-
-/// gw: a `linux` router running miniupnpd; h behind it; pub on the internet.
-fn miniupnpd_lab(prefix: &str, services: &[PortMappingService]) -> Lab {
-    require_root();
-    require_tool("miniupnpd", "miniupnpd-nftables");
-    require_tool("nft", "nftables");
-    Lab::builder(&lab_name(prefix))
-        .natscope_bin(natscope_tests::natscope_bin())
-        .router("gw", None, RouterKind::Linux)
-        .port_mapping(services)
-        .host("h", Some("gw"))
-        .host("pub", None)
-        .up()
-        .expect("lab up")
-}
 
 /// Runs `args` inside `node`, killed after 20 s; returns success and stdout + stderr.
 fn run(lab: &Lab, node: &str, args: &[&str]) -> (bool, String) {
@@ -60,36 +45,6 @@ fn run(lab: &Lab, node: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Whether a datagram from a fresh socket on `pub` to `external` arrives on `inside`.
-fn arrives(lab: &Lab, inside: &UdpSocket, external: SocketAddr, wait: Duration) -> bool {
-    let sender = udp(lab, "pub", SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-    let token: u64 = rand::thread_rng().gen();
-    let payload = token.to_be_bytes();
-    inside.set_read_timeout(Some(wait)).expect("timeout");
-    let deadline = Instant::now() + wait;
-    // A few sends: the first may wait for ARP on the internet bridge.
-    while Instant::now() < deadline {
-        let _ = sender.send_to(&payload, external);
-        let mut buf = [0u8; 64];
-        inside
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        if let Ok((n, _)) = inside.recv_from(&mut buf) {
-            if buf[..n] == payload {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-fn addresses(lab: &Lab) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
-    let ext = lab.node("gw").unwrap().address().unwrap();
-    let gw_lan = lab.node("gw").unwrap().plan().lan.unwrap().addr;
-    let host = lab.node("h").unwrap().address().unwrap();
-    (ext, gw_lan, host)
-}
-
 /// What `lab nat-table` says of the router's mapping at `external`: which protocol asked for it
 /// (from miniupnpd's leases), or `None` when there is no such row.
 fn requested(lab: &Lab, external: SocketAddr) -> Option<Option<PortMappingService>> {
@@ -103,8 +58,8 @@ fn requested(lab: &Lab, external: SocketAddr) -> Option<Option<PortMappingServic
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_deleted() {
     require_tool("upnpc", "miniupnpc");
-    let lab = miniupnpd_lab("upnpc", &ALL);
-    let (ext, _gw_lan, host) = addresses(&lab);
+    let lab = miniupnpd_lab("upnpc", &ALL).up().expect("lab up");
+    let (ext, _gw_lan, host) = gw_addresses(&lab);
     assert!(
         natscope_lab::miniupnpd::WAN_NET.contains(ext),
         "miniupnpd's router has a WAN address it accepts: {ext}"
@@ -121,7 +76,7 @@ fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_del
     let inside = udp(&lab, "h", SocketAddr::from((host, iport)));
     let external = SocketAddr::from((ext, eport));
     assert!(
-        !arrives(&lab, &inside, external, SILENCE),
+        !arrives_from_pub(&lab, &inside, external, SILENCE),
         "inbound arrived before any mapping"
     );
     let (ip, i, e) = (host.to_string(), iport.to_string(), eport.to_string());
@@ -135,7 +90,7 @@ fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_del
         "upnpc -a:\n{out}"
     );
     assert!(
-        arrives(&lab, &inside, external, ARRIVAL),
+        arrives_from_pub(&lab, &inside, external, ARRIVAL),
         "a datagram to the mapped {external} did not reach {host}:{iport}"
     );
     assert_eq!(
@@ -149,7 +104,7 @@ fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_del
     assert!(ok, "upnpc -d:\n{out}");
     // A new flow (a fresh source port): the old one's conntrack entry outlives the rule.
     assert!(
-        !arrives(&lab, &inside, external, SILENCE),
+        !arrives_from_pub(&lab, &inside, external, SILENCE),
         "inbound still arrives at {external} after the mapping was deleted"
     );
     lab.down();
@@ -159,8 +114,8 @@ fn upnpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_del
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_deleted() {
     require_tool("natpmpc", "natpmpc");
-    let lab = miniupnpd_lab("upnpn", &ALL);
-    let (ext, gw_lan, host) = addresses(&lab);
+    let lab = miniupnpd_lab("upnpn", &ALL).up().expect("lab up");
+    let (ext, gw_lan, host) = gw_addresses(&lab);
     let gw = gw_lan.to_string();
     let (ok, out) = run(&lab, "h", &["natpmpc", "-g", &gw]);
     assert!(ok, "natpmpc failed:\n{out}");
@@ -187,7 +142,7 @@ fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_d
         "natpmpc -a:\n{out}"
     );
     assert!(
-        arrives(&lab, &inside, external, ARRIVAL),
+        arrives_from_pub(&lab, &inside, external, ARRIVAL),
         "a datagram to the mapped {external} did not reach {host}:{iport}"
     );
     // The router's table marks the mapping as NAT-PMP's (miniupnpd's lease).
@@ -202,7 +157,7 @@ fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_d
     let (ok, out) = run(&lab, "h", &["natpmpc", "-g", &gw, "-a", &e, &i, "udp", "0"]);
     assert!(ok, "natpmpc delete:\n{out}");
     assert!(
-        !arrives(&lab, &inside, external, SILENCE),
+        !arrives_from_pub(&lab, &inside, external, SILENCE),
         "inbound still arrives at {external} after the mapping was deleted"
     );
     // The lease is gone; what is left at that port is the conntrack entry of the last datagram,
@@ -219,7 +174,9 @@ fn natpmpc_gets_the_external_address_and_maps_a_port_that_admits_inbound_until_d
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn miniupnpd_runs_only_in_the_router_namespace_and_stops_with_the_lab() {
-    let lab = miniupnpd_lab("upnps", &[PortMappingService::Upnp]);
+    let lab = miniupnpd_lab("upnps", &[PortMappingService::Upnp])
+        .up()
+        .expect("lab up");
     // Other tests' labs may run their own miniupnpd at the same time: count by namespace.
     let ns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
     let router_ns = lab

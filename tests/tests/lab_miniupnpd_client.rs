@@ -8,14 +8,17 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use natscope_lab::topology::{PortMappingService, RouterKind};
-use natscope_lab::Lab;
+use natscope_lab::topology::PortMappingService;
 use natscope_probes::upnp::{self, IgdError, IgdService, MapProtocol, UpnpError};
 use natscope_tests::lab::*;
-use natscope_tests::require_tool;
 use rand::Rng;
 
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+const ALL: [PortMappingService; 3] = [
+    PortMappingService::NatPmp,
+    PortMappingService::Pcp,
+    PortMappingService::Upnp,
+];
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -26,51 +29,11 @@ fn rt() -> tokio::runtime::Runtime {
 
 // ---- against the real miniupnpd -------------------------------------------------------------
 
-fn miniupnpd_lab(prefix: &str) -> Lab {
-    require_root();
-    require_tool("miniupnpd", "miniupnpd-nftables");
-    require_tool("nft", "nftables");
-    Lab::builder(&lab_name(prefix))
-        .natscope_bin(natscope_tests::natscope_bin())
-        .router("gw", None, RouterKind::Linux)
-        .port_mapping(&[
-            PortMappingService::NatPmp,
-            PortMappingService::Pcp,
-            PortMappingService::Upnp,
-        ])
-        .host("h", Some("gw"))
-        .host("pub", None)
-        .up()
-        .expect("lab up")
-}
-
-/// Whether a datagram from a fresh socket on `pub` to `external` arrives on `inside`.
-fn arrives(lab: &Lab, inside: &UdpSocket, external: SocketAddr, wait: Duration) -> bool {
-    let sender = udp(lab, "pub", SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-    let payload: [u8; 8] = rand::thread_rng().gen::<u64>().to_be_bytes();
-    inside
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        let _ = sender.send_to(&payload, external);
-        let mut buf = [0u8; 64];
-        if let Ok((n, _)) = inside.recv_from(&mut buf) {
-            if buf[..n] == payload {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn natscope_upnp_client_maps_through_miniupnpd_and_inbound_arrives_until_deleted() {
-    let lab = miniupnpd_lab("upnpc");
-    let ext = lab.node("gw").unwrap().address().unwrap();
-    let gw = lab.node("gw").unwrap().plan().lan.unwrap().addr;
-    let host = lab.node("h").unwrap().address().unwrap();
+    let lab = miniupnpd_lab("upnpc", &ALL).up().expect("lab up");
+    let (ext, gw, host) = gw_addresses(&lab);
     let iport = rand::thread_rng().gen_range(20_000..30_000u16);
     let inside = udp(&lab, "h", SocketAddr::from((host, iport)));
     let limit = Duration::from_secs(2);
@@ -108,7 +71,7 @@ fn natscope_upnp_client_maps_through_miniupnpd_and_inbound_arrives_until_deleted
     assert_eq!(claimed, ext, "the external address miniupnpd reports");
     let external = SocketAddr::from((ext, mapped));
     assert!(
-        arrives(&lab, &inside, external, ARRIVAL),
+        arrives_from_pub(&lab, &inside, external, ARRIVAL),
         "a datagram to the mapped {external} did not reach {host}:{iport}"
     );
 
@@ -133,7 +96,7 @@ fn natscope_upnp_client_maps_through_miniupnpd_and_inbound_arrives_until_deleted
         .expect("enter h")
         .expect("AddPortMapping");
     assert!(
-        arrives(&lab, &inside2, SocketAddr::from((ext, exact)), ARRIVAL),
+        arrives_from_pub(&lab, &inside2, SocketAddr::from((ext, exact)), ARRIVAL),
         "AddPortMapping's port does not admit inbound"
     );
 
@@ -149,7 +112,7 @@ fn natscope_upnp_client_maps_through_miniupnpd_and_inbound_arrives_until_deleted
         .expect("enter h")
         .expect("DeletePortMapping");
     assert!(
-        !arrives(&lab, &inside, external, SILENCE),
+        !arrives_from_pub(&lab, &inside, external, SILENCE),
         "inbound still arrives at {external} after DeletePortMapping"
     );
     eprintln!("discovery took {found:?}; with external address and mapping {took:?}");
@@ -159,17 +122,13 @@ fn natscope_upnp_client_maps_through_miniupnpd_and_inbound_arrives_until_deleted
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn natscope_upnp_client_finds_no_igd_on_a_router_without_upnp_quickly() {
-    require_root();
-    require_tool("miniupnpd", "miniupnpd-nftables");
-    let lab = Lab::builder(&lab_name("upnpx"))
-        .natscope_bin(natscope_tests::natscope_bin())
-        .router("gw", None, RouterKind::Linux)
-        .port_mapping(&[PortMappingService::NatPmp, PortMappingService::Pcp])
-        .host("h", Some("gw"))
-        .up()
-        .expect("lab up");
-    let gw = lab.node("gw").unwrap().plan().lan.unwrap().addr;
-    let host = lab.node("h").unwrap().address().unwrap();
+    let lab = miniupnpd_lab(
+        "upnpx",
+        &[PortMappingService::NatPmp, PortMappingService::Pcp],
+    )
+    .up()
+    .expect("lab up");
+    let (_, gw, host) = gw_addresses(&lab);
     let started = Instant::now();
     let r = lab
         .node("h")

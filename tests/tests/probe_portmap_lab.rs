@@ -7,12 +7,11 @@
 
 use std::time::Duration;
 
-use natscope_lab::topology::{PortMappingService, RouterKind};
+use natscope_lab::topology::PortMappingService;
 use natscope_lab::Lab;
 use natscope_probes::probe::ProbeReport;
 use natscope_tests::lab::*;
 use natscope_tests::punch::spawn_in;
-use natscope_tests::{natscope_bin, require_tool};
 
 /// `natscope probe SERVER ARGS… --json` from `host`, bounded; its report.
 fn probe(lab: &Lab, host: &str, args: &[&str]) -> ProbeReport {
@@ -36,19 +35,13 @@ fn probe(lab: &Lab, host: &str, args: &[&str]) -> ProbeReport {
 #[test]
 #[ignore = "needs root, network namespaces and miniupnpd; run with --include-ignored (scripts/test does)"]
 fn probe_map_behind_miniupnpd_sees_all_three_protocols_and_proves_the_mapping_inbound() {
-    require_root();
-    require_tool("miniupnpd", "miniupnpd-nftables");
-    require_tool("nft", "nftables");
-    let lab = Lab::builder(&lab_name("ppmu"))
-        .natscope_bin(natscope_bin())
+    let all = [
+        PortMappingService::NatPmp,
+        PortMappingService::Pcp,
+        PortMappingService::Upnp,
+    ];
+    let lab = miniupnpd_lab("ppmu", &all)
         .reflector("stun")
-        .router("gw", None, RouterKind::Linux)
-        .port_mapping(&[
-            PortMappingService::NatPmp,
-            PortMappingService::Pcp,
-            PortMappingService::Upnp,
-        ])
-        .host("h", Some("gw"))
         .up()
         .expect("lab up");
     let r = probe(&lab, "h", &["--map", "--no-hairpin"]);
@@ -76,15 +69,8 @@ fn probe_map_behind_miniupnpd_sees_all_three_protocols_and_proves_the_mapping_in
 #[test]
 #[ignore = "needs root, network namespaces and miniupnpd; run with --include-ignored (scripts/test does)"]
 fn probe_map_over_upnp_alone_proves_the_mapping_inbound() {
-    require_root();
-    require_tool("miniupnpd", "miniupnpd-nftables");
-    require_tool("nft", "nftables");
-    let lab = Lab::builder(&lab_name("ppmv"))
-        .natscope_bin(natscope_bin())
+    let lab = miniupnpd_lab("ppmv", &[PortMappingService::Upnp])
         .reflector("stun")
-        .router("gw", None, RouterKind::Linux)
-        .port_mapping(&[PortMappingService::Upnp])
-        .host("h", Some("gw"))
         .up()
         .expect("lab up");
     let r = probe(&lab, "h", &["--map", "--no-hairpin"]);
