@@ -220,6 +220,7 @@ mod tests {
             natscope_version: String::new(),
             transport: Transport::Udp,
             path,
+            family: None,
             local: "10.1.0.2:4000".parse().expect("addr"),
             peer: None,
             time_to_first_byte_ms: None,

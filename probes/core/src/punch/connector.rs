@@ -156,6 +156,14 @@ pub struct ConnectReport {
 }
 
 impl ConnectReport {
+    /// The path in words, with its family when there is one: `direct over IPv6`.
+    pub fn path_words(&self) -> String {
+        match self.family {
+            Some(f) => format!("{} over {}", self.path, f.label()),
+            None => self.path.to_string(),
+        }
+    }
+
     /// The session error, if the session failed after it started.
     pub fn failed(&self) -> bool {
         self.path == PathTaken::Failed || self.messages_echoed < self.messages_sent
