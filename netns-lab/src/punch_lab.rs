@@ -494,12 +494,12 @@ mod tests {
         let spec = app(Path::new("/opt/my tools/natscope"), Transport::Tcp);
         assert_eq!(
             spec.connect.run,
-            "'/opt/my tools/natscope' punch connect b --via 198.51.100.1:3490 --json --timeout 8 --tcp"
+            "'/opt/my tools/natscope' punch connect b --via 198.51.100.1:3490 --json --family 4 --timeout 8 --tcp"
         );
         let listen = spec.listen.unwrap();
-        assert!(listen
-            .run
-            .ends_with("--id b --via 198.51.100.1:3490 --json --count 1 --timeout 30 --tcp"));
+        assert!(listen.run.ends_with(
+            "--id b --via 198.51.100.1:3490 --family 4 --json --count 1 --timeout 30 --tcp"
+        ));
         assert_eq!(listen.ready, Ready::Stdout(REGISTERED.into()));
         let server = spec.server.unwrap();
         assert_eq!(
@@ -509,6 +509,19 @@ mod tests {
         assert_eq!(server.ready, Ready::Tcp(3490));
         let udp = app(Path::new("/bin/natscope"), Transport::Udp);
         assert!(!udp.connect.run.contains("--tcp"));
+        // Issue 13: an IPv6 cell punches over IPv6 only and the server listens on both families.
+        let v6 = app_in(Path::new("/bin/natscope"), Transport::Udp, Family::Ipv6);
+        for run in [&v6.connect.run, &v6.listen.unwrap().run] {
+            assert!(
+                run.contains("--family 6 --via6 '[2001:db8:0:1::1]:3490'"),
+                "{run}"
+            );
+        }
+        assert!(v6
+            .server
+            .unwrap()
+            .run
+            .ends_with("--listen 198.51.100.1:3490 --listen '[2001:db8:0:1::1]:3490'"));
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
         assert_eq!(sh_quote(""), "''");
     }
