@@ -22,6 +22,9 @@ pub enum GridError {
     Jobs(#[from] JobError),
     #[error(transparent)]
     Prepare(#[from] AppGridError),
+    /// Punch over TCP stays on the rendezvous server's family (IPv4 in the lab).
+    #[error("lab grid --family ipv6 needs --transport udp: punch over tcp uses the server's family (ipv4) only")]
+    TcpOverIpv6,
 }
 
 /// Runs the cell `a` × `b` (the `index`-th of the grid) of `grid`, the built-in punch app over
@@ -159,6 +162,9 @@ pub fn run_grid_in(
     prefix: &str,
     exe: &Path,
 ) -> Result<grid::GridDocument, GridError> {
+    if transports.contains(&Transport::Tcp) && families.contains(&Family::Ipv6) {
+        return Err(GridError::TcpOverIpv6);
+    }
     let mut grids = Vec::new();
     for t in transports {
         for f in families {

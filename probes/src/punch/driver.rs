@@ -758,6 +758,9 @@ pub async fn connect_with(
 ) -> Result<ConnectReport, PunchError> {
     let t0 = Instant::now();
     let wait = opts.timeout.min(Duration::from_secs(2));
+    if opts.transport == Transport::Tcp {
+        super::family::check_tcp(opts.server, fam)?;
+    }
     let mut net = Net::open(opts.transport, opts.server, wait).await?;
     let dual = net.second_family(opts.server, fam).await;
     let mut rng = StdRng::from_entropy();
@@ -910,6 +913,9 @@ pub async fn listen_with(
     mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
     let t0 = Instant::now();
+    if opts.transport == Transport::Tcp {
+        super::family::check_tcp(opts.server, fam)?;
+    }
     let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
     let dual = net.second_family(opts.server, fam).await;
     let mut rng = StdRng::from_entropy();

@@ -66,7 +66,9 @@ impl FamilyArgs {
     /// not given (a literal address has none).
     pub fn options(&self, via: &[String]) -> FamilyOptions {
         let named = || {
-            let v = via.first()?;
+            let v = via
+                .first()
+                .filter(|_| self.family.unwrap_or_default().ipv6)?;
             if v.parse::<SocketAddr>().is_ok() {
                 return None;
             }
@@ -179,6 +181,18 @@ pub(super) async fn open_second(server: SocketAddr, opts: &FamilyOptions) -> Opt
     })
 }
 
+/// `--family` over TCP: only the server's family is punched there (the stream is opened from
+/// the port the server saw), so a family without it is refused rather than silently ignored.
+pub(super) fn check_tcp(server: SocketAddr, opts: &FamilyOptions) -> io::Result<()> {
+    if opts.families.allows(server) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("--family: over tcp punch uses the rendezvous server's family only ({server})"),
+    ))
+}
+
 /// The families punched when no second socket could be opened: `--family` within the server's.
 pub(super) fn single(server: SocketAddr, opts: &FamilyOptions) -> DualStack {
     let main = ProbeFamilies {
@@ -229,6 +243,19 @@ mod tests {
             let ip: Ipv6Addr = ip.parse().expect("ip");
             assert_eq!(is_global_unicast(ip), global, "{ip}");
         }
+    }
+
+    #[test]
+    fn over_tcp_only_the_servers_family_is_accepted() {
+        let v4: SocketAddr = "198.51.100.1:3490".parse().expect("addr");
+        let only = |families| FamilyOptions {
+            families,
+            via6: None,
+        };
+        assert!(check_tcp(v4, &only(ProbeFamilies::BOTH)).is_ok());
+        assert!(check_tcp(v4, &only(ProbeFamilies::IPV4)).is_ok());
+        let e = check_tcp(v4, &only(ProbeFamilies::IPV6)).expect_err("refused");
+        assert!(e.to_string().contains("over tcp"), "{e}");
     }
 
     #[test]
