@@ -14,7 +14,7 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use natscope_lab::app;
 use natscope_lab::app_run::{self, AppGridDocument};
 use natscope_lab::grid::{self, GridCell, GridDocument, Transport};
-use natscope_lab::grid_run::run_grid;
+use natscope_lab::grid_run::run_grid_in;
 
 use crate::lab::PresetParser;
 use crate::{emit, jobs};
@@ -38,6 +38,9 @@ pub struct GridArgs {
     /// Comma-separated transports.
     #[arg(long, value_delimiter = ',', default_values = ["udp", "tcp"], value_parser = transports())]
     transport: Vec<Transport>,
+    /// Comma-separated address families (ipv4, ipv6): each cell punches over one.
+    #[arg(long, value_delimiter = ',', default_values = ["ipv4"], value_parser = grid::parse_family)]
+    family: Vec<grid::Family>,
     /// Cells running at the same time.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
@@ -108,12 +111,12 @@ pub fn run(a: GridArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow!("{e}"))?;
         return report(&a.out, doc);
     }
-    let doc = run_grid(&names, &a.transport, a.jobs, prefix, &exe)?;
+    let doc = run_grid_in(&names, &a.transport, &a.family, a.jobs, prefix, &exe)?;
     let errors = doc.cells.iter().any(|c| c.error.is_some());
     if a.out.json {
         emit(&serde_json::to_string_pretty(&doc)?);
     } else {
-        emit(&render(&doc, &names, &a.transport));
+        emit(&render(&doc, &names, &a.transport, &a.family));
     }
     Ok(jobs::exit_code(errors, doc.pass))
 }
@@ -161,23 +164,21 @@ fn table(corner: &str, names: &[String], mark: impl Fn(&str, &str) -> Option<Str
     table.to_string()
 }
 
-fn render(doc: &GridDocument, names: &[String], transports: &[Transport]) -> String {
+fn render(doc: &GridDocument, names: &[String], ts: &[Transport], fs: &[grid::Family]) -> String {
     let mut parts = Vec::new();
-    for t in transports {
-        parts.push(table(&format!("{t:?}").to_lowercase(), names, |x, y| {
-            let c = doc
-                .cells
-                .iter()
-                .find(|c| c.transport == *t && ((c.a == x && c.b == y) || (c.a == y && c.b == x)));
-            c.map(GridCell::mark)
+    for (t, f) in ts.iter().flat_map(|t| fs.iter().map(move |f| (*t, *f))) {
+        let corner = grid::section(t, f, fs.len() > 1);
+        parts.push(table(&corner, names, |x, y| {
+            doc.cell(t, f, x, y).map(GridCell::mark)
         }));
     }
     for c in doc.cells.iter().filter(|c| !c.pass) {
         parts.push(format!(
-            "{} ↔ {} ({:?}): {}{}",
+            "{} ↔ {} ({:?}{}): {}{}",
             c.a,
             c.b,
             c.transport,
+            grid::family_tag(c, fs.len() > 1),
             c.reason,
             c.error
                 .as_deref()

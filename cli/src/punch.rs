@@ -62,6 +62,8 @@ pub struct ListenArgs {
     /// One JSON object per line for each event (natscope.punch-listen/v1).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    family: natscope_probes::punch::family::FamilyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +109,8 @@ pub struct ConnectArgs {
     /// Print one JSON document (natscope.punch/v1).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    family: natscope_probes::punch::family::FamilyArgs,
 }
 
 pub fn run(cmd: PunchCommand) -> Result<ExitCode> {
@@ -205,12 +209,8 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         bail!("--predict applies to udp only");
     }
     let json = a.json;
-    let via: Result<Vec<_>, _> = a
-        .via
-        .iter()
-        .map(|v| server_address(v, Service::PUNCH))
-        .collect();
-    let result = driver::listen_all(&opts, &via?, shutdown_signal(), |ev| {
+    let (via, fam) = a.family.resolve(&a.via)?;
+    let result = driver::listen_all_with(&opts, &via, &fam, shutdown_signal(), |ev| {
         if json {
             if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
                 crate::emit(&line);
@@ -251,12 +251,8 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         identity: driver::load_identity(a.key.as_deref())?,
         peer_key: a.peer_key,
     };
-    let via: Result<Vec<_>, _> = a
-        .via
-        .iter()
-        .map(|v| server_address(v, Service::PUNCH))
-        .collect();
-    let report = match driver::connect_any(&opts, &via?).await {
+    let (via, fam) = a.family.resolve(&a.via)?;
+    let report = match driver::connect_any_with(&opts, &via, &fam).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };
@@ -288,7 +284,7 @@ pub fn render(r: &ConnectReport) -> String {
     t.set_header(vec!["punch", "value"]);
     let rows: Vec<(&str, String)> = vec![
         ("transport", r.transport.to_string()),
-        ("path", r.path.to_string()),
+        ("path", r.path_words()),
         ("local", r.local.to_string()),
         ("peer", r.peer.map_or_else(|| "-".into(), |p| p.to_string())),
         ("time to first byte", opt_ms(r.time_to_first_byte_ms)),
@@ -331,6 +327,7 @@ mod tests {
             natscope_version: String::new(),
             transport: Transport::Udp,
             path: PathTaken::Relayed,
+            family: Some(natscope_probes::probe::family::Family::Ipv4),
             local: SocketAddr::from(([10, 1, 0, 2], 4000)),
             peer: Some(SocketAddr::from(([203, 0, 113, 2], 5000))),
             time_to_first_byte_ms: Some(1532.25),
@@ -352,7 +349,7 @@ mod tests {
 │ punch              ┆ value                            │
 ╞════════════════════╪══════════════════════════════════╡
 │ transport          ┆ udp                              │
-│ path               ┆ relayed                          │
+│ path               ┆ relayed over IPv4                │
 │ local              ┆ 10.1.0.2:4000                    │
 │ peer               ┆ 203.0.113.2:5000                 │
 │ time to first byte ┆ 1532.2 ms                        │

@@ -20,7 +20,7 @@
 //! reads them back with `nft -j` ([`linux_side`]).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -149,16 +149,36 @@ impl Count {
 /// A side's totals from its gateway's flows: a flow whose remote is one of the rendezvous
 /// host's addresses went through it, any other is a flow with the other peer (the pair topology
 /// has no third public party).
+#[cfg(test)]
 fn tally(side: &mut SideEvidence, rendezvous: &[Ipv4Addr]) {
+    tally_both(side, rendezvous, &[]);
+}
+
+/// [`tally`] over both families (issue 13): the rendezvous host's IPv6 addresses count as the
+/// rendezvous too (a peer learns its IPv6 server-reflexive address there), and an IPv6 packet's
+/// payload is its size less the 40-byte IPv6 header.
+fn tally_both(side: &mut SideEvidence, rendezvous: &[Ipv4Addr], rendezvous6: &[Ipv6Addr]) {
     for f in &side.flows {
-        let via = matches!(f.remote.ip(), IpAddr::V4(ip) if rendezvous.contains(&ip));
+        let via = match f.remote.ip() {
+            IpAddr::V4(ip) => rendezvous.contains(&ip),
+            IpAddr::V6(ip) => rendezvous6.contains(&ip),
+        };
+        // The counts below take IPv4's 20-byte header off each packet; IPv6's is 20 more.
+        let v6 = |packets: u64, bytes: u64| {
+            if f.remote.is_ipv6() {
+                bytes.saturating_sub(20 * packets)
+            } else {
+                bytes
+            }
+        };
+        let (out_bytes, in_bytes) = (v6(f.out_packets, f.out_bytes), v6(f.in_packets, f.in_bytes));
         if via {
-            side.to_rendezvous.add(f.proto, f.out_packets, f.out_bytes);
-            side.from_rendezvous.add(f.proto, f.in_packets, f.in_bytes);
+            side.to_rendezvous.add(f.proto, f.out_packets, out_bytes);
+            side.from_rendezvous.add(f.proto, f.in_packets, in_bytes);
         } else {
-            side.to_peer.add(f.proto, f.out_packets, f.out_bytes);
+            side.to_peer.add(f.proto, f.out_packets, out_bytes);
             side.from_peer_delivered
-                .add(f.proto, f.in_packets, f.in_bytes);
+                .add(f.proto, f.in_packets, in_bytes);
             side.from_peer_refused += f.in_refused;
         }
     }
@@ -189,6 +209,9 @@ pub struct SideEvidence {
 pub struct Evidence {
     /// The rendezvous host's addresses (traffic to or from these went through it).
     pub rendezvous: Vec<Ipv4Addr>,
+    /// Its IPv6 addresses (issue 13); empty in documents written before they were counted.
+    #[serde(default)]
+    pub rendezvous6: Vec<Ipv6Addr>,
     pub a: SideEvidence,
     pub b: SideEvidence,
     /// Direct, `a` → `b`, delivered into `b`'s LAN.
@@ -571,8 +594,13 @@ fn evidence(
     mut kernel: BTreeMap<String, SideEvidence>,
 ) -> Evidence {
     let rendezvous = rendezvous_addrs(lab);
+    let rendezvous6: Vec<Ipv6Addr> = lab
+        .node(RENDEZVOUS)
+        .map(|n| n.plan().uplink6.iter().map(|a| a.addr).collect())
+        .unwrap_or_default();
     let mut e = Evidence {
         rendezvous: rendezvous.clone(),
+        rendezvous6: rendezvous6.clone(),
         ..Default::default()
     };
     for (peer, side) in [("a", &mut e.a), ("b", &mut e.b)] {
@@ -598,7 +626,7 @@ fn evidence(
             continue;
         };
         side.flows = difference(b, a);
-        tally(side, &rendezvous);
+        tally_both(side, &rendezvous, &rendezvous6);
     }
     // Delivered into a side's LAN: its gateway's count; a side without a NAT receives whatever
     // the other side's gateway sent it.
@@ -1495,12 +1523,33 @@ mod tests {
         let (a, b) = (side(a), side(b));
         Evidence {
             rendezvous: vec!["198.51.100.1".parse().unwrap()],
+            rendezvous6: vec![],
             direct_a_to_b: b.from_peer_delivered,
             direct_b_to_a: a.from_peer_delivered,
             a,
             b,
             unobserved: vec![],
         }
+    }
+
+    /// Issue 13: flows to the rendezvous host's IPv6 address (the server-reflexive IPv6
+    /// Binding) are the rendezvous's, not the peer's; IPv6 flows to the peer are the direct path.
+    #[test]
+    fn ipv6_flows_count_toward_the_rendezvous_or_the_peer_by_address() {
+        let rendezvous6: Vec<Ipv6Addr> = vec!["2001:db8:0:1::1".parse().unwrap()];
+        let mut s = SideEvidence {
+            flows: vec![
+                flow("[2001:db8:0:1::1]:3490", 1, 1, 0),
+                flow("[2001:db8:102::2]:5000", 5, 5, 0),
+                flow("198.51.100.1:3490", 2, 2, 0),
+            ],
+            ..Default::default()
+        };
+        tally_both(&mut s, &["198.51.100.1".parse().unwrap()], &rendezvous6);
+        assert_eq!((s.to_rendezvous.packets, s.to_peer.packets), (3, 5));
+        // 100-byte packets: 72 bytes of UDP payload over IPv4, 52 over IPv6.
+        assert_eq!(s.to_peer.payload_bytes, 5 * 52);
+        assert_eq!(s.to_rendezvous.payload_bytes, 52 + 2 * 72);
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct GridCell {
     /// Where the cell's time went.
     #[serde(default)]
     pub durations: crate::app_run::Durations,
+    /// The address family punch was restricted to in this cell (`lab grid --family`, issue 13);
+    /// `None` in documents written before it was added (they were IPv4).
+    #[serde(default)]
+    pub family: Option<Family>,
 }
 
 impl GridCell {
@@ -154,6 +158,101 @@ pub fn side(preset: &str) -> Option<PeerNat> {
         udp_blocked: e.classic == Classic::UdpBlocked,
         ..PeerNat::default()
     })
+}
+
+/// An address family of a grid cell (`lab grid --family`): the core's one [`Family`].
+pub use natscope_core::probe::family::Family;
+
+/// `--family`'s values: `ipv4` or `ipv6` (also `4`, `6`).
+pub fn parse_family(s: &str) -> Result<Family, String> {
+    match s {
+        "ipv4" | "4" => Ok(Family::Ipv4),
+        "ipv6" | "6" => Ok(Family::Ipv6),
+        _ => Err(format!("{s:?}: expected ipv4 or ipv6")),
+    }
+}
+
+/// One peer's path to the IPv6 internet, as the traversal model sees it: the preset's IPv6 truth
+/// (the matrix's, [`presets::Expected::ipv6`]) — an RFC 6092 firewall or NPTv6 is an
+/// endpoint-independent mapping plus its filtering, NAT66 the preset's RFC 4787 knobs — and no
+/// IPv6 path at all is a blocked side. `None` where the table does not say.
+pub fn side6(preset: &str) -> Option<PeerNat> {
+    let e = presets::expected(preset)?;
+    match e.ipv6 {
+        presets::Ipv6Truth::NotCompared => None,
+        presets::Ipv6Truth::NoPath => Some(PeerNat {
+            udp_blocked: true,
+            ..PeerNat::default()
+        }),
+        presets::Ipv6Truth::Present {
+            mapping,
+            filtering,
+            translation,
+        } => Some(PeerNat {
+            mapping: Some(mapping),
+            filtering: Some(filtering),
+            // No translation and NPTv6 keep every port; NAT66 allocates as the preset's IPv4 side.
+            predictable_ports: translation != natscope_core::probe::Translation::Nat66
+                || matches!(
+                    e.allocation,
+                    AllocationPattern::Preserving | AllocationPattern::Sequential
+                ),
+            ..PeerNat::default()
+        }),
+    }
+}
+
+/// [`expected`] in one address family: the same traversal model fed with the routers' behavior
+/// in that family ([`side`] for IPv4, [`side6`] for IPv6).
+pub fn expected_in(
+    a: &str,
+    b: &str,
+    transport: Transport,
+    family: Family,
+) -> Option<(PathTaken, String)> {
+    if family == Family::Ipv4 {
+        return expected(a, b, transport);
+    }
+    let v6 = expected_between((a, side6(a)?), (b, side6(b)?), transport)?;
+    // No IPv6 path on a side blocks only the direct path: the relay is the server's, over IPv4.
+    let no_path = |p: &str| side6(p).is_some_and(|s| s.udp_blocked);
+    if v6.0 == PathTaken::Failed && (no_path(a) || no_path(b)) {
+        if let Some((PathTaken::Direct | PathTaken::Relayed, _)) = expected(a, b, transport) {
+            let why = format!("{}; the relay, over IPv4, carries the data", v6.1);
+            return Some((PathTaken::Relayed, why));
+        }
+    }
+    Some(v6)
+}
+
+/// A grid table's corner and a failed cell's tag: the transport (`udp`), with the family when
+/// the grid has several (`udp ipv6`).
+pub fn section(t: Transport, family: Family, with_family: bool) -> String {
+    if with_family {
+        format!("{} {}", t.as_str(), family.label().to_lowercase())
+    } else {
+        t.as_str().to_string()
+    }
+}
+
+/// A failed cell's family after its transport (` IPv6`), when the grid has several families.
+pub fn family_tag(c: &GridCell, with_family: bool) -> String {
+    match c.family {
+        Some(f) if with_family => format!(" {}", f.label()),
+        _ => String::new(),
+    }
+}
+
+impl GridDocument {
+    /// The cell of `x` × `y` (either order) over `t` in `family` (a cell without a family is
+    /// IPv4's).
+    pub fn cell(&self, t: Transport, family: Family, x: &str, y: &str) -> Option<&GridCell> {
+        self.cells.iter().find(|c| {
+            c.transport == t
+                && c.family.unwrap_or(Family::Ipv4) == family
+                && ((c.a == x && c.b == y) || (c.a == y && c.b == x))
+        })
+    }
 }
 
 /// The grid's outcome for a traversal path; `None` when the model cannot say.
@@ -469,5 +568,38 @@ mod tests {
         assert_eq!(a.upstream.as_deref(), Some("nata"));
         let b = t.nodes.iter().find(|n| n.name == "b").unwrap();
         assert_eq!(b.upstream.as_deref(), Some("internet"));
+    }
+
+    /// Issue 13: the IPv6 cells' expectations come from the same model, fed with the presets'
+    /// IPv6 truth: a pair relayed on IPv4 (symmetric both sides) is direct on IPv6 behind the
+    /// default EIF firewalls; APDF firewalls (EIM, no translation) are direct because both
+    /// punch; NPTv6 keeps ports (EIM); no IPv6 on a side leaves the relay.
+    #[test]
+    fn ipv6_cells_follow_the_model_on_the_presets_ipv6_behavior() {
+        let path = |a, b, f| expected_in(a, b, Transport::Udp, f).unwrap().0;
+        let v4 = Family::Ipv4;
+        let v6 = Family::Ipv6;
+        assert_eq!(path("symmetric", "symmetric", v4), Relayed);
+        assert_eq!(path("symmetric", "symmetric", v6), Direct);
+        for p in ["dual-stack", "dual-stack-strict", "nptv6", "symmetric"] {
+            for q in ["dual-stack", "dual-stack-strict", "nptv6", "symmetric"] {
+                assert_eq!(path(p, q, v6), Direct, "{p} × {q}");
+            }
+        }
+        assert_eq!(path("ipv4-only", "dual-stack", v6), Relayed);
+        // IPv4 cells are the grid's as before.
+        for p in DEFAULT_PRESETS {
+            for q in DEFAULT_PRESETS {
+                let t = Transport::Udp;
+                assert_eq!(expected_in(p, q, t, v4), expected(p, q, t), "{p} × {q}");
+            }
+        }
+        // The IPv6 side is the matrix's truth, not a second table.
+        let strict = side6("dual-stack-strict").unwrap();
+        assert_eq!(strict.filtering, Some(F::AddressAndPortDependent));
+        assert_eq!(
+            side6("dual-stack").unwrap().filtering,
+            Some(F::EndpointIndependent)
+        );
     }
 }

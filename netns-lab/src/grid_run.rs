@@ -11,7 +11,7 @@ use std::time::Instant;
 use natscope_core::punch::connector::ConnectReport;
 
 use crate::app_run::{self, AppCell, AppGrid, AppGridError};
-use crate::grid::{self, GridCell, PathTaken, Transport};
+use crate::grid::{self, Family, GridCell, PathTaken, Transport};
 use crate::jobs::{self, JobError};
 use crate::punch_lab::{self, CONNECT_LIMIT};
 
@@ -22,11 +22,20 @@ pub enum GridError {
     Jobs(#[from] JobError),
     #[error(transparent)]
     Prepare(#[from] AppGridError),
+    /// Punch over TCP stays on the rendezvous server's family (IPv4 in the lab).
+    #[error("lab grid --family ipv6 needs --transport udp: punch over tcp uses the server's family (ipv4) only")]
+    TcpOverIpv6,
 }
 
 /// Runs the cell `a` × `b` (the `index`-th of the grid) of `grid`, the built-in punch app over
 /// `grid.transport`.
 pub fn run_cell(grid: &AppGrid, index: usize, a: &str, b: &str) -> GridCell {
+    run_cell_in(grid, Family::Ipv4, index, a, b)
+}
+
+/// [`run_cell`] with punch restricted to `family` (the grid's app for that family,
+/// [`punch_lab::app_in`]), judged against the model in that family ([`grid::expected_in`]).
+pub fn run_cell_in(grid: &AppGrid, family: Family, index: usize, a: &str, b: &str) -> GridCell {
     let t0 = Instant::now();
     let (mut app, stdout) = grid.run_cell_unjudged(index, a, b);
     let report = punch_lab::connect_report(stdout.as_bytes());
@@ -34,7 +43,7 @@ pub fn run_cell(grid: &AppGrid, index: usize, a: &str, b: &str) -> GridCell {
     // observation with it.
     app.claimed = report.as_ref().ok().map(|r| r.path);
     app_run::judge(&mut app);
-    let (expected, reason) = grid::expected(a, b, grid.transport)
+    let (expected, reason) = grid::expected_in(a, b, grid.transport, family)
         .unwrap_or((PathTaken::Failed, "unknown preset".into()));
     let mut cell = GridCell {
         a: a.into(),
@@ -54,6 +63,7 @@ pub fn run_cell(grid: &AppGrid, index: usize, a: &str, b: &str) -> GridCell {
         lab_observed: app.observed,
         evidence: app.evidence.clone(),
         durations: app.durations.clone(),
+        family: Some(family),
     };
     let diagnostics = format!(
         "connector: {}; listener: {}",
@@ -139,20 +149,41 @@ pub fn run_grid(
     prefix: &str,
     exe: &Path,
 ) -> Result<grid::GridDocument, GridError> {
+    run_grid_in(names, transports, &[Family::Ipv4], jobs, prefix, exe)
+}
+
+/// [`run_grid`] for every one of `families` too (`lab grid --family`, issue 13): each cell's
+/// punch restricted to its family, transports first, then families.
+pub fn run_grid_in(
+    names: &[String],
+    transports: &[Transport],
+    families: &[Family],
+    jobs: usize,
+    prefix: &str,
+    exe: &Path,
+) -> Result<grid::GridDocument, GridError> {
+    if transports.contains(&Transport::Tcp) && families.contains(&Family::Ipv6) {
+        return Err(GridError::TcpOverIpv6);
+    }
     let mut grids = Vec::new();
     for t in transports {
-        let app = punch_lab::app(exe, *t);
-        grids.push(AppGrid::prepare(app, &std::env::temp_dir(), prefix, exe)?.with_transport(*t));
+        for f in families {
+            let app = punch_lab::app_in(exe, *t, *f);
+            let g = AppGrid::prepare(app, &std::env::temp_dir(), prefix, exe)?;
+            grids.push((g.with_transport(*t), *f));
+        }
     }
     let mut work = Vec::new();
-    for g in &grids {
+    for (g, f) in &grids {
         for (x, y) in app_run::pairs(names) {
-            work.push((g, x, y));
+            work.push((g, *f, x, y));
         }
     }
     let start = Instant::now();
-    let cells = jobs::run_parallel_shown(&work, jobs, "cells", |i, (g, x, y)| run_cell(g, i, x, y));
-    for g in grids {
+    let cells = jobs::run_parallel_shown(&work, jobs, "cells", |i, (g, f, x, y)| {
+        run_cell_in(g, *f, i, x, y)
+    });
+    for (g, _) in grids {
         g.finish();
     }
     let cells = cells?;
@@ -189,6 +220,7 @@ mod tests {
             lab_observed: None,
             evidence: None,
             durations: Default::default(),
+            family: None,
         }
     }
 
@@ -220,6 +252,7 @@ mod tests {
             natscope_version: String::new(),
             transport: Transport::Udp,
             path,
+            family: None,
             local: "10.1.0.2:4000".parse().expect("addr"),
             peer: None,
             time_to_first_byte_ms: None,

@@ -508,6 +508,17 @@ impl Lab {
                     routed: p.routed6,
                     wan_gateway: p.gateway6,
                     routes: p.routes6.clone(),
+                    // A top-level router copies the internet segment's routes, as every other
+                    // node there does, except its own prefix.
+                    wan_routes: match p.upstream.as_deref() {
+                        Some(INTERNET) => self
+                            .routes6()
+                            .into_iter()
+                            .filter(|((net, _), _)| p.routed6.is_none_or(|r| r.network() != *net))
+                            .map(|((net, len), via)| (crate::topology::Ipv6Net::new(net, len), via))
+                            .collect(),
+                        _ => Vec::new(),
+                    },
                 };
                 let engine = driver::start(
                     &self.nodes[idx].ns,

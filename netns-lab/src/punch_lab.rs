@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use natscope_core::net::Transport;
+use natscope_core::probe::family::Family;
 use natscope_core::punch::connector::ConnectReport;
 
 use crate::app::{AppSpec, Ready, RoleCommand};
@@ -67,27 +68,65 @@ pub const REGISTERED: &str = "registered";
 /// How long the grid's `punch connect` may run (it gives up after 8 s itself).
 pub const CONNECT_LIMIT: Duration = Duration::from_secs(20);
 
+/// The server's IPv6 address (issue 13): the reflector node's first IPv6 address, where the
+/// peers learn their server-reflexive IPv6 address (the rendezvous itself stays on [`SERVER`]).
+pub const SERVER6: &str = "[2001:db8:0:1::1]:3490";
+
 /// `punch serve`'s arguments: the server at [`SERVER`].
 pub fn serve_args() -> Vec<String> {
-    ["punch", "serve", "--listen", SERVER]
-        .map(String::from)
-        .to_vec()
+    serve_args_in(Family::Ipv4)
 }
 
-/// `punch listen`'s arguments: registered as `id` at [`SERVER`], then `extra`.
+/// [`serve_args`] for a cell in `family`: over IPv6 the server also listens at [`SERVER6`].
+pub fn serve_args_in(family: Family) -> Vec<String> {
+    let mut args: Vec<String> = ["punch", "serve", "--listen", SERVER]
+        .map(String::from)
+        .to_vec();
+    if family == Family::Ipv6 {
+        args.extend(["--listen", SERVER6].map(String::from));
+    }
+    args
+}
+
+/// The peers' flags for punching in `family` only (issue 13): the labs' hosts are dual-stack,
+/// so without them punch tries both families and an IPv4 test could go direct over IPv6.
+fn family_args(family: Family) -> Vec<String> {
+    match family {
+        Family::Ipv4 => vec!["--family".into(), "4".into()],
+        Family::Ipv6 => ["--family", "6", "--via6", SERVER6]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+/// `punch listen`'s arguments: registered as `id` at [`SERVER`], punching over IPv4, then
+/// `extra`.
 pub fn listen_args(id: &str, extra: &[&str]) -> Vec<String> {
+    listen_args_in(id, Family::Ipv4, extra)
+}
+
+/// [`listen_args`] punching over `family`.
+pub fn listen_args_in(id: &str, family: Family, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["punch", "listen", "--id", id, "--via", SERVER]
         .map(String::from)
         .to_vec();
+    args.extend(family_args(family));
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
 
-/// `punch connect`'s arguments: to `id` through [`SERVER`], a JSON report, then `extra`.
+/// `punch connect`'s arguments: to `id` through [`SERVER`], punching over IPv4, a JSON report,
+/// then `extra`.
 pub fn connect_args(id: &str, extra: &[&str]) -> Vec<String> {
+    connect_args_in(id, Family::Ipv4, extra)
+}
+
+/// [`connect_args`] punching over `family`.
+pub fn connect_args_in(id: &str, family: Family, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["punch", "connect", id, "--via", SERVER, "--json"]
         .map(String::from)
         .to_vec();
+    args.extend(family_args(family));
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
@@ -97,6 +136,11 @@ pub fn connect_args(id: &str, extra: &[&str]) -> Vec<String> {
 /// it reports its registration), `punch connect` on `a` over `t`, its `natscope.punch/v1`
 /// report on stdout.
 pub fn app(exe: &Path, t: Transport) -> AppSpec {
+    app_in(exe, t, Family::Ipv4)
+}
+
+/// [`app`] with punch restricted to `family` (`lab grid --family`, issue 13).
+pub fn app_in(exe: &Path, t: Transport, family: Family) -> AppSpec {
     let tcp: &[&str] = if t == Transport::Tcp { &["--tcp"] } else { &[] };
     let line = |args: Vec<String>| {
         std::iter::once(exe.display().to_string())
@@ -111,22 +155,25 @@ pub fn app(exe: &Path, t: Transport) -> AppSpec {
     let listen = [&["--json", "--count", "1", "--timeout", "30"], tcp].concat();
     let connect = [&["--timeout", "8"], tcp].concat();
     AppSpec {
-        name: format!("natscope-punch-{}", t.as_str()),
+        name: match family {
+            Family::Ipv4 => format!("natscope-punch-{}", t.as_str()),
+            Family::Ipv6 => format!("natscope-punch-{}-ipv6", t.as_str()),
+        },
         file: "(built in: natscope punch)".into(),
         dir: std::env::temp_dir(),
         setup: None,
         server: Some(RoleCommand {
-            run: line(serve_args()),
+            run: line(serve_args_in(family)),
             ready: Ready::Tcp(port),
             timeout: READY,
         }),
         listen: Some(RoleCommand {
-            run: line(listen_args("b", &listen)),
+            run: line(listen_args_in("b", family, &listen)),
             ready: Ready::Stdout(REGISTERED.into()),
             timeout: READY,
         }),
         connect: RoleCommand {
-            run: line(connect_args("b", &connect)),
+            run: line(connect_args_in("b", family, &connect)),
             ready: Ready::Wait(Duration::ZERO),
             timeout: CONNECT_LIMIT,
         },
@@ -447,12 +494,12 @@ mod tests {
         let spec = app(Path::new("/opt/my tools/natscope"), Transport::Tcp);
         assert_eq!(
             spec.connect.run,
-            "'/opt/my tools/natscope' punch connect b --via 198.51.100.1:3490 --json --timeout 8 --tcp"
+            "'/opt/my tools/natscope' punch connect b --via 198.51.100.1:3490 --json --family 4 --timeout 8 --tcp"
         );
         let listen = spec.listen.unwrap();
-        assert!(listen
-            .run
-            .ends_with("--id b --via 198.51.100.1:3490 --json --count 1 --timeout 30 --tcp"));
+        assert!(listen.run.ends_with(
+            "--id b --via 198.51.100.1:3490 --family 4 --json --count 1 --timeout 30 --tcp"
+        ));
         assert_eq!(listen.ready, Ready::Stdout(REGISTERED.into()));
         let server = spec.server.unwrap();
         assert_eq!(
@@ -462,6 +509,19 @@ mod tests {
         assert_eq!(server.ready, Ready::Tcp(3490));
         let udp = app(Path::new("/bin/natscope"), Transport::Udp);
         assert!(!udp.connect.run.contains("--tcp"));
+        // Issue 13: an IPv6 cell punches over IPv6 only and the server listens on both families.
+        let v6 = app_in(Path::new("/bin/natscope"), Transport::Udp, Family::Ipv6);
+        for run in [&v6.connect.run, &v6.listen.unwrap().run] {
+            assert!(
+                run.contains("--family 6 --via6 '[2001:db8:0:1::1]:3490'"),
+                "{run}"
+            );
+        }
+        assert!(v6
+            .server
+            .unwrap()
+            .run
+            .ends_with("--listen 198.51.100.1:3490 --listen '[2001:db8:0:1::1]:3490'"));
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
         assert_eq!(sh_quote(""), "''");
     }

@@ -59,6 +59,10 @@ pub struct RouterAddrs6 {
     pub wan_gateway: Option<Ipv6Addr>,
     /// `firewall` mode: prefixes of routers behind this one, via their WAN address on our LAN.
     pub routes: Vec<(Ipv6Net, Ipv6Addr)>,
+    /// On the internet segment: the other top-level routers' routed prefixes, via their WAN
+    /// address (the static routes every internet-segment node has), so one router's hosts reach
+    /// another's (two peers behind two routers, issue 13's grid). Empty: on-link or the gateway.
+    pub wan_routes: Vec<(Ipv6Net, Ipv6Addr)>,
 }
 
 /// What the engine did with IPv6 frames (a part of [`super::Stats`]).
@@ -456,7 +460,15 @@ impl Router {
     ) {
         let hop = match port {
             Port::Lan => self.v6.delegated(dst).unwrap_or(dst),
-            Port::Wan => self.v6.addrs.wan_gateway.unwrap_or(dst),
+            Port::Wan => self
+                .v6
+                .addrs
+                .wan_routes
+                .iter()
+                .find(|(prefix, _)| prefix.contains(dst))
+                .map(|(_, via)| *via)
+                .or(self.v6.addrs.wan_gateway)
+                .unwrap_or(dst),
         };
         if let Some(mac) = self.v6.neighbors(port).get(hop) {
             let frame = arp::frame(mac, self.mac(port), EtherTypes::Ipv6, &packet);

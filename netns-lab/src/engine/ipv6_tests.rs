@@ -72,6 +72,7 @@ fn router(
                 Ipv6Net::new(ip("2001:db8:102::"), 48),
                 ip("2001:db8:101::9"),
             )],
+            wan_routes: Vec::new(),
         },
     };
     let mut r = Router::new(c, addrs);

@@ -27,10 +27,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use super::connector::Connector;
+use super::family::FamilyOptions;
 use super::limits::ServeLimits;
 use super::listener::Listener;
 use super::peer::{
-    AttemptEnd, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS,
+    AttemptEnd, DualStack, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand,
+    MEASURE_SOCKETS,
 };
 use super::server::{RendezvousServer, ServerSocket};
 use super::table::Endpoint;
@@ -390,6 +392,8 @@ enum NetEvent {
 struct Net {
     local: SocketAddr,
     udp: Option<std::net::UdpSocket>,
+    /// The IPv6 socket beside an IPv4 server's (issue 13, [`super::family`]).
+    udp6: Option<std::net::UdpSocket>,
     writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     tx: mpsc::Sender<NetEvent>,
     rx: mpsc::Receiver<NetEvent>,
@@ -463,7 +467,45 @@ fn spawn_stream(
     (tx, task)
 }
 
+/// Feeds every datagram `sock` receives to `events` until the channel closes.
+async fn receive_udp(sock: Arc<UdpSocket>, events: mpsc::Sender<NetEvent>) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let bytes = buf[..n].to_vec();
+                if events
+                    .send(NetEvent::Message { from, bytes })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // ICMP errors surface here on some kernels; keep receiving.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
 impl Net {
+    /// Opens the second family's socket over UDP (issue 13) and says what the machine punches
+    /// over and announces; over TCP only the server's family.
+    async fn second_family(&mut self, server: SocketAddr, fam: &FamilyOptions) -> DualStack {
+        if self.udp.is_none() {
+            return super::family::single(server, fam);
+        }
+        match super::family::open_second(server, fam).await {
+            Some(second) => {
+                let task = tokio::spawn(receive_udp(second.receiver, self.tx.clone()));
+                self.tasks.push(task);
+                self.udp6 = Some(second.socket);
+                second.dual
+            }
+            None => super::family::single(server, fam),
+        }
+    }
+
     async fn open(
         transport: Transport,
         server: SocketAddr,
@@ -481,29 +523,11 @@ impl Net {
                 let sock = Arc::new(UdpSocket::from_std(std_sock)?);
                 let port = sock.local_addr()?.port();
                 let ip = local_ip_toward(server).unwrap_or(unspecified(server).ip());
-                let (s, events) = (sock.clone(), tx.clone());
-                let task = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 2048];
-                    loop {
-                        match s.recv_from(&mut buf).await {
-                            Ok((n, from)) => {
-                                let bytes = buf[..n].to_vec();
-                                if events
-                                    .send(NetEvent::Message { from, bytes })
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            // ICMP errors surface here on some kernels; keep receiving.
-                            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                        }
-                    }
-                });
+                let task = tokio::spawn(receive_udp(sock.clone(), tx.clone()));
                 Ok(Self {
                     local: SocketAddr::new(ip, port),
                     udp: Some(sender),
+                    udp6: None,
                     writers: HashMap::new(),
                     tx,
                     rx,
@@ -547,6 +571,7 @@ impl Net {
                 Ok(Self {
                     local,
                     udp: None,
+                    udp6: None,
                     writers,
                     tx,
                     rx,
@@ -559,6 +584,7 @@ impl Net {
 
     fn send(&self, to: SocketAddr, bytes: &[u8]) {
         if let Some(u) = &self.udp {
+            let u = super::family::pick(u, self.udp6.as_ref(), self.local, to);
             let _ = u.send_to(bytes, to);
         } else if let Some(w) = self.writers.get(&to) {
             let _ = w.try_send(bytes.to_vec());
@@ -722,15 +748,28 @@ async fn measure_prediction(server: SocketAddr, rng: &mut StdRng) -> Prediction 
 /// unreachable or refused, unknown peer); a session that broke is a report with `path: failed`
 /// or fewer echoes, and [`ConnectReport::attempts`]`.error` says why.
 pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError> {
+    connect_with(opts, &FamilyOptions::default()).await
+}
+
+/// [`connect`] over the families `fam` allows (issue 13: both at once by default).
+pub async fn connect_with(
+    opts: &ConnectOptions,
+    fam: &FamilyOptions,
+) -> Result<ConnectReport, PunchError> {
     let t0 = Instant::now();
     let wait = opts.timeout.min(Duration::from_secs(2));
+    if opts.transport == Transport::Tcp {
+        super::family::check_tcp(opts.server, fam)?;
+    }
     let mut net = Net::open(opts.transport, opts.server, wait).await?;
+    let dual = net.second_family(opts.server, fam).await;
     let mut rng = StdRng::from_entropy();
     let mut prediction = None;
     if opts.predict && opts.transport == Transport::Udp {
         prediction = Some(measure_prediction(opts.server, &mut rng).await);
     }
     let mut c = Connector::new(t0, opts.clone(), rng);
+    c.dual_stack(dual);
     c.start(Instant::now(), net.local, prediction);
     loop {
         net.flush(&mut c);
@@ -756,12 +795,23 @@ pub async fn listen_all(
     shutdown: impl Future<Output = ()>,
     on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
+    listen_all_with(opts, servers, &FamilyOptions::default(), shutdown, on_event).await
+}
+
+/// [`listen_all`] over the families `fam` allows (issue 13).
+pub async fn listen_all_with(
+    opts: &ListenOptions,
+    servers: &[SocketAddr],
+    fam: &FamilyOptions,
+    shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
     if servers.len() <= 1 {
         let o = ListenOptions {
             server: servers.first().copied().unwrap_or(opts.server),
             ..opts.clone()
         };
-        return listen(&o, shutdown, on_event).await;
+        return listen_with(&o, fam, shutdown, on_event).await;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let served = std::cell::Cell::new(0u64);
@@ -778,7 +828,7 @@ pub async fn listen_all(
             let until_stopped = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            listen(&o, until_stopped, |e| {
+            listen_with(&o, fam, until_stopped, |e| {
                 if matches!(e, ListenEvent::SessionEnded { .. }) {
                     served.set(served.get() + 1);
                     if opts.count.is_some_and(|c| served.get() >= c) {
@@ -814,13 +864,22 @@ pub async fn connect_any(
     opts: &ConnectOptions,
     servers: &[SocketAddr],
 ) -> Result<ConnectReport, PunchError> {
+    connect_any_with(opts, servers, &FamilyOptions::default()).await
+}
+
+/// [`connect_any`] over the families `fam` allows (issue 13).
+pub async fn connect_any_with(
+    opts: &ConnectOptions,
+    servers: &[SocketAddr],
+    fam: &FamilyOptions,
+) -> Result<ConnectReport, PunchError> {
     let mut last = None;
     for server in servers {
         let o = ConnectOptions {
             server: *server,
             ..opts.clone()
         };
-        match connect(&o).await {
+        match connect_with(&o, fam).await {
             Err(
                 e @ (PunchError::Unreachable(..)
                 | PunchError::ConnectionRefused(_)
@@ -841,16 +900,31 @@ pub async fn connect_any(
 pub async fn listen(
     opts: &ListenOptions,
     shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    listen_with(opts, &FamilyOptions::default(), shutdown, on_event).await
+}
+
+/// [`listen`] over the families `fam` allows (issue 13: both at once by default).
+pub async fn listen_with(
+    opts: &ListenOptions,
+    fam: &FamilyOptions,
+    shutdown: impl Future<Output = ()>,
     mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
     let t0 = Instant::now();
+    if opts.transport == Transport::Tcp {
+        super::family::check_tcp(opts.server, fam)?;
+    }
     let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
+    let dual = net.second_family(opts.server, fam).await;
     let mut rng = StdRng::from_entropy();
     let mut prediction = None;
     if opts.predict && opts.transport == Transport::Udp {
         prediction = Some(measure_prediction(opts.server, &mut rng).await);
     }
     let mut l = Listener::new(t0, opts.clone(), rng);
+    l.dual_stack(dual);
     l.start(Instant::now(), net.local, prediction);
     tokio::pin!(shutdown);
     loop {

@@ -4,4 +4,5 @@
 pub use natscope_core::punch::*;
 
 pub mod driver;
+pub mod family;
 pub mod limits;

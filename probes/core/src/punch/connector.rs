@@ -23,13 +23,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::codec::{code, PeerInfo, PunchMessage};
 use super::identity::{Channel, Identity, PeerKey};
 use super::peer::{
-    birthday_targets, session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError,
-    Request, StreamCommand, PREDICT_STEPS,
+    birthday_targets, session_config, targets, DirectStreams, DualStack, PeerMachine, Prediction,
+    PunchError, Request, StreamCommand, PREDICT_STEPS,
 };
 use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
 use super::{PathTaken, SessionId, Transport};
 use crate::ms;
 use crate::net::Transmit;
+use crate::probe::family::Family;
 use crate::stun::TransactionId;
 
 #[derive(Clone, Debug)]
@@ -133,6 +134,10 @@ pub struct ConnectReport {
     /// What carried the data at the end ([`PathTaken::Failed`]: no data flowed or the session
     /// broke).
     pub path: PathTaken,
+    /// The address family of that path (issue 13: both are punched at once, this one won); the
+    /// relay's family when relayed, `None` when failed or read from an older report.
+    #[serde(default)]
+    pub family: Option<crate::probe::family::Family>,
     /// The connector's local socket address (its host candidate).
     pub local: SocketAddr,
     /// The direct peer address, or the peer's server-reflexive address when relayed; `None`
@@ -151,6 +156,14 @@ pub struct ConnectReport {
 }
 
 impl ConnectReport {
+    /// The path in words, with its family when there is one: `direct over IPv6`.
+    pub fn path_words(&self) -> String {
+        match self.family {
+            Some(f) => format!("{} over {}", self.path, f.label()),
+            None => self.path.to_string(),
+        }
+    }
+
     /// The session error, if the session failed after it started.
     pub fn failed(&self) -> bool {
         self.path == PathTaken::Failed || self.messages_echoed < self.messages_sent
@@ -239,6 +252,8 @@ pub struct Connector {
     outcome: Option<Result<ConnectReport, PunchError>>,
     /// The key the session's handshake expects.
     peer_key: Option<PeerKey>,
+    /// The second family's socket and `--family` (issue 13).
+    dual: DualStack,
 }
 
 impl Connector {
@@ -260,7 +275,14 @@ impl Connector {
             streams: DirectStreams::default(),
             outcome: None,
             peer_key: None,
+            dual: DualStack::default(),
         }
+    }
+
+    /// Punches over `dual.families` and announces `dual.candidates` too (issue 13: the driver's
+    /// socket of the other family); before [`start`](Self::start).
+    pub fn dual_stack(&mut self, dual: DualStack) {
+        self.dual = dual;
     }
 
     /// Sends CONNECT from `local` (the socket every datagram of this connect uses; over TCP the
@@ -275,7 +297,7 @@ impl Connector {
         let req = PunchMessage::Connect {
             tid: TransactionId::from_rng(&mut self.rng),
             target: self.opts.id.clone(),
-            candidates: vec![local],
+            candidates: self.dual.announce(local),
             port_delta,
             punch_window_ms: Some(self.opts.punch_window.as_millis().min(60_000) as u32),
         };
@@ -379,6 +401,9 @@ impl Connector {
             session_rng,
         )
         .secure(channel);
+        if let Some(f) = self.dual.families {
+            s = s.probe_families(f, targets(&peer));
+        }
         if opts.transport == Transport::Udp {
             let birthday = opts.birthday.min(MAX_BIRTHDAY);
             let bday = birthday_targets(&peer, birthday, &mut self.rng);
@@ -519,6 +544,11 @@ impl Connector {
             natscope_version: crate::document::version(),
             transport: self.opts.transport,
             path,
+            family: match route {
+                Some(Route::Direct(a)) if path == PathTaken::Direct => Some(Family::of(a)),
+                _ if path == PathTaken::Relayed => Some(Family::of(self.opts.server)),
+                _ => None,
+            },
             local: self.local,
             peer,
             time_to_first_byte_ms: run.first_byte.map(|t| ms(t - t0)),
@@ -803,7 +833,7 @@ mod tests {
         assert_eq!(keys(&out), keys(example));
         assert_eq!(
             keys(&out).len(),
-            14 + 23,
+            15 + 23,
             "every field of the report and its attempts"
         );
         let value = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use super::codec::{method, PunchMessage};
 use super::identity::{Channel, Identity, Purpose};
 use super::peer::{
-    session_config, targets, DirectStreams, PeerMachine, Prediction, PunchError, Request,
-    StreamCommand,
+    session_config, targets, DirectStreams, DualStack, PeerMachine, Prediction, PunchError,
+    Request, StreamCommand,
 };
 use super::session::{PunchPlan, Role, Route, Session};
 use super::{PathTaken, SessionId, Transport};
@@ -201,6 +201,8 @@ pub struct Listener {
     events: VecDeque<ListenEvent>,
     streams: DirectStreams,
     outcome: Option<Result<u64, PunchError>>,
+    /// The second family's socket and `--family` (issue 13).
+    dual: DualStack,
 }
 
 impl Listener {
@@ -223,7 +225,14 @@ impl Listener {
             events: VecDeque::new(),
             streams: DirectStreams::default(),
             outcome: None,
+            dual: DualStack::default(),
         }
+    }
+
+    /// Punches over `dual.families` and registers `dual.candidates` too (issue 13: the driver's
+    /// socket of the other family); before [`start`](Self::start).
+    pub fn dual_stack(&mut self, dual: DualStack) {
+        self.dual = dual;
     }
 
     /// Registers from `local` (the socket every datagram uses; over TCP the registered port).
@@ -258,7 +267,7 @@ impl Listener {
         PunchMessage::Register {
             tid,
             id: self.opts.id.clone(),
-            candidates: vec![self.local],
+            candidates: self.dual.announce(self.local),
             port_delta: self.port_delta,
             proof: self
                 .opts
@@ -418,7 +427,10 @@ impl Listener {
                     else {
                         return;
                     };
-                    let s = s.secure(channel);
+                    let mut s = s.secure(channel);
+                    if let Some(f) = self.dual.families {
+                        s = s.probe_families(f, targets(&peer));
+                    }
                     if self.opts.transport == Transport::Tcp {
                         let start = now + start_in;
                         self.streams

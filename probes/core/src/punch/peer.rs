@@ -515,6 +515,96 @@ impl Request {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Both address families (issue 13)
+
+/// Which address families a peer punches over: `--family 4|6|both`. A session probes a target
+/// only when its family is allowed here *and* the driver has a socket of that family (the
+/// driver narrows this set to the sockets it could open, [`DualStack::families`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl ProbeFamilies {
+    pub const BOTH: Self = Self {
+        ipv4: true,
+        ipv6: true,
+    };
+    pub const IPV4: Self = Self {
+        ipv4: true,
+        ipv6: false,
+    };
+    pub const IPV6: Self = Self {
+        ipv4: false,
+        ipv6: true,
+    };
+
+    /// `4`, `6` or `both` (also `ipv4`, `ipv6`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "4" | "ipv4" => Ok(Self::IPV4),
+            "6" | "ipv6" => Ok(Self::IPV6),
+            "both" => Ok(Self::BOTH),
+            _ => Err(format!("{s:?}: expected 4, 6 or both")),
+        }
+    }
+
+    pub fn allows(self, a: SocketAddr) -> bool {
+        if a.is_ipv4() {
+            self.ipv4
+        } else {
+            self.ipv6
+        }
+    }
+
+    /// Both sets at once (the families asked for and the families the driver has sockets for).
+    pub fn and(self, o: Self) -> Self {
+        Self {
+            ipv4: self.ipv4 && o.ipv4,
+            ipv6: self.ipv6 && o.ipv6,
+        }
+    }
+}
+
+impl Default for ProbeFamilies {
+    fn default() -> Self {
+        Self::BOTH
+    }
+}
+
+/// A peer's second address family, as its driver found it (issue 13): the families it may punch
+/// over and the candidates of its other socket. The machines stay one-socket-agnostic: a
+/// `Transmit`'s source is the main socket's address, and the driver sends each datagram from its
+/// socket of the destination's family, so only the candidate lists and the probe filter know
+/// about the second family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DualStack {
+    /// The families this side punches over: `--family`, narrowed to the sockets the driver has.
+    /// `None`: only the rendezvous server's family (a peer without a second socket).
+    pub families: Option<ProbeFamilies>,
+    /// The other socket's candidates: its host address (a global one, the address it is bound
+    /// to) and its server-reflexive address when the server was reachable over that family
+    /// (behind NPTv6 only the latter reaches this host).
+    pub candidates: Vec<SocketAddr>,
+}
+
+impl DualStack {
+    /// The candidates this side announces: `local` (the main socket) and the other socket's,
+    /// those of excluded families left out, the codec's limit kept (CANDIDATE×≤8).
+    pub fn announce(&self, local: SocketAddr) -> Vec<SocketAddr> {
+        let allowed = |a: &SocketAddr| self.families.is_none_or(|f| f.allows(*a));
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for a in std::iter::once(local).chain(self.candidates.iter().copied()) {
+            if allowed(&a) && !out.contains(&a) && out.len() < super::MAX_CANDIDATES {
+                out.push(a);
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -174,6 +174,8 @@ pub struct Session {
     pending_hello: Option<SocketAddr>,
     /// Peer-to-peer messages that came unsealed while the session is secure: dropped.
     unsealed_dropped: u64,
+    /// The families probed (issue 13); `None`: the server's family only.
+    families: Option<super::peer::ProbeFamilies>,
 }
 
 /// How often the connector repeats its handshake message through the relay until answered.
@@ -229,6 +231,7 @@ impl Session {
             next_handshake: now,
             pending_hello: None,
             unsealed_dropped: 0,
+            families: None,
         };
         for t in targets {
             s.add_target(t);
@@ -247,6 +250,21 @@ impl Session {
     /// handshake completed, and nothing from it counts unless it opens (issue 14).
     pub fn secure(mut self, channel: Channel) -> Self {
         self.channel = Some(channel);
+        self
+    }
+
+    /// Probes over `families` (issue 13: the driver has a socket of each), toward `targets`
+    /// (the peer's candidates of both families); targets of other families are dropped.
+    pub fn probe_families(
+        mut self,
+        families: super::peer::ProbeFamilies,
+        targets: impl IntoIterator<Item = SocketAddr>,
+    ) -> Self {
+        self.families = Some(families);
+        self.targets.retain(|t| families.allows(*t));
+        for t in targets {
+            self.add_target(t);
+        }
         self
     }
 
@@ -313,7 +331,9 @@ impl Session {
         let ip = target.ip();
         let on_loopback = self.local.ip().is_loopback() || self.server.ip().is_loopback();
         target.port() != 0
-            && ip.is_ipv4() == self.server.is_ipv4()
+            && self
+                .families
+                .map_or(ip.is_ipv4() == self.server.is_ipv4(), |f| f.allows(target))
             && !ip.is_unspecified()
             && !ip.is_multicast()
             && (on_loopback || !ip.is_loopback())
@@ -569,7 +589,7 @@ impl Session {
                 // on our answer, so we must be able to take that path as well, or the two sides
                 // would end on different paths (the peer direct, we relayed). One probe back per
                 // probe of the authenticated peer: nothing an outsider can trigger or amplify.
-                if self.config.probe && self.direct.is_none() {
+                if self.config.probe && self.direct.is_none() && self.may_probe(from) {
                     self.probe(now, from);
                 }
             }

@@ -19,7 +19,7 @@ use super::codec::PunchMessage;
 use super::connector::{ConnectOptions, ConnectReport, Connector};
 use super::identity::Identity;
 use super::listener::{ListenEvent, ListenOptions, Listener};
-use super::peer::{PeerMachine, PunchError};
+use super::peer::{DualStack, PeerMachine, PunchError};
 use super::server::{RendezvousServer, ServerConfig};
 use super::table::Endpoint;
 use super::{PathTaken, Transport};
@@ -86,6 +86,10 @@ pub(crate) struct Net {
     /// Messages delivered, by name (`Introduce`, `Connect`, …), counting copies; `Data relayed`:
     /// DATA with a message in it delivered from the relay to a connector (echoes).
     pub delivered: BTreeMap<&'static str, u64>,
+    /// Dual-stack peers (issue 13): (main address, IPv6 socket's address). A datagram a peer
+    /// sends to an IPv6 destination leaves from the IPv6 address (the driver picks its socket
+    /// by the destination's family), and one to the IPv6 address reaches that peer.
+    pub dual: Vec<(SocketAddr, SocketAddr)>,
 }
 
 pub(crate) fn server(seed: u64) -> RendezvousServer {
@@ -131,6 +135,7 @@ impl Net {
             listen_outcomes: Vec::new(),
             reports: Vec::new(),
             delivered: BTreeMap::new(),
+            dual: Vec::new(),
         }
     }
 
@@ -241,6 +246,7 @@ impl Net {
             }
         }
         for (from, to, payload) in sent {
+            let from = self.source_toward(from, to);
             self.enqueue(from, to, payload);
         }
     }
@@ -256,8 +262,11 @@ impl Net {
         machines.chain(flight).min()
     }
 
-    fn deliver(&mut self, d: Datagram) {
+    fn deliver(&mut self, mut d: Datagram) {
         let now = self.now;
+        if let Some((main, _)) = self.dual.iter().find(|(_, v6)| *v6 == d.to) {
+            d.to = *main;
+        }
         if let Ok(m) = PunchMessage::decode(&d.payload) {
             *self.delivered.entry(name(&m)).or_default() += 1;
             let to_connector = self.connectors.iter().any(|(a, _)| *a == d.to);
@@ -359,6 +368,66 @@ impl Net {
                 _ => None,
             })
             .collect()
+    }
+}
+
+// Both address families (issue 13): a peer with a second socket, as its driver opens it.
+impl Net {
+    /// The source a datagram from `main` toward `to` leaves from: the peer's IPv6 socket for an
+    /// IPv6 destination (what the driver does), else `main`.
+    fn source_toward(&self, main: SocketAddr, to: SocketAddr) -> SocketAddr {
+        match self.dual.iter().find(|(m, _)| *m == main) {
+            Some((_, v6)) if to.is_ipv6() && main.is_ipv4() => *v6,
+            _ => main,
+        }
+    }
+
+    /// [`Net::listen`] with an IPv6 socket at `v6` (its host candidate) and `dual`'s families.
+    pub(crate) fn listen_dual(&mut self, id: &str, v6: SocketAddr, mut dual: DualStack) -> usize {
+        let i = self.listeners.len();
+        let local = SocketAddr::new([203, 0, 113, 10 + i as u8].into(), 4000);
+        let opts = ListenOptions {
+            id: id.into(),
+            server: sa(SERVER),
+            transport: Transport::Udp,
+            count: Some(1),
+            timeout: None,
+            punch_window: Duration::from_millis(1500),
+            predict: false,
+            identity: Identity::from_seed([10 + i as u8; 32]),
+        };
+        let mut l = Listener::new(self.now, opts, StdRng::seed_from_u64(100 + i as u64));
+        dual.candidates.insert(0, v6);
+        l.dual_stack(dual);
+        l.start(self.now, local, None);
+        self.listeners.push((local, l));
+        self.events.push(Vec::new());
+        self.listen_outcomes.push(None);
+        self.dual.push((local, v6));
+        i
+    }
+
+    /// [`Net::connect`] with an IPv6 socket at `v6` (its host candidate) and `dual`'s families.
+    pub(crate) fn connect_dual(
+        &mut self,
+        opts: ConnectOptions,
+        v6: SocketAddr,
+        mut dual: DualStack,
+    ) -> usize {
+        let j = self.connectors.len();
+        let local = SocketAddr::new([203, 0, 113, 100 + j as u8].into(), 5000);
+        let opts = ConnectOptions {
+            server: sa(SERVER),
+            ..opts
+        };
+        let mut c = Connector::new(self.now, opts, StdRng::seed_from_u64(200 + j as u64));
+        dual.candidates.insert(0, v6);
+        c.dual_stack(dual);
+        c.start(self.now, local, None);
+        self.connectors.push((local, c));
+        self.reports.push(None);
+        self.dual.push((local, v6));
+        j
     }
 }
 
@@ -899,5 +968,216 @@ mod late_paths {
         );
         assert!(r.switched_to_direct, "from the relay, after its window");
         assert!(r.attempts.data_sent_direct > 0);
+    }
+}
+
+/// Both address families (issue 13): IPv6 candidates beside IPv4 ones, both probed at once.
+#[cfg(test)]
+mod both_families {
+    use std::collections::HashSet;
+
+    use super::super::peer::ProbeFamilies;
+    use super::*;
+    use crate::probe::family::Family;
+
+    const BOB6: &str = "[2001:db8:101::2]:4000";
+    const ALICE6: &str = "[2001:db8:102::2]:5000";
+
+    /// The IPv6 firewalls in front of both hosts (RFC 6092).
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum V6 {
+        /// Endpoint-independent filtering: inbound is admitted once the host sent anything.
+        Eif,
+        /// Address-and-port-dependent: only from where the host sent to.
+        Apdf,
+        /// Nothing passes (an IPv6 candidate never answered).
+        Dead,
+    }
+
+    struct Lab {
+        v4_open: bool,
+        v6: V6,
+        /// IPv6 addresses that have already sent something (to the server, say) before the test.
+        opened: Vec<SocketAddr>,
+        /// An IPv6 address that never initiates: it only answers what reached it (it does not punch).
+        quiet: Option<SocketAddr>,
+    }
+
+    /// The path between the peers: IPv4 passes or not (`v4_open: false` is symmetric ×
+    /// symmetric, the grid's relayed pair), IPv6 through each host's firewall; the server
+    /// always reaches both.
+    fn nats(lab: Lab) -> PathHook {
+        let inside = [sa(BOB6), sa(ALICE6)];
+        let mut sent_any: HashSet<SocketAddr> = lab.opened.iter().copied().collect();
+        let mut sent_to: HashSet<(SocketAddr, SocketAddr)> = HashSet::new();
+        let mut received: HashSet<SocketAddr> = HashSet::new();
+        Box::new(move |_, from, to, _| {
+            let server = sa(SERVER);
+            if *from == server || *to == server {
+                return true;
+            }
+            if from.is_ipv4() {
+                return lab.v4_open;
+            }
+            if lab.v6 == V6::Dead {
+                return false;
+            }
+            if inside.contains(from) {
+                if lab.quiet == Some(*from) && !received.contains(from) {
+                    return false;
+                }
+                sent_any.insert(*from);
+                sent_to.insert((*from, *to));
+            }
+            if inside.contains(to) {
+                let admitted = match lab.v6 {
+                    V6::Eif => sent_any.contains(to),
+                    _ => sent_to.contains(&(*to, *from)),
+                };
+                if !admitted {
+                    return false;
+                }
+                received.insert(*to);
+            }
+            true
+        })
+    }
+
+    fn dual(f: ProbeFamilies) -> DualStack {
+        DualStack {
+            families: Some(f),
+            candidates: Vec::new(),
+        }
+    }
+
+    /// A dual-stack listener behind `lab` and a connect to it; the connect's report.
+    fn connect(lab: Lab, listener: ProbeFamilies, connector: ProbeFamilies) -> ConnectReport {
+        let mut net = Net::new(13, Conditions::CLEAN);
+        net.path = Some(nats(lab));
+        net.listen_dual("bob", sa(BOB6), dual(listener));
+        net.run_for(Duration::from_millis(300));
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            messages: 20,
+            timeout: Duration::from_secs(10),
+            ..ConnectOptions::default()
+        };
+        let c = net.connect_dual(opts, sa(ALICE6), dual(connector));
+        let until = net.now + Duration::from_secs(30);
+        net.run(until, |n| n.reports[c].is_some());
+        net.report(c).clone()
+    }
+
+    const BOTH: ProbeFamilies = ProbeFamilies::BOTH;
+
+    fn lab(v4_open: bool, v6: V6) -> Lab {
+        Lab {
+            v4_open,
+            v6,
+            opened: Vec::new(),
+            quiet: None,
+        }
+    }
+
+    #[test]
+    fn a_pair_relayed_on_ipv4_goes_direct_over_ipv6_behind_eif_firewalls() {
+        let r = connect(lab(false, V6::Eif), BOTH, BOTH);
+        assert_eq!(r.path, PathTaken::Direct, "{r:#?}");
+        assert_eq!(r.family, Some(Family::Ipv6), "{r:#?}");
+        assert_eq!(r.peer, Some(sa(BOB6)), "{r:#?}");
+        assert_eq!((r.messages_echoed, r.in_order), (20, true));
+        // The IPv6 candidates were announced through the IPv4 server.
+        assert!(r.attempts.peer_candidates.contains(&sa(BOB6)), "{r:#?}");
+        // Without them the same pair is relayed.
+        let r = connect(lab(false, V6::Dead), BOTH, BOTH);
+        assert_eq!((r.path, r.family), (PathTaken::Relayed, Some(Family::Ipv4)));
+    }
+
+    #[test]
+    fn apdf_firewalls_go_direct_because_both_sides_punch() {
+        let r = connect(lab(false, V6::Apdf), BOTH, BOTH);
+        assert_eq!(
+            (r.path, r.family),
+            (PathTaken::Direct, Some(Family::Ipv6)),
+            "{r:#?}"
+        );
+        // The listener only answers (it never sends first): behind APDF nothing of the
+        // connector's reaches it, although its IPv6 address has talked to a server before...
+        let one_sided = |v6| Lab {
+            opened: vec![sa(BOB6)],
+            quiet: Some(sa(BOB6)),
+            ..lab(false, v6)
+        };
+        let r = connect(one_sided(V6::Apdf), BOTH, BOTH);
+        assert_eq!(r.path, PathTaken::Relayed, "{r:#?}");
+        // ...while an EIF firewall admits the connector's probes on the strength of that.
+        let r = connect(one_sided(V6::Eif), BOTH, BOTH);
+        assert_eq!(
+            (r.path, r.family),
+            (PathTaken::Direct, Some(Family::Ipv6)),
+            "{r:#?}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_candidate_never_answered_costs_no_more_than_the_candidate_budget() {
+        let single = {
+            let mut net = Net::new(13, Conditions::CLEAN);
+            net.direct_open = false;
+            net.listen("bob", Some(1));
+            net.run_for(Duration::from_millis(300));
+            let c = net.connect(ConnectOptions {
+                id: "bob".into(),
+                messages: 20,
+                timeout: Duration::from_secs(10),
+                ..ConnectOptions::default()
+            });
+            let until = net.now + Duration::from_secs(30);
+            net.run(until, |n| n.reports[c].is_some());
+            net.report(c).clone()
+        };
+        let r = connect(lab(false, V6::Dead), BOTH, BOTH);
+        assert_eq!(r.path, PathTaken::Relayed, "{r:#?}");
+        let a = &r.attempts;
+        // The IPv6 candidate was probed (more probes than with IPv4 alone)...
+        assert!(a.probes_sent > single.attempts.probes_sent, "{a:#?}");
+        assert_eq!(a.probes_answered, 0);
+        // ...within the same budget a single-family connect has.
+        assert_eq!(a.probe_packet_bound, single.attempts.probe_packet_bound);
+        assert!(a.probes_sent <= a.probe_packet_bound, "{a:#?}");
+        // And the relay took over at the end of the same window.
+        let first = r.time_to_first_byte_ms.unwrap_or_default();
+        assert!((1500.0..2500.0).contains(&first), "{first} ms");
+    }
+
+    #[test]
+    fn family_restricts_the_punch_to_one_family() {
+        let r = connect(lab(true, V6::Eif), ProbeFamilies::IPV6, ProbeFamilies::IPV6);
+        assert_eq!(
+            (r.path, r.family),
+            (PathTaken::Direct, Some(Family::Ipv6)),
+            "{r:#?}"
+        );
+        assert!(
+            r.attempts.peer_candidates.iter().all(|c| c.is_ipv6()),
+            "{r:#?}"
+        );
+        let r = connect(lab(true, V6::Eif), ProbeFamilies::IPV4, ProbeFamilies::IPV4);
+        assert_eq!(
+            (r.path, r.family),
+            (PathTaken::Direct, Some(Family::Ipv4)),
+            "{r:#?}"
+        );
+        assert!(
+            r.attempts.peer_candidates.iter().all(|c| c.is_ipv4()),
+            "{r:#?}"
+        );
+        // IPv6 only, and IPv6 does not pass: the relay, whatever IPv4 would have done.
+        let r = connect(
+            lab(true, V6::Dead),
+            ProbeFamilies::IPV6,
+            ProbeFamilies::IPV6,
+        );
+        assert_eq!(r.path, PathTaken::Relayed, "{r:#?}");
     }
 }
