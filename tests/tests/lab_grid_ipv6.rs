@@ -4,12 +4,9 @@
 //! IPv6 cells match the traversal model fed with the presets' IPv6 behavior, the lab saw the path
 //! (its routers counted the IPv6 packets), and a pair relayed over IPv4 goes direct over IPv6.
 
-use std::process::Command;
-
-use natscope_lab::grid::{self, Family, GridCell, GridDocument, PathTaken, Transport};
+use natscope_lab::grid::{self, Family, GridCell, PathTaken, Transport};
 use natscope_lab::presets::{self, Ipv6Truth};
-use natscope_tests::lab::require_root;
-use natscope_tests::natscope_bin;
+use natscope_tests::lab::{require_root, run_grid};
 
 const PRESETS: [&str; 4] = ["dual-stack", "dual-stack-strict", "nptv6", "symmetric"];
 
@@ -24,20 +21,17 @@ fn ipv6_cells_match_the_model_and_a_relayed_ipv4_pair_goes_direct_over_ipv6() {
         "{:?}",
         sym.ipv6
     );
-    let out = Command::new(natscope_bin())
-        .args(["lab", "grid", "--json", "--lab-prefix", "v6pu"])
-        .args(["--presets", &PRESETS.join(",")])
-        .args(["--transport", "udp", "--family", "ipv4,ipv6"])
-        .output()
-        .expect("run natscope lab grid");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    natscope_tests::schema::assert_valid_text(&stdout);
-    let doc: GridDocument = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "not a natscope.grid/v1 document ({e}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let presets = PRESETS.join(",");
+    let (doc, out) = run_grid(&[
+        "--lab-prefix",
+        "v6pu",
+        "--presets",
+        &presets,
+        "--transport",
+        "udp",
+        "--family",
+        "ipv4,ipv6",
+    ]);
     let n = PRESETS.len();
     assert_eq!(
         doc.cells.len(),
