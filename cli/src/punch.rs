@@ -62,6 +62,8 @@ pub struct ListenArgs {
     /// One JSON object per line for each event (natscope.punch-listen/v1).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    limits: natscope_probes::punch::limits::ListenLimits,
 }
 
 #[derive(Args, Debug)]
@@ -204,13 +206,13 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     if a.tcp && a.predict {
         bail!("--predict applies to udp only");
     }
-    let json = a.json;
+    let (json, budget) = (a.json, a.limits.budget());
     let via: Result<Vec<_>, _> = a
         .via
         .iter()
         .map(|v| server_address(v, Service::PUNCH))
         .collect();
-    let result = driver::listen_all(&opts, &via?, shutdown_signal(), |ev| {
+    let result = driver::listen_all_with(&opts, &via?, budget, shutdown_signal(), |ev| {
         if json {
             if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
                 crate::emit(&line);

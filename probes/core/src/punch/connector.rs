@@ -53,10 +53,6 @@ pub struct ConnectOptions {
     pub identity: Identity,
     /// `--peer-key`: the only key we accept for the peer, whatever the server says.
     pub peer_key: Option<PeerKey>,
-    /// Other rendezvous servers the listener is registered with, in the order to try: when the
-    /// relay of a relayed UDP session stops answering, the session moves to the first of them
-    /// that introduces the same key (relay failover, issue 14 item 2). Empty: no failover.
-    pub fallback: Vec<SocketAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -75,7 +71,6 @@ impl Default for ConnectOptions {
             punch_window: Duration::from_millis(1500),
             identity: Identity::generate(&mut rand::thread_rng()),
             peer_key: None,
-            fallback: Vec::new(),
         }
     }
 }
@@ -255,6 +250,8 @@ pub struct Connector {
     outcome: Option<Result<ConnectReport, PunchError>>,
     /// The key the session's handshake expects.
     peer_key: Option<PeerKey>,
+    /// See [`Connector::set_fallback`].
+    fallback: Vec<SocketAddr>,
 }
 
 impl Connector {
@@ -276,7 +273,15 @@ impl Connector {
             streams: DirectStreams::default(),
             outcome: None,
             peer_key: None,
+            fallback: Vec::new(),
         }
+    }
+
+    /// Other rendezvous servers the listener is registered with, in the order to try: when the
+    /// relay of a relayed UDP session stops answering, the session moves to the first of them
+    /// that introduces the same key (relay failover, issue 14 item 2). None: no failover.
+    pub fn set_fallback(&mut self, servers: Vec<SocketAddr>) {
+        self.fallback = servers;
     }
 
     /// Sends CONNECT from `local` (the socket every datagram of this connect uses; over TCP the
@@ -387,7 +392,7 @@ impl Connector {
         let session_rng = StdRng::seed_from_u64(self.rng.gen());
         let mut config = session_config(opts.transport, opts.relay_first, opts.punch_window);
         // Over UDP the same socket reaches every server; a TCP relay is the server's connection.
-        let fallback: VecDeque<SocketAddr> = opts
+        let fallback: VecDeque<SocketAddr> = self
             .fallback
             .iter()
             .copied()

@@ -962,14 +962,14 @@ mod failover {
             let opts = ConnectOptions {
                 id: "bob".into(),
                 server: sa(A),
-                fallback: vec![sa(B)],
                 relay_first: true,
                 messages: 300,
                 interval: Duration::from_millis(10),
                 timeout: Duration::from_secs(30),
                 ..ConnectOptions::default()
             };
-            let connector = Connector::new(t0, opts, StdRng::seed_from_u64(seed ^ 0xc0));
+            let mut connector = Connector::new(t0, opts, StdRng::seed_from_u64(seed ^ 0xc0));
+            connector.set_fallback(vec![sa(B)]);
             Self {
                 now: t0,
                 rng: StdRng::seed_from_u64(seed),
