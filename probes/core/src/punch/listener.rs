@@ -206,8 +206,9 @@ pub struct Listener {
     /// Relayed boxes our fresh sessions could not open: perhaps a session of a sibling machine
     /// moving here from a relay that died ([`hand_over`]).
     resumes: VecDeque<Resume>,
-    /// How many such boxes each fresh session has offered (bounded: [`MAX_RESUME_TRIES`]).
-    resume_tries: BTreeMap<SessionId, u8>,
+    /// How many such boxes each fresh session offered since when (bounded: [`MAX_RESUME_TRIES`]
+    /// per [`RELEASE_QUIET`]).
+    resume_tries: BTreeMap<SessionId, (u8, Instant)>,
     /// Sibling machines (other servers) may take over our relayed sessions: those wait
     /// [`FAILOVER_PEER_IDLE`] for a silent peer, long enough for its connector to move.
     failover: bool,
@@ -237,11 +238,16 @@ pub struct Moved {
     echoed: u64,
 }
 
-/// Boxes a fresh session may offer for a hand-over: each costs one trial open per relayed
-/// session of the sibling machines (at most [`MAX_LISTEN_SESSIONS`] each).
+/// Boxes a fresh session may offer for a hand-over per [`RELEASE_QUIET`]: each costs one trial
+/// open per quiet relayed session of the sibling machines (at most [`MAX_LISTEN_SESSIONS`]
+/// each).
 const MAX_RESUME_TRIES: u8 = 8;
 /// Hand-overs waiting at once.
 const MAX_RESUMES: usize = 16;
+/// A session is handed over only after its peer has been this quiet on its current path: a
+/// connector moves only once its relay has been silent for a second, and a box replayed by
+/// someone who saw the session's traffic cannot pull a session whose path still works.
+const RELEASE_QUIET: Duration = Duration::from_millis(500);
 
 /// Relay failover on the listener's side (issue 14, item 2): a listener registered with several
 /// servers runs one machine per server, and a connector whose relay died moves its session
@@ -258,7 +264,7 @@ pub fn hand_over(now: Instant, listeners: &mut [&mut Listener]) -> bool {
         while let Some(r) = listeners[i].resumes.pop_front() {
             let found = (0..listeners.len())
                 .filter(|&j| j != i)
-                .find_map(|j| listeners[j].release(&r));
+                .find_map(|j| listeners[j].release(now, &r));
             if let Some(m) = found {
                 listeners[i].adopt(now, r, m);
                 moved = true;
@@ -309,7 +315,13 @@ impl Listener {
 
     /// Whether `m` (raw `bytes`, from `from`) is a box for a fresh session that only a session
     /// moving here could have sealed; if so it waits for [`hand_over`].
-    fn offer_resume(&mut self, from: SocketAddr, m: &PunchMessage, bytes: &[u8]) -> bool {
+    fn offer_resume(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: &PunchMessage,
+        bytes: &[u8],
+    ) -> bool {
         let PunchMessage::Sealed {
             session,
             handshake: None,
@@ -326,7 +338,10 @@ impl Listener {
         if from != self.opts.server || !fresh {
             return false;
         }
-        let tries = self.resume_tries.entry(*session).or_default();
+        let (tries, since) = self.resume_tries.entry(*session).or_insert((0, now));
+        if now.saturating_duration_since(*since) >= RELEASE_QUIET {
+            (*tries, *since) = (0, now);
+        }
         if *tries < MAX_RESUME_TRIES && self.resumes.len() < MAX_RESUMES {
             *tries += 1;
             self.resumes.push_back(Resume {
@@ -340,9 +355,10 @@ impl Listener {
     }
 
     /// Releases the relayed session whose channel opens `r`'s box (it is moving to a sibling).
-    fn release(&mut self, r: &Resume) -> Option<Moved> {
+    fn release(&mut self, now: Instant, r: &Resume) -> Option<Moved> {
         let id = self.sessions.iter().find_map(|(id, (s, _))| {
-            let relayed = !s.route().is_some_and(Route::is_direct);
+            let relayed =
+                !s.route().is_some_and(Route::is_direct) && s.peer_quiet(now) >= RELEASE_QUIET;
             let theirs = s.channel().is_some_and(|c| c.verifies(&r.sealed));
             (relayed && theirs).then_some(*id)
         })?;
@@ -725,7 +741,7 @@ impl PeerMachine for Listener {
             }
             Phase::Serving => {
                 if let Ok(m) = m {
-                    if !self.offer_resume(from, &m, bytes) {
+                    if !self.offer_resume(now, from, &m, bytes) {
                         self.message(now, from, m);
                     }
                 }

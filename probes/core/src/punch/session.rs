@@ -374,6 +374,11 @@ impl Session {
         self.relay_lost
     }
 
+    /// How long nothing came from the peer.
+    pub fn peer_quiet(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_peer)
+    }
+
     /// How long the server has not answered the connector's refreshes.
     pub fn server_silence(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.last_server)

@@ -915,6 +915,7 @@ mod failover {
     const A: &str = "198.51.100.1:3490";
     const B: &str = "198.51.100.2:3490";
     const ALICE: &str = "203.0.113.100:5000";
+    const MALLORY: &str = "203.0.113.101:5000";
 
     /// Two servers (either can be killed), the listener's two machines, one connector. Peer to
     /// peer datagrams never pass (two symmetric NATs): everything goes through a relay.
@@ -933,6 +934,12 @@ mod failover {
         relayed: [u64; 2],
         /// Why listener machines stopped (a machine whose server died stops, as it should).
         listen_errors: Vec<String>,
+        /// A second connector, through B, whose handshake never arrives (its session at the
+        /// listener's machine at B stays fresh).
+        mallory: Option<Connector>,
+        /// Once set, the next sealed box Alice sends to A is also sent, at once, into this
+        /// session at B (as if Mallory relayed a copy it captured).
+        inject: Option<crate::punch::SessionId>,
     }
 
     impl Two {
@@ -986,6 +993,8 @@ mod failover {
                 events: Vec::new(),
                 relayed: [0; 2],
                 listen_errors: Vec::new(),
+                mallory: None,
+                inject: None,
             }
         }
 
@@ -993,6 +1002,23 @@ mod failover {
             let servers = [sa(A), sa(B)];
             if !servers.contains(&from) && !servers.contains(&to) {
                 return;
+            }
+            let m = PunchMessage::decode(&payload);
+            if from == sa(MALLORY) && matches!(m, Ok(PunchMessage::Sealed { .. })) {
+                return;
+            }
+            if let (Some(s2), true, Ok(PunchMessage::Sealed { sealed, .. })) =
+                (self.inject, from == sa(ALICE) && to == sa(A), &m)
+            {
+                let copy = PunchMessage::Sealed {
+                    tid: crate::stun::TransactionId::from_rng(&mut self.rng),
+                    session: s2,
+                    handshake: None,
+                    sealed: sealed.clone(),
+                };
+                let bytes = copy.to_vec().expect("encodes");
+                self.listeners[1].1.handle_datagram(self.now, sa(B), &bytes);
+                self.inject = None;
             }
             if self.rng.gen_bool(self.loss) {
                 return;
@@ -1023,6 +1049,11 @@ mod failover {
             }
             while let Some(t) = self.connector.poll_transmit() {
                 sent.push((t.source, t.destination, t.payload));
+            }
+            if let Some(m) = &mut self.mallory {
+                while let Some(t) = m.poll_transmit() {
+                    sent.push((t.source, t.destination, t.payload));
+                }
             }
             if let Some(o) = self.connector.poll_outcome() {
                 self.report = Some(o);
@@ -1055,6 +1086,8 @@ mod failover {
                     self.relayed[i] += u64::from(sealed);
                 }
                 self.connector.handle_datagram(now, d.from, &d.payload);
+            } else if let (true, Some(m)) = (d.to == sa(MALLORY), &mut self.mallory) {
+                m.handle_datagram(now, d.from, &d.payload);
             }
         }
 
@@ -1069,6 +1102,7 @@ mod failover {
                     .iter()
                     .filter_map(|(_, l)| l.poll_timeout())
                     .chain(self.connector.poll_timeout())
+                    .chain(self.mallory.as_ref().and_then(|m| m.poll_timeout()))
                     .chain(self.servers.iter().filter_map(|(_, s, _)| s.poll_timeout()))
                     .chain(self.in_flight.keys().next().map(|(t, _)| *t));
                 let Some(next) = wakes.min() else { return };
@@ -1095,6 +1129,11 @@ mod failover {
                 }
                 if self.connector.poll_timeout().is_some_and(|t| t <= now) {
                     self.connector.handle_timeout(now);
+                }
+                if let Some(m) = &mut self.mallory {
+                    if m.poll_timeout().is_some_and(|t| t <= now) {
+                        m.handle_timeout(now);
+                    }
                 }
             }
         }
@@ -1214,6 +1253,53 @@ mod failover {
             t.relayed[1], 0,
             "nothing went through the impostor's server"
         );
+    }
+
+    /// Someone who sees the session's sealed traffic (here: a copy of a box on its way to A,
+    /// sent into a session of its own at B before the original arrives) cannot pull the
+    /// listener's side of a session whose relay still works: a session is handed over only
+    /// once its peer has been quiet for a while, which a live relay never lets happen.
+    #[test]
+    fn a_copied_box_cannot_pull_a_session_whose_relay_still_works() {
+        let mut t = Two::new(7, 0.0, false);
+        let t0 = t.now;
+        t.run(t0 + Duration::from_millis(300), |_| false);
+        t.connector.start(t.now, sa(ALICE), None);
+        let until = t.now + Duration::from_secs(10);
+        t.run(until, |t| t.relayed[0] >= 60);
+        let opts = ConnectOptions {
+            id: "bob".into(),
+            server: sa(B),
+            relay_first: true,
+            messages: 1,
+            timeout: Duration::from_secs(30),
+            ..ConnectOptions::default()
+        };
+        let mut m = Connector::new(t.now, opts, StdRng::seed_from_u64(77));
+        m.start(t.now, sa(MALLORY), None);
+        t.mallory = Some(m);
+        let until = t.now + Duration::from_secs(2);
+        let started = |t: &Two| {
+            t.events
+                .iter()
+                .filter_map(|e| match e {
+                    ListenEvent::SessionStarted { session, .. } => Some(session.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        t.run(until, |t| started(t).len() == 2);
+        let s2 = u64::from_str_radix(&started(&t)[1], 16).expect("hex id");
+        t.inject = Some(crate::punch::SessionId(s2));
+        let until = t.now + Duration::from_secs(30);
+        t.run(until, |t| t.report.is_some());
+        assert!(t.inject.is_none(), "the copy was sent");
+        let Some(Ok(r)) = &t.report else {
+            panic!("{:?}", t.report);
+        };
+        assert_eq!(r.attempts.error, None, "{r:#?}");
+        assert_eq!((r.messages_echoed, r.in_order), (300, true), "{r:#?}");
+        assert_eq!(t.relayed[1], 0, "nothing reached Alice through B");
     }
 
     /// Without another server the relayed session still ends as before (bounded).
