@@ -64,6 +64,8 @@ pub struct ListenArgs {
     json: bool,
     #[command(flatten)]
     family: natscope_probes::punch::family::FamilyArgs,
+    #[command(flatten)]
+    limits: natscope_probes::punch::limits::ListenLimits,
 }
 
 #[derive(Args, Debug)]
@@ -209,8 +211,12 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
         bail!("--predict applies to udp only");
     }
     let json = a.json;
-    let (via, fam) = a.family.resolve(&a.via)?;
-    let result = driver::listen_all_with(&opts, &via, &fam, shutdown_signal(), |ev| {
+    let (via, family) = a.family.resolve(&a.via)?;
+    let setup = driver::PeerSetup {
+        family,
+        budget: a.limits.budget(),
+    };
+    let result = driver::listen_all(&opts, &via, &setup, shutdown_signal(), |ev| {
         if json {
             if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
                 crate::emit(&line);
@@ -251,8 +257,12 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         identity: driver::load_identity(a.key.as_deref())?,
         peer_key: a.peer_key,
     };
-    let (via, fam) = a.family.resolve(&a.via)?;
-    let report = match driver::connect_any_with(&opts, &via, &fam).await {
+    let (via, family) = a.family.resolve(&a.via)?;
+    let setup = driver::PeerSetup {
+        family,
+        ..Default::default()
+    };
+    let report = match driver::connect_any(&opts, &via, &setup).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use super::connector::Connector;
 use super::family::FamilyOptions;
 use super::limits::ServeLimits;
-use super::listener::Listener;
+use super::listener::{self, Listener};
 use super::peer::{
     AttemptEnd, DualStack, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand,
     MEASURE_SOCKETS,
@@ -47,6 +47,7 @@ pub use super::listener::{
     ListenEvent, ListenLine, ListenOptions, KEEPALIVE, LISTEN_SCHEMA, MAX_LISTEN_SESSIONS,
 };
 pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
+pub use super::session::{ProbeBudget, DEFAULT_PROBE_BUDGET};
 
 // ---------------------------------------------------------------------------------------------
 // Server
@@ -399,7 +400,14 @@ struct Net {
     rx: mpsc::Receiver<NetEvent>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     direct_tasks: HashMap<SessionId, tokio::task::AbortHandle>,
+    /// [`RELAY_ONLY_ENV`]: the only addresses this socket talks with (the servers).
+    only: Option<Vec<SocketAddr>>,
 }
+
+/// A test hook: with this variable set, a connector's UDP socket sends to and accepts from its
+/// rendezvous servers only, as if two NATs no punch gets through stood between the peers (on
+/// loopback, where a direct path always exists, it is how a test keeps a session relayed).
+pub const RELAY_ONLY_ENV: &str = "NATSCOPE_PUNCH_RELAY_ONLY";
 
 impl Drop for Net {
     fn drop(&mut self) {
@@ -533,6 +541,7 @@ impl Net {
                     rx,
                     tasks: vec![task],
                     direct_tasks: HashMap::new(),
+                    only: None,
                 })
             }
             Transport::Tcp => {
@@ -577,12 +586,16 @@ impl Net {
                     rx,
                     tasks,
                     direct_tasks: HashMap::new(),
+                    only: None,
                 })
             }
         }
     }
 
     fn send(&self, to: SocketAddr, bytes: &[u8]) {
+        if self.only.as_ref().is_some_and(|only| !only.contains(&to)) {
+            return;
+        }
         if let Some(u) = &self.udp {
             let u = super::family::pick(u, self.udp6.as_ref(), self.local, to);
             let _ = u.send_to(bytes, to);
@@ -677,6 +690,8 @@ impl Net {
         let now = Instant::now();
         match ev {
             None => m.handle_timeout(now),
+            Some(NetEvent::Message { from, .. })
+                if self.only.as_ref().is_some_and(|only| !only.contains(&from)) => {}
             Some(NetEvent::Message { from, bytes }) => m.handle_datagram(now, from, &bytes),
             Some(NetEvent::StreamUp {
                 session,
@@ -743,33 +758,48 @@ async fn measure_prediction(server: SocketAddr, rng: &mut StdRng) -> Prediction 
 // ---------------------------------------------------------------------------------------------
 // Connector and listener
 
+/// How the driver runs a peer, beyond its machine's options: which address families it punches
+/// over (issue 13) and the probe budget a listener's sessions share (issue 14).
+#[derive(Clone, Debug, Default)]
+pub struct PeerSetup {
+    pub family: FamilyOptions,
+    /// Listeners only: one budget for every session, through every server.
+    pub budget: ProbeBudget,
+}
+
 /// Connects to the peer registered as `opts.id`, sends `opts.messages` numbered messages that
 /// the listener echoes, and reports. `Err` only when the connect could not start (server
 /// unreachable or refused, unknown peer); a session that broke is a report with `path: failed`
 /// or fewer echoes, and [`ConnectReport::attempts`]`.error` says why.
 pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError> {
-    connect_with(opts, &FamilyOptions::default()).await
+    connect_any(opts, &[opts.server], &PeerSetup::default()).await
 }
 
-/// [`connect`] over the families `fam` allows (issue 13: both at once by default).
-pub async fn connect_with(
+/// [`connect`] through `opts.server`, moving a relayed session to the first of `fallback` that
+/// serves when its relay dies ([`Connector::set_fallback`]).
+async fn connect_via(
     opts: &ConnectOptions,
-    fam: &FamilyOptions,
+    fallback: Vec<SocketAddr>,
+    setup: &PeerSetup,
 ) -> Result<ConnectReport, PunchError> {
     let t0 = Instant::now();
     let wait = opts.timeout.min(Duration::from_secs(2));
     if opts.transport == Transport::Tcp {
-        super::family::check_tcp(opts.server, fam)?;
+        super::family::check_tcp(opts.server, &setup.family)?;
     }
     let mut net = Net::open(opts.transport, opts.server, wait).await?;
-    let dual = net.second_family(opts.server, fam).await;
+    let dual = net.second_family(opts.server, &setup.family).await;
     let mut rng = StdRng::from_entropy();
     let mut prediction = None;
     if opts.predict && opts.transport == Transport::Udp {
         prediction = Some(measure_prediction(opts.server, &mut rng).await);
     }
+    if std::env::var_os(RELAY_ONLY_ENV).is_some() && opts.transport == Transport::Udp {
+        net.only = Some(fallback.iter().copied().chain([opts.server]).collect());
+    }
     let mut c = Connector::new(t0, opts.clone(), rng);
     c.dual_stack(dual);
+    c.set_fallback(fallback);
     c.start(Instant::now(), net.local, prediction);
     loop {
         net.flush(&mut c);
@@ -788,98 +818,129 @@ pub async fn connect_with(
 /// [`listen`] registered with every one of `servers` at once (one socket and one registration
 /// each, the same key), so connectors may come through any of them (issue 14, "no single
 /// rendezvous"). `opts.count` counts sessions across all servers. A server that fails only ends
-/// its own registration; the error is returned when every one failed.
+/// its own registration; the error is returned when every one failed. The machines (one per
+/// server) run in one loop and share `setup.budget`, so a relayed session whose connector moved
+/// it to another server's relay is handed from one machine to the other
+/// ([`natscope_core::punch::listener::hand_over`]).
 pub async fn listen_all(
     opts: &ListenOptions,
     servers: &[SocketAddr],
+    setup: &PeerSetup,
     shutdown: impl Future<Output = ()>,
-    on_event: impl FnMut(ListenEvent),
-) -> Result<u64, PunchError> {
-    listen_all_with(opts, servers, &FamilyOptions::default(), shutdown, on_event).await
-}
-
-/// [`listen_all`] over the families `fam` allows (issue 13).
-pub async fn listen_all_with(
-    opts: &ListenOptions,
-    servers: &[SocketAddr],
-    fam: &FamilyOptions,
-    shutdown: impl Future<Output = ()>,
-    on_event: impl FnMut(ListenEvent),
+    mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
     if servers.len() <= 1 {
         let o = ListenOptions {
             server: servers.first().copied().unwrap_or(opts.server),
             ..opts.clone()
         };
-        return listen_with(&o, fam, shutdown, on_event).await;
+        return listen_one(&o, setup, shutdown, on_event).await;
     }
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let served = std::cell::Cell::new(0u64);
-    let on_event = std::cell::RefCell::new(on_event);
-    let each = servers.iter().map(|server| {
+    let starts = servers.iter().map(|server| {
         let o = ListenOptions {
             server: *server,
             count: None,
             ..opts.clone()
         };
-        let mut stopped = stopped.clone();
-        let (stop, served, on_event) = (&stop, &served, &on_event);
         async move {
-            let until_stopped = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            listen_with(&o, fam, until_stopped, |e| {
-                if matches!(e, ListenEvent::SessionEnded { .. }) {
-                    served.set(served.get() + 1);
-                    if opts.count.is_some_and(|c| served.get() >= c) {
-                        let _ = stop.send(true);
-                    }
-                }
-                (on_event.borrow_mut())(e);
-            })
-            .await
+            let mut l = start_listener(&o, setup).await?;
+            l.1.enable_failover();
+            Ok::<_, PunchError>(l)
         }
     });
-    let all = futures::future::join_all(each);
-    tokio::pin!(all);
-    tokio::pin!(shutdown);
-    let results = tokio::select! {
-        r = &mut all => r,
-        _ = &mut shutdown => {
-            let _ = stop.send(true);
-            all.await
+    let mut peers = Vec::new();
+    let mut last_err = None;
+    for r in futures::future::join_all(starts).await {
+        match r {
+            Ok(p) => peers.push(p),
+            Err(e) => last_err = Some(e),
         }
-    };
-    if results.iter().any(Result::is_ok) {
-        return Ok(served.get());
     }
-    results.into_iter().last().unwrap_or(Ok(0))
+    let (mut served, mut any_ok, mut stopping) = (0u64, false, false);
+    tokio::pin!(shutdown);
+    loop {
+        let now = Instant::now();
+        let mut ls: Vec<&mut Listener> = peers.iter_mut().map(|(_, l)| l).collect();
+        listener::hand_over(now, &mut ls);
+        let mut i = 0;
+        while i < peers.len() {
+            let (net, l) = &mut peers[i];
+            net.flush(l);
+            while let Some(e) = l.poll_event() {
+                served += u64::from(matches!(e, ListenEvent::SessionEnded { .. }));
+                on_event(e);
+            }
+            match l.poll_outcome() {
+                Some(Ok(_)) => any_ok = true,
+                Some(Err(e)) => last_err = Some(e),
+                None => {
+                    i += 1;
+                    continue;
+                }
+            }
+            peers.remove(i);
+        }
+        if !stopping && opts.count.is_some_and(|c| served >= c) {
+            stopping = true;
+            for (net, l) in &mut peers {
+                l.shutdown();
+                net.flush(l);
+            }
+            continue;
+        }
+        if peers.is_empty() {
+            // The UNREGISTERs just sent: give them a moment on the wire.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return match (any_ok, last_err) {
+                (false, Some(e)) => Err(e),
+                _ => Ok(served),
+            };
+        }
+        let woke = {
+            let waits = peers.iter_mut().map(|(net, l)| {
+                let wake = l.poll_timeout();
+                Box::pin(net.next_event(wake))
+            });
+            tokio::select! {
+                _ = &mut shutdown, if !stopping => None,
+                (ev, i, _) = futures::future::select_all(waits) => Some((i, ev)),
+            }
+        };
+        match woke {
+            Some((i, ev)) => {
+                if let Some((net, l)) = peers.get_mut(i) {
+                    net.feed(l, ev);
+                }
+            }
+            None => {
+                stopping = true;
+                for (_, l) in &mut peers {
+                    l.shutdown();
+                }
+            }
+        }
+    }
 }
 
 /// [`connect`] through the first of `servers` that answers and knows `opts.id` (issue 14, "no
 /// single rendezvous"): a server that is down or has no such peer is skipped; the last one's
 /// error is returned when none serves. A key mismatch or a failed session is not retried
-/// elsewhere: that is the peer's answer, not the server's absence.
+/// elsewhere: that is the peer's answer, not the server's absence. A relayed session moves to
+/// the other servers when its relay dies (failover).
 pub async fn connect_any(
     opts: &ConnectOptions,
     servers: &[SocketAddr],
-) -> Result<ConnectReport, PunchError> {
-    connect_any_with(opts, servers, &FamilyOptions::default()).await
-}
-
-/// [`connect_any`] over the families `fam` allows (issue 13).
-pub async fn connect_any_with(
-    opts: &ConnectOptions,
-    servers: &[SocketAddr],
-    fam: &FamilyOptions,
+    setup: &PeerSetup,
 ) -> Result<ConnectReport, PunchError> {
     let mut last = None;
-    for server in servers {
+    for (i, server) in servers.iter().enumerate() {
+        // Relay failover: the servers after this one, then those before it (they failed).
+        let fallback = servers[i + 1..].iter().chain(&servers[..i]).copied();
         let o = ConnectOptions {
             server: *server,
             ..opts.clone()
         };
-        match connect_with(&o, fam).await {
+        match connect_via(&o, fallback.collect(), setup).await {
             Err(
                 e @ (PunchError::Unreachable(..)
                 | PunchError::ConnectionRefused(_)
@@ -902,22 +963,20 @@ pub async fn listen(
     shutdown: impl Future<Output = ()>,
     on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
-    listen_with(opts, &FamilyOptions::default(), shutdown, on_event).await
+    listen_one(opts, &PeerSetup::default(), shutdown, on_event).await
 }
 
-/// [`listen`] over the families `fam` allows (issue 13: both at once by default).
-pub async fn listen_with(
+/// One listener machine on its own socket, registering (its probes drawn from `setup.budget`).
+async fn start_listener(
     opts: &ListenOptions,
-    fam: &FamilyOptions,
-    shutdown: impl Future<Output = ()>,
-    mut on_event: impl FnMut(ListenEvent),
-) -> Result<u64, PunchError> {
+    setup: &PeerSetup,
+) -> Result<(Net, Listener), PunchError> {
     let t0 = Instant::now();
     if opts.transport == Transport::Tcp {
-        super::family::check_tcp(opts.server, fam)?;
+        super::family::check_tcp(opts.server, &setup.family)?;
     }
     let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
-    let dual = net.second_family(opts.server, fam).await;
+    let dual = net.second_family(opts.server, &setup.family).await;
     let mut rng = StdRng::from_entropy();
     let mut prediction = None;
     if opts.predict && opts.transport == Transport::Udp {
@@ -925,7 +984,19 @@ pub async fn listen_with(
     }
     let mut l = Listener::new(t0, opts.clone(), rng);
     l.dual_stack(dual);
+    l.set_probe_budget(setup.budget.clone());
     l.start(Instant::now(), net.local, prediction);
+    Ok((net, l))
+}
+
+/// [`listen`] through `opts.server` alone.
+async fn listen_one(
+    opts: &ListenOptions,
+    setup: &PeerSetup,
+    shutdown: impl Future<Output = ()>,
+    mut on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    let (mut net, mut l) = start_listener(opts, setup).await?;
     tokio::pin!(shutdown);
     loop {
         net.flush(&mut l);

@@ -22,6 +22,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// The limits of `natscope punch listen` (issue 14, item 4), flattened into its arguments.
+#[derive(Args, Clone, Debug)]
+pub struct ListenLimits {
+    /// Probes per second all sessions together may send (one budget across sessions and servers;
+    /// each session is also capped on its own).
+    #[arg(long, value_name = "N", default_value_t = super::session::DEFAULT_PROBE_BUDGET)]
+    pub probe_budget: u32,
+}
+
+impl ListenLimits {
+    /// The listener's one probe budget.
+    pub fn budget(&self) -> super::session::ProbeBudget {
+        super::session::ProbeBudget::new(self.probe_budget)
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct ServeLimits {
     /// Address to serve on, UDP and TCP (repeat for several).

@@ -209,7 +209,18 @@ struct Running {
     expect_next: u64,
     in_order: bool,
     first_byte: Option<Instant>,
+    /// Failover: the CONNECT that re-introduces this session through another server.
+    moving: Option<(SocketAddr, Request)>,
+    /// Servers not tried yet for failover.
+    fallback: VecDeque<SocketAddr>,
 }
+
+/// How long a failover CONNECT waits for one server before the next is tried.
+const FAILOVER_WAIT: Duration = Duration::from_secs(2);
+/// How long a relayed session may be without a relay before failover gives up: inside the 8 s
+/// a listener registered with several servers waits for a silent relayed peer
+/// ([`crate::punch::listener::FAILOVER_PEER_IDLE`]).
+const FAILOVER_GIVE_UP: Duration = Duration::from_secs(6);
 
 #[derive(Debug)]
 enum Phase {
@@ -254,6 +265,8 @@ pub struct Connector {
     peer_key: Option<PeerKey>,
     /// The second family's socket and `--family` (issue 13).
     dual: DualStack,
+    /// See [`Connector::set_fallback`].
+    fallback: Vec<SocketAddr>,
 }
 
 impl Connector {
@@ -276,6 +289,7 @@ impl Connector {
             outcome: None,
             peer_key: None,
             dual: DualStack::default(),
+            fallback: Vec::new(),
         }
     }
 
@@ -283,6 +297,13 @@ impl Connector {
     /// socket of the other family); before [`start`](Self::start).
     pub fn dual_stack(&mut self, dual: DualStack) {
         self.dual = dual;
+    }
+
+    /// Other rendezvous servers the listener is registered with, in the order to try: when the
+    /// relay of a relayed UDP session stops answering, the session moves to the first of them
+    /// that introduces the same key (relay failover, issue 14 item 2). None: no failover.
+    pub fn set_fallback(&mut self, servers: Vec<SocketAddr>) {
+        self.fallback = servers;
     }
 
     /// Sends CONNECT from `local` (the socket every datagram of this connect uses; over TCP the
@@ -391,11 +412,20 @@ impl Connector {
             targets: targets(&peer),
         };
         let session_rng = StdRng::seed_from_u64(self.rng.gen());
+        let mut config = session_config(opts.transport, opts.relay_first, opts.punch_window);
+        // Over UDP the same socket reaches every server; a TCP relay is the server's connection.
+        let fallback: VecDeque<SocketAddr> = self
+            .fallback
+            .iter()
+            .copied()
+            .filter(|a| *a != server && opts.transport == Transport::Udp)
+            .collect();
+        config.relay_failover = !fallback.is_empty();
         let mut s = Session::new(
             now,
             session_id,
             Role::Connector,
-            session_config(opts.transport, opts.relay_first, opts.punch_window),
+            config,
             server,
             plan,
             session_rng,
@@ -439,7 +469,70 @@ impl Connector {
             expect_next: 0,
             in_order: true,
             first_byte: None,
+            moving: None,
+            fallback,
         }));
+        self.step(now, None);
+    }
+
+    /// Failover: asks the next server to introduce us to the same peer again (the listener is
+    /// registered there too); `false` when no server is left to try.
+    fn start_move(&mut self, now: Instant) -> bool {
+        let Phase::Session(run) = &mut self.phase else {
+            return false;
+        };
+        while let Some(server) = run.fallback.pop_front() {
+            let req = PunchMessage::Connect {
+                tid: TransactionId::from_rng(&mut self.rng),
+                target: self.opts.id.clone(),
+                candidates: vec![self.local],
+                port_delta: self.attempts.predict.as_ref().and_then(|p| p.delta),
+                punch_window_ms: Some(self.opts.punch_window.as_millis().min(60_000) as u32),
+            };
+            if let Some(mut r) = Request::new(now, &req, FAILOVER_WAIT, self.opts.transport) {
+                if let Ok(Some(bytes)) = r.poll(now) {
+                    self.out.push_back(Transmit {
+                        source: self.local,
+                        destination: server,
+                        payload: bytes,
+                    });
+                }
+                run.moving = Some((server, r));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The answer of the server a failover CONNECT went to: on an introduction of the key this
+    /// session authenticated, the session moves there; anything else tries the next server.
+    fn move_answer(&mut self, now: Instant, server: SocketAddr, m: PunchMessage) {
+        let Phase::Session(run) = &mut self.phase else {
+            return;
+        };
+        run.moving = None;
+        if !matches!(m, PunchMessage::ConnectOk { .. }) {
+            // Refused or does not know the peer (yet): tried again after the others.
+            run.fallback.push_back(server);
+        }
+        if let PunchMessage::ConnectOk { session, peer, .. } = m {
+            if peer.key.is_some() && peer.key == self.peer_key {
+                let targets = targets(&peer);
+                // The relay we leave is tried again last (it may only have been slow).
+                run.fallback.push_back(run.session.server());
+                run.session.rehome(now, server, None, session, &targets);
+            } else {
+                // Another key: this server would put someone else in the middle. Our channel
+                // would refuse them anyway; say so rather than time out.
+                let said = peer.key.map_or_else(|| "none".into(), |k| k.to_string());
+                let want = self.peer_key.map_or_else(|| "?".into(), |k| k.to_string());
+                let e = format!(
+                    "relay failover: rendezvous server {server} introduced `{}` with key {said}, not the key {want} this session authenticated: refusing",
+                    self.opts.id
+                );
+                return self.step(now, Some(e));
+            }
+        }
         self.step(now, None);
     }
 
@@ -461,6 +554,21 @@ impl Connector {
             run.session.handle_timeout(now);
             self.out
                 .extend(std::iter::from_fn(|| run.session.poll_transmit()));
+            if run.session.relay_lost() && run.moving.is_none() {
+                let (server, silent) = (run.session.server(), run.session.server_silence(now));
+                // Bounded: servers are tried in turn (one that failed goes to the back of the
+                // list) until the relay has been gone for FAILOVER_GIVE_UP.
+                if silent > FAILOVER_GIVE_UP {
+                    let e = SessionError::ServerGone(server, silent).to_string();
+                    return self.finish(Some(e));
+                }
+                if self.start_move(now) {
+                    return self.step(now, None);
+                }
+            }
+            let Phase::Session(run) = &mut self.phase else {
+                return;
+            };
             while let Some(m) = run.session.poll_deliver() {
                 run.first_byte.get_or_insert(now);
                 match app_number(&m) {
@@ -584,6 +692,9 @@ impl PeerMachine for Connector {
                 if run.pushed < self.opts.messages {
                     wake = wake.min(run.next_push);
                 }
+                if let Some((_, r)) = &run.moving {
+                    wake = wake.min(r.poll_timeout());
+                }
                 Some(wake)
             }
         }
@@ -602,7 +713,25 @@ impl PeerMachine for Connector {
                     ));
                 }
             },
-            Phase::Session(_) => self.step(now, None),
+            Phase::Session(run) => {
+                if let Some((server, r)) = &mut run.moving {
+                    match r.poll(now) {
+                        Ok(Some(payload)) => self.out.push_back(Transmit {
+                            source: self.local,
+                            destination: *server,
+                            payload,
+                        }),
+                        Ok(None) => {}
+                        // Unanswered: the next server (step starts it, or ends the session);
+                        // this one is tried again after the others.
+                        Err(_) => {
+                            run.fallback.push_back(*server);
+                            run.moving = None;
+                        }
+                    }
+                }
+                self.step(now, None)
+            }
             Phase::Idle | Phase::Done => {}
         }
     }
@@ -626,6 +755,15 @@ impl PeerMachine for Connector {
                 }
             }
             Phase::Session(run) => {
+                if let Some((server, r)) = &mut run.moving {
+                    if from == *server && r.answered_by(&m) {
+                        if r.on_challenge(now, bytes, &m) {
+                            return self.handle_timeout(now);
+                        }
+                        let server = *server;
+                        return self.move_answer(now, server, m);
+                    }
+                }
                 run.session.handle_message(now, from, m);
                 self.step(now, None);
             }

@@ -487,6 +487,27 @@ impl Channel {
         opened
     }
 
+    /// Whether `sealed` opens under this channel's keys and is fresh, without taking it: no
+    /// nonce is marked and nothing counts as a failure (a listener asks each of its sessions
+    /// whether a box that came through another relay is theirs, see `listener::hand_over`).
+    pub fn verifies(&self, sealed: &[u8]) -> bool {
+        let State::Ready(t) = &self.state else {
+            return false;
+        };
+        let Some(nonce) = sealed
+            .get(..8)
+            .and_then(|n| n.try_into().ok())
+            .map(u64::from_be_bytes)
+        else {
+            return false;
+        };
+        if sealed.len() < SEAL_OVERHEAD || !self.replay.fresh(nonce) {
+            return false;
+        }
+        let mut plain = vec![0u8; sealed.len() - 8];
+        t.read_message(nonce, &sealed[8..], &mut plain).is_ok()
+    }
+
     fn try_open(&mut self, sealed: &[u8]) -> Option<Vec<u8>> {
         let State::Ready(t) = &self.state else {
             return None;

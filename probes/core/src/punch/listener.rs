@@ -29,7 +29,7 @@ use super::peer::{
     session_config, targets, DirectStreams, DualStack, PeerMachine, Prediction, PunchError,
     Request, StreamCommand,
 };
-use super::session::{PunchPlan, Role, Route, Session};
+use super::session::{ProbeBudget, PunchPlan, Role, Route, Session};
 use super::{PathTaken, SessionId, Transport};
 use crate::net::Transmit;
 use crate::stun::TransactionId;
@@ -203,6 +203,77 @@ pub struct Listener {
     outcome: Option<Result<u64, PunchError>>,
     /// The second family's socket and `--family` (issue 13).
     dual: DualStack,
+    /// The one probe budget of all our sessions (and of our sibling machines, one per server).
+    budget: ProbeBudget,
+    /// Relayed boxes our fresh sessions could not open: perhaps a session of a sibling machine
+    /// moving here from a relay that died ([`hand_over`]).
+    resumes: VecDeque<Resume>,
+    /// How many such boxes each fresh session offered since when (bounded: [`MAX_RESUME_TRIES`]
+    /// per [`RELEASE_QUIET`]).
+    resume_tries: BTreeMap<SessionId, (u8, Instant)>,
+    /// Sibling machines (other servers) may take over our relayed sessions: those wait
+    /// [`FAILOVER_PEER_IDLE`] for a silent peer, long enough for its connector to move.
+    failover: bool,
+}
+
+/// How long a listener with sibling machines keeps a session whose peer went silent: the
+/// connector may be moving it to another relay (detection 1 s, then up to a few CONNECTs of 2 s
+/// until it gives up after 6 s).
+pub const FAILOVER_PEER_IDLE: Duration = Duration::from_secs(8);
+
+/// A sealed box relayed into one of our fresh sessions (introduced, no handshake yet) without a
+/// handshake: the connector of a session that began through another server, now moving it here
+/// ([`hand_over`]).
+#[derive(Debug)]
+pub struct Resume {
+    /// The session this server introduced (its id for the moved session from now on).
+    pub session: SessionId,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+/// A session released by one listener machine to another ([`hand_over`]).
+#[derive(Debug)]
+pub struct Moved {
+    session: Session,
+    echoed: u64,
+}
+
+/// Boxes a fresh session may offer for a hand-over per [`RELEASE_QUIET`]: each costs one trial
+/// open per quiet relayed session of the sibling machines (at most [`MAX_LISTEN_SESSIONS`]
+/// each).
+const MAX_RESUME_TRIES: u8 = 8;
+/// Hand-overs waiting at once.
+const MAX_RESUMES: usize = 16;
+/// A session is handed over only after its peer has been this quiet on its current path: a
+/// connector moves only once its relay has been silent for a second, and a box replayed by
+/// someone who saw the session's traffic cannot pull a session whose path still works.
+const RELEASE_QUIET: Duration = Duration::from_millis(500);
+
+/// Relay failover on the listener's side (issue 14, item 2): a listener registered with several
+/// servers runs one machine per server, and a connector whose relay died moves its session
+/// through another server — that server introduces a new session to our machine there, and the
+/// connector's next sealed messages come through it without a handshake. Each such box is
+/// offered to the sibling machines; the one whose relayed session's channel opens it releases
+/// that session, which continues in the new machine under the new server's id: same Noise
+/// channel, same reliable stream, the unacked echoes sent again through the new relay. A server
+/// cannot splice in: only the holder of the session's keys makes a box that opens. Returns
+/// whether a session moved.
+pub fn hand_over(now: Instant, listeners: &mut [&mut Listener]) -> bool {
+    let mut moved = false;
+    for i in 0..listeners.len() {
+        while let Some(r) = listeners[i].resumes.pop_front() {
+            let found = (0..listeners.len())
+                .filter(|&j| j != i)
+                .find_map(|j| listeners[j].release(now, &r));
+            if let Some(m) = found {
+                listeners[i].adopt(now, r, m);
+                moved = true;
+            }
+        }
+    }
+    moved
 }
 
 impl Listener {
@@ -226,6 +297,10 @@ impl Listener {
             streams: DirectStreams::default(),
             outcome: None,
             dual: DualStack::default(),
+            budget: ProbeBudget::default(),
+            resumes: VecDeque::new(),
+            resume_tries: BTreeMap::new(),
+            failover: false,
         }
     }
 
@@ -233,6 +308,87 @@ impl Listener {
     /// socket of the other family); before [`start`](Self::start).
     pub fn dual_stack(&mut self, dual: DualStack) {
         self.dual = dual;
+    }
+
+    /// This machine is one of several of one listener (one per server, joined by
+    /// [`hand_over`]): its sessions wait [`FAILOVER_PEER_IDLE`] for a silent peer.
+    pub fn enable_failover(&mut self) {
+        self.failover = true;
+    }
+
+    /// Shares `budget` among this listener's sessions (by default each listener has its own
+    /// [`ProbeBudget::default`]); give the machines of one `punch listen` the same one.
+    pub fn set_probe_budget(&mut self, budget: ProbeBudget) {
+        self.budget = budget;
+    }
+
+    /// Whether `m` (raw `bytes`, from `from`) is a box for a fresh session that only a session
+    /// moving here could have sealed; if so it waits for [`hand_over`].
+    fn offer_resume(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: &PunchMessage,
+        bytes: &[u8],
+    ) -> bool {
+        let PunchMessage::Sealed {
+            session,
+            handshake: None,
+            sealed: Some(sealed),
+            ..
+        } = m
+        else {
+            return false;
+        };
+        let fresh = self
+            .sessions
+            .get(session)
+            .is_some_and(|(s, _)| s.channel().is_some_and(|c| !c.is_ready()));
+        if from != self.opts.server || !fresh {
+            return false;
+        }
+        let (tries, since) = self.resume_tries.entry(*session).or_insert((0, now));
+        if now.saturating_duration_since(*since) >= RELEASE_QUIET {
+            (*tries, *since) = (0, now);
+        }
+        if *tries < MAX_RESUME_TRIES && self.resumes.len() < MAX_RESUMES {
+            *tries += 1;
+            self.resumes.push_back(Resume {
+                session: *session,
+                from,
+                bytes: bytes.to_vec(),
+                sealed: sealed.clone(),
+            });
+        }
+        true
+    }
+
+    /// Releases the relayed session whose channel opens `r`'s box (it is moving to a sibling).
+    fn release(&mut self, now: Instant, r: &Resume) -> Option<Moved> {
+        let id = self.sessions.iter().find_map(|(id, (s, _))| {
+            let relayed =
+                !s.route().is_some_and(Route::is_direct) && s.peer_quiet(now) >= RELEASE_QUIET;
+            let theirs = s.channel().is_some_and(|c| c.verifies(&r.sealed));
+            (relayed && theirs).then_some(*id)
+        })?;
+        let (session, echoed) = self.sessions.remove(&id)?;
+        self.streams.stop(id);
+        self.resume_tries.remove(&id);
+        Some(Moved { session, echoed })
+    }
+
+    /// Continues `m` here in place of the fresh session `r` named, under that id, and hands it
+    /// the box that brought it.
+    fn adopt(&mut self, now: Instant, r: Resume, m: Moved) {
+        let Moved {
+            mut session,
+            echoed,
+        } = m;
+        self.resume_tries.remove(&r.session);
+        let server = self.opts.server;
+        session.rehome(now, server, Some(self.local), r.session, &[]);
+        self.sessions.insert(r.session, (session, echoed));
+        self.handle_datagram(now, r.from, &r.bytes);
     }
 
     /// Registers from `local` (the socket every datagram uses; over TCP the registered port).
@@ -409,11 +565,15 @@ impl Listener {
                     let window = peer.punch_window_ms.map_or(self.opts.punch_window, |w| {
                         Duration::from_millis(u64::from(w).clamp(50, 60_000))
                     });
+                    let mut config = session_config(self.opts.transport, false, window);
+                    if self.failover {
+                        config.peer_idle = FAILOVER_PEER_IDLE;
+                    }
                     let s = Session::new(
                         now,
                         session,
                         Role::Listener,
-                        session_config(self.opts.transport, false, window),
+                        config,
                         self.opts.server,
                         PunchPlan {
                             local: self.local,
@@ -427,7 +587,7 @@ impl Listener {
                     else {
                         return;
                     };
-                    let mut s = s.secure(channel);
+                    let mut s = s.secure(channel).with_budget(self.budget.clone());
                     if let Some(f) = self.dual.families {
                         s = s.probe_families(f, targets(&peer));
                     }
@@ -477,6 +637,7 @@ impl Listener {
             let Some((s, echoed)) = self.sessions.remove(&id) else {
                 continue;
             };
+            self.resume_tries.remove(&id);
             let path = match s.route() {
                 Some(Route::Direct(_)) => PathTaken::Direct,
                 Some(Route::Relay) => PathTaken::Relayed,
@@ -592,7 +753,9 @@ impl PeerMachine for Listener {
             }
             Phase::Serving => {
                 if let Ok(m) = m {
-                    self.message(now, from, m);
+                    if !self.offer_resume(now, from, &m, bytes) {
+                        self.message(now, from, m);
+                    }
                 }
                 self.step(now);
             }

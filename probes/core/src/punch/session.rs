@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -70,6 +71,13 @@ pub struct SessionConfig {
     pub peer_idle: Duration,
     /// The connector's refreshes unanswered for this long: the server is gone.
     pub server_idle: Duration,
+    /// Connector, UDP, with other servers to move to: a relayed session whose server left its
+    /// refreshes unanswered for [`relay_idle`](Self::relay_idle) is marked
+    /// [`relay_lost`](Session::relay_lost) instead of failing, and the connector moves it to
+    /// another relay ([`Session::rehome`]).
+    pub relay_failover: bool,
+    /// How long the relay may leave refreshes unanswered before it counts as lost (failover).
+    pub relay_idle: Duration,
     pub reliable: ReliableConfig,
 }
 
@@ -83,6 +91,10 @@ impl Default for SessionConfig {
             keepalive: Duration::from_millis(500),
             peer_idle: Duration::from_secs(4),
             server_idle: Duration::from_secs(3),
+            relay_failover: false,
+            // Two refreshes (every 500 ms) unanswered: well inside the listener's 4 s of
+            // patience with a silent peer, so the session moves before either side gives up.
+            relay_idle: Duration::from_millis(1000),
             reliable: ReliableConfig::default(),
         }
     }
@@ -120,6 +132,83 @@ pub struct SessionStats {
     pub rtt_samples: Vec<(bool, Duration)>,
     pub probe_rtt: Option<Duration>,
     pub server_lost: bool,
+    /// Probes not sent because the listener's global probe budget was spent.
+    pub probes_denied: u64,
+    /// Times the session moved to another relay (failover).
+    pub relay_moves: u64,
+}
+
+/// Probes per second a listener's sessions may send together, by default (`--probe-budget`).
+/// One honest session probes a few targets every 50 ms (60-400 probes/s with prediction); the
+/// budget lets a few punch at full speed at once and caps what many sessions together send, so
+/// N introductions cannot make the listener send N times one session's rate (issue 14, item 4).
+pub const DEFAULT_PROBE_BUDGET: u32 = 1000;
+
+/// One token bucket shared by every session of a listener (and by its machines, one per
+/// server): each probe a session starts takes a token; without one the probe is skipped. The
+/// per-session bounds (targets, window, [`Session::may_probe`]) still apply on top. Shared
+/// through a lock so the sessions of one listener need not be stepped together.
+#[derive(Clone, Debug)]
+pub struct ProbeBudget(Arc<Mutex<Bucket>>);
+
+#[derive(Debug)]
+struct Bucket {
+    per_second: u32,
+    tokens: f64,
+    last: Option<Instant>,
+    denied: u64,
+}
+
+impl Default for ProbeBudget {
+    fn default() -> Self {
+        Self::new(DEFAULT_PROBE_BUDGET)
+    }
+}
+
+impl ProbeBudget {
+    /// `per_second` probes per second, with a burst of one second's worth (at least 1).
+    pub fn new(per_second: u32) -> Self {
+        let per_second = per_second.max(1);
+        Self(Arc::new(Mutex::new(Bucket {
+            per_second,
+            tokens: f64::from(per_second),
+            last: None,
+            denied: 0,
+        })))
+    }
+
+    fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes one probe's token at `now`; `false` (and counted) when the budget is spent.
+    pub fn take(&self, now: Instant) -> bool {
+        let mut b = self.bucket();
+        let rate = f64::from(b.per_second);
+        if let Some(last) = b.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * rate;
+            b.tokens = (b.tokens + refill).min(rate);
+        }
+        b.last = Some(b.last.map_or(now, |l| l.max(now)));
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            b.denied += 1;
+            false
+        }
+    }
+
+    /// Probes refused so far, by all sessions together.
+    pub fn denied(&self) -> u64 {
+        self.bucket().denied
+    }
+
+    pub fn per_second(&self) -> u32 {
+        self.bucket().per_second
+    }
 }
 
 /// From where, toward what and when a session punches: the peer's own socket, and what the
@@ -137,6 +226,14 @@ pub struct PunchPlan {
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
+    /// The id the current server knows the session by: [`id`](Self::id) until the session moved
+    /// to another relay, then that relay's id (the outer id of every sealed message; the sealed
+    /// messages inside keep `id`, which both peers bound to their channel).
+    wire: SessionId,
+    /// Failover: the relay stopped answering (see [`SessionConfig::relay_failover`]).
+    relay_lost: bool,
+    /// The listener's global probe budget, when it set one.
+    budget: Option<ProbeBudget>,
     role: Role,
     config: SessionConfig,
     server: SocketAddr,
@@ -201,6 +298,9 @@ impl Session {
         let start_at = now + start_in;
         let mut s = Self {
             id,
+            wire: id,
+            relay_lost: false,
+            budget: None,
             role,
             config,
             server,
@@ -266,6 +366,78 @@ impl Session {
             self.add_target(t);
         }
         self
+    }
+
+    /// Every probe this session starts takes a token from `budget` (shared by the listener's
+    /// sessions); without a token the probe is skipped.
+    pub fn with_budget(mut self, budget: ProbeBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The id the current relay knows this session by (see [`Session::rehome`]).
+    pub fn wire_id(&self) -> SessionId {
+        self.wire
+    }
+
+    /// The server this session uses for its relay (and the connector's refreshes).
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Failover: the relay left the connector's refreshes unanswered for
+    /// [`SessionConfig::relay_idle`] while the data depends on it; the connector should move the
+    /// session with [`Session::rehome`] (or end it).
+    pub fn relay_lost(&self) -> bool {
+        self.relay_lost
+    }
+
+    /// How long nothing came from the peer.
+    pub fn peer_quiet(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_peer)
+    }
+
+    /// How long the server has not answered the connector's refreshes.
+    pub fn server_silence(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_server)
+    }
+
+    /// Moves the session to another relay: `server`, which knows it as `wire` (the session its
+    /// CONNECT created there, or introduced), reached from `local` (the listener's socket
+    /// registered there; the connector keeps its one socket). The end-to-end channel and the
+    /// reliable stream go on unchanged: everything unacknowledged is sent again through the new
+    /// relay at once and the receiver drops copies, so the move loses, duplicates and reorders
+    /// nothing. `targets`: the peer's addresses as the new server saw them (probed like any).
+    pub fn rehome(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        local: Option<SocketAddr>,
+        wire: SessionId,
+        targets: &[SocketAddr],
+    ) {
+        self.server = server;
+        if let Some(l) = local {
+            self.local = l;
+        }
+        self.wire = wire;
+        self.relay_lost = false;
+        self.last_server = now;
+        self.last_peer = now;
+        self.refreshes.clear();
+        // Refresh at once: the new server confirms it relays for us.
+        self.next_keepalive = now;
+        self.probes.clear();
+        for t in targets {
+            self.add_target(*t);
+        }
+        if !self.route.is_some_and(Route::is_direct) {
+            self.tx.path_changed();
+            // Something sealed goes through the new relay even with nothing unacked: it is how
+            // the peer learns where the session went.
+            self.ack_due = true;
+        }
+        self.stats.relay_moves += 1;
     }
 
     /// The end-to-end channel, if the session has one.
@@ -394,7 +566,7 @@ impl Session {
                 };
                 let outer = PunchMessage::Sealed {
                     tid: TransactionId::from_rng(&mut self.rng),
-                    session: self.id,
+                    session: self.wire,
                     handshake: ch.handshake_out().map(<[u8]>::to_vec),
                     sealed: Some(sealed),
                 };
@@ -421,7 +593,7 @@ impl Session {
         };
         let m = PunchMessage::Sealed {
             tid: TransactionId::from_rng(&mut self.rng),
-            session: self.id,
+            session: self.wire,
             handshake: Some(h),
             sealed: None,
         };
@@ -482,6 +654,10 @@ impl Session {
         if self.channel.is_some() {
             // The sealed copy above is relayed to the peer; the server itself needs it in clear
             // to forget the session (the peer ignores the relayed clear copy).
+            let m = PunchMessage::Close {
+                tid: TransactionId::from_rng(&mut self.rng),
+                session: self.wire,
+            };
             if let Ok(payload) = m.to_vec() {
                 self.out.push_back(Transmit {
                     source: self.local,
@@ -506,7 +682,7 @@ impl Session {
                 handshake,
                 sealed,
                 ..
-            } if session == self.id => {
+            } if session == self.wire || session == self.id => {
                 if let Some(h) = handshake {
                     let answer = match (self.role, ch.is_ready()) {
                         (Role::Listener, _) => ch.handle_handshake(&h),
@@ -705,6 +881,12 @@ impl Session {
                 self.probes.remove(&k);
             }
         }
+        if let Some(b) = &self.budget {
+            if !b.take(now) {
+                self.stats.probes_denied += 1;
+                return;
+            }
+        }
         self.probes.insert(tid, (to, now));
         self.stats.probes_sent += 1;
         let id = self.id;
@@ -765,11 +947,20 @@ impl Session {
                 if self.refreshes.len() > 16 {
                     self.refreshes.remove(0);
                 }
-                let (server, id) = (self.server, self.id);
+                let (server, id) = (self.server, self.wire);
                 self.send(server, &PunchMessage::Refresh { tid, session: id });
             }
         }
+        let direct = self.route.is_some_and(Route::is_direct);
         if self.role == Role::Connector
+            && self.config.relay_failover
+            && !direct
+            && now.saturating_duration_since(self.last_server) > self.config.relay_idle
+        {
+            // The connector moves the session or ends it (it knows the other servers).
+            self.stats.server_lost = true;
+            self.relay_lost = true;
+        } else if self.role == Role::Connector
             && now.saturating_duration_since(self.last_server) > self.config.server_idle
         {
             self.stats.server_lost = true;
