@@ -56,6 +56,8 @@ pub struct ListenArgs {
     /// Skip port prediction (measuring this side's allocation delta and registering it).
     #[arg(long, conflicts_with = "predict")]
     no_predict: bool,
+    #[command(flatten)]
+    map: driver::PortMapFlag,
     /// Key pair file (created 0600 if missing; default: a new key each run).
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
@@ -83,6 +85,8 @@ pub struct ConnectArgs {
     /// Skip port prediction (measuring this side's allocation delta so the peer probes ahead).
     #[arg(long, conflicts_with = "predict")]
     no_predict: bool,
+    #[command(flatten)]
+    map: driver::PortMapFlag,
     /// Birthday technique: also probe up to N random ports of the peer's address (UDP).
     #[arg(long, value_name = "N", default_value_t = 0)]
     birthday: usize,
@@ -204,17 +208,14 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     if a.tcp && a.predict {
         bail!("--predict applies to udp only");
     }
-    let json = a.json;
     let via: Result<Vec<_>, _> = a
         .via
         .iter()
         .map(|v| server_address(v, Service::PUNCH))
         .collect();
-    let result = driver::listen_all(&opts, &via?, shutdown_signal(), |ev| {
-        if json {
-            if let Ok(line) = serde_json::to_string(&ListenLine::new(ev)) {
-                crate::emit(&line);
-            }
+    let result = driver::listen_all_mapped(&opts, a.map, &via?, shutdown_signal(), |ev| {
+        if a.json {
+            let _ = serde_json::to_string(&ListenLine::new(ev)).map(|line| crate::emit(&line));
             return;
         }
         crate::emit(&ev.to_string());
@@ -256,7 +257,7 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
         .iter()
         .map(|v| server_address(v, Service::PUNCH))
         .collect();
-    let report = match driver::connect_any(&opts, &via?).await {
+    let report = match driver::connect_any_until(&opts, a.map, &via?, shutdown_signal()).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };

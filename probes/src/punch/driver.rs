@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use super::connector::Connector;
 use super::limits::ServeLimits;
 use super::listener::Listener;
+use super::mapping;
 use super::peer::{
     AttemptEnd, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand, MEASURE_SOCKETS,
 };
@@ -44,6 +45,7 @@ pub use super::identity::{decode_hex32, Identity, PeerKey};
 pub use super::listener::{
     ListenEvent, ListenLine, ListenOptions, KEEPALIVE, LISTEN_SCHEMA, MAX_LISTEN_SESSIONS,
 };
+pub use super::mapping::PortMapFlag;
 pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
 
 // ---------------------------------------------------------------------------------------------
@@ -720,24 +722,61 @@ async fn measure_prediction(server: SocketAddr, rng: &mut StdRng) -> Prediction 
 /// Connects to the peer registered as `opts.id`, sends `opts.messages` numbered messages that
 /// the listener echoes, and reports. `Err` only when the connect could not start (server
 /// unreachable or refused, unknown peer); a session that broke is a report with `path: failed`
-/// or fewer echoes, and [`ConnectReport::attempts`]`.error` says why.
+/// or fewer echoes, and [`ConnectReport::attempts`]`.error` says why. The socket's port is
+/// mapped at the gateway as `natscope punch` does by default ([`mapping`]).
 pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError> {
+    let slot = mapping::Slot::default();
+    let port_mapping = natscope_core::traversal::Techniques::PUNCH.port_mapping;
+    let session = connect_in(opts, port_mapping, &slot);
+    match mapping::hold(&slot, session, std::future::pending()).await {
+        Some(r) => r,
+        None => unreachable!("a pending future never resolves"),
+    }
+}
+
+/// [`connect`], with the gateway asked for a mapping of the socket's port when `port_mapping`;
+/// the mapping is left in `slot` for the caller to keep and release.
+async fn connect_in(
+    opts: &ConnectOptions,
+    port_mapping: bool,
+    slot: &mapping::Slot,
+) -> Result<ConnectReport, PunchError> {
     let t0 = Instant::now();
     let wait = opts.timeout.min(Duration::from_secs(2));
     let mut net = Net::open(opts.transport, opts.server, wait).await?;
     let mut rng = StdRng::from_entropy();
-    let mut prediction = None;
-    if opts.predict && opts.transport == Transport::Udp {
-        prediction = Some(measure_prediction(opts.server, &mut rng).await);
+    // The mapping is asked for while prediction measures (see `mapping`'s module comment).
+    let predict = opts.predict && opts.transport == Transport::Udp;
+    let measure = async {
+        match predict {
+            true => Some(measure_prediction(opts.server, &mut rng).await),
+            false => None,
+        }
+    };
+    let map = mapping::acquire(port_mapping, opts.transport, opts.server, net.local.port());
+    let ((held, mapped), prediction) = tokio::join!(map, measure);
+    // A previous server's try held the mapping of another socket: delete it first.
+    let previous = std::mem::replace(&mut *slot.lock().await, held);
+    if let Some(old) = previous {
+        let _ = old.delete(mapping::DELETE_LIMIT).await;
     }
     let mut c = Connector::new(t0, opts.clone(), rng);
+    c.set_port_mapping(mapped);
     c.start(Instant::now(), net.local, prediction);
     loop {
         net.flush(&mut c);
-        if let Some(outcome) = c.poll_outcome() {
-            if outcome.is_ok() {
+        if let Some(mut outcome) = c.poll_outcome() {
+            if let Ok(r) = &mut outcome {
                 // The CLOSE just sent: give it a moment on the wire.
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                let reflexive = r.attempts.reflexive;
+                if let Some(m) = r.attempts.port_mapping.as_mut() {
+                    let claim = m.external.zip(reflexive);
+                    m.problems
+                        .extend(claim.and_then(|(e, x)| {
+                            natscope_core::punch::mapping::check_external(e, x)
+                        }));
+                }
             }
             return outcome;
         }
@@ -756,12 +795,32 @@ pub async fn listen_all(
     shutdown: impl Future<Output = ()>,
     on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
+    listen_all_mapped(
+        opts,
+        mapping::PortMapFlag::default(),
+        servers,
+        shutdown,
+        on_event,
+    )
+    .await
+}
+
+/// [`listen_all`], each registration's socket port mapped at the gateway unless
+/// `--no-port-mapping` ([`mapping`]).
+pub async fn listen_all_mapped(
+    opts: &ListenOptions,
+    flag: mapping::PortMapFlag,
+    servers: &[SocketAddr],
+    shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    let port_mapping = flag.enabled();
     if servers.len() <= 1 {
         let o = ListenOptions {
             server: servers.first().copied().unwrap_or(opts.server),
             ..opts.clone()
         };
-        return listen(&o, shutdown, on_event).await;
+        return listen_mapped(&o, port_mapping, shutdown, on_event).await;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let served = std::cell::Cell::new(0u64);
@@ -778,7 +837,7 @@ pub async fn listen_all(
             let until_stopped = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            listen(&o, until_stopped, |e| {
+            listen_mapped(&o, port_mapping, until_stopped, |e| {
                 if matches!(e, ListenEvent::SessionEnded { .. }) {
                     served.set(served.get() + 1);
                     if opts.count.is_some_and(|c| served.get() >= c) {
@@ -814,13 +873,43 @@ pub async fn connect_any(
     opts: &ConnectOptions,
     servers: &[SocketAddr],
 ) -> Result<ConnectReport, PunchError> {
+    let flag = mapping::PortMapFlag::default();
+    connect_any_until(opts, flag, servers, std::future::pending()).await
+}
+
+/// [`connect_any`] with the socket's port mapped at the gateway unless `--no-port-mapping`
+/// ([`mapping`]), until `shutdown` resolves (Ctrl-C: then an `Interrupted` error); the mapping
+/// is deleted before this returns, either way.
+pub async fn connect_any_until(
+    opts: &ConnectOptions,
+    flag: mapping::PortMapFlag,
+    servers: &[SocketAddr],
+    shutdown: impl Future<Output = ()>,
+) -> Result<ConnectReport, PunchError> {
+    let slot = mapping::Slot::default();
+    let session = connect_each(opts, flag.enabled(), servers, &slot);
+    match mapping::hold(&slot, session, shutdown).await {
+        Some(r) => r,
+        None => Err(PunchError::Io(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "interrupted before the connect finished",
+        ))),
+    }
+}
+
+async fn connect_each(
+    opts: &ConnectOptions,
+    port_mapping: bool,
+    servers: &[SocketAddr],
+    slot: &mapping::Slot,
+) -> Result<ConnectReport, PunchError> {
     let mut last = None;
     for server in servers {
         let o = ConnectOptions {
             server: *server,
             ..opts.clone()
         };
-        match connect(&o).await {
+        match connect_in(&o, port_mapping, slot).await {
             Err(
                 e @ (PunchError::Unreachable(..)
                 | PunchError::ConnectionRefused(_)
@@ -841,22 +930,72 @@ pub async fn connect_any(
 pub async fn listen(
     opts: &ListenOptions,
     shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    let port_mapping = natscope_core::traversal::Techniques::PUNCH.port_mapping;
+    listen_mapped(opts, port_mapping, shutdown, on_event).await
+}
+
+/// [`listen`] with the socket's port mapped at the gateway when `port_mapping` ([`mapping`]):
+/// renewed while it runs, deleted when it ends (`shutdown`, Ctrl-C, included).
+pub async fn listen_mapped(
+    opts: &ListenOptions,
+    port_mapping: bool,
+    shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    let slot = mapping::Slot::default();
+    let session = listen_in(opts, port_mapping, &slot, shutdown, on_event);
+    match mapping::hold(&slot, session, std::future::pending()).await {
+        Some(r) => r,
+        None => unreachable!("a pending future never resolves"),
+    }
+}
+
+async fn listen_in(
+    opts: &ListenOptions,
+    port_mapping: bool,
+    slot: &mapping::Slot,
+    shutdown: impl Future<Output = ()>,
     mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
     let t0 = Instant::now();
     let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
     let mut rng = StdRng::from_entropy();
-    let mut prediction = None;
-    if opts.predict && opts.transport == Transport::Udp {
-        prediction = Some(measure_prediction(opts.server, &mut rng).await);
-    }
+    // The mapping is asked for while prediction measures (see `mapping`'s module comment).
+    let predict = opts.predict && opts.transport == Transport::Udp;
+    let measure = async {
+        match predict {
+            true => Some(measure_prediction(opts.server, &mut rng).await),
+            false => None,
+        }
+    };
+    let map = mapping::acquire(port_mapping, opts.transport, opts.server, net.local.port());
+    let ((held, mut mapped), prediction) = tokio::join!(map, measure);
+    *slot.lock().await = held;
+    let mut mapped_line = Some(());
     let mut l = Listener::new(t0, opts.clone(), rng);
+    l.set_mapped_candidate(mapping::offered(&mapped));
     l.start(Instant::now(), net.local, prediction);
     tokio::pin!(shutdown);
     loop {
         net.flush(&mut l);
         while let Some(e) = l.poll_event() {
+            // The mapping's line follows the first `registered`, which says what the server saw.
+            let registered = match &e {
+                ListenEvent::Registered { reflexive, .. } => reflexive.parse().ok(),
+                _ => None,
+            };
             on_event(e);
+            if let Some(reflexive) = registered.filter(|_| mapped_line.take().is_some()) {
+                if let Some(p) = mapped
+                    .external
+                    .and_then(|e| natscope_core::punch::mapping::check_external(e, reflexive))
+                {
+                    mapped.problems.push(p);
+                }
+                on_event(ListenEvent::PortMapping(mapped.clone()));
+            }
         }
         if let Some(outcome) = l.poll_outcome() {
             // The UNREGISTER just sent: give it a moment on the wire.

@@ -5,3 +5,4 @@ pub use natscope_core::punch::*;
 
 pub mod driver;
 pub mod limits;
+pub mod mapping;

@@ -70,6 +70,10 @@ pub enum ListenEvent {
         /// Our public key: what a connector passes as `--peer-key` to accept only us.
         key: String,
     },
+    /// The mapping of our socket's port the gateway granted, or why none was made (issue 12),
+    /// with what the reflexive address says of the gateway's claim; printed once, after
+    /// `registered`.
+    PortMapping(super::mapping::PunchMapping),
     /// The server introduced a connecting peer; punching towards it has begun.
     SessionStarted { session: String, peer: String },
     /// A session is over: what carried its data and how many messages were echoed.
@@ -152,6 +156,22 @@ impl std::fmt::Display for ListenEvent {
                 f,
                 "registered {id} over {transport}: local {local}, reflexive {reflexive}, key {key}"
             ),
+            ListenEvent::PortMapping(m) => match (m.protocol, m.external) {
+                (Some(p), Some(e)) => write!(
+                    f,
+                    "port mapping over {p}: {e} for {} s{}",
+                    m.lifetime_s.unwrap_or(0),
+                    m.problems
+                        .iter()
+                        .map(|p| format!("; {p}"))
+                        .collect::<String>()
+                ),
+                _ => write!(
+                    f,
+                    "no port mapping: {}",
+                    m.why_none.as_deref().unwrap_or("none made")
+                ),
+            },
             ListenEvent::SessionStarted { session, peer } => {
                 write!(f, "session {session}: peer {peer}, punching")
             }
@@ -201,6 +221,9 @@ pub struct Listener {
     events: VecDeque<ListenEvent>,
     streams: DirectStreams,
     outcome: Option<Result<u64, PunchError>>,
+    /// The external address of our socket's port mapping, registered as our first candidate
+    /// (issue 12; `punch::mapping`).
+    mapped: Option<SocketAddr>,
 }
 
 impl Listener {
@@ -223,6 +246,7 @@ impl Listener {
             events: VecDeque::new(),
             streams: DirectStreams::default(),
             outcome: None,
+            mapped: None,
         }
     }
 
@@ -253,12 +277,19 @@ impl Listener {
         }
     }
 
+    /// Registers `external` (the gateway's mapping of our socket's port, issue 12) as our first
+    /// candidate, in the first REGISTER if called before [`Listener::start`], else from the next
+    /// keepalive on.
+    pub fn set_mapped_candidate(&mut self, external: Option<SocketAddr>) {
+        self.mapped = external;
+    }
+
     fn register(&mut self) -> PunchMessage {
         let tid = TransactionId::from_rng(&mut self.rng);
         PunchMessage::Register {
             tid,
             id: self.opts.id.clone(),
-            candidates: vec![self.local],
+            candidates: super::mapping::candidates(self.local, self.mapped),
             port_delta: self.port_delta,
             proof: self
                 .opts
