@@ -618,6 +618,23 @@ pub async fn verify_inbound(
     }))
 }
 
+/// How long [`map_port`] waits for a gateway to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortWait {
+    /// PCP's and NAT-PMP's retransmission schedule and budget.
+    pub schedule: Retransmit,
+    /// UPnP's SSDP wait.
+    pub upnp: Duration,
+}
+
+impl PortWait {
+    /// The probe's discovery budget ([`Retransmit::DISCOVERY`], [`UPNP_QUICK`]): 250 ms.
+    pub const PROBE: Self = Self {
+        schedule: Retransmit::DISCOVERY,
+        upnp: UPNP_QUICK,
+    };
+}
+
 /// A mapping of a given local UDP port that its owner keeps, renews and deletes (punch maps the
 /// port of its one socket, issue 12): the protocol's client machine that got it, so renewal and
 /// deletion speak to the same gateway with the same PCP nonce.
@@ -650,12 +667,12 @@ pub struct PortRequest {
 }
 
 /// Asks `gateway` to map local UDP port `port` for `lifetime_s`, with the best protocol that
-/// answers (PCP > NAT-PMP > UPnP IGD), all three asked at once on the discovery budget
-/// ([`Retransmit::DISCOVERY`], [`UPNP_QUICK`]): PCP maps at once (ANNOUNCE, then MAP); NAT-PMP
-/// and UPnP are only discovered meanwhile, and map afterwards if PCP granted nothing. A
-/// granted PCP mapping ends the wait for the others, so a PCP gateway costs two round trips and
-/// a silent one the budget (about 250 ms).
-pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32) -> PortRequest {
+/// answers (PCP > NAT-PMP > UPnP IGD), all three asked at once within `wait` (PCP and NAT-PMP
+/// retransmit on [`PortWait::schedule`], UPnP's SSDP search waits [`PortWait::upnp`]): PCP maps
+/// at once (ANNOUNCE, then MAP); NAT-PMP and UPnP are only discovered meanwhile, and map
+/// afterwards if PCP granted nothing. A granted PCP mapping ends the wait for the others, so a PCP
+/// gateway costs two round trips and a silent one the budget.
+pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32, wait: PortWait) -> PortRequest {
     let mut out = PortRequest::default();
     let (pcp_sock, ctl_local) = match socket_to(gateway).await {
         Ok(s) => s,
@@ -683,10 +700,10 @@ pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32) -> PortReques
         gateway,
         ctl_local.ip(),
         nonce,
-        Retransmit::DISCOVERY,
+        wait.schedule,
         Some((port, lifetime_s)),
     );
-    let mut pmp = NatPmpClient::new(now, gateway, Retransmit::DISCOVERY, None);
+    let mut pmp = NatPmpClient::new(now, gateway, wait.schedule, None);
     let (pcp_ref, pmp_ref) = (&pcp_sock, &pmp_sock);
     let pcp_f = async move {
         run(&mut pcp, pcp_ref).await;
@@ -699,7 +716,7 @@ pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32) -> PortReques
     let upnp_f = async {
         match (gateway, ctl_local.ip()) {
             (IpAddr::V4(gw), IpAddr::V4(local)) => {
-                Some(crate::upnp::discover(gw, local, UPNP_QUICK).await)
+                Some(crate::upnp::discover(gw, local, wait.upnp).await)
             }
             _ => None,
         }
@@ -805,7 +822,7 @@ pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32) -> PortReques
     }
     out.why_none = Some(format!(
         "no port-mapping protocol granted a mapping at the gateway {gateway} within {} ms",
-        Retransmit::DISCOVERY.budget.as_millis()
+        wait.schedule.budget.max(wait.upnp).as_millis()
     ));
     out
 }
