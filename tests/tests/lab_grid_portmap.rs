@@ -74,3 +74,75 @@ fn symmetric_pcp_and_upnp_peers_go_direct_through_their_mapped_port() {
     assert_direct_through_mapping(cell(&doc, "symmetric+upnp", "port-restricted-cone"));
     assert!(doc.cells.iter().all(|c| c.pass), "{:#?}", doc.cells);
 }
+
+/// The mappings `node`'s router holds because a port-mapping request made them.
+fn requested(lab: &natscope_lab::Lab, node: &str) -> Vec<natscope_lab::engine::MappingRow> {
+    lab.nat_table(node)
+        .expect("a userspace router")
+        .into_iter()
+        .filter(|m| m.requested_by.is_some())
+        .collect()
+}
+
+/// Issue 12, "Punch and grid": `punch listen` behind symmetric+pcp maps its socket's port over
+/// PCP before it registers and says so on its `port-mapping` line (the router holds the mapping,
+/// made by the request); a connector behind a symmetric NAT (whose gateway answers nothing) goes
+/// direct to it and reports why it has no mapping of its own; Ctrl-C (SIGINT) deletes the
+/// listener's mapping before it exits.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn punch_maps_its_port_reports_it_and_deletes_it_on_ctrl_c() {
+    use natscope_tests::punch::{finish, report, router, wait_for, PunchLab};
+    require_root();
+    let lab = PunchLab::up("mapc", router("symmetric"), router("symmetric+pcp"));
+    let mut l = lab.listener("mapcl", &["--json"]);
+    wait_for(
+        &mut l,
+        |p| p.stdout().contains("port-mapping"),
+        "port-mapped",
+    );
+    let line = l
+        .stdout()
+        .lines()
+        .find(|x| x.contains("\"port-mapping\""))
+        .map(str::to_string)
+        .expect("a port-mapping line");
+    natscope_tests::schema::assert_valid_text(&line);
+    let m: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(m["protocol"], "pcp", "{line}");
+    assert_eq!(m["offered"], true, "{line}");
+    assert_eq!(m["lifetime_s"], 120, "{line}");
+    assert_eq!(m["problems"], serde_json::json!([]), "{line}");
+    let held = requested(&lab.lab, "nb");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        m["external"].as_str(),
+        Some(held[0].external.to_string().as_str()),
+        "{line}"
+    );
+
+    let (code, c) = lab.connect("mapcl", &[]);
+    assert_eq!(code, 0, "{}", c.diagnostics());
+    let r = report(&c);
+    assert_eq!(r.path, PathTaken::Direct, "{r:#?}");
+    let own = r
+        .attempts
+        .port_mapping
+        .expect("the connector's port_mapping");
+    assert_eq!(own.protocol, None, "{own:?}");
+    assert!(
+        own.why_none
+            .as_deref()
+            .is_some_and(|w| w.contains("no port-mapping protocol")),
+        "{own:?}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(l.pid() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT the listener");
+    assert_eq!(finish(&mut l, std::time::Duration::from_secs(5)), 0);
+    assert_eq!(requested(&lab.lab, "nb"), Vec::new(), "deleted on Ctrl-C");
+    lab.down();
+}

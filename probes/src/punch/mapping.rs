@@ -78,6 +78,14 @@ pub async fn acquire(
             PunchMapping::none("not asked over TCP: the mapping serves UDP punching only"),
         );
     }
+    if server.ip().to_canonical().is_ipv6() {
+        // The mapping would be of an IPv4 port on an IPv4 gateway, useless to an IPv6 socket
+        // (NAT-PMP is IPv4-only; PCP over IPv6 is not asked yet).
+        return (
+            None,
+            PunchMapping::none("not asked: the session is IPv6, and mappings are asked over IPv4"),
+        );
+    }
     let t0 = Instant::now();
     let gateway = match portmap::gateway_towards(server) {
         Ok(g) => IpAddr::V4(g),
