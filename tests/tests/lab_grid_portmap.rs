@@ -146,3 +146,70 @@ fn punch_maps_its_port_reports_it_and_deletes_it_on_ctrl_c() {
     assert_eq!(requested(&lab.lab, "nb"), Vec::new(), "deleted on Ctrl-C");
     lab.down();
 }
+
+/// A gateway whose claim the server contradicts (issue 12): behind `double-nat+all` the inner
+/// router grants a PCP mapping on its own external address, 192.168.1.x, which the outer NAT
+/// does not forward. Punch offers it anyway (a wrong candidate only costs probes) and says why in
+/// `problems`; the model gives double NAT no credit, so the pair with a symmetric peer relays,
+/// as expected, with every message delivered.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn a_mapping_behind_a_second_nat_is_offered_but_reported() {
+    use natscope_tests::punch::{finish, report, serve};
+    require_root();
+    let topo = grid::pair_topology("symmetric", "double-nat+all").expect("presets");
+    let plan = topo.plan().expect("plan");
+    let lab = natscope_lab::Lab::up(
+        &natscope_tests::lab::lab_name("mapc"),
+        plan,
+        natscope_tests::lab::options(),
+    )
+    .expect("lab up");
+    let _server: natscope_tests::ChildProcess = serve(&lab);
+    let exe = natscope_bin();
+    let listen = ["--json", "--count", "1", "--timeout", "30"];
+    let mut l: natscope_tests::ChildProcess =
+        natscope_lab::punch_lab::listener(&lab, &exe, None, "mapcx", &listen)
+            .unwrap_or_else(|e| panic!("{e}"));
+    natscope_tests::punch::wait_for(&mut l, |p| p.stdout().contains("port-mapping"), "mapped");
+    let line = l
+        .stdout()
+        .lines()
+        .find(|x| x.contains("\"port-mapping\""))
+        .map(str::to_string)
+        .expect("a port-mapping line");
+    let m: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(m["protocol"], "pcp", "{line}");
+    assert_eq!(m["offered"], true, "{line}");
+    assert!(
+        m["external"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("192.168.1.")),
+        "{line}"
+    );
+    let problem = m["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("claims external address 192.168.1.")
+            && problem.contains("saw 203.0.113."),
+        "{line}"
+    );
+    let c: natscope_tests::ChildProcess =
+        natscope_lab::punch_lab::connector(&lab, &exe, "mapcx", &["--timeout", "8"])
+            .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = c;
+    assert_eq!(finish(&mut c, std::time::Duration::from_secs(30)), 0);
+    let r = report(&c);
+    assert_eq!(
+        Some(r.path),
+        grid::expected("symmetric", "double-nat+all", grid::Transport::Udp).map(|e| e.0)
+    );
+    assert_eq!(r.path, PathTaken::Relayed, "{r:#?}");
+    assert_eq!(r.messages_echoed, r.messages_sent);
+    assert!(r
+        .attempts
+        .peer_candidates
+        .iter()
+        .any(|a| a.ip().to_string().starts_with("192.168.1.")));
+    assert_eq!(finish(&mut l, std::time::Duration::from_secs(10)), 0);
+    lab.down();
+}
