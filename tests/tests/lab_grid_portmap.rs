@@ -2,7 +2,9 @@
 //! peer behind a symmetric NAT that serves PCP or UPnP IGD goes direct with a symmetric and with
 //! a port-restricted-cone peer — pairs that relay without the service — and the expectation is
 //! the traversal model's. The lab judges the path from what its routers forwarded; the control
-//! cell symmetric ↔ symmetric (no port mapping) still relays.
+//! cell symmetric ↔ symmetric (no port mapping) still relays. Beside the grid: what punch reports
+//! about its mapping, that Ctrl-C deletes it, and that a mapping behind a second NAT is offered
+//! but reported, not believed.
 
 use std::process::Command;
 
