@@ -56,6 +56,8 @@ pub struct ListenArgs {
     /// Skip port prediction (measuring this side's allocation delta and registering it).
     #[arg(long, conflicts_with = "predict")]
     no_predict: bool,
+    #[command(flatten)]
+    map: driver::PortMapFlag,
     /// Key pair file (created 0600 if missing; default: a new key each run).
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
@@ -87,6 +89,8 @@ pub struct ConnectArgs {
     /// Skip port prediction (measuring this side's allocation delta so the peer probes ahead).
     #[arg(long, conflicts_with = "predict")]
     no_predict: bool,
+    #[command(flatten)]
+    map: driver::PortMapFlag,
     /// Birthday technique: also probe up to N random ports of the peer's address (UDP).
     #[arg(long, value_name = "N", default_value_t = 0)]
     birthday: usize,
@@ -215,6 +219,7 @@ async fn listen(a: ListenArgs) -> Result<ExitCode> {
     let setup = driver::PeerSetup {
         family,
         budget: a.limits.budget(),
+        port_mapping: a.map.enabled(),
     };
     let result = driver::listen_all(&opts, &via, &setup, shutdown_signal(), |ev| {
         if json {
@@ -260,9 +265,10 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
     let (via, family) = a.family.resolve(&a.via)?;
     let setup = driver::PeerSetup {
         family,
+        port_mapping: a.map.enabled(),
         ..Default::default()
     };
-    let report = match driver::connect_any(&opts, &via, &setup).await {
+    let report = match driver::connect_any(&opts, &via, &setup, shutdown_signal()).await {
         Ok(r) => r,
         Err(e) => return Ok(punch_failure(e)),
     };

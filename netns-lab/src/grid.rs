@@ -8,6 +8,7 @@
 //! runs the model without port prediction (the grid's peers do not predict).
 
 use natscope_core::nat::{FilteringBehavior as F, MappingBehavior as M};
+use natscope_core::portmap::PortMappingService;
 use natscope_core::probe::{AllocationPattern, Classic};
 use natscope_core::punch::connector::ConnectReport;
 use natscope_core::traversal::{self, Path, PeerNat, Techniques};
@@ -15,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::presets;
-use crate::topology::{NodeSpec, Topology};
+use crate::topology::{NodeSpec, RouterKind, Topology};
 
 /// How a pair connected: the path `natscope punch` reports, expected from the traversal model or
 /// observed in a lab.
@@ -156,7 +157,7 @@ pub fn side(preset: &str) -> Option<PeerNat> {
             AllocationPattern::Preserving | AllocationPattern::Sequential
         ),
         udp_blocked: e.classic == Classic::UdpBlocked,
-        ..PeerNat::default()
+        port_mapping: mapped_service(preset),
     })
 }
 
@@ -255,6 +256,38 @@ impl GridDocument {
     }
 }
 
+/// The port-mapping service a peer behind `preset` gets a working mapping from (issue 12): the
+/// best its routers serve (PCP > NAT-PMP > UPnP IGD, the order `natscope punch` asks in), and
+/// none when a second NAT beyond the mapping router undoes it (`double-nat+all`, `cgnat+all`:
+/// the carrier maps nothing).
+pub fn mapped_service(preset: &str) -> Option<PortMappingService> {
+    let truth = presets::expected(preset)?.port_mapping?;
+    if truth.double_nat {
+        return None;
+    }
+    let mut served: Vec<PortMappingService> = presets::preset(preset)?
+        .nodes
+        .into_iter()
+        .flat_map(|n| match n {
+            NodeSpec::Nat {
+                port_mapping,
+                router,
+                ..
+            } => match router {
+                RouterKind::Engine(cfg) => [port_mapping, cfg.port_mapping].concat(),
+                RouterKind::Linux => port_mapping,
+            },
+            _ => Vec::new(),
+        })
+        .collect();
+    served.sort_by_key(|s| match s {
+        PortMappingService::Pcp => 0,
+        PortMappingService::NatPmp => 1,
+        PortMappingService::Upnp => 2,
+    });
+    served.first().copied()
+}
+
 /// The grid's outcome for a traversal path; `None` when the model cannot say.
 fn outcome(path: Path) -> Option<PathTaken> {
     match path {
@@ -335,7 +368,7 @@ pub fn pair_topology(a: &str, b: &str) -> Option<Topology> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use natscope_core::probe::report::{outlook, outlook_row, Behavior, NatShape, PEERS};
+    use natscope_core::probe::report::{outlook_row, outlook_with, Behavior, NatShape, PEERS};
     use PathTaken::*;
 
     fn udp(a: &str, b: &str) -> PathTaken {
@@ -372,6 +405,43 @@ mod tests {
                 | ("no", Some(Relayed))
                 | ("unknown", Some(Failed) | None)
         )
+    }
+
+    /// Issue 12, must-show 4: the port-mapping presets' expectations come from the traversal
+    /// model with punch's techniques; a second NAT beyond the mapping router gets no credit.
+    #[test]
+    fn port_mapping_presets_expect_direct_through_the_mapped_port() {
+        let (path, reason) = expected("symmetric+pcp", "symmetric", Transport::Udp).unwrap();
+        assert_eq!(path, Direct);
+        assert_eq!(
+            reason,
+            "symmetric+pcp's gateway maps it a port over PCP, so symmetric reaches it there like an open host"
+        );
+        let (path, reason) =
+            expected("symmetric+upnp", "port-restricted-cone", Transport::Udp).unwrap();
+        assert_eq!(path, Direct);
+        assert!(reason.contains("over UPnP IGD"), "{reason}");
+        assert_eq!(udp("symmetric", "symmetric"), Relayed);
+        assert_eq!(udp("symmetric", "port-restricted-cone"), Relayed);
+        assert_eq!(
+            expected("symmetric+pcp", "symmetric", Transport::Tcp)
+                .unwrap()
+                .0,
+            Relayed,
+            "the mapping is UDP"
+        );
+        assert_eq!(
+            mapped_service("symmetric+pcp"),
+            Some(PortMappingService::Pcp)
+        );
+        assert_eq!(
+            mapped_service("full-cone+nat-pmp"),
+            Some(PortMappingService::NatPmp)
+        );
+        assert_eq!(mapped_service("double-nat+all"), None);
+        assert_eq!(mapped_service("cgnat+all"), None);
+        assert_eq!(mapped_service("symmetric"), None);
+        assert!(preset_names(&["symmetric+pcp".into(), "symmetric+upnp".into()]).is_ok());
     }
 
     #[test]
@@ -413,14 +483,16 @@ mod tests {
     #[test]
     fn outlook_and_grid_agree_on_every_preset_pair() {
         for a in presets::names() {
-            let rows = outlook(probe_view(a));
+            // The probe reports its own gateway's mapping (`port_mapping`), and its outlook
+            // counts it (issue 12); the outlook's peers are NATs that map nothing.
+            let rows = outlook_with(probe_view(a), mapped_service(a));
             for (row, &(peer, shape)) in rows.iter().zip(PEERS.iter()) {
                 assert_eq!(row.peer, peer);
                 // Every preset whose probe would report this outlook peer's NAT.
                 let bs: Vec<&str> = presets::names()
                     .iter()
                     .copied()
-                    .filter(|b| probe_view(b) == shape)
+                    .filter(|b| probe_view(b) == shape && mapped_service(b).is_none())
                     .collect();
                 assert!(!bs.is_empty(), "no preset is the outlook's {peer}");
                 for b in bs {

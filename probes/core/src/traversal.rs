@@ -77,15 +77,24 @@ impl PeerNat {
 pub struct Techniques {
     /// Aim at the peer's predicted next port when its mapping is not endpoint-independent.
     pub port_prediction: bool,
+    /// Ask the gateway for a mapping of the punch socket's port (PCP, NAT-PMP, UPnP IGD) and
+    /// offer its external address as a candidate, so a side with a working mapping
+    /// ([`PeerNat::port_mapping`]) is reachable like an open host. Without it the model ignores
+    /// `port_mapping`: a gateway's service helps only a peer that asks.
+    pub port_mapping: bool,
 }
 
 impl Techniques {
     /// What `natscope punch` does by default: both peers measure their allocation and register
-    /// it over UDP (`--no-predict` turns it off), so the other aims at the predicted ports. The
-    /// punch machines' default options (`punch::connector::ConnectOptions`,
-    /// `punch::listener::ListenOptions`) and the lab grid's expectations both come from here.
+    /// it over UDP (`--no-predict` turns it off), so the other aims at the predicted ports; and
+    /// both ask their gateway to map their socket's port and send the mapped address as a
+    /// candidate (`--no-port-mapping` turns it off). The punch machines' default options
+    /// (`punch::connector::ConnectOptions`, `punch::listener::ListenOptions`), the punch driver
+    /// (`natscope_probes::punch::mapping`), the probe's outlook and the lab grid's expectations
+    /// all come from here.
     pub const PUNCH: Techniques = Techniques {
         port_prediction: true,
+        port_mapping: true,
     };
 }
 
@@ -276,6 +285,19 @@ pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
     if a.udp_blocked || b.udp_blocked {
         return e(Path::Blocked, Reason::UdpBlocked);
     }
+    let (a, b) = match techniques.port_mapping {
+        true => (a, b),
+        false => (
+            PeerNat {
+                port_mapping: None,
+                ..a
+            },
+            PeerNat {
+                port_mapping: None,
+                ..b
+            },
+        ),
+    };
     let mapped = match (a.port_mapping, b.port_mapping) {
         (Some(service), _) => Some((Side::A, service)),
         (None, Some(service)) => Some((Side::B, service)),
@@ -561,6 +583,11 @@ mod tests {
 
     const PREDICT: Techniques = Techniques {
         port_prediction: true,
+        port_mapping: false,
+    };
+    const MAPPED: Techniques = Techniques {
+        port_prediction: false,
+        port_mapping: true,
     };
 
     #[test]
@@ -692,7 +719,12 @@ mod tests {
         let sym_random = nat(Apdm, Apdf, false);
         let port_restricted = nat(Eim, Apdf, true);
         let sym_pcp = mapped(sym_random, PortMappingService::Pcp);
+        // A peer that does not ask its gateway gains nothing from the service.
         for t in [Techniques::default(), PREDICT] {
+            assert_eq!(udp(sym_pcp, sym_random, t).path, Path::Relayed, "{t:?}");
+            assert_eq!(udp(sym_random, sym_pcp, t).path, Path::Relayed, "{t:?}");
+        }
+        for t in [MAPPED, Techniques::PUNCH] {
             assert_eq!(udp(sym_random, sym_random, t).path, Path::Relayed);
             let e = udp(sym_pcp, sym_random, t);
             assert_eq!(e.path, Path::Direct);
@@ -747,7 +779,7 @@ mod tests {
             .collect();
         for &a in &all {
             for &b in &all {
-                for t in [Techniques::default(), PREDICT] {
+                for t in [MAPPED, Techniques::PUNCH] {
                     let am = mapped(a, PortMappingService::Pcp);
                     assert_eq!(udp(am, b, t).path, Path::Direct, "{a:?} {b:?}");
                     assert_eq!(udp(am, b, t).path, udp(b, am, t).path);
@@ -761,6 +793,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Issue 12, must-show 4: the grid's port-mapping cells, from the one model with punch's own
+    /// techniques: symmetric+pcp ↔ symmetric and symmetric+upnp ↔ port-restricted-cone go
+    /// direct through the mapped port (and say so), while the same pairs without the service,
+    /// and symmetric ↔ symmetric, stay relayed.
+    #[test]
+    fn punch_goes_direct_through_a_mapped_port_in_the_grids_cells() {
+        const { assert!(Techniques::PUNCH.port_mapping && Techniques::PUNCH.port_prediction) };
+        let sym = nat(Apdm, Apdf, false);
+        let prc = nat(Eim, Apdf, true);
+        let t = Techniques::PUNCH;
+        let e = udp(mapped(sym, PortMappingService::Pcp), sym, t);
+        assert_eq!(
+            (e.path, e.reason),
+            (
+                Path::Direct,
+                Reason::MappedPort {
+                    side: Side::A,
+                    service: PortMappingService::Pcp
+                }
+            )
+        );
+        let e = udp(prc, mapped(sym, PortMappingService::Upnp), t);
+        assert_eq!(
+            (e.path, e.reason),
+            (
+                Path::Direct,
+                Reason::MappedPort {
+                    side: Side::B,
+                    service: PortMappingService::Upnp
+                }
+            )
+        );
+        assert_eq!(
+            e.words("port-restricted-cone", "symmetric+upnp"),
+            "symmetric+upnp's gateway maps it a port over UPnP IGD, so port-restricted-cone reaches it there like an open host"
+        );
+        assert_eq!(udp(sym, sym, t).path, Path::Relayed);
+        assert_eq!(udp(prc, sym, t).path, Path::Relayed);
+        // Two mapped sides: direct, A's mapping named.
+        let both = udp(
+            mapped(sym, PortMappingService::NatPmp),
+            mapped(sym, PortMappingService::Upnp),
+            t,
+        );
+        assert_eq!(
+            both.reason,
+            Reason::MappedPort {
+                side: Side::A,
+                service: PortMappingService::NatPmp
+            }
+        );
     }
 
     #[test]

@@ -618,6 +618,325 @@ pub async fn verify_inbound(
     }))
 }
 
+/// How long [`map_port`] waits for a gateway to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortWait {
+    /// PCP's and NAT-PMP's retransmission schedule and budget.
+    pub schedule: Retransmit,
+    /// UPnP's SSDP wait.
+    pub upnp: Duration,
+}
+
+impl PortWait {
+    /// The probe's discovery budget ([`Retransmit::DISCOVERY`], [`UPNP_QUICK`]): 250 ms.
+    pub const PROBE: Self = Self {
+        schedule: Retransmit::DISCOVERY,
+        upnp: UPNP_QUICK,
+    };
+}
+
+/// A mapping of a given local UDP port that its owner keeps, renews and deletes (punch maps the
+/// port of its one socket, issue 12): the protocol's client machine that got it, so renewal and
+/// deletion speak to the same gateway with the same PCP nonce.
+#[derive(Debug)]
+pub struct HeldMapping {
+    pub service: PortMappingService,
+    pub gateway: IpAddr,
+    /// The local address the mapping forwards to (this host's address towards the gateway).
+    pub internal: SocketAddr,
+    pub granted: GrantedMapping,
+    /// When the gateway granted (or last renewed) it.
+    pub granted_at: Instant,
+    how: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    Pcp(Box<PcpClient>, [u8; 12]),
+    NatPmp(Box<NatPmpClient>),
+    Upnp(Box<crate::upnp::Igd>),
+}
+
+/// What asking for a port's mapping found.
+#[derive(Debug, Default)]
+pub struct PortRequest {
+    pub mapping: Option<HeldMapping>,
+    /// Why no mapping was made, when none was.
+    pub why_none: Option<String>,
+    pub problems: Vec<String>,
+}
+
+/// Asks `gateway` to map local UDP port `port` for `lifetime_s`, with the best protocol that
+/// answers (PCP > NAT-PMP > UPnP IGD), all three asked at once within `wait` (PCP and NAT-PMP
+/// retransmit on [`PortWait::schedule`], UPnP's SSDP search waits [`PortWait::upnp`]): PCP maps
+/// at once (ANNOUNCE, then MAP); NAT-PMP and UPnP are only discovered meanwhile, and map
+/// afterwards if PCP granted nothing. A granted PCP mapping ends the wait for the others, so a PCP
+/// gateway costs two round trips and a silent one the budget.
+pub async fn map_port(gateway: IpAddr, port: u16, lifetime_s: u32, wait: PortWait) -> PortRequest {
+    let mut out = PortRequest::default();
+    let (pcp_sock, ctl_local) = match socket_to(gateway).await {
+        Ok(s) => s,
+        Err(e) => {
+            out.why_none = Some(format!(
+                "cannot open a socket towards the gateway {gateway}: {e}"
+            ));
+            return out;
+        }
+    };
+    let pmp_sock = match socket_to(gateway).await {
+        Ok((s, _)) => s,
+        Err(e) => {
+            out.why_none = Some(format!(
+                "cannot open a socket towards the gateway {gateway}: {e}"
+            ));
+            return out;
+        }
+    };
+    let internal = SocketAddr::new(ctl_local.ip(), port);
+    let now = Instant::now();
+    let nonce: [u8; 12] = rand::thread_rng().gen();
+    let mut pcp = PcpClient::new(
+        now,
+        gateway,
+        ctl_local.ip(),
+        nonce,
+        wait.schedule,
+        Some((port, lifetime_s)),
+    );
+    let mut pmp = NatPmpClient::new(now, gateway, wait.schedule, None);
+    let (pcp_ref, pmp_ref) = (&pcp_sock, &pmp_sock);
+    let pcp_f = async move {
+        run(&mut pcp, pcp_ref).await;
+        pcp
+    };
+    let pmp_f = async move {
+        run(&mut pmp, pmp_ref).await;
+        pmp
+    };
+    let upnp_f = async {
+        match (gateway, ctl_local.ip()) {
+            (IpAddr::V4(gw), IpAddr::V4(local)) => {
+                Some(crate::upnp::discover(gw, local, wait.upnp).await)
+            }
+            _ => None,
+        }
+    };
+    tokio::pin!(pcp_f, pmp_f, upnp_f);
+    let (mut pcp, mut pmp, mut upnp) = (None, None, None);
+    loop {
+        tokio::select! {
+            c = &mut pcp_f, if pcp.is_none() => pcp = Some(c),
+            c = &mut pmp_f, if pmp.is_none() => pmp = Some(c),
+            r = &mut upnp_f, if upnp.is_none() => upnp = Some(r),
+        }
+        // PCP is preferred: its grant ends the wait; otherwise NAT-PMP once both answered, and
+        // UPnP once all three did.
+        let pcp_granted = pcp.as_ref().is_some_and(|c| c.outcome().mapping.is_some());
+        let pmp_answered = pmp
+            .as_ref()
+            .is_some_and(|c| c.outcome().available == Some(true));
+        if pcp_granted || (pcp.is_some() && (pmp_answered || (pmp.is_some() && upnp.is_some()))) {
+            break;
+        }
+    }
+    if let Some(pcp) = pcp {
+        out.problems
+            .extend(pcp.outcome().problems.iter().map(|p| format!("PCP: {p}")));
+        if let Some(granted) = pcp.outcome().mapping {
+            out.mapping = Some(HeldMapping {
+                service: PortMappingService::Pcp,
+                gateway,
+                internal,
+                granted,
+                granted_at: Instant::now(),
+                how: Held::Pcp(Box::new(pcp), nonce),
+            });
+            return out;
+        }
+    }
+    if pmp.is_some_and(|c| c.outcome().available == Some(true)) {
+        let mut c = NatPmpClient::new(
+            Instant::now(),
+            gateway,
+            Retransmit::MAPPING,
+            Some((port, lifetime_s)),
+        );
+        run(&mut c, &pmp_sock).await;
+        out.problems
+            .extend(c.outcome().problems.iter().map(|p| format!("NAT-PMP: {p}")));
+        if let Some(granted) = c.outcome().mapping {
+            out.mapping = Some(HeldMapping {
+                service: PortMappingService::NatPmp,
+                gateway,
+                internal,
+                granted,
+                granted_at: Instant::now(),
+                how: Held::NatPmp(Box::new(c)),
+            });
+            return out;
+        }
+    }
+    match (upnp.flatten(), internal) {
+        (Some(Ok(igd)), SocketAddr::V4(v4)) => {
+            let lifetime = Duration::from_secs(u64::from(lifetime_s));
+            let added = igd
+                .add_any_port_mapping(
+                    MapProtocol::Udp,
+                    v4,
+                    port,
+                    lifetime,
+                    "natscope punch",
+                    UPNP_ACTION,
+                )
+                .await;
+            match added {
+                Ok(external_port) => {
+                    let ip = match igd.external_address(UPNP_ACTION).await {
+                        Ok(a) => IpAddr::V4(a),
+                        Err(e) => {
+                            out.problems.push(format!("UPnP GetExternalIPAddress: {e}"));
+                            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                        }
+                    };
+                    out.mapping = Some(HeldMapping {
+                        service: PortMappingService::Upnp,
+                        gateway,
+                        internal,
+                        granted: GrantedMapping {
+                            internal_port: port,
+                            external: SocketAddr::new(ip, external_port),
+                            lifetime_s,
+                        },
+                        granted_at: Instant::now(),
+                        how: Held::Upnp(Box::new(igd)),
+                    });
+                    return out;
+                }
+                Err(e) => out.problems.push(format!("UPnP AddPortMapping: {e}")),
+            }
+        }
+        (Some(Err(e)), _) if !matches!(e, crate::upnp::UpnpError::NoAnswer(..)) => {
+            out.problems.push(format!("UPnP: {e}"))
+        }
+        _ => {}
+    }
+    out.why_none = Some(format!(
+        "no port-mapping protocol granted a mapping at the gateway {gateway} within {} ms",
+        wait.schedule.budget.max(wait.upnp).as_millis()
+    ));
+    out
+}
+
+impl HeldMapping {
+    /// Renews the mapping for another `lifetime_s` (the same request again: RFC 6886 §3.3, RFC
+    /// 6887 §11.2.1 with the same nonce, UPnP AddPortMapping of the same external port). `Err`
+    /// says why it failed; the mapping then lapses at the end of its lifetime.
+    pub async fn refresh(&mut self, lifetime_s: u32) -> Result<(), String> {
+        let (sock, _) = socket_to(self.gateway).await.map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let port = self.internal.port();
+        let granted = match &mut self.how {
+            Held::Pcp(c, nonce) => {
+                let mut fresh = PcpClient::new(
+                    now,
+                    self.gateway,
+                    self.internal.ip(),
+                    *nonce,
+                    Retransmit::MAPPING,
+                    Some((port, lifetime_s)),
+                );
+                run(&mut fresh, &sock).await;
+                let g = fresh.outcome().mapping;
+                if g.is_some() {
+                    **c = fresh;
+                }
+                g
+            }
+            Held::NatPmp(c) => {
+                let mut fresh = NatPmpClient::new(
+                    now,
+                    self.gateway,
+                    Retransmit::MAPPING,
+                    Some((port, lifetime_s)),
+                );
+                run(&mut fresh, &sock).await;
+                let g = fresh.outcome().mapping;
+                if g.is_some() {
+                    **c = fresh;
+                }
+                g
+            }
+            Held::Upnp(igd) => {
+                let SocketAddr::V4(v4) = self.internal else {
+                    return Err("UPnP IGD maps IPv4 only".into());
+                };
+                igd.add_port_mapping(
+                    MapProtocol::Udp,
+                    v4,
+                    self.granted.external.port(),
+                    Duration::from_secs(u64::from(lifetime_s)),
+                    "natscope punch",
+                    UPNP_ACTION,
+                )
+                .await
+                .map_err(|e| format!("UPnP AddPortMapping: {e}"))?;
+                Some(GrantedMapping {
+                    lifetime_s,
+                    ..self.granted
+                })
+            }
+        };
+        let g = granted.ok_or_else(|| format!("{} renewal not granted", self.service))?;
+        let moved = g.external != self.granted.external;
+        let before = self.granted.external;
+        self.granted = g;
+        self.granted_at = Instant::now();
+        if moved {
+            return Err(format!(
+                "the renewed mapping moved from {before} to {}",
+                g.external
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes the mapping (lifetime 0, RFC 6886 §3.4, RFC 6887 §15; UPnP DeletePortMapping),
+    /// within about `limit`.
+    pub async fn delete(self, limit: Duration) -> Result<(), String> {
+        let schedule = Retransmit {
+            initial_rto: Duration::from_millis(60).min(limit),
+            budget: limit,
+        };
+        let (sock, _) = socket_to(self.gateway).await.map_err(|e| e.to_string())?;
+        let outcome = match self.how {
+            Held::Pcp(mut c, _) => {
+                c.delete(Instant::now(), schedule);
+                run(&mut *c, &sock).await;
+                c.outcome().deleted
+            }
+            Held::NatPmp(mut c) => {
+                c.delete(Instant::now(), schedule);
+                run(&mut *c, &sock).await;
+                c.outcome().deleted
+            }
+            Held::Upnp(igd) => Some(
+                igd.delete_port_mapping(MapProtocol::Udp, self.granted.external.port(), limit)
+                    .await
+                    .is_ok(),
+            ),
+        };
+        match outcome {
+            Some(true) => Ok(()),
+            _ => Err(format!(
+                "the gateway did not confirm deleting {} within {} ms; it expires after {} s",
+                self.granted.external,
+                limit.as_millis(),
+                self.granted.lifetime_s
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

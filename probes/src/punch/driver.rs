@@ -30,6 +30,7 @@ use super::connector::Connector;
 use super::family::FamilyOptions;
 use super::limits::ServeLimits;
 use super::listener::{self, Listener};
+use super::mapping;
 use super::peer::{
     AttemptEnd, DualStack, OpenAttempts, PeerMachine, PortMeasurement, StreamCommand,
     MEASURE_SOCKETS,
@@ -46,6 +47,7 @@ pub use super::identity::{decode_hex32, Identity, PeerKey};
 pub use super::listener::{
     ListenEvent, ListenLine, ListenOptions, KEEPALIVE, LISTEN_SCHEMA, MAX_LISTEN_SESSIONS,
 };
+pub use super::mapping::PortMapFlag;
 pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
 pub use super::session::{ProbeBudget, DEFAULT_PROBE_BUDGET};
 
@@ -759,12 +761,26 @@ async fn measure_prediction(server: SocketAddr, rng: &mut StdRng) -> Prediction 
 // Connector and listener
 
 /// How the driver runs a peer, beyond its machine's options: which address families it punches
-/// over (issue 13) and the probe budget a listener's sessions share (issue 14).
-#[derive(Clone, Debug, Default)]
+/// over (issue 13), whether it asks the gateway to map its socket's port (issue 12), and the
+/// probe budget a listener's sessions share (issue 14).
+#[derive(Clone, Debug)]
 pub struct PeerSetup {
     pub family: FamilyOptions,
+    /// Ask for a mapping (PCP > NAT-PMP > UPnP) and offer it as a candidate ([`mapping`]); on
+    /// unless `--no-port-mapping`.
+    pub port_mapping: bool,
     /// Listeners only: one budget for every session, through every server.
     pub budget: ProbeBudget,
+}
+
+impl Default for PeerSetup {
+    fn default() -> Self {
+        Self {
+            family: FamilyOptions::default(),
+            port_mapping: natscope_core::traversal::Techniques::PUNCH.port_mapping,
+            budget: ProbeBudget::default(),
+        }
+    }
 }
 
 /// Connects to the peer registered as `opts.id`, sends `opts.messages` numbered messages that
@@ -772,7 +788,56 @@ pub struct PeerSetup {
 /// unreachable or refused, unknown peer); a session that broke is a report with `path: failed`
 /// or fewer echoes, and [`ConnectReport::attempts`]`.error` says why.
 pub async fn connect(opts: &ConnectOptions) -> Result<ConnectReport, PunchError> {
-    connect_any(opts, &[opts.server], &PeerSetup::default()).await
+    connect_any(
+        opts,
+        &[opts.server],
+        &PeerSetup::default(),
+        std::future::pending(),
+    )
+    .await
+}
+
+/// Opens the socket (and the second family's), and meanwhile measures port prediction and asks
+/// the gateway for a mapping of the socket's port, left in `slot` (a mapping of an earlier
+/// socket there is deleted first).
+async fn open_peer(
+    transport: Transport,
+    server: SocketAddr,
+    predict: bool,
+    wait: Duration,
+    setup: &PeerSetup,
+    slot: &mapping::Slot,
+) -> Result<
+    (
+        Net,
+        DualStack,
+        Option<Prediction>,
+        natscope_core::punch::mapping::PunchMapping,
+        StdRng,
+    ),
+    PunchError,
+> {
+    if transport == Transport::Tcp {
+        super::family::check_tcp(server, &setup.family)?;
+    }
+    let mut net = Net::open(transport, server, wait).await?;
+    let dual = net.second_family(server, &setup.family).await;
+    let mut rng = StdRng::from_entropy();
+    // The mapping is asked for while prediction measures (see `mapping`'s module comment).
+    let predict = predict && transport == Transport::Udp;
+    let measure = async {
+        match predict {
+            true => Some(measure_prediction(server, &mut rng).await),
+            false => None,
+        }
+    };
+    let map = mapping::acquire(setup.port_mapping, transport, server, net.local.port());
+    let ((held, mapped), prediction) = tokio::join!(map, measure);
+    let previous = std::mem::replace(&mut *slot.lock().await, held);
+    if let Some(old) = previous {
+        let _ = old.delete(mapping::DELETE_LIMIT).await;
+    }
+    Ok((net, dual, prediction, mapped, rng))
 }
 
 /// [`connect`] through `opts.server`, moving a relayed session to the first of `fallback` that
@@ -781,24 +846,18 @@ async fn connect_via(
     opts: &ConnectOptions,
     fallback: Vec<SocketAddr>,
     setup: &PeerSetup,
+    slot: &mapping::Slot,
 ) -> Result<ConnectReport, PunchError> {
     let t0 = Instant::now();
     let wait = opts.timeout.min(Duration::from_secs(2));
-    if opts.transport == Transport::Tcp {
-        super::family::check_tcp(opts.server, &setup.family)?;
-    }
-    let mut net = Net::open(opts.transport, opts.server, wait).await?;
-    let dual = net.second_family(opts.server, &setup.family).await;
-    let mut rng = StdRng::from_entropy();
-    let mut prediction = None;
-    if opts.predict && opts.transport == Transport::Udp {
-        prediction = Some(measure_prediction(opts.server, &mut rng).await);
-    }
+    let (mut net, dual, prediction, mapped, rng) =
+        open_peer(opts.transport, opts.server, opts.predict, wait, setup, slot).await?;
     if std::env::var_os(RELAY_ONLY_ENV).is_some() && opts.transport == Transport::Udp {
         net.only = Some(fallback.iter().copied().chain([opts.server]).collect());
     }
     let mut c = Connector::new(t0, opts.clone(), rng);
     c.dual_stack(dual);
+    c.set_port_mapping(mapped);
     c.set_fallback(fallback);
     c.start(Instant::now(), net.local, prediction);
     loop {
@@ -821,11 +880,28 @@ async fn connect_via(
 /// its own registration; the error is returned when every one failed. The machines (one per
 /// server) run in one loop and share `setup.budget`, so a relayed session whose connector moved
 /// it to another server's relay is handed from one machine to the other
-/// ([`natscope_core::punch::listener::hand_over`]).
+/// ([`natscope_core::punch::listener::hand_over`]). Each socket's port mapping is renewed while
+/// this runs and deleted when it ends.
 pub async fn listen_all(
     opts: &ListenOptions,
     servers: &[SocketAddr],
     setup: &PeerSetup,
+    shutdown: impl Future<Output = ()>,
+    on_event: impl FnMut(ListenEvent),
+) -> Result<u64, PunchError> {
+    let slots: Vec<mapping::Slot> = servers.iter().map(|_| mapping::Slot::default()).collect();
+    let session = listen_each(opts, servers, setup, &slots, shutdown, on_event);
+    match mapping::hold(&slots, session, std::future::pending()).await {
+        Some(r) => r,
+        None => unreachable!("a pending future never resolves"),
+    }
+}
+
+async fn listen_each(
+    opts: &ListenOptions,
+    servers: &[SocketAddr],
+    setup: &PeerSetup,
+    slots: &[mapping::Slot],
     shutdown: impl Future<Output = ()>,
     mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
@@ -834,16 +910,22 @@ pub async fn listen_all(
             server: servers.first().copied().unwrap_or(opts.server),
             ..opts.clone()
         };
-        return listen_one(&o, setup, shutdown, on_event).await;
+        let slot = slots.first().ok_or_else(|| {
+            PunchError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no rendezvous server given",
+            ))
+        })?;
+        return listen_one(&o, setup, slot, shutdown, on_event).await;
     }
-    let starts = servers.iter().map(|server| {
+    let starts = servers.iter().zip(slots).map(|(server, slot)| {
         let o = ListenOptions {
             server: *server,
             count: None,
             ..opts.clone()
         };
         async move {
-            let mut l = start_listener(&o, setup).await?;
+            let mut l = start_listener(&o, setup, slot).await?;
             l.1.enable_failover();
             Ok::<_, PunchError>(l)
         }
@@ -926,11 +1008,31 @@ pub async fn listen_all(
 /// single rendezvous"): a server that is down or has no such peer is skipped; the last one's
 /// error is returned when none serves. A key mismatch or a failed session is not retried
 /// elsewhere: that is the peer's answer, not the server's absence. A relayed session moves to
-/// the other servers when its relay dies (failover).
+/// the other servers when its relay dies (failover). Ends early when `shutdown` resolves
+/// (Ctrl-C: an `Interrupted` error); the socket's port mapping is deleted before this returns,
+/// either way.
 pub async fn connect_any(
     opts: &ConnectOptions,
     servers: &[SocketAddr],
     setup: &PeerSetup,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ConnectReport, PunchError> {
+    let slot = [mapping::Slot::default()];
+    let session = connect_each(opts, servers, setup, &slot[0]);
+    match mapping::hold(&slot, session, shutdown).await {
+        Some(r) => r,
+        None => Err(PunchError::Io(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "interrupted before the connect finished",
+        ))),
+    }
+}
+
+async fn connect_each(
+    opts: &ConnectOptions,
+    servers: &[SocketAddr],
+    setup: &PeerSetup,
+    slot: &mapping::Slot,
 ) -> Result<ConnectReport, PunchError> {
     let mut last = None;
     for (i, server) in servers.iter().enumerate() {
@@ -940,7 +1042,7 @@ pub async fn connect_any(
             server: *server,
             ..opts.clone()
         };
-        match connect_via(&o, fallback.collect(), setup).await {
+        match connect_via(&o, fallback.collect(), setup, slot).await {
             Err(
                 e @ (PunchError::Unreachable(..)
                 | PunchError::ConnectionRefused(_)
@@ -963,27 +1065,30 @@ pub async fn listen(
     shutdown: impl Future<Output = ()>,
     on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
-    listen_one(opts, &PeerSetup::default(), shutdown, on_event).await
+    listen_all(
+        opts,
+        &[opts.server],
+        &PeerSetup::default(),
+        shutdown,
+        on_event,
+    )
+    .await
 }
 
-/// One listener machine on its own socket, registering (its probes drawn from `setup.budget`).
+/// One listener machine on its own socket, registering (its probes drawn from `setup.budget`,
+/// its port's mapping in `slot`).
 async fn start_listener(
     opts: &ListenOptions,
     setup: &PeerSetup,
+    slot: &mapping::Slot,
 ) -> Result<(Net, Listener), PunchError> {
     let t0 = Instant::now();
-    if opts.transport == Transport::Tcp {
-        super::family::check_tcp(opts.server, &setup.family)?;
-    }
-    let mut net = Net::open(opts.transport, opts.server, Duration::from_secs(2)).await?;
-    let dual = net.second_family(opts.server, &setup.family).await;
-    let mut rng = StdRng::from_entropy();
-    let mut prediction = None;
-    if opts.predict && opts.transport == Transport::Udp {
-        prediction = Some(measure_prediction(opts.server, &mut rng).await);
-    }
+    let wait = Duration::from_secs(2);
+    let (net, dual, prediction, mapped, rng) =
+        open_peer(opts.transport, opts.server, opts.predict, wait, setup, slot).await?;
     let mut l = Listener::new(t0, opts.clone(), rng);
     l.dual_stack(dual);
+    l.set_port_mapping(mapped);
     l.set_probe_budget(setup.budget.clone());
     l.start(Instant::now(), net.local, prediction);
     Ok((net, l))
@@ -993,10 +1098,11 @@ async fn start_listener(
 async fn listen_one(
     opts: &ListenOptions,
     setup: &PeerSetup,
+    slot: &mapping::Slot,
     shutdown: impl Future<Output = ()>,
     mut on_event: impl FnMut(ListenEvent),
 ) -> Result<u64, PunchError> {
-    let (mut net, mut l) = start_listener(opts, setup).await?;
+    let (mut net, mut l) = start_listener(opts, setup, slot).await?;
     tokio::pin!(shutdown);
     loop {
         net.flush(&mut l);

@@ -6,3 +6,4 @@ pub use natscope_core::punch::*;
 pub mod driver;
 pub mod family;
 pub mod limits;
+pub mod mapping;

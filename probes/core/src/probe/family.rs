@@ -441,6 +441,7 @@ mod tests {
         use crate::traversal::{udp, Path, PeerNat, Techniques};
         let t = Techniques {
             port_prediction: true,
+            port_mapping: false,
         };
         let sym = PeerNat::new(M::AddressAndPortDependent, F::AddressAndPortDependent);
         let prc = PeerNat {

@@ -607,14 +607,12 @@ fn outlook_row_mapped(
     peer: &'static str,
     them: NatShape,
 ) -> OutlookRow {
-    let port_prediction = Techniques {
-        port_prediction: true,
-    };
     let us = PeerNat {
         port_mapping: mapped,
         ..us.into()
     };
-    let e = traversal::udp(us, them.into(), port_prediction);
+    // natscope punch's techniques (prediction and port mapping), as the grid's expectations.
+    let e = traversal::udp(us, them.into(), Techniques::PUNCH);
     OutlookRow {
         peer,
         direct_udp: direct_udp(e.path),

@@ -112,6 +112,10 @@ pub struct Attempts {
     pub duplicates_dropped: u64,
     pub server_lost: bool,
     pub error: Option<String>,
+    /// The mapping of our socket's port the gateway granted (PCP, NAT-PMP, UPnP IGD), or why
+    /// none was made (issue 12; `punch::mapping`). `null` when the driver did not ask.
+    #[serde(default)]
+    pub port_mapping: Option<super::mapping::PunchMapping>,
 }
 
 /// The `schema` of a connect report.
@@ -318,7 +322,9 @@ impl Connector {
         let req = PunchMessage::Connect {
             tid: TransactionId::from_rng(&mut self.rng),
             target: self.opts.id.clone(),
-            candidates: self.dual.announce(local),
+            candidates: self
+                .dual
+                .announce(super::mapping::candidates(local, self.mapped_candidate())),
             port_delta,
             punch_window_ms: Some(self.opts.punch_window.as_millis().min(60_000) as u32),
         };
@@ -336,6 +342,17 @@ impl Connector {
                 "the connect request cannot be encoded".into(),
             )),
         }
+    }
+
+    /// Records the mapping of our socket's port (issue 12), before [`Connector::start`]: its
+    /// external address is sent as our first candidate when `offered`, and the report carries it.
+    pub fn set_port_mapping(&mut self, mapping: super::mapping::PunchMapping) {
+        self.attempts.port_mapping = Some(mapping);
+    }
+
+    fn mapped_candidate(&self) -> Option<SocketAddr> {
+        let m = self.attempts.port_mapping.as_ref()?;
+        m.external.filter(|_| m.offered)
     }
 
     /// The report (or why the connect could not start) once it is over; taken once.
@@ -403,6 +420,13 @@ impl Connector {
         a.session = Some(session_id.to_string());
         a.rendezvous_ms = Some(ms(now - self.started));
         a.reflexive = Some(mapped);
+        if let Some(m) = a.port_mapping.as_mut() {
+            // The gateway's claim against what the server saw (issue 12: reported, not believed).
+            let claim = m
+                .external
+                .and_then(|e| super::mapping::check_external(e, mapped));
+            m.problems.extend(claim);
+        }
         a.peer_reflexive = Some(peer.reflexive);
         a.peer_candidates = peer.candidates.clone();
         let opts = &self.opts;
@@ -971,8 +995,8 @@ mod tests {
         assert_eq!(keys(&out), keys(example));
         assert_eq!(
             keys(&out).len(),
-            15 + 23,
-            "every field of the report and its attempts"
+            15 + 24 + 9,
+            "every field of the report, its attempts and their port mapping"
         );
         let value = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
         assert_eq!(value(&out), value(example));

@@ -70,6 +70,10 @@ pub enum ListenEvent {
         /// Our public key: what a connector passes as `--peer-key` to accept only us.
         key: String,
     },
+    /// The mapping of our socket's port the gateway granted, or why none was made (issue 12),
+    /// with what the reflexive address says of the gateway's claim; printed once, after
+    /// `registered`.
+    PortMapping(super::mapping::PunchMapping),
     /// The server introduced a connecting peer; punching towards it has begun.
     SessionStarted { session: String, peer: String },
     /// A session is over: what carried its data and how many messages were echoed.
@@ -152,6 +156,22 @@ impl std::fmt::Display for ListenEvent {
                 f,
                 "registered {id} over {transport}: local {local}, reflexive {reflexive}, key {key}"
             ),
+            ListenEvent::PortMapping(m) => match (m.protocol, m.external) {
+                (Some(p), Some(e)) => write!(
+                    f,
+                    "port mapping over {p}: {e} for {} s{}",
+                    m.lifetime_s.unwrap_or(0),
+                    m.problems
+                        .iter()
+                        .map(|p| format!("; {p}"))
+                        .collect::<String>()
+                ),
+                _ => write!(
+                    f,
+                    "no port mapping: {}",
+                    m.why_none.as_deref().unwrap_or("none made")
+                ),
+            },
             ListenEvent::SessionStarted { session, peer } => {
                 write!(f, "session {session}: peer {peer}, punching")
             }
@@ -214,6 +234,12 @@ pub struct Listener {
     /// Sibling machines (other servers) may take over our relayed sessions: those wait
     /// [`FAILOVER_PEER_IDLE`] for a silent peer, long enough for its connector to move.
     failover: bool,
+    /// The gateway's mapping of our socket's port (issue 12; `punch::mapping`): its external
+    /// address is registered as our first candidate, and the report is a line after the first
+    /// `registered`.
+    mapping: Option<super::mapping::PunchMapping>,
+    /// That line is still to come.
+    mapping_line: bool,
 }
 
 /// How long a listener with sibling machines keeps a session whose peer went silent: the
@@ -301,6 +327,8 @@ impl Listener {
             resumes: VecDeque::new(),
             resume_tries: BTreeMap::new(),
             failover: false,
+            mapping: None,
+            mapping_line: false,
         }
     }
 
@@ -418,12 +446,30 @@ impl Listener {
         }
     }
 
+    /// The gateway's mapping of our socket's port (issue 12): its external address, when offered,
+    /// is registered as our first candidate (in the first REGISTER if called before
+    /// [`Listener::start`], else from the next keepalive on), and after the first `registered`
+    /// comes a `port-mapping` event with it, a problem added when the gateway's claimed address
+    /// is not the one the server saw.
+    pub fn set_port_mapping(&mut self, mapping: super::mapping::PunchMapping) {
+        self.mapping = Some(mapping);
+        self.mapping_line = true;
+    }
+
+    fn mapped_candidate(&self) -> Option<SocketAddr> {
+        let m = self.mapping.as_ref()?;
+        m.external.filter(|_| m.offered)
+    }
+
     fn register(&mut self) -> PunchMessage {
         let tid = TransactionId::from_rng(&mut self.rng);
         PunchMessage::Register {
             tid,
             id: self.opts.id.clone(),
-            candidates: self.dual.announce(self.local),
+            candidates: self.dual.announce(super::mapping::candidates(
+                self.local,
+                self.mapped_candidate(),
+            )),
             port_delta: self.port_delta,
             proof: self
                 .opts
@@ -514,6 +560,15 @@ impl Listener {
                     reflexive: mapped.to_string(),
                     key: self.opts.identity.public().to_string(),
                 });
+                if std::mem::take(&mut self.mapping_line) {
+                    if let Some(mut m) = self.mapping.clone() {
+                        let claim = m
+                            .external
+                            .map(|e| super::mapping::check_external(e, mapped));
+                        m.problems.extend(claim.flatten());
+                        self.events.push_back(ListenEvent::PortMapping(m));
+                    }
+                }
                 self.phase = Phase::Serving;
                 self.next_keepalive = now + KEEPALIVE;
                 self.last_server = now;

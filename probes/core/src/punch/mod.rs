@@ -18,6 +18,7 @@ pub mod connector;
 pub mod cookie;
 pub mod identity;
 pub mod listener;
+pub mod mapping;
 pub mod peer;
 pub mod reliable;
 pub mod server;

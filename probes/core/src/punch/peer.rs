@@ -591,12 +591,13 @@ pub struct DualStack {
 }
 
 impl DualStack {
-    /// The candidates this side announces: `local` (the main socket) and the other socket's,
-    /// those of excluded families left out, the codec's limit kept (CANDIDATE×≤8).
-    pub fn announce(&self, local: SocketAddr) -> Vec<SocketAddr> {
+    /// The candidates this side announces: `ours` (the main socket's, in order: its port mapping,
+    /// then its host address, [`super::mapping::candidates`]) and the other socket's, those of
+    /// excluded families left out, no duplicates, the codec's limit kept (CANDIDATE×≤8).
+    pub fn announce(&self, ours: impl IntoIterator<Item = SocketAddr>) -> Vec<SocketAddr> {
         let allowed = |a: &SocketAddr| self.families.is_none_or(|f| f.allows(*a));
         let mut out: Vec<SocketAddr> = Vec::new();
-        for a in std::iter::once(local).chain(self.candidates.iter().copied()) {
+        for a in ours.into_iter().chain(self.candidates.iter().copied()) {
             if allowed(&a) && !out.contains(&a) && out.len() < super::MAX_CANDIDATES {
                 out.push(a);
             }
