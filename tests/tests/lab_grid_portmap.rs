@@ -6,32 +6,24 @@
 //! about its mapping, that Ctrl-C deletes it, and that a mapping behind a second NAT is offered
 //! but reported, not believed.
 
-use std::process::Command;
-
-use natscope_lab::grid::{self, GridCell, GridDocument, PathTaken};
-use natscope_tests::lab::require_root;
+use natscope_lab::grid::{self, Family, GridCell, GridDocument, PathTaken, Transport};
+use natscope_tests::lab::{require_root, run_grid};
 use natscope_tests::natscope_bin;
 
 fn grid(presets: &str) -> GridDocument {
-    let out = Command::new(natscope_bin())
-        .args(["lab", "grid", "--json", "--transport", "udp"])
-        .args(["--presets", presets, "--lab-prefix", "mapc"])
-        .output()
-        .expect("run natscope lab grid");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    natscope_tests::schema::assert_valid_text(&stdout);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "not a natscope.grid/v1 document ({e}):\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    let args = [
+        "--transport",
+        "udp",
+        "--presets",
+        presets,
+        "--lab-prefix",
+        "mapc",
+    ];
+    run_grid(&args).0
 }
 
 fn cell<'a>(doc: &'a GridDocument, a: &str, b: &str) -> &'a GridCell {
-    doc.cells
-        .iter()
-        .find(|c| (c.a == a && c.b == b) || (c.a == b && c.b == a))
+    doc.cell(Transport::Udp, Family::Ipv4, a, b)
         .unwrap_or_else(|| panic!("no cell {a} × {b} in {:#?}", doc.cells))
 }
 
