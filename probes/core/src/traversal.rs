@@ -285,18 +285,13 @@ pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
     if a.udp_blocked || b.udp_blocked {
         return e(Path::Blocked, Reason::UdpBlocked);
     }
+    let unmapped = |p: PeerNat| PeerNat {
+        port_mapping: None,
+        ..p
+    };
     let (a, b) = match techniques.port_mapping {
         true => (a, b),
-        false => (
-            PeerNat {
-                port_mapping: None,
-                ..a
-            },
-            PeerNat {
-                port_mapping: None,
-                ..b
-            },
-        ),
+        false => (unmapped(a), unmapped(b)),
     };
     let mapped = match (a.port_mapping, b.port_mapping) {
         (Some(service), _) => Some((Side::A, service)),
@@ -304,17 +299,7 @@ pub fn udp(a: PeerNat, b: PeerNat, techniques: Techniques) -> Expectation {
         (None, None) => None,
     };
     if let Some((side, service)) = mapped {
-        let plain = udp(
-            PeerNat {
-                port_mapping: None,
-                ..a
-            },
-            PeerNat {
-                port_mapping: None,
-                ..b
-            },
-            techniques,
-        );
+        let plain = udp(unmapped(a), unmapped(b), techniques);
         return if plain.path == Path::Direct {
             plain
         } else {

@@ -6,7 +6,7 @@
 //! Why a second socket in the driver rather than a second local address in the machines: the
 //! machines already name their source as "a local transport address" and never look at it, so
 //! they stay one-socket-agnostic if the driver sends each datagram from its socket of the
-//! destination's family ([`pick`]); only the candidate lists and the probe filter had to learn
+//! destination's family (`pick`); only the candidate lists and the probe filter had to learn
 //! about the second family (`natscope_core::punch::peer::DualStack`).
 //!
 //! The IPv6 socket is bound to one address, not to `::`: the address the kernel would pick as

@@ -146,7 +146,7 @@ pub const DEFAULT_PROBE_BUDGET: u32 = 1000;
 
 /// One token bucket shared by every session of a listener (and by its machines, one per
 /// server): each probe a session starts takes a token; without one the probe is skipped. The
-/// per-session bounds (targets, window, [`Session::may_probe`]) still apply on top. Shared
+/// per-session bounds (targets, window, `Session::may_probe`) still apply on top. Shared
 /// through a lock so the sessions of one listener need not be stepped together.
 #[derive(Clone, Debug)]
 pub struct ProbeBudget(Arc<Mutex<Bucket>>);
