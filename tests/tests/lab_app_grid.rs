@@ -384,7 +384,9 @@ fn natscope_punch_through_the_app_engine_agrees_with_its_report() {
     let python = python.display();
     // The listener reports its registration on stdout; the connect command waits for it through
     // the cell directory (one filesystem for every node). Its report is one JSON document, made
-    // one line so the grid reads its `path` as the program's claim.
+    // one line so the grid reads its `path` as the program's claim. Both punch over IPv4 only:
+    // the cells' expectations are IPv4's, and the lab's hosts are dual-stack (punch's default
+    // `--family both` would go direct over the IPv6 firewalls).
     let app = format!(
         r#"name = "natscope-punch"
 [server]
@@ -392,9 +394,9 @@ run = "{exe} punch serve --listen {{server}}:3490"
 ready = "tcp:3490"
 timeout_s = 60
 [listen]
-run = "{exe} punch listen --id b --via {{server}}:3490 --json --timeout 120 | tee {{cell}}/listen.out"
+run = "{exe} punch listen --id b --via {{server}}:3490 --family 4 --json --timeout 120 | tee {{cell}}/listen.out"
 [connect]
-run = "until grep -q registered {{cell}}/listen.out 2>/dev/null; do sleep 0.05; done; {exe} punch connect b --via {{server}}:3490 --json --timeout 8 | {python} -c 'import json, sys; r = json.load(sys.stdin); print(json.dumps(r)); sys.exit(r[\"path\"] == \"failed\")'"
+run = "until grep -q registered {{cell}}/listen.out 2>/dev/null; do sleep 0.05; done; {exe} punch connect b --via {{server}}:3490 --family 4 --json --timeout 8 | {python} -c 'import json, sys; r = json.load(sys.stdin); print(json.dumps(r)); sys.exit(r[\"path\"] == \"failed\")'"
 timeout_s = 90
 "#
     );
