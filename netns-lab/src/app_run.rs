@@ -245,6 +245,10 @@ pub struct AppGrid {
     /// The transport the model's expectation is for (an app file's programs are judged as UDP;
     /// the plain grid's built-in punch app runs over each transport).
     pub transport: Transport,
+    /// Whether the peers `a` and `b` get IPv6 (the grid's IPv6 cells). Without it their hosts
+    /// have no IPv6 address or route, so a program that gathers IPv6 candidates (ICE, libp2p)
+    /// cannot go direct over the lab's IPv6 firewalls in a cell the IPv4 model judges.
+    pub peer_ipv6: bool,
 }
 
 impl AppGrid {
@@ -270,6 +274,7 @@ impl AppGrid {
             lab_prefix: lab_prefix.to_string(),
             exe: exe.to_path_buf(),
             transport: Transport::Udp,
+            peer_ipv6: false,
         };
         if let Some(setup) = &grid.app.setup {
             grid.run_setup(setup)?;
@@ -335,6 +340,12 @@ impl AppGrid {
         self
     }
 
+    /// The peers get IPv6 (see [`AppGrid::peer_ipv6`]).
+    pub fn with_peer_ipv6(mut self, on: bool) -> Self {
+        self.peer_ipv6 = on;
+        self
+    }
+
     /// Runs the cell `a` × `b` (the `index`-th of the grid).
     pub fn run_cell(&self, index: usize, a: &str, b: &str) -> AppCell {
         let (mut cell, stdout) = self.run_cell_unjudged(index, a, b);
@@ -390,7 +401,17 @@ impl AppGrid {
     ) -> Result<(), String> {
         let t0 = Instant::now();
         let topo = grid::pair_topology(&cell.a, &cell.b).ok_or("no pair topology")?;
-        let plan = topo.plan().map_err(|e| e.to_string())?;
+        let mut plan = topo.plan().map_err(|e| e.to_string())?;
+        if !self.peer_ipv6 {
+            for n in plan
+                .nodes
+                .iter_mut()
+                .filter(|n| n.name == "a" || n.name == "b")
+            {
+                n.uplink6.clear();
+                n.gateway6 = None;
+            }
+        }
         let lab = Lab::up(
             &jobs::lab_name(&self.lab_prefix, index),
             plan,

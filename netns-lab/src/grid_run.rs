@@ -170,7 +170,8 @@ pub fn run_grid_in(
         for f in families {
             let app = punch_lab::app_in(exe, *t, *f);
             let g = AppGrid::prepare(app, &std::env::temp_dir(), prefix, exe)?;
-            grids.push((g.with_transport(*t), *f));
+            let g = g.with_transport(*t).with_peer_ipv6(*f == Family::Ipv6);
+            grids.push((g, *f));
         }
     }
     let mut work = Vec::new();

@@ -508,3 +508,28 @@ fn lab_flows_prints_a_nat_node_s_flows() {
     assert_eq!(down.status.code(), Some(0), "{}", text(&down));
     assert!(namespaces(&name).is_empty());
 }
+
+/// The grid's cells are judged against the IPv4 model, so an app's peers get no IPv6 there: the
+/// lab is dual-stack, and a program that gathers IPv6 candidates (ICE, libp2p) would otherwise go
+/// direct over the routers' IPv6 firewalls in cells the model relays. The rendezvous host keeps
+/// its IPv6; the peers have no IPv6 route to it (`ip -6 route get` fails), while IPv4 works.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn app_peers_get_no_ipv6_in_ipv4_cells() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let dir = std::env::temp_dir().join(format!("appv4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("v4only.toml");
+    std::fs::write(
+        &file,
+        "name = \"v4only\"\n[connect]\nrun = \"ip route get {server} && ! ip -6 route get 2001:db8:0:1::1\"\ntimeout_s = 20\n",
+    )
+    .unwrap();
+    let (doc, out) = grid(&file, "appv", "full-cone,dual-stack", &[]);
+    assert_eq!(doc.cells.len(), 3, "{}", text(&out));
+    for c in &doc.cells {
+        assert_eq!(c.exit_status, Some(0), "{c:#?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
