@@ -91,8 +91,9 @@ pub struct ConnectArgs {
     no_predict: bool,
     #[command(flatten)]
     map: driver::PortMapFlag,
-    /// Birthday technique: also probe up to N random ports of the peer's address (UDP).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// Birthday technique (UDP): random ports of the peer's address probed when this side's NAT
+    /// keeps ports and the peer's allocates at random (the peer then opens 256 sockets); 0: off.
+    #[arg(long, value_name = "N", default_value_t = natscope_probes::punch::peer::birthday_probes())]
     birthday: usize,
     /// Numbered messages to send (the listener echoes each).
     #[arg(long, value_name = "N", default_value_t = 20)]
@@ -242,8 +243,8 @@ async fn connect(a: ConnectArgs) -> Result<ExitCode> {
     if a.birthday > MAX_BIRTHDAY {
         bail!("--birthday is at most {MAX_BIRTHDAY} ports");
     }
-    if a.tcp && (a.predict || a.birthday > 0) {
-        bail!("--predict and --birthday apply to udp only");
+    if a.tcp && a.predict {
+        bail!("--predict applies to udp only");
     }
     if a.messages == 0 || a.messages > 1_000_000 {
         bail!("--messages must be between 1 and 1000000");

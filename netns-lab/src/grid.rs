@@ -317,7 +317,34 @@ pub fn expected_between(
 /// The expected outcome of `punch connect` from a peer behind preset `a` to a peer behind preset
 /// `b`, and why.
 pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(PathTaken, String)> {
-    expected_between((a, side(a)?), (b, side(b)?), transport)
+    let (path, why) = expected_between((a, side(a)?), (b, side(b)?), transport)?;
+    match birthday(a, b, transport) {
+        Some(plan) => Some((
+            path,
+            format!(
+                "{why}; the birthday technique may open it directly: {} opens {} sockets, the other \
+                 probes {} random ports, P(direct) = {:.0} %, at most {} packets",
+                if plan.hard == traversal::Side::A { a } else { b },
+                plan.sockets,
+                plan.probes,
+                plan.success * 100.0,
+                plan.packet_bound
+            ),
+        )),
+        None => Some((path, why)),
+    }
+}
+
+/// The birthday opening `natscope punch` tries between peers behind `a` and `b` (UDP, IPv4: a
+/// random-symmetric side facing an endpoint-independent one, a pair the plain punch relays), with
+/// the probes punch sends by default. A cell it applies to passes relayed or direct: the technique
+/// succeeds with the plan's probability, and the relay carries the rest.
+pub fn birthday(a: &str, b: &str, transport: Transport) -> Option<traversal::BirthdayPlan> {
+    if transport != Transport::Udp {
+        return None;
+    }
+    let probes = u32::try_from(natscope_core::punch::peer::birthday_probes()).ok()?;
+    traversal::birthday(side(a)?, side(b)?, probes)
 }
 
 /// A pair topology: the public host `rendezvous` (a reflector, so it also answers STUN), and each

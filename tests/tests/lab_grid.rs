@@ -36,7 +36,12 @@ fn grid_of_six_presets_matches_rfc4787_reasoning_over_udp_and_tcp() {
         // The expectation in the document is the library's, not something the runner made up.
         let (want, _) = grid::expected(&c.a, &c.b, c.transport).unwrap();
         assert_eq!(c.expected, want);
-        assert_eq!(c.observed, Some(c.expected));
+        // Where the birthday technique applies, its direct path is as good as the relay.
+        let birthday = grid::birthday(&c.a, &c.b, c.transport).is_some();
+        assert!(
+            c.observed == Some(c.expected) || (birthday && c.observed == Some(PathTaken::Direct)),
+            "{c:#?}"
+        );
         assert!(c.messages_sent > 0);
         assert_eq!(c.messages_echoed, c.messages_sent, "data delivered: {c:?}");
         // The lab's own judgment agrees with punch's report, cell by cell, with its evidence.
@@ -149,4 +154,43 @@ fn sequential_symmetric_pairs_go_direct_through_prediction() {
     assert_eq!(c.observed, Some(PathTaken::Relayed), "{c:#?}");
     assert!(doc.cells.iter().all(|c| c.pass), "{:#?}", doc.cells);
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// Issue 14, must-show 3: the birthday technique. Between a random symmetric NAT and a
+/// port-restricted cone the plain punch relays; punch's two sides play the birthday opening (the
+/// symmetric side opens 256 sockets towards the cone's reflexive address, the cone side probes
+/// random ports of the symmetric NAT's address), so the cell goes direct with the model's
+/// probability and is relayed otherwise, never failed, within the packet bound punch reports.
+/// Five runs of the cell: at least one direct (with P(direct) ≈ 0.9 per run, all five relayed
+/// has a chance of about 10⁻⁵). The rate itself is measured by hand (docs/punch.md), not
+/// asserted.
+#[test]
+#[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
+fn random_symmetric_pairs_go_direct_through_the_birthday_technique() {
+    require_root();
+    let (a, b) = ("symmetric", "port-restricted-cone");
+    assert!(
+        grid::birthday(a, b, grid::Transport::Udp).is_some(),
+        "the model says it applies"
+    );
+    let mut direct = 0;
+    for run in 0..5 {
+        let (doc, _) = run_grid(&[
+            "--transport",
+            "udp",
+            "--presets",
+            "symmetric,port-restricted-cone",
+            "--lab-prefix",
+            "bday",
+        ]);
+        let c = doc
+            .cells
+            .iter()
+            .find(|c| c.a == a && c.b == b)
+            .expect("the cell");
+        assert!(c.pass, "run {run}: {c:#?}");
+        assert_ne!(c.observed, Some(PathTaken::Failed), "{c:#?}");
+        direct += usize::from(c.observed == Some(PathTaken::Direct));
+    }
+    assert!(direct >= 1, "five runs, none direct");
 }

@@ -346,8 +346,8 @@ pub const BIRTHDAY_SOCKETS: u32 = 256;
 const BIRTHDAY_PORT_RANGE: f64 = 64_512.0;
 
 /// The birthday technique for one pair (issue 14, item 5): which side is "hard", how many packets
-/// the opening may cost, and how likely it is to find the path. Not yet run by `natscope punch`
-/// (its peers have one socket each); this is the model the grid and punch are to share.
+/// the opening may cost, and how likely it is to find the path. `natscope punch` runs it
+/// (`punch::session::Birthday`) and the grid accepts its direct path where this says it applies.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct BirthdayPlan {
     /// The side whose mapping changes per destination at random ports: it binds

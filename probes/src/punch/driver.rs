@@ -49,7 +49,7 @@ pub use super::listener::{
 };
 pub use super::mapping::PortMapFlag;
 pub use super::peer::{Prediction, PunchError, PREDICT_STEPS};
-pub use super::session::{ProbeBudget, DEFAULT_PROBE_BUDGET};
+pub use super::session::{BirthdayOpen, ProbeBudget, DEFAULT_PROBE_BUDGET};
 
 // ---------------------------------------------------------------------------------------------
 // Server
@@ -370,6 +370,12 @@ enum NetEvent {
         from: SocketAddr,
         bytes: Vec<u8>,
     },
+    /// A datagram on the `socket`-th of the birthday technique's sockets.
+    Birthday {
+        socket: usize,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    },
     StreamUp {
         session: SessionId,
         peer: SocketAddr,
@@ -404,6 +410,11 @@ struct Net {
     direct_tasks: HashMap<SessionId, tokio::task::AbortHandle>,
     /// [`RELAY_ONLY_ENV`]: the only addresses this socket talks with (the servers).
     only: Option<Vec<SocketAddr>>,
+    /// The hard side's birthday sockets ([`BirthdayOpen`]), at most one opening at a time.
+    birthday: Vec<std::net::UdpSocket>,
+    /// Remotes heard on a birthday socket: what we send them leaves from that socket, so it goes
+    /// through the NAT mapping their datagram came in by.
+    affinity: HashMap<SocketAddr, usize>,
 }
 
 /// A test hook: with this variable set, a connector's UDP socket sends to and accepts from its
@@ -544,6 +555,8 @@ impl Net {
                     tasks: vec![task],
                     direct_tasks: HashMap::new(),
                     only: None,
+                    birthday: Vec::new(),
+                    affinity: HashMap::new(),
                 })
             }
             Transport::Tcp => {
@@ -589,6 +602,8 @@ impl Net {
                     tasks,
                     direct_tasks: HashMap::new(),
                     only: None,
+                    birthday: Vec::new(),
+                    affinity: HashMap::new(),
                 })
             }
         }
@@ -598,7 +613,9 @@ impl Net {
         if self.only.as_ref().is_some_and(|only| !only.contains(&to)) {
             return;
         }
-        if let Some(u) = &self.udp {
+        if let Some(b) = self.affinity.get(&to).and_then(|i| self.birthday.get(*i)) {
+            let _ = b.send_to(bytes, to);
+        } else if let Some(u) = &self.udp {
             let u = super::family::pick(u, self.udp6.as_ref(), self.local, to);
             let _ = u.send_to(bytes, to);
         } else if let Some(w) = self.writers.get(&to) {
@@ -656,6 +673,9 @@ impl Net {
 
     /// Sends what the machine queued and carries out its stream commands.
     fn flush(&mut self, m: &mut impl PeerMachine) {
+        while let Some(b) = m.poll_birthday() {
+            self.open_birthday(b);
+        }
         while let Some(t) = m.poll_transmit() {
             self.send(t.destination, &t.payload);
         }
@@ -673,6 +693,51 @@ impl Net {
                     }
                 }
             }
+        }
+    }
+
+    /// The hard side of the birthday technique: one fresh UDP socket per payload, bound to the
+    /// main socket's address, each sending its payload once to `b.to` and feeding what it
+    /// receives to the machine. One opening per peer process at a time (a second is ignored while
+    /// the first's sockets live; they close with the peer).
+    fn open_birthday(&mut self, b: BirthdayOpen) {
+        if !self.birthday.is_empty() || self.udp.is_none() {
+            return;
+        }
+        let bind = SocketAddr::new(self.local.ip(), 0);
+        for payload in &b.payloads {
+            let Ok(std_sock) = std::net::UdpSocket::bind(bind) else {
+                break;
+            };
+            let (Ok(sender), Ok(())) = (std_sock.try_clone(), std_sock.set_nonblocking(true))
+            else {
+                break;
+            };
+            let Ok(sock) = UdpSocket::from_std(std_sock) else {
+                break;
+            };
+            let _ = sender.send_to(payload, b.to);
+            let (socket, events) = (self.birthday.len(), self.tx.clone());
+            self.tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                        // ICMP errors surface here on some kernels; keep receiving.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let bytes = buf[..n].to_vec();
+                    let ev = NetEvent::Birthday {
+                        socket,
+                        from,
+                        bytes,
+                    };
+                    if events.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            self.birthday.push(sender);
         }
     }
 
@@ -695,6 +760,14 @@ impl Net {
             Some(NetEvent::Message { from, .. })
                 if self.only.as_ref().is_some_and(|only| !only.contains(&from)) => {}
             Some(NetEvent::Message { from, bytes }) => m.handle_datagram(now, from, &bytes),
+            Some(NetEvent::Birthday {
+                socket,
+                from,
+                bytes,
+            }) => {
+                self.affinity.insert(from, socket);
+                m.handle_datagram(now, from, &bytes);
+            }
             Some(NetEvent::StreamUp {
                 session,
                 peer,

@@ -23,10 +23,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 use super::codec::{code, PeerInfo, PunchMessage};
 use super::identity::{Channel, Identity, PeerKey};
 use super::peer::{
-    birthday_targets, session_config, targets, DirectStreams, DualStack, PeerMachine, Prediction,
-    PunchError, Request, StreamCommand, PREDICT_STEPS,
+    birthday_part, random_allocation, session_config, targets, DirectStreams, DualStack,
+    PeerMachine, Prediction, PunchError, Request, StreamCommand, PREDICT_STEPS,
 };
-use super::session::{PunchPlan, Role, Route, Session, SessionError, MAX_TARGETS};
+use super::session::{
+    Birthday, PunchPlan, Role, Route, Session, SessionError, BIRTHDAY_SOCKETS, MAX_TARGETS,
+};
 use super::{PathTaken, SessionId, Transport};
 use crate::ms;
 use crate::net::Transmit;
@@ -42,7 +44,8 @@ pub struct ConnectOptions {
     /// Port prediction (UDP): measure our allocation delta and send it, so the listener probes
     /// ahead of our server-reflexive port. On by default ([`crate::traversal::Techniques::PUNCH`]).
     pub predict: bool,
-    /// Birthday technique: probe up to this many random ports of the peer's IP (0: off).
+    /// The birthday technique (UDP): the random ports of the peer's address probed when this side
+    /// is the easy one ([`super::session::Birthday`]); 0 turns the technique off, both parts.
     pub birthday: usize,
     pub messages: u64,
     /// Pause between application messages (0: send as fast as the window allows).
@@ -65,7 +68,7 @@ impl Default for ConnectOptions {
             relay_first: false,
             // UDP only: the driver measures nothing over TCP.
             predict: crate::traversal::Techniques::PUNCH.port_prediction,
-            birthday: 0,
+            birthday: super::peer::birthday_probes(),
             messages: 20,
             interval: Duration::ZERO,
             timeout: Duration::from_secs(5),
@@ -76,9 +79,8 @@ impl Default for ConnectOptions {
     }
 }
 
-/// Most random ports the birthday technique may add (and so, with the punch window, the bound
-/// on packets it sends: `birthday × rounds`).
-pub const MAX_BIRTHDAY: usize = 256;
+/// Most random ports the easy side of the birthday technique may probe (each once).
+pub const MAX_BIRTHDAY: usize = 4096;
 
 /// Details of how the connection was made (`attempts` in the JSON).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -459,17 +461,23 @@ impl Connector {
             s = s.probe_families(f, targets(&peer));
         }
         if opts.transport == Transport::Udp {
-            let birthday = opts.birthday.min(MAX_BIRTHDAY);
-            let bday = birthday_targets(&peer, birthday, &mut self.rng);
-            a.birthday_ports = bday.len();
-            // Birthday ports go past MAX_TARGETS on purpose, but stay bounded by MAX_BIRTHDAY.
-            s.add_targets_capped(bday, MAX_TARGETS + MAX_BIRTHDAY);
+            let random = random_allocation(a.predict.as_ref());
+            let probes = opts.birthday.min(MAX_BIRTHDAY);
+            let part = (probes > 0)
+                .then(|| birthday_part(self.local, mapped, random, &peer, probes, &mut self.rng))
+                .flatten();
+            a.birthday_ports = match &part {
+                Some(Birthday::Hard { .. }) => BIRTHDAY_SOCKETS,
+                Some(Birthday::Easy { targets }) => targets.len(),
+                None => 0,
+            };
+            s = s.with_birthday(part);
             // Rounds every 50 ms in the window; relay-first keeps probing every 250 ms after it.
             let mut rounds = (opts.punch_window.as_millis() / 50).max(1) as u64;
             if opts.relay_first {
                 rounds += (opts.timeout.saturating_sub(opts.punch_window).as_millis() / 250) as u64;
             }
-            a.probe_packet_bound = (MAX_TARGETS + birthday) as u64 * rounds;
+            a.probe_packet_bound = MAX_TARGETS as u64 * rounds + a.birthday_ports as u64;
         } else {
             let start = now + start_in;
             self.streams
@@ -698,6 +706,13 @@ impl Connector {
 impl PeerMachine for Connector {
     fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
         self.out.pop_front()
+    }
+
+    fn poll_birthday(&mut self) -> Option<super::session::BirthdayOpen> {
+        match &mut self.phase {
+            Phase::Session(run) => run.session.poll_birthday(),
+            _ => None,
+        }
     }
 
     fn poll_stream(&mut self) -> Option<StreamCommand> {

@@ -240,6 +240,10 @@ pub struct Listener {
     mapping: Option<super::mapping::PunchMapping>,
     /// That line is still to come.
     mapping_line: bool,
+    /// Our allocation looked random ([`super::peer::random_allocation`]) and our server-reflexive
+    /// address: what decides our part in the birthday technique.
+    random_allocation: bool,
+    reflexive: Option<SocketAddr>,
 }
 
 /// How long a listener with sibling machines keeps a session whose peer went silent: the
@@ -329,6 +333,8 @@ impl Listener {
             failover: false,
             mapping: None,
             mapping_line: false,
+            random_allocation: false,
+            reflexive: None,
         }
     }
 
@@ -426,6 +432,7 @@ impl Listener {
             return;
         }
         self.local = local;
+        self.random_allocation = super::peer::random_allocation(prediction.as_ref());
         if let Some(p) = prediction {
             self.port_delta = p.delta;
             self.events.push_back(ListenEvent::Predicted {
@@ -553,6 +560,7 @@ impl Listener {
         let server = self.opts.server;
         match m {
             PunchMessage::RegisterOk { mapped, .. } => {
+                self.reflexive = Some(mapped);
                 self.events.push_back(ListenEvent::Registered {
                     id: self.opts.id.clone(),
                     transport: self.opts.transport,
@@ -645,6 +653,18 @@ impl Listener {
                     let mut s = s.secure(channel).with_budget(self.budget.clone());
                     if let Some(f) = self.dual.families {
                         s = s.probe_families(f, targets(&peer));
+                    }
+                    if let (Transport::Udp, Some(reflexive)) = (self.opts.transport, self.reflexive)
+                    {
+                        let part = super::peer::birthday_part(
+                            self.local,
+                            reflexive,
+                            self.random_allocation,
+                            &peer,
+                            super::peer::birthday_probes(),
+                            &mut self.rng,
+                        );
+                        s = s.with_birthday(part);
                     }
                     if self.opts.transport == Transport::Tcp {
                         let start = now + start_in;
@@ -743,6 +763,12 @@ impl Listener {
 impl PeerMachine for Listener {
     fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>> {
         self.out.pop_front()
+    }
+
+    fn poll_birthday(&mut self) -> Option<super::session::BirthdayOpen> {
+        self.sessions
+            .values_mut()
+            .find_map(|(s, _)| s.poll_birthday())
     }
 
     fn poll_stream(&mut self) -> Option<StreamCommand> {

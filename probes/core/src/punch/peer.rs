@@ -260,6 +260,53 @@ pub fn birthday_targets(peer: &PeerInfo, n: usize, rng: &mut impl Rng) -> Vec<So
         .collect()
 }
 
+/// Whether our allocation looked random: three fresh sockets' mapped ports with no delta between
+/// them (a sequential NAT has one; a preserving one is seen by the reflexive port itself).
+pub fn random_allocation(p: Option<&Prediction>) -> bool {
+    p.is_some_and(|p| p.measured_ports.len() == MEASURE_SOCKETS && p.delta.is_none())
+}
+
+/// This side's part in the birthday technique for a session with `peer`
+/// ([`super::session::Birthday`]), from what each side knows without asking the other: a side
+/// whose server-reflexive port is its socket's own port keeps ports (an endpoint-independent
+/// NAT in practice, or none) and is *easy*; one whose fresh sockets got unrelated ports
+/// (`random`, no delta) and whose port was not kept is *hard*. The peer's ports: its host
+/// candidate against its reflexive address; no delta from it and no kept port makes it hard.
+/// Both easy or both hard: no part (the plain punch, prediction or the relay decide). `probes`:
+/// random ports the easy side tries (the hard side opens [`super::session::BIRTHDAY_SOCKETS`]).
+pub fn birthday_part(
+    local: SocketAddr,
+    reflexive: SocketAddr,
+    random: bool,
+    peer: &PeerInfo,
+    probes: usize,
+    rng: &mut impl Rng,
+) -> Option<super::session::Birthday> {
+    use super::session::Birthday;
+    let me_easy = reflexive.port() == local.port();
+    let me_hard = !me_easy && random;
+    let peer_easy = peer
+        .candidates
+        .iter()
+        .any(|c| c.port() == peer.reflexive.port() && c.is_ipv4() == peer.reflexive.is_ipv4());
+    let peer_hard = !peer_easy && peer.port_delta.is_none();
+    if me_hard && peer_easy {
+        Some(Birthday::Hard { to: peer.reflexive })
+    } else if me_easy && peer_hard {
+        Some(Birthday::Easy {
+            targets: birthday_targets(peer, probes, rng),
+        })
+    } else {
+        None
+    }
+}
+
+/// Random ports the easy side probes: enough for a 95 % chance against
+/// [`super::session::BIRTHDAY_SOCKETS`] mappings (`traversal::birthday_probes_for`).
+pub fn birthday_probes() -> usize {
+    crate::traversal::birthday_probes_for(0.95) as usize
+}
+
 /// The session settings of a peer: UDP sessions probe; over TCP the driver opens the stream.
 pub(crate) fn session_config(
     transport: Transport,
@@ -295,6 +342,12 @@ pub enum StreamCommand {
 pub trait PeerMachine {
     fn poll_transmit(&mut self) -> Option<Transmit<SocketAddr>>;
     fn poll_stream(&mut self) -> Option<StreamCommand>;
+    /// The hard side's birthday opening ([`super::session::BirthdayOpen`]): the driver opens one
+    /// socket per payload, sends it from there, feeds what those sockets receive like any
+    /// datagram, and sends to each source from the socket it arrived on.
+    fn poll_birthday(&mut self) -> Option<super::session::BirthdayOpen> {
+        None
+    }
     /// When [`PeerMachine::handle_timeout`] must run next; `None`: only input wakes it.
     fn poll_timeout(&self) -> Option<Instant>;
     fn handle_timeout(&mut self, now: Instant);
@@ -611,6 +664,55 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    /// The birthday roles come from what each side sees of itself and of the peer: a kept port is
+    /// easy, random fresh ports without a kept port are hard; both hard or both easy: none.
+    #[test]
+    fn birthday_roles_pair_a_random_side_with_a_port_keeping_one() {
+        use super::super::session::Birthday;
+        let sa = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let peer = |reflexive: &str, host: &str, delta: Option<i32>| PeerInfo {
+            reflexive: sa(reflexive),
+            candidates: vec![sa(host)],
+            port_delta: delta,
+            punch_window_ms: None,
+            key: None,
+        };
+        let keeps = peer("203.0.113.2:5000", "10.2.0.2:5000", None);
+        let random = peer("203.0.113.2:41234", "10.2.0.2:5000", None);
+        let sequential = peer("203.0.113.2:41234", "10.2.0.2:5000", Some(1));
+        let rng = &mut StdRng::seed_from_u64(3);
+        let (local, kept, moved) = (
+            sa("10.1.0.2:4000"),
+            sa("203.0.113.1:4000"),
+            sa("203.0.113.1:1717"),
+        );
+        // We allocate at random and the peer keeps ports: we open the sockets towards it.
+        assert_eq!(
+            birthday_part(local, moved, true, &keeps, 754, rng),
+            Some(Birthday::Hard {
+                to: keeps.reflexive
+            })
+        );
+        // We keep ports and the peer does not (no delta): we probe its address's random ports.
+        match birthday_part(local, kept, false, &random, 754, rng) {
+            Some(Birthday::Easy { targets }) => {
+                assert_eq!(targets.len(), 754);
+                assert!(targets.iter().all(|t| t.ip() == random.reflexive.ip()));
+                assert!(!targets.contains(&random.reflexive));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A sequential peer is prediction's; two random sides or two keeping sides: nothing.
+        assert_eq!(
+            birthday_part(local, kept, false, &sequential, 754, rng),
+            None
+        );
+        assert_eq!(birthday_part(local, moved, true, &random, 754, rng), None);
+        assert_eq!(birthday_part(local, kept, false, &keeps, 754, rng), None);
+        // Without a measurement we cannot call ourselves random.
+        assert_eq!(birthday_part(local, moved, false, &keeps, 754, rng), None);
+    }
 
     /// Runs `OpenAttempts` over a window of `window_ms` against a peer whose every attempt ends
     /// with `end` (a timed-out attempt takes its whole time, a reset one 1 ms): the start of each

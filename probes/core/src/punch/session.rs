@@ -136,6 +136,9 @@ pub struct SessionStats {
     pub probes_denied: u64,
     /// Times the session moved to another relay (failover).
     pub relay_moves: u64,
+    /// Birthday-technique packets sent: the hard side's sockets' probes, or the easy side's
+    /// probes of random ports.
+    pub birthday_sent: u64,
 }
 
 /// Probes per second a listener's sessions may send together, by default (`--probe-budget`).
@@ -273,6 +276,47 @@ pub struct Session {
     unsealed_dropped: u64,
     /// The families probed (issue 13); `None`: the server's family only.
     families: Option<super::peer::ProbeFamilies>,
+    /// The birthday technique's part this side plays when the window closes without a path.
+    birthday: Option<Birthday>,
+    /// The hard side's opening, for the driver's sockets ([`Session::poll_birthday`]).
+    birthday_out: Option<BirthdayOpen>,
+}
+
+/// The birthday technique (issue 14, item 5; `traversal::birthday`): when the plain punch has
+/// found no path 250 ms (`BIRTHDAY_AFTER`) into the window between a side whose mapping changes
+/// per destination at random ports ("hard") and one with an endpoint-independent mapping
+/// ("easy"), the hard side opens
+/// [`BIRTHDAY_SOCKETS`] sockets and sends one probe from each to the easy side's reflexive
+/// address, so its NAT holds that many mappings admitting it, and the easy side probes random
+/// ports of the hard side's address, once each, paced. A probe that lands in one of those
+/// mappings is answered through it, and the path is a direct one like any other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Birthday {
+    /// Open the sockets toward `to` (the easy side's reflexive address).
+    Hard { to: SocketAddr },
+    /// Probe these addresses (random ports of the hard side's address), once each.
+    Easy { targets: Vec<SocketAddr> },
+}
+
+/// Sockets the hard side opens: the classic 256 ([`crate::traversal::BIRTHDAY_SOCKETS`]).
+pub const BIRTHDAY_SOCKETS: usize = crate::traversal::BIRTHDAY_SOCKETS as usize;
+/// The technique starts this long into the punch window when the plain punch found no path by
+/// then (a path that exists is found in one or two rounds); both sides count from the start the
+/// server gave them, so the hard side's mappings exist when the easy side's probes arrive.
+const BIRTHDAY_AFTER: Duration = Duration::from_millis(250);
+/// The easy side starts probing this much later than the hard side opens its sockets.
+const BIRTHDAY_EASY_DELAY: Duration = Duration::from_millis(100);
+/// One easy-side probe per this interval (~670 per second, within the listener's default probe
+/// budget beside its plain probes: a 754-port opening takes 1.1 s, inside a 1.5 s window).
+const BIRTHDAY_PACE: Duration = Duration::from_micros(1500);
+
+/// What the hard side asks its driver to do: open one socket per payload and send that payload
+/// (a sealed probe of this session) from it to `to`; a datagram arriving on one of those sockets
+/// is the session's, and replies to its source leave from that socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BirthdayOpen {
+    pub to: SocketAddr,
+    pub payloads: Vec<Vec<u8>>,
 }
 
 /// How often the connector repeats its handshake message through the relay until answered.
@@ -332,6 +376,8 @@ impl Session {
             pending_hello: None,
             unsealed_dropped: 0,
             families: None,
+            birthday: None,
+            birthday_out: None,
         };
         for t in targets {
             s.add_target(t);
@@ -373,6 +419,18 @@ impl Session {
     pub fn with_budget(mut self, budget: ProbeBudget) -> Self {
         self.budget = Some(budget);
         self
+    }
+
+    /// Plays `part` of the birthday technique if the plain punch finds no path early in the
+    /// window.
+    pub fn with_birthday(mut self, part: Option<Birthday>) -> Self {
+        self.birthday = part;
+        self
+    }
+
+    /// The hard side's opening, once, when its plain punch found no path early in the window.
+    pub fn poll_birthday(&mut self) -> Option<BirthdayOpen> {
+        self.birthday_out.take()
     }
 
     /// The id the current relay knows this session by (see [`Session::rehome`]).
@@ -549,7 +607,19 @@ impl Session {
     }
 
     fn send(&mut self, to: SocketAddr, m: &PunchMessage) {
-        let Ok(payload) = m.to_vec() else { return };
+        let Some(payload) = self.wire_bytes(m) else {
+            return;
+        };
+        self.out.push_back(Transmit {
+            source: self.local,
+            destination: to,
+            payload,
+        });
+    }
+
+    /// `m` as it goes on the wire: sealed when it is for the peer and the session has a channel.
+    fn wire_bytes(&mut self, m: &PunchMessage) -> Option<Vec<u8>> {
+        let payload = m.to_vec().ok()?;
         let peer_bound = matches!(
             m,
             PunchMessage::Probe { .. }
@@ -561,25 +631,18 @@ impl Session {
             Some(ch) if peer_bound => {
                 // Sealed whole (header, transaction id, session, sequence numbers, payload),
                 // with our handshake message beside it until the peer proved it has the keys.
-                let Some(sealed) = ch.seal(&payload) else {
-                    return;
-                };
+                let sealed = ch.seal(&payload)?;
                 let outer = PunchMessage::Sealed {
                     tid: TransactionId::from_rng(&mut self.rng),
                     session: self.wire,
                     handshake: ch.handshake_out().map(<[u8]>::to_vec),
                     sealed: Some(sealed),
                 };
-                let Ok(bytes) = outer.to_vec() else { return };
-                bytes
+                outer.to_vec().ok()?
             }
             _ => payload,
         };
-        self.out.push_back(Transmit {
-            source: self.local,
-            destination: to,
-            payload,
-        });
+        Some(payload)
     }
 
     /// Our handshake message alone (msg1 from the connector, msg2 from the listener) to `to`.
@@ -934,6 +997,7 @@ impl Session {
         if self.route.is_none() && now >= self.punch_until {
             self.route = Some(Route::Relay);
         }
+        self.birthday_step(now);
         // Keepalives: the direct path (keeps the NAT mappings), and the connector's session at
         // the server (which is how a dead or restarted server is noticed).
         if now >= self.next_keepalive {
@@ -976,6 +1040,66 @@ impl Session {
             return;
         }
         self.flush_data(now);
+    }
+
+    /// The birthday technique, once the plain punch found no path early in the window (see
+    /// [`Birthday`]).
+    fn birthday_step(&mut self, now: Instant) {
+        let due = self.config.probe
+            && self.can_send()
+            && self.direct.is_none()
+            && now >= self.start_at + BIRTHDAY_AFTER;
+        if !due {
+            return;
+        }
+        match self.birthday.take() {
+            Some(Birthday::Hard { to }) => {
+                let id = self.id;
+                let payloads = (0..BIRTHDAY_SOCKETS)
+                    .filter_map(|_| {
+                        let tid = TransactionId::from_rng(&mut self.rng);
+                        self.wire_bytes(&PunchMessage::Probe { tid, session: id })
+                    })
+                    .collect();
+                self.stats.birthday_sent += BIRTHDAY_SOCKETS as u64;
+                self.birthday_out = Some(BirthdayOpen { to, payloads });
+            }
+            Some(Birthday::Easy { mut targets }) => {
+                let start = self.start_at + BIRTHDAY_AFTER + BIRTHDAY_EASY_DELAY;
+                if now < start {
+                    self.birthday = Some(Birthday::Easy { targets });
+                    return;
+                }
+                // Every probe due by now, one per BIRTHDAY_PACE since the start.
+                let sent = self.stats.birthday_sent;
+                let due = ((now - start).as_micros() / BIRTHDAY_PACE.as_micros()) as u64 + 1;
+                let n = due.saturating_sub(sent).min(targets.len() as u64) as usize;
+                for t in targets.drain(..n) {
+                    self.stats.birthday_sent += 1;
+                    self.probe(now, t);
+                }
+                if !targets.is_empty() {
+                    self.birthday = Some(Birthday::Easy { targets });
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// When the birthday technique next needs the clock.
+    fn birthday_wake(&self) -> Option<Instant> {
+        if self.direct.is_some() || !self.config.probe {
+            return None;
+        }
+        match &self.birthday {
+            Some(Birthday::Hard { .. }) => Some(self.start_at + BIRTHDAY_AFTER),
+            Some(Birthday::Easy { .. }) => {
+                let start = self.start_at + BIRTHDAY_AFTER + BIRTHDAY_EASY_DELAY;
+                let sent = u32::try_from(self.stats.birthday_sent).unwrap_or(u32::MAX);
+                Some(start + BIRTHDAY_PACE * sent)
+            }
+            None => None,
+        }
     }
 
     fn flush_data(&mut self, now: Instant) {
@@ -1035,6 +1159,9 @@ impl Session {
         if let Some(r) = self.tx.poll_timeout() {
             t = t.min(r);
         }
+        if let Some(b) = self.birthday_wake() {
+            t = t.min(b);
+        }
         Some(t.min(
             self.last_peer.max(self.punch_until) + self.config.peer_idle + Duration::from_millis(1),
         ))
@@ -1077,6 +1204,70 @@ mod tests {
         now: Instant,
         delivered_b: Vec<Vec<u8>>,
         delivered_a: Vec<Vec<u8>>,
+    }
+
+    /// The birthday technique's timing: nothing while the plain punch may still find the path;
+    /// at [`BIRTHDAY_AFTER`] the hard side hands its driver 256 sealed-or-plain probes for its
+    /// sockets, once; the easy side probes its random ports once each, paced, from
+    /// [`BIRTHDAY_EASY_DELAY`] later; a session that went direct plays no part.
+    #[test]
+    fn the_birthday_opening_starts_early_in_the_window_once_and_paced() {
+        let now = Instant::now();
+        let (a, b) = (sa("203.0.113.1:4000"), sa("203.0.113.2:5000"));
+        let session = |part: Birthday| {
+            Session::new(
+                now,
+                SessionId(9),
+                Role::Connector,
+                SessionConfig::default(),
+                sa(SERVER),
+                PunchPlan {
+                    local: a,
+                    start_in: Duration::ZERO,
+                    targets: vec![b],
+                },
+                StdRng::seed_from_u64(4),
+            )
+            .with_birthday(Some(part))
+        };
+        let mut hard = session(Birthday::Hard { to: b });
+        hard.handle_timeout(now + BIRTHDAY_AFTER - Duration::from_millis(1));
+        assert!(hard.poll_birthday().is_none());
+        assert_eq!(
+            hard.poll_timeout().map(|t| t <= now + BIRTHDAY_AFTER),
+            Some(true)
+        );
+        hard.handle_timeout(now + BIRTHDAY_AFTER);
+        let open = hard.poll_birthday().expect("the opening");
+        assert_eq!((open.to, open.payloads.len()), (b, BIRTHDAY_SOCKETS));
+        hard.handle_timeout(now + BIRTHDAY_AFTER * 2);
+        assert!(hard.poll_birthday().is_none(), "once");
+
+        let targets: Vec<SocketAddr> = (0..100)
+            .map(|p| sa(&format!("203.0.113.2:{}", 2000 + p)))
+            .collect();
+        let mut easy = session(Birthday::Easy {
+            targets: targets.clone(),
+        });
+        let start = now + BIRTHDAY_AFTER + BIRTHDAY_EASY_DELAY;
+        let sent_to = |s: &mut Session| {
+            std::iter::from_fn(|| s.poll_transmit())
+                .map(|t| t.destination)
+                .filter(|d| targets.contains(d))
+                .count()
+        };
+        easy.handle_timeout(start - Duration::from_millis(1));
+        assert_eq!(sent_to(&mut easy), 0);
+        easy.handle_timeout(start + BIRTHDAY_PACE * 9);
+        assert_eq!(
+            sent_to(&mut easy),
+            10,
+            "one per pace, the first at the start"
+        );
+        easy.handle_timeout(start + BIRTHDAY_PACE * 500);
+        assert_eq!(sent_to(&mut easy), 90, "each port once");
+        easy.handle_timeout(start + BIRTHDAY_PACE * 1000);
+        assert_eq!(sent_to(&mut easy), 0);
     }
 
     impl Pair {
