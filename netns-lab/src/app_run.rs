@@ -529,12 +529,18 @@ pub fn judge(cell: &mut AppCell) {
         _ => None,
     };
     // The model's relayed cells where natscope's birthday technique applies also pass direct
-    // (grid::birthday): a program that opens them that way did better, not worse.
-    let birthday = cell.expected_from == "model"
-        && cell.expected == PathTaken::Relayed
-        && grid::birthday(&cell.a, &cell.b, Transport::Udp).is_some();
-    let path_ok = cell.observed == Some(cell.expected)
-        || (birthday && cell.observed == Some(PathTaken::Direct));
+    // (grid::path_accepted); an app's own [expect] is taken as written.
+    let path_ok = match cell.expected_from.as_str() {
+        "model" => grid::path_accepted(
+            &cell.a,
+            &cell.b,
+            Transport::Udp,
+            None,
+            cell.expected,
+            cell.observed,
+        ),
+        _ => cell.observed == Some(cell.expected),
+    };
     cell.pass = path_ok && cell.disagreement.is_none();
 }
 

@@ -335,6 +335,24 @@ pub fn expected(a: &str, b: &str, transport: Transport) -> Option<(PathTaken, St
     }
 }
 
+/// Whether `observed` is a passing path for the cell `a` × `b` expected to take `expected`: that
+/// path, or — in an IPv4 cell the model relays where the birthday technique applies
+/// ([`birthday`]) — a direct one. The built-in grid, the app grid and the tests judge with this.
+pub fn path_accepted(
+    a: &str,
+    b: &str,
+    transport: Transport,
+    family: Option<Family>,
+    expected: PathTaken,
+    observed: Option<PathTaken>,
+) -> bool {
+    observed == Some(expected)
+        || (observed == Some(PathTaken::Direct)
+            && expected == PathTaken::Relayed
+            && family != Some(Family::Ipv6)
+            && birthday(a, b, transport).is_some())
+}
+
 /// The birthday opening `natscope punch` tries between peers behind `a` and `b` (UDP, IPv4: a
 /// random-symmetric side facing an endpoint-independent one, a pair the plain punch relays), with
 /// the probes punch sends by default. A cell it applies to passes relayed or direct: the technique
