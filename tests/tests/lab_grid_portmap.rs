@@ -78,6 +78,17 @@ fn requested(lab: &natscope_lab::Lab, node: &str) -> Vec<natscope_lab::engine::M
         .collect()
 }
 
+/// The `port-mapping` line `punch listen --json` prints after its first registration.
+fn port_mapping_line(l: &mut natscope_tests::ChildProcess) -> String {
+    let mapped = |p: &natscope_tests::ChildProcess| p.stdout().contains("port-mapping");
+    natscope_tests::punch::wait_for(l, mapped, "port-mapped");
+    l.stdout()
+        .lines()
+        .find(|x| x.contains("\"port-mapping\""))
+        .map(str::to_string)
+        .expect("a port-mapping line")
+}
+
 /// Issue 12, "Punch and grid": `punch listen` behind symmetric+pcp maps its socket's port over
 /// PCP before it registers and says so on its `port-mapping` line (the router holds the mapping,
 /// made by the request); a connector behind a symmetric NAT (whose gateway answers nothing) goes
@@ -86,21 +97,11 @@ fn requested(lab: &natscope_lab::Lab, node: &str) -> Vec<natscope_lab::engine::M
 #[test]
 #[ignore = "needs root and network namespaces; run with --include-ignored (scripts/test does)"]
 fn punch_maps_its_port_reports_it_and_deletes_it_on_ctrl_c() {
-    use natscope_tests::punch::{finish, report, router, wait_for, PunchLab};
+    use natscope_tests::punch::{finish, report, router, PunchLab};
     require_root();
     let lab = PunchLab::up("mapc", router("symmetric"), router("symmetric+pcp"));
     let mut l = lab.listener("mapcl", &["--json"]);
-    wait_for(
-        &mut l,
-        |p| p.stdout().contains("port-mapping"),
-        "port-mapped",
-    );
-    let line = l
-        .stdout()
-        .lines()
-        .find(|x| x.contains("\"port-mapping\""))
-        .map(str::to_string)
-        .expect("a port-mapping line");
+    let line = port_mapping_line(&mut l);
     natscope_tests::schema::assert_valid_text(&line);
     let m: serde_json::Value = serde_json::from_str(&line).expect("json");
     assert_eq!(m["protocol"], "pcp", "{line}");
@@ -165,13 +166,7 @@ fn a_mapping_behind_a_second_nat_is_offered_but_reported() {
     let mut l: natscope_tests::ChildProcess =
         natscope_lab::punch_lab::listener(&lab, &exe, None, "mapcx", &listen)
             .unwrap_or_else(|e| panic!("{e}"));
-    natscope_tests::punch::wait_for(&mut l, |p| p.stdout().contains("port-mapping"), "mapped");
-    let line = l
-        .stdout()
-        .lines()
-        .find(|x| x.contains("\"port-mapping\""))
-        .map(str::to_string)
-        .expect("a port-mapping line");
+    let line = port_mapping_line(&mut l);
     let m: serde_json::Value = serde_json::from_str(&line).expect("json");
     assert_eq!(m["protocol"], "pcp", "{line}");
     assert_eq!(m["offered"], true, "{line}");

@@ -173,6 +173,8 @@ trait Client {
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
     fn handle_unreachable(&mut self, now: Instant);
     fn is_done(&self) -> bool;
+    fn outcome(&self) -> &Outcome;
+    fn delete(&mut self, now: Instant, schedule: Retransmit);
 }
 
 macro_rules! client {
@@ -195,6 +197,12 @@ macro_rules! client {
             }
             fn is_done(&self) -> bool {
                 <$t>::is_done(self)
+            }
+            fn outcome(&self) -> &Outcome {
+                <$t>::outcome(self)
+            }
+            fn delete(&mut self, now: Instant, schedule: Retransmit) {
+                <$t>::delete(self, now, schedule)
             }
         }
     };
@@ -426,7 +434,7 @@ pub async fn map_and_verify(
     let granted = match service {
         PortMappingService::Pcp => {
             let nonce = rand::thread_rng().gen();
-            let mut c = PcpClient::new(
+            let c = PcpClient::new(
                 now,
                 gateway,
                 ctl_local.ip(),
@@ -434,27 +442,11 @@ pub async fn map_and_verify(
                 Retransmit::MAPPING,
                 request,
             );
-            run(&mut c, &ctl).await;
-            let granted = c.outcome().mapping;
-            let verified = match granted {
-                Some(m) => Some(verify_inbound(&mapped_sock, m.external.port(), stun_server).await),
-                None => None,
-            };
-            c.delete(Instant::now(), Retransmit::MAPPING);
-            run(&mut c, &ctl).await;
-            finish(c.outcome(), granted, verified, &mut problems)
+            map_verify_delete(c, &ctl, &mapped_sock, stun_server, &mut problems).await
         }
         PortMappingService::NatPmp => {
-            let mut c = NatPmpClient::new(now, gateway, Retransmit::MAPPING, request);
-            run(&mut c, &ctl).await;
-            let granted = c.outcome().mapping;
-            let verified = match granted {
-                Some(m) => Some(verify_inbound(&mapped_sock, m.external.port(), stun_server).await),
-                None => None,
-            };
-            c.delete(Instant::now(), Retransmit::MAPPING);
-            run(&mut c, &ctl).await;
-            finish(c.outcome(), granted, verified, &mut problems)
+            let c = NatPmpClient::new(now, gateway, Retransmit::MAPPING, request);
+            map_verify_delete(c, &ctl, &mapped_sock, stun_server, &mut problems).await
         }
         PortMappingService::Upnp => {
             upnp_map_and_verify(gateway, &mapped_sock, stun_server, &mut problems).await
@@ -470,6 +462,25 @@ pub async fn map_and_verify(
         }),
         problems,
     ))
+}
+
+/// `--map` over NAT-PMP or PCP: `c`'s map request, the inbound check through the granted
+/// mapping, the deletion.
+async fn map_verify_delete<C: Client>(
+    mut c: C,
+    ctl: &UdpSocket,
+    mapped: &UdpSocket,
+    stun_server: SocketAddr,
+    problems: &mut Vec<String>,
+) -> Option<(GrantedMapping, bool)> {
+    run(&mut c, ctl).await;
+    let granted = c.outcome().mapping;
+    let verified = match granted {
+        Some(m) => Some(verify_inbound(mapped, m.external.port(), stun_server).await),
+        None => None,
+    };
+    delete_with(&mut c, Retransmit::MAPPING, ctl).await;
+    finish(c.outcome(), granted, verified, problems)
 }
 
 /// `--map` over UPnP IGD: AddAnyPortMapping (or AddPortMapping) of `mapped`'s port, the inbound
@@ -837,7 +848,7 @@ impl HeldMapping {
         let port = self.internal.port();
         let granted = match &mut self.how {
             Held::Pcp(c, nonce) => {
-                let mut fresh = PcpClient::new(
+                let fresh = PcpClient::new(
                     now,
                     self.gateway,
                     self.internal.ip(),
@@ -845,26 +856,16 @@ impl HeldMapping {
                     Retransmit::MAPPING,
                     Some((port, lifetime_s)),
                 );
-                run(&mut fresh, &sock).await;
-                let g = fresh.outcome().mapping;
-                if g.is_some() {
-                    **c = fresh;
-                }
-                g
+                renew(&mut **c, fresh, &sock).await
             }
             Held::NatPmp(c) => {
-                let mut fresh = NatPmpClient::new(
+                let fresh = NatPmpClient::new(
                     now,
                     self.gateway,
                     Retransmit::MAPPING,
                     Some((port, lifetime_s)),
                 );
-                run(&mut fresh, &sock).await;
-                let g = fresh.outcome().mapping;
-                if g.is_some() {
-                    **c = fresh;
-                }
-                g
+                renew(&mut **c, fresh, &sock).await
             }
             Held::Upnp(igd) => {
                 let SocketAddr::V4(v4) = self.internal else {
@@ -909,16 +910,8 @@ impl HeldMapping {
         };
         let (sock, _) = socket_to(self.gateway).await.map_err(|e| e.to_string())?;
         let outcome = match self.how {
-            Held::Pcp(mut c, _) => {
-                c.delete(Instant::now(), schedule);
-                run(&mut *c, &sock).await;
-                c.outcome().deleted
-            }
-            Held::NatPmp(mut c) => {
-                c.delete(Instant::now(), schedule);
-                run(&mut *c, &sock).await;
-                c.outcome().deleted
-            }
+            Held::Pcp(mut c, _) => delete_with(&mut *c, schedule, &sock).await,
+            Held::NatPmp(mut c) => delete_with(&mut *c, schedule, &sock).await,
             Held::Upnp(igd) => Some(
                 igd.delete_port_mapping(MapProtocol::Udp, self.granted.external.port(), limit)
                     .await
@@ -935,6 +928,24 @@ impl HeldMapping {
             )),
         }
     }
+}
+
+/// Runs `fresh` (the same map request again) and keeps it in place of `held` when the gateway
+/// granted it; the grant.
+async fn renew<C: Client>(held: &mut C, mut fresh: C, sock: &UdpSocket) -> Option<GrantedMapping> {
+    run(&mut fresh, sock).await;
+    let granted = fresh.outcome().mapping;
+    if granted.is_some() {
+        *held = fresh;
+    }
+    granted
+}
+
+/// Deletes `c`'s mapping on `schedule`; whether the gateway confirmed it.
+async fn delete_with<C: Client>(c: &mut C, schedule: Retransmit, sock: &UdpSocket) -> Option<bool> {
+    c.delete(Instant::now(), schedule);
+    run(c, sock).await;
+    c.outcome().deleted
 }
 
 #[cfg(test)]

@@ -369,12 +369,8 @@ enum NetEvent {
     Message {
         from: SocketAddr,
         bytes: Vec<u8>,
-    },
-    /// A datagram on the `socket`-th of the birthday technique's sockets.
-    Birthday {
-        socket: usize,
-        from: SocketAddr,
-        bytes: Vec<u8>,
+        /// Arrived on the `k`-th of the birthday technique's sockets ([`Net::open_birthday`]).
+        birthday: Option<usize>,
     },
     StreamUp {
         session: SessionId,
@@ -475,7 +471,11 @@ fn spawn_stream(
         let mut buf = Vec::with_capacity(MAX_FRAME);
         while let Some(bytes) = next_frame(&mut rd, &mut buf).await {
             if events
-                .send(NetEvent::Message { from: peer, bytes })
+                .send(NetEvent::Message {
+                    from: peer,
+                    bytes,
+                    birthday: None,
+                })
                 .await
                 .is_err()
             {
@@ -488,18 +488,35 @@ fn spawn_stream(
     (tx, task)
 }
 
-/// Feeds every datagram `sock` receives to `events` until the channel closes.
-async fn receive_udp(sock: Arc<UdpSocket>, events: mpsc::Sender<NetEvent>) {
+/// A UDP socket bound to `addr`, as a plain non-blocking socket to send with and the same socket
+/// registered with tokio to receive with. Sends go through the plain one: tokio's try_send_to
+/// reports WouldBlock until the reactor has seen the socket writable once, which would silently
+/// drop the first datagram.
+pub(super) fn udp_socket(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, Arc<UdpSocket>)> {
+    let std_sock = std::net::UdpSocket::bind(addr)?;
+    std_sock.set_nonblocking(true)?;
+    let sender = std_sock.try_clone()?;
+    Ok((sender, Arc::new(UdpSocket::from_std(std_sock)?)))
+}
+
+/// Feeds every datagram `sock` receives to `events` until the channel closes; `birthday`: the
+/// socket is the `k`-th of the birthday technique's.
+async fn receive_udp(
+    sock: Arc<UdpSocket>,
+    events: mpsc::Sender<NetEvent>,
+    birthday: Option<usize>,
+) {
     let mut buf = vec![0u8; 2048];
     loop {
         match sock.recv_from(&mut buf).await {
             Ok((n, from)) => {
                 let bytes = buf[..n].to_vec();
-                if events
-                    .send(NetEvent::Message { from, bytes })
-                    .await
-                    .is_err()
-                {
+                let ev = NetEvent::Message {
+                    from,
+                    bytes,
+                    birthday,
+                };
+                if events.send(ev).await.is_err() {
                     return;
                 }
             }
@@ -518,7 +535,7 @@ impl Net {
         }
         match super::family::open_second(server, fam).await {
             Some(second) => {
-                let task = tokio::spawn(receive_udp(second.receiver, self.tx.clone()));
+                let task = tokio::spawn(receive_udp(second.receiver, self.tx.clone(), None));
                 self.tasks.push(task);
                 self.udp6 = Some(second.socket);
                 second.dual
@@ -535,16 +552,10 @@ impl Net {
         let (tx, rx) = mpsc::channel(4096);
         match transport {
             Transport::Udp => {
-                // Sends go through a plain non-blocking clone of the socket: tokio's try_send_to
-                // reports WouldBlock until the reactor has seen the socket writable once, which
-                // would silently drop the first request.
-                let std_sock = std::net::UdpSocket::bind(unspecified(server))?;
-                std_sock.set_nonblocking(true)?;
-                let sender = std_sock.try_clone()?;
-                let sock = Arc::new(UdpSocket::from_std(std_sock)?);
+                let (sender, sock) = udp_socket(unspecified(server))?;
                 let port = sock.local_addr()?.port();
                 let ip = local_ip_toward(server).unwrap_or(unspecified(server).ip());
-                let task = tokio::spawn(receive_udp(sock.clone(), tx.clone()));
+                let task = tokio::spawn(receive_udp(sock, tx.clone(), None));
                 Ok(Self {
                     local: SocketAddr::new(ip, port),
                     udp: Some(sender),
@@ -706,37 +717,13 @@ impl Net {
         }
         let bind = SocketAddr::new(self.local.ip(), 0);
         for payload in &b.payloads {
-            let Ok(std_sock) = std::net::UdpSocket::bind(bind) else {
-                break;
-            };
-            let (Ok(sender), Ok(())) = (std_sock.try_clone(), std_sock.set_nonblocking(true))
-            else {
-                break;
-            };
-            let Ok(sock) = UdpSocket::from_std(std_sock) else {
+            let Ok((sender, sock)) = udp_socket(bind) else {
                 break;
             };
             let _ = sender.send_to(payload, b.to);
-            let (socket, events) = (self.birthday.len(), self.tx.clone());
-            self.tasks.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                loop {
-                    let Ok((n, from)) = sock.recv_from(&mut buf).await else {
-                        // ICMP errors surface here on some kernels; keep receiving.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
-                    };
-                    let bytes = buf[..n].to_vec();
-                    let ev = NetEvent::Birthday {
-                        socket,
-                        from,
-                        bytes,
-                    };
-                    if events.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-            }));
+            let k = Some(self.birthday.len());
+            self.tasks
+                .push(tokio::spawn(receive_udp(sock, self.tx.clone(), k)));
             self.birthday.push(sender);
         }
     }
@@ -759,13 +746,14 @@ impl Net {
             None => m.handle_timeout(now),
             Some(NetEvent::Message { from, .. })
                 if self.only.as_ref().is_some_and(|only| !only.contains(&from)) => {}
-            Some(NetEvent::Message { from, bytes }) => m.handle_datagram(now, from, &bytes),
-            Some(NetEvent::Birthday {
-                socket,
+            Some(NetEvent::Message {
                 from,
                 bytes,
+                birthday,
             }) => {
-                self.affinity.insert(from, socket);
+                if let Some(k) = birthday {
+                    self.affinity.insert(from, k);
+                }
                 m.handle_datagram(now, from, &bytes);
             }
             Some(NetEvent::StreamUp {

@@ -151,10 +151,7 @@ pub(super) async fn open_second(server: SocketAddr, opts: &FamilyOptions) -> Opt
     if ip.is_unspecified() || ip.is_unicast_link_local() {
         return None;
     }
-    let std_sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V6(ip), 0)).ok()?;
-    std_sock.set_nonblocking(true).ok()?;
-    let sender = std_sock.try_clone().ok()?;
-    let sock = Arc::new(UdpSocket::from_std(std_sock).ok()?);
+    let (sender, sock) = super::driver::udp_socket(SocketAddr::new(IpAddr::V6(ip), 0)).ok()?;
     let local = sock.local_addr().ok()?;
     let mut candidates = Vec::new();
     if is_global_unicast(ip) || (ip.is_loopback() && server.ip().is_loopback()) {

@@ -107,12 +107,6 @@ pub fn check_external(external: SocketAddr, reflexive: SocketAddr) -> Option<Str
     })
 }
 
-/// Whether the mapped address adds a candidate: not when the server already sees the socket
-/// there (the gateway uses the mapping for outbound traffic too, RFC 6887 §11).
-pub fn adds_candidate(external: SocketAddr, reflexive: Option<SocketAddr>) -> bool {
-    reflexive != Some(external)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,8 +162,5 @@ mod tests {
             "{p}"
         );
         assert!(check_external(a("[::ffff:203.0.113.7]:1"), a("203.0.113.7:2")).is_none());
-        assert!(adds_candidate(ext, Some(a("203.0.113.7:6000"))));
-        assert!(adds_candidate(ext, None));
-        assert!(!adds_candidate(ext, Some(ext)));
     }
 }

@@ -159,7 +159,6 @@ struct Bucket {
     per_second: u32,
     tokens: f64,
     last: Option<Instant>,
-    denied: u64,
 }
 
 impl Default for ProbeBudget {
@@ -176,7 +175,6 @@ impl ProbeBudget {
             per_second,
             tokens: f64::from(per_second),
             last: None,
-            denied: 0,
         })))
     }
 
@@ -199,18 +197,8 @@ impl ProbeBudget {
             b.tokens -= 1.0;
             true
         } else {
-            b.denied += 1;
             false
         }
-    }
-
-    /// Probes refused so far, by all sessions together.
-    pub fn denied(&self) -> u64 {
-        self.bucket().denied
-    }
-
-    pub fn per_second(&self) -> u32 {
-        self.bucket().per_second
     }
 }
 
@@ -431,11 +419,6 @@ impl Session {
     /// The hard side's opening, once, when its plain punch found no path early in the window.
     pub fn poll_birthday(&mut self) -> Option<BirthdayOpen> {
         self.birthday_out.take()
-    }
-
-    /// The id the current relay knows this session by (see [`Session::rehome`]).
-    pub fn wire_id(&self) -> SessionId {
-        self.wire
     }
 
     /// The server this session uses for its relay (and the connector's refreshes).
